@@ -1,0 +1,367 @@
+"""
+Every public interface of mailfw, and nothing else.
+
+Each component kind has two interfaces: the component itself (for example
+L{IDeliveryAgent}) and a plugin that builds it from a configuration section
+(L{IDeliveryAgentFactory}).  Factories are found with L{twisted.plugin} and
+chosen by their C{name}: C{plugin = "maildir"} in C{[delivery.local]}.
+
+Components never block the reactor: anything that may wait returns a
+L{Deferred}.  Expected refusals are values (L{SMTPReply},
+L{RecipientOutcome}), not exceptions; a L{Deferred} that fails means a bug
+or an unexpected fault, which the caller logs and answers with a 4xx.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, BinaryIO, Callable, Mapping, Sequence
+
+from twisted.plugin import IPlugin
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from mailfw.address import Address
+    from mailfw.config import ComponentContext
+    from mailfw.envelope import Envelope, Recipient, RecipientOutcome, Route, Session
+    from mailfw.policy import Verdict
+    from mailfw.queue import (
+        Disposition,
+        Lease,
+        Notice,
+        QueuedMessage,
+        Selector,
+    )
+
+
+class INamedPlugin(IPlugin):
+    """
+    A plugin that configuration refers to by name.
+    """
+
+    name = Attribute(
+        "C{str}: what users write after C{plugin =}, e.g. C{'maildir'}. "
+        "Unique among installed providers of the same interface."
+    )
+
+
+# --- message bodies --------------------------------------------------------
+
+
+class IMessageBody(Interface):
+    """
+    The stored bytes of one message: headers and body, lines ending in CRLF,
+    dot-stuffing undone.
+    """
+
+    size = Attribute("C{int}: the length of the message in octets.")
+
+    def open() -> BinaryIO:
+        """
+        Open the message for reading from the start.  Each call returns a
+        new reader; the caller closes it.  Reading may touch the disk, so
+        delivery agents read in a thread or in small pieces.
+        """
+
+
+class IIncomingMessage(Interface):
+    """
+    A message being received into the queue, written as it arrives.
+    """
+
+    queueID = Attribute(
+        "C{str}: the queue ID chosen before the body arrives, so that the "
+        "C{Received:} header and the logs can name it."
+    )
+
+    def write(data: bytes) -> None:
+        """
+        Append C{data} to the message.  Never blocks: large messages are
+        spooled off the reactor thread.
+        """
+
+    def commit() -> Deferred[str]:
+        """
+        Make the message and the state of each of its recipients durable.
+
+        @return: fires with the queue ID only when the message would survive
+            a crash; only then may the server answer 250.  Fails with
+            L{mailfw.queue.QueueFull} when the disk is full (the server
+            answers 452) and with any other exception for other faults
+            (451).
+        """
+
+    def abort() -> None:
+        """
+        Forget the message (the client refused, the session ended, or the
+        body was invalid).  Safe to call at any time, also after a failed
+        commit.
+        """
+
+
+# --- the queue -------------------------------------------------------------
+
+
+class IMessageQueue(Interface):
+    """
+    The durable store of accepted messages and the state of each recipient.
+
+    Several schedulers (on one node or on several) may claim from one queue:
+    claims are exclusive leases, and records are fenced by the lease token.
+    """
+
+    def receive(envelope: Envelope) -> IIncomingMessage:
+        """
+        Start receiving a message for C{envelope}.
+        """
+
+    def claim(now: float, limit: int) -> Deferred[Sequence[Lease]]:
+        """
+        Lease up to C{limit} due recipients (state ready, C{nextAttempt <=
+        now}), grouped by message.  A leased recipient is claimed by no one
+        else until its lease expires or is recorded.
+        """
+
+    def record(
+        lease: Lease, dispositions: Sequence[Disposition], notices: Sequence[Notice] = ()
+    ) -> Deferred[None]:
+        """
+        Record the outcome of a delivery attempt for some or all leased
+        recipients, and enqueue C{notices} (bounces and delay warnings) in
+        the same transaction.  Delivered and failed recipients leave the
+        queue; deferred ones become ready at their C{nextAttempt}.  A message
+        with no recipients left is removed.  Leased recipients without a
+        disposition return to ready.
+
+        @raise mailfw.queue.LeaseLost: (as a failure) if the lease expired
+            and was taken over; nothing is written.
+        """
+
+    def openBody(queueID: str) -> Deferred[IMessageBody]:
+        """
+        The stored message.  Fails with L{KeyError} if it is not queued.
+        """
+
+    def nextDue() -> Deferred[float | None]:
+        """
+        The earliest C{nextAttempt} of a ready recipient, or of a lease
+        expiry, or C{None} if nothing waits; the scheduler sleeps until then.
+        """
+
+    def notifyDue(callback: Callable[[], None]) -> None:
+        """
+        Call C{callback} whenever recipients may have become due earlier than
+        L{nextDue} said: a new message, a flush, a release.
+        """
+
+    def recover(now: float) -> Deferred[int]:
+        """
+        Return recipients whose lease has expired to ready; at start-up this
+        recovers what a crashed process was delivering.
+
+        @return: how many recipients were recovered.
+        """
+
+    def list(selector: Selector) -> Deferred[Sequence[QueuedMessage]]:
+        """
+        Messages having a recipient that matches C{selector}, oldest first,
+        with their matching recipients.
+        """
+
+    def hold(selector: Selector) -> Deferred[int]:
+        """
+        Hold matching ready recipients until released.  Returns how many.
+        """
+
+    def release(selector: Selector) -> Deferred[int]:
+        """
+        Make held matching recipients ready and due now.  Returns how many.
+        """
+
+    def flush(selector: Selector) -> Deferred[int]:
+        """
+        Make matching ready and held-for-ETRN recipients due now (ETRN and
+        C{mailfw queue flush}).  Operator holds stay.  Returns how many.
+        """
+
+    def delete(selector: Selector) -> Deferred[int]:
+        """
+        Remove matching recipients without notice (an operator's drop).
+        Returns how many.
+        """
+
+    def close() -> Deferred[None]:
+        """
+        Finish pending commits and release resources (service stop).
+        """
+
+
+class IMessageQueueFactory(INamedPlugin):
+    """
+    A plugin that builds the queue from C{[queue]}.
+    """
+
+    def fromConfig(
+        context: ComponentContext, instanceName: str, options: Mapping[str, object]
+    ) -> IMessageQueue:
+        """
+        Validate C{options} and build a queue.
+
+        @raise mailfw.config.ConfigError: naming the bad option.
+        """
+
+
+# --- routing ---------------------------------------------------------------
+
+
+class IRouter(Interface):
+    """
+    Decides where each recipient goes: at RCPT time (may this client send
+    to it?) and again at delivery time (which agent, which next hop?).
+    """
+
+    def route(recipient: Address, session: Session | None) -> Deferred[Route]:
+        """
+        Route one recipient.
+
+        @param session: the client at RCPT time, used for relay rights; at
+            delivery time C{None}, and the answer must not refuse a
+            recipient that was accepted.
+        @return: a L{Route}.  Refusals are routes of kind
+            L{mailfw.envelope.RouteKind.REFUSE} carrying the reply (554 5.7.1
+            for relaying denied, 550 5.1.1 for an unknown local user).
+        """
+
+
+class IRouterFactory(INamedPlugin):
+    """
+    A plugin that builds the router from C{[routing]}.
+    """
+
+    def fromConfig(
+        context: ComponentContext, instanceName: str, options: Mapping[str, object]
+    ) -> IRouter:
+        """
+        Validate C{options} (including the delivery instance names they
+        mention, from C{context.agentNames}) and build a router.
+
+        @raise mailfw.config.ConfigError: naming the bad option.
+        """
+
+
+# --- delivery --------------------------------------------------------------
+
+
+class IDeliveryAgent(Interface):
+    """
+    The last hop of a message inside mailfw: write it to a mailbox, hand it
+    to a program, or relay it to another server.
+    """
+
+    name = Attribute(
+        "C{str}: the instance name from the configuration, used in log "
+        "events; never sent to SMTP peers."
+    )
+
+    def deliver(
+        envelope: Envelope, body: IMessageBody, nexthop: str | None
+    ) -> Deferred[Sequence[RecipientOutcome]]:
+        """
+        Deliver C{body} to every recipient in C{envelope}, all of which share
+        the next hop C{nexthop} (see L{mailfw.envelope.Route}).
+
+        Must not block the reactor: do file or socket I/O through Twisted
+        APIs or a thread pool.
+
+        @return: One outcome per recipient, in envelope order.  A 4xx
+            outcome asks the queue to retry that recipient later; a 5xx
+            outcome produces a bounce.  The L{Deferred} fails only for
+            bugs, and the scheduler then defers every recipient.
+        """
+
+
+class IDeliveryAgentFactory(INamedPlugin):
+    """
+    A plugin that builds L{IDeliveryAgent}s from C{[delivery.NAME]}.
+
+    Providers live in a module under C{twisted/plugins/}, which Twisted
+    imports during any plugin lookup, so it must import nothing heavy;
+    defer those imports into L{fromConfig}.
+    """
+
+    def fromConfig(
+        context: ComponentContext, instanceName: str, options: Mapping[str, object]
+    ) -> IDeliveryAgent:
+        """
+        Validate C{options} and build an agent.
+
+        @raise mailfw.config.ConfigError: raised at start-up, never on the
+            first message.
+        """
+
+
+# --- policy ----------------------------------------------------------------
+
+
+class IPolicy(Interface):
+    """
+    Checks at each stage of an SMTP session.  Policies are chained in
+    configuration order; the first verdict that is not
+    L{mailfw.policy.CONTINUE} decides.  Each method may return a
+    L{mailfw.policy.Verdict} or a L{Deferred} firing with one; the server
+    gives each call a timeout and answers 451 4.4.3 when it expires.
+    Subclass L{mailfw.policy.Policy} to implement only the stages you need.
+    """
+
+    name = Attribute("C{str}: the instance name, for logs.")
+
+    def checkConnection(session: Session) -> Verdict | Deferred[Verdict]:
+        """
+        A client connected.  A refusal is sent instead of the greeting
+        (554) and the server then answers only QUIT.
+        """
+
+    def checkHelo(session: Session, name: str) -> Verdict | Deferred[Verdict]:
+        """
+        The client sent EHLO or HELO with C{name}.
+        """
+
+    def checkSender(
+        session: Session, sender: Address | None, parameters: Mapping[str, str | None]
+    ) -> Verdict | Deferred[Verdict]:
+        """
+        MAIL FROM; C{sender} is C{None} for C{<>}.
+        """
+
+    def checkRecipient(
+        session: Session, envelope: Envelope, recipient: Recipient
+    ) -> Verdict | Deferred[Verdict]:
+        """
+        RCPT TO, after the router accepted C{recipient}; C{envelope} holds
+        the sender and the recipients accepted so far.
+        """
+
+    def checkMessage(
+        session: Session, envelope: Envelope, headers: bytes
+    ) -> Verdict | Deferred[Verdict]:
+        """
+        The end of data, before the queue commits; C{headers} is the
+        message's header section as received.  Headers in the verdict are
+        prepended to the message.
+        """
+
+
+class IPolicyFactory(INamedPlugin):
+    """
+    A plugin that builds L{IPolicy}s from C{[policy.NAME]}.
+    """
+
+    def fromConfig(
+        context: ComponentContext, instanceName: str, options: Mapping[str, object]
+    ) -> IPolicy:
+        """
+        Validate C{options} and build a policy.
+
+        @raise mailfw.config.ConfigError: naming the bad option.
+        """

@@ -1,0 +1,141 @@
+"""
+The values the queue exchanges with the scheduler and the operator tools.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from mailfw.envelope import Envelope, Recipient, RecipientOutcome
+from mailfw.reply import SMTPReply
+
+
+class RecipientState(Enum):
+    """
+    Where one recipient of a queued message stands.  Delivered and failed
+    recipients leave the queue, so they have no state here.
+    """
+
+    READY = "ready"
+    """Waiting for C{next_attempt_at}; due when that time has come."""
+    LEASED = "leased"
+    """Claimed by a scheduler that is delivering it now."""
+    HOLD = "hold"
+    """Held by an operator: never attempted until released."""
+    ETRN = "etrn"
+    """Held until ETRN or an operator flush asks for it (a hold-for-ETRN
+    domain); ages and expires like READY."""
+
+
+@dataclass(frozen=True)
+class QueuedRecipient:
+    """
+    A recipient as the queue stores it.
+
+    @ivar index: the recipient's position in its message; with the queue ID
+        it names the recipient in L{Disposition}s.
+    @ivar attempts: delivery attempts made so far.
+    @ivar warned: a delay notice (DSN C{Action: delayed}) was already sent.
+    """
+
+    index: int
+    recipient: Recipient
+    state: RecipientState
+    attempts: int
+    nextAttempt: float
+    warned: bool = False
+    lastReply: SMTPReply | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """
+    Recipients of one message claimed by one scheduler.
+
+    Only the holder of C{token} may record outcomes for them, and only
+    until C{expires}; after that the queue may hand them to someone else.
+
+    @ivar envelope: the message's envelope with all its original
+        recipients (for DSNs); C{recipients} are the claimed ones.
+    """
+
+    queueID: str
+    envelope: Envelope
+    recipients: tuple[QueuedRecipient, ...]
+    token: str
+    expires: float
+    size: int
+
+
+@dataclass(frozen=True)
+class Disposition:
+    """
+    What the scheduler decided for one claimed recipient.
+
+    @ivar nextAttempt: for a deferred outcome, when to try again; ignored
+        for delivered and failed outcomes, which take the recipient out of
+        the queue.
+    @ivar warned: set when a delay notice goes out with this record.
+    """
+
+    index: int
+    outcome: RecipientOutcome
+    nextAttempt: float | None = None
+    warned: bool = False
+
+
+@dataclass(frozen=True)
+class Notice:
+    """
+    A message the queue must enqueue in the same transaction as a record:
+    a bounce or delay DSN, so that a failure never exists without its
+    notice.
+    """
+
+    envelope: Envelope
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Selector:
+    """
+    Which queued recipients an operator action or ETRN applies to.  Every
+    field that is set must match; an empty selector matches everything.
+
+    @ivar domain: a recipient domain; with a leading C{"@"} the domain and
+        all its subdomains (as in C{ETRN @example.com}).
+    @ivar route: the route name recorded by the scheduler (C{ETRN #name}).
+    """
+
+    queueIDs: tuple[str, ...] = ()
+    domain: str | None = None
+    sender: str | None = None
+    state: RecipientState | None = None
+    route: str | None = None
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """
+    A message as C{mailfw queue list} shows it.
+    """
+
+    queueID: str
+    envelope: Envelope
+    size: int
+    recipients: tuple[QueuedRecipient, ...]
+
+
+class QueueFull(Exception):
+    """
+    The queue cannot store more now (disk full, quota): the server answers
+    452 4.3.1 and the client retries later.
+    """
+
+
+class LeaseLost(Exception):
+    """
+    A record was refused because its lease expired and another scheduler may
+    have claimed the recipients since.
+    """

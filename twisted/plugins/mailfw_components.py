@@ -1,0 +1,20 @@
+# The components bundled with mailfw, registered exactly as a third-party
+# plugin would register its own.  Each entry imports its implementation
+# only when a configuration selects it.
+from mailfw.interfaces import (
+    IDeliveryAgentFactory,
+    IMessageQueueFactory,
+    IPolicyFactory,
+    IRouterFactory,
+)
+from mailfw.plugin import LazyComponent
+
+sqliteQueue = LazyComponent(IMessageQueueFactory, "sqlite", "mailfw.queue._sqlite:fromConfig")
+memoryQueue = LazyComponent(IMessageQueueFactory, "memory", "mailfw.queue._memory:fromConfig")
+
+staticRouter = LazyComponent(IRouterFactory, "static", "mailfw.routing._static:fromConfig")
+
+maildirAgent = LazyComponent(IDeliveryAgentFactory, "maildir", "mailfw.delivery._maildir:fromConfig")
+discardAgent = LazyComponent(IDeliveryAgentFactory, "discard", "mailfw.delivery._discard:fromConfig")
+pipeAgent = LazyComponent(IDeliveryAgentFactory, "pipe", "mailfw.delivery._pipe:fromConfig")
+lmtpAgent = LazyComponent(IDeliveryAgentFactory, "lmtp", "mailfw.delivery._lmtp:fromConfig")

@@ -1,0 +1,8 @@
+from twisted.application.service import ServiceMaker
+
+mailfw = ServiceMaker(
+    "mailfw",
+    "mailfw.tap",
+    "A pluggable SMTP, submission and ETRN mail server.",
+    "mailfw",
+)
