@@ -87,6 +87,8 @@ class Envelope:
     @ivar body: the BODY parameter (C{"7BIT"}, C{"8BITMIME"} or
         C{"BINARYMIME"}), or C{None}.
     @ivar arrival: POSIX time the message was accepted.
+    @ivar queueID: the queue's ID for the message once it is queued (for
+        log events); empty before.
     """
 
     sender: Address | None
@@ -100,6 +102,7 @@ class Envelope:
     peerHost: str = ""
     authenticated: str | None = None
     arrival: float = 0.0
+    queueID: str = ""
 
     @property
     def senderText(self) -> str:

@@ -18,3 +18,6 @@ maildirAgent = LazyComponent(IDeliveryAgentFactory, "maildir", "mailfw.delivery.
 discardAgent = LazyComponent(IDeliveryAgentFactory, "discard", "mailfw.delivery._discard:fromConfig")
 pipeAgent = LazyComponent(IDeliveryAgentFactory, "pipe", "mailfw.delivery._pipe:fromConfig")
 lmtpAgent = LazyComponent(IDeliveryAgentFactory, "lmtp", "mailfw.delivery._lmtp:fromConfig")
+relayAgent = LazyComponent(
+    IDeliveryAgentFactory, "smtp-relay", "mailfw.delivery._relay:fromConfig"
+)

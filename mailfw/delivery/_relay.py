@@ -1,0 +1,374 @@
+"""
+The C{smtp-relay} delivery agent: deliver to other mail servers over SMTP.
+
+For each group of recipients the agent finds the hosts to try (the MX
+hosts of the next hop domain, or a configured C{[host]:port}), tries them
+in order and uses the first that takes the transaction:
+
+  - a connection failure, a 4xx/5xx greeting, a refused EHLO/HELO, a
+    failed TLS requirement or a 4xx to MAIL moves on to the next host (at
+    most C{max_addresses} addresses per attempt);
+  - with the opportunistic TLS level C{may}, a failed TLS handshake is
+    retried once on the same host in plaintext, and logged;
+  - once RCPT replies arrive, each recipient's outcome is final for this
+    attempt: 2xx delivered, 4xx deferred, 5xx failed; the end-of-data
+    reply decides for the accepted ones (a timeout or lost connection
+    there defers them: the message may have arrived);
+  - if no host worked, every recipient is deferred (4.4.1, or the last
+    host's 4xx reply when there was one, such as a TLS failure).
+
+A route with no next hop (the router's default for remote domains) is
+delivered to each recipient's domain, so recipients of several domains in
+one group are split by domain.
+
+A domain that needs TLS (or a verified certificate) gets its own instance
+with C{tls = "verify"} and a transport entry in C{[routing]} pointing to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Callable, Generator, Mapping, Sequence
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailfw.config import ConfigError, Section
+from mailfw.envelope import Envelope, RecipientOutcome
+from mailfw.interfaces import IDeliveryAgent, IMessageBody
+from mailfw.reply import SMTPReply
+from mailfw.routing._mx import MailHost, MXResolver, Resolution
+from mailfw.routing._nexthop import NexthopError, parseNexthop
+from mailfw.smtp._client import (
+    TLS_LEVELS,
+    ClientOptions,
+    HostFailure,
+    SMTPClient,
+    TLSFailure,
+    Timeouts,
+)
+
+if TYPE_CHECKING:
+    from mailfw.config import ComponentContext
+
+__all__ = ["SMTPRelayAgent", "fromConfig"]
+
+Connector = Callable[[MailHost, int, SMTPClient], "Deferred[Any]"]
+
+BAD_NEXTHOP = SMTPReply(451, "4.3.5", "Delivery configuration error (bad next hop)")
+INTERNAL = SMTPReply(451, "4.3.0", "Internal error while relaying")
+
+
+@implementer(IDeliveryAgent)
+class SMTPRelayAgent:
+    """
+    Delivers over SMTP to the next hop's mail hosts.
+
+    @ivar connect: connects an L{SMTPClient} to a host and port; fires
+        when connected, fails when the connection cannot be made.  Tests
+        replace it with an in-memory connection.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        name: str,
+        clock: IReactorTime,
+        resolver: MXResolver,
+        connect: Connector,
+        options: ClientOptions,
+        port: int = 25,
+    ) -> None:
+        self.name = name
+        self.clock = clock
+        self.resolver = resolver
+        self.connect = connect
+        self.options = options
+        self.port = port
+
+    def deliver(
+        self, envelope: Envelope, body: IMessageBody, nexthop: str | None
+    ) -> Deferred[Sequence[RecipientOutcome]]:
+        d: Deferred[Sequence[RecipientOutcome]] = self._deliver(envelope, body, nexthop)
+        return d
+
+    @inlineCallbacks
+    def _deliver(
+        self, envelope: Envelope, body: IMessageBody, nexthop: str | None
+    ) -> Generator[Deferred[Any], Any, Sequence[RecipientOutcome]]:
+        groups: dict[str, list[int]] = {}
+        for i, recipient in enumerate(envelope.recipients):
+            groups.setdefault(nexthop or recipient.address.domain, []).append(i)
+        outcomes: list[RecipientOutcome | None] = [None] * len(envelope.recipients)
+        for hop, indices in groups.items():
+            part = replace(envelope, recipients=tuple(envelope.recipients[i] for i in indices))
+            try:
+                results: list[RecipientOutcome] = yield self._deliverGroup(part, body, hop)
+            except Exception:
+                self.log.failure(
+                    "Bug while relaying to {nexthop}", agent=self.name, nexthop=hop
+                )
+                results = [RecipientOutcome(r, INTERNAL) for r in part.recipients]
+            for i, outcome in zip(indices, results):
+                outcomes[i] = outcome
+        return [o for o in outcomes if o is not None]
+
+    @inlineCallbacks
+    def _deliverGroup(
+        self, envelope: Envelope, body: IMessageBody, nexthop: str
+    ) -> Generator[Deferred[Any], Any, list[RecipientOutcome]]:
+        def everyone(reply: SMTPReply, host: str | None = None) -> list[RecipientOutcome]:
+            for recipient in envelope.recipients:
+                self.log.info(
+                    "Relaying to {recipient} via {nexthop}: {code} {enhanced} {text}",
+                    agent=self.name,
+                    recipient=str(recipient.address),
+                    nexthop=nexthop,
+                    host=host,
+                    code=reply.code,
+                    enhanced=reply.enhanced,
+                    text=reply.text,
+                )
+            return [RecipientOutcome(r, reply, host) for r in envelope.recipients]
+
+        try:
+            parsed = parseNexthop(nexthop)
+        except NexthopError as e:
+            self.log.error("Bad next hop {nexthop}: {why}", agent=self.name, nexthop=nexthop, why=str(e))
+            return everyone(BAD_NEXTHOP)
+        port = parsed.port or self.port
+        resolution: Resolution = yield self.resolver.resolve(nexthop)
+        if resolution.failure is not None:
+            return everyone(resolution.failure)
+
+        lastReply: SMTPReply | None = None
+        lastHost: str | None = None
+        for host in resolution.hosts:
+            useTLS = True
+            for _attempt in range(2):
+                client = SMTPClient(self.options, self.clock, host.name, host.address, useTLS)
+                try:
+                    yield self.connect(host, port, client)
+                except Exception as e:
+                    self.log.info(
+                        "Cannot connect to {host}[{address}]:{port} for {nexthop}: {why}",
+                        agent=self.name,
+                        host=host.name,
+                        address=host.address,
+                        port=port,
+                        nexthop=nexthop,
+                        why=str(e),
+                    )
+                    lastReply = SMTPReply(
+                        451, "4.4.1", f"Cannot connect to {host.name}[{host.address}]:{port}"
+                    )
+                    lastHost = host.name
+                    break
+                lastHost = host.name
+                try:
+                    yield client.handshake()
+                    replies: list[SMTPReply] = yield client.transaction(envelope, body)
+                except TLSFailure as f:
+                    lastReply = f.reply
+                    if self.options.tls == "may" and useTLS:
+                        self.log.warn(
+                            "TLS with {host}[{address}] failed; retrying in plaintext",
+                            agent=self.name,
+                            host=host.name,
+                            address=host.address,
+                            nexthop=nexthop,
+                        )
+                        useTLS = False
+                        continue
+                    self.log.warn(
+                        "TLS with {host}[{address}] failed: {text}",
+                        agent=self.name,
+                        host=host.name,
+                        address=host.address,
+                        nexthop=nexthop,
+                        text=f.reply.text,
+                    )
+                    break
+                except HostFailure as f:
+                    client.quit()
+                    if f.permanent:
+                        return everyone(f.reply, host.name)
+                    self.log.info(
+                        "{host}[{address}] failed at {stage}: {code} {enhanced} {text}",
+                        agent=self.name,
+                        host=host.name,
+                        address=host.address,
+                        nexthop=nexthop,
+                        stage=f.stage,
+                        code=f.reply.code,
+                        enhanced=f.reply.enhanced,
+                        text=f.reply.text,
+                    )
+                    lastReply = f.reply
+                    break
+                client.quit()
+                outcomes = []
+                for recipient, reply in zip(envelope.recipients, replies):
+                    self.log.info(
+                        "Relayed to {recipient} via {host}[{address}]:{port}: "
+                        "{code} {enhanced} {text}",
+                        agent=self.name,
+                        recipient=str(recipient.address),
+                        nexthop=nexthop,
+                        host=host.name,
+                        address=host.address,
+                        port=port,
+                        tls=client.tlsInfo,
+                        code=reply.code,
+                        enhanced=reply.enhanced,
+                        text=reply.text,
+                    )
+                    outcomes.append(RecipientOutcome(recipient, reply, host.name))
+                return outcomes
+
+        if lastReply is None or not lastReply.isTransient or lastReply.enhanced == "4.4.1":
+            text = "No mail host for the next hop could be reached"
+            if lastReply is not None:
+                text += f"; last error: {lastReply.code} {lastReply.enhanced} {lastReply.text}"
+            lastReply = SMTPReply(451, "4.4.1", text[:500])
+        return everyone(lastReply, lastHost)
+
+
+def tcpConnector(
+    reactor: Any, timeout: float, sourceAddress: str | None = None
+) -> Connector:
+    """
+    Connect over TCP with the endpoint for the address family.
+    """
+    import ipaddress
+
+    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+
+    def connect(host: MailHost, port: int, protocol: SMTPClient) -> Deferred[Any]:
+        bind = None if sourceAddress is None else (sourceAddress, 0)
+        endpoint: Any
+        if ipaddress.ip_address(host.address).version == 6:
+            endpoint = TCP6ClientEndpoint(reactor, host.address, port, timeout, bind)
+        else:
+            endpoint = TCP4ClientEndpoint(reactor, host.address, port, timeout, bind)
+        d: Deferred[Any] = connectProtocol(endpoint, protocol)
+        return d
+
+    return connect
+
+
+def tlsContextFactory(caFile: str | None = None) -> Callable[[str, str], Any]:
+    """
+    Build TLS client contexts: for C{verify}, checking the certificate
+    chain (against C{caFile}, or the platform's trust store) and the host
+    name with service-identity; for the other levels, accepting any
+    certificate (opportunistic TLS still hides the message from passive
+    listeners).
+
+    @raise ConfigError: if C{caFile} cannot be read.
+    """
+    from twisted.internet import ssl
+
+    trust: Any
+    if caFile is None:
+        trust = ssl.platformTrust()
+    else:
+        try:
+            with open(caFile, "rb") as f:
+                pem = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read CA file {caFile}: {e.strerror}") from None
+        marker = b"-----END CERTIFICATE-----"
+        blocks = [b + marker for b in pem.split(marker) if b"-----BEGIN CERTIFICATE-----" in b]
+        try:
+            certificates = [ssl.Certificate.loadPEM(b) for b in blocks]
+        except Exception as e:
+            raise ConfigError(f"bad certificate in CA file {caFile}: {e}") from None
+        if not certificates:
+            raise ConfigError(f"no certificate in CA file {caFile}")
+        trust = ssl.trustRootFromCertificates(certificates)
+
+    def build(hostname: str, level: str) -> Any:
+        if level == "verify":
+            return ssl.optionsForClientTLS(hostname, trustRoot=trust)
+        return ssl.CertificateOptions()
+
+    return build
+
+
+def fromConfig(
+    context: ComponentContext, instanceName: str, options: Mapping[str, object]
+) -> SMTPRelayAgent:
+    """
+    Build an L{SMTPRelayAgent} from C{[delivery.NAME]}.
+
+    Options: C{port} (default 25; a next hop's own port wins), C{tls}
+    (C{none}, C{may} (default), C{encrypt}, C{verify}), C{ca_file} (PEM
+    bundle for C{verify}; default the platform's), C{helo} (default the
+    server's host name), C{auth_user} and C{auth_password} (for a smart
+    host; sent only over TLS), C{source_address}, C{max_addresses}
+    (default 5), C{address_families} (default C{["ipv6", "ipv4"]}), and
+    timeouts in seconds: C{connect_timeout} (30), C{command_timeout}
+    (300), C{data_timeout} (120), C{transfer_timeout} (180),
+    C{data_done_timeout} (600).
+
+    @raise ConfigError: naming the bad option.
+    """
+    import ipaddress
+
+    section = Section(f"[delivery.{instanceName}]", options)
+    port = section.integer("port", 25, minimum=1)
+    if port > 65535:
+        raise ConfigError(f"{section.title} port: must be at most 65535")
+    level = section.choice("tls", TLS_LEVELS, "may")
+    caFile = section.text("ca_file", None)
+    helo = section.text("helo", context.hostname)
+    if not helo or not helo.isascii() or any(c.isspace() for c in helo):
+        raise ConfigError(f"{section.title} helo: must be one ASCII word")
+    user = section.text("auth_user", None)
+    password = section.text("auth_password", None)
+    if (user is None) != (password is None):
+        raise ConfigError(f"{section.title}: auth_user and auth_password go together")
+    source = section.text("source_address", None)
+    if source is not None:
+        try:
+            source = ipaddress.ip_address(source).compressed
+        except ValueError:
+            raise ConfigError(f"{section.title} source_address: not an IP address") from None
+    maxAddresses = section.integer("max_addresses", 5, minimum=1)
+    families = section.strings("address_families", ["ipv6", "ipv4"])
+    if not families or any(f not in ("ipv4", "ipv6") for f in families):
+        raise ConfigError(f"{section.title} address_families: use \"ipv6\" and/or \"ipv4\"")
+    timeouts = Timeouts(
+        connect=section.number("connect_timeout", 30.0, minimum=1),
+        command=section.number("command_timeout", 300.0, minimum=1),
+        data=section.number("data_timeout", 120.0, minimum=1),
+        transfer=section.number("transfer_timeout", 180.0, minimum=1),
+        dataDone=section.number("data_done_timeout", 600.0, minimum=1),
+    )
+    section.finish()
+    if caFile is not None:
+        caFile = str(context.path(caFile))
+    try:
+        tlsContext = tlsContextFactory(caFile) if level != "none" else None
+    except ConfigError as e:
+        raise ConfigError(f"{section.title} ca_file: {e}") from None
+    clientOptions = ClientOptions(
+        helo=helo,
+        tls=level,
+        tlsContext=tlsContext,
+        credentials=None if user is None else (user, password),
+        timeouts=timeouts,
+    )
+    resolver = MXResolver(context.resolver(), families=families, maxAddresses=maxAddresses)
+    return SMTPRelayAgent(
+        instanceName,
+        context.reactor,
+        resolver,
+        tcpConnector(context.reactor, timeouts.connect, source),
+        clientOptions,
+        port,
+    )
