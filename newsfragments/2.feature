@@ -1,0 +1,1 @@
+mailfw is a pluggable mail server on Twisted: ``twistd -n mailfw`` runs SMTP and submission on loopback with a SQLite queue and Maildir delivery, and queues, routers, delivery agents and policies are plugins chosen by name in one TOML file.
