@@ -23,71 +23,7 @@ from mailfw.routing._mx import (
     Resolution,
 )
 from mailfw.reply import SMTPReply
-
-
-def MX(preference: int, name: str) -> dns.Record_MX:
-    return dns.Record_MX(preference, name.encode("ascii"))
-
-
-def A(address: str) -> dns.Record_A:
-    return dns.Record_A(address)
-
-
-def AAAA(address: str) -> dns.Record_AAAA:
-    return dns.Record_AAAA(address)
-
-
-def CNAME(name: str) -> dns.Record_CNAME:
-    return dns.Record_CNAME(name.encode("ascii"))
-
-
-class FakeResolver(ResolverBase):
-    """
-    A resolver answering from a dictionary, like a non-recursive server
-    that does not chase CNAMEs (unless C{chase} is set).
-
-    @ivar zone: name to records; a name absent from it is NXDOMAIN.
-    @ivar errors: C{(name, type)} to an exception instance or a L{Deferred}.
-    @ivar queries: every C{(name, type)} asked, in order.
-    """
-
-    def __init__(
-        self,
-        zone: dict[str, list[Any]],
-        errors: dict[tuple[str, int], Any] | None = None,
-        chase: bool = False,
-    ) -> None:
-        ResolverBase.__init__(self)
-        self.zone = zone
-        self.errors = errors or {}
-        self.chase = chase
-        self.queries: list[tuple[str, int]] = []
-
-    def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> Deferred[Any]:
-        text = name.decode("ascii").lower()
-        self.queries.append((text, type))
-        problem = self.errors.get((text, type))
-        if isinstance(problem, Deferred):
-            return problem
-        if problem is not None:
-            return fail(problem)
-        if text not in self.zone:
-            return fail(error.DNSNameError(text))
-        answers: list[dns.RRHeader] = []
-        current = text
-        while True:
-            records = self.zone.get(current, [])
-            matching = [r for r in records if r.TYPE == type]
-            cnames = [r for r in records if r.TYPE == dns.CNAME]
-            for r in matching:
-                answers.append(dns.RRHeader(current.encode("ascii"), type, payload=r))
-            if matching or not cnames:
-                break
-            answers.append(dns.RRHeader(current.encode("ascii"), dns.CNAME, payload=cnames[0]))
-            current = cnames[0].name.name.decode("ascii")
-            if not self.chase:
-                break
-        return succeed((answers, [], []))
+from mailfw.testing import AAAA, CNAME, MX, A, FakeResolver
 
 
 def resolve(zone: dict[str, list[Any]], domain: str, **kw: Any) -> tuple[Resolution, FakeResolver]:

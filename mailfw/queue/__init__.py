@@ -26,3 +26,9 @@ __all__ = [
     "RecipientState",
     "Selector",
 ]
+
+from mailfw.queue._memory import MemoryQueue  # noqa: E402
+from mailfw.queue._retry import RetrySchedule  # noqa: E402
+from mailfw.queue._scheduler import Scheduler  # noqa: E402
+
+__all__ += ["MemoryQueue", "RetrySchedule", "Scheduler"]

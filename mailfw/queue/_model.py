@@ -77,12 +77,16 @@ class Disposition:
         for delivered and failed outcomes, which take the recipient out of
         the queue.
     @ivar warned: set when a delay notice goes out with this record.
+    @ivar route: the route name (L{mailfw.envelope.Route.name}) the
+        recipient took, so that C{ETRN #name} and C{Selector(route=...)}
+        find it while it waits.
     """
 
     index: int
     outcome: RecipientOutcome
     nextAttempt: float | None = None
     warned: bool = False
+    route: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,698 @@
+"""
+The scheduler: takes due recipients from the queue, routes them, hands
+them to delivery agents, and records what happened.
+
+One round
+=========
+
+  1. C{queue.claim(now, room)} leases due recipients, grouped by message.
+  2. Each recipient is routed again (C{router.route(address, None)}): the
+     configuration may have changed since RCPT time.
+  3. Recipients of one message are grouped by (agent, next hop), so that one
+     SMTP transaction (or one mailbox write) carries them all.
+  4. Each group waits for a delivery slot (see I{Limits}), then the agent
+     delivers it.
+  5. Each recipient gets a L{Disposition}: delivered; failed (5xx, or
+     deferred past the queue lifetime) with a bounce; or deferred until the
+     schedule's next attempt, with a delay notice once after the warning
+     time.  Everything for the message is recorded in one
+     C{queue.record}, notices included, so a failure never exists without
+     its bounce.
+
+Then it sleeps until C{queue.nextDue()} or until the queue calls the
+C{notifyDue} callback (new mail, flush, release); notifications arriving
+together are coalesced into one claim.  There is no polling loop.
+
+Limits
+======
+
+At most C{maxConcurrent} deliveries run at once, and at most a
+destination's window to one (agent, next hop).  The window starts at
+C{perDestination}, grows by one after as many successful deliveries as the
+window is wide (up to C{maxPerDestination}), and shrinks by one on a
+connection failure (Postfix's feedback, simplified).  The scheduler leases
+at most C{claimAhead} recipients beyond those it has finished, so a large
+queue is not leased all at once.
+
+Unreachable destinations
+========================
+
+When every outcome of a group is a transient I{connection-level} failure
+(enhanced status X.4.1 no answer, X.4.2 bad connection, X.4.3 routing
+server failure: the agent could not reach the next hop at all), the
+destination is marked dead for C{deadTime} seconds (one minute).
+Recipients routed there meanwhile are deferred at once with that reply,
+without calling the agent.  The attempt is counted like a real one (Postfix
+does the same), so their next attempt follows the normal backoff.
+
+Choices
+=======
+
+  - Expiry: a recipient still deferred C{maxLifetime} after arrival fails
+    with C{554 4.4.7}; its bounce says C{Status: 4.4.7} and carries the
+    last real reply as the diagnostic.  The last attempt is made exactly at
+    the expiry time.
+  - Delay notices: the first deferral after the warning time marks the
+    recipient warned, whether a notice went out or was suppressed (NOTIFY
+    without DELAY, or the null sender), so the decision is made once.
+  - Success notices are sent only for recipients that asked with
+    NOTIFY=SUCCESS and were delivered through a L{RouteKind.LOCAL} route
+    (C{Action: delivered}); relaying agents pass NOTIFY on to the next
+    server instead.
+  - Start-up: with C{exclusive} (the default, right for SQLite and memory
+    queues used by one process) every lease left in the queue belongs to a
+    process that died, and C{recover(inf)} returns them all at once.  Nodes
+    sharing a queue pass C{exclusive=False}: then only expired leases are
+    recovered, and claims take over expired leases as they come due.
+  - An agent that does not answer within C{leaseSeconds} is treated like a
+    failing agent (451 4.4.1); keep the queue's lease longer than that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence, TypeVar, cast
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet import error as _error
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailfw.config import Section
+from mailfw.envelope import Recipient, RecipientOutcome, Route, RouteKind
+from mailfw.interfaces import IDeliveryAgent, IMessageBody, IMessageQueue, IRouter
+from mailfw.queue._dsn import NoticeWriter, RecipientReport, readReturned
+from mailfw.queue._model import Disposition, Lease, LeaseLost, Notice, QueuedRecipient, QueueFull
+from mailfw.queue._retry import RetrySchedule
+from mailfw.reply import SMTPReply
+
+__all__ = ["Scheduler", "schedulerFromConfig"]
+
+_T = TypeVar("_T")
+
+CONNECTION_FAILURES = frozenset({"4.4.1", "4.4.2", "4.4.3"})
+"""Enhanced status codes by which agents say they could not reach the next
+hop at all."""
+
+AGENT_FAILED = SMTPReply(451, "4.3.0", "local error in delivery; will retry")
+AGENT_TIMEOUT = SMTPReply(451, "4.4.1", "delivery timed out; will retry")
+ROUTE_FAILED = SMTPReply(451, "4.3.0", "routing error; will retry")
+UNKNOWN_AGENT = SMTPReply(451, "4.3.5", "delivery configuration error; will retry")
+EXPIRED = SMTPReply(554, "4.4.7", "delivery time expired")
+
+
+@dataclass
+class _Destination:
+    """
+    What the scheduler remembers about one (agent, next hop).
+    """
+
+    window: int
+    active: int = 0
+    successes: int = 0
+    deadUntil: float = 0.0
+    deadReply: SMTPReply | None = None
+    waiters: deque[Deferred[None]] = field(default_factory=deque)
+
+
+@dataclass
+class _Decided:
+    dispositions: list[Disposition] = field(default_factory=list)
+    failed: list[RecipientReport] = field(default_factory=list)
+    delayed: list[RecipientReport] = field(default_factory=list)
+    delivered: list[RecipientReport] = field(default_factory=list)
+
+
+def _inline(function: Callable[..., _T], *args: Any) -> Deferred[_T]:
+    return maybeDeferred(function, *args)
+
+
+class Scheduler(Service):
+    """
+    Delivers due mail from an L{IMessageQueue}; see the module docstring.
+    Its service name is C{"scheduler"}.
+
+    @ivar agents: the delivery agents by instance name.
+    @ivar deliveries: how many agent deliveries run now.
+    """
+
+    log = Logger()
+    name = "scheduler"
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        queue: IMessageQueue,
+        router: IRouter,
+        agents: Mapping[str, IDeliveryAgent],
+        hostname: str,
+        schedule: RetrySchedule = RetrySchedule(),
+        maxConcurrent: int = 50,
+        perDestination: int = 5,
+        leaseSeconds: float = 600.0,
+        *,
+        maxPerDestination: int = 20,
+        deadTime: float = 60.0,
+        claimAhead: int | None = None,
+        exclusive: bool = True,
+        stopTimeout: float = 30.0,
+        notices: NoticeWriter | None = None,
+        runInThread: Callable[..., Deferred[Any]] | None = None,
+    ) -> None:
+        """
+        @param agents: delivery agents by instance name (L{Route.agent}).
+        @param hostname: this host's name, for the DSN C{Reporting-MTA}.
+        @param claimAhead: how many recipients may be leased and not yet
+            recorded (default: four times C{maxConcurrent}).
+        @param runInThread: C{runInThread(f, *args)} runs blocking work (reading
+            a body for a bounce) off the reactor thread; by default in the
+            reactor's thread pool when C{clock} is a reactor, else inline
+            (tests).
+        """
+        self._clock = clock
+        self._queue = queue
+        self._router = router
+        self.agents = self._agents = agents
+        self._schedule = schedule
+        self.maxConcurrent = maxConcurrent
+        self.perDestination = perDestination
+        self.maxPerDestination = max(maxPerDestination, perDestination)
+        self.leaseSeconds = leaseSeconds
+        self.deadTime = deadTime
+        self._claimAhead = claimAhead if claimAhead is not None else 4 * maxConcurrent
+        self._exclusive = exclusive
+        self._stopTimeout = stopTimeout
+        self._notices = notices or NoticeWriter(hostname)
+        if runInThread is None:
+            if IReactorThreads.providedBy(clock):
+                reactor = IReactorThreads(clock)
+
+                def runInThread(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+                    return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+            else:
+                runInThread = _inline
+        self._runInThread: Callable[..., Deferred[Any]] = runInThread
+        self._destinations: dict[tuple[str, str | None], _Destination] = {}
+        self.deliveries = 0
+        self._outstanding = 0
+        self._backlog = False
+        self._claiming = False
+        self._pumping = False
+        self._wanted = False
+        self._dispatching = False
+        self._timer: IDelayedCall | None = None
+        self._soon: IDelayedCall | None = None
+        self._leases: set[Deferred[None]] = set()
+        queue.notifyDue(self._notified)
+
+    # --- the service ----------------------------------------------------------
+
+    def startService(self) -> None:
+        """
+        Recover the leases a previous process left, then start delivering.
+        """
+        super().startService()
+        d = self._queue.recover(math.inf if self._exclusive else self._clock.seconds())
+
+        def recovered(count: int) -> None:
+            if count:
+                self.log.info("recovered {count} recipients from an earlier run", count=count)
+
+        d.addCallback(recovered)
+        d.addErrback(lambda f: self.log.failure("recovering the queue failed", f))
+        d.addBoth(lambda _: self._wake())
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop claiming, and wait (at most C{stopTimeout} seconds) for the
+        deliveries under way to be recorded.  Deliveries still running then
+        keep their leases, which the next start recovers.
+        """
+        super().stopService()
+        for call in (self._timer, self._soon):
+            if call is not None and call.active():
+                call.cancel()
+        self._timer = self._soon = None
+        if not self._leases:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        waiting = DeferredList(list(self._leases), consumeErrors=True)
+        timeout = self._clock.callLater(self._stopTimeout, lambda: done.callback(None))
+
+        def finished(_: object) -> None:
+            if timeout.active():
+                timeout.cancel()
+                done.callback(None)
+
+        waiting.addCallback(finished)
+        return done
+
+    # --- when to claim -----------------------------------------------------------
+
+    def _notified(self) -> None:
+        # Coalesce the queue's notifications (one per enqueue) into one
+        # claim per reactor turn.
+        if self.running and self._soon is None:
+            self._soon = self._clock.callLater(0, self._soonFired)
+
+    def _soonFired(self) -> None:
+        self._soon = None
+        self._wake()
+
+    def _timerFired(self) -> None:
+        self._timer = None
+        self._wake()
+
+    def _wake(self) -> None:
+        """
+        Claim now if possible; safe to call from anywhere, also from within
+        a claim's callbacks (it loops instead of recursing).
+        """
+        if not self.running:
+            return
+        self._wanted = True
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while self._wanted:
+                self._wanted = False
+                self._claim()
+        finally:
+            self._pumping = False
+
+    def _claim(self) -> None:
+        if self._claiming or not self.running:
+            return
+        room = self._claimAhead - self._outstanding
+        if room <= 0:
+            self._backlog = True
+            return
+        self._claiming = True
+        d = self._queue.claim(self._clock.seconds(), room)
+        d.addCallbacks(self._claimed, self._claimFailed, callbackArgs=(room,))
+
+    def _claimed(self, leases: Sequence[Lease], room: int) -> None:
+        self._claiming = False
+        count = sum(len(lease.recipients) for lease in leases)
+        self._backlog = count >= room
+        for lease in leases:
+            self._start(lease)
+        if self._backlog:
+            self._wake()
+        else:
+            self._sleep()
+
+    def _claimFailed(self, failure: Failure) -> None:
+        self._claiming = False
+        self.log.failure("claiming from the queue failed; retrying in a minute", failure)
+        self._setTimer(60.0)
+
+    def _sleep(self) -> None:
+        def due(when: float | None) -> None:
+            if when is None:
+                return
+            now = self._clock.seconds()
+            self._setTimer(when - now if when > now else 1.0)
+
+        d = self._queue.nextDue()
+        d.addCallback(due)
+        d.addErrback(self._claimFailed)
+
+    def _setTimer(self, delay: float) -> None:
+        if not self.running:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._clock.callLater(delay, self._timerFired)
+
+    # --- one lease -----------------------------------------------------------------
+
+    def _start(self, lease: Lease) -> None:
+        self._outstanding += len(lease.recipients)
+        d = Deferred.fromCoroutine(self._handle(lease))
+        self._leases.add(d)
+
+        def finished(result: object) -> None:
+            self._leases.discard(d)
+            self._outstanding -= len(lease.recipients)
+            if isinstance(result, Failure):
+                self.log.failure("delivering {queueID} failed", result, queueID=lease.queueID)
+            if self._backlog:
+                self._wake()
+
+        d.addBoth(finished)
+
+    async def _handle(self, lease: Lease) -> None:
+        now = self._clock.seconds()
+        decided = _Decided()
+        routed = await DeferredList(
+            [maybeDeferred(self._router.route, r.recipient.address, None) for r in lease.recipients],
+            consumeErrors=True,
+        )
+        groups: dict[tuple[str, str | None], list[tuple[QueuedRecipient, Route]]] = {}
+        for qr, (ok, result) in zip(lease.recipients, routed):
+            if not ok:
+                self.log.failure(
+                    "routing {recipient} of {queueID} failed",
+                    cast(Failure, result),
+                    recipient=str(qr.recipient.address),
+                    queueID=lease.queueID,
+                )
+                self._decide(lease, qr, None, RecipientOutcome(qr.recipient, ROUTE_FAILED), now, decided)
+            elif result.kind is RouteKind.REFUSE:
+                reply = result.reply or SMTPReply(550, "5.1.1", "recipient refused")
+                self._decide(lease, qr, result, RecipientOutcome(qr.recipient, reply), now, decided)
+            elif result.agent not in self._agents:
+                self.log.error(
+                    "{recipient} of {queueID} routed to unknown delivery agent {agent}",
+                    recipient=str(qr.recipient.address),
+                    queueID=lease.queueID,
+                    agent=result.agent,
+                )
+                self._decide(lease, qr, result, RecipientOutcome(qr.recipient, UNKNOWN_AGENT), now, decided)
+            else:
+                groups.setdefault((result.agent, result.nexthop), []).append((qr, result))
+        body: IMessageBody | None = None
+        if groups:
+            try:
+                body = await self._queue.openBody(lease.queueID)
+            except KeyError:
+                self.log.info("{queueID} left the queue before delivery", queueID=lease.queueID)
+                return
+            except Exception:
+                self.log.failure("opening {queueID} failed", queueID=lease.queueID)
+                for members in groups.values():
+                    for qr, route in members:
+                        outcome = RecipientOutcome(qr.recipient, AGENT_FAILED)
+                        self._decide(lease, qr, route, outcome, now, decided)
+                groups = {}
+        if groups:
+            assert body is not None
+            results = await DeferredList(
+                [
+                    Deferred.fromCoroutine(self._deliverGroup(lease, key, members, body))
+                    for key, members in groups.items()
+                ],
+                fireOnOneErrback=True,
+                consumeErrors=True,
+            )
+            finished = self._clock.seconds()
+            for _, outcomes in results:
+                for qr, route, outcome in outcomes:
+                    self._decide(lease, qr, route, outcome, finished, decided)
+        notices = await self._makeNotices(lease, body, decided)
+        try:
+            await self._queue.record(lease, decided.dispositions, notices)
+        except LeaseLost:
+            self.log.warn(
+                "lease on {queueID} was lost before its outcomes were recorded; "
+                "it will be delivered again",
+                queueID=lease.queueID,
+            )
+        except QueueFull:
+            self.log.error(
+                "queue full: could not record outcomes of {queueID}; will retry",
+                queueID=lease.queueID,
+            )
+
+    async def _deliverGroup(
+        self,
+        lease: Lease,
+        key: tuple[str, str | None],
+        members: list[tuple[QueuedRecipient, Route]],
+        body: IMessageBody,
+    ) -> list[tuple[QueuedRecipient, Route, RecipientOutcome]]:
+        agentName, nexthop = key
+        destination = self._destination(key)
+        if destination.deadUntil <= self._clock.seconds():
+            await self._acquire(destination)
+            try:
+                return await self._deliverNow(lease, key, members, body, destination)
+            finally:
+                self._release(key, destination)
+        reply = destination.deadReply or AGENT_TIMEOUT
+        self.log.info(
+            "{queueID}: not trying {agent} {nexthop} again yet: {code} {enhanced}",
+            queueID=lease.queueID,
+            agent=agentName,
+            nexthop=nexthop or "",
+            code=reply.code,
+            enhanced=reply.enhanced,
+        )
+        return [(qr, route, RecipientOutcome(qr.recipient, reply)) for qr, route in members]
+
+    async def _deliverNow(
+        self,
+        lease: Lease,
+        key: tuple[str, str | None],
+        members: list[tuple[QueuedRecipient, Route]],
+        body: IMessageBody,
+        destination: _Destination,
+    ) -> list[tuple[QueuedRecipient, Route, RecipientOutcome]]:
+        agentName, nexthop = key
+        if destination.deadUntil > self._clock.seconds():
+            # It died while this group waited for a slot.
+            reply = destination.deadReply or AGENT_TIMEOUT
+            return [(qr, route, RecipientOutcome(qr.recipient, reply)) for qr, route in members]
+        envelope = replace(lease.envelope, recipients=tuple(qr.recipient for qr, _ in members))
+        agent = self._agents[agentName]
+        try:
+            d = maybeDeferred(agent.deliver, envelope, body, nexthop)
+            d.addTimeout(self.leaseSeconds, self._clock)
+            outcomes = list(await d)
+            if len(outcomes) != len(members):
+                raise ValueError(
+                    f"agent returned {len(outcomes)} outcomes for {len(members)} recipients"
+                )
+        except (defer.TimeoutError, _error.TimeoutError):
+            self.log.error(
+                "delivery agent {agent} timed out on {queueID} for {nexthop}",
+                agent=agentName,
+                queueID=lease.queueID,
+                nexthop=nexthop or "",
+            )
+            outcomes = [RecipientOutcome(qr.recipient, AGENT_TIMEOUT) for qr, _ in members]
+        except Exception:
+            self.log.failure(
+                "delivery agent {agent} failed on {queueID} for {nexthop}",
+                agent=agentName,
+                queueID=lease.queueID,
+                nexthop=nexthop or "",
+            )
+            outcomes = [RecipientOutcome(qr.recipient, AGENT_FAILED) for qr, _ in members]
+        else:
+            self._feedback(key, destination, outcomes)
+        return [(qr, route, outcome) for (qr, route), outcome in zip(members, outcomes)]
+
+    # --- deciding ------------------------------------------------------------------
+
+    def _decide(
+        self,
+        lease: Lease,
+        qr: QueuedRecipient,
+        route: Route | None,
+        outcome: RecipientOutcome,
+        now: float,
+        decided: _Decided,
+    ) -> None:
+        recipient = qr.recipient
+        reply = outcome.reply
+        self.log.info(
+            "{queueID} to {recipient}: {code} {enhanced} {text}",
+            queueID=lease.queueID,
+            recipient=str(recipient.address),
+            code=reply.code,
+            enhanced=reply.enhanced,
+            text=reply.text,
+            agent=route.agent if route else "",
+            nexthop=(route.nexthop or "") if route else "",
+        )
+        routeName = (route.name or route.agent or None) if route is not None else None
+        if outcome.delivered:
+            decided.dispositions.append(Disposition(qr.index, outcome))
+            if route is not None and route.kind is RouteKind.LOCAL and "SUCCESS" in recipient.notify:
+                decided.delivered.append(
+                    RecipientReport(recipient, "delivered", reply.enhanced or "2.0.0", reply, None, now)
+                )
+            return
+        if outcome.failed:
+            decided.dispositions.append(Disposition(qr.index, outcome))
+            decided.failed.append(
+                self._notices.failureReport(recipient, reply, outcome.remoteMTA, now)
+            )
+            return
+        schedule = self._schedule.forDomain(recipient.address.domain)
+        arrival = lease.envelope.arrival
+        nextAttempt = schedule.nextAttempt(now, arrival, qr.attempts + 1)
+        if nextAttempt is None:
+            expired = RecipientOutcome(recipient, EXPIRED, outcome.remoteMTA)
+            decided.dispositions.append(Disposition(qr.index, expired))
+            decided.failed.append(
+                RecipientReport(recipient, "failed", "4.4.7", reply, outcome.remoteMTA, now)
+            )
+            return
+        warn = not qr.warned and schedule.shouldWarn(now, arrival)
+        if warn:
+            decided.delayed.append(
+                self._notices.delayReport(
+                    recipient, reply, outcome.remoteMTA, now, schedule.expires(arrival)
+                )
+            )
+        decided.dispositions.append(
+            Disposition(qr.index, outcome, nextAttempt, warn, route=routeName)
+        )
+
+    async def _makeNotices(
+        self, lease: Lease, body: IMessageBody | None, decided: _Decided
+    ) -> list[Notice]:
+        notices: list[Notice] = []
+        now = self._clock.seconds()
+        for reports, full in (
+            (decided.failed, True),
+            (decided.delayed, False),
+            (decided.delivered, False),
+        ):
+            wanted = self._notices.wanted(reports)
+            if not wanted:
+                continue
+            returned = b""
+            returnFull = full and self._notices.returnsFull(lease.envelope, lease.size)
+            if lease.envelope.sender is not None:
+                returned = await self._returned(lease, body, returnFull)
+            notice = self._notices.build(lease.queueID, lease.envelope, wanted, returned, returnFull, now)
+            if notice is not None:
+                notices.append(notice)
+        return notices
+
+    async def _returned(self, lease: Lease, body: IMessageBody | None, full: bool) -> bytes:
+        try:
+            if body is None:
+                body = await self._queue.openBody(lease.queueID)
+            data: bytes = await self._runInThread(readReturned, body, full)
+            return data
+        except Exception:
+            self.log.failure("reading {queueID} for its notice failed", queueID=lease.queueID)
+            return b""
+
+    # --- limits --------------------------------------------------------------------
+
+    def _destination(self, key: tuple[str, str | None]) -> _Destination:
+        destination = self._destinations.get(key)
+        if destination is None:
+            destination = self._destinations[key] = _Destination(self.perDestination)
+        return destination
+
+    def _acquire(self, destination: _Destination) -> Deferred[None]:
+        if destination.active < destination.window and self.deliveries < self.maxConcurrent:
+            destination.active += 1
+            self.deliveries += 1
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        destination.waiters.append(d)
+        return d
+
+    def _release(self, key: tuple[str, str | None], destination: _Destination) -> None:
+        destination.active -= 1
+        self.deliveries -= 1
+        if (
+            destination.active == 0
+            and not destination.waiters
+            and destination.deadUntil <= self._clock.seconds()
+            and destination.window == self.perDestination
+        ):
+            del self._destinations[key]
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """
+        Give free slots to waiting groups, destination by destination.
+        """
+        if self._dispatching:
+            return
+        self._dispatching = True
+        try:
+            progress = True
+            while progress and self.deliveries < self.maxConcurrent:
+                progress = False
+                for destination in list(self._destinations.values()):
+                    if (
+                        destination.waiters
+                        and destination.active < destination.window
+                        and self.deliveries < self.maxConcurrent
+                    ):
+                        destination.active += 1
+                        self.deliveries += 1
+                        destination.waiters.popleft().callback(None)
+                        progress = True
+        finally:
+            self._dispatching = False
+
+    def _feedback(
+        self,
+        key: tuple[str, str | None],
+        destination: _Destination,
+        outcomes: Sequence[RecipientOutcome],
+    ) -> None:
+        if outcomes and all(
+            o.deferred and o.reply.enhanced in CONNECTION_FAILURES for o in outcomes
+        ):
+            destination.deadUntil = self._clock.seconds() + self.deadTime
+            destination.deadReply = outcomes[0].reply
+            destination.window = max(1, destination.window - 1)
+            destination.successes = 0
+            self.log.warn(
+                "{agent} cannot reach {nexthop}: {code} {enhanced}; not trying again for"
+                " {seconds} seconds",
+                agent=key[0],
+                nexthop=key[1] or "",
+                code=outcomes[0].reply.code,
+                enhanced=outcomes[0].reply.enhanced,
+                seconds=self.deadTime,
+            )
+            return
+        destination.successes += 1
+        if destination.successes >= destination.window:
+            destination.successes = 0
+            destination.window = min(destination.window + 1, self.maxPerDestination)
+
+
+def schedulerFromConfig(
+    section: Section,
+    clock: IReactorTime,
+    queue: IMessageQueue,
+    router: IRouter,
+    agents: Mapping[str, IDeliveryAgent],
+    hostname: str,
+) -> Scheduler:
+    """
+    Build the scheduler from C{[scheduler]}: the retry keys of
+    L{RetrySchedule.fromSection} plus C{max_concurrent} (50),
+    C{per_destination} (5), C{max_per_destination} (20),
+    C{delivery_timeout} (600 seconds) and C{dead_time} (60 seconds).
+
+    @raise mailfw.config.ConfigError: naming the bad key.
+    """
+    schedule = RetrySchedule.fromSection(section)
+    scheduler = Scheduler(
+        clock,
+        queue,
+        router,
+        agents,
+        hostname,
+        schedule,
+        maxConcurrent=section.integer("max_concurrent", 50, minimum=1),
+        perDestination=section.integer("per_destination", 5, minimum=1),
+        leaseSeconds=section.number("delivery_timeout", 600.0, minimum=1),
+        maxPerDestination=section.integer("max_per_destination", 20, minimum=1),
+        deadTime=section.number("dead_time", 60.0, minimum=0),
+    )
+    section.finish()
+    return scheduler

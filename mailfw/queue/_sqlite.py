@@ -1,0 +1,1139 @@
+"""
+The embedded default queue: one SQLite database in WAL mode.
+
+Threads
+=======
+
+The reactor thread never touches the database file.  Three dedicated
+threads do, each owning its own work:
+
+  - the B{writer} thread owns the only writing connection.  Every change
+    (enqueue, claim, record, recover and the operator actions) is an
+    I{operation} appended to a pending list; the writer takes I{all}
+    pending operations at once and runs them in one transaction (each in
+    a savepoint, so one failing operation does not spoil the others), then
+    commits with one fsync (C{synchronous=FULL}).  Operations that arrive
+    while a commit runs wait for the next one: that is group commit, and it
+    is what lets a hundred sessions share one fsync.  Each operation's
+    L{Deferred} fires on the reactor thread (C{callFromThread}) only after
+    the transaction holding it committed; only then may the server answer
+    250.
+  - the B{reader} thread owns a read connection for C{list}, C{nextDue}
+    and C{openBody}, so that an operator listing a big queue never delays
+    commits.
+  - the B{spool} thread writes bodies larger than C{spillThreshold} to an
+    unlinked temporary file while they arrive, so that a 35 MiB message is
+    never held in memory; the writer then copies that file into the body's
+    BLOB (C{zeroblob} and incremental BLOB I/O in 1 MiB pieces) inside the
+    same transaction as the rows.  Smaller bodies stay in memory and are
+    inserted as one value.  No file is created, renamed or fsynced per
+    message on the hot path.
+
+Bodies are read with incremental BLOB I/O too: L{IMessageBody.open}
+returns a reader with its own connection and read transaction (a stable
+snapshot even if the message is deleted meanwhile), which may be used from
+any one thread at a time.  A long read holds back WAL checkpoints while it
+lasts; that is the price of never copying a big body out.
+
+Each thread is an L{Executor}; tests pass L{SynchronousExecutor}s and a
+synchronous C{deliver} so that everything runs at once, deterministically,
+on the test's thread.
+
+Crash safety
+============
+
+A commit's L{Deferred} fires after C{COMMIT} returned with
+C{synchronous=FULL}, so a crash after that loses nothing.  Claims are
+leases with an expiry stored in the rows; a crash while delivering leaves
+the recipients leased, and L{SQLiteQueue.recover} (which the scheduler
+calls at start-up with an infinite time, because on one node every lease
+in an SQLite queue belongs to the process that died) returns them to
+ready, so they are delivered again: at least once, never lost.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import queue as _queue
+import socket
+import sqlite3
+import tempfile
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import (
+    IO,
+    TYPE_CHECKING,
+    Any,
+    BinaryIO,
+    Callable,
+    Generic,
+    Mapping,
+    Protocol,
+    Sequence,
+    TypeVar,
+)
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailfw.config import ComponentContext, ConfigError, Section
+from mailfw.envelope import Envelope
+from mailfw.interfaces import IIncomingMessage, IMessageBody, IMessageQueue
+from mailfw.queue._memory import MemoryBody
+from mailfw.queue._model import (
+    Disposition,
+    Lease,
+    LeaseLost,
+    Notice,
+    QueuedMessage,
+    QueuedRecipient,
+    QueueFull,
+    RecipientState,
+    Selector,
+)
+from mailfw.queue._schema import (
+    INSERT_MESSAGE,
+    INSERT_RECIPIENT,
+    SCHEMA_VERSION,
+    createStatements,
+    envelopeFromJSON,
+    envelopeToJSON,
+    newQueueID,
+    recipientRows,
+    replyColumns,
+    replyFromColumns,
+    selectorWhere,
+)
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+__all__ = [
+    "Executor",
+    "SQLiteQueue",
+    "SynchronousExecutor",
+    "ThreadExecutor",
+    "fromConfig",
+    "initialiseDatabase",
+]
+
+_T = TypeVar("_T")
+
+CHUNK = 1 << 20
+"""How much body the writer copies per BLOB write, and readers read."""
+SPOOL_BATCH = 256 * 1024
+"""How much received body collects in memory before the spool thread
+writes it out, once a message is being spilled."""
+
+
+# --- threads -------------------------------------------------------------------
+
+
+class Executor(Protocol):
+    """
+    Runs jobs one after another, in the order submitted, on one thread.
+    """
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """
+        Run C{job} after the jobs submitted before it.  C{job} must not
+        raise.
+        """
+
+    def stop(self) -> None:
+        """
+        Run the jobs already submitted, then stop.
+        """
+
+
+class SynchronousExecutor:
+    """
+    An L{Executor} that runs each job at once on the caller's thread: for
+    deterministic tests.
+    """
+
+    def submit(self, job: Callable[[], None]) -> None:
+        job()
+
+    def stop(self) -> None:
+        pass
+
+
+class ThreadExecutor:
+    """
+    An L{Executor} with one dedicated daemon thread, started on first use.
+    """
+
+    log = Logger()
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: _queue.SimpleQueue[Callable[[], None] | None] = _queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                job()
+            except BaseException:
+                # Jobs report their own errors; this is a last resort so
+                # that one bug does not silently stop the queue.
+                self.log.failure("job on {thread} raised", thread=self._name)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def join(self, timeout: float) -> bool:
+        """
+        Wait up to C{timeout} seconds for the thread to end after L{stop};
+        for tests and shutdown.  Returns whether it ended.
+        """
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+
+# --- the database --------------------------------------------------------------
+
+
+def _isFull(error: BaseException) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
+        return True
+    return "database or disk is full" in str(error)
+
+
+def _translate(error: BaseException) -> BaseException:
+    """
+    Turn a full disk into L{QueueFull}, so the server answers 452.
+    """
+    if isinstance(error, sqlite3.Error) and _isFull(error):
+        return QueueFull(str(error))
+    if isinstance(error, OSError) and error.errno == 28:  # ENOSPC in the spool
+        return QueueFull(str(error))
+    return error
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """
+    A connection in autocommit mode (we issue C{BEGIN} ourselves) with the
+    settings every connection needs.
+    """
+    connection = sqlite3.connect(
+        str(path), isolation_level=None, check_same_thread=False, timeout=30.0
+    )
+    connection.execute("PRAGMA synchronous = FULL")
+    connection.execute("PRAGMA busy_timeout = 30000")
+    return connection
+
+
+def initialiseDatabase(path: Path) -> None:
+    """
+    Create the database and schema if needed and switch it to WAL mode.
+
+    Runs synchronously: call it at start-up, before the reactor runs (or
+    in a thread).
+
+    @raise sqlite3.Error: if the file cannot be opened or was made by a
+        newer mailfw.
+    """
+    connection = connect(path)
+    try:
+        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise sqlite3.OperationalError(f"cannot switch {path} to WAL mode (got {mode})")
+        connection.execute("BEGIN IMMEDIATE")
+        for statement in createStatements("BLOB"):
+            connection.execute(statement)
+        row = connection.execute("SELECT version FROM mailfw_schema").fetchone()
+        if row is None:
+            connection.execute("INSERT INTO mailfw_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+        elif row[0] > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"{path} has queue schema version {row[0]}; this mailfw knows {SCHEMA_VERSION}"
+            )
+        connection.execute("COMMIT")
+    finally:
+        connection.close()
+
+
+class _Operation(Generic[_T]):
+    """
+    One change waiting for the writer: a function of the connection and the
+    L{Deferred} to fire with its result after the commit.
+    """
+
+    def __init__(self, function: Callable[[sqlite3.Connection], _T]) -> None:
+        self.function = function
+        self.deferred: Deferred[_T] = Deferred()
+        self.ok = False
+        self.result: Any = None
+        self.cleanup: Callable[[], None] | None = None
+
+    def fire(self) -> None:
+        if self.ok:
+            self.deferred.callback(self.result)
+        else:
+            self.deferred.errback(Failure(self.result))
+
+
+# --- bodies ----------------------------------------------------------------------
+
+
+class _BlobReader(io.RawIOBase):
+    """
+    Reads one body through incremental BLOB I/O, holding its own
+    connection and read transaction (a stable snapshot) until closed.
+    """
+
+    def __init__(self, connection: sqlite3.Connection, blob: sqlite3.Blob, size: int) -> None:
+        super().__init__()
+        self._connection = connection
+        self._blob = blob
+        self._size = size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self._blob.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._blob.seek(offset, whence)
+        return self._blob.tell()
+
+    def tell(self) -> int:
+        return self._blob.tell()
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._blob.close()
+                self._connection.execute("ROLLBACK")
+            finally:
+                self._connection.close()
+        super().close()
+
+
+@implementer(IMessageBody)
+class _BlobBody:
+    """
+    A stored body too large to read at once; each L{open} reads it from the
+    database in pieces.
+    """
+
+    def __init__(self, path: Path, queueID: str, size: int) -> None:
+        self._path = path
+        self._queueID = queueID
+        self.size = size
+
+    def open(self) -> BinaryIO:
+        connection = connect(self._path)
+        try:
+            connection.execute("BEGIN")
+            row = connection.execute(
+                "SELECT rowid FROM message_bodies WHERE message_id = ?", (self._queueID,)
+            ).fetchone()
+            if row is None:
+                raise KeyError(self._queueID)
+            blob = connection.blobopen("message_bodies", "body", row[0], readonly=True)
+        except BaseException:
+            connection.close()
+            raise
+        return io.BufferedReader(_BlobReader(connection, blob, self.size), CHUNK)
+
+
+# --- receiving -------------------------------------------------------------------
+
+
+@implementer(IIncomingMessage)
+class _SQLiteIncoming:
+    """
+    A message being received: in memory while small, then spilled to an
+    unlinked temporary file by the spool thread.
+    """
+
+    def __init__(self, queue: SQLiteQueue, queueID: str, envelope: Envelope) -> None:
+        self.queueID = queueID
+        self._queue = queue
+        self._envelope = envelope
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._size = 0
+        self._finished = False
+        # Spill state; _file and _error are touched only by spool jobs until
+        # the spool hands over to the writer.
+        self._spilling = False
+        self._file: IO[bytes] | None = None
+        self._error: BaseException | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._finished:
+            raise ValueError("write after commit or abort")
+        if not data:
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._size += len(data)
+        if self._spilling:
+            if self._buffered >= SPOOL_BATCH:
+                self._spill()
+        elif self._buffered > self._queue.spillThreshold:
+            self._spilling = True
+            self._spill()
+
+    def _spill(self) -> None:
+        chunks, self._chunks, self._buffered = self._chunks, [], 0
+        directory = self._queue.spoolDirectory
+
+        def job() -> None:
+            if self._error is not None:
+                return
+            try:
+                if self._file is None:
+                    self._file = tempfile.TemporaryFile(dir=directory)
+                for chunk in chunks:
+                    self._file.write(chunk)
+            except BaseException as e:
+                self._error = e
+
+        self._queue._spool.submit(job)
+
+    def commit(self) -> Deferred[str]:
+        if self._finished:
+            return fail(ValueError("commit after commit or abort"))
+        self._finished = True
+        envelope = self._envelope
+        now = self._queue._clock.seconds()
+        if not envelope.arrival:
+            envelope = replace(envelope, arrival=now)
+        if envelope.size is None:
+            envelope = replace(envelope, size=self._size)
+        if not self._spilling:
+            body = b"".join(self._chunks)
+            self._chunks = []
+            return self._queue._insertMessage(self.queueID, envelope, now, body, None, len(body))
+        self._spill()
+        ready: Deferred[IO[bytes]] = Deferred()
+
+        def handOver() -> None:
+            error, spooled = self._error, self._file
+            if error is None and spooled is not None:
+                try:
+                    spooled.flush()
+                except BaseException as e:
+                    error = e
+            if error is not None:
+                self._closeFile()
+                self._queue._deliver(lambda: ready.errback(Failure(_translate(error))))
+            else:
+                assert spooled is not None
+                self._queue._deliver(lambda: ready.callback(spooled))
+
+        self._queue._spool.submit(handOver)
+        size = self._size
+        return ready.addCallback(
+            lambda spooled: self._queue._insertMessage(
+                self.queueID, envelope, now, None, spooled, size
+            )
+        )
+
+    def _closeFile(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def abort(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._chunks = []
+        if self._spilling:
+            self._queue._spool.submit(self._closeFile)
+
+
+# --- the queue -------------------------------------------------------------------
+
+
+_READY = RecipientState.READY.value
+_LEASED = RecipientState.LEASED.value
+_HOLD = RecipientState.HOLD.value
+_ETRN = RecipientState.ETRN.value
+_CLEAR_LEASE = "lease_token = NULL, lease_owner = NULL, lease_expires = NULL"
+
+
+def _marks(values: Sequence[object]) -> str:
+    return ", ".join("?" for _ in values)
+
+
+def _selected(selector: Selector) -> tuple[str, list[Any]]:
+    """
+    A condition selecting C{recipients} rows (unaliased, for UPDATE and
+    DELETE) that match C{selector}.
+    """
+    where, params = selectorWhere(selector)
+    return (
+        "(message_id, idx) IN (SELECT r.message_id, r.idx FROM recipients r"
+        f" JOIN messages m ON m.id = r.message_id WHERE {where})",
+        params,
+    )
+
+
+@implementer(IMessageQueue)
+class SQLiteQueue:
+    """
+    An L{IMessageQueue} in one SQLite database file; see the module
+    docstring for the threads and the crash safety.
+
+    @ivar transactions: how many write transactions committed (group commit
+        makes this smaller than the number of operations).
+    @ivar spillThreshold: bodies larger than this many octets are spilled to
+        a temporary file while they arrive and read in pieces.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        path: Path,
+        clock: IReactorTime,
+        *,
+        writer: Executor | None = None,
+        reader: Executor | None = None,
+        spool: Executor | None = None,
+        deliver: Callable[[Callable[[], None]], None] | None = None,
+        idGenerator: Callable[[], str] = newQueueID,
+        leaseSeconds: float = 900.0,
+        owner: str | None = None,
+        spillThreshold: int = 256 * 1024,
+        spoolDirectory: Path | None = None,
+        configureConnection: Callable[[sqlite3.Connection], None] | None = None,
+        beforeCommit: Callable[[], None] | None = None,
+    ) -> None:
+        """
+        Open the queue, creating the database if needed (synchronously:
+        build queues at start-up).
+
+        @param clock: the time source; also the reactor whose
+            C{callFromThread} delivers results, unless C{deliver} is given.
+        @param writer: runs write transactions (default: a dedicated
+            thread); likewise C{reader} for reads and C{spool} for spilling
+            large bodies.
+        @param deliver: calls a function on the reactor thread (default
+            C{clock.callFromThread}).
+        @param owner: the lease owner recorded in claimed rows (default:
+            host name and process ID).
+        @param configureConnection: called with the writer connection when
+            it opens, before any transaction (tests use it to limit the size
+            of the database).
+        @param beforeCommit: called on the writer thread just before each
+            C{COMMIT}; a seam for tests.
+        """
+        self._path = Path(path)
+        self._clock = clock
+        if deliver is None:
+            if not IReactorFromThreads.providedBy(clock):
+                raise TypeError("deliver is required when clock has no callFromThread")
+            deliver = IReactorFromThreads(clock).callFromThread
+        self._deliver: Callable[[Callable[[], None]], None] = deliver
+        self._writer: Executor = writer or ThreadExecutor("mailfw-queue-writer")
+        self._reader: Executor = reader or ThreadExecutor("mailfw-queue-reader")
+        self._spool: Executor = spool or ThreadExecutor("mailfw-queue-spool")
+        self._ids = idGenerator
+        self.leaseSeconds = leaseSeconds
+        self._owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.spillThreshold = spillThreshold
+        self.spoolDirectory = spoolDirectory or self._path.parent
+        self._configure = configureConnection
+        self._beforeCommit = beforeCommit
+        self._callbacks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._pending: list[_Operation[Any]] = []
+        self._batchScheduled = False
+        self._writerConnection: sqlite3.Connection | None = None
+        self._readerConnection: sqlite3.Connection | None = None
+        self._closed = False
+        self._tokens = itertools.count(1)
+        self.transactions = 0
+        initialiseDatabase(self._path)
+
+    # --- the writer -------------------------------------------------------
+
+    def _write(
+        self,
+        function: Callable[[sqlite3.Connection], _T],
+        cleanup: Callable[[], None] | None = None,
+    ) -> Deferred[_T]:
+        """
+        Run C{function} in the next write transaction; the result arrives on
+        the reactor thread after the commit.  C{function} may run more than
+        once (see L{_transaction}), so it must depend only on the database.
+
+        @param cleanup: run on the writer thread after the transaction ended,
+            whether it committed or not.
+        """
+        if self._closed:
+            if cleanup is not None:
+                self._writer.submit(cleanup)
+            return fail(RuntimeError("the queue is closed"))
+        operation = _Operation(function)
+        operation.cleanup = cleanup
+        with self._lock:
+            self._pending.append(operation)
+            schedule = not self._batchScheduled
+            self._batchScheduled = True
+        if schedule:
+            self._writer.submit(self._runBatches)
+        return operation.deferred
+
+    def _runBatches(self) -> None:
+        # Writer thread.  Each pass takes every operation that arrived while
+        # the previous commit ran: that is the group commit.
+        while True:
+            with self._lock:
+                operations, self._pending = self._pending, []
+                if not operations:
+                    self._batchScheduled = False
+                    return
+            self._runBatch(operations)
+
+    def _openWriter(self) -> sqlite3.Connection:
+        if self._writerConnection is None:
+            connection = connect(self._path)
+            if self._configure is not None:
+                self._configure(connection)
+            self._writerConnection = connection
+        return self._writerConnection
+
+    def _runBatch(self, operations: list[_Operation[Any]]) -> None:
+        try:
+            self._transaction(operations)
+        finally:
+            for operation in operations:
+                if operation.cleanup is not None:
+                    try:
+                        operation.cleanup()
+                    except BaseException as e:
+                        self.log.error("queue cleanup failed: {error}", error=str(e))
+
+    def _transaction(self, operations: list[_Operation[Any]]) -> None:
+        """
+        Run C{operations} in one transaction, each in a savepoint.  When an
+        operation's error made SQLite roll back the whole transaction (a
+        full disk does), that operation fails and the others run again in a
+        new transaction.
+        """
+        remaining = list(operations)
+        while True:
+            try:
+                connection = self._openWriter()
+                connection.execute("BEGIN IMMEDIATE")
+            except BaseException as e:
+                self._finish(remaining, e)
+                return
+            aborted: _Operation[Any] | None = None
+            try:
+                for operation in remaining:
+                    connection.execute("SAVEPOINT op")
+                    try:
+                        operation.result = operation.function(connection)
+                        operation.ok = True
+                    except BaseException as e:
+                        operation.ok = False
+                        operation.result = _translate(e)
+                        if not connection.in_transaction:
+                            aborted = operation
+                            break
+                        connection.execute("ROLLBACK TO op")
+                    connection.execute("RELEASE op")
+                if aborted is None:
+                    if self._beforeCommit is not None:
+                        self._beforeCommit()
+                    connection.execute("COMMIT")
+                    self.transactions += 1
+            except BaseException as e:
+                try:
+                    connection.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                self._finish(remaining, e)
+                return
+            if aborted is None:
+                self._deliver(lambda: self._fire(remaining))
+                return
+            failed = aborted
+            self._deliver(lambda: self._fire([failed]))
+            remaining.remove(aborted)
+            for operation in remaining:
+                operation.ok = False
+                operation.result = None
+
+    def _finish(self, operations: list[_Operation[Any]], error: BaseException) -> None:
+        error = _translate(error)
+        for operation in operations:
+            operation.ok = False
+            operation.result = error
+        self.log.error("queue transaction failed: {error}", error=str(error))
+        self._deliver(lambda: self._fire(operations))
+
+    @staticmethod
+    def _fire(operations: list[_Operation[Any]]) -> None:
+        for operation in operations:
+            operation.fire()
+
+    # --- the reader -------------------------------------------------------
+
+    def _read(self, function: Callable[[sqlite3.Connection], _T]) -> Deferred[_T]:
+        """
+        Run C{function} in a read transaction on the reader thread.
+        """
+        if self._closed:
+            return fail(RuntimeError("the queue is closed"))
+        d: Deferred[_T] = Deferred()
+
+        def job() -> None:
+            try:
+                if self._readerConnection is None:
+                    self._readerConnection = connect(self._path)
+                connection = self._readerConnection
+                connection.execute("BEGIN")
+                try:
+                    result = function(connection)
+                finally:
+                    connection.execute("ROLLBACK")
+            except BaseException as e:
+                error = e
+                self._deliver(lambda: d.errback(Failure(error)))
+            else:
+                self._deliver(lambda: d.callback(result))
+
+        self._reader.submit(job)
+        return d
+
+    def _notify(self, result: _T) -> _T:
+        for callback in list(self._callbacks):
+            callback()
+        return result
+
+    def _notifyIf(self, count: int) -> int:
+        if count:
+            self._notify(None)
+        return count
+
+    # --- receiving ----------------------------------------------------------
+
+    def receive(self, envelope: Envelope) -> IIncomingMessage:
+        return _SQLiteIncoming(self, self._ids(), envelope)
+
+    def _insertMessage(
+        self,
+        queueID: str,
+        envelope: Envelope,
+        now: float,
+        body: bytes | None,
+        spooled: IO[bytes] | None,
+        size: int,
+    ) -> Deferred[str]:
+        def insert(connection: sqlite3.Connection) -> str:
+            _insert(connection, queueID, envelope, now, body, spooled, size)
+            return queueID
+
+        d = self._write(insert, None if spooled is None else spooled.close)
+        return d.addCallback(self._notify) if envelope.recipients else d
+
+    # --- the scheduler's side -------------------------------------------------
+
+    def claim(self, now: float, limit: int) -> Deferred[Sequence[Lease]]:
+        expires = now + self.leaseSeconds
+        owner = self._owner
+
+        def claim(connection: sqlite3.Connection) -> Sequence[Lease]:
+            rows = connection.execute(
+                "SELECT message_id, idx FROM recipients WHERE state = ? AND next_attempt_at <= ?"
+                " ORDER BY next_attempt_at, message_id, idx LIMIT ?",
+                (_READY, now, max(limit, 0)),
+            ).fetchall()
+            if len(rows) < limit:
+                rows += connection.execute(
+                    "SELECT message_id, idx FROM recipients WHERE state = ? AND lease_expires <= ?"
+                    " ORDER BY lease_expires, message_id, idx LIMIT ?",
+                    (_LEASED, now, limit - len(rows)),
+                ).fetchall()
+            chosen: dict[str, list[int]] = {}
+            for queueID, index in rows:
+                chosen.setdefault(queueID, []).append(index)
+            leases = []
+            for queueID, indexes in chosen.items():
+                token = f"{os.urandom(8).hex()}.{next(self._tokens)}"
+                connection.execute(
+                    "UPDATE recipients SET state = ?, lease_token = ?, lease_owner = ?,"
+                    f" lease_expires = ? WHERE message_id = ? AND idx IN ({_marks(indexes)})",
+                    (_LEASED, token, owner, expires, queueID, *indexes),
+                )
+                envelopeText, size = connection.execute(
+                    "SELECT envelope, size FROM messages WHERE id = ?", (queueID,)
+                ).fetchone()
+                envelope = envelopeFromJSON(envelopeText)
+                recipients = _recipients(connection, envelope, queueID, indexes)
+                leases.append(Lease(queueID, envelope, recipients, token, expires, size))
+            return leases
+
+        return self._write(claim)
+
+    def record(
+        self, lease: Lease, dispositions: Sequence[Disposition], notices: Sequence[Notice] = ()
+    ) -> Deferred[None]:
+        now = self._clock.seconds()
+        noticeIDs = [self._ids() for _ in notices]
+
+        def record(connection: sqlite3.Connection) -> bool:
+            queueID = lease.queueID
+            claimed = [r.index for r in lease.recipients]
+            rows = connection.execute(
+                f"SELECT idx, state, lease_token FROM recipients WHERE message_id = ?"
+                f" AND idx IN ({_marks(claimed)})",
+                (queueID, *claimed),
+            ).fetchall()
+            if len(rows) != len(claimed) or any(
+                state != _LEASED or token != lease.token for _, state, token in rows
+            ):
+                raise LeaseLost(queueID)
+            decided = {d.index: d for d in dispositions}
+            unknown = set(decided) - set(claimed)
+            if unknown:
+                raise ValueError(f"recipients {sorted(unknown)} are not in the lease")
+            for index in claimed:
+                disposition = decided.get(index)
+                if disposition is None:
+                    connection.execute(
+                        f"UPDATE recipients SET state = ?, {_CLEAR_LEASE}"
+                        " WHERE message_id = ? AND idx = ?",
+                        (_READY, queueID, index),
+                    )
+                elif disposition.outcome.deferred:
+                    connection.execute(
+                        "UPDATE recipients SET state = ?, attempts = attempts + 1,"
+                        " next_attempt_at = COALESCE(?, next_attempt_at),"
+                        " warned = CASE WHEN ? = 1 THEN 1 ELSE warned END,"
+                        " reply_code = ?, reply_enhanced = ?, reply_text = ?,"
+                        f" route = COALESCE(?, route), {_CLEAR_LEASE}"
+                        " WHERE message_id = ? AND idx = ?",
+                        (
+                            _READY,
+                            disposition.nextAttempt,
+                            int(disposition.warned),
+                            *replyColumns(disposition.outcome.reply),
+                            disposition.route,
+                            queueID,
+                            index,
+                        ),
+                    )
+                else:
+                    connection.execute(
+                        "DELETE FROM recipients WHERE message_id = ? AND idx = ?", (queueID, index)
+                    )
+            _dropIfDone(connection, [queueID])
+            for noticeID, notice in zip(noticeIDs, notices):
+                envelope = notice.envelope
+                if not envelope.arrival:
+                    envelope = replace(envelope, arrival=now)
+                if envelope.size is None:
+                    envelope = replace(envelope, size=len(notice.body))
+                _insert(connection, noticeID, envelope, now, notice.body, None, len(notice.body))
+            return bool(notices) or len(decided) < len(claimed)
+
+        def done(wake: bool) -> None:
+            if wake:
+                self._notify(None)
+
+        return self._write(record).addCallback(done)
+
+    def openBody(self, queueID: str) -> Deferred[IMessageBody]:
+        threshold = self.spillThreshold
+        path = self._path
+
+        def find(connection: sqlite3.Connection) -> IMessageBody:
+            row = connection.execute(
+                "SELECT size FROM messages WHERE id = ?", (queueID,)
+            ).fetchone()
+            if row is None:
+                raise KeyError(queueID)
+            if row[0] > threshold:
+                return _BlobBody(path, queueID, row[0])
+            body = connection.execute(
+                "SELECT body FROM message_bodies WHERE message_id = ?", (queueID,)
+            ).fetchone()
+            if body is None:
+                raise KeyError(queueID)
+            return MemoryBody(bytes(body[0]))
+
+        return self._read(find)
+
+    def nextDue(self) -> Deferred[float | None]:
+        def nextDue(connection: sqlite3.Connection) -> float | None:
+            ready = connection.execute(
+                "SELECT MIN(next_attempt_at) FROM recipients WHERE state = ?", (_READY,)
+            ).fetchone()[0]
+            leased = connection.execute(
+                "SELECT MIN(lease_expires) FROM recipients WHERE state = ?", (_LEASED,)
+            ).fetchone()[0]
+            times = [t for t in (ready, leased) if t is not None]
+            return min(times) if times else None
+
+        return self._read(nextDue)
+
+    def notifyDue(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    def recover(self, now: float) -> Deferred[int]:
+        def recover(connection: sqlite3.Connection) -> int:
+            return connection.execute(
+                f"UPDATE recipients SET state = ?, {_CLEAR_LEASE}"
+                " WHERE state = ? AND lease_expires <= ?",
+                (_READY, _LEASED, now),
+            ).rowcount
+
+        return self._write(recover).addCallback(self._notifyIf)
+
+    # --- the operator's side ----------------------------------------------------
+
+    def list(self, selector: Selector) -> Deferred[Sequence[QueuedMessage]]:
+        where, params = selectorWhere(selector)
+
+        def list_(connection: sqlite3.Connection) -> Sequence[QueuedMessage]:
+            rows = connection.execute(
+                "SELECT m.id, m.envelope, m.size, r.idx, r.state, r.attempts,"
+                " r.next_attempt_at, r.warned, r.reply_code, r.reply_enhanced, r.reply_text"
+                " FROM recipients r JOIN messages m ON m.id = r.message_id"
+                f" WHERE {where} ORDER BY m.arrival, m.id, r.idx",
+                params,
+            ).fetchall()
+            found: list[tuple[str, Envelope, int, list[QueuedRecipient]]] = []
+            for row in rows:
+                queueID, envelopeText, size = row[:3]
+                if not found or found[-1][0] != queueID:
+                    found.append((queueID, envelopeFromJSON(envelopeText), size, []))
+                found[-1][3].append(_queuedRecipient(found[-1][1], row[3:]))
+            return [QueuedMessage(q, e, s, tuple(r)) for q, e, s, r in found]
+
+        return self._read(list_)
+
+    def hold(self, selector: Selector) -> Deferred[int]:
+        condition, params = _selected(selector)
+
+        def hold(connection: sqlite3.Connection) -> int:
+            return connection.execute(
+                f"UPDATE recipients SET state = ? WHERE state IN (?, ?) AND {condition}",
+                (_HOLD, _READY, _ETRN, *params),
+            ).rowcount
+
+        return self._write(hold)
+
+    def release(self, selector: Selector) -> Deferred[int]:
+        condition, params = _selected(selector)
+        now = self._clock.seconds()
+
+        def release(connection: sqlite3.Connection) -> int:
+            return connection.execute(
+                "UPDATE recipients SET state = ?, next_attempt_at = ?"
+                f" WHERE state = ? AND {condition}",
+                (_READY, now, _HOLD, *params),
+            ).rowcount
+
+        return self._write(release).addCallback(self._notifyIf)
+
+    def flush(self, selector: Selector) -> Deferred[int]:
+        condition, params = _selected(selector)
+        now = self._clock.seconds()
+
+        def flush(connection: sqlite3.Connection) -> int:
+            return connection.execute(
+                "UPDATE recipients SET state = ?, next_attempt_at ="
+                " CASE WHEN next_attempt_at > ? THEN ? ELSE next_attempt_at END"
+                f" WHERE state IN (?, ?) AND {condition}",
+                (_READY, now, now, _READY, _ETRN, *params),
+            ).rowcount
+
+        return self._write(flush).addCallback(self._notifyIf)
+
+    def delete(self, selector: Selector) -> Deferred[int]:
+        condition, params = _selected(selector)
+
+        def delete(connection: sqlite3.Connection) -> int:
+            affected = [
+                row[0]
+                for row in connection.execute(
+                    f"SELECT DISTINCT message_id FROM recipients WHERE {condition}", params
+                )
+            ]
+            count = connection.execute(
+                f"DELETE FROM recipients WHERE {condition}", params
+            ).rowcount
+            _dropIfDone(connection, affected)
+            return count
+
+        return self._write(delete)
+
+    def close(self) -> Deferred[None]:
+        """
+        Let pending operations commit, then close the connections and end
+        the threads.
+        """
+        if self._closed:
+            return fail(RuntimeError("the queue is already closed"))
+        d: Deferred[None] = self._write(lambda connection: None)
+        self._closed = True
+
+        def closeWriter(_: None) -> Deferred[None]:
+            done: Deferred[None] = Deferred()
+
+            def writerJob() -> None:
+                if self._writerConnection is not None:
+                    self._writerConnection.close()
+                    self._writerConnection = None
+
+                def readerJob() -> None:
+                    if self._readerConnection is not None:
+                        self._readerConnection.close()
+                        self._readerConnection = None
+                    self._deliver(lambda: done.callback(None))
+
+                self._reader.submit(readerJob)
+
+            self._writer.submit(writerJob)
+            return done
+
+        def stopThreads(_: None) -> None:
+            for executor in (self._writer, self._reader, self._spool):
+                executor.stop()
+
+        return d.addCallback(closeWriter).addCallback(stopThreads)
+
+
+# --- SQL helpers (writer or reader thread) ----------------------------------------
+
+
+def _insert(
+    connection: sqlite3.Connection,
+    queueID: str,
+    envelope: Envelope,
+    now: float,
+    body: bytes | None,
+    spooled: IO[bytes] | None,
+    size: int,
+) -> None:
+    """
+    Insert one message: its row, its body and its recipient rows.
+    """
+    if not envelope.recipients:
+        return
+    connection.execute(
+        INSERT_MESSAGE, (queueID, envelope.senderText, envelopeToJSON(envelope), size, envelope.arrival)
+    )
+    if spooled is None:
+        connection.execute(
+            "INSERT INTO message_bodies (message_id, body) VALUES (?, ?)", (queueID, body or b"")
+        )
+    else:
+        rowid = connection.execute(
+            "INSERT INTO message_bodies (message_id, body) VALUES (?, zeroblob(?))", (queueID, size)
+        ).lastrowid
+        assert rowid is not None
+        spooled.seek(0)
+        with connection.blobopen("message_bodies", "body", rowid) as blob:
+            copied = 0
+            while copied < size:
+                chunk = spooled.read(min(CHUNK, size - copied))
+                if not chunk:
+                    raise OSError(f"spool file for {queueID} is short: {copied} of {size}")
+                blob.write(chunk)
+                copied += len(chunk)
+    connection.executemany(INSERT_RECIPIENT, recipientRows(queueID, envelope, now))
+
+
+def _dropIfDone(connection: sqlite3.Connection, queueIDs: Sequence[str]) -> None:
+    """
+    Delete the messages among C{queueIDs} that have no recipients left.
+    """
+    for queueID in queueIDs:
+        left = connection.execute(
+            "SELECT 1 FROM recipients WHERE message_id = ? LIMIT 1", (queueID,)
+        ).fetchone()
+        if left is None:
+            connection.execute("DELETE FROM message_bodies WHERE message_id = ?", (queueID,))
+            connection.execute("DELETE FROM messages WHERE id = ?", (queueID,))
+
+
+def _queuedRecipient(envelope: Envelope, row: Sequence[Any]) -> QueuedRecipient:
+    index, state, attempts, nextAttempt, warned, code, enhanced, text = row
+    return QueuedRecipient(
+        index=index,
+        recipient=envelope.recipients[index],
+        state=RecipientState(state),
+        attempts=attempts,
+        nextAttempt=nextAttempt,
+        warned=bool(warned),
+        lastReply=replyFromColumns(code, enhanced, text),
+    )
+
+
+def _recipients(
+    connection: sqlite3.Connection, envelope: Envelope, queueID: str, indexes: Sequence[int]
+) -> tuple[QueuedRecipient, ...]:
+    rows = connection.execute(
+        "SELECT idx, state, attempts, next_attempt_at, warned, reply_code, reply_enhanced,"
+        f" reply_text FROM recipients WHERE message_id = ? AND idx IN ({_marks(indexes)})"
+        " ORDER BY idx",
+        (queueID, *indexes),
+    ).fetchall()
+    return tuple(_queuedRecipient(envelope, row) for row in rows)
+
+
+def fromConfig(
+    context: ComponentContext, instanceName: str, options: Mapping[str, object]
+) -> SQLiteQueue:
+    """
+    Build an L{SQLiteQueue} from C{[queue]} with C{plugin = "sqlite"}.
+
+    Options: C{path} (relative to the data directory; default
+    C{"queue.sqlite"}), C{lease_seconds} (default 900) and
+    C{spill_threshold} (octets kept in memory per message while receiving;
+    default 262144).
+    """
+    section = Section(f"[{instanceName}]", options)
+    path = context.path(section.text("path", "queue.sqlite"))
+    leaseSeconds = section.number("lease_seconds", 900.0, minimum=1)
+    spillThreshold = section.integer("spill_threshold", 256 * 1024, minimum=0)
+    section.finish()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return SQLiteQueue(
+            path, context.reactor, leaseSeconds=leaseSeconds, spillThreshold=spillThreshold
+        )
+    except (OSError, sqlite3.Error) as e:
+        raise ConfigError(f"[{instanceName}] cannot open {path}: {e}") from None

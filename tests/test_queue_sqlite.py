@@ -1,0 +1,500 @@
+"""
+Tests for L{mailfw.queue._sqlite}: the queue contract (synchronously and
+with the real threads), group commit, durability before the commit fires,
+a full disk, large bodies and configuration.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from mailfw.config import ComponentContext, ConfigError
+from mailfw.envelope import RecipientOutcome
+from mailfw.interfaces import IMessageBody, IMessageQueue, IMessageQueueFactory
+from mailfw.plugin import findPlugin
+from mailfw.queue import Disposition, LeaseLost, QueueFull, Selector
+from mailfw.queue._contract import QueueContractTests, makeEnvelope
+from mailfw.queue._sqlite import SQLiteQueue, SynchronousExecutor, ThreadExecutor, fromConfig
+from mailfw.reply import SMTPReply
+
+_T = TypeVar("_T")
+
+
+class ManualExecutor:
+    """
+    An executor whose jobs run only when the test says so.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: list[Callable[[], None]] = []
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.jobs.append(job)
+
+    def stop(self) -> None:
+        pass
+
+    def run(self) -> None:
+        while self.jobs:
+            self.jobs.pop(0)()
+
+
+@implementer(IReactorFromThreads)
+class ThreadedClock(Clock):
+    """
+    A clock that also offers C{callFromThread}, like a reactor.
+    """
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+
+def call(f: Callable[[], None]) -> None:
+    f()
+
+
+def synchronousQueue(path: Path, clock: Clock, **kw: Any) -> SQLiteQueue:
+    options: dict[str, Any] = dict(
+        writer=SynchronousExecutor(),
+        reader=SynchronousExecutor(),
+        spool=SynchronousExecutor(),
+        deliver=call,
+    )
+    options.update(kw)
+    return SQLiteQueue(path, clock, **options)
+
+
+def freshCount(path: Path, table: str) -> int:
+    """
+    Count rows with a connection of its own, as another process would.
+    """
+    connection = sqlite3.connect(str(path))
+    try:
+        count: int = connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        return count
+    finally:
+        connection.close()
+
+
+class SQLiteSynchronousContractTests(QueueContractTests, SynchronousTestCase):
+    """
+    L{SQLiteQueue} keeps the queue contract, with every thread replaced by
+    a synchronous call.  A small spill threshold sends the large-body test
+    through the spool file and incremental BLOB I/O.
+    """
+
+    def makeQueue(self, clock: Clock) -> IMessageQueue:
+        self.path = Path(self.mktemp()) / "queue.sqlite"
+        self.path.parent.mkdir()
+        return synchronousQueue(self.path, clock, spillThreshold=4096)
+
+    def assertDurable(self, queueID: str) -> None:
+        connection = sqlite3.connect(str(self.path))
+        try:
+            rows = connection.execute(
+                "SELECT COUNT(*) FROM recipients WHERE message_id = ?", (queueID,)
+            ).fetchone()[0]
+            bodies = connection.execute(
+                "SELECT COUNT(*) FROM message_bodies WHERE message_id = ?", (queueID,)
+            ).fetchone()[0]
+        finally:
+            connection.close()
+        self.assertEqual((rows, bodies), (1, 1))
+
+
+class SQLiteThreadedContractTests(SQLiteSynchronousContractTests):
+    """
+    L{SQLiteQueue} keeps the queue contract with its real writer, reader
+    and spool threads; results are delivered to the test thread, which
+    waits for them with a bounded timeout.
+    """
+
+    def makeQueue(self, clock: Clock) -> IMessageQueue:
+        self.path = Path(self.mktemp()) / "queue.sqlite"
+        self.path.parent.mkdir()
+        self.calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.executors = [ThreadExecutor(f"test-{n}") for n in ("writer", "reader", "spool")]
+        q = SQLiteQueue(
+            self.path,
+            clock,
+            writer=self.executors[0],
+            reader=self.executors[1],
+            spool=self.executors[2],
+            deliver=self.calls.put,
+            spillThreshold=4096,
+        )
+        self.addCleanup(self.stopThreads, q)
+        return q
+
+    def stopThreads(self, q: SQLiteQueue) -> None:
+        if not q._closed:
+            self.wait(q.close())
+        for executor in self.executors:
+            executor.stop()
+            self.assertTrue(executor.join(10))
+
+    def drive(self, d: Deferred[Any]) -> None:
+        done: list[bool] = []
+
+        def finished(result: object) -> object:
+            done.append(True)
+            return result
+
+        d.addBoth(finished)
+        deadline = time.monotonic() + 10
+        while not done:
+            try:
+                f = self.calls.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.fail("queue thread did not answer within 10 s")
+            f()
+
+    def wait(self, d: Deferred[_T]) -> _T:
+        self.drive(d)
+        return self.successResultOf(d)
+
+    def waitFailure(self, d: Deferred[Any], *types: type[BaseException]) -> Failure:
+        self.drive(d)
+        failure: Failure = self.failureResultOf(d, *types)
+        return failure
+
+    def test_groupCommitWithThreads(self) -> None:
+        """
+        Commits requested while the writer is busy share one transaction.
+        """
+        started, release = queue.SimpleQueue[None](), queue.SimpleQueue[None]()
+
+        def block() -> None:
+            started.put(None)
+            release.get(timeout=10)
+
+        self.executors[0].submit(block)
+        started.get(timeout=10)
+        before = self.queue.transactions  # type: ignore[attr-defined]
+        ds = []
+        for _ in range(20):
+            incoming = self.queue.receive(makeEnvelope("a@example.com"))
+            incoming.write(b"x\r\n")
+            ds.append(incoming.commit())
+        release.put(None)
+        for d in ds:
+            self.wait(d)
+        self.assertEqual(self.queue.transactions - before, 1)  # type: ignore[attr-defined]
+
+
+class SQLiteQueueTests(SynchronousTestCase):
+    """
+    Behaviour specific to L{SQLiteQueue}.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.path = Path(self.mktemp()) / "queue.sqlite"
+        self.path.parent.mkdir()
+
+    def enqueueStart(self, q: SQLiteQueue, body: bytes = b"x\r\n", *recipients: str) -> Deferred[str]:
+        incoming = q.receive(makeEnvelope(*(recipients or ("a@example.com",))))
+        incoming.write(body)
+        return incoming.commit()
+
+    def test_groupCommit(self) -> None:
+        """
+        Commits that arrive while the writer is busy are committed together
+        in one transaction, and each fires only after it.
+        """
+        writer = ManualExecutor()
+        q = synchronousQueue(self.path, self.clock, writer=writer)
+        ds = [self.enqueueStart(q) for _ in range(5)]
+        self.assertEqual(len(writer.jobs), 1)
+        for d in ds:
+            self.assertNoResult(d)
+        writer.run()
+        self.assertEqual(q.transactions, 1)
+        self.assertEqual(len({self.successResultOf(d) for d in ds}), 5)
+        self.assertEqual(freshCount(self.path, "messages"), 5)
+
+    def test_notFiredBeforeCommit(self) -> None:
+        """
+        Just before C{COMMIT} the commit has not fired and another
+        connection does not see the message; once it fires, it does.
+        """
+        seen: list[tuple[bool, int]] = []
+        ds: list[Deferred[str]] = []
+
+        def beforeCommit() -> None:
+            seen.append((ds[0].called, freshCount(self.path, "recipients")))
+
+        writer = ManualExecutor()
+        q = synchronousQueue(self.path, self.clock, writer=writer, beforeCommit=beforeCommit)
+        ds.append(self.enqueueStart(q))
+        writer.run()
+        self.assertEqual(seen, [(False, 0)])
+        self.successResultOf(ds[0])
+        self.assertEqual(freshCount(self.path, "recipients"), 1)
+
+    def test_firesOnReactorThread(self) -> None:
+        """
+        The commit fires only when the deliver seam runs the result on the
+        reactor's side, after the rows are committed.
+        """
+        delivered: list[Callable[[], None]] = []
+        q = synchronousQueue(self.path, self.clock, deliver=delivered.append)
+        d = self.enqueueStart(q)
+        self.assertNoResult(d)
+        self.assertEqual(freshCount(self.path, "messages"), 1)
+        [f] = delivered
+        f()
+        self.successResultOf(d)
+
+    def test_failingOperationIsolated(self) -> None:
+        """
+        An operation that fails inside a batch is rolled back alone; the
+        others in the same transaction commit.
+        """
+        q = synchronousQueue(self.path, self.clock)
+        self.successResultOf(self.enqueueStart(q))
+        [lease] = self.successResultOf(q.claim(self.clock.seconds(), 10))
+        writer = ManualExecutor()
+        q._writer = writer
+        bad = q.record(lease, [Disposition(7, RecipientOutcome(lease.envelope.recipients[0], SMTPReply(250, "2.0.0", "ok")))])
+        good = self.enqueueStart(q)
+        writer.run()
+        self.failureResultOf(bad, ValueError)
+        self.successResultOf(good)
+        self.assertEqual(q.transactions, 1 + 2)
+        self.assertEqual(freshCount(self.path, "messages"), 2)
+
+    def test_leaseLostWritesNothing(self) -> None:
+        """
+        A record refused with L{LeaseLost} leaves no notice behind.
+        """
+        q = synchronousQueue(self.path, self.clock)
+        self.successResultOf(self.enqueueStart(q))
+        [lease] = self.successResultOf(q.claim(self.clock.seconds(), 10))
+        self.successResultOf(q.recover(float("inf")))
+        from mailfw.queue import Notice
+
+        self.failureResultOf(q.record(lease, [], [Notice(makeEnvelope("x@example.org", sender=None), b"n\r\n")]), LeaseLost)
+        self.assertEqual(freshCount(self.path, "messages"), 1)
+
+    def test_diskFull(self) -> None:
+        """
+        A full database fails the commit with L{QueueFull}, stores nothing of
+        that message, and keeps working for messages that fit.
+        """
+        q = synchronousQueue(
+            self.path,
+            self.clock,
+            configureConnection=lambda c: c.execute("PRAGMA max_page_count = 40"),
+            spillThreshold=1 << 30,
+        )
+        self.failureResultOf(self.enqueueStart(q, b"x" * 400_000), QueueFull)
+        self.assertEqual(freshCount(self.path, "messages"), 0)
+        self.successResultOf(self.enqueueStart(q))
+        self.assertEqual(freshCount(self.path, "messages"), 1)
+
+    def test_diskFullInBatch(self) -> None:
+        """
+        When a full disk makes SQLite roll back a whole group commit, only
+        the message that did not fit fails; the others in the batch are
+        committed in a new transaction.
+        """
+        writer = ManualExecutor()
+        q = synchronousQueue(
+            self.path,
+            self.clock,
+            writer=writer,
+            configureConnection=lambda c: c.execute("PRAGMA max_page_count = 40"),
+            spillThreshold=1 << 30,
+        )
+        small = self.enqueueStart(q)
+        big = self.enqueueStart(q, b"x" * 400_000)
+        other = self.enqueueStart(q)
+        writer.run()
+        self.failureResultOf(big, QueueFull)
+        self.successResultOf(small)
+        self.successResultOf(other)
+        self.assertEqual(freshCount(self.path, "messages"), 2)
+
+    def test_spoolFull(self) -> None:
+        """
+        A spool file that cannot be written (no space) fails the commit with
+        L{QueueFull}.
+        """
+        q = synchronousQueue(self.path, self.clock, spillThreshold=10)
+        incoming = q.receive(makeEnvelope("a@example.com"))
+
+        class Full:
+            def write(self, data: bytes) -> int:
+                raise OSError(28, "No space left on device")
+
+            def close(self) -> None:
+                pass
+
+        incoming._file = Full()  # type: ignore[attr-defined]
+        incoming.write(b"y" * 100)
+        self.failureResultOf(incoming.commit(), QueueFull)
+        self.assertEqual(freshCount(self.path, "messages"), 0)
+
+    def test_spillOffTheCallerThread(self) -> None:
+        """
+        A body above the spill threshold is written by the spool executor,
+        not by L{IIncomingMessage.write}, and is stored whole.
+        """
+        spool = ManualExecutor()
+        q = synchronousQueue(self.path, self.clock, spool=spool, spillThreshold=1000)
+        incoming = q.receive(makeEnvelope("a@example.com"))
+        incoming.write(b"a" * 600)
+        self.assertEqual(spool.jobs, [])
+        incoming.write(b"b" * 600)
+        self.assertEqual(len(spool.jobs), 1)
+        for _ in range(10):
+            incoming.write(b"c" * 65536)
+        d = incoming.commit()
+        self.assertNoResult(d)
+        spool.run()
+        queueID = self.successResultOf(d)
+        body = self.successResultOf(q.openBody(queueID))
+        self.assertTrue(verifyObject(IMessageBody, body))
+        with body.open() as f:
+            data = f.read()
+        self.assertEqual(data, b"a" * 600 + b"b" * 600 + b"c" * 655360)
+
+    def test_abortSpilled(self) -> None:
+        """
+        Aborting a spilled message closes its spool file and stores nothing.
+        """
+        q = synchronousQueue(self.path, self.clock, spillThreshold=10)
+        incoming = q.receive(makeEnvelope("a@example.com"))
+        incoming.write(b"z" * 100)
+        spooled = incoming._file  # type: ignore[attr-defined]
+        self.assertIsNotNone(spooled)
+        incoming.abort()
+        self.assertTrue(spooled.closed)
+        self.assertEqual(freshCount(self.path, "messages"), 0)
+
+    def test_blobBodySeekAndSnapshot(self) -> None:
+        """
+        A large body's reader can seek, and keeps reading its snapshot even
+        when the message is deleted meanwhile.
+        """
+        q = synchronousQueue(self.path, self.clock, spillThreshold=100)
+        queueID = self.successResultOf(self.enqueueStart(q, bytes(range(256)) * 40))
+        body = self.successResultOf(q.openBody(queueID))
+        f = body.open()
+        try:
+            f.seek(256 * 39)
+            self.assertEqual(f.read(3), b"\x00\x01\x02")
+            self.assertEqual(self.successResultOf(q.delete(Selector(queueIDs=(queueID,)))), 1)
+            f.seek(0)
+            self.assertEqual(len(f.read()), 256 * 40)
+        finally:
+            f.close()
+        self.assertRaises(KeyError, body.open)
+
+    def test_reopen(self) -> None:
+        """
+        Committed messages and their leases survive closing and reopening
+        (a restart); recovery at start-up returns the old leases.
+        """
+        q = synchronousQueue(self.path, self.clock)
+        queueID = self.successResultOf(self.enqueueStart(q, b"x\r\n", "a@example.com", "b@example.com"))
+        self.successResultOf(q.claim(self.clock.seconds(), 1))
+        self.successResultOf(q.close())
+        self.failureResultOf(q.claim(0, 1), RuntimeError)
+        again = synchronousQueue(self.path, self.clock)
+        self.assertEqual(self.successResultOf(again.recover(float("inf"))), 1)
+        [lease] = self.successResultOf(again.claim(self.clock.seconds(), 10))
+        self.assertEqual((lease.queueID, len(lease.recipients)), (queueID, 2))
+
+    def test_walAndFullSync(self) -> None:
+        """
+        The database is in WAL mode, and queue connections fsync fully.
+        """
+        q = synchronousQueue(self.path, self.clock)
+        self.successResultOf(self.enqueueStart(q))
+        connection = sqlite3.connect(str(self.path))
+        self.assertEqual(connection.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        connection.close()
+        assert q._writerConnection is not None
+        self.assertEqual(q._writerConnection.execute("PRAGMA synchronous").fetchone()[0], 2)
+
+    def test_newerSchemaRefused(self) -> None:
+        """
+        A database made by a newer schema version is refused at open.
+        """
+        synchronousQueue(self.path, self.clock)
+        connection = sqlite3.connect(str(self.path))
+        connection.execute("UPDATE mailfw_schema SET version = 99")
+        connection.commit()
+        connection.close()
+        self.assertRaises(sqlite3.DatabaseError, synchronousQueue, self.path, self.clock)
+
+    def test_queueIDsDistinct(self) -> None:
+        """
+        Default queue IDs are unique and sort by time.
+        """
+        q = synchronousQueue(self.path, self.clock)
+        ids = [q.receive(makeEnvelope("a@example.com")).queueID for _ in range(1000)]
+        self.assertEqual(len(set(ids)), 1000)
+        self.assertEqual(len(ids[0]), 20)
+
+    def test_requiresDeliver(self) -> None:
+        """
+        Without C{deliver}, the clock must be a reactor with
+        C{callFromThread}.
+        """
+        self.assertRaises(TypeError, SQLiteQueue, self.path, self.clock)
+
+
+class SQLiteFromConfigTests(SynchronousTestCase):
+    """
+    L{fromConfig} builds an L{SQLiteQueue} from C{[queue]}.
+    """
+
+    def context(self, dataDir: Path) -> ComponentContext:
+        return ComponentContext(reactor=ThreadedClock(), hostname="mx.example", dataDir=dataDir)
+
+    def test_plugin(self) -> None:
+        """
+        The bundled C{sqlite} plugin opens C{queue.sqlite} in the data
+        directory by default, creating the directory.
+        """
+        dataDir = Path(self.mktemp()) / "data"
+        plugin = findPlugin(IMessageQueueFactory, "sqlite")
+        q = plugin.fromConfig(self.context(dataDir), "queue", {"plugin": "sqlite", "lease_seconds": 60})
+        self.assertIsInstance(q, SQLiteQueue)
+        self.assertTrue((dataDir / "queue.sqlite").exists())
+        self.assertEqual(q.leaseSeconds, 60)
+
+    def test_path(self) -> None:
+        """
+        C{path} is relative to the data directory.
+        """
+        dataDir = Path(self.mktemp())
+        dataDir.mkdir()
+        fromConfig(self.context(dataDir), "queue", {"plugin": "sqlite", "path": "q/x.db", "spill_threshold": 10})
+        self.assertTrue((dataDir / "q" / "x.db").exists())
+
+    def test_bad(self) -> None:
+        """
+        Unknown options and unusable paths are configuration errors.
+        """
+        dataDir = Path(self.mktemp())
+        dataDir.mkdir()
+        self.assertRaises(ConfigError, fromConfig, self.context(dataDir), "queue", {"plugin": "sqlite", "paht": "x"})
+        (dataDir / "dir").mkdir()
+        self.assertRaises(ConfigError, fromConfig, self.context(dataDir), "queue", {"plugin": "sqlite", "path": "dir"})

@@ -1,0 +1,644 @@
+"""
+Tests for L{mailfw.queue._scheduler.Scheduler}, on a L{Clock} with a
+L{MemoryQueue}, a fake router and fake delivery agents.
+"""
+
+from __future__ import annotations
+
+import email
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from mailfw.address import Address
+from mailfw.config import ConfigError, Section
+from mailfw.envelope import Envelope, Recipient, RecipientOutcome, Route, RouteKind, Session
+from mailfw.interfaces import IDeliveryAgent, IMessageBody, IRouter
+from mailfw.queue import RecipientState, Selector
+from mailfw.queue._contract import makeEnvelope
+from mailfw.queue._memory import MemoryQueue
+from mailfw.queue._retry import RetrySchedule
+from mailfw.queue._scheduler import Scheduler, schedulerFromConfig
+from mailfw.reply import SMTPReply
+
+OK = SMTPReply(250, "2.0.0", "ok")
+GREYLISTED = SMTPReply(451, "4.7.1", "greylisted")
+UNREACHABLE = SMTPReply(451, "4.4.1", "connection refused")
+UNKNOWN = SMTPReply(550, "5.1.1", "no such user")
+START = 1000.0
+DAY = 86400.0
+
+
+@implementer(IRouter)
+class FakeRouter:
+    """
+    Routes by domain from a table; other domains go to the C{local} agent.
+    """
+
+    def __init__(self, table: dict[str, Route] | None = None) -> None:
+        self.table = table or {}
+        self.calls: list[tuple[Address, Session | None]] = []
+
+    def route(self, recipient: Address, session: Session | None) -> Deferred[Route]:
+        self.calls.append((recipient, session))
+        route = self.table.get(recipient.domain, Route(RouteKind.LOCAL, agent="local", name="local"))
+        if route.agent == "explode":
+            return fail(RuntimeError("router bug"))
+        return succeed(route)
+
+
+@dataclass
+class Delivery:
+    envelope: Envelope
+    body: bytes
+    nexthop: str | None
+    at: float
+    deferred: Deferred[Sequence[RecipientOutcome]] = field(default_factory=Deferred)
+
+    @property
+    def addresses(self) -> list[str]:
+        return [str(r.address) for r in self.envelope.recipients]
+
+
+@implementer(IDeliveryAgent)
+class FakeAgent:
+    """
+    Records deliveries; answers each recipient with C{reply(address)}, or
+    leaves the answer to the test when C{manual}.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        name: str = "local",
+        reply: Callable[[str], SMTPReply] = lambda address: OK,
+        manual: bool = False,
+    ) -> None:
+        self.name = name
+        self.clock = clock
+        self.reply = reply
+        self.manual = manual
+        self.deliveries: list[Delivery] = []
+        self.active = 0
+        self.mostActive = 0
+        self.error: Exception | None = None
+
+    def deliver(
+        self, envelope: Envelope, body: IMessageBody, nexthop: str | None
+    ) -> Deferred[Sequence[RecipientOutcome]]:
+        with body.open() as f:
+            delivery = Delivery(envelope, f.read(), nexthop, self.clock.seconds())
+        self.deliveries.append(delivery)
+        if self.error is not None:
+            raise self.error
+        if not self.manual:
+            return succeed([RecipientOutcome(r, self.reply(str(r.address))) for r in envelope.recipients])
+        self.active += 1
+        self.mostActive = max(self.mostActive, self.active)
+
+        def done(result: Sequence[RecipientOutcome]) -> Sequence[RecipientOutcome]:
+            self.active -= 1
+            return result
+
+        return delivery.deferred.addCallback(done)
+
+    def answer(self, delivery: Delivery, reply: SMTPReply = OK) -> None:
+        delivery.deferred.callback([RecipientOutcome(r, reply) for r in delivery.envelope.recipients])
+
+
+def runUntilIdle(clock: Clock, until: float = float("inf")) -> None:
+    """
+    Advance C{clock} from one scheduled call to the next until none is left
+    (or the next is after C{until}).
+    """
+    for _ in range(100000):
+        calls = clock.getDelayedCalls()
+        if not calls:
+            return
+        when = min(c.getTime() for c in calls)
+        if when > until:
+            return
+        clock.advance(max(when - clock.seconds(), 0))
+    raise AssertionError("clock never went idle")
+
+
+class SchedulerTestsMixin(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.queue = MemoryQueue(self.clock, leaseSeconds=900)
+        self.router = FakeRouter()
+        self.events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def makeScheduler(self, *agents: FakeAgent, **kw: object) -> Scheduler:
+        options: dict[str, object] = {"schedule": RetrySchedule(jitter=0)}
+        options.update(kw)
+        scheduler = Scheduler(
+            self.clock,
+            self.queue,
+            self.router,
+            {agent.name: agent for agent in agents},
+            "mx.example",
+            **options,  # type: ignore[arg-type]
+        )
+        scheduler.startService()
+        self.addCleanup(lambda: scheduler.running and scheduler.stopService())
+        return scheduler
+
+    def enqueue(self, envelope: Envelope, body: bytes = b"Subject: hi\r\n\r\nhello\r\n") -> str:
+        incoming = self.queue.receive(envelope)
+        incoming.write(body)
+        return self.successResultOf(incoming.commit())
+
+    def notices(self, agent: FakeAgent) -> list[email.message.Message]:
+        return [email.message_from_bytes(d.body) for d in agent.deliveries if d.envelope.sender is None]
+
+
+class SchedulerDeliveryTests(SchedulerTestsMixin):
+    """
+    The scheduler delivers, groups, retries and bounces.
+    """
+
+    def test_verifyFakes(self) -> None:
+        """
+        The fakes provide the interfaces the scheduler uses.
+        """
+        self.assertTrue(verifyObject(IRouter, self.router))
+        self.assertTrue(verifyObject(IDeliveryAgent, FakeAgent(self.clock)))
+
+    def test_deliversNewMail(self) -> None:
+        """
+        A new message is delivered in the same reactor turn it is queued,
+        routed with no session, and leaves the queue.
+        """
+        agent = FakeAgent(self.clock)
+        self.makeScheduler(agent)
+        self.enqueue(makeEnvelope("a@example.com"))
+        self.assertEqual(agent.deliveries, [])
+        self.clock.advance(0)
+        [delivery] = agent.deliveries
+        self.assertEqual((delivery.addresses, delivery.body, delivery.at), (["a@example.com"], b"Subject: hi\r\n\r\nhello\r\n", START))
+        self.assertEqual(self.router.calls, [(Address.parse("a@example.com"), None)])
+        self.assertEqual(self.queue.queueIDs(), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_queuedBeforeStart(self) -> None:
+        """
+        Mail already queued (and leases left by a dead process) is delivered
+        when the scheduler starts.
+        """
+        self.enqueue(makeEnvelope("a@example.com"))
+        self.enqueue(makeEnvelope("b@example.com"))
+        self.successResultOf(self.queue.claim(START, 1))
+        agent = FakeAgent(self.clock)
+        self.makeScheduler(agent)
+        self.assertEqual(sorted(a for d in agent.deliveries for a in d.addresses), ["a@example.com", "b@example.com"])
+
+    def test_groupsByAgentAndNexthop(self) -> None:
+        """
+        Recipients of one message are grouped by (agent, next hop): one
+        delivery per group, with that group's recipients in order.
+        """
+        self.router.table = {
+            "a.example": Route(RouteKind.RELAY, agent="relay", nexthop="a.example"),
+            "a2.example": Route(RouteKind.RELAY, agent="relay", nexthop="a.example"),
+            "b.example": Route(RouteKind.RELAY, agent="relay", nexthop="b.example"),
+        }
+        local, relay = FakeAgent(self.clock), FakeAgent(self.clock, "relay")
+        self.makeScheduler(local, relay)
+        self.enqueue(makeEnvelope("x@a.example", "y@b.example", "z@localhost.example", "w@a2.example", "v@localhost.example"))
+        self.clock.advance(0)
+        self.assertEqual(
+            sorted((d.nexthop or "", d.addresses) for d in relay.deliveries),
+            [("a.example", ["x@a.example", "w@a2.example"]), ("b.example", ["y@b.example"])],
+        )
+        self.assertEqual([d.addresses for d in local.deliveries], [["z@localhost.example", "v@localhost.example"]])
+        self.assertEqual(self.queue.queueIDs(), [])
+
+    def test_fiveDaySchedule(self) -> None:
+        """
+        A recipient that is always deferred is tried at exactly the
+        scheduled times for five days, gets one delay notice after four
+        hours, and then bounces with status 4.4.7.
+        """
+        agent = FakeAgent(self.clock, reply=lambda a: GREYLISTED if a == "a@example.com" else OK)
+        self.makeScheduler(agent)
+        self.enqueue(makeEnvelope("a@example.com"))
+        runUntilIdle(self.clock)
+        attempts = [d.at for d in agent.deliveries if d.envelope.sender is not None]
+        expected = [START, START + 300, START + 900, START + 2100, START + 4500]
+        while expected[-1] + 4000 < START + 5 * DAY:
+            expected.append(expected[-1] + 4000)
+        expected.append(START + 5 * DAY)
+        self.assertEqual(attempts, expected)
+        delayNotice, bounce = self.notices(agent)
+        self.assertEqual(delayNotice["Subject"], "Delayed Mail (still being retried)")
+        [delayAt] = [d.at for d in agent.deliveries if d.envelope.sender is None][:1]
+        self.assertEqual(delayAt, min(t for t in expected if t >= START + 4 * 3600))
+        self.assertEqual(bounce["Subject"], "Undelivered Mail Returned to Sender")
+        status = bounce.get_payload()[1].get_payload()[1]  # type: ignore[index, union-attr]
+        self.assertEqual((status["Action"], status["Status"]), ("failed", "4.4.7"))
+        self.assertEqual(status["Diagnostic-Code"], "smtp; 451 4.7.1 greylisted")
+        self.assertEqual(self.queue.queueIDs(), [])
+
+    def test_retryTimesSurviveDeferredState(self) -> None:
+        """
+        After a deferral the queue holds the attempt count, the reply and
+        the exact next attempt time.
+        """
+        agent = FakeAgent(self.clock, reply=lambda a: GREYLISTED)
+        self.makeScheduler(agent)
+        queueID = self.enqueue(makeEnvelope("a@example.com"))
+        self.clock.advance(0)
+        [r] = self.queue.recipients(queueID)
+        self.assertEqual((r.state, r.attempts, r.nextAttempt, r.lastReply), (RecipientState.READY, 1, START + 300, GREYLISTED))
+        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [START + 300])
+
+    def test_permanentFailureBounces(self) -> None:
+        """
+        A 5xx outcome fails the recipient at once and bounces to the sender
+        with the reply and the remote MTA; the other recipient is delivered.
+        """
+        agent = FakeAgent(self.clock, reply=lambda a: UNKNOWN if a == "bad@example.com" else OK)
+        self.makeScheduler(agent)
+        self.enqueue(makeEnvelope("bad@example.com", "good@example.com"))
+        self.clock.advance(0)
+        [bounce] = self.notices(agent)
+        [notice] = [d for d in agent.deliveries if d.envelope.sender is None]
+        self.assertEqual(notice.addresses, ["sender@example.org"])
+        self.assertIn(b"Diagnostic-Code: smtp; 550 5.1.1 no such user", notice.body)
+        self.assertNotIn(b"good@example.com", notice.body.split(b"message/rfc822")[0])
+        self.assertEqual(self.queue.queueIDs(), [])
+
+    def test_notifyNeverSuppresses(self) -> None:
+        """
+        NOTIFY=NEVER suppresses both the bounce and the delay notice.
+        """
+        agent = FakeAgent(self.clock, reply=lambda a: UNKNOWN if a.startswith("bad") else GREYLISTED)
+        self.makeScheduler(agent)
+        never = frozenset({"NEVER"})
+        self.enqueue(
+            Envelope(
+                Address.parse("sender@example.org"),
+                (Recipient(Address.parse("bad@example.com"), notify=never), Recipient(Address.parse("slow@example.com"), notify=never)),
+            )
+        )
+        runUntilIdle(self.clock)
+        self.assertEqual(self.notices(agent), [])
+        self.assertEqual(self.queue.queueIDs(), [])
+
+    def test_noBounceOfABounce(self) -> None:
+        """
+        A failed message from the null sender is dropped with a log event,
+        not bounced.
+        """
+        agent = FakeAgent(self.clock, reply=lambda a: UNKNOWN)
+        self.makeScheduler(agent)
+        queueID = self.enqueue(makeEnvelope("a@example.com", sender=None))
+        self.clock.advance(0)
+        self.assertEqual(len(agent.deliveries), 1)
+        self.assertEqual(self.queue.queueIDs(), [])
+        [event] = [e for e in self.events if e.get("queueID") == queueID and e["log_level"] == LogLevel.warn]
+        self.assertEqual(event["recipient"], "a@example.com")
+
+    def test_agentFailureDefers(self) -> None:
+        """
+        An agent whose Deferred fails (a bug) gets its recipients deferred
+        with 451 4.3.0, and the failure is logged.
+        """
+        agent = FakeAgent(self.clock)
+        agent.error = ZeroDivisionError("bug")
+        self.makeScheduler(agent)
+        queueID = self.enqueue(makeEnvelope("a@example.com", "b@example.com"))
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        recipients = self.queue.recipients(queueID)
+        self.assertEqual([(r.attempts, r.nextAttempt, r.lastReply.code if r.lastReply else 0, r.lastReply.enhanced if r.lastReply else "") for r in recipients], [(1, START + 300, 451, "4.3.0")] * 2)
+
+    def test_wrongOutcomeCount(self) -> None:
+        """
+        An agent returning the wrong number of outcomes is treated as a
+        failing agent.
+        """
+
+        @implementer(IDeliveryAgent)
+        class Short:
+            name = "local"
+
+            def deliver(self, envelope: Envelope, body: IMessageBody, nexthop: str | None) -> Deferred[Sequence[RecipientOutcome]]:
+                return succeed([])
+
+        scheduler = Scheduler(self.clock, self.queue, self.router, {"local": Short()}, "mx.example")
+        scheduler.startService()
+        queueID = self.enqueue(makeEnvelope("a@example.com"))
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(self.queue.recipients(queueID)[0].lastReply, SMTPReply(451, "4.3.0", "local error in delivery; will retry"))
+
+    def test_routerFailureDefers(self) -> None:
+        """
+        A router that fails defers the recipient with 451 4.3.0.
+        """
+        self.router.table = {"boom.example": Route(RouteKind.RELAY, agent="explode")}
+        self.makeScheduler(FakeAgent(self.clock))
+        queueID = self.enqueue(makeEnvelope("a@boom.example"))
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.queue.recipients(queueID)[0].lastReply.enhanced, "4.3.0")  # type: ignore[union-attr]
+
+    def test_unknownAgentDefers(self) -> None:
+        """
+        A route to an agent that is not configured defers with 451 4.3.5
+        and logs an error, without bouncing.
+        """
+        self.router.table = {"x.example": Route(RouteKind.RELAY, agent="nope")}
+        agent = FakeAgent(self.clock)
+        self.makeScheduler(agent)
+        queueID = self.enqueue(makeEnvelope("a@x.example"))
+        self.clock.advance(0)
+        self.assertEqual(self.queue.recipients(queueID)[0].lastReply.enhanced, "4.3.5")  # type: ignore[union-attr]
+        self.assertEqual(agent.deliveries, [])
+        [event] = [e for e in self.events if e.get("agent") == "nope" and e["log_level"] == LogLevel.error]
+        self.assertEqual(event["queueID"], queueID)
+
+    def test_refusedAtDelivery(self) -> None:
+        """
+        A route refused at delivery time fails the recipient with the
+        route's reply and bounces; a 4xx refusal defers it.
+        """
+        self.router.table = {
+            "gone.example": Route.refuse(SMTPReply(550, "5.1.2", "domain gone")),
+            "later.example": Route.refuse(SMTPReply(450, "4.3.2", "not now")),
+        }
+        agent = FakeAgent(self.clock)
+        self.makeScheduler(agent)
+        queueID = self.enqueue(makeEnvelope("a@gone.example", "b@later.example"))
+        self.clock.advance(0)
+        [bounce] = [d for d in agent.deliveries if d.envelope.sender is None]
+        self.assertIn(b"Status: 5.1.2", bounce.body)
+        [r] = self.queue.recipients(queueID)
+        self.assertEqual((r.index, r.nextAttempt), (1, START + 300))
+
+    def test_successNotice(self) -> None:
+        """
+        A recipient delivered locally that asked for NOTIFY=SUCCESS gets a
+        delivered notice.
+        """
+        agent = FakeAgent(self.clock)
+        self.makeScheduler(agent)
+        self.enqueue(Envelope(Address.parse("sender@example.org"), (Recipient(Address.parse("a@example.com"), notify=frozenset({"SUCCESS"})),)))
+        self.clock.advance(0)
+        [notice] = self.notices(agent)
+        self.assertEqual(notice["Subject"], "Successful Mail Delivery Report")
+
+    def test_routeRecorded(self) -> None:
+        """
+        A deferred recipient's route name is recorded, for C{ETRN #name}.
+        """
+        self.router.table = {"x.example": Route(RouteKind.RELAY, agent="local", nexthop="x.example", name="smart")}
+        self.makeScheduler(FakeAgent(self.clock, reply=lambda a: GREYLISTED))
+        self.enqueue(makeEnvelope("a@x.example"))
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(self.queue.flush(Selector(route="smart"))), 1)
+
+    def test_flushWakes(self) -> None:
+        """
+        A flush makes the scheduler try deferred mail at once.
+        """
+        agent = FakeAgent(self.clock, reply=lambda a: GREYLISTED)
+        self.makeScheduler(agent)
+        self.enqueue(makeEnvelope("a@example.com"))
+        self.clock.advance(0)
+        self.clock.advance(10)
+        agent.reply = lambda a: OK
+        self.successResultOf(self.queue.flush(Selector(domain="example.com")))
+        self.clock.advance(0)
+        self.assertEqual([d.at for d in agent.deliveries], [START, START + 10])
+        self.assertEqual(self.queue.queueIDs(), [])
+
+    def test_delayWarningPerDomain(self) -> None:
+        """
+        A per-domain schedule sets that domain's retry times.
+        """
+        schedule = RetrySchedule(jitter=0, domains=(("fast.example", RetrySchedule(jitter=0, firstRetry=10)),))
+        agent = FakeAgent(self.clock, reply=lambda a: GREYLISTED)
+        self.makeScheduler(agent, schedule=schedule)
+        fast = self.enqueue(makeEnvelope("a@fast.example"))
+        self.clock.advance(0)
+        self.assertEqual(self.queue.recipients(fast)[0].nextAttempt, START + 10)
+
+
+class SchedulerLimitTests(SchedulerTestsMixin):
+    """
+    Concurrency limits, unreachable destinations, timeouts and stopping.
+    """
+
+    def test_concurrencyLimits(self) -> None:
+        """
+        No more than C{maxConcurrent} deliveries run at once, nor more than
+        C{perDestination} to one destination; all complete eventually.
+        """
+        self.router.table = {
+            "a.example": Route(RouteKind.RELAY, agent="relay", nexthop="a.example"),
+            "b.example": Route(RouteKind.RELAY, agent="relay", nexthop="b.example"),
+        }
+        agent = FakeAgent(self.clock, "relay", manual=True)
+        scheduler = self.makeScheduler(agent, maxConcurrent=3, perDestination=2, maxPerDestination=2)
+        for n in range(10):
+            self.enqueue(makeEnvelope(f"u{n}@a.example"))
+            self.enqueue(makeEnvelope(f"u{n}@b.example"))
+        self.clock.advance(0)
+        perDestination: dict[str | None, int] = {}
+        worst: dict[str | None, int] = {}
+        answered = 0
+        while answered < 20:
+            pending = [d for d in agent.deliveries if not d.deferred.called]
+            self.assertLessEqual(len(pending), 3)
+            for d in pending:
+                perDestination[d.nexthop] = perDestination.get(d.nexthop, 0) + 1
+            for hop, count in perDestination.items():
+                worst[hop] = max(worst.get(hop, 0), count)
+            perDestination.clear()
+            agent.answer(pending[0])
+            answered += 1
+            self.clock.advance(0)
+        self.assertEqual(agent.mostActive, 3)
+        self.assertEqual(worst, {"a.example": 2, "b.example": 2})
+        self.assertEqual(self.queue.queueIDs(), [])
+        self.assertEqual(scheduler.deliveries, 0)
+
+    def test_windowGrows(self) -> None:
+        """
+        A destination's window grows after successful deliveries, up to
+        C{maxPerDestination}.
+        """
+        agent = FakeAgent(self.clock)
+        scheduler = self.makeScheduler(agent, perDestination=1, maxPerDestination=3)
+        windows = []
+        for _ in range(6):
+            self.enqueue(makeEnvelope("a@example.com"))
+            self.clock.advance(0)
+            windows.append(scheduler._destinations[("local", None)].window)
+        self.assertEqual(windows, [2, 2, 3, 3, 3, 3])
+
+    def test_deadDestination(self) -> None:
+        """
+        After a connection-level failure, other mail for that destination
+        is deferred without an attempt for a minute; other destinations
+        are unaffected; after the minute it is tried again.
+        """
+        self.router.table = {
+            "down.example": Route(RouteKind.RELAY, agent="relay", nexthop="down.example"),
+        }
+        agent = FakeAgent(self.clock, "relay", reply=lambda a: UNREACHABLE if a.endswith("down.example") else OK)
+        local = FakeAgent(self.clock)
+        self.makeScheduler(agent, local)
+        first = self.enqueue(makeEnvelope("a@down.example"))
+        self.clock.advance(0)
+        self.assertEqual(len(agent.deliveries), 1)
+        self.clock.advance(30)
+        second = self.enqueue(makeEnvelope("b@down.example"))
+        self.enqueue(makeEnvelope("c@example.com"))
+        self.clock.advance(0)
+        self.assertEqual(len(agent.deliveries), 1)
+        self.assertEqual(len(local.deliveries), 1)
+        [r] = self.queue.recipients(second)
+        self.assertEqual((r.attempts, r.lastReply, r.nextAttempt), (1, UNREACHABLE, START + 30 + 300))
+        self.clock.advance(270)
+        self.assertEqual([d.addresses for d in agent.deliveries], [["a@down.example"], ["a@down.example"]])
+        self.assertEqual(self.queue.recipients(first)[0].attempts, 2)
+
+    def test_agentTimeout(self) -> None:
+        """
+        An agent that never answers is given up on after C{leaseSeconds};
+        its recipients are deferred with 451 4.4.1.
+        """
+        agent = FakeAgent(self.clock, manual=True)
+        self.makeScheduler(agent, leaseSeconds=600.0)
+        queueID = self.enqueue(makeEnvelope("a@example.com"))
+        self.clock.advance(0)
+        self.clock.advance(599)
+        self.assertEqual(self.queue.recipients(queueID)[0].state, RecipientState.LEASED)
+        self.clock.advance(1)
+        [r] = self.queue.recipients(queueID)
+        self.assertEqual((r.state, r.lastReply.enhanced if r.lastReply else ""), (RecipientState.READY, "4.4.1"))
+
+    def test_stopWaitsForDeliveries(self) -> None:
+        """
+        Stopping waits for deliveries under way to be recorded, and claims
+        nothing new.
+        """
+        agent = FakeAgent(self.clock, manual=True)
+        scheduler = self.makeScheduler(agent)
+        self.enqueue(makeEnvelope("a@example.com"))
+        self.clock.advance(0)
+        d = scheduler.stopService()
+        self.assertNoResult(d)
+        self.enqueue(makeEnvelope("b@example.com"))
+        self.clock.advance(0)
+        agent.answer(agent.deliveries[0])
+        self.successResultOf(d)
+        self.assertEqual(len(agent.deliveries), 1)
+        self.assertEqual(len(self.queue.queueIDs()), 1)
+
+    def test_stopTimeout(self) -> None:
+        """
+        Stopping gives up waiting after C{stopTimeout}; the lease stays for
+        the next start to recover.
+        """
+        agent = FakeAgent(self.clock, manual=True)
+        scheduler = self.makeScheduler(agent, stopTimeout=5.0, leaseSeconds=3600.0)
+        queueID = self.enqueue(makeEnvelope("a@example.com"))
+        self.clock.advance(0)
+        d = scheduler.stopService()
+        self.clock.advance(5)
+        self.successResultOf(d)
+        self.assertEqual(self.queue.recipients(queueID)[0].state, RecipientState.LEASED)
+
+    def test_claimAhead(self) -> None:
+        """
+        The scheduler leases no more than C{claimAhead} recipients at once,
+        and claims more as deliveries finish.
+        """
+        agent = FakeAgent(self.clock, manual=True)
+        self.makeScheduler(agent, claimAhead=2, maxConcurrent=10)
+        for n in range(5):
+            self.enqueue(makeEnvelope(f"u{n}@example.com"))
+        self.clock.advance(0)
+        self.assertEqual(len(self.successResultOf(self.queue.list(Selector(state=RecipientState.LEASED)))), 2)
+        for _ in range(5):
+            agent.answer([d for d in agent.deliveries if not d.deferred.called][0])
+        self.assertEqual(self.queue.queueIDs(), [])
+
+
+class SchedulerConfigTests(SynchronousTestCase):
+    """
+    L{schedulerFromConfig} reads C{[scheduler]}.
+    """
+
+    def test_fromConfig(self) -> None:
+        """
+        Limits and the retry schedule come from the section; unknown keys are
+        refused.
+        """
+        clock = Clock()
+        queue = MemoryQueue(clock)
+        section = Section("[scheduler]", {"max_concurrent": 7, "per_destination": 2, "first_retry": 60, "dead_time": 10})
+        scheduler = schedulerFromConfig(section, clock, queue, FakeRouter(), {}, "mx.example")
+        self.assertEqual((scheduler.maxConcurrent, scheduler.perDestination, scheduler.deadTime), (7, 2, 10))
+        self.assertEqual(scheduler._schedule.firstRetry, 60)
+        self.assertRaises(
+            ConfigError,
+            schedulerFromConfig,
+            Section("[scheduler]", {"max_concurent": 7}),
+            clock,
+            queue,
+            FakeRouter(),
+            {},
+            "mx.example",
+        )
+
+
+class SchedulerWithSQLiteTests(SchedulerTestsMixin):
+    """
+    The scheduler works the same against the SQLite queue (with its
+    threads replaced by synchronous calls).
+    """
+
+    def test_deliverAndBounce(self) -> None:
+        """
+        Mail in an L{SQLiteQueue} is delivered, the failed recipient
+        bounced, and the bounce delivered in turn.
+        """
+        from pathlib import Path
+
+        from mailfw.queue._sqlite import SQLiteQueue, SynchronousExecutor
+
+        path = Path(self.mktemp())
+        path.mkdir()
+        self.queue = SQLiteQueue(  # type: ignore[assignment]
+            path / "q.sqlite",
+            self.clock,
+            writer=SynchronousExecutor(),
+            reader=SynchronousExecutor(),
+            spool=SynchronousExecutor(),
+            deliver=lambda f: f(),
+        )
+        agent = FakeAgent(self.clock, reply=lambda a: UNKNOWN if a.startswith("bad") else OK)
+        self.makeScheduler(agent)
+        self.enqueue(makeEnvelope("bad@example.com", "good@example.com"))
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.assertEqual(
+            sorted((d.envelope.senderText, tuple(d.addresses)) for d in agent.deliveries),
+            [("", ("sender@example.org",)), ("sender@example.org", ("bad@example.com", "good@example.com"))],
+        )
+        self.assertEqual(self.successResultOf(self.queue.list(Selector())), [])
