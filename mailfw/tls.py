@@ -1,0 +1,105 @@
+"""
+Server TLS settings from C{[tls]}, shared by STARTTLS and implicit TLS.
+
+With no C{[tls]} section mailfw makes a self-signed certificate for its
+hostname in C{DATA_DIR/tls/} on first start, as Debian's Postfix does with
+its "snakeoil" certificate: opportunistic STARTTLS between MTAs encrypts
+without verifying, and submission clients can be told to trust it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from pathlib import Path
+from typing import Any, cast
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from twisted.internet.ssl import CertificateOptions
+from twisted.logger import Logger
+
+from mailfw.config import ConfigError, ServerConfig
+
+__all__ = ["serverTLSOptions", "makeSelfSigned"]
+
+log = Logger()
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+
+
+def serverTLSOptions(config: ServerConfig) -> CertificateOptions:
+    """
+    Load the configured certificate chain and key, or the self-signed pair.
+
+    @raise ConfigError: if the files cannot be read or do not match.
+    """
+    certPath, keyPath = config.certificate, config.privateKey
+    if certPath is None or keyPath is None:
+        certPath = config.dataDir / "tls" / "selfsigned-cert.pem"
+        keyPath = config.dataDir / "tls" / "selfsigned-key.pem"
+        if not certPath.exists() or not keyPath.exists():
+            makeSelfSigned(config.hostname, certPath, keyPath)
+            log.warn(
+                "no [tls] configured: made a self-signed certificate for {hostname} in {path}",
+                hostname=config.hostname,
+                path=str(certPath),
+            )
+    try:
+        chain = _PEM_CERT.findall(certPath.read_bytes())
+        keyPEM = keyPath.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"[tls] cannot read {e.filename}: {e.strerror}") from None
+    if not chain:
+        raise ConfigError(f"[tls] certificate: no PEM certificate in {certPath}")
+    try:
+        certs = [x509.load_pem_x509_certificate(pem) for pem in chain]
+        key = serialization.load_pem_private_key(keyPEM, password=None)
+        # pyOpenSSL deprecates its own X509/PKey wrappers in favour of
+        # cryptography's objects, which Twisted passes through unchanged
+        # (its annotations still name the wrappers).
+        options = CertificateOptions(
+            privateKey=cast(Any, key),
+            certificate=cast(Any, certs[0]),
+            extraCertChain=cast(Any, certs[1:]),
+        )
+        options.getContext()  # checks that the key matches the certificate
+    except Exception as e:
+        raise ConfigError(f"[tls] unusable certificate or key ({certPath}): {e}") from None
+    return options
+
+
+def makeSelfSigned(hostname: str, certPath: Path, keyPath: Path) -> None:
+    """
+    Write a new self-signed certificate for C{hostname}, valid ten years.
+    The key file is readable by its owner only.
+    """
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    certPath.parent.mkdir(parents=True, exist_ok=True)
+    keyBytes = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(keyPath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(keyBytes)
+    certPath.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

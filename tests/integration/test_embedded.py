@@ -1,0 +1,75 @@
+"""
+End to end: the embedded default accepts mail from real clients and
+delivers it into a Maildir.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from email.message import EmailMessage
+
+from tests.integration._server import MailfwProcess, requireTool, waitFor
+
+
+def test_smtplibToMaildir(mailfw: MailfwProcess) -> None:
+    """
+    A message sent with smtplib gets 250 and lands in the recipient's
+    Maildir under the data directory, with a Received: header naming the
+    queue ID.
+    """
+    message = EmailMessage()
+    message["From"] = "alice@example.org"
+    message["To"] = "bob@localhost"
+    message["Subject"] = "hello"
+    message.set_content("Hello Bob.\n.leading dot\n")
+    with mailfw.smtp() as client:
+        refused = client.send_message(message)
+        assert refused == {}
+    waitFor(lambda: mailfw.delivered("bob"), what="delivery to bob's Maildir")
+    [path] = mailfw.delivered("bob")
+    data = path.read_bytes()
+    assert b"Received: from client.test" in data
+    assert b"Subject: hello" in data
+    assert b"\r\n.leading dot\r\n" in data or b"\n.leading dot\n" in data
+
+
+def test_relayRefused(mailfw: MailfwProcess) -> None:
+    """
+    The embedded default is no open relay: a remote recipient is refused.
+    """
+    with mailfw.smtp() as client:
+        client.ehlo()
+        client.mail("alice@example.org")
+        code, _ = client.rcpt("victim@example.net")
+    assert code == 554
+
+
+def test_smtputf8(mailfw: MailfwProcess) -> None:
+    """
+    An internationalised message is accepted with SMTPUTF8 and delivered.
+    """
+    message = EmailMessage()
+    message["From"] = "jörg@example.org"
+    message["To"] = "dörte@localhost"
+    message["Subject"] = "grüße"
+    message.set_content("Grüße\n")
+    with mailfw.smtp() as client:
+        client.send_message(message)  # smtplib adds SMTPUTF8 and BODY=8BITMIME itself
+    waitFor(lambda: mailfw.delivered("dörte"), what="delivery to dörte's Maildir")
+
+
+def test_swaks(mailfw: MailfwProcess) -> None:
+    """
+    swaks, with PIPELINING, delivers a message.
+    """
+    swaks = requireTool("swaks")
+    result = subprocess.run(
+        [
+            swaks, "--server", f"127.0.0.1:{mailfw.smtpPort}", "--pipeline",
+            "--from", "carol@example.org", "--to", "dave@localhost",
+            "--header", "Subject: via swaks", "--helo", "client.test",
+        ],
+        capture_output=True, timeout=60, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    waitFor(lambda: mailfw.delivered("dave"), what="delivery to dave's Maildir")
