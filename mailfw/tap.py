@@ -202,25 +202,29 @@ def buildService(config: ServerConfig, reactor: Any, plugins: Any = None) -> Mul
     queue: IMessageQueue = _build(
         IMessageQueueFactory, "[queue]", context, "queue", config.queue, plugins
     )
-    agents: dict[str, IDeliveryAgent] = {
-        name: _build(IDeliveryAgentFactory, f"[delivery.{name}]", context, name, section, plugins)
-        for name, section in config.delivery.items()
-    }
-    router: IRouter = _build(IRouterFactory, "[routing]", context, "routing", config.routing, plugins)
-    policies: list[IPolicy] = [
-        _build(IPolicyFactory, f"[policy.{name}]", context, name, section, plugins)
-        for name, section in config.policy.items()
-    ]
-    limits = SMTPLimits.fromSection(Section("[smtp]", config.smtp))
-    tlsOptions = serverTLSOptions(config)
+    try:
+        agents: dict[str, IDeliveryAgent] = {
+            name: _build(IDeliveryAgentFactory, f"[delivery.{name}]", context, name, section, plugins)
+            for name, section in config.delivery.items()
+        }
+        router: IRouter = _build(IRouterFactory, "[routing]", context, "routing", config.routing, plugins)
+        policies: list[IPolicy] = [
+            _build(IPolicyFactory, f"[policy.{name}]", context, name, section, plugins)
+            for name, section in config.policy.items()
+        ]
+        limits = SMTPLimits.fromSection(Section("[smtp]", config.smtp))
+        tlsOptions = serverTLSOptions(config)
+        scheduler = schedulerFromConfig(
+            Section("[scheduler]", config.scheduler), reactor, queue, router, agents, config.hostname
+        )
+    except BaseException:
+        queue.close()
+        raise
 
     top = MultiService()
     closer = _QueueCloser(queue)
     closer.setName("queue-closer")
     closer.setServiceParent(top)
-    scheduler = schedulerFromConfig(
-        Section("[scheduler]", config.scheduler), reactor, queue, router, agents, config.hostname
-    )
     scheduler.setServiceParent(top)
 
     for kind in LISTENER_KINDS:
@@ -267,16 +271,32 @@ def buildService(config: ServerConfig, reactor: Any, plugins: Any = None) -> Mul
     return top
 
 
-def checkComponents(config: ServerConfig, plugins: Any = None) -> None:
+def checkComponents(config: ServerConfig, reactor: Any, plugins: Any = None) -> Deferred[None]:
     """
     Build every component of C{config} once, without listening or
     delivering, so that each plugin validates its section
-    (C{mailfw config check}).
+    (C{mailfw config check}).  The data directory is replaced by a
+    temporary one, so that checking creates nothing beside the file.
 
     @raise ConfigError: naming the section that is wrong.
+    @return: fires when the components are closed again.
     """
-    from twisted.internet.testing import MemoryReactorClock
+    import dataclasses
+    import shutil
+    import tempfile
+    from pathlib import Path
 
-    service = buildService(config, MemoryReactorClock(), plugins)
+    scratch = Path(tempfile.mkdtemp(prefix="mailfw-check-"))
+    try:
+        service = buildService(dataclasses.replace(config, dataDir=scratch), reactor, plugins)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     closer = service.getServiceNamed("queue-closer")
-    closer.queue.close()
+    def cleanUp(result: object) -> object:
+        shutil.rmtree(scratch, ignore_errors=True)
+        return result
+
+    d: Deferred[None] = closer.queue.close()
+    d.addBoth(cleanUp)
+    return d

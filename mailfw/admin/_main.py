@@ -134,12 +134,27 @@ def configCommand(args: argparse.Namespace) -> int:
         config = loadConfig(args.config)
     except ConfigError as e:
         raise CommandError(str(e)) from None
+    from twisted.internet.defer import succeed
+    from twisted.internet.task import react
+
     from mailfw.tap import checkComponents
 
+    problems: list[str] = []
+
+    def check(reactor: Any) -> Any:
+        try:
+            return checkComponents(config, reactor)
+        except ConfigError as e:
+            problems.append(str(e))
+            return succeed(None)
+
     try:
-        checkComponents(config)
-    except ConfigError as e:
-        raise CommandError(str(e)) from None
+        react(check)
+    except SystemExit as e:
+        if e.code:
+            raise CommandError("checking the components failed; see the messages above") from None
+    if problems:
+        raise CommandError(problems[0])
     print(f"{args.config or '(embedded default)'}: ok")
     return 0
 
@@ -148,10 +163,11 @@ def makeParser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailfw", description=__doc__.strip().splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("-c", "--config", help="the server's configuration file")
+    where.add_argument("-d", "--data-dir", help="the server's data directory")
+    where.add_argument("--socket", help="the control socket (default DATA_DIR/control.sock)")
     queue = commands.add_parser("queue", help="inspect and steer the running server's queue")
-    queue.add_argument("-c", "--config", help="the server's configuration file")
-    queue.add_argument("-d", "--data-dir", help="the server's data directory")
-    queue.add_argument("--socket", help="the control socket (default DATA_DIR/control.sock)")
     actions = queue.add_subparsers(dest="action", required=True)
     for name, helpText in [
         ("list", "list queued messages (like mailq)"),
@@ -160,13 +176,13 @@ def makeParser() -> argparse.ArgumentParser:
         ("release", "release held recipients"),
         ("delete", "delete matching recipients without notice"),
     ]:
-        action = actions.add_parser(name, help=helpText)
+        action = actions.add_parser(name, help=helpText, parents=[where])
         action.add_argument("ids", nargs="*", metavar="QUEUE_ID")
         action.add_argument("--domain", help="recipient domain; @domain includes subdomains")
         action.add_argument("--sender", help="envelope sender address")
         action.add_argument("--state", choices=["ready", "leased", "hold", "etrn"])
         action.add_argument("--json", action="store_true", help="print JSON")
-    show = actions.add_parser("show", help="show one message's envelope and headers")
+    show = actions.add_parser("show", help="show one message's envelope and headers", parents=[where])
     show.add_argument("id", metavar="QUEUE_ID")
     show.add_argument("--json", action="store_true", help="print JSON")
     queue.set_defaults(run=queueCommand)
