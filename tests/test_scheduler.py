@@ -190,6 +190,34 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         self.assertEqual(self.queue.queueIDs(), [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_agentSeesQueueID(self) -> None:
+        """
+        The envelope given to an agent carries the message's queue ID, so
+        its log events can name it.
+        """
+        agent = FakeAgent(self.clock)
+        self.makeScheduler(agent)
+        queueID = self.enqueue(makeEnvelope("a@example.com"))
+        self.clock.advance(0)
+        self.assertEqual(agent.deliveries[0].envelope.queueID, queueID)
+
+    def test_retryOnTimeWhileTimerIsLater(self) -> None:
+        """
+        A deferral recorded while the scheduler sleeps until a later time
+        (here the delivery's own lease expiry) still gets its retry at the
+        scheduled time, not when the later timer fires.
+        """
+        agent = FakeAgent(self.clock, manual=True)
+        self.makeScheduler(agent)
+        self.enqueue(makeEnvelope("a@example.com"))
+        self.clock.advance(0)
+        [first] = agent.deliveries
+        self.clock.advance(10)
+        agent.answer(first, GREYLISTED)
+        self.clock.advance(0)
+        runUntilIdle(self.clock, until=START + 10 + 300)
+        self.assertEqual([d.at for d in agent.deliveries], [START, START + 10 + 300])
+
     def test_queuedBeforeStart(self) -> None:
         """
         Mail already queued (and leases left by a dead process) is delivered

@@ -266,6 +266,15 @@ class Scheduler(Service):
         self._soon = None
         self._wake()
 
+    def _wakeBy(self, when: float) -> None:
+        """
+        Make sure the scheduler wakes by C{when}: a deferral just recorded
+        may be due before the timer set from the queue's earlier answer.
+        """
+        if self._timer is not None and self._timer.active() and self._timer.getTime() <= when:
+            return
+        self._setTimer(max(0.0, when - self._clock.seconds()))
+
     def _timerFired(self) -> None:
         self._timer = None
         self._wake()
@@ -411,6 +420,13 @@ class Scheduler(Service):
         notices = await self._makeNotices(lease, body, decided)
         try:
             await self._queue.record(lease, decided.dispositions, notices)
+            retries = [
+                d.nextAttempt
+                for d in decided.dispositions
+                if d.nextAttempt is not None and d.outcome.deferred
+            ]
+            if retries:
+                self._wakeBy(min(retries))
         except LeaseLost:
             self.log.warn(
                 "lease on {queueID} was lost before its outcomes were recorded; "
@@ -462,7 +478,11 @@ class Scheduler(Service):
             # It died while this group waited for a slot.
             reply = destination.deadReply or AGENT_TIMEOUT
             return [(qr, route, RecipientOutcome(qr.recipient, reply)) for qr, route in members]
-        envelope = replace(lease.envelope, recipients=tuple(qr.recipient for qr, _ in members))
+        envelope = replace(
+            lease.envelope,
+            recipients=tuple(qr.recipient for qr, _ in members),
+            queueID=lease.queueID,
+        )
         agent = self._agents[agentName]
         try:
             d = maybeDeferred(agent.deliver, envelope, body, nexthop)
