@@ -1,0 +1,126 @@
+"""
+The protocol factories for the three kinds of listener: C{smtp} (an MX on
+port 25), C{submission} (587: STARTTLS, then authentication before MAIL)
+and C{submissions} (465: implicit TLS from an C{ssl:} endpoint).
+
+Each factory counts its connections, in total and per client address, and
+turns away those over the limits with a 421 before any SMTP is spoken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from mailfw.interfaces import IMessageQueue, IPolicy, IRouter
+from mailfw.reply import SMTPReply
+from mailfw.smtp import _replies as R
+from mailfw.smtp._limits import SMTPLimits
+from mailfw.smtp._server import LISTENER_KINDS, SMTPServerProtocol
+
+__all__ = ["SMTPFactory"]
+
+
+class _TurnAway(Protocol):
+    """
+    Says 421 and hangs up: the client is over a connection limit.
+    """
+
+    def __init__(self, hostname: str, reply: SMTPReply) -> None:
+        self._line = f"{reply.code} {hostname} {reply.text}\r\n".encode()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self._line)
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Whatever the client says, it is already being disconnected.
+        """
+
+
+def _clientKey(address: IAddress | None) -> str:
+    host = getattr(address, "host", None)
+    return str(host) if host is not None else str(address)
+
+
+class SMTPFactory(Factory):
+    """
+    Builds an L{SMTPServerProtocol} for each connection of one listener kind.
+
+    @ivar kind: C{"smtp"}, C{"submission"} or C{"submissions"}.
+    @ivar connections: how many connections are open now.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        kind: str,
+        hostname: str,
+        queue: IMessageQueue,
+        router: IRouter,
+        clock: IReactorTime,
+        policies: Sequence[IPolicy] = (),
+        limits: SMTPLimits = SMTPLimits(),
+        tlsOptions: object | None = None,
+    ) -> None:
+        if kind not in LISTENER_KINDS:
+            raise ValueError(f"unknown listener kind {kind!r}; use one of {', '.join(LISTENER_KINDS)}")
+        self.kind = kind
+        self.hostname = hostname
+        self.queue = queue
+        self.router = router
+        self.clock = clock
+        self.policies = tuple(policies)
+        self.limits = limits
+        # Implicit TLS has no STARTTLS to offer.
+        self.tlsOptions = None if kind == "submissions" else tlsOptions
+        self.connections = 0
+        self._perClient: dict[str, int] = {}
+
+    def connectionsFrom(self, address: IAddress) -> int:
+        """
+        How many connections from C{address}'s host are open now.
+        """
+        return self._perClient.get(_clientKey(address), 0)
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        key = _clientKey(addr)
+        if self.connections >= self.limits.maxConnections:
+            self.log.warn("too many connections, turning away {peer}", peer=key)
+            return _TurnAway(self.hostname, R.TOO_MANY_CONNECTIONS)
+        if self._perClient.get(key, 0) >= self.limits.maxConnectionsPerClient:
+            self.log.warn("too many connections from {peer}", peer=key)
+            return _TurnAway(self.hostname, R.TOO_MANY_CONNECTIONS_FROM_CLIENT)
+
+        def opened(protocol: SMTPServerProtocol) -> None:
+            self.connections += 1
+            self._perClient[key] = self._perClient.get(key, 0) + 1
+
+        def closed(protocol: SMTPServerProtocol) -> None:
+            self.connections -= 1
+            left = self._perClient.get(key, 1) - 1
+            if left > 0:
+                self._perClient[key] = left
+            else:
+                self._perClient.pop(key, None)
+
+        protocol = SMTPServerProtocol(
+            self.kind,
+            self.hostname,
+            self.queue,
+            self.router,
+            self.clock,
+            self.policies,
+            self.limits,
+            self.tlsOptions,
+            onOpen=opened,
+            onClose=closed,
+        )
+        protocol.factory = self
+        return protocol

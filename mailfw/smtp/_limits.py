@@ -1,0 +1,117 @@
+"""
+Limits on everything an SMTP client controls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from mailfw.config import ConfigError, Section
+
+__all__ = ["SMTPLimits"]
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name)
+
+
+@dataclass(frozen=True)
+class SMTPLimits:
+    """
+    The server's limits, with defaults suitable for a public MX.
+
+    @ivar maxLineLength: the longest command line, in octets including CRLF
+        (RFC 5321 4.5.3.1.4: 512).
+    @ivar parameterAllowance: extra octets allowed on MAIL and RCPT lines for
+        ESMTP parameters and UTF-8 addresses.  RFC 1869 lets every extension
+        lengthen these lines: SIZE adds 26 (RFC 1870), DSN 100 on MAIL and
+        500 on RCPT (RFC 3461), AUTH= 500 (RFC 4954), and a 256-octet path
+        may grow up to four times in UTF-8 (RFC 6531).  1536 covers all of
+        them at once, so MAIL and RCPT lines may be 2048 octets long.
+    @ivar maxTextLine: the longest line of message text, in octets
+        including CRLF (RFC 5321 4.5.3.1.6: 1000).  A message holding a
+        longer line is read to its end and then refused with 500 5.5.2,
+        because relaying it would break the next hop's limit.  0 disables
+        the check (what Postfix does).
+    @ivar maxMessageSize: the largest message, in octets, advertised with
+        SIZE (RFC 1870) and enforced both on the declared size (at MAIL) and
+        the actual one (at the end of data).
+    @ivar maxRecipients: recipients per transaction (RFC 5321 4.5.3.1.8
+        asks for at least 100); further ones get 452 4.5.3.
+    @ivar idleTimeout: seconds of client silence before 421 4.4.2 and close
+        (RFC 5321 4.5.3.2.7 suggests 5 minutes).
+    @ivar softErrorLimit: after this many error replies (5xx), each further
+        error reply is delayed by C{errorDelay}.
+    @ivar hardErrorLimit: at this many error replies the server says 421
+        4.7.0 instead and hangs up.
+    @ivar errorDelay: seconds, see C{softErrorLimit}.
+    @ivar maxConnectionsPerClient: simultaneous connections from one IP
+        address; more get 421 4.7.0.
+    @ivar maxConnections: simultaneous connections in total per listener
+        factory; more get 421 4.7.0.
+    @ivar maxReceivedHeaders: a message with more C{Received:} headers is
+        refused with 554 5.4.6 (a mail loop; Postfix's C{hopcount_limit}).
+    @ivar policyTimeout: seconds a policy or router call may take before the
+        command gets 451 4.4.3.
+    @ivar maxPendingChecks: how many pipelined RCPT checks may run at once.
+    @ivar maxHeaderBytes: how much of a message's header section is held in
+        memory for the policies and the loop check; a longer header section
+        is passed on, and checked, only up to this size.
+    """
+
+    maxLineLength: int = 512
+    parameterAllowance: int = 1536
+    maxTextLine: int = 1000
+    maxMessageSize: int = 35 * 1024 * 1024
+    maxRecipients: int = 1000
+    idleTimeout: float = 300.0
+    softErrorLimit: int = 10
+    hardErrorLimit: int = 20
+    errorDelay: float = 1.0
+    maxConnectionsPerClient: int = 20
+    maxConnections: int = 1000
+    maxReceivedHeaders: int = 50
+    policyTimeout: float = 60.0
+    maxPendingChecks: int = 100
+    maxHeaderBytes: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        if self.maxLineLength < 512:
+            raise ValueError("maxLineLength must be at least 512 (RFC 5321 4.5.3.1.4)")
+        if self.maxTextLine and self.maxTextLine < 1000:
+            raise ValueError("maxTextLine must be 0 or at least 1000 (RFC 5321 4.5.3.1.6)")
+        if self.hardErrorLimit < 1 or self.softErrorLimit < 0:
+            raise ValueError("error limits must be positive")
+        for f in fields(self):
+            if getattr(self, f.name) < 0:
+                raise ValueError(f"{f.name} must not be negative")
+
+    @property
+    def maxCommandLine(self) -> int:
+        """
+        The longest line read in command mode, in octets including CRLF:
+        MAIL and RCPT lines with their parameter allowance.
+        """
+        return self.maxLineLength + self.parameterAllowance
+
+    @classmethod
+    def fromSection(cls, section: Section) -> SMTPLimits:
+        """
+        Read the C{[smtp]} section: each field under its snake_case name
+        (C{max_message_size}, C{idle_timeout}, ...), all optional.
+
+        @raise ConfigError: for an unknown key, a wrong type or a value the
+            RFCs do not allow.
+        """
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            key = _snake(f.name)
+            if f.type in ("float", float):
+                values[f.name] = section.number(key, f.default, minimum=0)
+            else:
+                values[f.name] = section.integer(key, f.default, minimum=0)
+        section.finish()
+        try:
+            return cls(**values)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise ConfigError(f"{section.title}: {e}") from None

@@ -1,0 +1,1387 @@
+"""
+The SMTP server protocol: RFC 5321 with PIPELINING, SIZE, 8BITMIME,
+ENHANCEDSTATUSCODES, SMTPUTF8, STARTTLS, CHUNKING and DSN.
+
+The protocol is written fresh on L{LineReceiver} (STYLE.md section 7).  It
+keeps three rules that C{twisted.mail.smtp} does not:
+
+  - B{Replies strictly in command order.}  Every reply takes a slot in
+    L{SMTPServerProtocol._slots}; slots are written head first, as soon as
+    the head has its answer.  Pipelined RCPT commands are checked
+    concurrently (their slots wait side by side); any other command that
+    arrives while a slot waits is held, and input is paused, until all
+    earlier replies have been sent, because its meaning depends on them.
+  - B{The body is never read as commands.}  DATA ends only at CRLF.CRLF; a
+    lone CR or LF, an over-long line or an oversized message is read to the
+    real end and refused then.  BDAT chunks are always consumed, also when
+    refused.  Bytes pipelined behind a refused DATA are a synchronization
+    error that closes the connection, since they are probably a body.
+  - B{Nothing sent before STARTTLS survives it.}  The input buffer is
+    dropped and the session reset when TLS starts (RFC 3207 4.2).
+
+Message text is decoded on whole chunks (L{mailfw.smtp._body}) and streamed
+to L{IIncomingMessage.write} as it arrives.  The header section is held
+(up to L{SMTPLimits.maxHeaderBytes}) until it is complete: then the loop
+check runs and the policies' C{checkMessage} is called with it, so that the
+headers a policy adds can still be written above it.  The verdict is
+applied at the end of data, after the whole message has been read.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from enum import Enum
+from typing import Any, ClassVar, cast
+
+import idna
+from twisted.internet.defer import Deferred, TimeoutError, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorTime,
+    ISSLTransport,
+    ITLSTransport,
+)
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+from mailfw.envelope import Envelope, Recipient, RouteKind, Session
+from mailfw.interfaces import IIncomingMessage, IMessageQueue, IPolicy, IRouter
+from mailfw.policy import Verdict
+from mailfw.queue import QueueFull
+from mailfw.reply import SMTPReply
+from mailfw.smtp import _replies as R
+from mailfw.smtp._body import ChunkReader, DotReader
+from mailfw.smtp._limits import SMTPLimits
+from mailfw.smtp._parser import (
+    MailFrom,
+    RcptTo,
+    parseBdat,
+    parseCommandLine,
+    parseDomainArgument,
+    parseMailFrom,
+    parseRcptTo,
+)
+
+__all__ = ["SMTPServerProtocol"]
+
+LISTENER_KINDS = ("smtp", "submission", "submissions")
+
+# Commands of RFC 5321 and common extensions that this server knows but does
+# not offer: 502 rather than 500.  AUTH (issue 7) and ETRN (issue 8) leave
+# this set when they get an entry in SMTPServerProtocol.commands.
+NOT_IMPLEMENTED = frozenset(
+    {"AUTH", "ETRN", "EXPN", "TURN", "ATRN", "SEND", "SOML", "SAML", "VERB", "XCLIENT", "XFORWARD"}
+)
+# Requests of other protocols sent to an SMTP port (cross-protocol attacks,
+# as Postfix's smtpd_forbidden_commands): answered with 421, then closed.
+FORBIDDEN = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELETE"})
+
+_RECEIVED = re.compile(rb"(?:^|\n)received[ \t]*:", re.IGNORECASE)
+_HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
+
+
+class _Mode(Enum):
+    COMMAND = "command"
+    DATA = "data"
+    BDAT = "bdat"
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """
+    What a command gets: a reply, whether to close the connection after it,
+    and further text lines for a multi-line reply.
+    """
+
+    reply: SMTPReply
+    close: bool = False
+    more: tuple[str, ...] = ()
+    plain: bool = False  # never carry the enhanced status code (RFC 2034)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """
+    One reply's place in the output order.
+    """
+
+    answer: _Answer | None = None
+    then: Callable[[_Answer], None] | None = None
+    overlappable: bool = False
+    deferred: Deferred[Any] | None = None
+    cancellable: bool = True
+    penalized: bool = False
+
+
+@dataclass(eq=False)
+class _Transaction:
+    """
+    The state of one mail transaction, from MAIL to the end of data.
+    """
+
+    mail: MailFrom
+    recipients: list[Recipient] = field(default_factory=list)
+    attempted: int = 0
+    bdat: bool = False
+    message: _MessageSink | None = None
+    chunks: ChunkReader | None = None
+
+
+@dataclass(eq=False)
+class _Chunk:
+    """
+    A BDAT chunk being consumed.  With C{error} set its octets are thrown
+    away and the error is the reply.
+    """
+
+    remaining: int
+    last: bool
+    size: int
+    error: SMTPReply | None = None
+
+
+class _SinkState(Enum):
+    COLLECTING = "collecting"  # holding the header section
+    WAITING = "waiting"  # checkMessage is deciding; holding what follows
+    STREAMING = "streaming"  # headers written; text goes straight through
+    DISCARDING = "discarding"  # refused: read to the end, store nothing
+
+
+class _MessageSink:
+    """
+    Takes decoded message text, holds the header section for the loop check
+    and C{checkMessage}, and streams the rest into the queue.
+    """
+
+    def __init__(
+        self,
+        proto: SMTPServerProtocol,
+        incoming: IIncomingMessage,
+        envelope: Envelope,
+        received: bytes,
+    ) -> None:
+        self._proto = proto
+        self._incoming = incoming
+        self.envelope = envelope
+        self._received = received
+        self._limits = proto.limits
+        self._state = _SinkState.COLLECTING
+        self._head = bytearray()
+        self._scanned = 0
+        self._held: list[bytes] = []
+        self._waiters: list[Deferred[None]] = []
+        self._pausing = False
+        self._refusal: _Answer | None = None
+        self._oversize = False
+        self._hops = False
+        self._aborted = False
+        self._tail = b""
+        self._verdict: Deferred[Verdict] | None = None
+        self.committing = False
+        self.size = 0
+
+    @property
+    def queueID(self) -> str:
+        return str(self._incoming.queueID)
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self.size += len(data)
+        state = self._state
+        if state is _SinkState.DISCARDING:
+            return
+        if self.size > self._limits.maxMessageSize:
+            self._oversize = True
+            self._discard()
+            return
+        if state is _SinkState.STREAMING:
+            self._write(data)
+        elif state is _SinkState.WAITING:
+            self._held.append(data)
+        else:
+            self._collect(data)
+
+    def _collect(self, data: bytes) -> None:
+        head = self._head
+        head += data
+        if head.startswith(b"\r\n"):
+            split = 0
+        else:
+            split = head.find(b"\r\n\r\n", max(0, self._scanned - 3))
+            if split >= 0:
+                split += 2
+        self._scanned = len(head)
+        if split >= 0:
+            self._headerComplete(bytes(head[:split]), bytes(head[split:]))
+        elif len(head) > self._limits.maxHeaderBytes:
+            self._headerComplete(bytes(head), b"")
+
+    def _headerComplete(self, header: bytes, rest: bytes) -> None:
+        self._head = bytearray()
+        if len(_RECEIVED.findall(header)) >= self._limits.maxReceivedHeaders:
+            self._hops = True
+            self._discard()
+            return
+        self._state = _SinkState.WAITING
+        self._held = [rest] if rest else []
+        d = self._proto._messageVerdict(self.envelope, header)
+        self._verdict = d
+        d.addCallback(self._applyVerdict, header)
+        if self._state is _SinkState.WAITING:
+            self._pausing = True
+            self._proto._pause("verdict")
+
+    def _applyVerdict(self, verdict: Verdict, header: bytes) -> None:
+        self._verdict = None
+        held, self._held = self._held, []
+        if self._state is _SinkState.WAITING and not self._aborted:
+            refusal = self._proto._refusalFor(verdict)
+            if refusal is not None:
+                self._refusal = refusal
+                self._discard()
+            else:
+                self._state = _SinkState.STREAMING
+                first = b"".join(
+                    [self._received, self._proto._formatHeaders(verdict.headers), header, *held]
+                )
+                self._write(first)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        if self._pausing:
+            self._pausing = False
+            self._proto._unpause("verdict")
+
+    def _write(self, data: bytes) -> None:
+        """
+        Hand C{data} to the queue; a queue that raises refuses the message
+        (451) instead of breaking the connection.
+        """
+        try:
+            self._incoming.write(data)
+        except Exception:
+            self._proto.log.failure("queue write failed for {peer}", peer=self._proto.peer)
+            self._refusal = _Answer(R.LOCAL_ERROR)
+            self._discard()
+            return
+        self._tail = data[-2:] if len(data) >= 2 else (self._tail + data)[-2:]
+
+    def _discard(self) -> None:
+        self._state = _SinkState.DISCARDING
+        self._head = bytearray()
+        self._held = []
+        self.abort()
+
+    def abort(self) -> None:
+        """
+        Forget the message (once; never after the commit has started).
+        """
+        if not self._aborted and not self.committing:
+            self._aborted = True
+            try:
+                self._incoming.abort()
+            except Exception:
+                self._proto.log.failure("queue abort failed for {peer}", peer=self._proto.peer)
+            if self._state is not _SinkState.WAITING:
+                self._state = _SinkState.DISCARDING
+
+    def cancel(self) -> None:
+        """
+        The connection is gone: forget the message and stop waiting for a
+        policy.
+        """
+        self.abort()
+        verdict, self._verdict = self._verdict, None
+        if verdict is not None and not verdict.called:
+            verdict.cancel()
+
+    def _settled(self, ended: bool) -> Deferred[None]:
+        """
+        Fires when no verdict is pending.  At the end of the message
+        (C{ended}) a header section without a body is complete too.
+        """
+        if ended and self._state is _SinkState.COLLECTING:
+            self._headerComplete(bytes(self._head), b"")
+        if self._state is _SinkState.WAITING:
+            d: Deferred[None] = Deferred()
+            self._waiters.append(d)
+            return d
+        return succeed(None)
+
+    def _problem(self, bare: bool, longLine: bool) -> _Answer | None:
+        if self._oversize:
+            return _Answer(R.MESSAGE_TOO_BIG)
+        if bare:
+            return _Answer(R.BAD_LINE_ENDING)
+        if longLine:
+            return _Answer(R.TEXT_LINE_TOO_LONG)
+        if self._hops:
+            return _Answer(R.TOO_MANY_HOPS)
+        return self._refusal
+
+    def check(self, bare: bool, longLine: bool) -> Deferred[_Answer | None]:
+        """
+        After a BDAT chunk that is not the last: the refusal so far, if any.
+        """
+
+        def settled(_: None) -> _Answer | None:
+            problem = self._problem(bare, longLine)
+            if problem is not None:
+                self.abort()
+            return problem
+
+        return self._settled(False).addCallback(settled)
+
+    def finish(self, bare: bool, longLine: bool) -> Deferred[_Answer]:
+        """
+        The message has ended: refuse it, or commit it and say 250 once the
+        queue has made it durable.
+        """
+
+        def settled(_: None) -> Deferred[_Answer] | _Answer:
+            problem = self._problem(bare, longLine)
+            if problem is not None:
+                self.abort()
+                return problem
+            if self.size and self._tail != b"\r\n":
+                # A BDAT message need not end with CRLF; stored ones do.
+                self._write(b"\r\n")
+                if self._refusal is not None:
+                    return self._refusal
+            self.committing = True
+            return maybeDeferred(self._incoming.commit).addCallbacks(
+                self._committed, self._commitFailed
+            )
+
+        return self._settled(True).addCallback(settled)
+
+    def _committed(self, queueID: str) -> _Answer:
+        return _Answer(SMTPReply(250, "2.0.0", f"Ok: queued as {queueID}"))
+
+    def _commitFailed(self, f: Failure) -> _Answer:
+        self.committing = False
+        self.abort()
+        if f.check(QueueFull):
+            self._proto.log.warn(
+                "queue full, message from {peer} deferred", peer=self._proto.peer
+            )
+            return _Answer(R.QUEUE_FULL)
+        self._proto.log.failure("queue commit failed for {peer}", f, peer=self._proto.peer)
+        return _Answer(R.LOCAL_ERROR)
+
+
+class SMTPServerProtocol(LineReceiver):
+    """
+    One SMTP, submission or submissions session.
+
+    @cvar commands: the dispatch table, verb to handler.  Extensions such as
+        AUTH and ETRN add an entry here (a subclass may extend it with
+        C{{**SMTPServerProtocol.commands, "ETRN": ...}}); a table entry wins
+        over L{NOT_IMPLEMENTED}.  Handlers answer with C{_respond} or
+        C{_respondLater}, which keep replies in order.
+    @cvar mailParameters: MAIL parameters an extension checks itself.
+    @ivar limits: the L{SMTPLimits} in force.
+    @ivar peer: the client as C{"host:port"} text, for log events.
+    """
+
+    log = Logger()
+    delimiter = b"\r\n"
+    commands: ClassVar[Mapping[str, Callable[[SMTPServerProtocol, str], None]]]
+    mailParameters: ClassVar[frozenset[str]] = frozenset()
+    """MAIL parameters an extension checks itself (AUTH= with issue 7)."""
+
+    def __init__(
+        self,
+        kind: str,
+        hostname: str,
+        queue: IMessageQueue,
+        router: IRouter,
+        clock: IReactorTime,
+        policies: Sequence[IPolicy] = (),
+        limits: SMTPLimits = SMTPLimits(),
+        tlsOptions: object | None = None,
+        onOpen: Callable[[SMTPServerProtocol], None] | None = None,
+        onClose: Callable[[SMTPServerProtocol], None] | None = None,
+    ) -> None:
+        if kind not in LISTENER_KINDS:
+            raise ValueError(f"unknown listener kind {kind!r}")
+        self.kind = kind
+        self.hostname = hostname
+        self.queue = queue
+        self.router = router
+        self.clock = clock
+        self.policies = tuple(policies)
+        self.limits = limits
+        self.tlsOptions = tlsOptions
+        self.MAX_LENGTH = limits.maxCommandLine
+        self._onOpen = onOpen
+        self._onClose = onClose
+        self.peer = ""
+        self._session = Session(listener=kind, peerHost="")
+        self._transaction: _Transaction | None = None
+        self._mode = _Mode.COMMAND
+        self._buffer = b""
+        self._offset = 0
+        self._discardingLine = False
+        self._slots: deque[_Slot] = deque()
+        self._flushing = False
+        self._stalled: bytes | None = None
+        self._pauseReasons: set[str] = set()
+        self._errors = 0
+        self._penalty: IDelayedCall | None = None
+        self._idle: IDelayedCall | None = None
+        self._refused = False
+        self._closing = False
+        self._closed = False
+        self._dot: DotReader | None = None
+        self._chunk: _Chunk | None = None
+
+    # --- connection ---------------------------------------------------------
+
+    @property
+    def session(self) -> Session:
+        """
+        What the server knows about the client now.
+        """
+        return self._session
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        address = transport.getPeer()
+        host = str(getattr(address, "host", ""))
+        port = getattr(address, "port", 0)
+        port = port if isinstance(port, int) else 0
+        self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        tls = self.kind == "submissions" or ISSLTransport.providedBy(transport)
+        self._session = Session(listener=self.kind, peerHost=host, peerPort=port, tls=tls)
+        self.log.info("connection from {peer} on {listener}", peer=self.peer, listener=self.kind)
+        if self._onOpen is not None:
+            self._onOpen(self)
+        # As a streaming producer the protocol stops reading while the
+        # transport's write buffer is full: a client that pipelines without
+        # reading the replies cannot make the server buffer them all.
+        transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        self._idle = self.clock.callLater(self.limits.idleTimeout, self._idleTimedOut)
+        session = self._session
+        verdict = self._chain(lambda p: p.checkConnection(session), "connect")
+        self._respondLater(verdict.addCallback(self._greeting), cancellable=True)
+
+    def _greeting(self, verdict: Verdict) -> _Answer:
+        refusal = self._refusalFor(verdict)
+        if refusal is None:
+            return _Answer(SMTPReply(220, "", f"{self.hostname} ESMTP"), plain=True)
+        reply = refusal.reply
+        self.log.info(
+            "connection from {peer} refused: {code} {enhanced}",
+            peer=self.peer,
+            code=reply.code,
+            enhanced=reply.enhanced,
+        )
+        if reply.isPermanent and not refusal.close:
+            # RFC 5321 3.1: 554 instead of the greeting, then only QUIT.
+            self._refused = True
+            return _Answer(SMTPReply(554, "", f"{self.hostname} {reply.text}"), plain=True)
+        return _Answer(SMTPReply(421, "", f"{self.hostname} {reply.text}"), True, plain=True)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._closed = True
+        self._closing = True
+        for call in (self._idle, self._penalty):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle = self._penalty = None
+        slots, self._slots = list(self._slots), deque()
+        for slot in slots:
+            if slot.deferred is not None and slot.cancellable and not slot.deferred.called:
+                slot.deferred.cancel()
+        tx, self._transaction = self._transaction, None
+        if tx is not None and tx.message is not None:
+            tx.message.cancel()
+        self.log.info("disconnect from {peer}", peer=self.peer)
+        if self._onClose is not None:
+            onClose, self._onClose = self._onClose, None
+            onClose(self)
+
+    def _close(self) -> None:
+        """
+        Hang up after the replies written so far.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        self.paused = True
+        tx, self._transaction = self._transaction, None
+        if tx is not None and tx.message is not None:
+            tx.message.abort()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _closingReply(self, reply: SMTPReply) -> SMTPReply:
+        """
+        RFC 5321 4.2: a 421 names the server.
+        """
+        return replace(reply, text=f"{self.hostname} {reply.text}")
+
+    def _idleTimedOut(self) -> None:
+        self._idle = None
+        if self._closing:
+            return
+        if self._slots or "verdict" in self._pauseReasons:
+            # We are the slow party (a policy or the queue); not the client.
+            self._idle = self.clock.callLater(self.limits.idleTimeout, self._idleTimedOut)
+            return
+        self.log.info("idle timeout for {peer}", peer=self.peer)
+        self._send(_Answer(self._closingReply(R.TIMEOUT)))
+        if "write" in self._pauseReasons and self.transport is not None:
+            # The client does not read: waiting for the buffer to drain
+            # would keep the connection forever.
+            self._closing = True
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        self._close()
+
+    def _activity(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.limits.idleTimeout)
+
+    # --- input ----------------------------------------------------------------
+
+    def clearLineBuffer(self) -> bytes:
+        """
+        Drop and return everything received but not yet processed.
+        """
+        data = self._buffer[self._offset :]
+        self._buffer, self._offset = b"", 0
+        return data
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Split input into command lines or hand it to the DATA/BDAT reader.
+
+        Unlike L{LineReceiver.dataReceived} this walks the buffer with an
+        offset (no copy of the rest per line), answers an over-long line
+        with 500 and skips it to its CRLF instead of hanging up, and never
+        lets a command line's tail be read as a new command.
+        """
+        if self._closing:
+            return
+        if data:
+            self._activity()
+        if self._busyReceiving:
+            self._buffer += data
+            return
+        self._busyReceiving = True
+        try:
+            if self._offset:
+                self._buffer = self._buffer[self._offset :]
+                self._offset = 0
+            if data:
+                self._buffer += data
+            while not self.paused and not self._closing and self._offset < len(self._buffer):
+                if self._mode is _Mode.COMMAND:
+                    if not self._nextLine():
+                        break
+                else:
+                    chunk = self._buffer[self._offset :] if self._offset else self._buffer
+                    self._buffer, self._offset = b"", 0
+                    self.rawDataReceived(chunk)
+        finally:
+            self._busyReceiving = False
+            if self._offset:
+                self._buffer = self._buffer[self._offset :]
+                self._offset = 0
+
+    def _nextLine(self) -> bool:
+        """
+        Take one command line from the buffer, if there is a whole one.
+        """
+        buf, start = self._buffer, self._offset
+        limit = self.limits.maxCommandLine - 2
+        if self._discardingLine:
+            end = buf.find(b"\r\n", start)
+            if end < 0:
+                # Keep a final CR: it may begin the CRLF that ends the line.
+                self._buffer = b"\r" if buf.endswith(b"\r") else b""
+                self._offset = 0
+                return False
+            self._discardingLine = False
+            self._offset = end + 2
+            return True
+        end = buf.find(b"\r\n", start, start + limit + 2)
+        if end < 0:
+            if len(buf) - start > limit + 1:
+                # No CRLF within the limit: refuse now, skip to the CRLF.
+                self._discardingLine = True
+                self._respond(R.LINE_TOO_LONG)
+                return True
+            return False
+        self._offset = end + 2
+        self.lineReceived(buf[start:end])
+        return True
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._slots and not self._canOverlap(line):
+            # An earlier reply is pending and this command depends on it.
+            self._stalled = line
+            self._pause("stall")
+            return
+        self._dispatch(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._mode is _Mode.DATA:
+            self._dataReceived(data)
+        else:
+            self._bdatReceived(data)
+
+    def _canOverlap(self, line: bytes) -> bool:
+        """
+        Whether C{line} may be processed while earlier replies wait: only a
+        RCPT behind other RCPTs, within the limits.
+        """
+        if line[:4].upper() != b"RCPT" or line[4:5] not in (b" ", b""):
+            return False
+        tx = self._transaction
+        if tx is None or tx.message is not None:
+            return False
+        if self._errors >= self.limits.softErrorLimit:
+            return False
+        pending = len(self._slots)
+        if pending >= self.limits.maxPendingChecks:
+            return False
+        if len(tx.recipients) + pending >= self.limits.maxRecipients:
+            return False
+        return all(slot.overlappable for slot in self._slots)
+
+    def pauseProducing(self) -> None:
+        """
+        The transport's write buffer is full: stop reading commands.
+        """
+        self._pause("write")
+
+    def resumeProducing(self) -> None:
+        """
+        The transport's write buffer has drained: read on.
+        """
+        self._unpause("write")
+
+    def stopProducing(self) -> None:
+        """
+        The transport is going away; L{connectionLost} cleans up.
+        """
+        self._pause("stopped")
+
+    def _pause(self, reason: str) -> None:
+        if not self._pauseReasons and not self._closing and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._pauseReasons.add(reason)
+        self.paused = True
+
+    def _unpause(self, reason: str) -> None:
+        if reason not in self._pauseReasons:
+            return
+        self._pauseReasons.discard(reason)
+        if self._pauseReasons or self._closing:
+            return
+        self.paused = False
+        if self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self.dataReceived(b"")
+
+    # --- output ---------------------------------------------------------------
+
+    def _send(self, answer: _Answer) -> None:
+        if self._closed or self.transport is None:
+            return
+        lines = answer.reply.lines(
+            enhanced=self._session.esmtp and not answer.plain, more=answer.more
+        )
+        self.transport.write(b"".join(line + b"\r\n" for line in lines))
+        self._activity()
+
+    def _respond(
+        self, reply: SMTPReply | _Answer, then: Callable[[_Answer], None] | None = None
+    ) -> None:
+        """
+        Answer the current command, after every earlier reply.
+        """
+        answer = reply if isinstance(reply, _Answer) else _Answer(reply)
+        self._slots.append(_Slot(answer, then, overlappable=True))
+        self._flush()
+
+    def _respondLater(
+        self,
+        d: Deferred[_Answer],
+        then: Callable[[_Answer], None] | None = None,
+        overlappable: bool = False,
+        cancellable: bool = True,
+    ) -> None:
+        """
+        Answer the current command with what C{d} fires with, in order.
+        C{d} must not fail: callers map failures to answers first.
+        """
+        slot = _Slot(None, then, overlappable, d, cancellable)
+        self._slots.append(slot)
+
+        def answered(answer: _Answer) -> None:
+            slot.answer = answer
+            slot.deferred = None
+            self._flush()
+
+        def failed(f: Failure) -> None:
+            if not self._closed:
+                self.log.failure("unexpected failure answering {peer}", f, peer=self.peer)
+                slot.answer = _Answer(R.LOCAL_ERROR)
+                slot.deferred = None
+                self._flush()
+
+        d.addCallbacks(answered, failed)
+
+    def _flush(self) -> None:
+        """
+        Send the answers at the head of the queue, counting errors: past the
+        soft limit each error waits C{errorDelay} first; at the hard limit
+        the server says 421 and hangs up instead.
+        """
+        if self._flushing or self._closing:
+            return
+        self._flushing = True
+        try:
+            while self._slots and not self._closing:
+                slot = self._slots[0]
+                answer = slot.answer
+                if answer is None or (slot.penalized and self._penalty is not None):
+                    break
+                if answer.reply.code >= 500:
+                    if self._errors + 1 >= self.limits.hardErrorLimit:
+                        self.log.info("too many errors from {peer}", peer=self.peer)
+                        answer = _Answer(self._closingReply(R.TOO_MANY_ERRORS), True)
+                    elif (
+                        self._errors + 1 > self.limits.softErrorLimit
+                        and not slot.penalized
+                        and self.limits.errorDelay > 0
+                    ):
+                        slot.penalized = True
+                        self._penalty = self.clock.callLater(
+                            self.limits.errorDelay, self._penaltyServed
+                        )
+                        break
+                    self._errors += 1
+                self._slots.popleft()
+                self._send(answer)
+                if slot.then is not None:
+                    slot.then(answer)
+                if answer.close:
+                    self._close()
+        finally:
+            self._flushing = False
+        if not self._slots and not self._closing:
+            self._drained()
+
+    def _penaltyServed(self) -> None:
+        self._penalty = None
+        self._flush()
+
+    def _drained(self) -> None:
+        """
+        Every reply is out: run the command that was waiting, then read on.
+        """
+        line, self._stalled = self._stalled, None
+        if line is not None:
+            self._dispatch(line)
+            if self._slots or self._closing:
+                return
+        self._unpause("stall")
+
+    # --- policies ---------------------------------------------------------------
+
+    def _chain(
+        self, call: Callable[[IPolicy], Verdict | Deferred[Verdict]], stage: str
+    ) -> Deferred[Verdict]:
+        """
+        Ask the policies in order until one decides; each call has the
+        policy timeout.  Headers of verdicts that let the chain continue are
+        collected.  A failure or timeout becomes a 451 verdict here, so the
+        result never fails.
+        """
+        policies = self.policies
+        headers: list[tuple[str, str]] = []
+
+        def absorb(verdict: object) -> Verdict | None:
+            if not isinstance(verdict, Verdict):
+                raise TypeError(f"policy returned {verdict!r}, not a Verdict")
+            headers.extend(verdict.headers)
+            if verdict.reply is not None or verdict.disconnect:
+                return replace(verdict, headers=tuple(headers))
+            return None
+
+        def step(index: int) -> Deferred[Verdict]:
+            while index < len(policies):
+                policy = policies[index]
+                try:
+                    result = call(policy)
+                except Exception:
+                    return fail()
+                if isinstance(result, Deferred):
+                    if not result.called:
+                        result.addTimeout(self.limits.policyTimeout, self.clock)
+                    return result.addCallback(after, index)
+                decided = absorb(result)
+                if decided is not None:
+                    return succeed(decided)
+                index += 1
+            return succeed(Verdict(headers=tuple(headers)))
+
+        def after(verdict: Verdict, index: int) -> Verdict | Deferred[Verdict]:
+            decided = absorb(verdict)
+            if decided is not None:
+                return decided
+            return step(index + 1)
+
+        return step(0).addErrback(self._verdictFailed, stage)
+
+    def _verdictFailed(self, f: Failure, stage: str) -> Verdict:
+        return Verdict(self._failureReply(f, stage))
+
+    def _failureReply(self, f: Failure, stage: str) -> SMTPReply:
+        """
+        The 451 for a plugin that failed or timed out; logged, never shown.
+        """
+        if self._closed:
+            return R.LOCAL_ERROR
+        if f.check(TimeoutError):
+            self.log.warn(
+                "{stage} check timed out for {peer}", stage=stage, peer=self.peer
+            )
+            return R.POLICY_TIMEOUT
+        self.log.failure("{stage} check failed for {peer}", f, stage=stage, peer=self.peer)
+        return R.LOCAL_ERROR
+
+    def _refusalFor(self, verdict: Verdict) -> _Answer | None:
+        """
+        The answer for a refusing verdict, or C{None} if it accepts.
+        """
+        reply = verdict.reply
+        if reply is None or reply.isPositive:
+            if verdict.disconnect:
+                return _Answer(self._closingReply(R.CLOSING), True)
+            return None
+        return _Answer(reply, verdict.disconnect)
+
+    def _stageAnswer(self, verdict: Verdict, accept: _Answer) -> _Answer:
+        return self._refusalFor(verdict) or accept
+
+    def _messageVerdict(self, envelope: Envelope, header: bytes) -> Deferred[Verdict]:
+        session = self._session
+        return self._chain(lambda p: p.checkMessage(session, envelope, header), "message")
+
+    def _formatHeaders(self, headers: Sequence[tuple[str, str]]) -> bytes:
+        """
+        Header fields added by policies, checked so that no policy can break
+        the header section.
+        """
+        out = []
+        for name, value in headers:
+            if not _HEADER_NAME.match(name) or "\r" in value or "\n" in value:
+                self.log.warn("policy header {name!r} dropped: invalid", name=name)
+                continue
+            out.append(f"{name}: {value}\r\n".encode())
+        return b"".join(out)
+
+    # --- commands -------------------------------------------------------------------
+
+    def _dispatch(self, line: bytes) -> None:
+        if b"\r" in line or b"\n" in line:
+            self._respond(R.BARE_LINE_ENDING_COMMAND)
+            return
+        parsed = parseCommandLine(line)
+        if isinstance(parsed, SMTPReply):
+            self._respond(parsed)
+            return
+        verb, argument = parsed.verb, parsed.argument
+        if self._refused:
+            if verb == "QUIT":
+                self._respond(_Answer(R.GOODBYE, True))
+            else:
+                self._respond(_Answer(R.BAD_SEQUENCE, plain=True))
+            return
+        if verb in FORBIDDEN:
+            self.log.warn("non-SMTP command from {peer}", peer=self.peer)
+            self._respond(_Answer(self._closingReply(R.NOT_AN_SMTP_CLIENT), True))
+            return
+        if verb not in ("MAIL", "RCPT") and len(line) + 2 > self.limits.maxLineLength:
+            self._respond(R.LINE_TOO_LONG)
+            return
+        handler = self.commands.get(verb)
+        if handler is None:
+            self._respond(R.NOT_IMPLEMENTED if verb in NOT_IMPLEMENTED else R.COMMAND_UNRECOGNIZED)
+            return
+        handler(self, argument)
+
+    def extensions(self) -> list[str]:
+        """
+        The EHLO keywords offered now.  Extensions add theirs here.
+        """
+        keywords = [
+            "PIPELINING",
+            f"SIZE {self.limits.maxMessageSize}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+            "CHUNKING",
+            "DSN",
+        ]
+        if self._tlsAvailable():
+            keywords.append("STARTTLS")
+        return keywords
+
+    def _tlsAvailable(self) -> bool:
+        return (
+            self.tlsOptions is not None
+            and not self._session.tls
+            and ITLSTransport.providedBy(self.transport)
+        )
+
+    def _helo(self, argument: str, esmtp: bool) -> None:
+        name = parseDomainArgument(argument)
+        if isinstance(name, SMTPReply):
+            self._respond(_Answer(name, plain=True))
+            return
+        session = replace(self._session, helo=name, esmtp=esmtp)
+        if esmtp:
+            accept = _Answer(
+                SMTPReply(250, "", self.hostname), more=tuple(self.extensions()), plain=True
+            )
+        else:
+            accept = _Answer(SMTPReply(250, "", self.hostname), plain=True)
+
+        def decided(verdict: Verdict) -> _Answer:
+            answer = self._stageAnswer(verdict, accept)
+            return answer if answer is accept else replace(answer, plain=True)
+
+        def then(answer: _Answer) -> None:
+            if answer.reply.isPositive:
+                # RFC 5321 4.1.4: EHLO/HELO also ends any transaction.
+                self._resetTransaction()
+                self._session = session
+
+        d = self._chain(lambda p: p.checkHelo(session, name), "helo").addCallback(decided)
+        self._respondLater(d, then)
+
+    def smtp_EHLO(self, argument: str) -> None:
+        self._helo(argument, esmtp=True)
+
+    def smtp_HELO(self, argument: str) -> None:
+        self._helo(argument, esmtp=False)
+
+    def smtp_MAIL(self, argument: str) -> None:
+        if self._session.helo is None:
+            self._respond(R.NEED_HELO)
+            return
+        if self._transaction is not None:
+            self._respond(R.NESTED_MAIL)
+            return
+        if self.kind == "submission" and self._session.authenticated is None:
+            self._respond(R.NEED_AUTH)
+            return
+        parsed = parseMailFrom(
+            argument, esmtp=self._session.esmtp, extraParameters=self.mailParameters
+        )
+        if isinstance(parsed, SMTPReply):
+            self._respond(parsed)
+            return
+        if parsed.size is not None and parsed.size > self.limits.maxMessageSize:
+            self._respond(R.MESSAGE_TOO_BIG)
+            return
+        session = self._session
+        mail: MailFrom = parsed
+
+        def then(answer: _Answer) -> None:
+            if answer.reply.isPositive:
+                self._transaction = _Transaction(mail)
+            else:
+                self._logRefusal("MAIL", answer.reply, mail)
+
+        d = self._chain(
+            lambda p: p.checkSender(session, mail.sender, mail.parameters), "sender"
+        ).addCallback(self._stageAnswer, _Answer(R.MAIL_OK))
+        self._respondLater(d, then)
+
+    def smtp_RCPT(self, argument: str) -> None:
+        tx = self._transaction
+        if tx is None:
+            self._respond(R.NEED_MAIL if self._session.helo is not None else R.NEED_HELO)
+            return
+        if tx.message is not None:
+            self._respond(R.BAD_SEQUENCE)
+            return
+        parsed = parseRcptTo(
+            argument, self.hostname, esmtp=self._session.esmtp, smtputf8=tx.mail.smtputf8
+        )
+        tx.attempted += 1
+        if isinstance(parsed, SMTPReply):
+            self._respond(parsed)
+            return
+        if len(tx.recipients) >= self.limits.maxRecipients:
+            self._respond(R.TOO_MANY_RECIPIENTS)
+            return
+        recipient = Recipient(parsed.address, parsed.notify, parsed.orcpt)
+
+        def then(answer: _Answer) -> None:
+            if self._transaction is not tx:
+                return
+            if answer.reply.isPositive:
+                if all(r.address != recipient.address for r in tx.recipients):
+                    tx.recipients.append(recipient)
+            else:
+                self._logRefusal("RCPT", answer.reply, tx.mail, recipient)
+
+        d = self._checkRecipient(parsed, recipient, tx)
+        self._respondLater(d, then, overlappable=True)
+
+    def _checkRecipient(
+        self, parsed: RcptTo, recipient: Recipient, tx: _Transaction
+    ) -> Deferred[_Answer]:
+        """
+        Route the recipient, then ask the policies.  The bare
+        C{<postmaster>} of RFC 5321 4.5.1 is always accepted, and so is
+        postmaster at a local domain whatever the policies say.
+        """
+        accept = _Answer(R.RCPT_OK)
+        if parsed.postmaster:
+            return succeed(accept)
+        session = self._session
+        envelope = self._envelope(tx)
+        routed: Deferred[Any] = maybeDeferred(self.router.route, recipient.address, session)
+        if not routed.called:
+            routed.addTimeout(self.limits.policyTimeout, self.clock)
+
+        def afterRoute(route: Any) -> Deferred[_Answer] | _Answer:
+            if route.kind is RouteKind.REFUSE:
+                reply = route.reply
+                if reply is None or reply.isPositive:
+                    reply = SMTPReply(550, "5.1.1", "Recipient address rejected")
+                return _Answer(reply)
+            if route.kind is RouteKind.LOCAL and recipient.address.localpart.lower() == "postmaster":
+                return accept
+            return self._chain(
+                lambda p: p.checkRecipient(session, envelope, recipient), "recipient"
+            ).addCallback(self._stageAnswer, accept)
+
+        def failed(f: Failure) -> _Answer:
+            return _Answer(self._failureReply(f, "route"))
+
+        return routed.addCallbacks(afterRoute, failed)
+
+    def _envelope(self, tx: _Transaction) -> Envelope:
+        mail = tx.mail
+        session = self._session
+        return Envelope(
+            sender=mail.sender,
+            recipients=tuple(tx.recipients),
+            ret=mail.ret,
+            envid=mail.envid,
+            body=mail.body,
+            smtputf8=mail.smtputf8,
+            size=mail.size,
+            helo=session.helo or "",
+            peerHost=session.peerHost,
+            authenticated=session.authenticated,
+            arrival=self.clock.seconds(),
+        )
+
+    def _startMessage(self, tx: _Transaction) -> SMTPReply | None:
+        """
+        Open the message in the queue; C{None} when that worked.
+        """
+        envelope = self._envelope(tx)
+        try:
+            incoming = self.queue.receive(envelope)
+            queueID = str(incoming.queueID)
+        except Exception:
+            self.log.failure("queue refused a new message from {peer}", peer=self.peer)
+            return R.LOCAL_ERROR
+        tx.message = _MessageSink(self, incoming, envelope, self._receivedHeader(queueID, envelope))
+        return None
+
+    def _receivedHeader(self, queueID: str, envelope: Envelope) -> bytes:
+        """
+        The RFC 5321 4.4 trace header, with the protocol names of RFC 3848
+        and RFC 6531.
+        """
+        session = self._session
+        helo = session.helo or "unknown"
+        if not envelope.smtputf8 and not helo.isascii():
+            try:
+                helo = idna.encode(helo, uts46=True).decode("ascii")
+            except idna.IDNAError:
+                helo = "invalid"
+        host = session.peerHost
+        if host:
+            literal = f"[IPv6:{host}]" if ":" in host else f"[{host}]"
+            origin = f"from {helo} ({literal})"
+        else:
+            origin = f"from {helo}"
+        suffix = ("S" if session.tls else "") + ("A" if session.authenticated else "")
+        if envelope.smtputf8:
+            protocol = "UTF8SMTP" + suffix
+        elif session.esmtp:
+            protocol = "ESMTP" + suffix
+        else:
+            protocol = "SMTP"
+        when = format_datetime(datetime.fromtimestamp(self.clock.seconds(), UTC))
+        lines = [f"Received: {origin}", f"\tby {self.hostname} with {protocol} id {queueID}"]
+        if len(envelope.recipients) == 1:
+            lines.append(f"\tfor <{envelope.recipients[0].address}>; {when}")
+        else:
+            lines[-1] += f"; {when}"
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+    def _refuseData(self, reply: SMTPReply) -> None:
+        """
+        Refuse DATA.  Octets already pipelined behind it would be read as
+        commands, but they are probably the body (RFC 2920 3.1 forbids
+        sending them), so that is a synchronization error.
+        """
+        self._respond(reply)
+        if self._offset < len(self._buffer):
+            self.log.warn("octets pipelined after refused DATA from {peer}", peer=self.peer)
+            self._respond(_Answer(R.SYNCHRONIZATION, True))
+
+    def smtp_DATA(self, argument: str) -> None:
+        tx = self._transaction
+        if argument:
+            self._refuseData(R.NO_PARAMETERS)
+            return
+        if tx is None:
+            self._refuseData(R.NEED_MAIL if self._session.helo is not None else R.NEED_HELO)
+            return
+        if tx.bdat:
+            self._refuseData(R.DATA_AFTER_BDAT)
+            return
+        if not tx.recipients:
+            self._refuseData(R.NO_VALID_RECIPIENTS if tx.attempted else R.NEED_RCPT)
+            return
+        problem = self._startMessage(tx)
+        if problem is not None:
+            self._refuseData(problem)
+            return
+
+        def then(answer: _Answer) -> None:
+            self._dot = DotReader(self.limits.maxTextLine)
+            self._mode = _Mode.DATA
+
+        self._respond(R.START_DATA, then)
+
+    def _dataReceived(self, data: bytes) -> None:
+        dot, tx = self._dot, self._transaction
+        assert dot is not None and tx is not None and tx.message is not None
+        text, rest = dot.feed(data)
+        tx.message.write(text)
+        if rest is None:
+            return
+        self._mode = _Mode.COMMAND
+        self._dot = None
+        self._buffer = rest + self._buffer
+        self._offset = 0
+        self._endMessage(tx, tx.message.finish(dot.bareLineEnding, dot.lineTooLong))
+
+    def _endMessage(self, tx: _Transaction, d: Deferred[_Answer]) -> None:
+        message = tx.message
+        assert message is not None
+
+        def logged(answer: _Answer) -> _Answer:
+            # Logged as soon as known, also if the client has gone meanwhile.
+            reply = answer.reply
+            if reply.code == 250:
+                self.log.info(
+                    "accepted {queueID} from {sender} for {count} recipients "
+                    "({size} octets) from {peer}",
+                    queueID=message.queueID,
+                    sender="" if tx.mail.sender is None else str(tx.mail.sender),
+                    count=len(message.envelope.recipients),
+                    size=message.size,
+                    peer=self.peer,
+                )
+            else:
+                self._logRefusal("DATA", reply, tx.mail, queueID=message.queueID)
+            return answer
+
+        def then(answer: _Answer) -> None:
+            if self._transaction is tx:
+                self._transaction = None
+
+        self._respondLater(d.addCallback(logged), then, cancellable=False)
+
+    def smtp_BDAT(self, argument: str) -> None:
+        parsed = parseBdat(argument)
+        if isinstance(parsed, SMTPReply):
+            # The chunk's length is unknown, so its octets cannot be skipped.
+            self._respond(_Answer(parsed, True))
+            return
+        tx = self._transaction
+        error: SMTPReply | None = None
+        if tx is None:
+            error = R.NEED_MAIL if self._session.helo is not None else R.NEED_HELO
+        elif not tx.recipients:
+            error = R.NO_VALID_RECIPIENTS if tx.attempted else R.NEED_RCPT
+        elif tx.message is None:
+            error = self._startMessage(tx)
+            if error is None:
+                tx.bdat = True
+                tx.chunks = ChunkReader(self.limits.maxTextLine)
+        self._chunk = _Chunk(parsed.size, parsed.last, parsed.size, error)
+        if parsed.size:
+            self._mode = _Mode.BDAT
+        else:
+            self._endChunk()
+
+    def _bdatReceived(self, data: bytes) -> None:
+        chunk, tx = self._chunk, self._transaction
+        assert chunk is not None
+        take = data[: chunk.remaining]
+        chunk.remaining -= len(take)
+        if chunk.error is None and tx is not None and tx.message is not None:
+            assert tx.chunks is not None
+            tx.message.write(tx.chunks.feed(take))
+        if chunk.remaining == 0:
+            self._mode = _Mode.COMMAND
+            self._buffer = data[len(take) :] + self._buffer
+            self._offset = 0
+            self._endChunk()
+
+    def _endChunk(self) -> None:
+        chunk, self._chunk = self._chunk, None
+        assert chunk is not None
+        tx = self._transaction
+        if chunk.error is not None:
+            self._respond(chunk.error)
+            return
+        assert tx is not None and tx.message is not None and tx.chunks is not None
+        message, reader = tx.message, tx.chunks
+        if chunk.last:
+            message.write(reader.finish())
+            self._endMessage(tx, message.finish(reader.bareLineEnding, reader.lineTooLong))
+            return
+        ok = _Answer(SMTPReply(250, "2.0.0", f"Ok: {chunk.size} octets received"))
+
+        def checked(problem: _Answer | None) -> _Answer:
+            return ok if problem is None else problem
+
+        def then(answer: _Answer) -> None:
+            if not answer.reply.isPositive and self._transaction is tx:
+                # RFC 3030 2: a refused chunk fails the transaction.
+                self._transaction = None
+                self._logRefusal("BDAT", answer.reply, tx.mail, queueID=message.queueID)
+
+        d = message.check(reader.bareLineEnding, reader.lineTooLong).addCallback(checked)
+        self._respondLater(d, then, cancellable=False)
+
+    def smtp_RSET(self, argument: str) -> None:
+        if argument:
+            self._respond(R.NO_PARAMETERS)
+            return
+        self._resetTransaction()
+        self._respond(R.OK)
+
+    def _resetTransaction(self) -> None:
+        tx, self._transaction = self._transaction, None
+        if tx is not None and tx.message is not None:
+            tx.message.abort()
+
+    def smtp_NOOP(self, argument: str) -> None:
+        self._respond(R.OK)
+
+    def smtp_HELP(self, argument: str) -> None:
+        self._respond(R.HELP)
+
+    def smtp_VRFY(self, argument: str) -> None:
+        if not argument:
+            self._respond(SMTPReply(501, "5.5.4", "Syntax: VRFY address"))
+            return
+        self._respond(R.VRFY)
+
+    def smtp_QUIT(self, argument: str) -> None:
+        if argument:
+            self._respond(R.NO_PARAMETERS)
+            return
+        self._respond(_Answer(R.GOODBYE, True))
+
+    def smtp_STARTTLS(self, argument: str) -> None:
+        if argument:
+            self._respond(R.NO_PARAMETERS)
+            return
+        if self._session.tls:
+            self._respond(R.TLS_ACTIVE)
+            return
+        tls = ITLSTransport(self.transport, None)
+        if self.tlsOptions is None or tls is None:
+            self._respond(R.TLS_NOT_AVAILABLE)
+            return
+        if self._session.helo is None:
+            self._respond(R.NEED_HELO)
+            return
+        if self._transaction is not None:
+            self._respond(R.STARTTLS_IN_TRANSACTION)
+            return
+
+        def then(answer: _Answer) -> None:
+            discarded = self.clearLineBuffer()
+            if discarded:
+                self.log.warn(
+                    "discarded {count} octets pipelined after STARTTLS from {peer}",
+                    count=len(discarded),
+                    peer=self.peer,
+                )
+            self._session = replace(self._session, helo=None, esmtp=False, tls=True)
+            self._resetTransaction()
+            tls.startTLS(cast(Any, self.tlsOptions))
+            self.log.info("TLS started for {peer}", peer=self.peer)
+
+        self._respond(R.TLS_READY, then)
+
+    # --- logging ------------------------------------------------------------------------
+
+    def _logRefusal(
+        self,
+        stage: str,
+        reply: SMTPReply,
+        mail: MailFrom,
+        recipient: Recipient | None = None,
+        queueID: str = "",
+    ) -> None:
+        self.log.info(
+            "refused {stage} from {peer}: {code} {enhanced} "
+            "sender=<{sender}> recipient=<{recipient}> queueID={queueID}",
+            stage=stage,
+            peer=self.peer,
+            code=reply.code,
+            enhanced=reply.enhanced,
+            sender="" if mail.sender is None else str(mail.sender),
+            recipient="" if recipient is None else str(recipient.address),
+            queueID=queueID,
+        )
+
+
+SMTPServerProtocol.commands = {
+    "EHLO": SMTPServerProtocol.smtp_EHLO,
+    "HELO": SMTPServerProtocol.smtp_HELO,
+    "MAIL": SMTPServerProtocol.smtp_MAIL,
+    "RCPT": SMTPServerProtocol.smtp_RCPT,
+    "DATA": SMTPServerProtocol.smtp_DATA,
+    "BDAT": SMTPServerProtocol.smtp_BDAT,
+    "RSET": SMTPServerProtocol.smtp_RSET,
+    "NOOP": SMTPServerProtocol.smtp_NOOP,
+    "HELP": SMTPServerProtocol.smtp_HELP,
+    "VRFY": SMTPServerProtocol.smtp_VRFY,
+    "QUIT": SMTPServerProtocol.smtp_QUIT,
+    "STARTTLS": SMTPServerProtocol.smtp_STARTTLS,
+}
