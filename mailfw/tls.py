@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from mailfw.config import ConfigError, ServerConfig
 
-__all__ = ["serverTLSOptions", "makeSelfSigned"]
+__all__ = ["makeSelfSigned", "selfSignedCertificate", "serverTLSOptions"]
 
 log = Logger()
 
@@ -70,10 +70,10 @@ def serverTLSOptions(config: ServerConfig) -> CertificateOptions:
     return options
 
 
-def makeSelfSigned(hostname: str, certPath: Path, keyPath: Path) -> None:
+def selfSignedCertificate(hostname: str, days: int = 3650) -> tuple[Any, Any]:
     """
-    Write a new self-signed certificate for C{hostname}, valid ten years.
-    The key file is readable by its owner only.
+    A new P-256 key and a self-signed certificate for C{hostname} (as
+    C{cryptography} objects).
     """
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -89,10 +89,19 @@ def makeSelfSigned(hostname: str, certPath: Path, keyPath: Path) -> None:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=3650))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
         .sign(key, hashes.SHA256())
     )
+    return key, cert
+
+
+def makeSelfSigned(hostname: str, certPath: Path, keyPath: Path) -> None:
+    """
+    Write a new self-signed certificate for C{hostname}, valid ten years.
+    The key file is readable by its owner only.
+    """
+    key, cert = selfSignedCertificate(hostname)
     certPath.parent.mkdir(parents=True, exist_ok=True)
     keyBytes = key.private_bytes(
         serialization.Encoding.PEM,

@@ -6,21 +6,17 @@ C{smtplib}) run in a thread with bounded timeouts.
 
 from __future__ import annotations
 
-import datetime
 import smtplib
 import socket
 import ssl
 from typing import Any, cast
 
 import pytest_twisted  # type: ignore[import-untyped]
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.threads import deferToThread
 
 from mailfw.smtp import SMTPFactory
+from mailfw.tls import selfSignedCertificate
 from tests._smtpdoubles import HOSTNAME, DictRouter, RecordingQueue
 
 TIMEOUT = 10.0
@@ -30,19 +26,7 @@ def selfSignedOptions() -> CertificateOptions:
     """
     Server TLS options with a new self-signed certificate.
     """
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOSTNAME)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    key, cert = selfSignedCertificate(HOSTNAME, days=1)
     return CertificateOptions(privateKey=cast(Any, key), certificate=cast(Any, cert))
 
 
