@@ -197,6 +197,29 @@ class IMessageQueue(Interface):
         """
 
 
+class IDestinationSlots(Interface):
+    """
+    Optional for a queue shared by several nodes: per-destination
+    connection limits that hold for the whole cluster, so ten nodes do not
+    open ten times the connections to one mail exchanger.  The scheduler
+    uses it when its queue provides it.
+    """
+
+    def acquireDestination(destination: str, limit: int) -> Deferred[bool]:
+        """
+        Take one of the C{limit} cluster-wide slots of C{destination}
+        (C{"agent:nexthop"}).
+
+        @return: C{True} when this node now holds a slot (give it back with
+            L{releaseDestination}), C{False} when all are taken.
+        """
+
+    def releaseDestination(destination: str) -> Deferred[None]:
+        """
+        Give back one slot that L{acquireDestination} gave this node.
+        """
+
+
 class IMessageQueueFactory(INamedPlugin):
     """
     A plugin that builds the queue from C{[queue]}.

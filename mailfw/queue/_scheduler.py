@@ -76,7 +76,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence, TypeVar, cast
 
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet import error as _error
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
@@ -86,7 +86,13 @@ from twisted.python.failure import Failure
 
 from mailfw.config import Section
 from mailfw.envelope import Recipient, RecipientOutcome, Route, RouteKind
-from mailfw.interfaces import IDeliveryAgent, IMessageBody, IMessageQueue, IRouter
+from mailfw.interfaces import (
+    IDeliveryAgent,
+    IDestinationSlots,
+    IMessageBody,
+    IMessageQueue,
+    IRouter,
+)
 from mailfw.queue._dsn import NoticeWriter, RecipientReport, readReturned
 from mailfw.queue._model import Disposition, Lease, LeaseLost, Notice, QueuedRecipient, QueueFull
 from mailfw.queue._retry import RetrySchedule
@@ -102,6 +108,8 @@ hop at all."""
 
 AGENT_FAILED = SMTPReply(451, "4.3.0", "local error in delivery; will retry")
 AGENT_TIMEOUT = SMTPReply(451, "4.4.1", "delivery timed out; will retry")
+SHARED_SLOT_TRIES = 30
+CLUSTER_BUSY = SMTPReply(451, "4.4.5", "destination busy on other nodes; will retry")
 ROUTE_FAILED = SMTPReply(451, "4.3.0", "routing error; will retry")
 UNKNOWN_AGENT = SMTPReply(451, "4.3.5", "delivery configuration error; will retry")
 EXPIRED = SMTPReply(554, "4.4.7", "delivery time expired")
@@ -321,8 +329,8 @@ class Scheduler(Service):
 
     def _claimFailed(self, failure: Failure) -> None:
         self._claiming = False
-        self.log.failure("claiming from the queue failed; retrying in a minute", failure)
-        self._setTimer(60.0)
+        self.log.failure("claiming from the queue failed; retrying in 10 seconds", failure)
+        self._setTimer(10.0)
 
     def _sleep(self) -> None:
         def due(when: float | None) -> None:
@@ -451,7 +459,21 @@ class Scheduler(Service):
         if destination.deadUntil <= self._clock.seconds():
             await self._acquire(destination)
             try:
-                return await self._deliverNow(lease, key, members, body, destination)
+                if not IDestinationSlots.providedBy(self._queue):
+                    return await self._deliverNow(lease, key, members, body, destination)
+                shared = IDestinationSlots(self._queue)
+                slot = f"{agentName}:{nexthop or ''}"
+                if not await self._acquireShared(shared, slot, destination.window):
+                    return [
+                        (qr, route, RecipientOutcome(qr.recipient, CLUSTER_BUSY))
+                        for qr, route in members
+                    ]
+                try:
+                    return await self._deliverNow(lease, key, members, body, destination)
+                finally:
+                    shared.releaseDestination(slot).addErrback(
+                        lambda f: self.log.failure("releasing slot {nexthop} failed", f, nexthop=slot)
+                    )
             finally:
                 self._release(key, destination)
         reply = destination.deadReply or AGENT_TIMEOUT
@@ -464,6 +486,20 @@ class Scheduler(Service):
             enhanced=reply.enhanced,
         )
         return [(qr, route, RecipientOutcome(qr.recipient, reply)) for qr, route in members]
+
+    async def _acquireShared(self, shared: IDestinationSlots, slot: str, limit: int) -> bool:
+        """
+        Wait (a bounded time) for a cluster-wide slot of C{slot}.
+        """
+        for _ in range(SHARED_SLOT_TRIES):
+            try:
+                if await shared.acquireDestination(slot, limit):
+                    return True
+            except Exception:
+                self.log.failure("taking a cluster slot for {nexthop} failed", nexthop=slot)
+                return False
+            await task.deferLater(self._clock, 1.0)
+        return False
 
     async def _deliverNow(
         self,

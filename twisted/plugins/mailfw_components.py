@@ -11,6 +11,9 @@ from mailfw.plugin import LazyComponent
 
 sqliteQueue = LazyComponent(IMessageQueueFactory, "sqlite", "mailfw.queue._sqlite:fromConfig")
 memoryQueue = LazyComponent(IMessageQueueFactory, "memory", "mailfw.queue._memory:fromConfig")
+postgresQueue = LazyComponent(
+    IMessageQueueFactory, "postgresql", "mailfw.queue._postgres:fromConfig"
+)
 
 staticRouter = LazyComponent(IRouterFactory, "static", "mailfw.routing._static:fromConfig")
 

@@ -1,0 +1,1339 @@
+"""
+The queue several nodes share: PostgreSQL through psycopg 3 and
+L{twisted.enterprise.adbapi}, on Twisted's default reactor.
+
+Tables
+======
+
+The tables and states of L{mailfw.queue._schema} (the same as the SQLite
+backend's), with the body column as C{BYTEA} stored uncompressed and out of
+line (C{STORAGE EXTERNAL}) so that a large body can be read in slices, plus
+two tables of its own:
+
+  - C{mailfw_nodes}: one row per running node (its name, when it last
+    beat, how often it beats).
+  - C{destination_leases}: delivery slots per destination, numbered below
+    the destination's limit, each held by one node until it releases it or
+    its expiry passes; the primary key (destination, slot) is what keeps
+    the limit across nodes.
+
+The schema is created or migrated at start-up (L{initialiseDatabase}) under
+an advisory lock, so nodes starting together do not race.
+
+Leases
+======
+
+L{PostgresQueue.claim} selects due recipients with C{FOR UPDATE SKIP
+LOCKED} (so nodes claiming at the same time never wait for or take each
+other's rows), and marks them leased with the node's name, a fresh random
+token and an expiry.  L{PostgresQueue.record} locks the rows and writes
+only if every one still carries the lease's token, else fails with
+L{LeaseLost}: a node that stalled cannot overwrite newer state.  Expired
+leases are taken over by any node's claim or L{PostgresQueue.recover}.
+
+Each node beats every C{heartbeatSeconds}.  A node that has not beaten for
+three of its intervals is dead: the first node to notice returns its
+leases to ready, drops its destination slots and its row, and wakes its own
+scheduler.  Delivery is at least once: a death can duplicate, never lose.
+A node that cannot reach the database fails its claims, so its scheduler
+stops starting deliveries and retries later.
+
+Times are each node's own clock: nodes must keep their clocks in sync (NTP)
+to well within a heartbeat interval.
+
+Durability
+==========
+
+A commit's L{Deferred} fires after C{COMMIT} returned with
+C{synchronous_commit = on}.  The queue ID is chosen before the body arrives
+and inserts are idempotent (C{ON CONFLICT DO NOTHING}); when the connection
+fails around the commit, the queue asks whether the ID is stored (then the
+commit succeeded) and otherwise tries the insert once more before failing.
+
+Bodies larger than C{spillThreshold} are spooled to an unlinked temporary
+file by a spool thread while they arrive, streamed into the database with
+binary C{COPY} in the commit's transaction, and read back in 1 MiB slices
+into a temporary file in a pool thread.
+
+Waking other nodes
+==================
+
+C{flush} and C{release} (ETRN, C{mailfw queue flush/release}) send
+C{NOTIFY mailfw_due}; every node listens on a connection of its own in a
+thread and calls its L{notifyDue} callbacks.  New mail does not notify: the
+node that received it delivers it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import struct
+import tempfile
+import threading
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, Mapping, Sequence, TypeVar
+
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailfw.config import ComponentContext, ConfigError, Section
+from mailfw.envelope import Envelope
+from mailfw.interfaces import IDestinationSlots, IIncomingMessage, IMessageBody, IMessageQueue
+from mailfw.queue._memory import MemoryBody
+from mailfw.queue._model import (
+    Disposition,
+    Lease,
+    LeaseLost,
+    Notice,
+    QueuedMessage,
+    QueuedRecipient,
+    QueueFull,
+    RecipientState,
+    Selector,
+)
+from mailfw.queue._schema import (
+    INSERT_MESSAGE,
+    INSERT_RECIPIENT,
+    SCHEMA_VERSION,
+    createStatements,
+    envelopeFromJSON,
+    envelopeToJSON,
+    newQueueID,
+    pyformat,
+    recipientRows,
+    replyColumns,
+    replyFromColumns,
+    selectorWhere,
+)
+from mailfw.queue._sqlite import Executor, ThreadExecutor
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+    from psycopg import Connection, Cursor
+
+__all__ = ["CHANNEL", "PostgresQueue", "fromConfig", "initialiseDatabase", "withConnectionDefaults"]
+
+_T = TypeVar("_T")
+
+CHUNK = 1 << 20
+"""How much body one COPY write sends and one slice reads."""
+SPOOL_BATCH = 256 * 1024
+"""How much received body collects in memory before the spool thread
+writes it out, once a message is being spilled."""
+CHANNEL = "mailfw_due"
+"""The NOTIFY channel for flushes and releases."""
+LOCK_KEY = 0x6D61696C6677
+"""The advisory lock held while the schema is created or migrated."""
+STALE_BEATS = 3
+"""A node is dead after this many heartbeat intervals without a beat."""
+
+_READY = RecipientState.READY.value
+_LEASED = RecipientState.LEASED.value
+_HOLD = RecipientState.HOLD.value
+_ETRN = RecipientState.ETRN.value
+_CLEAR_LEASE = "lease_token = NULL, lease_owner = NULL, lease_expires = NULL"
+
+_POSTGRES_STATEMENTS = [
+    """CREATE TABLE IF NOT EXISTS mailfw_nodes (
+        node TEXT PRIMARY KEY,
+        last_seen DOUBLE PRECISION NOT NULL,
+        heartbeat DOUBLE PRECISION NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS destination_leases (
+        destination TEXT NOT NULL,
+        slot INTEGER NOT NULL,
+        node TEXT NOT NULL,
+        expires DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (destination, slot)
+    )""",
+    "CREATE INDEX IF NOT EXISTS destination_leases_node ON destination_leases (node)",
+    # LIKE 'prefix%' on rdomain (ETRN @domain) needs pattern ops to use an
+    # index under a non-C collation.
+    "CREATE INDEX IF NOT EXISTS recipients_rdomain_pattern"
+    " ON recipients (rdomain text_pattern_ops)",
+    "CREATE INDEX IF NOT EXISTS recipients_owner ON recipients (lease_owner)"
+    " WHERE lease_owner IS NOT NULL",
+    # Bodies are mostly read in slices; compression would make each slice
+    # decompress from the start.
+    "ALTER TABLE message_bodies ALTER COLUMN body SET STORAGE EXTERNAL",
+]
+
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+_COPY_TRAILER = struct.pack("!h", -1)
+
+
+# --- errors ------------------------------------------------------------------------
+
+
+def _connectionProblem(error: BaseException) -> bool:
+    """
+    Whether C{error} means the connection failed (so a commit may or may not
+    have happened), rather than the server refusing a statement.
+    """
+    import psycopg
+    from twisted.enterprise.adbapi import ConnectionLost
+
+    if isinstance(error, (ConnectionLost, psycopg.InterfaceError)):
+        return True
+    if isinstance(error, psycopg.OperationalError):
+        state = error.sqlstate
+        return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
+    return False
+
+
+def _translate(error: BaseException) -> BaseException:
+    """
+    Turn a full disk or exhausted resources into L{QueueFull}, so that the
+    server answers 452.
+    """
+    import psycopg
+
+    if isinstance(error, psycopg.Error) and (error.sqlstate or "").startswith("53"):
+        return QueueFull(str(error))
+    if isinstance(error, OSError) and error.errno == 28:  # ENOSPC in the spool
+        return QueueFull(str(error))
+    return error
+
+
+# --- the schema --------------------------------------------------------------------
+
+
+def initialiseDatabase(conninfo: str, connectTimeout: float = 10.0) -> None:
+    """
+    Create or migrate the schema, under an advisory lock.
+
+    Runs synchronously: call it at start-up, before the reactor runs (or in
+    a thread).
+
+    @param conninfo: a libpq connection string or URI; empty to use the
+        C{PG*} environment variables.
+    @raise psycopg.Error: if the database cannot be reached or was set up by
+        a newer mailfw.
+    """
+    import psycopg
+
+    with psycopg.connect(withConnectionDefaults(conninfo, connectTimeout)) as connection:
+        with connection.transaction():
+            connection.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+            version = 0
+            found = connection.execute("SELECT to_regclass('mailfw_schema')").fetchone()
+            if found is not None and found[0] is not None:
+                row = connection.execute("SELECT MAX(version) FROM mailfw_schema").fetchone()
+                version = row[0] if row is not None and row[0] is not None else 0
+            if version > SCHEMA_VERSION:
+                raise psycopg.DatabaseError(
+                    f"the queue schema has version {version}; this mailfw knows {SCHEMA_VERSION}"
+                )
+            if version == SCHEMA_VERSION:
+                # Nothing to do, and no DDL: DDL would lock tables that
+                # running nodes are writing.
+                return
+            # Version 1 is the only one so far: create everything.  Later
+            # migrations go here, each guarded by the stored version.
+            for statement in createStatements("BYTEA"):
+                connection.execute(statement)
+            for statement in _POSTGRES_STATEMENTS:
+                connection.execute(statement)
+            connection.execute("DELETE FROM mailfw_schema")
+            connection.execute("INSERT INTO mailfw_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+
+
+def withConnectionDefaults(conninfo: str, connectTimeout: float = 10.0) -> str:
+    """
+    C{conninfo} with bounded waits where it sets none: a connect timeout,
+    TCP keepalives and a TCP user timeout, so that a node whose database
+    vanished notices within about half a minute instead of hanging in a
+    pool thread.
+    """
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    given = conninfo_to_dict(conninfo)
+    defaults: dict[str, Any] = {
+        "connect_timeout": max(1, int(connectTimeout)),
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 30000,
+    }
+    extra = {key: value for key, value in defaults.items() if key not in given}
+    return make_conninfo(conninfo, **extra)
+
+
+# --- bodies ------------------------------------------------------------------------
+
+
+class _FileReader(io.RawIOBase):
+    """
+    Reads a shared temporary file with C{pread}, so that every reader has
+    its own position.  Holds the file open until closed.
+    """
+
+    def __init__(self, file: IO[bytes], size: int) -> None:
+        super().__init__()
+        self._file = file
+        self._size = size
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self._size - self._position)
+        if want <= 0:
+            return 0
+        data = os.pread(self._file.fileno(), want, self._position)
+        view[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            self._position = offset
+        elif whence == io.SEEK_CUR:
+            self._position += offset
+        else:
+            self._position = self._size + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+
+@implementer(IMessageBody)
+class _FileBody:
+    """
+    A large body copied out of the database into an unlinked temporary
+    file; each L{open} reads it from the start.  The file closes when the
+    body and every reader are gone.
+    """
+
+    def __init__(self, file: IO[bytes], size: int) -> None:
+        self._file = file
+        self.size = size
+
+    def open(self) -> BinaryIO:
+        return io.BufferedReader(_FileReader(self._file, self.size), CHUNK)
+
+
+def _copyBody(cursor: Cursor[Any], queueID: str, spooled: IO[bytes], size: int) -> None:
+    """
+    Stream a spooled body into C{message_bodies} with binary C{COPY}, one
+    piece at a time, so that the whole body is never in memory.
+    """
+    key = queueID.encode("utf-8")
+    spooled.seek(0)
+    with cursor.copy("COPY message_bodies (message_id, body) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.write(_COPY_HEADER + struct.pack("!hi", 2, len(key)) + key + struct.pack("!i", size))
+        copied = 0
+        while copied < size:
+            chunk = spooled.read(min(CHUNK, size - copied))
+            if not chunk:
+                raise OSError(f"spool file for {queueID} is short: {copied} of {size}")
+            copy.write(chunk)
+            copied += len(chunk)
+        copy.write(_COPY_TRAILER)
+
+
+def _readBody(cursor: Cursor[Any], queueID: str, threshold: int, directory: Path | None) -> IMessageBody:
+    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    row = cursor.execute("SELECT size FROM messages WHERE id = %s", (queueID,)).fetchone()
+    if row is None:
+        raise KeyError(queueID)
+    if row[0] <= threshold:
+        body = cursor.execute(
+            "SELECT body FROM message_bodies WHERE message_id = %s", (queueID,)
+        ).fetchone()
+        if body is None:
+            raise KeyError(queueID)
+        return MemoryBody(bytes(body[0]))
+    length = cursor.execute(
+        "SELECT octet_length(body) FROM message_bodies WHERE message_id = %s", (queueID,)
+    ).fetchone()
+    if length is None:
+        raise KeyError(queueID)
+    size = int(length[0])
+    file = tempfile.TemporaryFile(dir=directory)
+    try:
+        offset = 0
+        while offset < size:
+            piece = cursor.execute(
+                "SELECT substring(body FROM %s FOR %s) FROM message_bodies WHERE message_id = %s",
+                (offset + 1, CHUNK, queueID),
+            ).fetchone()
+            if piece is None or not piece[0]:
+                raise KeyError(queueID)
+            file.write(piece[0])
+            offset += len(piece[0])
+        file.flush()
+    except BaseException:
+        file.close()
+        raise
+    return _FileBody(file, size)
+
+
+# --- receiving ---------------------------------------------------------------------
+
+
+@implementer(IIncomingMessage)
+class _PostgresIncoming:
+    """
+    A message being received: in memory while small, then spilled to an
+    unlinked temporary file by the spool thread.
+    """
+
+    def __init__(self, queue: PostgresQueue, queueID: str, envelope: Envelope) -> None:
+        self.queueID = queueID
+        self._queue = queue
+        self._envelope = envelope
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._size = 0
+        self._finished = False
+        self._spilling = False
+        # Touched only by spool jobs until the spool hands over.
+        self._file: IO[bytes] | None = None
+        self._error: BaseException | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._finished:
+            raise ValueError("write after commit or abort")
+        if not data:
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._size += len(data)
+        if self._spilling:
+            if self._buffered >= SPOOL_BATCH:
+                self._spill()
+        elif self._buffered > self._queue.spillThreshold:
+            self._spilling = True
+            self._spill()
+
+    def _spill(self) -> None:
+        chunks, self._chunks, self._buffered = self._chunks, [], 0
+        directory = self._queue.spoolDirectory
+
+        def job() -> None:
+            if self._error is not None:
+                return
+            try:
+                if self._file is None:
+                    self._file = tempfile.TemporaryFile(dir=directory)
+                for chunk in chunks:
+                    self._file.write(chunk)
+            except BaseException as e:
+                self._error = e
+
+        self._queue._spool.submit(job)
+
+    def commit(self) -> Deferred[str]:
+        if self._finished:
+            return fail(ValueError("commit after commit or abort"))
+        self._finished = True
+        envelope = self._envelope
+        now = self._queue._clock.seconds()
+        if not envelope.arrival:
+            envelope = replace(envelope, arrival=now)
+        if envelope.size is None:
+            envelope = replace(envelope, size=self._size)
+        if not self._spilling:
+            body = b"".join(self._chunks)
+            self._chunks = []
+            return self._queue._insertMessage(self.queueID, envelope, now, body, None, len(body))
+        self._spill()
+        ready: Deferred[IO[bytes]] = Deferred()
+        deliver = self._queue._deliver
+
+        def handOver() -> None:
+            error, spooled = self._error, self._file
+            if error is None and spooled is not None:
+                try:
+                    spooled.flush()
+                except BaseException as e:
+                    error = e
+            if error is not None:
+                self._closeFile()
+                failure = Failure(_translate(error))
+                deliver(lambda: ready.errback(failure))
+            else:
+                assert spooled is not None
+                deliver(lambda: ready.callback(spooled))
+
+        self._queue._spool.submit(handOver)
+        size = self._size
+
+        def insert(spooled: IO[bytes]) -> Deferred[str]:
+            d = self._queue._insertMessage(self.queueID, envelope, now, None, spooled, size)
+
+            def closeSpool(result: _T) -> _T:
+                self._queue._spool.submit(spooled.close)
+                return result
+
+            return d.addBoth(closeSpool)
+
+        return ready.addCallback(insert)
+
+    def _closeFile(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def abort(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._chunks = []
+        if self._spilling:
+            self._queue._spool.submit(self._closeFile)
+
+
+# --- the queue ---------------------------------------------------------------------
+
+
+def _selected(selector: Selector) -> tuple[str, list[Any]]:
+    """
+    A condition selecting C{recipients} rows (unaliased, for UPDATE and
+    DELETE) that match C{selector}, with C{%s} placeholders.
+    """
+    where, params = selectorWhere(selector)
+    return (
+        pyformat(
+            "(message_id, idx) IN (SELECT r.message_id, r.idx FROM recipients r"
+            f" JOIN messages m ON m.id = r.message_id WHERE {where})"
+        ),
+        params,
+    )
+
+
+@implementer(IMessageQueue, IDestinationSlots)
+class PostgresQueue:
+    """
+    An L{IMessageQueue} in a PostgreSQL database that several nodes share;
+    see the module docstring.
+
+    @ivar node: this node's name, recorded as the owner of its leases.
+    @ivar listening: fires once this node listens for other nodes' flushes.
+    @ivar notificationsReceived: how many C{NOTIFY}s reached this node (its
+        own included; those do not wake it), and C{lastNotification} the
+        last one's payload: the sending node's name.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        conninfo: str,
+        reactor: Any,
+        *,
+        clock: Any = None,
+        poolSize: int = 5,
+        node: str | None = None,
+        leaseSeconds: float = 900.0,
+        heartbeatSeconds: float = 10.0,
+        spillThreshold: int = 256 * 1024,
+        spoolDirectory: Path | None = None,
+        idGenerator: Callable[[], str] = newQueueID,
+        spool: Executor | None = None,
+        listen: bool = True,
+        afterInsert: Callable[[], None] | None = None,
+        connectTimeout: float = 10.0,
+    ) -> None:
+        """
+        Build the queue; the connection pool, heartbeat and listener start
+        when the reactor runs.  Call L{initialiseDatabase} first.
+
+        @param reactor: runs the pool's results back on the reactor thread
+            (C{callFromThread}) and starts the pool (C{callWhenRunning}).
+        @param clock: the time source (default C{reactor}).
+        @param poolSize: the most connections (and pool threads) used.
+        @param afterInsert: called in the pool thread right after an
+            insert's C{COMMIT}; a seam for tests of a commit whose answer
+            is lost.
+        """
+        from twisted.enterprise.adbapi import ConnectionPool
+
+        self._conninfo = conninfo = withConnectionDefaults(conninfo, connectTimeout)
+        self._reactor = reactor
+        self._clock = clock if clock is not None else reactor
+        self._deliver: Callable[[Callable[[], None]], None] = reactor.callFromThread
+        self.node = node or f"{socket.gethostname()}:{os.getpid()}"
+        self.leaseSeconds = leaseSeconds
+        self.heartbeatSeconds = heartbeatSeconds
+        self.spillThreshold = spillThreshold
+        self.spoolDirectory = spoolDirectory
+        self._ids = idGenerator
+        self._spool: Executor = spool or ThreadExecutor("mailfw-queue-spool")
+        self._listen = listen
+        self._afterInsert = afterInsert
+        self._callbacks: list[Callable[[], None]] = []
+        self._inFlight: set[Deferred[Any]] = set()
+        self._closed = False
+        self._heartbeat: LoopingCall | None = None
+        self._stopping = threading.Event()
+        self._listener: threading.Thread | None = None
+        self._listenerDone: Deferred[None] = Deferred()
+        self.listening: Deferred[None] = Deferred()
+        self.notificationsReceived = 0
+        self.lastNotification: str | None = None
+        self._slots: dict[str, list[int]] = {}
+        self._pool = ConnectionPool(
+            "psycopg",
+            conninfo,
+            cp_min=1,
+            cp_max=poolSize,
+            cp_reactor=reactor,
+            cp_reconnect=True,
+            cp_openfun=self._configureConnection,
+        )
+        reactor.callWhenRunning(self._startBackground)
+
+    def __repr__(self) -> str:
+        # Never the connection string: it may hold a password.
+        return f"<PostgresQueue node={self.node!r}>"
+
+    @staticmethod
+    def _configureConnection(connection: Connection[Any]) -> None:
+        connection.execute("SET synchronous_commit TO on")
+        connection.execute("SET application_name TO 'mailfw'")
+        connection.commit()
+
+    # --- running work in the pool -------------------------------------------
+
+    def _transact(self, function: Callable[[Cursor[Any]], _T]) -> Deferred[_T]:
+        """
+        Run C{function} with a cursor in one transaction in a pool thread;
+        the result arrives on the reactor thread after the C{COMMIT}.
+        """
+        if self._closed:
+            return fail(RuntimeError("the queue is closed"))
+
+        def run(connection: Any) -> _T:
+            with connection.cursor() as cursor:
+                result = function(cursor)
+            connection.commit()
+            return result
+
+        d: Deferred[_T] = self._pool.runWithConnection(run)
+        return self._track(d)
+
+    def _track(self, d: Deferred[_T]) -> Deferred[_T]:
+        self._inFlight.add(d)
+
+        def done(result: _T) -> _T:
+            self._inFlight.discard(d)
+            return result
+
+        def failed(failure: Failure) -> Failure:
+            self._inFlight.discard(d)
+            error = failure.value
+            if error is not None:
+                translated = _translate(error)
+                if translated is not error:
+                    return Failure(translated)
+            return failure
+
+        return d.addCallbacks(done, failed)
+
+    def _notify(self, result: _T) -> _T:
+        for callback in list(self._callbacks):
+            callback()
+        return result
+
+    def _notifyIf(self, count: int) -> int:
+        if count:
+            self._notify(None)
+        return count
+
+    # --- background: heartbeat and listener -------------------------------------
+
+    def _startBackground(self) -> None:
+        if self._closed:
+            return
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = self._clock
+        self._heartbeat.start(self.heartbeatSeconds, now=True)
+        if self._listen:
+            self._listener = threading.Thread(
+                target=self._listenLoop, name="mailfw-queue-listen", daemon=True
+            )
+            self._listener.start()
+        else:
+            self._listenerDone.callback(None)
+
+    def _beat(self) -> Deferred[None]:
+        """
+        Record that this node lives, extend its destination slots, and
+        return the leases and slots of nodes that stopped beating.
+        """
+        now = self._clock.seconds()
+        node, interval, lease = self.node, self.heartbeatSeconds, self.leaseSeconds
+
+        def beat(cursor: Cursor[Any]) -> tuple[int, int]:
+            _touchNode(cursor, node, now, interval)
+            cursor.execute(
+                "UPDATE destination_leases SET expires = %s WHERE node = %s", (now + lease, node)
+            )
+            dead = [
+                row[0]
+                for row in cursor.execute(
+                    "SELECT node FROM mailfw_nodes WHERE last_seen < %s - %s * heartbeat"
+                    " AND node <> %s FOR UPDATE SKIP LOCKED",
+                    (now, STALE_BEATS, node),
+                )
+            ]
+            reaped = _reapOrphans(cursor, dead, now + lease - STALE_BEATS * interval)
+            cursor.execute(
+                "DELETE FROM destination_leases WHERE node = ANY(%s) OR expires <= %s", (dead, now)
+            )
+            cursor.execute("DELETE FROM mailfw_nodes WHERE node = ANY(%s)", (dead,))
+            return reaped, len(dead)
+
+        def done(result: tuple[int, int]) -> None:
+            reaped, dead = result
+            if dead or reaped:
+                self.log.warn(
+                    "{dead} nodes stopped beating; {count} of their recipients are ready again",
+                    dead=dead,
+                    count=reaped,
+                )
+                self._notify(None)
+
+        def failed(failure: Failure) -> None:
+            if not self._closed:
+                self.log.warn("queue heartbeat failed: {error}", error=str(failure.value))
+
+        return self._transact(beat).addCallbacks(done, failed)
+
+    def _listenLoop(self) -> None:
+        # Listener thread: its own connection, in autocommit mode.
+        import psycopg
+
+        deliver = self._deliver
+        leftPayload = f"left:{self.node}"
+        first = True
+        delay = 0.5
+        while not self._stopping.is_set():
+            connection: Connection[Any] | None = None
+            try:
+                connection = psycopg.connect(self._conninfo, autocommit=True)
+                connection.execute(f"LISTEN {CHANNEL}")
+                delay = 0.5
+                if first:
+                    first = False
+                    deliver(lambda: self.listening.callback(None))
+                else:
+                    # Flushes may have happened while we were away.
+                    deliver(lambda: self._notify(None))
+                while not self._stopping.is_set():
+                    for notification in connection.notifies(timeout=0.5):
+                        payload = notification.payload
+                        if payload == leftPayload:
+                            # Our own goodbye (see close): stop at once.
+                            self._stopping.set()
+                            break
+                        deliver(lambda: self._received(payload))
+            except psycopg.Error as e:
+                if not self._stopping.is_set():
+                    message = str(e)
+                    deliver(
+                        lambda: self.log.warn(
+                            "queue listener lost the database: {error}", error=message
+                        )
+                    )
+                    self._stopping.wait(delay)
+                    delay = min(delay * 2, 10.0)
+            finally:
+                if connection is not None:
+                    try:
+                        connection.close()
+                    except psycopg.Error:
+                        pass
+        deliver(lambda: self._listenerDone.callback(None))
+
+    def _received(self, payload: str) -> None:
+        self.notificationsReceived += 1
+        self.lastNotification = payload
+        if payload != self.node:
+            self._notify(None)
+
+    # --- receiving ------------------------------------------------------------------
+
+    def receive(self, envelope: Envelope) -> IIncomingMessage:
+        return _PostgresIncoming(self, self._ids(), envelope)
+
+    def _insertMessage(
+        self,
+        queueID: str,
+        envelope: Envelope,
+        now: float,
+        body: bytes | None,
+        spooled: IO[bytes] | None,
+        size: int,
+    ) -> Deferred[str]:
+        """
+        Insert a message; when the connection fails around the commit, find
+        out whether it was stored, and else try once more.
+        """
+        afterInsert = self._afterInsert
+
+        def insert(cursor: Cursor[Any]) -> str:
+            _insert(cursor, queueID, envelope, now, body, spooled, size)
+            if afterInsert is not None:
+                cursor.connection.commit()
+                afterInsert()
+            return queueID
+
+        def exists(cursor: Cursor[Any]) -> bool:
+            return (
+                cursor.execute("SELECT 1 FROM messages WHERE id = %s", (queueID,)).fetchone()
+                is not None
+            )
+
+        def resolve(failure: Failure) -> Deferred[str]:
+            if failure.value is None or not _connectionProblem(failure.value):
+                return fail(failure)
+            if not envelope.recipients:
+                return fail(failure)
+            self.log.warn(
+                "connection failed while committing {queueID}; checking whether it is stored",
+                queueID=queueID,
+            )
+
+            def checked(stored: bool) -> Deferred[str] | str:
+                if stored:
+                    return queueID
+                return self._transact(insert)
+
+            def unresolved(_: Failure) -> Failure:
+                return failure
+
+            resolved: Deferred[str] = self._transact(exists).addCallback(checked)
+            return resolved.addErrback(unresolved)
+
+        d: Deferred[str] = self._transact(insert).addErrback(resolve)
+        if envelope.recipients:
+            d.addCallback(self._notify)
+        return d
+
+    # --- the scheduler's side -----------------------------------------------------
+
+    def claim(self, now: float, limit: int) -> Deferred[Sequence[Lease]]:
+        expires = now + self.leaseSeconds
+        node, interval = self.node, self.heartbeatSeconds
+
+        def claim(cursor: Cursor[Any]) -> Sequence[Lease]:
+            _touchNode(cursor, node, now, interval)
+            rows = cursor.execute(
+                "SELECT message_id, idx FROM recipients WHERE state = %s AND next_attempt_at <= %s"
+                " ORDER BY next_attempt_at, message_id, idx LIMIT %s FOR UPDATE SKIP LOCKED",
+                (_READY, now, max(limit, 0)),
+            ).fetchall()
+            if len(rows) < limit:
+                rows += cursor.execute(
+                    "SELECT message_id, idx FROM recipients WHERE state = %s AND lease_expires <= %s"
+                    " ORDER BY lease_expires, message_id, idx LIMIT %s FOR UPDATE SKIP LOCKED",
+                    (_LEASED, now, limit - len(rows)),
+                ).fetchall()
+            chosen: dict[str, list[int]] = {}
+            for queueID, index in rows:
+                chosen.setdefault(queueID, []).append(index)
+            if not chosen:
+                return []
+            envelopes = {
+                row[0]: (envelopeFromJSON(row[1]), row[2])
+                for row in cursor.execute(
+                    "SELECT id, envelope, size FROM messages WHERE id = ANY(%s)", (list(chosen),)
+                )
+            }
+            leases = []
+            for queueID, indexes in chosen.items():
+                token = uuid.uuid4().hex
+                cursor.execute(
+                    "UPDATE recipients SET state = %s, lease_token = %s, lease_owner = %s,"
+                    " lease_expires = %s WHERE message_id = %s AND idx = ANY(%s)",
+                    (_LEASED, token, node, expires, queueID, indexes),
+                )
+                envelope, size = envelopes[queueID]
+                recipients = _recipients(cursor, envelope, queueID, indexes)
+                leases.append(Lease(queueID, envelope, recipients, token, expires, size))
+            return leases
+
+        return self._transact(claim)
+
+    def record(
+        self, lease: Lease, dispositions: Sequence[Disposition], notices: Sequence[Notice] = ()
+    ) -> Deferred[None]:
+        now = self._clock.seconds()
+        noticeIDs = [self._ids() for _ in notices]
+
+        def record(cursor: Cursor[Any]) -> bool:
+            queueID = lease.queueID
+            claimed = [r.index for r in lease.recipients]
+            rows = cursor.execute(
+                "SELECT idx, state, lease_token FROM recipients WHERE message_id = %s"
+                " AND idx = ANY(%s) FOR UPDATE",
+                (queueID, claimed),
+            ).fetchall()
+            if len(rows) != len(claimed) or any(
+                state != _LEASED or token != lease.token for _, state, token in rows
+            ):
+                raise LeaseLost(queueID)
+            decided = {d.index: d for d in dispositions}
+            unknown = set(decided) - set(claimed)
+            if unknown:
+                raise ValueError(f"recipients {sorted(unknown)} are not in the lease")
+            undecided = [index for index in claimed if index not in decided]
+            if undecided:
+                cursor.execute(
+                    f"UPDATE recipients SET state = %s, {_CLEAR_LEASE}"
+                    " WHERE message_id = %s AND idx = ANY(%s)",
+                    (_READY, queueID, undecided),
+                )
+            gone = []
+            for index, disposition in decided.items():
+                if disposition.outcome.deferred:
+                    cursor.execute(
+                        "UPDATE recipients SET state = %s, attempts = attempts + 1,"
+                        " next_attempt_at = COALESCE(%s, next_attempt_at),"
+                        " warned = CASE WHEN %s THEN 1 ELSE warned END,"
+                        " reply_code = %s, reply_enhanced = %s, reply_text = %s,"
+                        f" route = COALESCE(%s, route), {_CLEAR_LEASE}"
+                        " WHERE message_id = %s AND idx = %s",
+                        (
+                            _READY,
+                            disposition.nextAttempt,
+                            disposition.warned,
+                            *replyColumns(disposition.outcome.reply),
+                            disposition.route,
+                            queueID,
+                            index,
+                        ),
+                    )
+                else:
+                    gone.append(index)
+            if gone:
+                cursor.execute(
+                    "DELETE FROM recipients WHERE message_id = %s AND idx = ANY(%s)",
+                    (queueID, gone),
+                )
+            _dropIfDone(cursor, [queueID])
+            for noticeID, notice in zip(noticeIDs, notices):
+                envelope = notice.envelope
+                if not envelope.arrival:
+                    envelope = replace(envelope, arrival=now)
+                if envelope.size is None:
+                    envelope = replace(envelope, size=len(notice.body))
+                _insert(cursor, noticeID, envelope, now, notice.body, None, len(notice.body))
+            return bool(notices) or bool(undecided)
+
+        def done(wake: bool) -> None:
+            if wake:
+                self._notify(None)
+
+        return self._transact(record).addCallback(done)
+
+    def openBody(self, queueID: str) -> Deferred[IMessageBody]:
+        threshold, directory = self.spillThreshold, self.spoolDirectory
+        return self._transact(lambda cursor: _readBody(cursor, queueID, threshold, directory))
+
+    def nextDue(self) -> Deferred[float | None]:
+        def nextDue(cursor: Cursor[Any]) -> float | None:
+            row = cursor.execute(
+                "SELECT (SELECT MIN(next_attempt_at) FROM recipients WHERE state = %s),"
+                " (SELECT MIN(lease_expires) FROM recipients WHERE state = %s)",
+                (_READY, _LEASED),
+            ).fetchone()
+            assert row is not None
+            times = [t for t in row if t is not None]
+            return min(times) if times else None
+
+        return self._transact(nextDue)
+
+    def notifyDue(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    def recover(self, now: float) -> Deferred[int]:
+        """
+        Return to ready the leases that expired by C{now} and are this
+        node's, or that expired by this node's clock whoever holds them, and
+        the leases of nodes that stopped beating.  A scheduler that thinks
+        it owns the queue alone passes an infinite C{now}; other live nodes'
+        fresh leases are still left alone.
+        """
+        realNow = self._clock.seconds()
+        node, lease, interval = self.node, self.leaseSeconds, self.heartbeatSeconds
+
+        def recover(cursor: Cursor[Any]) -> int:
+            cursor.execute(
+                f"UPDATE recipients SET state = %s, {_CLEAR_LEASE} WHERE state = %s"
+                " AND lease_expires <= %s AND (lease_owner = %s OR lease_expires <= %s)",
+                (_READY, _LEASED, now, node, realNow),
+            )
+            count = cursor.rowcount
+            dead = [
+                row[0]
+                for row in cursor.execute(
+                    "SELECT node FROM mailfw_nodes WHERE last_seen < %s - %s * heartbeat"
+                    " AND node <> %s",
+                    (realNow, STALE_BEATS, node),
+                )
+            ]
+            grantedBefore = realNow + lease - STALE_BEATS * interval
+            return count + _reapOrphans(cursor, dead, grantedBefore)
+
+        return self._transact(recover).addCallback(self._notifyIf)
+
+    # --- per-destination limits across nodes ----------------------------------------
+
+    def acquireDestination(self, destination: str, limit: int) -> Deferred[bool]:
+        """
+        Take one of the C{limit} cluster-wide delivery slots of
+        C{destination} (for example C{"agent:nexthop"}), if one is free.
+
+        @return: fires with C{True} when this node now holds a slot (release
+            it with L{releaseDestination}), C{False} when all are taken.
+        """
+        now = self._clock.seconds()
+        node, expires = self.node, now + self.leaseSeconds
+
+        def acquire(cursor: Cursor[Any]) -> int | None:
+            cursor.execute(
+                "DELETE FROM destination_leases WHERE destination = %s AND expires <= %s",
+                (destination, now),
+            )
+            row = cursor.execute(
+                "INSERT INTO destination_leases (destination, slot, node, expires)"
+                " SELECT %s, s, %s, %s FROM generate_series(0, %s - 1) AS s"
+                " WHERE s NOT IN (SELECT slot FROM destination_leases WHERE destination = %s)"
+                " ORDER BY s LIMIT 1 ON CONFLICT DO NOTHING RETURNING slot",
+                (destination, node, expires, limit, destination),
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        def acquired(slot: int | None) -> bool:
+            if slot is None:
+                return False
+            self._slots.setdefault(destination, []).append(slot)
+            return True
+
+        return self._transact(acquire).addCallback(acquired)
+
+    def releaseDestination(self, destination: str) -> Deferred[None]:
+        """
+        Give back one slot of C{destination} that L{acquireDestination}
+        gave this node.
+        """
+        slots = self._slots.get(destination)
+        if not slots:
+            return fail(ValueError(f"no slot of {destination!r} is held"))
+        slot = slots.pop()
+        if not slots:
+            del self._slots[destination]
+        node = self.node
+
+        def release(cursor: Cursor[Any]) -> None:
+            cursor.execute(
+                "DELETE FROM destination_leases WHERE destination = %s AND slot = %s AND node = %s",
+                (destination, slot, node),
+            )
+
+        return self._transact(release)
+
+    # --- the operator's side: these act on the whole cluster --------------------------
+
+    def list(self, selector: Selector) -> Deferred[Sequence[QueuedMessage]]:
+        where, params = selectorWhere(selector)
+
+        def list_(cursor: Cursor[Any]) -> Sequence[QueuedMessage]:
+            rows = cursor.execute(
+                pyformat(
+                    "SELECT m.id, m.envelope, m.size, r.idx, r.state, r.attempts,"
+                    " r.next_attempt_at, r.warned, r.reply_code, r.reply_enhanced, r.reply_text"
+                    " FROM recipients r JOIN messages m ON m.id = r.message_id"
+                    f" WHERE {where} ORDER BY m.arrival, m.id, r.idx"
+                ),
+                params,
+            ).fetchall()
+            found: list[tuple[str, Envelope, int, list[QueuedRecipient]]] = []
+            for row in rows:
+                queueID, envelopeText, size = row[:3]
+                if not found or found[-1][0] != queueID:
+                    found.append((queueID, envelopeFromJSON(envelopeText), size, []))
+                found[-1][3].append(_queuedRecipient(found[-1][1], row[3:]))
+            return [QueuedMessage(q, e, s, tuple(r)) for q, e, s, r in found]
+
+        return self._transact(list_)
+
+    def _update(self, statement: str, params: Sequence[Any], wakeOthers: bool) -> Deferred[int]:
+        node = self.node
+
+        def update(cursor: Cursor[Any]) -> int:
+            cursor.execute(statement, params)
+            count = cursor.rowcount
+            if count and wakeOthers:
+                cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, node))
+            return count
+
+        return self._transact(update)
+
+    def hold(self, selector: Selector) -> Deferred[int]:
+        condition, params = _selected(selector)
+        return self._update(
+            f"UPDATE recipients SET state = %s WHERE state IN (%s, %s) AND {condition}",
+            (_HOLD, _READY, _ETRN, *params),
+            False,
+        )
+
+    def release(self, selector: Selector) -> Deferred[int]:
+        condition, params = _selected(selector)
+        return self._update(
+            "UPDATE recipients SET state = %s, next_attempt_at = %s"
+            f" WHERE state = %s AND {condition}",
+            (_READY, self._clock.seconds(), _HOLD, *params),
+            True,
+        ).addCallback(self._notifyIf)
+
+    def flush(self, selector: Selector) -> Deferred[int]:
+        condition, params = _selected(selector)
+        now = self._clock.seconds()
+        return self._update(
+            "UPDATE recipients SET state = %s, next_attempt_at ="
+            " LEAST(next_attempt_at, %s) WHERE state IN (%s, %s) AND " + condition,
+            (_READY, now, _READY, _ETRN, *params),
+            True,
+        ).addCallback(self._notifyIf)
+
+    def delete(self, selector: Selector) -> Deferred[int]:
+        condition, params = _selected(selector)
+
+        def delete(cursor: Cursor[Any]) -> int:
+            affected = [
+                row[0]
+                for row in cursor.execute(
+                    f"DELETE FROM recipients WHERE {condition} RETURNING message_id",
+                    params,
+                )
+            ]
+            _dropIfDone(cursor, sorted(set(affected)))
+            return len(affected)
+
+        return self._transact(delete)
+
+    # --- stopping -------------------------------------------------------------------
+
+    def close(self) -> Deferred[None]:
+        """
+        Wait for the work under way, hand this node's remaining leases and
+        slots back to the cluster, stop the heartbeat and the listener, and
+        close the connections.
+        """
+        if self._closed:
+            return fail(RuntimeError("the queue is already closed"))
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        node = self.node
+
+        def leave(cursor: Cursor[Any]) -> None:
+            cursor.execute(
+                f"UPDATE recipients SET state = %s, {_CLEAR_LEASE}"
+                " WHERE state = %s AND lease_owner = %s",
+                (_READY, _LEASED, node),
+            )
+            cursor.execute("DELETE FROM destination_leases WHERE node = %s", (node,))
+            cursor.execute("DELETE FROM mailfw_nodes WHERE node = %s", (node,))
+            # Wakes the other nodes (they may claim what we handed back) and
+            # ends our own listener without waiting for its poll timeout.
+            cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"left:{node}"))
+
+        pending = DeferredList(list(self._inFlight), consumeErrors=True)
+
+        def left(_: object) -> Deferred[Any]:
+            self._closed = True
+            self._stopping.set()
+            if self._listener is None and not self._listenerDone.called:
+                self._listenerDone.callback(None)
+            return self._listenerDone
+
+        def finish(_: object) -> None:
+            self._pool.close()
+            self._spool.stop()
+
+        def sayLeft(_: object) -> Deferred[None]:
+            d = self._transact(leave)
+
+            def failed(failure: Failure) -> None:
+                self.log.warn(
+                    "could not hand back this node's leases: {error}", error=str(failure.value)
+                )
+
+            return d.addErrback(failed)
+
+        return pending.addCallback(sayLeft).addCallback(left).addCallback(finish)
+
+
+# --- SQL helpers (pool threads) -------------------------------------------------------
+
+
+def _touchNode(cursor: Cursor[Any], node: str, now: float, interval: float) -> None:
+    cursor.execute(
+        "INSERT INTO mailfw_nodes (node, last_seen, heartbeat) VALUES (%s, %s, %s)"
+        " ON CONFLICT (node) DO UPDATE SET last_seen = EXCLUDED.last_seen,"
+        " heartbeat = EXCLUDED.heartbeat",
+        (node, now, interval),
+    )
+
+
+def _reapOrphans(cursor: Cursor[Any], dead: Sequence[str], grantedBefore: float) -> int:
+    """
+    Return to ready the leases of C{dead} nodes and of nodes that have no
+    row at all (they left, or were found dead before).
+
+    @param grantedBefore: only ownerless leases expiring before this are
+        reaped, so that a node's very first claim, whose node row this
+        statement's snapshot may not see yet, is left alone.
+    """
+    cursor.execute(
+        f"UPDATE recipients SET state = %s, {_CLEAR_LEASE} WHERE state = %s AND"
+        " (lease_owner = ANY(%s) OR (lease_expires < %s AND NOT EXISTS"
+        " (SELECT 1 FROM mailfw_nodes n WHERE n.node = recipients.lease_owner)))",
+        (_READY, _LEASED, list(dead), grantedBefore),
+    )
+    return cursor.rowcount
+
+
+def _insert(
+    cursor: Cursor[Any],
+    queueID: str,
+    envelope: Envelope,
+    now: float,
+    body: bytes | None,
+    spooled: IO[bytes] | None,
+    size: int,
+) -> None:
+    """
+    Insert one message: its row, its body and its recipient rows.  Inserting
+    an ID that is already stored does nothing (a retried commit).
+    """
+    if not envelope.recipients:
+        return
+    row = cursor.execute(
+        pyformat(INSERT_MESSAGE) + " ON CONFLICT (id) DO NOTHING RETURNING id",
+        (queueID, envelope.senderText, envelopeToJSON(envelope), size, envelope.arrival),
+    ).fetchone()
+    if row is None:
+        return
+    if spooled is None:
+        cursor.execute(
+            "INSERT INTO message_bodies (message_id, body) VALUES (%s, %s)", (queueID, body or b"")
+        )
+    else:
+        _copyBody(cursor, queueID, spooled, size)
+    cursor.executemany(pyformat(INSERT_RECIPIENT), list(recipientRows(queueID, envelope, now)))
+
+
+def _dropIfDone(cursor: Cursor[Any], queueIDs: Sequence[str]) -> None:
+    """
+    Delete the messages among C{queueIDs} that have no recipients left.
+    """
+    if not queueIDs:
+        return
+    cursor.execute(
+        "DELETE FROM message_bodies WHERE message_id = ANY(%s) AND NOT EXISTS"
+        " (SELECT 1 FROM recipients r WHERE r.message_id = message_bodies.message_id)",
+        (list(queueIDs),),
+    )
+    cursor.execute(
+        "DELETE FROM messages WHERE id = ANY(%s) AND NOT EXISTS"
+        " (SELECT 1 FROM recipients r WHERE r.message_id = messages.id)",
+        (list(queueIDs),),
+    )
+
+
+def _queuedRecipient(envelope: Envelope, row: Sequence[Any]) -> QueuedRecipient:
+    index, state, attempts, nextAttempt, warned, code, enhanced, text = row
+    return QueuedRecipient(
+        index=index,
+        recipient=envelope.recipients[index],
+        state=RecipientState(state),
+        attempts=attempts,
+        nextAttempt=nextAttempt,
+        warned=bool(warned),
+        lastReply=replyFromColumns(code, enhanced, text),
+    )
+
+
+def _recipients(
+    cursor: Cursor[Any], envelope: Envelope, queueID: str, indexes: Sequence[int]
+) -> tuple[QueuedRecipient, ...]:
+    rows = cursor.execute(
+        "SELECT idx, state, attempts, next_attempt_at, warned, reply_code, reply_enhanced,"
+        " reply_text FROM recipients WHERE message_id = %s AND idx = ANY(%s) ORDER BY idx",
+        (queueID, list(indexes)),
+    ).fetchall()
+    return tuple(_queuedRecipient(envelope, row) for row in rows)
+
+
+def fromConfig(
+    context: ComponentContext, instanceName: str, options: Mapping[str, object]
+) -> PostgresQueue:
+    """
+    Build a L{PostgresQueue} from C{[queue]} with C{plugin = "postgresql"},
+    creating or migrating the schema.
+
+    Options: C{dsn} (a libpq connection string or C{postgresql://} URI;
+    default empty, meaning the C{PG*} environment variables), C{pool_size}
+    (5), C{node} (this node's lease owner name; default host name and
+    process ID), C{lease_seconds} (900), C{heartbeat_seconds} (10),
+    C{spill_threshold} (octets kept in memory per message while receiving;
+    262144) and C{connect_timeout} (10 seconds).
+    """
+    section = Section(f"[{instanceName}]", options)
+    dsn = section.text("dsn", "")
+    poolSize = section.integer("pool_size", 5, minimum=1)
+    node = section.text("node", None)
+    leaseSeconds = section.number("lease_seconds", 900.0, minimum=1)
+    heartbeatSeconds = section.number("heartbeat_seconds", 10.0, minimum=0.1)
+    spillThreshold = section.integer("spill_threshold", 256 * 1024, minimum=0)
+    connectTimeout = section.number("connect_timeout", 10.0, minimum=1)
+    section.finish()
+    if node == "":
+        raise ConfigError(f"[{instanceName}] node: must not be empty")
+    if leaseSeconds <= STALE_BEATS * heartbeatSeconds:
+        raise ConfigError(
+            f"[{instanceName}] lease_seconds must be longer than {STALE_BEATS} heartbeats"
+        )
+    try:
+        import psycopg
+    except ImportError:
+        raise ConfigError(
+            f"[{instanceName}] plugin postgresql needs psycopg: pip install 'mailfw[postgresql]'"
+        ) from None
+    try:
+        initialiseDatabase(dsn, connectTimeout)
+    except psycopg.Error as e:
+        raise ConfigError(f"[{instanceName}] cannot set up the PostgreSQL queue: {e}") from None
+    spool = context.path("spool")
+    spool.mkdir(parents=True, exist_ok=True)
+    return PostgresQueue(
+        dsn,
+        context.reactor,
+        poolSize=poolSize,
+        node=node,
+        leaseSeconds=leaseSeconds,
+        heartbeatSeconds=heartbeatSeconds,
+        spillThreshold=spillThreshold,
+        spoolDirectory=spool,
+        connectTimeout=connectTimeout,
+    )
