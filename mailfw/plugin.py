@@ -37,13 +37,17 @@ def findPlugin(interface: type[_P], name: str, plugins: Iterable[_P] | None = No
     """
     Return the installed provider of C{interface} called C{name}.
 
-    @param plugins: providers to search instead of L{getPlugins}; tests
-        pass a list here.
+    @param plugins: plugins to search instead of L{getPlugins} (tests pass
+        a list here); those not providing C{interface} are ignored, as
+        L{getPlugins} would.
     @raise MissingPlugin: naming what is installed.
     @raise DuplicatePlugin: if two providers share C{name}.
     """
     found: dict[str, _P] = {}
-    for plugin in getPlugins(interface) if plugins is None else plugins:
+    candidates = getPlugins(interface) if plugins is None else plugins
+    for plugin in candidates:
+        if not interface.providedBy(plugin):
+            continue
         if plugin.name in found:
             raise DuplicatePlugin(
                 f"{interface.__name__} plugin {plugin.name!r} is installed twice"

@@ -55,6 +55,16 @@ class FindPluginTests(SynchronousTestCase):
         e = self.assertRaises(DuplicatePlugin, findPlugin, IDeliveryAgentFactory, "twin", [a, b])
         self.assertIn("'twin'", str(e))
 
+    def test_listFilteredByInterface(self) -> None:
+        """
+        Given a list, only plugins of the requested kind count: a router
+        named like a delivery agent is not a delivery agent.
+        """
+        router = LazyComponent(IRouterFactory, "same", "m:router")
+        agent = LazyComponent(IDeliveryAgentFactory, "same", "m:agent")
+        self.assertIs(findPlugin(IDeliveryAgentFactory, "same", [router, agent]), agent)
+        self.assertRaises(MissingPlugin, findPlugin, IMessageQueueFactory, "same", [router, agent])
+
     def test_lazyComponentProvides(self) -> None:
         """
         L{LazyComponent} provides the factory interface it was made for.
