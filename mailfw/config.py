@@ -169,6 +169,8 @@ class ServerConfig:
 
     @ivar components: C{{kind: {instanceName: options}}} for the plugin
         sections: C{queue}, C{routing}, C{delivery}, C{policy}.
+    @ivar auth: the C{[auth]} section as written; L{mailfw.auth} checks it
+        when the server is built.
     """
 
     hostname: str
@@ -183,6 +185,7 @@ class ServerConfig:
     policy: dict[str, dict[str, object]] = field(default_factory=dict)
     smtp: dict[str, object] = field(default_factory=dict)
     scheduler: dict[str, object] = field(default_factory=dict)
+    auth: dict[str, object] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
 
     def context(self, reactor: Any) -> ComponentContext:
@@ -321,5 +324,6 @@ def loadConfig(
         policy={k: dict(v) for k, v in policy.items()},
         smtp=dict(raw.get("smtp", {})),
         scheduler=dict(raw.get("scheduler", {})),
+        auth=dict(raw.get("auth", {})),
         raw=raw,
     )

@@ -192,6 +192,7 @@ def buildService(config: ServerConfig, reactor: Any, plugins: Any = None) -> Mul
         ones (tests).
     @raise ConfigError: naming the section that is wrong.
     """
+    from mailfw.auth._config import authFromConfig
     from mailfw.queue._scheduler import schedulerFromConfig
     from mailfw.smtp import SMTPFactory, SMTPLimits
     from mailfw.tls import serverTLSOptions
@@ -214,6 +215,7 @@ def buildService(config: ServerConfig, reactor: Any, plugins: Any = None) -> Mul
         ]
         limits = SMTPLimits.fromSection(Section("[smtp]", config.smtp))
         tlsOptions = serverTLSOptions(config)
+        authSetup = authFromConfig(Section("[auth]", config.auth), context)
         scheduler = schedulerFromConfig(
             Section("[scheduler]", config.scheduler), reactor, queue, router, agents, config.hostname
         )
@@ -226,6 +228,9 @@ def buildService(config: ServerConfig, reactor: Any, plugins: Any = None) -> Mul
     closer.setName("queue-closer")
     closer.setServiceParent(top)
     scheduler.setServiceParent(top)
+    if authSetup is not None:
+        authSetup.service.setName("auth-threads")
+        authSetup.service.setServiceParent(top)
 
     for kind in LISTENER_KINDS:
         if not config.listen[kind]:
@@ -239,6 +244,11 @@ def buildService(config: ServerConfig, reactor: Any, plugins: Any = None) -> Mul
             policies=policies,
             limits=limits,
             tlsOptions=tlsOptions,
+            auth=(
+                authSetup.auth
+                if authSetup is not None and (kind != "smtp" or authSetup.offerOnSMTP)
+                else None
+            ),
         )
         for description in config.listen[kind]:
             try:

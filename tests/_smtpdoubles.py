@@ -296,6 +296,7 @@ def connect(
     clock: Clock | None = None,
     greet: bool = True,
     transportFactory: Callable[..., StringTransport] = StringTransport,
+    auth: Any = None,
 ) -> Connection:
     """
     Connect a new protocol; with C{greet}, drop the greeting from the
@@ -305,7 +306,7 @@ def connect(
     router = router or DictRouter()
     queue = queue or RecordingQueue()
     proto = SMTPServerProtocol(
-        kind, HOSTNAME, queue, router, clock, policies, limits, tlsOptions  # type: ignore[arg-type]
+        kind, HOSTNAME, queue, router, clock, policies, limits, tlsOptions, auth=auth  # type: ignore[arg-type]
     )
     address = IPv6Address("TCP", peer, 40000) if ":" in peer else IPv4Address("TCP", peer, 40000)
     transport = transportFactory(peerAddress=address)

@@ -11,12 +11,13 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailfw.address import Address
@@ -634,6 +635,47 @@ class BackpressureTests(SynchronousTestCase):
         conn.proto.pauseProducing()
         conn.clock.advance(300)
         self.assertTrue(conn.transport.disconnected)
+
+
+    def test_tlsWriteBufferKeepsReading(self) -> None:
+        """
+        On a TLS transport (implicit TLS) a full write buffer stops command
+        processing but not reading: TLS may need to read to write (the
+        greeting is buffered until the handshake, which needs the client's
+        data), so pausing the transport would deadlock.
+        """
+        conn = connect("submissions", transportFactory=SSLStringTransport)
+        self.assertTrue(verifyObject(ISSLTransport, conn.transport))
+        conn.proto.pauseProducing()
+        self.assertEqual(conn.transport.producerState, "producing")
+        conn.send(EHLO + b"NOOP\r\n")
+        self.assertEqual(conn.codes(), [])
+        conn.proto.resumeProducing()
+        self.assertEqual(conn.codes(), [b"250", b"250"])
+
+    def test_tlsUnreadInputBounded(self) -> None:
+        """
+        A TLS client that sends on without reading replies is aborted once
+        a megabyte of its input waits unprocessed.
+        """
+        conn = connect("submissions", transportFactory=SSLStringTransport)
+        conn.proto.pauseProducing()
+        with capturedLogs() as events:
+            for _ in range(300):
+                conn.send(b"NOOP " + b"x" * 4000 + b"\r\n")
+        self.assertTrue(conn.transport.disconnected)
+        self.assertTrue([e for e in events if "without reading" in e["log_format"]])
+
+
+@implementer(ISSLTransport)
+class SSLStringTransport(TLSStringTransport):
+    """
+    A L{StringTransport} that says it is encrypted, as C{ssl:} listeners'
+    transports do.
+    """
+
+    def getPeerCertificate(self) -> None:
+        return None
 
 
 class PipeliningTests(SynchronousTestCase):

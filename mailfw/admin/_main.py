@@ -3,7 +3,7 @@ The C{mailfw} command: operator tools for a mailfw server.
 
 C{mailfw queue ...} talks to the running server over its control socket
 (C{DATA_DIR/control.sock}); C{mailfw config check} reads a configuration
-without starting anything.
+without starting anything; C{mailfw passwd} manages the AUTH password file.
 """
 
 from __future__ import annotations
@@ -192,6 +192,10 @@ def makeParser() -> argparse.ArgumentParser:
     check = configActions.add_parser("check", help="check a configuration file")
     check.add_argument("config", nargs="?", help="the file (default: the embedded default)")
     config.set_defaults(run=configCommand)
+
+    from mailfw.auth._tool import addPasswdParser
+
+    addPasswdParser(commands)
     return parser
 
 

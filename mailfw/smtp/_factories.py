@@ -5,6 +5,10 @@ and C{submissions} (465: implicit TLS from an C{ssl:} endpoint).
 
 Each factory counts its connections, in total and per client address, and
 turns away those over the limits with a 421 before any SMTP is spoken.
+
+With an L{SMTPAuth} the factory's sessions offer AUTH once they are
+encrypted; the submission kinds need it before MAIL, so without one they
+accept no mail at all.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from twisted.logger import Logger
 from mailfw.interfaces import IMessageQueue, IPolicy, IRouter
 from mailfw.reply import SMTPReply
 from mailfw.smtp import _replies as R
+from mailfw.smtp._auth import SMTPAuth
 from mailfw.smtp._limits import SMTPLimits
 from mailfw.smtp._server import LISTENER_KINDS, SMTPServerProtocol
 
@@ -53,6 +58,7 @@ class SMTPFactory(Factory):
     Builds an L{SMTPServerProtocol} for each connection of one listener kind.
 
     @ivar kind: C{"smtp"}, C{"submission"} or C{"submissions"}.
+    @ivar auth: AUTH settings, or C{None} where AUTH is not offered.
     @ivar connections: how many connections are open now.
     """
 
@@ -68,6 +74,7 @@ class SMTPFactory(Factory):
         policies: Sequence[IPolicy] = (),
         limits: SMTPLimits = SMTPLimits(),
         tlsOptions: object | None = None,
+        auth: SMTPAuth | None = None,
     ) -> None:
         if kind not in LISTENER_KINDS:
             raise ValueError(f"unknown listener kind {kind!r}; use one of {', '.join(LISTENER_KINDS)}")
@@ -80,6 +87,11 @@ class SMTPFactory(Factory):
         self.limits = limits
         # Implicit TLS has no STARTTLS to offer.
         self.tlsOptions = None if kind == "submissions" else tlsOptions
+        self.auth = auth
+        if auth is None and kind != "smtp":
+            self.log.warn(
+                "no [auth] configured: {kind} listeners accept no mail", kind=kind
+            )
         self.connections = 0
         self._perClient: dict[str, int] = {}
 
@@ -121,6 +133,7 @@ class SMTPFactory(Factory):
             self.tlsOptions,
             onOpen=opened,
             onClose=closed,
+            auth=self.auth,
         )
         protocol.factory = self
         return protocol

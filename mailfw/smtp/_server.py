@@ -19,6 +19,15 @@ keeps three rules that C{twisted.mail.smtp} does not:
   - B{Nothing sent before STARTTLS survives it.}  The input buffer is
     dropped and the session reset when TLS starts (RFC 3207 4.2).
 
+AUTH (RFC 4954) is offered when the factory gives an L{SMTPAuth}, and only
+inside TLS: PLAIN and LOGIN send passwords in the clear.  While a SASL
+exchange runs, input lines are client responses, not commands (up to
+12288 octets each).  After a successful AUTH the session is
+C{authenticated} and a C{relayClient}, and MAIL FROM must be an address
+the user owns (L{mailfw.auth.IMailUser.maySend}).  The submission
+listeners require AUTH before MAIL and add C{Date:} and C{Message-ID:} to
+messages that lack them (RFC 6409 8).
+
 Message text is decoded on whole chunks (L{mailfw.smtp._body}) and streamed
 to L{IIncomingMessage.write} as it arrives.  The header section is held
 (up to L{SMTPLimits.maxHeaderBytes}) until it is complete: then the loop
@@ -30,6 +39,7 @@ applied at the end of data, after the whole message has been read.
 from __future__ import annotations
 
 import re
+import secrets
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -39,6 +49,7 @@ from enum import Enum
 from typing import Any, ClassVar, cast
 
 import idna
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet.defer import Deferred, TimeoutError, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -47,21 +58,26 @@ from twisted.internet.interfaces import (
     ITLSTransport,
 )
 from twisted.internet.protocol import connectionDone
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
+from mailfw.auth._realm import IMailUser
 from mailfw.envelope import Envelope, Recipient, RouteKind, Session
 from mailfw.interfaces import IIncomingMessage, IMessageQueue, IPolicy, IRouter
 from mailfw.policy import Verdict
 from mailfw.queue import QueueFull
 from mailfw.reply import SMTPReply
+from mailfw.smtp import _auth as A
 from mailfw.smtp import _replies as R
+from mailfw.smtp._auth import SMTPAuth
 from mailfw.smtp._body import ChunkReader, DotReader
 from mailfw.smtp._limits import SMTPLimits
 from mailfw.smtp._parser import (
     MailFrom,
     RcptTo,
+    decodeXtext,
     parseBdat,
     parseCommandLine,
     parseDomainArgument,
@@ -74,16 +90,24 @@ __all__ = ["SMTPServerProtocol"]
 LISTENER_KINDS = ("smtp", "submission", "submissions")
 
 # Commands of RFC 5321 and common extensions that this server knows but does
-# not offer: 502 rather than 500.  AUTH (issue 7) and ETRN (issue 8) leave
-# this set when they get an entry in SMTPServerProtocol.commands.
+# not offer: 502 rather than 500.  ETRN (issue 8) leaves this set when it
+# gets an entry in SMTPServerProtocol.commands (a table entry wins anyway).
 NOT_IMPLEMENTED = frozenset(
-    {"AUTH", "ETRN", "EXPN", "TURN", "ATRN", "SEND", "SOML", "SAML", "VERB", "XCLIENT", "XFORWARD"}
+    {"ETRN", "EXPN", "TURN", "ATRN", "SEND", "SOML", "SAML", "VERB", "XCLIENT", "XFORWARD"}
 )
+SUBMISSION_KINDS = ("submission", "submissions")
 # Requests of other protocols sent to an SMTP port (cross-protocol attacks,
 # as Postfix's smtpd_forbidden_commands): answered with 421, then closed.
 FORBIDDEN = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELETE"})
 
+# How much unprocessed input is held while processing is paused and the
+# transport keeps reading (TLS with a full write buffer).
+_MAX_UNREAD = 1024 * 1024
+
 _RECEIVED = re.compile(rb"(?:^|\n)received[ \t]*:", re.IGNORECASE)
+_DATE = re.compile(rb"(?:^|\n)date[ \t]*:", re.IGNORECASE)
+_MESSAGE_ID = re.compile(rb"(?:^|\n)message-id[ \t]*:", re.IGNORECASE)
+_COMMENT_UNSAFE = re.compile(r"[^\x21-\x7e ]")
 _HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
 
 
@@ -184,6 +208,7 @@ class _MessageSink:
         self._aborted = False
         self._tail = b""
         self._verdict: Deferred[Verdict] | None = None
+        self._wholeHeader = True
         self.committing = False
         self.size = 0
 
@@ -222,10 +247,11 @@ class _MessageSink:
         if split >= 0:
             self._headerComplete(bytes(head[:split]), bytes(head[split:]))
         elif len(head) > self._limits.maxHeaderBytes:
-            self._headerComplete(bytes(head), b"")
+            self._headerComplete(bytes(head), b"", whole=False)
 
-    def _headerComplete(self, header: bytes, rest: bytes) -> None:
+    def _headerComplete(self, header: bytes, rest: bytes, whole: bool = True) -> None:
         self._head = bytearray()
+        self._wholeHeader = whole
         if len(_RECEIVED.findall(header)) >= self._limits.maxReceivedHeaders:
             self._hops = True
             self._discard()
@@ -249,8 +275,15 @@ class _MessageSink:
                 self._discard()
             else:
                 self._state = _SinkState.STREAMING
+                fixups = self._proto._submissionHeaders(header) if self._wholeHeader else b""
                 first = b"".join(
-                    [self._received, self._proto._formatHeaders(verdict.headers), header, *held]
+                    [
+                        self._received,
+                        self._proto._formatHeaders(verdict.headers),
+                        fixups,
+                        header,
+                        *held,
+                    ]
                 )
                 self._write(first)
         waiters, self._waiters = self._waiters, []
@@ -390,6 +423,7 @@ class SMTPServerProtocol(LineReceiver):
     @cvar mailParameters: MAIL parameters an extension checks itself.
     @ivar limits: the L{SMTPLimits} in force.
     @ivar peer: the client as C{"host:port"} text, for log events.
+    @ivar auth: the L{SMTPAuth} settings when this listener offers AUTH.
     """
 
     log = Logger()
@@ -410,9 +444,11 @@ class SMTPServerProtocol(LineReceiver):
         tlsOptions: object | None = None,
         onOpen: Callable[[SMTPServerProtocol], None] | None = None,
         onClose: Callable[[SMTPServerProtocol], None] | None = None,
+        auth: SMTPAuth | None = None,
     ) -> None:
         if kind not in LISTENER_KINDS:
             raise ValueError(f"unknown listener kind {kind!r}")
+        self.auth = auth
         self.kind = kind
         self.hostname = hostname
         self.queue = queue
@@ -435,6 +471,7 @@ class SMTPServerProtocol(LineReceiver):
         self._flushing = False
         self._stalled: bytes | None = None
         self._pauseReasons: set[str] = set()
+        self._transportPaused = False
         self._errors = 0
         self._penalty: IDelayedCall | None = None
         self._idle: IDelayedCall | None = None
@@ -443,6 +480,16 @@ class SMTPServerProtocol(LineReceiver):
         self._closed = False
         self._dot: DotReader | None = None
         self._chunk: _Chunk | None = None
+        self._sasl: A.Mechanism | None = None
+        self._avatar: Any = None
+        self._logout: Callable[[], None] | None = None
+
+    @property
+    def avatar(self) -> Any:
+        """
+        The L{mailfw.auth.IMailUser} after a successful AUTH, else C{None}.
+        """
+        return self._avatar
 
     # --- connection ---------------------------------------------------------
 
@@ -506,6 +553,8 @@ class SMTPServerProtocol(LineReceiver):
         tx, self._transaction = self._transaction, None
         if tx is not None and tx.message is not None:
             tx.message.cancel()
+        self._sasl = None
+        self._endLogin()
         self.log.info("disconnect from {peer}", peer=self.peer)
         if self._onClose is not None:
             onClose, self._onClose = self._onClose, None
@@ -579,6 +628,13 @@ class SMTPServerProtocol(LineReceiver):
         if self._busyReceiving:
             self._buffer += data
             return
+        if self.paused and len(self._buffer) - self._offset + len(data) > _MAX_UNREAD:
+            # Sending on and on without reading our replies (see
+            # _syncTransport): no more buffering.
+            self.log.warn("{peer} sends without reading replies, aborting", peer=self.peer)
+            self._closing = True
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         self._busyReceiving = True
         try:
             if self._offset:
@@ -605,7 +661,8 @@ class SMTPServerProtocol(LineReceiver):
         Take one command line from the buffer, if there is a whole one.
         """
         buf, start = self._buffer, self._offset
-        limit = self.limits.maxCommandLine - 2
+        inSASL = self._sasl is not None
+        limit = (A.SASL_LINE_LIMIT if inSASL else self.limits.maxCommandLine) - 2
         if self._discardingLine:
             end = buf.find(b"\r\n", start)
             if end < 0:
@@ -621,7 +678,11 @@ class SMTPServerProtocol(LineReceiver):
             if len(buf) - start > limit + 1:
                 # No CRLF within the limit: refuse now, skip to the CRLF.
                 self._discardingLine = True
-                self._respond(R.LINE_TOO_LONG)
+                if inSASL:
+                    self._sasl = None
+                    self._respond(A.AUTH_LINE_TOO_LONG)
+                else:
+                    self._respond(R.LINE_TOO_LONG)
                 return True
             return False
         self._offset = end + 2
@@ -680,21 +741,42 @@ class SMTPServerProtocol(LineReceiver):
         self._pause("stopped")
 
     def _pause(self, reason: str) -> None:
-        if not self._pauseReasons and not self._closing and self.transport is not None:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
         self._pauseReasons.add(reason)
         self.paused = True
+        self._syncTransport()
 
     def _unpause(self, reason: str) -> None:
         if reason not in self._pauseReasons:
             return
         self._pauseReasons.discard(reason)
         if self._pauseReasons or self._closing:
+            self._syncTransport()
             return
         self.paused = False
-        if self.transport is not None:
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self._syncTransport()
         self.dataReceived(b"")
+
+    def _syncTransport(self) -> None:
+        """
+        Stop or resume reading from the transport to match the pause
+        reasons.  A full write buffer of a TLS transport does not stop
+        reading: TLS may need to read before it can write (the handshake of
+        an implicit-TLS session starts with the greeting buffered), so
+        stopping would deadlock.  Input is then held in our buffer instead,
+        up to L{_MAX_UNREAD} octets.
+        """
+        if self._closing or self.transport is None:
+            return
+        reasons = self._pauseReasons
+        if "write" in reasons and ISSLTransport.providedBy(self.transport):
+            reasons = reasons - {"write"}
+        want = bool(reasons)
+        if want != self._transportPaused:
+            self._transportPaused = want
+            if want:
+                self.transport.pauseProducing()  # type: ignore[attr-defined]
+            else:
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     # --- output ---------------------------------------------------------------
 
@@ -899,6 +981,9 @@ class SMTPServerProtocol(LineReceiver):
     # --- commands -------------------------------------------------------------------
 
     def _dispatch(self, line: bytes) -> None:
+        if self._sasl is not None:
+            self._saslResponse(line)
+            return
         if b"\r" in line or b"\n" in line:
             self._respond(R.BARE_LINE_ENDING_COMMAND)
             return
@@ -941,6 +1026,8 @@ class SMTPServerProtocol(LineReceiver):
         ]
         if self._tlsAvailable():
             keywords.append("STARTTLS")
+        if self.auth is not None and self._session.tls:
+            keywords.append("AUTH " + " ".join(self.auth.mechanisms))
         return keywords
 
     def _tlsAvailable(self) -> bool:
@@ -989,14 +1076,37 @@ class SMTPServerProtocol(LineReceiver):
         if self._transaction is not None:
             self._respond(R.NESTED_MAIL)
             return
-        if self.kind == "submission" and self._session.authenticated is None:
+        if self.kind in SUBMISSION_KINDS and self._session.authenticated is None:
             self._respond(R.NEED_AUTH)
             return
-        parsed = parseMailFrom(
-            argument, esmtp=self._session.esmtp, extraParameters=self.mailParameters
-        )
+        extra = self.mailParameters
+        if self.auth is not None:
+            extra = extra | {"AUTH"}
+        parsed = parseMailFrom(argument, esmtp=self._session.esmtp, extraParameters=extra)
         if isinstance(parsed, SMTPReply):
             self._respond(parsed)
+            return
+        if self.auth is not None and "AUTH" in parsed.parameters:
+            # RFC 4954 5: the identity a relay vouches for.  Checked for
+            # syntax, then ignored: this server does not pass it on.
+            value = parsed.parameters["AUTH"]
+            try:
+                if value is None or (value != "<>" and not decodeXtext(value)):
+                    raise ValueError("empty")
+            except ValueError:
+                self._respond(A.AUTH_PARAMETER_SYNTAX)
+                return
+        avatar = self._avatar
+        if avatar is not None and not avatar.maySend(parsed.sender):
+            self.log.info(
+                "refused MAIL from {peer}: {sender} not allowed for {user}",
+                peer=self.peer,
+                sender="" if parsed.sender is None else str(parsed.sender),
+                user=self._session.authenticated,
+                code=A.SENDER_NOT_OWNED.code,
+                enhanced=A.SENDER_NOT_OWNED.enhanced,
+            )
+            self._respond(A.SENDER_NOT_OWNED)
             return
         if parsed.size is not None and parsed.size > self.limits.maxMessageSize:
             self._respond(R.MESSAGE_TOO_BIG)
@@ -1130,6 +1240,10 @@ class SMTPServerProtocol(LineReceiver):
             origin = f"from {helo} ({literal})"
         else:
             origin = f"from {helo}"
+        if self.auth is not None and self.auth.receivedIdentity and session.authenticated:
+            identity = _COMMENT_UNSAFE.sub("?", session.authenticated)
+            identity = identity.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+            origin += f"\r\n\t(Authenticated sender: {identity})"
         suffix = ("S" if session.tls else "") + ("A" if session.authenticated else "")
         if envelope.smtputf8:
             protocol = "UTF8SMTP" + suffix
@@ -1341,12 +1455,219 @@ class SMTPServerProtocol(LineReceiver):
                     count=len(discarded),
                     peer=self.peer,
                 )
-            self._session = replace(self._session, helo=None, esmtp=False, tls=True)
+            self._session = replace(
+                self._session,
+                helo=None,
+                esmtp=False,
+                tls=True,
+                authenticated=None,
+                relayClient=False,
+            )
+            self._endLogin()
             self._resetTransaction()
             tls.startTLS(cast(Any, self.tlsOptions))
             self.log.info("TLS started for {peer}", peer=self.peer)
 
         self._respond(R.TLS_READY, then)
+
+    # --- AUTH (RFC 4954) ------------------------------------------------------------
+
+    def smtp_AUTH(self, argument: str) -> None:
+        """
+        C{AUTH mechanism [initial-response]}.  The checks run in the order
+        of RFC 4954 and RFC 3207: sequence (503), syntax (501), mechanism
+        (504), encryption (538), then the brute-force lockout (454).
+        """
+        auth = self.auth
+        session = self._session
+        if auth is None:
+            self._respond(R.NOT_IMPLEMENTED)
+            return
+        if session.helo is None:
+            self._respond(R.NEED_HELO)
+            return
+        if not session.esmtp:
+            self._respond(A.AUTH_NEED_EHLO)
+            return
+        if session.authenticated is not None:
+            self._respond(A.AUTH_ALREADY)
+            return
+        if self._transaction is not None:
+            self._respond(A.AUTH_IN_TRANSACTION)
+            return
+        words = argument.split(" ")
+        if not words[0] or len(words) > 2 or (len(words) == 2 and not words[1]):
+            self._respond(A.AUTH_SYNTAX)
+            return
+        name = words[0].upper()
+        if not A.validMechanismName(name) or name not in auth.mechanisms:
+            self._respond(A.AUTH_UNKNOWN_MECHANISM)
+            return
+        if not session.tls:
+            self._respond(A.AUTH_NEEDS_TLS)
+            return
+        if auth.throttle.lockedOut(session.peerHost):
+            self.log.info("AUTH from {peer} refused: locked out", peer=self.peer)
+            self._respondLater(self._delayed(_Answer(A.AUTH_LOCKED)))
+            return
+        initial: bytes | None = None
+        if len(words) == 2:
+            if words[1] == "=":
+                initial = b""
+            else:
+                initial = A.decodeResponse(words[1].encode("ascii", "replace"))
+                if initial is None:
+                    self._respond(A.AUTH_BAD_BASE64)
+                    return
+        mechanism = A.makeMechanism(name)
+        assert mechanism is not None
+        self._saslStep(mechanism, mechanism.start(initial))
+
+    def _saslStep(self, mechanism: A.Mechanism, step: A.Step) -> None:
+        """
+        Send the next challenge, check the credentials, or refuse.
+        """
+        if isinstance(step, A.Challenge):
+            self._sasl = mechanism
+            self._respond(_Answer(SMTPReply(334, "", A.encodeChallenge(step.data)), plain=True))
+        elif isinstance(step, SMTPReply):
+            self._sasl = None
+            self._authFailed(mechanism.name, "", "malformed response")
+        else:
+            self._sasl = None
+            self._checkCredentials(mechanism.name, step)
+
+    def _saslResponse(self, line: bytes) -> None:
+        """
+        One client response inside a SASL exchange.
+        """
+        mechanism = self._sasl
+        assert mechanism is not None
+        self._sasl = None
+        if line == b"*":
+            self.log.info("AUTH cancelled by {peer}", peer=self.peer)
+            self._respond(A.AUTH_CANCELLED)
+            return
+        data = A.decodeResponse(line)
+        if data is None:
+            self._respond(A.AUTH_BAD_BASE64)
+            return
+        self._saslStep(mechanism, mechanism.respond(data))
+
+    def _delayed(self, answer: _Answer) -> Deferred[_Answer]:
+        """
+        C{answer}, after the throttle's failure delay.
+        """
+        assert self.auth is not None
+        delay = self.auth.throttle.failureDelay
+        if delay <= 0:
+            return succeed(answer)
+        return deferLater(self.clock, delay, lambda: answer)
+
+    def _authFailed(self, mechanism: str, user: str, reason: str) -> None:
+        """
+        Count a failed attempt and refuse it with 535, after the delay.
+        """
+        assert self.auth is not None
+        lockedOut = self.auth.throttle.failed(self._session.peerHost)
+        self.log.info(
+            "AUTH {mechanism} failed for {peer} (user {user}): {reason}",
+            mechanism=mechanism,
+            peer=self.peer,
+            user=user,
+            reason=reason,
+            code=A.AUTH_FAILED.code,
+            enhanced=A.AUTH_FAILED.enhanced,
+        )
+        if lockedOut:
+            self.log.warn(
+                "too many failed AUTH attempts from {peer}: locked out", peer=self.peer
+            )
+        self._respondLater(self._delayed(_Answer(A.AUTH_FAILED)))
+
+    def _checkCredentials(self, mechanism: str, credentials: Any) -> None:
+        auth = self.auth
+        assert auth is not None
+        user = _printable(credentials.username)
+        d: Deferred[Any] = maybeDeferred(auth.portal.login, credentials, None, IMailUser)
+        if not d.called:
+            d.addTimeout(auth.timeout, self.clock)
+
+        def succeeded(result: tuple[Any, Any, Callable[[], None]]) -> _Answer:
+            _, avatar, logout = result
+            if self._closed:
+                logout()
+                return _Answer(A.AUTH_OK)
+            self._endLogin()
+            self._avatar, self._logout = avatar, logout
+            self._session = replace(
+                self._session, authenticated=str(avatar.identity), relayClient=True
+            )
+            self.log.info(
+                "AUTH {mechanism} succeeded for {peer}: authenticated as {user}",
+                mechanism=mechanism,
+                peer=self.peer,
+                user=str(avatar.identity),
+            )
+            return _Answer(A.AUTH_OK)
+
+        def failed(f: Failure) -> _Answer | Deferred[_Answer]:
+            if self._closed:
+                return _Answer(A.AUTH_TEMPORARY)
+            if f.check(UnauthorizedLogin, UnhandledCredentials):
+                assert auth is not None
+                lockedOut = auth.throttle.failed(self._session.peerHost)
+                self.log.info(
+                    "AUTH {mechanism} failed for {peer} (user {user}): bad credentials",
+                    mechanism=mechanism,
+                    peer=self.peer,
+                    user=user,
+                    code=A.AUTH_FAILED.code,
+                    enhanced=A.AUTH_FAILED.enhanced,
+                )
+                if lockedOut:
+                    self.log.warn(
+                        "too many failed AUTH attempts from {peer}: locked out", peer=self.peer
+                    )
+                return self._delayed(_Answer(A.AUTH_FAILED))
+            if f.check(TimeoutError):
+                self.log.warn("AUTH check timed out for {peer}", peer=self.peer)
+            else:
+                self.log.failure("AUTH check failed for {peer}", f, peer=self.peer)
+            return _Answer(A.AUTH_TEMPORARY)
+
+        self._respondLater(d.addCallbacks(succeeded, failed))
+
+    def _endLogin(self) -> None:
+        """
+        Forget the authenticated user (the connection ends, or TLS starts).
+        """
+        logout, self._logout = self._logout, None
+        self._avatar = None
+        if logout is not None:
+            try:
+                logout()
+            except Exception:
+                self.log.failure("avatar logout failed for {peer}", peer=self.peer)
+
+    # --- submission (RFC 6409) --------------------------------------------------------
+
+    def _submissionHeaders(self, header: bytes) -> bytes:
+        """
+        On the submission listeners, the C{Date:} and C{Message-ID:} fields
+        a message lacks (RFC 6409 8.2 and 8.3); nothing elsewhere.
+        """
+        if self.kind not in SUBMISSION_KINDS:
+            return b""
+        out = b""
+        if not _DATE.search(header):
+            when = format_datetime(datetime.fromtimestamp(self.clock.seconds(), UTC))
+            out += f"Date: {when}\r\n".encode("ascii")
+        if not _MESSAGE_ID.search(header):
+            out += f"Message-ID: <{secrets.token_hex(16)}@{_idHost(self.hostname)}>\r\n".encode(
+                "ascii"
+            )
+        return out
 
     # --- logging ------------------------------------------------------------------------
 
@@ -1371,6 +1692,27 @@ class SMTPServerProtocol(LineReceiver):
         )
 
 
+def _printable(name: bytes | str) -> str:
+    """
+    A user name a client sent, fit for a log event: decoded leniently,
+    control characters escaped, at most 64 characters.
+    """
+    text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return text[:64]
+
+
+def _idHost(hostname: str) -> str:
+    """
+    The right-hand side of a C{Message-ID}: the host name in ASCII.
+    """
+    try:
+        host = idna.encode(hostname.rstrip("."), uts46=True).decode("ascii")
+    except idna.IDNAError:
+        host = ""
+    return host if re.fullmatch(r"[A-Za-z0-9.-]+", host) else "localhost"
+
+
 SMTPServerProtocol.commands = {
     "EHLO": SMTPServerProtocol.smtp_EHLO,
     "HELO": SMTPServerProtocol.smtp_HELO,
@@ -1384,4 +1726,5 @@ SMTPServerProtocol.commands = {
     "VRFY": SMTPServerProtocol.smtp_VRFY,
     "QUIT": SMTPServerProtocol.smtp_QUIT,
     "STARTTLS": SMTPServerProtocol.smtp_STARTTLS,
+    "AUTH": SMTPServerProtocol.smtp_AUTH,
 }

@@ -1,0 +1,116 @@
+"""
+The credentials checker for the password file (L{mailfw.auth._passwd}).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailfw.auth._passwd import PasswordEntry, PasswordFileError, burnTime, readPasswordFile, verifyPassword
+
+__all__ = ["PasswordFileChecker", "RunInThread"]
+
+RunInThread = Callable[..., "Deferred[Any]"]
+"""Runs C{f(*args)} off the reactor thread and fires with its result."""
+
+
+@implementer(ICredentialsChecker)
+class PasswordFileChecker:
+    """
+    Checks user names and passwords against the password file.
+
+    The file is read again whenever its modification time, size or inode
+    changes, so C{mailfw passwd} takes effect without a restart.  Reading
+    and hashing happen in C{runInThread}: scrypt is slow on purpose.  An
+    unknown user costs as much time as a wrong password.
+
+    A file that cannot be read fails the check with the L{OSError} (a
+    temporary failure, 454), not with L{UnauthorizedLogin}.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+    log = Logger()
+
+    def __init__(self, path: Path, runInThread: RunInThread) -> None:
+        self.path = path
+        self._runInThread = runInThread
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._entries: dict[str, PasswordEntry] = {}
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        username, password = credentials.username, credentials.password
+        if isinstance(username, str):
+            username = username.encode("utf-8")
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+
+        def checked(user: str | None) -> str:
+            if user is None:
+                raise UnauthorizedLogin()
+            return user
+
+        d = self._runInThread(self._check, bytes(username), bytes(password))
+        return d.addCallback(checked)
+
+    def entry(self, user: str) -> PasswordEntry | None:
+        """
+        The entry last read for C{user} (no disk access: the realm calls
+        this on the reactor thread, after a successful check).
+        """
+        return self._entries.get(user)
+
+    def rights(self, user: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+        """
+        C{user}'s sender patterns and ETRN domains, for L{MailRealm}.
+        """
+        entry = self.entry(user)
+        return None if entry is None else (entry.senders, entry.etrn)
+
+    def _load(self) -> dict[str, PasswordEntry]:
+        """
+        The file's entries, read again if it changed.  Runs in a thread.
+        """
+        with self._lock:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if stamp != self._stamp:
+                entries, problems = readPasswordFile(self.path)
+                for problem in problems:
+                    self.log.warn(
+                        "password file {path}: {problem}", path=str(self.path), problem=problem
+                    )
+                self._entries = entries
+                self._stamp = stamp
+            return self._entries
+
+    def _check(self, username: bytes, password: bytes) -> str | None:
+        """
+        The user name if the password is right, else C{None}.  Runs in a
+        thread.
+        """
+        entries = self._load()
+        try:
+            name = username.decode("utf-8")
+        except UnicodeDecodeError:
+            name = ""
+        entry = entries.get(name)
+        if entry is None:
+            burnTime(password)
+            return None
+        try:
+            good = verifyPassword(entry.hash, password)
+        except PasswordFileError:
+            return None
+        return entry.user if good else None

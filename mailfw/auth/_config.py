@@ -1,0 +1,177 @@
+"""
+The C{[auth]} section: which credentials checker, which mechanisms, the
+sender rules and the brute-force limits.
+
+Keys (all optional, but one of C{passwords} and C{checker} is needed for
+AUTH to be offered at all):
+
+  - C{passwords}: the password file written by C{mailfw passwd}, relative
+    to the data directory.
+  - C{checker}: instead, a C{twisted.cred.strcred} checker description,
+    e.g. C{"unix"}; it must check user names and passwords.
+  - C{mechanisms}: C{["PLAIN", "LOGIN"]} by default.
+  - C{smtp}: also offer AUTH (after STARTTLS) on the C{smtp} listeners, so
+    that users can relay through port 25; false by default.
+  - C{sender_check}: C{"exact"} (default), C{"domain"} or C{"any"}; see
+    L{mailfw.auth.MailUser}.
+  - C{allow_null_sender}: whether an authenticated user may send with
+    C{MAIL FROM:<>}; true by default.
+  - C{senders}, C{etrn}: tables of user name to a list of sender patterns
+    or ETRN domains, added to what the password file says.
+  - C{received_identity}: name the user in the C{Received:} header; false
+    by default (the log always has it).
+  - C{max_failures} (5), C{failure_window} (600 s), C{lockout} (600 s),
+    C{failure_delay} (2 s), C{max_tracked_clients} (10000): see
+    L{mailfw.smtp._auth.AuthThrottle}.
+  - C{timeout}: seconds a check may take before AUTH gets 454 (30).
+  - C{threads}: threads that check passwords (4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import IService, Service
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.portal import Portal
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from mailfw.auth._checker import PasswordFileChecker, RunInThread
+from mailfw.auth._passwd import PasswordFileError, normaliseETRNDomain, normaliseSenderPattern
+from mailfw.auth._realm import SENDER_CHECKS, MailRealm
+from mailfw.config import ComponentContext, ConfigError, Section
+from mailfw.smtp._auth import MECHANISMS, AuthThrottle, SMTPAuth
+
+__all__ = ["AuthSetup", "authFromConfig"]
+
+
+class ThreadPoolService(Service):
+    """
+    Starts a thread pool with the service tree and stops it with it.
+    """
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+@dataclass
+class AuthSetup:
+    """
+    AUTH as configured.
+
+    @ivar auth: for the factories of the listeners that offer AUTH.
+    @ivar offerOnSMTP: whether the C{smtp} listeners offer it too.
+    @ivar service: runs the password-checking threads; a child of the
+        server's service tree.
+    """
+
+    auth: SMTPAuth
+    offerOnSMTP: bool
+    service: IService
+
+
+def _table(section: Section, key: str, normalise: Any) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for user, value in section.table(key, {}).items():
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ConfigError(f"{section.title} {key}.{user}: expected a list of strings")
+        try:
+            out[user] = tuple(normalise(v) for v in values)
+        except PasswordFileError as e:
+            raise ConfigError(f"{section.title} {key}.{user}: {e}") from None
+    return out
+
+
+def authFromConfig(
+    section: Section, context: ComponentContext, runInThread: RunInThread | None = None
+) -> AuthSetup | None:
+    """
+    Build AUTH from the C{[auth]} section; C{None} when neither
+    C{passwords} nor C{checker} is given (no AUTH anywhere).
+
+    @param runInThread: how password checks leave the reactor thread; by
+        default a thread pool of C{threads} threads (tests pass a
+        synchronous one).
+    @raise ConfigError: naming the key that is wrong.
+    """
+    passwords = section.text("passwords", None)
+    checkerText = section.text("checker", None)
+    mechanisms = tuple(m.upper() for m in section.strings("mechanisms", ["PLAIN", "LOGIN"]))
+    offerOnSMTP = section.flag("smtp", False)
+    senderCheck = section.choice("sender_check", SENDER_CHECKS, "exact")
+    allowNull = section.flag("allow_null_sender", True)
+    receivedIdentity = section.flag("received_identity", False)
+    senders = _table(section, "senders", normaliseSenderPattern)
+    etrn = _table(section, "etrn", normaliseETRNDomain)
+    maxFailures = section.integer("max_failures", 5, minimum=1)
+    window = section.number("failure_window", 600.0, minimum=0)
+    lockout = section.number("lockout", 600.0, minimum=0)
+    delay = section.number("failure_delay", 2.0, minimum=0)
+    maxClients = section.integer("max_tracked_clients", 10000, minimum=1)
+    timeout = section.number("timeout", 30.0, minimum=1)
+    threads = section.integer("threads", 4, minimum=1)
+    section.finish()
+    if not mechanisms or any(m not in MECHANISMS for m in mechanisms):
+        raise ConfigError(
+            f"{section.title} mechanisms: choose from {', '.join(MECHANISMS)}"
+        )
+    if passwords is not None and checkerText is not None:
+        raise ConfigError(f"{section.title}: give 'passwords' or 'checker', not both")
+    if passwords is None and checkerText is None:
+        if section.has("smtp") and offerOnSMTP:
+            raise ConfigError(f"{section.title} smtp: needs 'passwords' or 'checker'")
+        return None
+
+    pool = ThreadPool(minthreads=0, maxthreads=threads, name="mailfw-auth")
+    service = ThreadPoolService(pool)
+    if runInThread is None:
+
+        def runInThread(f: Any, *args: Any) -> Any:
+            return deferToThreadPool(context.reactor, pool, f, *args)
+
+    checker: Any
+    if passwords is not None:
+        fileChecker = PasswordFileChecker(context.path(passwords), runInThread)
+        checker, lookup = fileChecker, fileChecker.rights
+    else:
+        from twisted.cred import strcred
+
+        try:
+            checker = strcred.makeChecker(checkerText)
+        except Exception as e:
+            raise ConfigError(f"{section.title} checker: {e}") from None
+        probe = UsernamePassword(b"", b"")
+        if not any(i.providedBy(probe) for i in checker.credentialInterfaces):
+            raise ConfigError(
+                f"{section.title} checker: {checkerText.split(':', 1)[0]!r} "
+                "does not check user names and passwords"
+            )
+        lookup = None
+    realm = MailRealm(lookup, senders, etrn, senderCheck, allowNull)
+    throttle = AuthThrottle(
+        context.reactor,
+        maxFailures=maxFailures,
+        window=window,
+        lockout=lockout,
+        failureDelay=delay,
+        maxClients=maxClients,
+    )
+    auth = SMTPAuth(
+        Portal(realm, [checker]),
+        throttle,
+        mechanisms=mechanisms,
+        receivedIdentity=receivedIdentity,
+        timeout=timeout,
+    )
+    return AuthSetup(auth, offerOnSMTP, service)

@@ -1,0 +1,173 @@
+"""
+The avatar of an authenticated mail user and the realm that makes it.
+
+A successful C{AUTH} logs in through a L{twisted.cred.portal.Portal}; the
+realm turns the checker's avatar ID into an L{IMailUser}, which says which
+sender addresses the user may use and which domains it may flush with
+ETRN.  (L{IMailUser} belongs in L{mailfw.interfaces}; it lives here until
+the lead moves it.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.cred.portal import IRealm
+from zope.interface import Attribute, Interface, implementer
+
+from mailfw.address import Address, AddressError, normaliseDomain
+
+__all__ = ["SENDER_CHECKS", "IMailUser", "MailRealm", "MailUser"]
+
+SENDER_CHECKS = ("exact", "domain", "any")
+
+
+class IMailUser(Interface):
+    """
+    An authenticated SMTP client: who it is and what it may do.
+    """
+
+    identity = Attribute(
+        "C{str}: the authenticated name, recorded in C{Session.authenticated}, "
+        "the envelope and the log."
+    )
+    senders = Attribute(
+        "C{tuple[str, ...]}: normalised sender patterns: C{local@domain}, "
+        "C{@domain} or C{*}."
+    )
+    etrnDomains = Attribute(
+        "C{tuple[str, ...]}: domains the user may flush with ETRN: C{domain}, "
+        "C{.domain} (its subdomains) or C{*}."
+    )
+
+    def maySend(sender: Address | None) -> bool:
+        """
+        Whether the user may use C{sender} (C{None} for C{<>}) as the
+        reverse-path in MAIL FROM.  A refusal is answered 553 5.7.1.
+        """
+
+    def mayFlush(domain: str) -> bool:
+        """
+        Whether the user may ask with ETRN for C{domain}'s queued mail.
+        """
+
+
+def _domainOf(pattern: str) -> str:
+    return pattern.rpartition("@")[2]
+
+
+@implementer(IMailUser)
+@dataclass(frozen=True)
+class MailUser:
+    """
+    An L{IMailUser} from a password file line or the configuration.
+
+    @ivar senderCheck: C{"exact"}: the sender must match one of C{senders}
+        (an address matches its own pattern, ignoring case; C{@domain}
+        matches every address in that domain; C{*} every address);
+        C{"domain"}: any address in the domain of one of C{senders};
+        C{"any"}: any sender.
+    @ivar allowNullSender: whether C{MAIL FROM:<>} is allowed (read
+        receipts and other notifications use it).
+    """
+
+    identity: str
+    senders: tuple[str, ...] = ()
+    etrnDomains: tuple[str, ...] = ()
+    senderCheck: str = "exact"
+    allowNullSender: bool = True
+
+    def maySend(self, sender: Address | None) -> bool:
+        if sender is None:
+            return self.allowNullSender
+        if self.senderCheck == "any":
+            return True
+        domain = sender.domain
+        mailbox = f"{sender.localpart.lower()}@{domain}"
+        for pattern in self.senders:
+            if pattern == "*":
+                return True
+            if pattern.startswith("@"):
+                if pattern[1:] == domain:
+                    return True
+            elif self.senderCheck == "domain":
+                if _domainOf(pattern) == domain:
+                    return True
+            elif pattern.lower() == mailbox:
+                return True
+        return False
+
+    def mayFlush(self, domain: str) -> bool:
+        try:
+            domain = normaliseDomain(domain.rstrip("."))
+        except AddressError:
+            return False
+        for pattern in self.etrnDomains:
+            if pattern == "*" or pattern == domain:
+                return True
+            if pattern.startswith(".") and domain.endswith(pattern):
+                return True
+        return False
+
+
+def _defaultSenders(identity: str) -> tuple[str, ...]:
+    """
+    A user called by an address may send as that address.
+    """
+    try:
+        return (str(Address.parse(identity, utf8=True)),)
+    except AddressError:
+        return ()
+
+
+@implementer(IRealm)
+class MailRealm:
+    """
+    Makes L{MailUser} avatars.
+
+    @param lookup: gives the sender patterns and ETRN domains a checker
+        knows for an avatar ID (the password file's third and fourth
+        fields), or C{None}.
+    @param senders: extra sender patterns per user, from C{[auth] senders}.
+    @param etrn: extra ETRN domains per user, from C{[auth] etrn}.
+    """
+
+    def __init__(
+        self,
+        lookup: Callable[[str], tuple[tuple[str, ...], tuple[str, ...]] | None] | None = None,
+        senders: Mapping[str, tuple[str, ...]] | None = None,
+        etrn: Mapping[str, tuple[str, ...]] | None = None,
+        senderCheck: str = "exact",
+        allowNullSender: bool = True,
+    ) -> None:
+        if senderCheck not in SENDER_CHECKS:
+            raise ValueError(f"senderCheck must be one of {', '.join(SENDER_CHECKS)}")
+        self._lookup = lookup
+        self._senders = dict(senders or {})
+        self._etrn = dict(etrn or {})
+        self.senderCheck = senderCheck
+        self.allowNullSender = allowNullSender
+
+    def avatarFor(self, avatarId: str) -> MailUser:
+        """
+        The avatar for C{avatarId}, with every right known for it.
+        """
+        known = self._lookup(avatarId) if self._lookup is not None else None
+        senders, etrn = known if known is not None else ((), ())
+        senders = senders + self._senders.get(avatarId, ())
+        etrn = etrn + self._etrn.get(avatarId, ())
+        if not senders:
+            senders = _defaultSenders(avatarId)
+        return MailUser(avatarId, senders, etrn, self.senderCheck, self.allowNullSender)
+
+    def requestAvatar(
+        self, avatarId: Any, mind: object, *interfaces: Any
+    ) -> tuple[Any, MailUser, Callable[[], None]]:
+        if IMailUser not in interfaces:
+            # twisted.cred's documented answer for "no avatar of that kind".
+            raise NotImplementedError("MailRealm only makes IMailUser avatars")
+        if isinstance(avatarId, bytes):
+            avatarId = avatarId.decode("utf-8")
+        return IMailUser, self.avatarFor(str(avatarId)), lambda: None
