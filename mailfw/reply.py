@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 __all__ = ["SMTPReply", "SMTPReplyError"]
 
+# RFC 5321 4.5.3.1.5: a reply line is at most 512 octets with its CRLF.  Text
+# that echoes what a client sent is cut to fit.
+MAX_LINE = 510
+
 
 @dataclass(frozen=True)
 class SMTPReply:
@@ -68,7 +72,7 @@ class SMTPReply:
         texts = (self.text, *more)
         last = len(texts) - 1
         return [
-            f"{self.code}{' ' if i == last else '-'}{prefix}{text}".encode("utf-8")
+            f"{self.code}{' ' if i == last else '-'}{prefix}{text}".encode("utf-8")[:MAX_LINE]
             for i, text in enumerate(texts)
         ]
 

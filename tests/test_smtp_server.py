@@ -28,6 +28,7 @@ from mailfw.policy import CONTINUE, Verdict
 from mailfw.queue import QueueFull
 from mailfw.reply import SMTPReply
 from mailfw.smtp import SMTPFactory, SMTPLimits, SMTPServerProtocol
+from mailfw.smtp._server import CLOSE_GRACE
 from tests._smtpdoubles import (
     EHLO,
     HOSTNAME,
@@ -719,6 +720,26 @@ class PipeliningTests(SynchronousTestCase):
         self.assertEqual(conn.transport.producerState, "producing")
         self.assertEqual(conn.codes(), [b"250", b"250", b"250"])
 
+    def test_bodyAfterRefusedDataWhileReplyPending(self) -> None:
+        """
+        A DATA that waited behind a pending RCPT reply and is then refused
+        is followed by a synchronization error, so the body pipelined behind
+        it is never read as commands (RFC 2920 3.1).
+        """
+        router = DictRouter(slow=True)
+        conn = connect(router=router)
+        conn.send(
+            EHLO
+            + MAIL
+            + b"RCPT TO:<nobody@elsewhere.example>\r\nDATA\r\n"
+            + b"MAIL FROM:<e@evil.example>\r\nRCPT TO:<smuggled@example.org>\r\nNOOP\r\n"
+        )
+        router.fire(0)
+        self.assertEqual(conn.codes(), [b"250", b"250", b"554", b"554", b"554"])
+        self.assertEqual(conn.replies()[-1][:9], b"554 5.5.0")
+        self.assertTrue(conn.closed)
+        self.assertEqual([str(a) for a, _ in router.calls], ["nobody@elsewhere.example"])
+
     def test_pendingChecksBounded(self) -> None:
         """
         No more than C{maxPendingChecks} RCPT checks run at once.
@@ -1179,6 +1200,45 @@ class TimeoutTests(SynchronousTestCase):
         self.assertEqual(conn.codes()[-1], b"250")
         conn.clock.advance(300)
         self.assertTrue(conn.closed)
+
+
+class ClosingTests(SynchronousTestCase):
+    def test_abortsIfPeerKeepsConnection(self) -> None:
+        """
+        After QUIT the server closes; a peer that keeps the connection open
+        (a TLS close waits for it) is aborted after C{CLOSE_GRACE}.
+        """
+        conn = connect()
+        conn.send(b"QUIT\r\n")
+        self.assertTrue(conn.closed)
+        self.assertFalse(conn.transport.disconnected)
+        conn.clock.advance(CLOSE_GRACE)
+        self.assertTrue(conn.transport.disconnected)
+
+    def test_closeResumesReading(self) -> None:
+        """
+        Closing while reading is paused (QUIT pipelined behind a pending
+        commit) resumes the transport, so it can see the peer's EOF or TLS
+        close_notify.
+        """
+        queue = RecordingQueue()
+        commit: Deferred[str] = Deferred()
+        queue.commitResult = commit
+        conn = connect(queue=queue)
+        conn.send(PROLOGUE + b"x\r\n.\r\nQUIT\r\n")
+        self.assertEqual(conn.transport.producerState, "paused")
+        commit.callback("Q1")
+        self.assertEqual(conn.codes()[-2:], [b"250", b"221"])
+        self.assertEqual(conn.transport.producerState, "producing")
+
+    def test_noAbortAfterClose(self) -> None:
+        """
+        The abort timer is cancelled when the connection is gone.
+        """
+        conn = connect()
+        conn.send(b"QUIT\r\n")
+        conn.proto.connectionLost()
+        self.assertEqual(conn.clock.getDelayedCalls(), [])
 
 
 class ErrorLimitTests(SynchronousTestCase):

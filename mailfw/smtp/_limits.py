@@ -49,8 +49,9 @@ class SMTPLimits:
         address; more get 421 4.7.0.
     @ivar maxConnections: simultaneous connections in total per listener
         factory; more get 421 4.7.0.
-    @ivar maxReceivedHeaders: a message with more C{Received:} headers is
-        refused with 554 5.4.6 (a mail loop; Postfix's C{hopcount_limit}).
+    @ivar maxReceivedHeaders: a message that would have more C{Received:}
+        headers, counting the one mailfw adds, is refused with 554 5.4.6 (a
+        mail loop; Postfix's C{hopcount_limit}).
     @ivar policyTimeout: seconds a policy or router call may take before the
         command gets 451 4.4.3.
     @ivar maxPendingChecks: how many pipelined RCPT checks may run at once.

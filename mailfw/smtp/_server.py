@@ -103,6 +103,9 @@ FORBIDDEN = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELE
 # How much unprocessed input is held while processing is paused and the
 # transport keeps reading (TLS with a full write buffer).
 _MAX_UNREAD = 1024 * 1024
+# Seconds a closing connection may wait for the peer (TLS close_notify, a
+# full write buffer) before it is aborted.
+CLOSE_GRACE = 10.0
 
 _RECEIVED = re.compile(rb"(?:^|\n)received[ \t]*:", re.IGNORECASE)
 _DATE = re.compile(rb"(?:^|\n)date[ \t]*:", re.IGNORECASE)
@@ -475,6 +478,8 @@ class SMTPServerProtocol(LineReceiver):
         self._errors = 0
         self._penalty: IDelayedCall | None = None
         self._idle: IDelayedCall | None = None
+        self._abortLater: IDelayedCall | None = None
+        self._draining = False
         self._refused = False
         self._closing = False
         self._closed = False
@@ -542,10 +547,10 @@ class SMTPServerProtocol(LineReceiver):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         self._closing = True
-        for call in (self._idle, self._penalty):
+        for call in (self._idle, self._penalty, self._abortLater):
             if call is not None and call.active():
                 call.cancel()
-        self._idle = self._penalty = None
+        self._idle = self._penalty = self._abortLater = None
         slots, self._slots = list(self._slots), deque()
         for slot in slots:
             if slot.deferred is not None and slot.cancellable and not slot.deferred.called:
@@ -572,7 +577,21 @@ class SMTPServerProtocol(LineReceiver):
         if tx is not None and tx.message is not None:
             tx.message.abort()
         if self.transport is not None:
+            if self._transportPaused:
+                # A TLS transport must read to see the peer's close_notify
+                # or EOF; what it reads now is dropped (we are closing).
+                self._transportPaused = False
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
             self.transport.loseConnection()
+            # A TLS close waits for the peer, and a peer that never reads
+            # keeps our write buffer full: neither may hold the slot.
+            self._abortLater = self.clock.callLater(CLOSE_GRACE, self._abortClose)
+
+    def _abortClose(self) -> None:
+        self._abortLater = None
+        if not self._closed and self.transport is not None:
+            self.log.info("{peer} did not close; aborting", peer=self.peer)
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _closingReply(self, reply: SMTPReply) -> SMTPReply:
         """
@@ -865,7 +884,7 @@ class SMTPServerProtocol(LineReceiver):
                     self._close()
         finally:
             self._flushing = False
-        if not self._slots and not self._closing:
+        if not self._slots and not self._closing and not self._draining:
             self._drained()
 
     def _penaltyServed(self) -> None:
@@ -878,7 +897,14 @@ class SMTPServerProtocol(LineReceiver):
         """
         line, self._stalled = self._stalled, None
         if line is not None:
-            self._dispatch(line)
+            # The command answers through _flush, which must not call back
+            # here and read on before the command has finished (a refused
+            # DATA checks what was pipelined behind it).
+            self._draining = True
+            try:
+                self._dispatch(line)
+            finally:
+                self._draining = False
             if self._slots or self._closing:
                 return
         self._unpause("stall")
@@ -1265,8 +1291,9 @@ class SMTPServerProtocol(LineReceiver):
         commands, but they are probably the body (RFC 2920 3.1 forbids
         sending them), so that is a synchronization error.
         """
+        pipelined = self._offset < len(self._buffer)
         self._respond(reply)
-        if self._offset < len(self._buffer):
+        if pipelined:
             self.log.warn("octets pipelined after refused DATA from {peer}", peer=self.peer)
             self._respond(_Answer(R.SYNCHRONIZATION, True))
 
