@@ -375,6 +375,39 @@ class IPolicy(Interface):
         """
 
 
+# --- authentication ----------------------------------------------------------
+
+
+class IMailUser(Interface):
+    """
+    An authenticated SMTP client: who it is and what it may do.
+    """
+
+    identity = Attribute(
+        "C{str}: the authenticated name, recorded in C{Session.authenticated}, "
+        "the envelope and the log."
+    )
+    senders = Attribute(
+        "C{tuple[str, ...]}: normalised sender patterns: C{local@domain}, "
+        "C{@domain} or C{*}."
+    )
+    etrnDomains = Attribute(
+        "C{tuple[str, ...]}: domains the user may flush with ETRN: C{domain}, "
+        "C{.domain} (its subdomains) or C{*}."
+    )
+
+    def maySend(sender: Address | None) -> bool:
+        """
+        Whether the user may use C{sender} (C{None} for C{<>}) as the
+        reverse-path in MAIL FROM.  A refusal is answered 553 5.7.1.
+        """
+
+    def mayFlush(domain: str) -> bool:
+        """
+        Whether the user may ask with ETRN for C{domain}'s queued mail.
+        """
+
+
 class IPolicyFactory(INamedPlugin):
     """
     A plugin that builds L{IPolicy}s from C{[policy.NAME]}.

@@ -11,17 +11,25 @@ Everything here is public and stable: use it in your plugin's tests.
  - L{QueueContractTests}, L{DeliveryAgentContractTests}: mixins holding
    the tests every queue backend or delivery agent must pass; subclass one
    together with L{twisted.trial.unittest.SynchronousTestCase}.
- - L{connectedServer}: drive an SMTP server protocol over a
-   L{StringTransport} with a L{Clock}.
+ - L{connectedServer}: drive mailfw's SMTP server over a
+   L{StringTransport} with a L{Clock}, to test a policy or router plugin
+   as the server calls it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.names import dns, error
 from twisted.names.common import ResolverBase
+
+from mailfw.interfaces import IMessageQueue, IPolicy, IRouter
 
 from mailfw.delivery._contract import DeliveryAgentContractTests
 from mailfw.delivery._memory import BytesBody, MemoryDeliveryAgent
@@ -39,6 +47,8 @@ __all__ = [
     "MemoryDeliveryAgent",
     "MemoryQueue",
     "QueueContractTests",
+    "ServerConnection",
+    "connectedServer",
     "makeEnvelope",
 ]
 
@@ -106,3 +116,82 @@ class FakeResolver(ResolverBase):
             if not self.chase:
                 break
         return succeed((answers, [], []))
+
+
+
+@dataclass
+class ServerConnection:
+    """
+    One mailfw SMTP server connection on a L{StringTransport}.
+
+    @ivar queue: where accepted messages go (a L{MemoryQueue} by default).
+    """
+
+    protocol: Any
+    transport: StringTransport
+    clock: Clock
+    queue: IMessageQueue
+    seen: int = field(default=0)
+
+    def send(self, data: bytes) -> None:
+        """
+        Deliver C{data} from the client, as if it arrived in one packet.
+        """
+        self.protocol.dataReceived(data)
+
+    def replies(self) -> list[bytes]:
+        """
+        The last line of each reply so far (C{b"250 2.1.5 Ok"}), in order.
+        """
+        lines = self.transport.value().split(b"\r\n")[:-1]
+        return [line for line in lines if line[3:4] != b"-"]
+
+    def codes(self) -> list[int]:
+        """
+        The reply codes so far.
+        """
+        return [int(line[:3]) for line in self.replies()]
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+
+def connectedServer(
+    kind: str = "smtp",
+    hostname: str = "mx.example.org",
+    localDomains: Sequence[str] = ("example.org",),
+    queue: IMessageQueue | None = None,
+    router: IRouter | None = None,
+    policies: Sequence[IPolicy] = (),
+    limits: Any = None,
+    peer: str = "192.0.2.1",
+    clock: Clock | None = None,
+) -> ServerConnection:
+    """
+    Connect a client to a new mailfw SMTP server protocol built by the real
+    L{mailfw.smtp.SMTPFactory}, after its greeting.
+
+    By default the server uses a L{MemoryQueue} and the C{static} router
+    with C{localDomains}, and refuses relaying.
+    """
+    from mailfw.config import ComponentContext
+    from mailfw.routing._static import fromConfig as staticRouter
+    from mailfw.smtp import SMTPFactory, SMTPLimits
+
+    clock = clock or Clock()
+    queue = queue if queue is not None else MemoryQueue(clock)
+    if router is None:
+        context = ComponentContext(
+            reactor=clock, hostname=hostname, dataDir=Path("."), agentNames=frozenset({"local"})
+        )
+        router = staticRouter(context, "routing", {"local_domains": list(localDomains)})
+    factory = SMTPFactory(
+        kind, hostname, queue, router, clock, policies=policies, limits=limits or SMTPLimits()
+    )
+    address = (IPv6Address if ":" in peer else IPv4Address)("TCP", peer, 40000)
+    protocol = factory.buildProtocol(address)
+    assert protocol is not None
+    transport = StringTransport(peerAddress=address)
+    protocol.makeConnection(transport)
+    return ServerConnection(protocol, transport, clock, queue)

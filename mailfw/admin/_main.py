@@ -124,6 +124,8 @@ def queueCommand(args: argparse.Namespace) -> int:
             print(formatList([result]))
             print()
             print(result.get("headers", "").rstrip("\r\n").replace("\r\n", "\n"))
+    elif args.json:
+        print(json.dumps({"action": args.action, "recipients": result}))
     else:
         print(f"{args.action}: {result} recipients")
     return 0

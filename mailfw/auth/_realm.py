@@ -4,8 +4,7 @@ The avatar of an authenticated mail user and the realm that makes it.
 A successful C{AUTH} logs in through a L{twisted.cred.portal.Portal}; the
 realm turns the checker's avatar ID into an L{IMailUser}, which says which
 sender addresses the user may use and which domains it may flush with
-ETRN.  (L{IMailUser} belongs in L{mailfw.interfaces}; it lives here until
-the lead moves it.)
+ETRN (L{mailfw.interfaces.IMailUser}).
 """
 
 from __future__ import annotations
@@ -15,43 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.cred.portal import IRealm
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
 from mailfw.address import Address, AddressError, normaliseDomain
+from mailfw.interfaces import IMailUser
 
 __all__ = ["SENDER_CHECKS", "IMailUser", "MailRealm", "MailUser"]
 
 SENDER_CHECKS = ("exact", "domain", "any")
-
-
-class IMailUser(Interface):
-    """
-    An authenticated SMTP client: who it is and what it may do.
-    """
-
-    identity = Attribute(
-        "C{str}: the authenticated name, recorded in C{Session.authenticated}, "
-        "the envelope and the log."
-    )
-    senders = Attribute(
-        "C{tuple[str, ...]}: normalised sender patterns: C{local@domain}, "
-        "C{@domain} or C{*}."
-    )
-    etrnDomains = Attribute(
-        "C{tuple[str, ...]}: domains the user may flush with ETRN: C{domain}, "
-        "C{.domain} (its subdomains) or C{*}."
-    )
-
-    def maySend(sender: Address | None) -> bool:
-        """
-        Whether the user may use C{sender} (C{None} for C{<>}) as the
-        reverse-path in MAIL FROM.  A refusal is answered 553 5.7.1.
-        """
-
-    def mayFlush(domain: str) -> bool:
-        """
-        Whether the user may ask with ETRN for C{domain}'s queued mail.
-        """
 
 
 def _domainOf(pattern: str) -> str:
