@@ -118,8 +118,10 @@ class IMessageQueue(Interface):
 
     def claim(now: float, limit: int) -> Deferred[Sequence[Lease]]:
         """
-        Lease up to C{limit} due recipients (state ready, C{nextAttempt <=
-        now}), grouped by message.  A leased recipient is claimed by no one
+        Lease up to C{limit} due recipients (state ready or etrn, with
+        C{nextAttempt <= now}), grouped by message.  An etrn recipient is
+        due only for housekeeping (a delay notice, expiry) unless a flush
+        released it.  A leased recipient is claimed by no one
         else until its lease expires or is recorded.
         """
 
@@ -181,8 +183,10 @@ class IMessageQueue(Interface):
 
     def flush(selector: Selector) -> Deferred[int]:
         """
-        Make matching ready and held-for-ETRN recipients due now (ETRN and
-        C{mailfw queue flush}).  Operator holds stay.  Returns how many.
+        Make matching ready and held-for-ETRN recipients due now and mark
+        them released, so that a hold-for-ETRN destination is attempted
+        (ETRN and C{mailfw queue flush}).  Operator holds stay.  Returns how
+        many.
         """
 
     def delete(selector: Selector) -> Deferred[int]:

@@ -193,6 +193,7 @@ def buildService(config: ServerConfig, reactor: Any, plugins: Any = None) -> Mul
     @raise ConfigError: naming the section that is wrong.
     """
     from mailfw.auth._config import authFromConfig
+    from mailfw.etrn import ETRNHandler, settingsFromConfig
     from mailfw.queue._scheduler import schedulerFromConfig
     from mailfw.smtp import SMTPFactory, SMTPLimits
     from mailfw.tls import serverTLSOptions
@@ -216,13 +217,21 @@ def buildService(config: ServerConfig, reactor: Any, plugins: Any = None) -> Mul
         limits = SMTPLimits.fromSection(Section("[smtp]", config.smtp))
         tlsOptions = serverTLSOptions(config)
         authSetup = authFromConfig(Section("[auth]", config.auth), context)
+        etrnSettings = settingsFromConfig(config.raw.get("etrn", {}))
         scheduler = schedulerFromConfig(
-            Section("[scheduler]", config.scheduler), reactor, queue, router, agents, config.hostname
+            Section("[scheduler]", config.scheduler),
+            reactor,
+            queue,
+            router,
+            agents,
+            config.hostname,
+            holdForETRN=etrnSettings.holds,
         )
     except BaseException:
         queue.close()
         raise
 
+    etrn = ETRNHandler(etrnSettings, queue, reactor) if etrnSettings.enabled else None
     top = MultiService()
     closer = _QueueCloser(queue)
     closer.setName("queue-closer")
@@ -249,6 +258,7 @@ def buildService(config: ServerConfig, reactor: Any, plugins: Any = None) -> Mul
                 if authSetup is not None and (kind != "smtp" or authSetup.offerOnSMTP)
                 else None
             ),
+            etrn=etrn,
         )
         for description in config.listen[kind]:
             try:

@@ -607,6 +607,151 @@ class SchedulerLimitTests(SchedulerTestsMixin):
         self.assertEqual(self.queue.queueIDs(), [])
 
 
+def customerOnly(address: Address) -> bool:
+    """
+    Hold C{customer.test} and its subdomains for ETRN.
+    """
+    return address.domain == "customer.test" or address.domain.endswith(".customer.test")
+
+
+class SchedulerETRNTests(SchedulerTestsMixin):
+    """
+    Hold-for-ETRN domains: held without attempts, released by a flush, and
+    still warned about and expired on the normal schedule.
+    """
+
+    def test_heldUntilFlush(self) -> None:
+        """
+        Mail for a hold domain is routed and held in state ETRN with no
+        attempt and its delay-warning time as next attempt, while other
+        mail is delivered; a flush then delivers it at once.
+        """
+        self.router.table = {
+            "customer.test": Route(RouteKind.RELAY, agent="local", nexthop="mx.customer.test", name="cust"),
+        }
+        agent = FakeAgent(self.clock)
+        self.makeScheduler(agent, holdForETRN=customerOnly)
+        held = self.enqueue(makeEnvelope("a@customer.test", "b@example.com"))
+        self.clock.advance(0)
+        self.assertEqual([d.addresses for d in agent.deliveries], [["b@example.com"]])
+        [r] = self.queue.recipients(held)
+        self.assertEqual(
+            (r.state, r.attempts, r.nextAttempt, r.released, r.lastReply and r.lastReply.code),
+            (RecipientState.ETRN, 0, START + 4 * 3600, False, 450),
+        )
+        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [START + 4 * 3600])
+        self.clock.advance(600)
+        self.assertEqual(len(agent.deliveries), 1)
+        self.assertEqual(self.successResultOf(self.queue.flush(Selector(route="cust"))), 1)
+        self.clock.advance(0)
+        self.assertEqual(
+            [(d.addresses, d.nexthop, d.at) for d in agent.deliveries[1:]],
+            [(["a@customer.test"], "mx.customer.test", START + 600)],
+        )
+        self.assertEqual(self.queue.queueIDs(), [])
+
+    def test_heldWarnedAndExpired(self) -> None:
+        """
+        Mail held for ETRN and never asked for gets one delay notice at
+        the warning time and bounces with status 4.4.7 at the end of its
+        lifetime, without ever being attempted.
+        """
+        agent = FakeAgent(self.clock)
+        self.makeScheduler(agent, holdForETRN=customerOnly)
+        self.enqueue(makeEnvelope("a@customer.test"))
+        runUntilIdle(self.clock)
+        self.assertEqual([d for d in agent.deliveries if d.envelope.sender is not None], [])
+        self.assertEqual(
+            [d.at for d in agent.deliveries], [START + 4 * 3600, START + 5 * DAY]
+        )
+        delayNotice, bounce = self.notices(agent)
+        self.assertEqual(delayNotice["Subject"], "Delayed Mail (still being retried)")
+        self.assertEqual(bounce["Subject"], "Undelivered Mail Returned to Sender")
+        status = bounce.get_payload()[1].get_payload()[1]  # type: ignore[index, union-attr]
+        self.assertEqual((status["Action"], status["Status"]), ("failed", "4.4.7"))
+        self.assertIn("ETRN", status["Diagnostic-Code"])
+        self.assertEqual(self.queue.queueIDs(), [])
+
+    def test_releasedAndDeferredIsHeldAgain(self) -> None:
+        """
+        A released recipient that is deferred again counts the attempt and
+        waits for the next ETRN (its next housekeeping time), not for the
+        backoff schedule.
+        """
+        agent = FakeAgent(self.clock, reply=lambda a: GREYLISTED)
+        self.makeScheduler(agent, holdForETRN=customerOnly)
+        queueID = self.enqueue(makeEnvelope("a@customer.test"))
+        self.clock.advance(0)
+        self.clock.advance(100)
+        self.successResultOf(self.queue.flush(Selector(domain="@customer.test")))
+        self.clock.advance(0)
+        self.assertEqual([d.at for d in agent.deliveries], [START + 100])
+        [r] = self.queue.recipients(queueID)
+        self.assertEqual(
+            (r.state, r.attempts, r.nextAttempt, r.lastReply, r.released),
+            (RecipientState.ETRN, 1, START + 4 * 3600, GREYLISTED, False),
+        )
+        runUntilIdle(self.clock, until=START + 3 * 3600)
+        self.assertEqual(len(agent.deliveries), 1)
+
+    def test_flushForgetsUnreachableDestination(self) -> None:
+        """
+        A flushed recipient is tried even while its destination is
+        remembered as unreachable, and the memory is reset: ETRN means the
+        destination is back.
+        """
+        self.router.table = {
+            "down.example": Route(RouteKind.RELAY, agent="relay", nexthop="down.example"),
+        }
+        agent = FakeAgent(self.clock, "relay", reply=lambda a: UNREACHABLE)
+        scheduler = self.makeScheduler(agent)
+        self.enqueue(makeEnvelope("a@down.example"))
+        self.clock.advance(0)
+        self.clock.advance(10)
+        self.enqueue(makeEnvelope("b@down.example"))
+        self.clock.advance(0)
+        self.assertEqual(len(agent.deliveries), 1)
+        agent.reply = lambda a: OK
+        self.assertEqual(self.successResultOf(self.queue.flush(Selector(domain="down.example"))), 2)
+        self.clock.advance(0)
+        self.assertEqual(
+            sorted(a for d in agent.deliveries[1:] for a in d.addresses),
+            ["a@down.example", "b@down.example"],
+        )
+        self.assertEqual(self.queue.queueIDs(), [])
+        self.assertEqual(scheduler._destinations[("relay", "down.example")].deadUntil, 0.0)
+
+    def test_refusedHeldRecipientBounces(self) -> None:
+        """
+        A recipient of a hold domain that routing now refuses is bounced at
+        once rather than held.
+        """
+        self.router.table = {
+            "customer.test": Route(RouteKind.REFUSE, reply=UNKNOWN),
+        }
+        agent = FakeAgent(self.clock)
+        self.makeScheduler(agent, holdForETRN=customerOnly)
+        self.enqueue(makeEnvelope("a@customer.test"))
+        self.clock.advance(0)
+        self.clock.advance(0)
+        [bounce] = self.notices(agent)
+        self.assertEqual(bounce["Subject"], "Undelivered Mail Returned to Sender")
+
+    def test_fromConfigHold(self) -> None:
+        """
+        L{schedulerFromConfig} passes the caller's hold predicate on.
+        """
+        scheduler = schedulerFromConfig(
+            Section("[scheduler]", {}), self.clock, self.queue, self.router, {"local": FakeAgent(self.clock)},
+            "mx.example", holdForETRN=customerOnly,
+        )
+        scheduler.startService()
+        self.addCleanup(scheduler.stopService)
+        queueID = self.enqueue(makeEnvelope("a@customer.test"))
+        self.clock.advance(0)
+        self.assertEqual(self.queue.recipients(queueID)[0].state, RecipientState.ETRN)
+
+
 class SchedulerConfigTests(SynchronousTestCase):
     """
     L{schedulerFromConfig} reads C{[scheduler]}.
@@ -669,4 +814,34 @@ class SchedulerWithSQLiteTests(SchedulerTestsMixin):
             sorted((d.envelope.senderText, tuple(d.addresses)) for d in agent.deliveries),
             [("", ("sender@example.org",)), ("sender@example.org", ("bad@example.com", "good@example.com"))],
         )
+        self.assertEqual(self.successResultOf(self.queue.list(Selector())), [])
+
+    def test_holdAndFlush(self) -> None:
+        """
+        With an L{SQLiteQueue}, mail for a hold domain waits in state ETRN
+        and is delivered after a flush.
+        """
+        from pathlib import Path
+
+        from mailfw.queue._sqlite import SQLiteQueue, SynchronousExecutor
+
+        path = Path(self.mktemp())
+        path.mkdir()
+        self.queue = SQLiteQueue(  # type: ignore[assignment]
+            path / "q.sqlite",
+            self.clock,
+            writer=SynchronousExecutor(),
+            reader=SynchronousExecutor(),
+            spool=SynchronousExecutor(),
+            deliver=lambda f: f(),
+        )
+        agent = FakeAgent(self.clock)
+        self.makeScheduler(agent, holdForETRN=customerOnly)
+        self.enqueue(makeEnvelope("a@customer.test"))
+        self.clock.advance(0)
+        [message] = self.successResultOf(self.queue.list(Selector(state=RecipientState.ETRN)))
+        self.assertEqual(agent.deliveries, [])
+        self.assertEqual(self.successResultOf(self.queue.flush(Selector(domain="customer.test"))), 1)
+        self.clock.advance(0)
+        self.assertEqual([d.addresses for d in agent.deliveries], [["a@customer.test"]])
         self.assertEqual(self.successResultOf(self.queue.list(Selector())), [])

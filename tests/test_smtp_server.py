@@ -1407,7 +1407,7 @@ class ExtensionSeamTests(SynchronousTestCase):
         self.assertIn(b"250 ETRN", lines)
         self.assertIn(b"250 2.0.0 Queuing for example.org started", lines)
         self.assertEqual(lines[-2], b"250 2.1.0 Ok")
-        self.assertNotIn("ETRN", SMTPServerProtocol.commands)
+        self.assertIs(SMTPServerProtocol.commands["ETRN"], SMTPServerProtocol.smtp_ETRN)
 
 
 class LimitsTests(SynchronousTestCase):

@@ -52,6 +52,7 @@ _T = TypeVar("_T")
 OK = SMTPReply(250, "2.0.0", "ok")
 LATER = SMTPReply(451, "4.4.1", "try later")
 NEVER = SMTPReply(550, "5.1.1", "no such user")
+HELD = SMTPReply(450, "4.4.0", "held until the destination asks with ETRN")
 START = 1000.0
 
 
@@ -577,6 +578,173 @@ class QueueContractTests(_Base):
         [flushed] = self.claim()
         self.assertEqual([str(r.recipient.address) for r in flushed.recipients], ["c@other.org"])
         self.assertEqual(self.wait(self.queue.flush(Selector(domain="example.com"))), 0)
+
+    # --- hold for ETRN ----------------------------------------------------------------
+
+    def _holdAll(
+        self, lease: Lease, until: float, routes: Sequence[str | None] = (), counted: bool = False
+    ) -> None:
+        """
+        Record every recipient of C{lease} as held for ETRN until C{until}.
+        """
+        self.wait(
+            self.queue.record(
+                lease,
+                [
+                    Disposition(
+                        r.index,
+                        self.outcome(lease, r.index, HELD),
+                        until,
+                        route=routes[n] if n < len(routes) else None,
+                        hold=True,
+                        counted=counted,
+                    )
+                    for n, r in enumerate(lease.recipients)
+                ],
+            )
+        )
+
+    def test_holdDisposition(self) -> None:
+        """
+        A hold disposition puts the recipient into state ETRN with its
+        housekeeping time, keeps the reply, counts no attempt, and makes it
+        due (for housekeeping only) at that time, not before.
+        """
+        self.enqueue(makeEnvelope("a@customer.test"))
+        lease = self.claimOne()
+        self.assertFalse(lease.recipients[0].released)
+        self._holdAll(lease, START + 3600)
+        [message] = self.wait(self.queue.list(Selector()))
+        [r] = message.recipients
+        self.assertEqual(
+            (r.state, r.attempts, r.nextAttempt, r.lastReply, r.released),
+            (RecipientState.ETRN, 0, START + 3600, HELD, False),
+        )
+        self.assertEqual(self._addresses(Selector(state=RecipientState.ETRN)), ["a@customer.test"])
+        self.assertEqual(self.wait(self.queue.nextDue()), START + 3600)
+        self.clock.advance(3599)
+        self.assertEqual(self.claim(), [])
+        self.clock.advance(1)
+        again = self.claimOne()
+        self.assertEqual(
+            [(r.index, r.state, r.released) for r in again.recipients],
+            [(0, RecipientState.LEASED, False)],
+        )
+
+    def test_holdCounted(self) -> None:
+        """
+        A hold recorded after a real attempt (a released recipient deferred
+        again) counts that attempt.
+        """
+        self.enqueue(makeEnvelope("a@customer.test"))
+        self._holdAll(self.claimOne(), START + 60, counted=True)
+        [message] = self.wait(self.queue.list(Selector()))
+        self.assertEqual(message.recipients[0].attempts, 1)
+
+    def test_flushReleasesHeld(self) -> None:
+        """
+        A flush makes a held-for-ETRN recipient due now and marks it
+        released, which the lease shows; the next record clears the mark.
+        """
+        self.enqueue(makeEnvelope("a@customer.test", "b@other.org"))
+        self._holdAll(self.claimOne(), START + 3600)
+        self.clock.advance(10)
+        self.assertEqual(self.wait(self.queue.flush(Selector(domain="customer.test"))), 1)
+        [r] = self.wait(self.queue.list(Selector(domain="customer.test")))[0].recipients
+        self.assertEqual(
+            (r.state, r.nextAttempt, r.released), (RecipientState.READY, START + 10, True)
+        )
+        self.assertEqual(self.wait(self.queue.nextDue()), START + 10)
+        lease = self.claimOne()
+        self.assertEqual(
+            [(str(r.recipient.address), r.released) for r in lease.recipients],
+            [("a@customer.test", True)],
+        )
+        self._holdAll(lease, START + 3600, counted=True)
+        [r] = self.wait(self.queue.list(Selector(domain="customer.test")))[0].recipients
+        self.assertEqual((r.state, r.released, r.attempts), (RecipientState.ETRN, False, 1))
+        self.assertEqual(self.claim(), [])
+
+    def test_recordClearsReleased(self) -> None:
+        """
+        A deferral clears the released mark of a flushed recipient; a
+        recipient left out of a record keeps it, since it was not tried.
+        """
+        self.enqueue(makeEnvelope("a@example.com", "b@example.com"))
+        lease = self.claimOne()
+        self.wait(
+            self.queue.record(
+                lease,
+                [
+                    Disposition(r.index, self.outcome(lease, r.index, LATER), START + 600)
+                    for r in lease.recipients
+                ],
+            )
+        )
+        self.assertEqual(self.wait(self.queue.flush(Selector())), 2)
+        lease = self.claimOne()
+        self.assertEqual([r.released for r in lease.recipients], [True, True])
+        self.wait(
+            self.queue.record(lease, [Disposition(0, self.outcome(lease, 0, LATER), START + 600)])
+        )
+        [message] = self.wait(self.queue.list(Selector()))
+        self.assertEqual(
+            [(r.index, r.state, r.released) for r in message.recipients],
+            [(0, RecipientState.READY, False), (1, RecipientState.READY, True)],
+        )
+
+    def test_flushSelectsHeld(self) -> None:
+        """
+        C{ETRN example.com}, C{ETRN @example.com} and C{ETRN #name} select
+        held-for-ETRN recipients by exact domain, by domain and subdomains,
+        and by recorded route name; others stay held.
+        """
+        self.enqueue(
+            makeEnvelope(
+                "a@example.com", "b@mx.example.com", "c@badexample.com", "d@other.org", "e@example.com"
+            )
+        )
+        lease = self.claimOne()
+        self._holdAll(lease, START + 3600, routes=[None, None, None, "uucp", None])
+        self.assertEqual(self.wait(self.queue.flush(Selector(domain="example.com"))), 2)
+        self.assertEqual(
+            self._addresses(Selector(state=RecipientState.READY)), ["a@example.com", "e@example.com"]
+        )
+        self.assertEqual(self.wait(self.queue.flush(Selector(domain="@example.com"))), 3)
+        self.assertEqual(
+            self._addresses(Selector(state=RecipientState.ETRN)), ["c@badexample.com", "d@other.org"]
+        )
+        self.assertEqual(self.wait(self.queue.flush(Selector(route="uucp"))), 1)
+        self.assertEqual(self._addresses(Selector(state=RecipientState.ETRN)), ["c@badexample.com"])
+        self.assertEqual(self.wait(self.queue.flush(Selector(route="nothing"))), 0)
+        released = [
+            (str(r.recipient.address), r.released)
+            for m in self.wait(self.queue.list(Selector()))
+            for r in m.recipients
+        ]
+        self.assertEqual(
+            sorted(released),
+            [
+                ("a@example.com", True),
+                ("b@mx.example.com", True),
+                ("c@badexample.com", False),
+                ("d@other.org", True),
+                ("e@example.com", True),
+            ],
+        )
+
+    def test_operatorHoldOfHeld(self) -> None:
+        """
+        An operator hold takes a held-for-ETRN recipient out of ETRN's
+        reach: a flush leaves it alone until an operator releases it.
+        """
+        self.enqueue(makeEnvelope("a@customer.test"))
+        self._holdAll(self.claimOne(), START + 3600)
+        self.assertEqual(self.wait(self.queue.hold(Selector())), 1)
+        self.assertEqual(self.wait(self.queue.flush(Selector(domain="customer.test"))), 0)
+        self.assertIsNone(self.wait(self.queue.nextDue()))
+        self.assertEqual(self.wait(self.queue.release(Selector())), 1)
+        self.assertEqual(len(self.claimOne().recipients), 1)
 
     def test_delete(self) -> None:
         """

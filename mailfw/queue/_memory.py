@@ -65,6 +65,7 @@ class _Recipient:
     warned: bool = False
     lastReply: SMTPReply | None = None
     route: str | None = None
+    released: bool = False
     leaseToken: str | None = None
     leaseExpires: float = 0.0
 
@@ -77,6 +78,7 @@ class _Recipient:
             nextAttempt=self.nextAttempt,
             warned=self.warned,
             lastReply=self.lastReply,
+            released=self.released,
         )
 
 
@@ -236,7 +238,10 @@ class MemoryQueue:
         due: list[tuple[float, int, _Message, _Recipient]] = []
         for order, message in enumerate(self._messages.values()):
             for r in message.recipients.values():
-                if r.state is RecipientState.READY and r.nextAttempt <= now:
+                if (
+                    r.state in (RecipientState.READY, RecipientState.ETRN)
+                    and r.nextAttempt <= now
+                ):
                     due.append((r.nextAttempt, order, message, r))
                 elif r.state is RecipientState.LEASED and r.leaseExpires <= now:
                     due.append((r.leaseExpires, order, message, r))
@@ -292,9 +297,10 @@ class MemoryQueue:
                 r.state = RecipientState.READY
                 continue
             outcome = disposition.outcome
-            if outcome.deferred:
-                r.state = RecipientState.READY
-                r.attempts += 1
+            r.released = False
+            if disposition.hold or outcome.deferred:
+                r.state = RecipientState.ETRN if disposition.hold else RecipientState.READY
+                r.attempts += int(disposition.counted)
                 r.nextAttempt = (
                     disposition.nextAttempt if disposition.nextAttempt is not None else r.nextAttempt
                 )
@@ -321,10 +327,10 @@ class MemoryQueue:
 
     def nextDue(self) -> Deferred[float | None]:
         times = [
-            r.nextAttempt if r.state is RecipientState.READY else r.leaseExpires
+            r.leaseExpires if r.state is RecipientState.LEASED else r.nextAttempt
             for m in self._messages.values()
             for r in m.recipients.values()
-            if r.state in (RecipientState.READY, RecipientState.LEASED)
+            if r.state in (RecipientState.READY, RecipientState.ETRN, RecipientState.LEASED)
         ]
         return succeed(min(times) if times else None)
 
@@ -404,6 +410,7 @@ class MemoryQueue:
             if r.state in (RecipientState.READY, RecipientState.ETRN):
                 r.state = RecipientState.READY
                 r.nextAttempt = min(r.nextAttempt, now)
+                r.released = True
                 count += 1
         if count:
             self._notify()

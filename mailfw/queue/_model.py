@@ -37,6 +37,10 @@ class QueuedRecipient:
         it names the recipient in L{Disposition}s.
     @ivar attempts: delivery attempts made so far.
     @ivar warned: a delay notice (DSN C{Action: delayed}) was already sent.
+    @ivar released: a flush (ETRN or C{mailfw queue flush}) made it due
+        since its last record: the scheduler then delivers it even in a
+        hold-for-ETRN domain and ignores what it remembers about the
+        destination being unreachable.  Any record clears it.
     """
 
     index: int
@@ -46,6 +50,7 @@ class QueuedRecipient:
     nextAttempt: float
     warned: bool = False
     lastReply: SMTPReply | None = None
+    released: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,15 @@ class Disposition:
     @ivar route: the route name (L{mailfw.envelope.Route.name}) the
         recipient took, so that C{ETRN #name} and C{Selector(route=...)}
         find it while it waits.
+    @ivar hold: the recipient waits in state L{RecipientState.ETRN} (a
+        hold-for-ETRN domain) instead of ready: only a flush or its
+        C{nextAttempt} (for housekeeping: the delay notice, the expiry)
+        makes it due again.  The outcome's reply is kept as the last reply,
+        as for a deferral; C{hold} takes precedence over the outcome's
+        class.
+    @ivar counted: whether this record counts as a delivery attempt (for a
+        deferral or a hold).  A recipient held for ETRN without being tried
+        is recorded with C{counted=False}.
     """
 
     index: int
@@ -87,6 +101,8 @@ class Disposition:
     nextAttempt: float | None = None
     warned: bool = False
     route: str | None = None
+    hold: bool = False
+    counted: bool = True
 
 
 @dataclass(frozen=True)

@@ -836,9 +836,10 @@ class PostgresQueue:
         def claim(cursor: Cursor[Any]) -> Sequence[Lease]:
             _touchNode(cursor, node, now, interval)
             rows = cursor.execute(
-                "SELECT message_id, idx FROM recipients WHERE state = %s AND next_attempt_at <= %s"
-                " ORDER BY next_attempt_at, message_id, idx LIMIT %s FOR UPDATE SKIP LOCKED",
-                (_READY, now, max(limit, 0)),
+                "SELECT message_id, idx FROM recipients WHERE state IN (%s, %s)"
+                " AND next_attempt_at <= %s ORDER BY next_attempt_at, message_id, idx"
+                " LIMIT %s FOR UPDATE SKIP LOCKED",
+                (_READY, _ETRN, now, max(limit, 0)),
             ).fetchall()
             if len(rows) < limit:
                 rows += cursor.execute(
@@ -903,16 +904,17 @@ class PostgresQueue:
                 )
             gone = []
             for index, disposition in decided.items():
-                if disposition.outcome.deferred:
+                if disposition.hold or disposition.outcome.deferred:
                     cursor.execute(
-                        "UPDATE recipients SET state = %s, attempts = attempts + 1,"
+                        "UPDATE recipients SET state = %s, attempts = attempts + %s,"
                         " next_attempt_at = COALESCE(%s, next_attempt_at),"
                         " warned = CASE WHEN %s THEN 1 ELSE warned END,"
                         " reply_code = %s, reply_enhanced = %s, reply_text = %s,"
-                        f" route = COALESCE(%s, route), {_CLEAR_LEASE}"
+                        f" route = COALESCE(%s, route), released = 0, {_CLEAR_LEASE}"
                         " WHERE message_id = %s AND idx = %s",
                         (
-                            _READY,
+                            _ETRN if disposition.hold else _READY,
+                            int(disposition.counted),
                             disposition.nextAttempt,
                             disposition.warned,
                             *replyColumns(disposition.outcome.reply),
@@ -951,9 +953,9 @@ class PostgresQueue:
     def nextDue(self) -> Deferred[float | None]:
         def nextDue(cursor: Cursor[Any]) -> float | None:
             row = cursor.execute(
-                "SELECT (SELECT MIN(next_attempt_at) FROM recipients WHERE state = %s),"
+                "SELECT (SELECT MIN(next_attempt_at) FROM recipients WHERE state IN (%s, %s)),"
                 " (SELECT MIN(lease_expires) FROM recipients WHERE state = %s)",
-                (_READY, _LEASED),
+                (_READY, _ETRN, _LEASED),
             ).fetchone()
             assert row is not None
             times = [t for t in row if t is not None]
@@ -1060,8 +1062,8 @@ class PostgresQueue:
             rows = cursor.execute(
                 pyformat(
                     "SELECT m.id, m.envelope, m.size, r.idx, r.state, r.attempts,"
-                    " r.next_attempt_at, r.warned, r.reply_code, r.reply_enhanced, r.reply_text"
-                    " FROM recipients r JOIN messages m ON m.id = r.message_id"
+                    " r.next_attempt_at, r.warned, r.reply_code, r.reply_enhanced, r.reply_text,"
+                    " r.released FROM recipients r JOIN messages m ON m.id = r.message_id"
                     f" WHERE {where} ORDER BY m.arrival, m.id, r.idx"
                 ),
                 params,
@@ -1109,7 +1111,7 @@ class PostgresQueue:
         condition, params = _selected(selector)
         now = self._clock.seconds()
         return self._update(
-            "UPDATE recipients SET state = %s, next_attempt_at ="
+            "UPDATE recipients SET state = %s, released = 1, next_attempt_at ="
             " LEAST(next_attempt_at, %s) WHERE state IN (%s, %s) AND " + condition,
             (_READY, now, _READY, _ETRN, *params),
             True,
@@ -1262,7 +1264,7 @@ def _dropIfDone(cursor: Cursor[Any], queueIDs: Sequence[str]) -> None:
 
 
 def _queuedRecipient(envelope: Envelope, row: Sequence[Any]) -> QueuedRecipient:
-    index, state, attempts, nextAttempt, warned, code, enhanced, text = row
+    index, state, attempts, nextAttempt, warned, code, enhanced, text, released = row
     return QueuedRecipient(
         index=index,
         recipient=envelope.recipients[index],
@@ -1271,6 +1273,7 @@ def _queuedRecipient(envelope: Envelope, row: Sequence[Any]) -> QueuedRecipient:
         nextAttempt=nextAttempt,
         warned=bool(warned),
         lastReply=replyFromColumns(code, enhanced, text),
+        released=bool(released),
     )
 
 
@@ -1279,7 +1282,8 @@ def _recipients(
 ) -> tuple[QueuedRecipient, ...]:
     rows = cursor.execute(
         "SELECT idx, state, attempts, next_attempt_at, warned, reply_code, reply_enhanced,"
-        " reply_text FROM recipients WHERE message_id = %s AND idx = ANY(%s) ORDER BY idx",
+        " reply_text, released FROM recipients WHERE message_id = %s AND idx = ANY(%s)"
+        " ORDER BY idx",
         (queueID, list(indexes)),
     ).fetchall()
     return tuple(_queuedRecipient(envelope, row) for row in rows)

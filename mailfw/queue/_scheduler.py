@@ -45,6 +45,28 @@ Recipients routed there meanwhile are deferred at once with that reply,
 without calling the agent.  The attempt is counted like a real one (Postfix
 does the same), so their next attempt follows the normal backoff.
 
+Hold for ETRN
+=============
+
+Recipients in a hold-for-ETRN domain (C{holdForETRN}, from C{[etrn] hold})
+are queued ready like any other, but when the scheduler claims one that no
+flush released, it routes it (so that C{ETRN #name} finds it by its route
+name) and records it held: state C{etrn}, no attempt counted, due again
+only at its next I{housekeeping} time: the delay-warning time if no notice
+went out yet, else the expiry time.  Then it sends the delay notice once,
+or bounces it with C{4.4.7} at the end of the queue lifetime, exactly as
+for mail that is retried.  ETRN (or C{mailfw queue flush}) releases it:
+the queue marks it released and due now, and the scheduler then delivers
+it normally; deferred again, it is held again rather than retried on the
+backoff schedule, until the next ETRN.
+
+A released recipient also makes the scheduler forget that its destination
+was unreachable (C{deadUntil}), whatever its domain: RFC 1985 asks for an
+attempt now, and the customer's server has just said it is online.  (This
+is why there is no separate C{forgetFailures(domain)}: the destination is
+known only after routing, and the released mark says exactly which
+deliveries ETRN asked for.)
+
 Choices
 =======
 
@@ -84,6 +106,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailfw.address import Address
 from mailfw.config import Section
 from mailfw.envelope import Recipient, RecipientOutcome, Route, RouteKind
 from mailfw.interfaces import (
@@ -113,6 +136,9 @@ CLUSTER_BUSY = SMTPReply(451, "4.4.5", "destination busy on other nodes; will re
 ROUTE_FAILED = SMTPReply(451, "4.3.0", "routing error; will retry")
 UNKNOWN_AGENT = SMTPReply(451, "4.3.5", "delivery configuration error; will retry")
 EXPIRED = SMTPReply(554, "4.4.7", "delivery time expired")
+HELD = SMTPReply(450, "4.4.0", "held until the destination asks with ETRN")
+"""The last reply of a held-for-ETRN recipient that was never tried: what
+C{mailfw queue list} and a delay notice show."""
 
 
 @dataclass
@@ -172,6 +198,7 @@ class Scheduler(Service):
         stopTimeout: float = 30.0,
         notices: NoticeWriter | None = None,
         runInThread: Callable[..., Deferred[Any]] | None = None,
+        holdForETRN: Callable[[Address], bool] = lambda address: False,
     ) -> None:
         """
         @param agents: delivery agents by instance name (L{Route.agent}).
@@ -182,6 +209,8 @@ class Scheduler(Service):
             a body for a bounce) off the reactor thread; by default in the
             reactor's thread pool when C{clock} is a reactor, else inline
             (tests).
+        @param holdForETRN: whether a recipient is in a hold-for-ETRN
+            domain (see I{Hold for ETRN} in the module docstring).
         """
         self._clock = clock
         self._queue = queue
@@ -207,6 +236,7 @@ class Scheduler(Service):
             else:
                 runInThread = _inline
         self._runInThread: Callable[..., Deferred[Any]] = runInThread
+        self._holdForETRN = holdForETRN
         self._destinations: dict[tuple[str, str | None], _Destination] = {}
         self.deliveries = 0
         self._outstanding = 0
@@ -395,6 +425,8 @@ class Scheduler(Service):
                     agent=result.agent,
                 )
                 self._decide(lease, qr, result, RecipientOutcome(qr.recipient, UNKNOWN_AGENT), now, decided)
+            elif not qr.released and self._holdForETRN(qr.recipient.address):
+                self._hold(lease, qr, result, now, decided)
             else:
                 groups.setdefault((result.agent, result.nexthop), []).append((qr, result))
         body: IMessageBody | None = None
@@ -456,6 +488,16 @@ class Scheduler(Service):
     ) -> list[tuple[QueuedRecipient, Route, RecipientOutcome]]:
         agentName, nexthop = key
         destination = self._destination(key)
+        if destination.deadUntil and any(qr.released for qr, _ in members):
+            # ETRN or an operator flush asked for this: try now.
+            self.log.info(
+                "{queueID}: flushed, so trying {agent} {nexthop} again now",
+                queueID=lease.queueID,
+                agent=agentName,
+                nexthop=nexthop or "",
+            )
+            destination.deadUntil = 0.0
+            destination.deadReply = None
         if destination.deadUntil <= self._clock.seconds():
             await self._acquire(destination)
             try:
@@ -602,8 +644,72 @@ class Scheduler(Service):
                     recipient, reply, outcome.remoteMTA, now, schedule.expires(arrival)
                 )
             )
+        if self._holdForETRN(recipient.address):
+            # Tried (released by a flush, or routing failed): wait for the
+            # next ETRN rather than retrying on the schedule.
+            decided.dispositions.append(
+                Disposition(
+                    qr.index,
+                    outcome,
+                    _housekeeping(schedule, arrival, qr.warned or warn),
+                    warn,
+                    route=routeName,
+                    hold=True,
+                )
+            )
+            return
         decided.dispositions.append(
             Disposition(qr.index, outcome, nextAttempt, warn, route=routeName)
+        )
+
+    def _hold(
+        self, lease: Lease, qr: QueuedRecipient, route: Route, now: float, decided: _Decided
+    ) -> None:
+        """
+        Keep a recipient of a hold-for-ETRN domain waiting without trying
+        it: bounce it if its lifetime is over, send its delay notice once,
+        and hold it until its next housekeeping time.
+        """
+        recipient = qr.recipient
+        schedule = self._schedule.forDomain(recipient.address.domain)
+        arrival = lease.envelope.arrival
+        expires = schedule.expires(arrival)
+        last = qr.lastReply or HELD
+        if now >= expires:
+            self.log.info(
+                "{queueID} to {recipient}: held for ETRN until it expired",
+                queueID=lease.queueID,
+                recipient=str(recipient.address),
+                code=EXPIRED.code,
+                enhanced=EXPIRED.enhanced,
+            )
+            decided.dispositions.append(Disposition(qr.index, RecipientOutcome(recipient, EXPIRED)))
+            decided.failed.append(RecipientReport(recipient, "failed", "4.4.7", last, None, None))
+            return
+        warn = not qr.warned and schedule.shouldWarn(now, arrival)
+        if warn:
+            decided.delayed.append(
+                RecipientReport(
+                    recipient, "delayed", last.enhanced or "4.0.0", last, None, None, expires
+                )
+            )
+        until = _housekeeping(schedule, arrival, qr.warned or warn)
+        self.log.debug(
+            "{queueID} to {recipient}: held for ETRN until {until}",
+            queueID=lease.queueID,
+            recipient=str(recipient.address),
+            until=until,
+        )
+        decided.dispositions.append(
+            Disposition(
+                qr.index,
+                RecipientOutcome(recipient, last),
+                until,
+                warn,
+                route=route.name or route.agent or None,
+                hold=True,
+                counted=False,
+            )
         )
 
     async def _makeNotices(
@@ -720,6 +826,18 @@ class Scheduler(Service):
             destination.window = min(destination.window + 1, self.maxPerDestination)
 
 
+def _housekeeping(schedule: RetrySchedule, arrival: float, warned: bool) -> float:
+    """
+    When a held-for-ETRN recipient needs the scheduler again without a
+    flush: at the delay-warning time if it was not warned yet, else at the
+    end of its lifetime.
+    """
+    expires = schedule.expires(arrival)
+    if not warned and schedule.delayWarning is not None:
+        return min(arrival + schedule.delayWarning, expires)
+    return expires
+
+
 def schedulerFromConfig(
     section: Section,
     clock: IReactorTime,
@@ -727,12 +845,16 @@ def schedulerFromConfig(
     router: IRouter,
     agents: Mapping[str, IDeliveryAgent],
     hostname: str,
+    holdForETRN: Callable[[Address], bool] = lambda address: False,
 ) -> Scheduler:
     """
     Build the scheduler from C{[scheduler]}: the retry keys of
     L{RetrySchedule.fromSection} plus C{max_concurrent} (50),
     C{per_destination} (5), C{max_per_destination} (20),
     C{delivery_timeout} (600 seconds) and C{dead_time} (60 seconds).
+
+    @param holdForETRN: whether a recipient's domain is held until ETRN
+        (from C{[etrn] hold}, which the caller reads).
 
     @raise mailfw.config.ConfigError: naming the bad key.
     """
@@ -749,6 +871,7 @@ def schedulerFromConfig(
         leaseSeconds=section.number("delivery_timeout", 600.0, minimum=1),
         maxPerDestination=section.integer("max_per_destination", 20, minimum=1),
         deadTime=section.number("dead_time", 60.0, minimum=0),
+        holdForETRN=holdForETRN,
     )
     section.finish()
     return scheduler

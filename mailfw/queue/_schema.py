@@ -23,8 +23,12 @@ Tables
     failed ones are deleted): its state (L{RecipientState} values),
     C{next_attempt_at}, attempts, whether a delay notice went out, the
     last reply, the domain and the reversed domain (for C{ETRN @domain}),
-    the route name (for C{ETRN #name}) and the lease (token, owner,
-    expiry) while a scheduler holds it.
+    the route name (for C{ETRN #name}), whether a flush released it
+    (C{released}: ETRN and C{mailfw queue flush} set it, any record clears
+    it) and the lease (token, owner, expiry) while a scheduler holds it.
+    Recipients of a hold-for-ETRN domain wait in state C{etrn} with
+    C{next_attempt_at} at their next housekeeping time (delay notice or
+    expiry), so the due index serves them too.
 
 A message row is deleted in the same transaction as its last recipient row.
 """
@@ -87,6 +91,7 @@ CREATE TABLE IF NOT EXISTS recipients (
     reply_enhanced TEXT,
     reply_text TEXT,
     route TEXT,
+    released INTEGER NOT NULL DEFAULT 0,
     lease_token TEXT,
     lease_owner TEXT,
     lease_expires DOUBLE PRECISION,

@@ -264,6 +264,12 @@ def initialiseDatabase(path: Path) -> None:
         connection.execute("BEGIN IMMEDIATE")
         for statement in createStatements("BLOB"):
             connection.execute(statement)
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(recipients)")}
+        if "released" not in columns:
+            # A queue made before ETRN (same schema version: never released).
+            connection.execute(
+                "ALTER TABLE recipients ADD COLUMN released INTEGER NOT NULL DEFAULT 0"
+            )
         row = connection.execute("SELECT version FROM mailfw_schema").fetchone()
         if row is None:
             connection.execute("INSERT INTO mailfw_schema (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -774,9 +780,9 @@ class SQLiteQueue:
 
         def claim(connection: sqlite3.Connection) -> Sequence[Lease]:
             rows = connection.execute(
-                "SELECT message_id, idx FROM recipients WHERE state = ? AND next_attempt_at <= ?"
-                " ORDER BY next_attempt_at, message_id, idx LIMIT ?",
-                (_READY, now, max(limit, 0)),
+                "SELECT message_id, idx FROM recipients WHERE state IN (?, ?)"
+                " AND next_attempt_at <= ? ORDER BY next_attempt_at, message_id, idx LIMIT ?",
+                (_READY, _ETRN, now, max(limit, 0)),
             ).fetchall()
             if len(rows) < limit:
                 rows += connection.execute(
@@ -835,16 +841,17 @@ class SQLiteQueue:
                         " WHERE message_id = ? AND idx = ?",
                         (_READY, queueID, index),
                     )
-                elif disposition.outcome.deferred:
+                elif disposition.hold or disposition.outcome.deferred:
                     connection.execute(
-                        "UPDATE recipients SET state = ?, attempts = attempts + 1,"
+                        "UPDATE recipients SET state = ?, attempts = attempts + ?,"
                         " next_attempt_at = COALESCE(?, next_attempt_at),"
                         " warned = CASE WHEN ? = 1 THEN 1 ELSE warned END,"
                         " reply_code = ?, reply_enhanced = ?, reply_text = ?,"
-                        f" route = COALESCE(?, route), {_CLEAR_LEASE}"
+                        f" route = COALESCE(?, route), released = 0, {_CLEAR_LEASE}"
                         " WHERE message_id = ? AND idx = ?",
                         (
-                            _READY,
+                            _ETRN if disposition.hold else _READY,
+                            int(disposition.counted),
                             disposition.nextAttempt,
                             int(disposition.warned),
                             *replyColumns(disposition.outcome.reply),
@@ -897,7 +904,8 @@ class SQLiteQueue:
     def nextDue(self) -> Deferred[float | None]:
         def nextDue(connection: sqlite3.Connection) -> float | None:
             ready = connection.execute(
-                "SELECT MIN(next_attempt_at) FROM recipients WHERE state = ?", (_READY,)
+                "SELECT MIN(next_attempt_at) FROM recipients WHERE state IN (?, ?)",
+                (_READY, _ETRN),
             ).fetchone()[0]
             leased = connection.execute(
                 "SELECT MIN(lease_expires) FROM recipients WHERE state = ?", (_LEASED,)
@@ -928,8 +936,8 @@ class SQLiteQueue:
         def list_(connection: sqlite3.Connection) -> Sequence[QueuedMessage]:
             rows = connection.execute(
                 "SELECT m.id, m.envelope, m.size, r.idx, r.state, r.attempts,"
-                " r.next_attempt_at, r.warned, r.reply_code, r.reply_enhanced, r.reply_text"
-                " FROM recipients r JOIN messages m ON m.id = r.message_id"
+                " r.next_attempt_at, r.warned, r.reply_code, r.reply_enhanced, r.reply_text,"
+                " r.released FROM recipients r JOIN messages m ON m.id = r.message_id"
                 f" WHERE {where} ORDER BY m.arrival, m.id, r.idx",
                 params,
             ).fetchall()
@@ -973,7 +981,7 @@ class SQLiteQueue:
 
         def flush(connection: sqlite3.Connection) -> int:
             return connection.execute(
-                "UPDATE recipients SET state = ?, next_attempt_at ="
+                "UPDATE recipients SET state = ?, released = 1, next_attempt_at ="
                 " CASE WHEN next_attempt_at > ? THEN ? ELSE next_attempt_at END"
                 f" WHERE state IN (?, ?) AND {condition}",
                 (_READY, now, now, _READY, _ETRN, *params),
@@ -1090,7 +1098,7 @@ def _dropIfDone(connection: sqlite3.Connection, queueIDs: Sequence[str]) -> None
 
 
 def _queuedRecipient(envelope: Envelope, row: Sequence[Any]) -> QueuedRecipient:
-    index, state, attempts, nextAttempt, warned, code, enhanced, text = row
+    index, state, attempts, nextAttempt, warned, code, enhanced, text, released = row
     return QueuedRecipient(
         index=index,
         recipient=envelope.recipients[index],
@@ -1099,6 +1107,7 @@ def _queuedRecipient(envelope: Envelope, row: Sequence[Any]) -> QueuedRecipient:
         nextAttempt=nextAttempt,
         warned=bool(warned),
         lastReply=replyFromColumns(code, enhanced, text),
+        released=bool(released),
     )
 
 
@@ -1107,7 +1116,7 @@ def _recipients(
 ) -> tuple[QueuedRecipient, ...]:
     rows = connection.execute(
         "SELECT idx, state, attempts, next_attempt_at, warned, reply_code, reply_enhanced,"
-        f" reply_text FROM recipients WHERE message_id = ? AND idx IN ({_marks(indexes)})"
+        f" reply_text, released FROM recipients WHERE message_id = ? AND idx IN ({_marks(indexes)})"
         " ORDER BY idx",
         (queueID, *indexes),
     ).fetchall()

@@ -9,6 +9,10 @@ turns away those over the limits with a 421 before any SMTP is spoken.
 With an L{SMTPAuth} the factory's sessions offer AUTH once they are
 encrypted; the submission kinds need it before MAIL, so without one they
 accept no mail at all.
+
+With an L{ETRNHandler} the C{smtp} factory's sessions offer ETRN; the
+submission kinds offer it only when the C{[etrn] submission} setting says
+so.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from mailfw.etrn import ETRNHandler
 from mailfw.interfaces import IMessageQueue, IPolicy, IRouter
 from mailfw.reply import SMTPReply
 from mailfw.smtp import _replies as R
@@ -59,6 +64,7 @@ class SMTPFactory(Factory):
 
     @ivar kind: C{"smtp"}, C{"submission"} or C{"submissions"}.
     @ivar auth: AUTH settings, or C{None} where AUTH is not offered.
+    @ivar etrn: the ETRN handler, or C{None} where ETRN is not offered.
     @ivar connections: how many connections are open now.
     """
 
@@ -75,6 +81,7 @@ class SMTPFactory(Factory):
         limits: SMTPLimits = SMTPLimits(),
         tlsOptions: object | None = None,
         auth: SMTPAuth | None = None,
+        etrn: ETRNHandler | None = None,
     ) -> None:
         if kind not in LISTENER_KINDS:
             raise ValueError(f"unknown listener kind {kind!r}; use one of {', '.join(LISTENER_KINDS)}")
@@ -88,6 +95,9 @@ class SMTPFactory(Factory):
         # Implicit TLS has no STARTTLS to offer.
         self.tlsOptions = None if kind == "submissions" else tlsOptions
         self.auth = auth
+        self.etrn = (
+            etrn if etrn is not None and (kind == "smtp" or etrn.settings.submission) else None
+        )
         if auth is None and kind != "smtp":
             self.log.warn(
                 "no [auth] configured: {kind} listeners accept no mail", kind=kind
@@ -134,6 +144,7 @@ class SMTPFactory(Factory):
             onOpen=opened,
             onClose=closed,
             auth=self.auth,
+            etrn=self.etrn,
         )
         protocol.factory = self
         return protocol

@@ -20,6 +20,7 @@ __all__ = [
     "CLOSING",
     "COMMAND_UNRECOGNIZED",
     "DATA_AFTER_BDAT",
+    "ETRN_IN_TRANSACTION",
     "GOODBYE",
     "HELO_SYNTAX",
     "HELP",
@@ -82,6 +83,7 @@ NEED_RCPT = SMTPReply(503, "5.5.1", "Need RCPT command first")
 NESTED_MAIL = SMTPReply(503, "5.5.1", "Nested MAIL command")
 NO_VALID_RECIPIENTS = SMTPReply(554, "5.5.1", "No valid recipients")
 DATA_AFTER_BDAT = SMTPReply(503, "5.5.1", "DATA cannot follow BDAT in one transaction")
+ETRN_IN_TRANSACTION = SMTPReply(503, "5.5.1", "ETRN not allowed during a mail transaction")
 STARTTLS_IN_TRANSACTION = SMTPReply(503, "5.5.1", "Mail transaction in progress")
 TLS_ACTIVE = SMTPReply(503, "5.5.1", "TLS already active")
 COMMAND_UNRECOGNIZED = SMTPReply(500, "5.5.2", "Command unrecognized")

@@ -28,6 +28,13 @@ the user owns (L{mailfw.auth.IMailUser.maySend}).  The submission
 listeners require AUTH before MAIL and add C{Date:} and C{Message-ID:} to
 messages that lack them (RFC 6409 8).
 
+ETRN (RFC 1985) is offered when the factory gives an L{ETRNHandler}: after
+HELO/EHLO and outside a mail transaction (else 503 5.5.1), the handler
+checks the argument, the client's rate and rights (its address, or the
+authenticated user's ETRN domains) and records the flush; the reply
+(250-253, 458, 459, 501) goes out once the queue has recorded it, and the
+scheduler delivers over new connections.  TURN is never offered (502).
+
 Message text is decoded on whole chunks (L{mailfw.smtp._body}) and streamed
 to L{IIncomingMessage.write} as it arrives.  The header section is held
 (up to L{SMTPLimits.maxHeaderBytes}) until it is complete: then the loop
@@ -65,6 +72,7 @@ from twisted.python.failure import Failure
 
 from mailfw.auth._realm import IMailUser
 from mailfw.envelope import Envelope, Recipient, RouteKind, Session
+from mailfw.etrn import ETRNHandler
 from mailfw.interfaces import IIncomingMessage, IMessageQueue, IPolicy, IRouter
 from mailfw.policy import Verdict
 from mailfw.queue import QueueFull
@@ -90,10 +98,11 @@ __all__ = ["SMTPServerProtocol"]
 LISTENER_KINDS = ("smtp", "submission", "submissions")
 
 # Commands of RFC 5321 and common extensions that this server knows but does
-# not offer: 502 rather than 500.  ETRN (issue 8) leaves this set when it
-# gets an entry in SMTPServerProtocol.commands (a table entry wins anyway).
+# not offer: 502 rather than 500.  TURN (RFC 821) would hand the queue to
+# whoever connects: never.  (ETRN has an entry in SMTPServerProtocol.commands
+# and answers 502 itself where it is not offered.)
 NOT_IMPLEMENTED = frozenset(
-    {"ETRN", "EXPN", "TURN", "ATRN", "SEND", "SOML", "SAML", "VERB", "XCLIENT", "XFORWARD"}
+    {"EXPN", "TURN", "ATRN", "SEND", "SOML", "SAML", "VERB", "XCLIENT", "XFORWARD"}
 )
 SUBMISSION_KINDS = ("submission", "submissions")
 # Requests of other protocols sent to an SMTP port (cross-protocol attacks,
@@ -427,6 +436,7 @@ class SMTPServerProtocol(LineReceiver):
     @ivar limits: the L{SMTPLimits} in force.
     @ivar peer: the client as C{"host:port"} text, for log events.
     @ivar auth: the L{SMTPAuth} settings when this listener offers AUTH.
+    @ivar etrn: the L{ETRNHandler} when this listener offers ETRN.
     """
 
     log = Logger()
@@ -448,10 +458,12 @@ class SMTPServerProtocol(LineReceiver):
         onOpen: Callable[[SMTPServerProtocol], None] | None = None,
         onClose: Callable[[SMTPServerProtocol], None] | None = None,
         auth: SMTPAuth | None = None,
+        etrn: ETRNHandler | None = None,
     ) -> None:
         if kind not in LISTENER_KINDS:
             raise ValueError(f"unknown listener kind {kind!r}")
         self.auth = auth
+        self.etrn = etrn
         self.kind = kind
         self.hostname = hostname
         self.queue = queue
@@ -1054,6 +1066,8 @@ class SMTPServerProtocol(LineReceiver):
             keywords.append("STARTTLS")
         if self.auth is not None and self._session.tls:
             keywords.append("AUTH " + " ".join(self.auth.mechanisms))
+        if self.etrn is not None:
+            keywords.append("ETRN")
         return keywords
 
     def _tlsAvailable(self) -> bool:
@@ -1444,6 +1458,35 @@ class SMTPServerProtocol(LineReceiver):
     def smtp_HELP(self, argument: str) -> None:
         self._respond(R.HELP)
 
+    def smtp_ETRN(self, argument: str) -> None:
+        """
+        RFC 1985: start delivering the queue for a node (see the module
+        docstring).
+        """
+        if self.etrn is None:
+            self._respond(R.NOT_IMPLEMENTED)
+            return
+        if self._session.helo is None:
+            self._respond(R.NEED_HELO)
+            return
+        if self._transaction is not None:
+            self._respond(R.ETRN_IN_TRANSACTION)
+            return
+        avatar = self._avatar
+        userDomains = tuple(avatar.etrnDomains) if avatar is not None else None
+        d = self.etrn.request(argument, self._session.peerHost, userDomains)
+
+        def answered(reply: SMTPReply) -> _Answer:
+            self.log.info(
+                "ETRN from {peer}: {code} {enhanced}",
+                peer=self.peer,
+                code=reply.code,
+                enhanced=reply.enhanced,
+            )
+            return _Answer(reply)
+
+        self._respondLater(d.addCallback(answered), cancellable=False)
+
     def smtp_VRFY(self, argument: str) -> None:
         if not argument:
             self._respond(SMTPReply(501, "5.5.4", "Syntax: VRFY address"))
@@ -1754,4 +1797,5 @@ SMTPServerProtocol.commands = {
     "QUIT": SMTPServerProtocol.smtp_QUIT,
     "STARTTLS": SMTPServerProtocol.smtp_STARTTLS,
     "AUTH": SMTPServerProtocol.smtp_AUTH,
+    "ETRN": SMTPServerProtocol.smtp_ETRN,
 }

@@ -1,0 +1,615 @@
+"""
+Durable accept throughput: mailfw against Postfix, in the same run.
+
+Usage (as root, from the repository)::
+
+    python benchmarks/accept.py [--sessions 1,10,100] [--messages N]
+        [--size 1024] [--repeat 3] [--only mailfw|postfix] [--reuse] [--reference]
+        [--py-spy FILE]
+
+Both servers run on loopback ports of this machine, each with a durable
+queue and a discarding delivery: a private Postfix instance (default
+fsyncing queue, every transport C{discard:}) and C{twistd mailfw} (SQLite
+queue, C{discard} delivery agent).  Postfix's C{smtp-source} sends 1 KB
+messages over N concurrent sessions; the time until its last message got
+its 250 gives messages per second.  After each run the benchmark waits
+until the server has delivered (discarded) every message, counting the
+delivery lines in its log, so a message that was acknowledged but lost
+would show up as a failed run; the CPU time the server's processes used
+from the start of the run to that point, divided by the messages, is the
+CPU cost of one message through the whole server (receive, queue,
+deliver, remove).
+
+Runs alternate between the servers and are repeated (the machine may be
+shared and noisy); the table shows the median of the repeats.  See
+benchmarks/README.rst.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _postfix import PostfixError, PostfixInstance, findProgram, waitForBanner  # noqa: E402
+
+DOMAIN = "bench.test"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# Messages per run when --messages is not given, by session count: enough
+# for a run of several seconds on a 2-core machine.
+DEFAULT_MESSAGES = {1: 3000, 10: 6000, 100: 10000}
+
+MAILFW_CONFIG = """\
+[queue]
+plugin = "sqlite"
+
+[routing]
+plugin = "static"
+local_domains = ["{domain}"]
+local_agent = "local"
+
+[delivery.local]
+plugin = "discard"
+
+[smtp]
+# smtp-source opens every session from 127.0.0.1; Postfix exempts
+# $mynetworks from its per-client limits, so mailfw gets the same.
+max_connections_per_client = 10000
+"""
+
+
+class BenchmarkError(Exception):
+    """
+    A server failed to start or lost or refused messages.
+    """
+
+
+def freePort() -> int:
+    """
+    A loopback TCP port that nothing listens on right now.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def processTicks(pid: int) -> int:
+    """
+    utime + stime + cutime + cstime of one process, in clock ticks (all its
+    threads, and its children that it has reaped).
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    # The command name may contain spaces; fields after it are fixed.
+    fields = text[text.rindex(")") + 2 :].split()
+    # fields[0] is field 3 (state); utime is field 14.
+    return sum(int(x) for x in fields[11:15])
+
+
+def treeTicks(root: int) -> int:
+    """
+    CPU ticks of C{root} and every live descendant.  A descendant that
+    exited was reaped by its parent, so its time moved into the parent's
+    cutime/cstime: the sum is monotonic while the tree runs.
+    """
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        ppid = int(text[text.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    total = 0
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            total += processTicks(pid)
+        except (OSError, ValueError):
+            continue
+        todo.extend(children.get(pid, ()))
+    return total
+
+
+class LogCounter:
+    """
+    Counts lines containing a marker in a growing log file, reading only
+    what was appended since the last call.
+    """
+
+    def __init__(self, path: Path, marker: bytes) -> None:
+        self.path = path
+        self.marker = marker
+        self.count = 0
+        self._offset = 0
+        self._partial = b""
+
+    def __call__(self) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return self.count
+        self._offset += len(data)
+        data = self._partial + data
+        complete, _, self._partial = data.rpartition(b"\n")
+        self.count += complete.count(self.marker)
+        return self.count
+
+
+class Server:
+    """
+    What the benchmark needs from a server under test.
+    """
+
+    name: str
+    port: int
+    pid: int
+    # False for a reference server that keeps nothing: its runs are not
+    # checked for delivery.
+    durable = True
+
+    def cpuTicks(self) -> int:
+        raise NotImplementedError
+
+    def delivered(self) -> int:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+class PostfixServer(Server):
+    """
+    The private Postfix instance; CPU is the master's whole process tree.
+    """
+
+    name = "postfix"
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.instance = PostfixInstance(port, DOMAIN)
+        self.instance.start()
+        self.pid = self.instance.masterPID()
+        # One line per discarded recipient, from the discard(8) agent.
+        self._delivered = LogCounter(self.instance.logFile, b"status=sent")
+
+    def cpuTicks(self) -> int:
+        return treeTicks(self.pid)
+
+    def delivered(self) -> int:
+        return self._delivered()
+
+    def stop(self) -> None:
+        # Postfix says in its log when it throttled itself (all smtpd
+        # processes busy, in_flow_delay, ...): show it, it explains numbers.
+        try:
+            warnings = [
+                line for line in self.instance.logFile.read_text(errors="replace").splitlines()
+                if "warning:" in line or "fatal:" in line or "panic:" in line
+            ]
+        except OSError:
+            warnings = []
+        for line in warnings[:5]:
+            print(f"# postfix log: {line}", file=sys.stderr)
+        if len(warnings) > 5:
+            print(f"# postfix log: ... {len(warnings) - 5} more warnings", file=sys.stderr)
+        self.instance.stop()
+
+
+class MailfwServer(Server):
+    """
+    C{twistd -n mailfw} as a child process, logging to a file of ours.
+    """
+
+    name = "mailfw"
+
+    def __init__(self, port: int, timeout: float = 60) -> None:
+        self.port = port
+        self.root = Path(tempfile.mkdtemp(prefix="mailfw-bench-mailfw-"))
+        self.logFile = self.root / "twistd.log"
+        config = self.root / "mailfw.toml"
+        config.write_text(MAILFW_CONFIG.format(domain=DOMAIN))
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        self._log = open(self.logFile, "wb")
+        self.process = subprocess.Popen(
+            [
+                twistd,
+                "-n",
+                "--pidfile=",
+                "mailfw",
+                "--config",
+                str(config),
+                "--data-dir",
+                str(self.root / "data"),
+                "--hostname",
+                DOMAIN,
+                "--smtp",
+                f"tcp:{port}:interface=127.0.0.1",
+            ],
+            cwd=self.root,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.pid = self.process.pid
+        self._delivered = LogCounter(self.logFile, b"discarded message for")
+        try:
+            _waitForServer(self.process, port, timeout, self.logFile, self.name)
+        except BaseException:
+            self.stop()
+            raise
+
+    def cpuTicks(self) -> int:
+        return processTicks(self.pid)
+
+    def delivered(self) -> int:
+        return self._delivered()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class TwistedSinkServer(Server):
+    """
+    The reference: Twisted's stock ESMTP server keeping nothing
+    (C{_twistedsink.py}); not durable, so its deliveries are not counted.
+    """
+
+    name = "tw-sink"
+    durable = False
+
+    def __init__(self, port: int, timeout: float = 30) -> None:
+        self.port = port
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                          "_twistedsink.py"), str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.pid = self.process.pid
+        try:
+            _waitForServer(self.process, port, timeout, None, self.name)
+        except BaseException:
+            self.stop()
+            raise
+
+    def cpuTicks(self) -> int:
+        return processTicks(self.pid)
+
+    def delivered(self) -> int:
+        return 0
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def _waitForServer(
+    process: subprocess.Popen[bytes], port: int, timeout: float, log: Path | None, what: str
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchmarkError(
+                f"server {what} exited with {process.returncode}:\n"
+                + (log.read_text(errors="replace")[-2000:] if log else "")
+            )
+        try:
+            waitForBanner(port, 1)
+            return
+        except PostfixError:
+            pass
+    raise BenchmarkError(f"server {what} did not greet within {timeout}s")
+
+
+@dataclass
+class Run:
+    server: str
+    sessions: int
+    messages: int
+    seconds: float
+    cpuSeconds: float
+    drainSeconds: float
+    attempt: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+    @property
+    def cpuPerMessage(self) -> float:
+        return 1000 * self.cpuSeconds / self.messages
+
+
+def waitUntil(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise BenchmarkError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def smtpSource(
+    port: int, sessions: int, messages: int, size: int, reuse: bool, timeout: float
+) -> None:
+    """
+    Send C{messages} messages of C{size} octets over C{sessions} parallel
+    sessions; raise if smtp-source saw anything but success.
+    """
+    command = [
+        findProgram("smtp-source"),
+        "-4",
+        "-s", str(sessions),
+        "-m", str(messages),
+        "-l", str(size),
+        "-M", f"client.{DOMAIN}",
+        "-f", f"sender@{DOMAIN}",
+        "-t", f"rcpt@{DOMAIN}",
+        # Retry a connection reset by a full listen queue, as a real
+        # client would.
+        "-C", "5",
+    ]
+    if reuse:
+        command.append("-d")
+    command.append(f"127.0.0.1:{port}")
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchmarkError(f"smtp-source did not finish within {timeout}s") from None
+    if result.returncode != 0 or result.stderr.strip():
+        raise BenchmarkError(
+            f"smtp-source exited with {result.returncode}: {result.stderr.strip()[:500]}"
+        )
+
+
+def measure(
+    server: Server, sessions: int, messages: int, size: int, reuse: bool, timeout: float,
+    profile: Callable[[Server], Callable[[], None]] | None = None,
+) -> Run:
+    """
+    One timed run against one server, then wait for it to deliver every
+    message it acknowledged.
+    """
+    before = server.delivered()
+    ticks = server.cpuTicks()
+    stopProfile = profile(server) if profile is not None else None
+    start = time.monotonic()
+    try:
+        smtpSource(server.port, sessions, messages, size, reuse, timeout)
+        seconds = time.monotonic() - start
+        waitUntil(
+            lambda: not server.durable or server.delivered() >= before + messages,
+            timeout,
+            f"{server.name} to deliver {messages} messages "
+            f"(delivered {server.delivered() - before})",
+        )
+    finally:
+        if stopProfile is not None:
+            stopProfile()
+    drained = time.monotonic() - start
+    cpu = (server.cpuTicks() - ticks) / CLOCK_TICKS
+    extra = server.delivered() - before - messages
+    if server.durable and extra:
+        raise BenchmarkError(f"{server.name} delivered {extra} more messages than were sent")
+    return Run(server.name, sessions, messages, seconds, cpu, drained - seconds)
+
+
+def pySpy(output: str) -> Callable[[Server], Callable[[], None]]:
+    """
+    A profile hook: record mailfw with py-spy during a run, into a file
+    named after C{output} (one file per run).
+    """
+    program = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    counter = [0]
+
+    def start(server: Server) -> Callable[[], None]:
+        if server.name != "mailfw":
+            return lambda: None
+        counter[0] += 1
+        base, ext = os.path.splitext(output)
+        path = f"{base}-{counter[0]}{ext or '.txt'}"
+        fmt = "flamegraph" if path.endswith(".svg") else (
+            "speedscope" if path.endswith(".json") else "raw"
+        )
+        spy = subprocess.Popen(
+            [program, "record", "--pid", str(server.pid), "--rate", "200",
+             "--format", fmt, "--output", path, "--nonblocking"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)
+
+        def stop() -> None:
+            spy.send_signal(signal.SIGINT)
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait(10)
+            print(f"# py-spy profile of mailfw: {path}", file=sys.stderr)
+
+        return stop
+
+    return start
+
+
+def messagesFor(sessions: int, given: int | None) -> int:
+    if given is not None:
+        return given
+    for limit in sorted(DEFAULT_MESSAGES, reverse=True):
+        if sessions >= limit:
+            return DEFAULT_MESSAGES[limit]
+    return DEFAULT_MESSAGES[1]
+
+
+def report(runs: Sequence[Run], servers: Sequence[str], sessionCounts: Sequence[int]) -> str:
+    lines = [
+        f"{'server':8} {'sessions':>8} {'msgs':>6} {'seconds':>8} {'msgs/s':>8} "
+        f"{'(min-max)':>13} {'CPU ms/msg':>10} {'drain s':>7}",
+    ]
+    medians: dict[tuple[str, int], float] = {}
+    for sessions in sessionCounts:
+        for name in servers:
+            mine = [r for r in runs if r.server == name and r.sessions == sessions]
+            if not mine:
+                continue
+            rates = [r.rate for r in mine]
+            rate = statistics.median(rates)
+            medians[name, sessions] = rate
+            lines.append(
+                f"{name:8} {sessions:8d} {mine[0].messages:6d} "
+                f"{statistics.median(r.seconds for r in mine):8.2f} {rate:8.0f} "
+                f"{f'({min(rates):.0f}-{max(rates):.0f})':>13} "
+                f"{statistics.median(r.cpuPerMessage for r in mine):10.2f} "
+                f"{statistics.median(r.drainSeconds for r in mine):7.2f}"
+            )
+    if "mailfw" in servers and "postfix" in servers:
+        lines.append("")
+        for sessions in sessionCounts:
+            if ("mailfw", sessions) in medians and ("postfix", sessions) in medians:
+                ratio = medians["mailfw", sessions] / medians["postfix", sessions]
+                # Each repetition ran the two back to back: their ratio
+                # is less exposed to the machine's load changing.
+                byAttempt = {
+                    (r.server, r.attempt): r.rate for r in runs if r.sessions == sessions
+                }
+                paired = [
+                    byAttempt["mailfw", a] / byAttempt["postfix", a]
+                    for (name, a) in sorted(byAttempt)
+                    if name == "mailfw" and ("postfix", a) in byAttempt
+                ]
+                target = "  (target >= 1.5)" if sessions >= 100 else ""
+                lines.append(
+                    f"ratio mailfw/postfix msgs/s at {sessions:3d} sessions: {ratio:.2f}"
+                    f"  (per repetition: {', '.join(f'{x:.2f}' for x in paired)}){target}"
+                )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--sessions", default="1,10,100",
+                        help="comma-separated concurrent session counts (default 1,10,100)")
+    parser.add_argument("--messages", type=int, default=None,
+                        help="messages per run (default: 3000/6000/10000 for 1/10/100 sessions)")
+    parser.add_argument("--size", type=int, default=1024, help="message body octets (default 1024)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per server and session count")
+    parser.add_argument("--only", choices=("mailfw", "postfix"), default=None)
+    parser.add_argument("--reuse", action="store_true",
+                        help="send every message of a session over one connection (smtp-source -d)")
+    parser.add_argument("--reference", action="store_true",
+                        help="also measure Twisted's stock ESMTP server keeping nothing "
+                             "(not durable; the ceiling of a plain Twisted server)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds allowed per run")
+    parser.add_argument("--py-spy", dest="pyspy", metavar="FILE", default=None,
+                        help="record mailfw with py-spy during the runs at the largest "
+                             "session count (FILE.svg, FILE.json or raw FILE.txt)")
+    args = parser.parse_args(argv)
+    sessionCounts = [int(s) for s in args.sessions.split(",") if s.strip()]
+    names = [args.only] if args.only else ["mailfw", "postfix"]
+    if args.reference:
+        names.append("tw-sink")
+
+    servers: list[Server] = []
+
+    def stopAll() -> None:
+        while servers:
+            server = servers.pop()
+            try:
+                server.stop()
+            except Exception as e:  # keep stopping the others
+                print(f"# stopping {server.name}: {e}", file=sys.stderr)
+
+    atexit.register(stopAll)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
+
+    profile = None
+    if args.pyspy and "mailfw" in names:
+        profile = pySpy(args.pyspy)
+
+    runs: list[Run] = []
+    try:
+        for name in names:
+            port = freePort()
+            kinds = {"postfix": PostfixServer, "mailfw": MailfwServer, "tw-sink": TwistedSinkServer}
+            server: Server = kinds[name](port)
+            servers.append(server)
+            print(f"# {name} listening on 127.0.0.1:{port} (pid {server.pid})", file=sys.stderr)
+        # Warm up: Postfix forks its smtpd processes, mailfw fills its
+        # caches and creates its database pages.
+        for server in servers:
+            measure(server, max(sessionCounts), 2 * max(sessionCounts), args.size,
+                    args.reuse, args.timeout)
+        for sessions in sessionCounts:
+            messages = messagesFor(sessions, args.messages)
+            for attempt in range(args.repeat):
+                # Alternate which server goes first, so that slow phases
+                # of a noisy machine hit both.
+                order = servers if attempt % 2 == 0 else servers[::-1]
+                for server in order:
+                    run = measure(server, sessions, messages, args.size, args.reuse,
+                                  args.timeout,
+                                  profile if sessions == max(sessionCounts) else None)
+                    run.attempt = attempt
+                    runs.append(run)
+                    print(
+                        f"# {run.server:8} {sessions:4d} sessions: {run.messages} msgs in "
+                        f"{run.seconds:.2f}s = {run.rate:.0f}/s, "
+                        f"CPU {run.cpuPerMessage:.2f} ms/msg, drained {run.drainSeconds:.2f}s later",
+                        file=sys.stderr,
+                    )
+    except (BenchmarkError, PostfixError) as e:
+        print(f"benchmark failed: {e}", file=sys.stderr)
+        if runs:
+            print(report(runs, names, sessionCounts))
+        return 1
+    finally:
+        stopAll()
+    print(
+        f"durable accept, {args.size}-octet messages, "
+        f"{'one connection per session' if args.reuse else 'one connection per message'}, "
+        f"median of {args.repeat}, {os.cpu_count()} CPUs"
+    )
+    print(report(runs, names, sessionCounts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
