@@ -253,7 +253,8 @@ class MailfwServer(Server):
             start_new_session=True,
         )
         self.pid = self.process.pid
-        self._delivered = LogCounter(self.logFile, b"discarded message for")
+        # One line per recipient outcome, from the scheduler.
+        self._delivered = LogCounter(self.logFile, b"via local: 250 2.0.0 Discarded")
         try:
             _waitForServer(self.process, port, timeout, self.logFile, self.name)
         except BaseException:

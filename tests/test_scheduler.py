@@ -190,6 +190,22 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         self.assertEqual(self.queue.queueIDs(), [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_outcomeLogged(self) -> None:
+        """
+        Every outcome is one info event naming the queue ID, recipient,
+        agent and reply: how a sink's discarded mail is accounted for.
+        """
+        agent = FakeAgent(self.clock, name="sink")
+        self.router.table["example.com"] = Route(RouteKind.LOCAL, agent="sink")
+        self.makeScheduler(agent)
+        queueID = self.enqueue(makeEnvelope("a@example.com"))
+        self.clock.advance(0)
+        [event] = [e for e in self.events if e.get("queueID") == queueID and "code" in e]
+        self.assertEqual(
+            (event["log_level"].name, event["recipient"], event["agent"], event["code"], event["enhanced"]),
+            ("info", "a@example.com", "sink", 250, "2.0.0"),
+        )
+
     def test_agentSeesQueueID(self) -> None:
         """
         The envelope given to an agent carries the message's queue ID, so

@@ -604,7 +604,7 @@ class Scheduler(Service):
         recipient = qr.recipient
         reply = outcome.reply
         self.log.info(
-            "{queueID} to {recipient}: {code} {enhanced} {text}",
+            "{queueID} to {recipient} via {agent}: {code} {enhanced} {text}",
             queueID=lease.queueID,
             recipient=str(recipient.address),
             code=reply.code,

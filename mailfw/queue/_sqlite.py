@@ -76,7 +76,7 @@ from typing import (
     TypeVar,
 )
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -483,6 +483,52 @@ class _SQLiteIncoming:
             self._queue._spool.submit(self._closeFile)
 
 
+# --- recently committed messages ------------------------------------------------
+
+
+class _Recent:
+    """
+    The envelopes and (small) bodies of recently committed messages, so
+    that the common path (accept, then deliver at once) reads nothing back
+    from the database: C{claim} takes the envelope from here and
+    C{openBody} the bytes.  Bounded in bytes and entries (oldest evicted
+    first); a miss falls back to the database.  Used from the writer and
+    the reactor thread.
+    """
+
+    def __init__(self, maxBytes: int = 16 * 1024 * 1024, maxEntries: int = 10_000) -> None:
+        self._entries: dict[str, tuple[Envelope, bytes]] = {}
+        self._bytes = 0
+        self._maxBytes = maxBytes
+        self._maxEntries = maxEntries
+        self._lock = threading.Lock()
+
+    def add(self, queueID: str, envelope: Envelope, body: bytes) -> None:
+        if len(body) > self._maxBytes:
+            return
+        with self._lock:
+            old = self._entries.pop(queueID, None)
+            if old is not None:
+                self._bytes -= len(old[1])
+            while self._entries and (
+                self._bytes + len(body) > self._maxBytes or len(self._entries) >= self._maxEntries
+            ):
+                evicted = self._entries.pop(next(iter(self._entries)))
+                self._bytes -= len(evicted[1])
+            self._entries[queueID] = (envelope, body)
+            self._bytes += len(body)
+
+    def get(self, queueID: str) -> tuple[Envelope, bytes] | None:
+        with self._lock:
+            return self._entries.get(queueID)
+
+    def discard(self, queueID: str) -> None:
+        with self._lock:
+            old = self._entries.pop(queueID, None)
+            if old is not None:
+                self._bytes -= len(old[1])
+
+
 # --- the queue -------------------------------------------------------------------
 
 
@@ -491,6 +537,20 @@ _LEASED = RecipientState.LEASED.value
 _HOLD = RecipientState.HOLD.value
 _ETRN = RecipientState.ETRN.value
 _CLEAR_LEASE = "lease_token = NULL, lease_owner = NULL, lease_expires = NULL"
+_CLAIM_COLUMNS = (
+    "message_id, idx, attempts, next_attempt_at, warned,"
+    " reply_code, reply_enhanced, reply_text, released"
+)
+
+
+def _allFinal(dispositions: Sequence[Disposition], claimed: Sequence[int]) -> bool:
+    """
+    Whether C{dispositions} take every claimed recipient out of the queue
+    (delivered or failed).
+    """
+    return len(dispositions) == len(claimed) and all(
+        not d.hold and not d.outcome.deferred for d in dispositions
+    ) and {d.index for d in dispositions} == set(claimed)
 
 
 def _marks(values: Sequence[object]) -> str:
@@ -585,6 +645,7 @@ class SQLiteQueue:
         self._readerConnection: sqlite3.Connection | None = None
         self._closed = False
         self._tokens = itertools.count(1)
+        self._recent = _Recent()
         self.transactions = 0
         initialiseDatabase(self._path)
 
@@ -767,6 +828,10 @@ class SQLiteQueue:
     ) -> Deferred[str]:
         def insert(connection: sqlite3.Connection) -> str:
             _insert(connection, queueID, envelope, now, body, spooled, size)
+            if body is not None and envelope.recipients:
+                # Harmless if the transaction then fails: only rows that
+                # exist are ever claimed.
+                self._recent.add(queueID, envelope, body)
             return queueID
 
         d = self._write(insert, None if spooled is None else spooled.close)
@@ -780,32 +845,40 @@ class SQLiteQueue:
 
         def claim(connection: sqlite3.Connection) -> Sequence[Lease]:
             rows = connection.execute(
-                "SELECT message_id, idx FROM recipients WHERE state IN (?, ?)"
+                f"SELECT {_CLAIM_COLUMNS} FROM recipients WHERE state IN (?, ?)"
                 " AND next_attempt_at <= ? ORDER BY next_attempt_at, message_id, idx LIMIT ?",
                 (_READY, _ETRN, now, max(limit, 0)),
             ).fetchall()
             if len(rows) < limit:
                 rows += connection.execute(
-                    "SELECT message_id, idx FROM recipients WHERE state = ? AND lease_expires <= ?"
+                    f"SELECT {_CLAIM_COLUMNS} FROM recipients WHERE state = ? AND lease_expires <= ?"
                     " ORDER BY lease_expires, message_id, idx LIMIT ?",
                     (_LEASED, now, limit - len(rows)),
                 ).fetchall()
-            chosen: dict[str, list[int]] = {}
-            for queueID, index in rows:
-                chosen.setdefault(queueID, []).append(index)
+            chosen: dict[str, list[Sequence[Any]]] = {}
+            for row in rows:
+                chosen.setdefault(row[0], []).append(row)
             leases = []
-            for queueID, indexes in chosen.items():
+            for queueID, group in chosen.items():
+                group.sort(key=lambda row: row[1])
+                indexes = [row[1] for row in group]
                 token = f"{os.urandom(8).hex()}.{next(self._tokens)}"
                 connection.execute(
                     "UPDATE recipients SET state = ?, lease_token = ?, lease_owner = ?,"
                     f" lease_expires = ? WHERE message_id = ? AND idx IN ({_marks(indexes)})",
                     (_LEASED, token, owner, expires, queueID, *indexes),
                 )
-                envelopeText, size = connection.execute(
-                    "SELECT envelope, size FROM messages WHERE id = ?", (queueID,)
-                ).fetchone()
-                envelope = envelopeFromJSON(envelopeText)
-                recipients = _recipients(connection, envelope, queueID, indexes)
+                cached = self._recent.get(queueID)
+                if cached is not None:
+                    envelope, size = cached[0], len(cached[1])
+                else:
+                    envelopeText, size = connection.execute(
+                        "SELECT envelope, size FROM messages WHERE id = ?", (queueID,)
+                    ).fetchone()
+                    envelope = envelopeFromJSON(envelopeText)
+                recipients = tuple(
+                    _queuedRecipient(envelope, (row[1], _LEASED, *row[2:])) for row in group
+                )
                 leases.append(Lease(queueID, envelope, recipients, token, expires, size))
             return leases
 
@@ -820,6 +893,19 @@ class SQLiteQueue:
         def record(connection: sqlite3.Connection) -> bool:
             queueID = lease.queueID
             claimed = [r.index for r in lease.recipients]
+            if not notices and _allFinal(dispositions, claimed):
+                # The common case, in one statement: the lease token fences
+                # it, and a short count means the lease was lost (the
+                # savepoint then undoes the partial delete).
+                deleted = connection.execute(
+                    "DELETE FROM recipients WHERE message_id = ? AND state = ?"
+                    f" AND lease_token = ? AND idx IN ({_marks(claimed)})",
+                    (queueID, _LEASED, lease.token, *claimed),
+                ).rowcount
+                if deleted != len(claimed):
+                    raise LeaseLost(queueID)
+                self._dropIfDone(connection, [queueID])
+                return False
             rows = connection.execute(
                 f"SELECT idx, state, lease_token FROM recipients WHERE message_id = ?"
                 f" AND idx IN ({_marks(claimed)})",
@@ -864,7 +950,7 @@ class SQLiteQueue:
                     connection.execute(
                         "DELETE FROM recipients WHERE message_id = ? AND idx = ?", (queueID, index)
                     )
-            _dropIfDone(connection, [queueID])
+            self._dropIfDone(connection, [queueID])
             for noticeID, notice in zip(noticeIDs, notices):
                 envelope = notice.envelope
                 if not envelope.arrival:
@@ -881,6 +967,9 @@ class SQLiteQueue:
         return self._write(record).addCallback(done)
 
     def openBody(self, queueID: str) -> Deferred[IMessageBody]:
+        cached = self._recent.get(queueID)
+        if cached is not None:
+            return succeed(MemoryBody(cached[1]))
         threshold = self.spillThreshold
         path = self._path
 
@@ -1002,10 +1091,23 @@ class SQLiteQueue:
             count = connection.execute(
                 f"DELETE FROM recipients WHERE {condition}", params
             ).rowcount
-            _dropIfDone(connection, affected)
+            self._dropIfDone(connection, affected)
             return count
 
         return self._write(delete)
+
+    def _dropIfDone(self, connection: sqlite3.Connection, queueIDs: Sequence[str]) -> None:
+        """
+        Delete the messages among C{queueIDs} that have no recipients left.
+        """
+        for queueID in queueIDs:
+            left = connection.execute(
+                "SELECT 1 FROM recipients WHERE message_id = ? LIMIT 1", (queueID,)
+            ).fetchone()
+            if left is None:
+                connection.execute("DELETE FROM message_bodies WHERE message_id = ?", (queueID,))
+                connection.execute("DELETE FROM messages WHERE id = ?", (queueID,))
+                self._recent.discard(queueID)
 
     def close(self) -> Deferred[None]:
         """
@@ -1084,19 +1186,6 @@ def _insert(
     connection.executemany(INSERT_RECIPIENT, recipientRows(queueID, envelope, now))
 
 
-def _dropIfDone(connection: sqlite3.Connection, queueIDs: Sequence[str]) -> None:
-    """
-    Delete the messages among C{queueIDs} that have no recipients left.
-    """
-    for queueID in queueIDs:
-        left = connection.execute(
-            "SELECT 1 FROM recipients WHERE message_id = ? LIMIT 1", (queueID,)
-        ).fetchone()
-        if left is None:
-            connection.execute("DELETE FROM message_bodies WHERE message_id = ?", (queueID,))
-            connection.execute("DELETE FROM messages WHERE id = ?", (queueID,))
-
-
 def _queuedRecipient(envelope: Envelope, row: Sequence[Any]) -> QueuedRecipient:
     index, state, attempts, nextAttempt, warned, code, enhanced, text, released = row
     return QueuedRecipient(
@@ -1109,18 +1198,6 @@ def _queuedRecipient(envelope: Envelope, row: Sequence[Any]) -> QueuedRecipient:
         lastReply=replyFromColumns(code, enhanced, text),
         released=bool(released),
     )
-
-
-def _recipients(
-    connection: sqlite3.Connection, envelope: Envelope, queueID: str, indexes: Sequence[int]
-) -> tuple[QueuedRecipient, ...]:
-    rows = connection.execute(
-        "SELECT idx, state, attempts, next_attempt_at, warned, reply_code, reply_enhanced,"
-        f" reply_text, released FROM recipients WHERE message_id = ? AND idx IN ({_marks(indexes)})"
-        " ORDER BY idx",
-        (queueID, *indexes),
-    ).fetchall()
-    return tuple(_queuedRecipient(envelope, row) for row in rows)
 
 
 def fromConfig(

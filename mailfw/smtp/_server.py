@@ -492,6 +492,8 @@ class SMTPServerProtocol(LineReceiver):
         self._idle: IDelayedCall | None = None
         self._abortLater: IDelayedCall | None = None
         self._draining = False
+        self._accepted = 0
+        self._connectedAt = 0.0
         self._refused = False
         self._closing = False
         self._closed = False
@@ -527,7 +529,10 @@ class SMTPServerProtocol(LineReceiver):
         self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         tls = self.kind == "submissions" or ISSLTransport.providedBy(transport)
         self._session = Session(listener=self.kind, peerHost=host, peerPort=port, tls=tls)
-        self.log.info("connection from {peer} on {listener}", peer=self.peer, listener=self.kind)
+        # The connection is logged once, when it ends (with what happened):
+        # twistd writes every event, debug ones too, and a line per event is
+        # a measurable share of the cost of a message.
+        self._connectedAt = self.clock.seconds()
         if self._onOpen is not None:
             self._onOpen(self)
         # As a streaming producer the protocol stops reading while the
@@ -572,7 +577,16 @@ class SMTPServerProtocol(LineReceiver):
             tx.message.cancel()
         self._sasl = None
         self._endLogin()
-        self.log.info("disconnect from {peer}", peer=self.peer)
+        self.log.info(
+            "connection from {peer} on {listener} closed after {duration:.1f}s:"
+            " {accepted} messages accepted, {errors} errors",
+            peer=self.peer,
+            listener=self.kind,
+            helo=self._session.helo or "",
+            duration=self.clock.seconds() - self._connectedAt,
+            accepted=self._accepted,
+            errors=self._errors,
+        )
         if self._onClose is not None:
             onClose, self._onClose = self._onClose, None
             onClose(self)
@@ -1357,6 +1371,7 @@ class SMTPServerProtocol(LineReceiver):
             # Logged as soon as known, also if the client has gone meanwhile.
             reply = answer.reply
             if reply.code == 250:
+                self._accepted += 1
                 self.log.info(
                     "accepted {queueID} from {sender} for {count} recipients "
                     "({size} octets) from {peer}",
