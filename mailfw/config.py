@@ -8,6 +8,7 @@ mistake is reported at start-up as one line naming the section and key.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -223,14 +224,36 @@ _KNOWN_SECTIONS = {
 
 
 def _nameserver(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or host.endswith(":") and not host.startswith("["):
-        host, port = text, "53"
-    host = host.strip("[]")
+    """
+    Parse one C{[dns] nameservers} entry: an IP address with an optional
+    port (C{"192.0.2.1"}, C{"192.0.2.1:5353"}, C{"::1"}, C{"[::1]:5353"}).
+    A bare IPv6 address has no port: write C{"[fd00::1]:5353"} for one.
+    Host names are refused because the resolver needs addresses, and
+    resolving a name server's name would need a resolver.
+
+    @return: C{(address, port)}, the address in its canonical form.
+    @raise ConfigError: naming the entry.
+    """
+    host, port = text, "53"
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"[dns] nameservers: bad entry {text!r}")
+        if rest:
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
     try:
-        return host, int(port)
+        address = ipaddress.ip_address(host)
     except ValueError:
-        raise ConfigError(f"[dns] nameservers: bad port in {text!r}") from None
+        raise ConfigError(
+            f"[dns] nameservers: {text!r} is not an IP address (host names are not accepted)"
+        ) from None
+    if text.startswith("[") and address.version != 6:
+        raise ConfigError(f"[dns] nameservers: brackets are for IPv6 addresses in {text!r}")
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"[dns] nameservers: bad port in {text!r}")
+    return str(address), int(port)
 
 
 def loadConfig(

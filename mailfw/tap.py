@@ -8,8 +8,11 @@ L{buildService}, which tests call with a L{MemoryReactorClock}.
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
@@ -112,6 +115,11 @@ class Options(usage.Options):
             raise usage.UsageError("nothing to listen on: give --smtp or [listen]")
 
 
+# What serverFromString raises for a bad description: a missing argument
+# (TypeError), an unknown address family in systemd:domain= (AttributeError).
+_ENDPOINT_ERRORS = (ValueError, OSError, IndexError, KeyError, TypeError, AttributeError)
+
+
 def _checkEndpoint(kind: str, description: str) -> None:
     """
     Parse an endpoint description once without a reactor, so that a typo is
@@ -119,9 +127,56 @@ def _checkEndpoint(kind: str, description: str) -> None:
     key and certificate here.)
     """
     try:
-        serverFromString(None, _withBacklog(description))
-    except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
+        _serverEndpoint(None, description)
+    except _ENDPOINT_ERRORS as e:
         raise usage.UsageError(f"--{kind}={description}: {e}") from None
+
+
+def _endpointType(description: str) -> str:
+    parts = description.split(":")
+    return parts[1] if parts[0] == "haproxy" and len(parts) > 1 else parts[0]
+
+
+def _serverEndpoint(reactor: Any, description: str) -> Any:
+    """
+    L{serverFromString} with L{DEFAULT_BACKLOG}, and a clear reason when a
+    C{systemd:} endpoint names a socket this process did not inherit
+    (Twisted says only "list index out of range").
+
+    @raise ValueError: and the other L{_ENDPOINT_ERRORS}.
+    """
+    try:
+        return serverFromString(reactor, _withBacklog(description))
+    except (IndexError, KeyError):
+        if _endpointType(description) != "systemd":
+            raise
+        raise ValueError(
+            "needs systemd socket activation (no such socket was passed to this process)"
+        ) from None
+
+
+def _checkListener(kind: str, description: str) -> None:
+    """
+    Check one C{[listen]} entry without listening, for
+    L{checkComponents}.  A C{systemd:} entry is checked only as far as
+    possible outside systemd: the address family and C{index}/C{name}
+    parameters, not whether systemd passes that socket.
+
+    @raise ConfigError: naming the entry.
+    """
+    try:
+        _serverEndpoint(None, description)
+    except ValueError as e:
+        if _endpointType(description) != "systemd" or "socket activation" not in str(e):
+            raise ConfigError(f"[listen] {kind} = {description!r}: {e}") from None
+        for part in description.split(":"):
+            key, _, value = part.partition("=")
+            if key == "domain" and not hasattr(socket, f"AF_{value}"):
+                raise ConfigError(
+                    f"[listen] {kind} = {description!r}: unknown address family {value!r}"
+                ) from None
+    except _ENDPOINT_ERRORS as e:
+        raise ConfigError(f"[listen] {kind} = {description!r}: {e}") from None
 
 
 def _withBacklog(description: str) -> str:
@@ -129,9 +184,7 @@ def _withBacklog(description: str) -> str:
     Add L{DEFAULT_BACKLOG} to descriptions whose endpoint type takes one and
     that do not set it.
     """
-    parts = description.split(":")
-    kind = parts[1] if parts[0] == "haproxy" and len(parts) > 1 else parts[0]
-    if kind in _BACKLOG_TYPES and "backlog=" not in description:
+    if _endpointType(description) in _BACKLOG_TYPES and "backlog=" not in description:
         return f"{description}:backlog={DEFAULT_BACKLOG}"
     return description
 
@@ -144,7 +197,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     try:
-        return buildService(options.serverConfig, reactor)
+        return buildService(options.serverConfig, reactor, owner=_targetOwner(options))
     except ConfigError as e:
         sys.stderr.write(f"mailfw: configuration error: {e}\n")
         raise SystemExit(1)
@@ -184,12 +237,190 @@ class _QueueCloser(Service):
         return self.queue.close()
 
 
-def buildService(config: ServerConfig, reactor: Any, plugins: Any = None) -> MultiService:
+def _targetOwner(options: usage.Options) -> tuple[int, int] | None:
+    """
+    The user and group C{twistd --uid/--gid} will switch to after
+    L{makeService}, or C{None} when it keeps the current ones.
+
+    twistd builds the service, and calls C{privilegedStartService} (the
+    control socket), as the user that started it; only then does it
+    switch.  Its options are the parent of ours.
+
+    @return: C{(uid, gid)}, -1 for one that does not change.  As twistd
+        does, C{--uid} without C{--gid} means that user's primary group.
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None:
+        return None
+    uid, gid = parent.get("uid"), parent.get("gid")
+    if uid is None and gid is None:
+        return None
+    if gid is None:
+        import pwd
+
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            gid = -1
+    return (-1 if uid is None else int(uid), int(gid))
+
+
+def _chown(path: Path, uid: int, gid: int, follow: bool) -> None:
+    """
+    Give C{path} to C{uid}/C{gid} unless it already belongs to them.
+
+    @param follow: whether a symbolic link is followed (only for the data
+        directory, which the operator names; inside it, a link is changed
+        itself, never what it points to).
+    @raise FileNotFoundError: if C{path} does not exist.
+    """
+    status = os.stat(path, follow_symlinks=follow)
+    if (uid == -1 or status.st_uid == uid) and (gid == -1 or status.st_gid == gid):
+        return
+    os.chown(path, uid, gid, follow_symlinks=follow)
+
+
+class _Ownership(Service):
+    """
+    Hands what start-up created to the user C{twistd --uid/--gid} switches
+    to: the data directory, the SQLite queue's files and the control
+    socket, all created while twistd still runs as root.  It must be the
+    last child of the service tree, so that it runs after the control
+    socket is bound in C{privilegedStartService}.
+
+    @ivar paths: C{(path, follow)} pairs; see L{_chown}.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        owner: tuple[int, int],
+        paths: list[tuple[Path, bool]],
+        chown: Callable[[Path, int, int, bool], None] = _chown,
+    ) -> None:
+        self.owner = owner
+        self.paths = paths
+        self._chown = chown
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        uid, gid = self.owner
+        for path, follow in self.paths:
+            try:
+                self._chown(path, uid, gid, follow)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                self.log.warn(
+                    "cannot give {path} to uid {uid} gid {gid}: {reason}",
+                    path=str(path),
+                    uid=uid,
+                    gid=gid,
+                    reason=e.strerror,
+                )
+
+
+def _ownedPaths(config: ServerConfig, controlPath: Path) -> list[tuple[Path, bool]]:
+    """
+    What L{_Ownership} hands over: the data directory, the SQLite queue's
+    database, journal files and the directories made for them inside the
+    data directory, and the control socket with its lock.
+    """
+    paths: list[tuple[Path, bool]] = [(config.dataDir, True)]
+    queuePath = _sqlitePath(config)
+    if queuePath is not None:
+        # Directories only inside the data directory: a queue elsewhere
+        # lives in a directory the operator prepares.
+        dataDir = Path(os.path.normpath(config.dataDir))
+        queuePath = Path(os.path.normpath(queuePath))
+        made = queuePath.parent
+        inside: list[Path] = []
+        while made != dataDir and dataDir in made.parents:
+            inside.append(made)
+            made = made.parent
+        paths.extend((d, False) for d in reversed(inside))
+        paths.extend(
+            (queuePath.with_name(queuePath.name + suffix), False)
+            for suffix in ("", "-wal", "-shm", "-journal")
+        )
+    paths.append((controlPath, False))
+    paths.append((controlPath.with_name(controlPath.name + ".lock"), False))
+    return paths
+
+
+def _sqlitePath(config: ServerConfig) -> Path | None:
+    """
+    Where the C{sqlite} queue keeps its database (as its C{fromConfig}
+    resolves C{path}), or C{None} for another queue plugin.
+    """
+    if config.queue.get("plugin") != "sqlite":
+        return None
+    path = config.queue.get("path", "queue.sqlite")
+    return config.dataDir / path if isinstance(path, str) else None
+
+
+def _describeAgent(config: ServerConfig, section: Mapping[str, object]) -> str:
+    """
+    Where a delivery instance puts mail, for the start-up log: its plugin,
+    and for C{maildir} its path template resolved against the data
+    directory (as L{mailfw.delivery._maildir.fromConfig} resolves it).
+    """
+    plugin = str(section.get("plugin"))
+    if plugin == "maildir":
+        template = section.get("path", "mail/{domain}/{localpart}")
+        if isinstance(template, str):
+            return f"plugin maildir, mailboxes {config.dataDir.absolute() / template}"
+    return f"plugin {plugin}"
+
+
+def _describeQueue(config: ServerConfig) -> str:
+    """
+    The queue for the start-up log: its plugin, and its file for C{sqlite}.
+    """
+    sqlite = _sqlitePath(config)
+    if sqlite is not None:
+        return f"sqlite {sqlite.absolute()}"
+    return str(config.queue.get("plugin"))
+
+
+def _localDomains(config: ServerConfig) -> list[str] | None:
+    """
+    The domains the C{static} router delivers locally (C{local_domains},
+    default C{["localhost"]}, and always the host name), for the start-up
+    log; C{None} for another routing plugin, which decides by itself.
+    """
+    from mailfw.address import AddressError, normaliseDomain
+
+    if config.routing.get("plugin") != "static":
+        return None
+    configured = config.routing.get("local_domains", ["localhost"])
+    if isinstance(configured, str):
+        configured = [configured]
+    domains = [str(d) for d in configured] if isinstance(configured, list) else []
+    try:
+        hostname = normaliseDomain(config.hostname)
+    except AddressError:
+        # The router cannot receive mail for it either.
+        return domains
+    if hostname not in domains:
+        domains.append(hostname)
+    return domains
+
+
+def buildService(
+    config: ServerConfig,
+    reactor: Any,
+    plugins: Any = None,
+    owner: tuple[int, int] | None = None,
+) -> MultiService:
     """
     Build every configured component and the listeners around them.
 
     @param plugins: a list of plugin objects to use instead of the installed
         ones (tests).
+    @param owner: C{(uid, gid)} that C{twistd --uid/--gid} will switch to
+        (see L{_targetOwner}): what start-up creates is handed to them.
     @raise ConfigError: naming the section that is wrong.
     """
     from mailfw.auth._config import authFromConfig
@@ -262,8 +493,8 @@ def buildService(config: ServerConfig, reactor: Any, plugins: Any = None) -> Mul
         )
         for description in config.listen[kind]:
             try:
-                endpoint = serverFromString(reactor, _withBacklog(description))
-            except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
+                endpoint = _serverEndpoint(reactor, description)
+            except _ENDPOINT_ERRORS as e:
                 raise ConfigError(f"[listen] {kind} = {description!r}: {e}") from None
             service = StreamServerEndpointService(endpoint, factory)
             service.setName(f"{kind}:{description}")
@@ -280,13 +511,31 @@ def buildService(config: ServerConfig, reactor: Any, plugins: Any = None) -> Mul
     )
     control.setName("control")
     control.setServiceParent(top)
-    for name, agent in agents.items():
-        log.info("delivery instance {agent}: {description}", agent=name, description=repr(agent))
+    if owner is not None:
+        ownership = _Ownership(owner, _ownedPaths(config, controlPath))
+        ownership.setName("ownership")
+        ownership.setServiceParent(top)
+    for name, section in config.delivery.items():
+        log.info(
+            "delivery instance {agent}: {description}",
+            agent=name,
+            plugin=section.get("plugin"),
+            description=_describeAgent(config, section),
+        )
+    domains = _localDomains(config)
+    if domains is not None:
+        log.info(
+            "mail for {domains} is delivered locally",
+            domains=", ".join(domains),
+            localDomains=domains,
+        )
+    else:
+        log.info("routing plugin {plugin}", plugin=config.routing.get("plugin"))
     log.info(
         "mailfw {hostname}: data in {dataDir}, queue {queue}",
         hostname=config.hostname,
-        dataDir=str(config.dataDir),
-        queue=repr(queue),
+        dataDir=str(config.dataDir.absolute()),
+        queue=_describeQueue(config),
     )
     return top
 
@@ -298,17 +547,29 @@ def checkComponents(config: ServerConfig, reactor: Any, plugins: Any = None) -> 
     (C{mailfw config check}).  The data directory is replaced by a
     temporary one, so that checking creates nothing beside the file.
 
+    Listeners are not built: each C{[listen]} entry is parsed on its own
+    instead.  A C{systemd:} entry names a socket that only systemd passes
+    to the server, so outside systemd it is checked for syntax only.
+
     @raise ConfigError: naming the section that is wrong.
     @return: fires when the components are closed again.
     """
     import dataclasses
     import shutil
     import tempfile
-    from pathlib import Path
 
+    for kind, descriptions in config.listen.items():
+        for description in descriptions:
+            _checkListener(kind, description)
     scratch = Path(tempfile.mkdtemp(prefix="mailfw-check-"))
     try:
-        service = buildService(dataclasses.replace(config, dataDir=scratch), reactor, plugins)
+        service = buildService(
+            dataclasses.replace(
+                config, dataDir=scratch, listen={kind: [] for kind in config.listen}
+            ),
+            reactor,
+            plugins,
+        )
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

@@ -162,10 +162,40 @@ class LoadConfigTests(SynchronousTestCase):
         """
         A nameserver with a bad port names the entry.
         """
-        e = self.assertRaises(
-            ConfigError, loadConfig, self.write('[dns]\nnameservers = ["127.0.0.1:x"]\n')
-        )
-        self.assertIn("127.0.0.1:x", str(e))
+        for entry in ("127.0.0.1:x", "127.0.0.1:0", "127.0.0.1:65536", "[::1]:", "[::1]:-5"):
+            e = self.assertRaises(
+                ConfigError, loadConfig, self.write(f'[dns]\nnameservers = ["{entry}"]\n')
+            )
+            self.assertIn(repr(entry), str(e))
+
+    def test_nameserverForms(self) -> None:
+        """
+        Nameservers are IPv4 or IPv6 addresses, IPv6 in brackets when it
+        has a port; a bare IPv6 address has no port.
+        """
+        for entry, expected in [
+            ("127.0.0.1", ("127.0.0.1", 53)),
+            ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+            ("::1", ("::1", 53)),
+            ("[::1]", ("::1", 53)),
+            ("[::1]:5353", ("::1", 5353)),
+            ("fd00::1:2", ("fd00::1:2", 53)),
+            ("[fd00::1:2]:53", ("fd00::1:2", 53)),
+        ]:
+            c = loadConfig(self.write(f'[dns]\nnameservers = ["{entry}"]\n'))
+            self.assertEqual(c.nameservers, (expected,), entry)
+
+    def test_nameserverNotAnAddress(self) -> None:
+        """
+        Host names, malformed brackets and IPv4 in brackets are refused,
+        naming the entry.
+        """
+        for entry in ("dns.example", "dns.example:53", "[::1", "[::1]x", "[127.0.0.1]", "1.2.3"):
+            e = self.assertRaises(
+                ConfigError, loadConfig, self.write(f'[dns]\nnameservers = ["{entry}"]\n')
+            )
+            self.assertIn(repr(entry), str(e))
+            self.assertIn("[dns] nameservers", str(e))
 
     def test_deliveryMustBeTable(self) -> None:
         """

@@ -8,9 +8,10 @@ The examples are found in C{docs/*.rst} and C{README.rst}:
     L{mailfw.config.loadConfig}, name installed plugins (the example
     distribution in C{examples/webhook} counts as installed), and pass
     each plugin's own checks: every queue, router and delivery section is
-    built by its plugin's C{fromConfig}, and C{[smtp]} and C{[scheduler]}
-    by the code that reads them.  Then the whole file goes through
-    L{mailfw.tap.checkComponents}, what C{mailfw config check} runs.
+    built by its plugin's C{fromConfig}, and C{[smtp]}, C{[scheduler]},
+    C{[auth]} and C{[etrn]} by the code that reads them.  Then the whole
+    file goes through L{mailfw.tap.checkComponents}, what C{mailfw config
+    check} runs.
   - C{.. code-block:: python} blocks are run, and the test cases they
     define are run too.
 
@@ -22,6 +23,8 @@ Comments (invisible in the output) just before a block change that:
     and the whole-server check is left out.
   - C{.. docs-test: skip (reason)} marks a Python example that cannot run
     here, such as one that needs a running server.
+  - C{.. docs-test: passwd} marks a literal block that is a password file
+    (C{mailfw passwd}'s format): every line must parse, with no problems.
   - C{.. docs-test: keys [section] [plugin]} before a definition list in
     C{docs/configuration.rst} says that the list documents that section
     (of that plugin); the test compares its terms with the keys the code
@@ -48,7 +51,7 @@ from types import ModuleType
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 from unittest import mock
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
@@ -56,6 +59,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 import twisted.plugins
+from mailfw.auth._config import authFromConfig
+from mailfw.auth._passwd import parsePasswordFile
 from mailfw.config import (
     ComponentContext,
     ConfigError,
@@ -71,6 +76,7 @@ from mailfw.interfaces import (
     IPolicyFactory,
     IRouterFactory,
 )
+from mailfw.etrn import settingsFromConfig
 from mailfw.plugin import LazyComponent, MissingPlugin, findPlugin
 from mailfw.queue._scheduler import schedulerFromConfig
 from mailfw.smtp import SMTPLimits
@@ -393,6 +399,12 @@ class DocsTestCase(SynchronousTestCase):
             router: Any = built.get("[routing]")
             try:
                 SMTPLimits.fromSection(Section("[smtp]", config.smtp))
+                authFromConfig(
+                    Section("[auth]", config.auth),
+                    context,
+                    lambda f, *args: maybeDeferred(f, *args),
+                )
+                settingsFromConfig(config.raw.get("etrn", {}))
                 scheduler = schedulerFromConfig(
                     Section("[scheduler]", config.scheduler),
                     reactor,
@@ -414,6 +426,14 @@ class DocsTestCase(SynchronousTestCase):
                     self.fail(f"{block}: mailfw config check: {e}")
                 reactor.runUntilCalled(d)
                 self.successResultOf(d)
+
+    def checkPasswordFile(self, block: Block) -> None:
+        """
+        C{block} is a password file whose every line parses.
+        """
+        entries, problems = parsePasswordFile(block.text)
+        self.assertEqual(problems, [], f"{block}")
+        self.assertTrue(entries, f"{block}: no users")
 
     def runPython(self, block: Block) -> None:
         """
@@ -472,6 +492,13 @@ def _addExampleTests() -> None:
 
             testPython.__doc__ = f"The Python example at {block} runs, and so do its tests."
             setattr(ExampleTests, f"test_python_{block.slug}", testPython)
+        elif block.language == "::" and "passwd" in block.markers:
+
+            def testPasswordFile(self: DocsTestCase, block: Block = block) -> None:
+                self.checkPasswordFile(block)
+
+            testPasswordFile.__doc__ = f"The password file example at {block} parses cleanly."
+            setattr(ExampleTests, f"test_passwd_{block.slug}", testPasswordFile)
 
 
 _addExampleTests()
@@ -493,6 +520,7 @@ class ExtractionTests(SynchronousTestCase):
         self.assertIn(ROOT / "README.rst", {b.path for b in toml})
         python = [b for b in blocks if b.language == "python" and not b.markers]
         self.assertGreaterEqual(len(python), 4)
+        self.assertTrue([b for b in blocks if "passwd" in b.markers])
 
     def test_knownMarkers(self) -> None:
         """
@@ -501,9 +529,11 @@ class ExtractionTests(SynchronousTestCase):
         """
         for block in allBlocks():
             for marker in block.markers:
-                self.assertRegex(marker, r"^(host|skip \(.+\))$", f"{block}")
+                self.assertRegex(marker, r"^(host|passwd|skip \(.+\))$", f"{block}")
             if any(m == "host" for m in block.markers):
                 self.assertEqual(block.language, "toml", f"{block}")
+            if "passwd" in block.markers:
+                self.assertEqual(block.language, "::", f"{block}")
             if any(m.startswith("skip") for m in block.markers):
                 self.assertEqual(block.language, "python", f"{block}")
 
@@ -591,6 +621,32 @@ class ReferenceTests(SynchronousTestCase):
         perDomain = asked['[scheduler.domains."example.com"]']
         self.assertTrue(perDomain)
         self.assertLessEqual(perDomain, self.documented["[scheduler]"])
+
+    def test_auth(self) -> None:
+        """
+        C{[auth]} lists every key L{authFromConfig} reads.
+        """
+        context = ComponentContext(
+            reactor=MemoryReactorClock(),
+            hostname="mx.example.org",
+            dataDir=Path(self.mktemp()),
+            agentNames=frozenset({"local"}),
+        )
+        with recordingKeys() as asked:
+            authFromConfig(
+                Section("[auth]", {"passwords": "passwd"}),
+                context,
+                lambda f, *args: maybeDeferred(f, *args),
+            )
+        self.assertDocumented("[auth]", asked["[auth]"])
+
+    def test_etrn(self) -> None:
+        """
+        C{[etrn]} lists every key L{settingsFromConfig} reads.
+        """
+        with recordingKeys() as asked:
+            settingsFromConfig({})
+        self.assertDocumented("[etrn]", asked["[etrn]"])
 
     def test_bundledPlugins(self) -> None:
         """

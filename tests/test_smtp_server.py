@@ -117,13 +117,38 @@ class GreetingTests(SynchronousTestCase):
 
     def test_connectionLogged(self) -> None:
         """
-        Connect and disconnect are logged with the peer as text.
+        A connection is one info event when it ends, with the peer as text,
+        the listener, its duration and how many messages it brought.
         """
         with capturedLogs() as events:
             conn = connect()
+            conn.send(PROLOGUE + b"x\r\n.\r\n")
+            conn.clock.advance(2)
             conn.proto.connectionLost(Failure(ConnectionLost()))
-        peers = [e["peer"] for e in events if "peer" in e]
-        self.assertEqual(peers, ["192.0.2.1:40000", "192.0.2.1:40000"])
+        [event] = [e for e in events if "accepted" in e and "duration" in e]
+        self.assertEqual(
+            (event["log_level"].name, event["peer"], event["listener"], event["duration"], event["accepted"]),
+            ("info", "192.0.2.1:40000", "smtp", 2.0, 1),
+        )
+
+
+class HelpTests(SynchronousTestCase):
+    def test_helpFollowsSession(self) -> None:
+        """
+        HELP lists STARTTLS only where TLS can start, like EHLO, and never
+        AUTH or ETRN where they are not offered.
+        """
+        plain = connect()
+        plain.send(EHLO + b"HELP\r\n")
+        withTLS = connect(tlsOptions=object(), transportFactory=TLSStringTransport)
+        withTLS.send(EHLO + b"HELP\r\n")
+        plainHelp, tlsHelp = plain.replies()[-1], withTLS.replies()[-1]
+        self.assertTrue(plainHelp.startswith(b"214 2.0.0 Commands: "))
+        self.assertNotIn(b"STARTTLS", plainHelp)
+        self.assertIn(b"STARTTLS", tlsHelp)
+        for reply in (plainHelp, tlsHelp):
+            self.assertNotIn(b"AUTH", reply)
+            self.assertNotIn(b"ETRN", reply)
 
 
 class HeloTests(SynchronousTestCase):

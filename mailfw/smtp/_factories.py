@@ -5,6 +5,9 @@ and C{submissions} (465: implicit TLS from an C{ssl:} endpoint).
 
 Each factory counts its connections, in total and per client address, and
 turns away those over the limits with a 421 before any SMTP is spoken.
+Clients in L{SMTPLimits.connectionLimitExceptions} (loopback by default,
+like Postfix's C{smtpd_client_connection_limit_exceptions}) are held only
+to the total limit.
 
 With an L{SMTPAuth} the factory's sessions offer AUTH once they are
 encrypted; the submission kinds need it before MAIL, so without one they
@@ -17,6 +20,7 @@ so.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 
 from twisted.internet.interfaces import IAddress, IReactorTime
@@ -54,8 +58,23 @@ class _TurnAway(Protocol):
 
 
 def _clientKey(address: IAddress | None) -> str:
+    """
+    The text that identifies a client for the per-client limit: its IP
+    address, an IPv4-mapped IPv6 address (a dual-stack listener's view of
+    an IPv4 client) as the IPv4 address it maps.
+    """
     host = getattr(address, "host", None)
-    return str(host) if host is not None else str(address)
+    if host is None:
+        return str(address)
+    text = str(host)
+    if text[:7].lower() == "::ffff:":
+        try:
+            mapped = ipaddress.IPv6Address(text).ipv4_mapped
+        except ValueError:
+            mapped = None
+        if mapped is not None:
+            return str(mapped)
+    return text
 
 
 class SMTPFactory(Factory):
@@ -116,7 +135,8 @@ class SMTPFactory(Factory):
         if self.connections >= self.limits.maxConnections:
             self.log.warn("too many connections, turning away {peer}", peer=key)
             return _TurnAway(self.hostname, R.TOO_MANY_CONNECTIONS)
-        if self._perClient.get(key, 0) >= self.limits.maxConnectionsPerClient:
+        overLimit = self._perClient.get(key, 0) >= self.limits.maxConnectionsPerClient
+        if overLimit and not self.limits.exemptFromClientLimit(key):
             self.log.warn("too many connections from {peer}", peer=key)
             return _TurnAway(self.hostname, R.TOO_MANY_CONNECTIONS_FROM_CLIENT)
 

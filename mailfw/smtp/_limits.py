@@ -4,11 +4,23 @@ Limits on everything an SMTP client controls.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, fields
+from typing import Union
 
 from mailfw.config import ConfigError, Section
 
 __all__ = ["SMTPLimits"]
+
+_Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+# Postfix exempts $mynetworks (smtpd_client_connection_limit_exceptions);
+# mailfw exempts the loopback addresses: a local relay, a content filter
+# or a benchmark opens many sessions from there.
+DEFAULT_CONNECTION_LIMIT_EXCEPTIONS: tuple[_Network, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
 
 
 def _snake(name: str) -> str:
@@ -47,6 +59,10 @@ class SMTPLimits:
     @ivar errorDelay: seconds, see C{softErrorLimit}.
     @ivar maxConnectionsPerClient: simultaneous connections from one IP
         address; more get 421 4.7.0.
+    @ivar connectionLimitExceptions: clients in these networks are not held
+        to C{maxConnectionsPerClient} (they still count towards
+        C{maxConnections}); by default the loopback networks.  Configured
+        as C{connection_limit_exceptions}, a list of CIDRs.
     @ivar maxConnections: simultaneous connections in total per listener
         factory; more get 421 4.7.0.
     @ivar maxReceivedHeaders: a message that would have more C{Received:}
@@ -75,6 +91,7 @@ class SMTPLimits:
     policyTimeout: float = 60.0
     maxPendingChecks: int = 100
     maxHeaderBytes: int = 256 * 1024
+    connectionLimitExceptions: tuple[_Network, ...] = DEFAULT_CONNECTION_LIMIT_EXCEPTIONS
 
     def __post_init__(self) -> None:
         if self.maxLineLength < 512:
@@ -84,7 +101,8 @@ class SMTPLimits:
         if self.hardErrorLimit < 1 or self.softErrorLimit < 0:
             raise ValueError("error limits must be positive")
         for f in fields(self):
-            if getattr(self, f.name) < 0:
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and value < 0:
                 raise ValueError(f"{f.name} must not be negative")
 
     @property
@@ -95,11 +113,30 @@ class SMTPLimits:
         """
         return self.maxLineLength + self.parameterAllowance
 
+    def exemptFromClientLimit(self, host: str) -> bool:
+        """
+        Whether the client at C{host} is exempt from
+        C{maxConnectionsPerClient}.  An IPv4-mapped IPv6 address (a dual-stack
+        listener's view of an IPv4 client) counts as its IPv4 address.
+
+        @param host: the peer's address as text; anything that is not an IP
+            address (a UNIX socket peer) is not exempt.
+        """
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.connectionLimitExceptions)
+
     @classmethod
     def fromSection(cls, section: Section) -> SMTPLimits:
         """
         Read the C{[smtp]} section: each field under its snake_case name
-        (C{max_message_size}, C{idle_timeout}, ...), all optional.
+        (C{max_message_size}, C{idle_timeout}, ...), all optional;
+        C{connection_limit_exceptions} is a list of CIDRs (C{[]} holds every
+        client to the per-client limit).
 
         @raise ConfigError: for an unknown key, a wrong type or a value the
             RFCs do not allow.
@@ -107,7 +144,9 @@ class SMTPLimits:
         values: dict[str, object] = {}
         for f in fields(cls):
             key = _snake(f.name)
-            if f.type in ("float", float):
+            if f.name == "connectionLimitExceptions":
+                values[f.name] = _networks(section, key)
+            elif f.type in ("float", float):
                 values[f.name] = section.number(key, f.default, minimum=0)
             else:
                 values[f.name] = section.integer(key, f.default, minimum=0)
@@ -116,3 +155,19 @@ class SMTPLimits:
             return cls(**values)  # type: ignore[arg-type]
         except ValueError as e:
             raise ConfigError(f"{section.title}: {e}") from None
+
+
+def _networks(section: Section, key: str) -> tuple[_Network, ...]:
+    """
+    Read a list of CIDRs (or single addresses), naming the bad entry.
+    """
+    texts = section.strings(
+        key, [str(network) for network in DEFAULT_CONNECTION_LIMIT_EXCEPTIONS]
+    )
+    networks: list[_Network] = []
+    for text in texts:
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ConfigError(f"{section.title} {key}: bad network {text!r}") from None
+    return tuple(networks)

@@ -10,6 +10,8 @@ when it must.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from mailfw.reply import SMTPReply
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "TOO_MANY_HOPS",
     "TOO_MANY_RECIPIENTS",
     "VRFY",
+    "helpReply",
 ]
 
 # --- positive ---------------------------------------------------------------
@@ -68,11 +71,31 @@ START_DATA = SMTPReply(354, "", "End data with <CR><LF>.<CR><LF>")
 GOODBYE = SMTPReply(221, "2.0.0", "Bye")
 TLS_READY = SMTPReply(220, "2.0.0", "Ready to start TLS")
 VRFY = SMTPReply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
-HELP = SMTPReply(
-    214,
-    "2.0.0",
-    "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
-)
+
+# Every listener accepts these; STARTTLS, AUTH and ETRN depend on the
+# listener and the session (see helpReply).
+_ALWAYS = ("EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "HELP")
+_OPTIONAL = ("STARTTLS", "AUTH", "ETRN")
+
+
+def helpReply(extensions: Iterable[str]) -> SMTPReply:
+    """
+    The reply to HELP: the commands this session would accept now.
+
+    The optional commands follow the EHLO keywords, so that HELP and EHLO
+    never disagree: STARTTLS only where TLS is configured and not yet
+    active, AUTH only where it is offered (after TLS), ETRN only on
+    listeners that offer it.
+
+    @param extensions: the session's EHLO keywords, with their parameters
+        (C{"AUTH PLAIN LOGIN"}, C{"SIZE 1000"}), as
+        L{SMTPServerProtocol.extensions} returns them.
+    """
+    offered = {keyword.split(" ", 1)[0].upper() for keyword in extensions}
+    commands = _ALWAYS + tuple(c for c in _OPTIONAL if c in offered)
+    return SMTPReply(214, "2.0.0", "Commands: " + " ".join(commands))
+
+
 
 # --- sequence and syntax ----------------------------------------------------
 

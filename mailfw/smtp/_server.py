@@ -1471,7 +1471,8 @@ class SMTPServerProtocol(LineReceiver):
         self._respond(R.OK)
 
     def smtp_HELP(self, argument: str) -> None:
-        self._respond(R.HELP)
+        # The commands this session may use now, as EHLO would say.
+        self._respond(R.helpReply(self.extensions()))
 
     def smtp_ETRN(self, argument: str) -> None:
         """
