@@ -373,9 +373,11 @@ class IPolicy(Interface):
         session: Session, envelope: Envelope, headers: bytes
     ) -> Verdict | Deferred[Verdict]:
         """
-        The end of data, before the queue commits; C{headers} is the
-        message's header section as received.  Headers in the verdict are
-        prepended to the message.
+        The message's header section is complete (C{headers}, as received).
+        Asked then rather than at the end of data because the body streams
+        into the queue: headers in the verdict can still go above it.  A
+        refusal is answered after the real end of data, and the message is
+        not queued.
         """
 
 

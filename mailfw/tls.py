@@ -1,5 +1,7 @@
 """
-Server TLS settings from C{[tls]}, shared by STARTTLS and implicit TLS.
+Server TLS settings from C{[tls]}, used by STARTTLS.  (Implicit TLS on an
+C{ssl:} listener takes its key and certificate from the endpoint
+description itself.)
 
 With no C{[tls]} section mailfw makes a self-signed certificate for its
 hostname in C{DATA_DIR/tls/} on first start, as Debian's Postfix does with
