@@ -45,6 +45,7 @@ applied at the end of data, after the whole message has been read.
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 from collections import deque
@@ -140,6 +141,18 @@ class _Answer:
     close: bool = False
     more: tuple[str, ...] = ()
     plain: bool = False  # never carry the enhanced status code (RFC 2034)
+
+
+# What an empty policy chain says at every stage.
+_NO_VERDICT = Verdict()
+
+
+@functools.lru_cache(maxsize=512)
+def _wire(reply: SMTPReply, enhanced: bool) -> bytes:
+    """
+    A one-line reply as sent: the same few replies go out all day.
+    """
+    return reply.lines(enhanced=enhanced)[0] + b"\r\n"
 
 
 @dataclass(eq=False)
@@ -494,6 +507,7 @@ class SMTPServerProtocol(LineReceiver):
         self._draining = False
         self._accepted = 0
         self._connectedAt = 0.0
+        self._lastActivity = 0.0
         self._refused = False
         self._closing = False
         self._closed = False
@@ -539,6 +553,7 @@ class SMTPServerProtocol(LineReceiver):
         # transport's write buffer is full: a client that pipelines without
         # reading the replies cannot make the server buffer them all.
         transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        self._lastActivity = self.clock.seconds()
         self._idle = self.clock.callLater(self.limits.idleTimeout, self._idleTimedOut)
         session = self._session
         verdict = self._chain(lambda p: p.checkConnection(session), "connect")
@@ -629,6 +644,12 @@ class SMTPServerProtocol(LineReceiver):
         self._idle = None
         if self._closing:
             return
+        remaining = self._lastActivity + self.limits.idleTimeout - self.clock.seconds()
+        if remaining > 0:
+            # Activity since the timer was set: wait for the rest.  (The
+            # timer is moved lazily, not reset on every line.)
+            self._idle = self.clock.callLater(remaining, self._idleTimedOut)
+            return
         if self._slots or "verdict" in self._pauseReasons:
             # We are the slow party (a policy or the queue); not the client.
             self._idle = self.clock.callLater(self.limits.idleTimeout, self._idleTimedOut)
@@ -644,8 +665,7 @@ class SMTPServerProtocol(LineReceiver):
         self._close()
 
     def _activity(self) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(self.limits.idleTimeout)
+        self._lastActivity = self.clock.seconds()
 
     # --- input ----------------------------------------------------------------
 
@@ -828,10 +848,12 @@ class SMTPServerProtocol(LineReceiver):
     def _send(self, answer: _Answer) -> None:
         if self._closed or self.transport is None:
             return
-        lines = answer.reply.lines(
-            enhanced=self._session.esmtp and not answer.plain, more=answer.more
-        )
-        self.transport.write(b"".join(line + b"\r\n" for line in lines))
+        enhanced = self._session.esmtp and not answer.plain
+        if answer.more:
+            lines = answer.reply.lines(enhanced=enhanced, more=answer.more)
+            self.transport.write(b"".join(line + b"\r\n" for line in lines))
+        else:
+            self.transport.write(_wire(answer.reply, enhanced))
         self._activity()
 
     def _respond(
@@ -855,6 +877,11 @@ class SMTPServerProtocol(LineReceiver):
         Answer the current command with what C{d} fires with, in order.
         C{d} must not fail: callers map failures to answers first.
         """
+        if d.called and not d.paused and isinstance(d.result, _Answer):
+            # Already decided (no plugin waited): skip the callback chain.
+            self._slots.append(_Slot(d.result, then, overlappable))
+            self._flush()
+            return
         slot = _Slot(None, then, overlappable, d, cancellable)
         self._slots.append(slot)
 
@@ -947,6 +974,8 @@ class SMTPServerProtocol(LineReceiver):
         result never fails.
         """
         policies = self.policies
+        if not policies:
+            return succeed(_NO_VERDICT)
         headers: list[tuple[str, str]] = []
 
         def absorb(verdict: object) -> Verdict | None:
