@@ -131,6 +131,10 @@ class ComponentContext:
         can check the names it refers to.
     @ivar nameservers: C{(host, port)} pairs from C{[dns]}, or empty for the
         system resolver.
+    @ivar queue: the server's L{mailfw.interfaces.IMessageQueue}, for
+        components that put new mail into it (alias expansion); set before
+        delivery agents and routers are built, C{None} while the queue
+        itself is being built.
     """
 
     reactor: Any
@@ -138,6 +142,7 @@ class ComponentContext:
     dataDir: Path
     agentNames: frozenset[str] = frozenset()
     nameservers: tuple[tuple[str, int], ...] = ()
+    queue: Any = None
     _resolver: Any = field(default=None, repr=False)
 
     def path(self, value: str) -> Path:
