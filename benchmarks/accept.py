@@ -223,8 +223,9 @@ class MailfwServer(Server):
 
     name = "mailfw"
 
-    def __init__(self, port: int, timeout: float = 60) -> None:
+    def __init__(self, port: int, timeout: float = 60, workers: int = 1) -> None:
         self.port = port
+        self.workers = workers
         self.root = Path(tempfile.mkdtemp(prefix="mailfw-bench-mailfw-"))
         self.logFile = self.root / "twistd.log"
         config = self.root / "mailfw.toml"
@@ -245,6 +246,7 @@ class MailfwServer(Server):
                 DOMAIN,
                 "--smtp",
                 f"tcp:{port}:interface=127.0.0.1",
+                f"--workers={workers}",
             ],
             cwd=self.root,
             stdin=subprocess.DEVNULL,
@@ -262,7 +264,8 @@ class MailfwServer(Server):
             raise
 
     def cpuTicks(self) -> int:
-        return processTicks(self.pid)
+        # The twistd process and its worker processes (--workers).
+        return treeTicks(self.pid)
 
     def delivered(self) -> int:
         return self._delivered()
@@ -537,6 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reference", action="store_true",
                         help="also measure Twisted's stock ESMTP server keeping nothing "
                              "(not durable; the ceiling of a plain Twisted server)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="mailfw processes (twistd mailfw --workers; default 2)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds allowed per run")
     parser.add_argument("--py-spy", dest="pyspy", metavar="FILE", default=None,
                         help="record mailfw with py-spy during the runs at the largest "
@@ -570,7 +575,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in names:
             port = freePort()
             kinds = {"postfix": PostfixServer, "mailfw": MailfwServer, "tw-sink": TwistedSinkServer}
-            server: Server = kinds[name](port)
+            server: Server = (
+                MailfwServer(port, workers=args.workers) if name == "mailfw" else kinds[name](port)
+            )
             servers.append(server)
             print(f"# {name} listening on 127.0.0.1:{port} (pid {server.pid})", file=sys.stderr)
         # Warm up: Postfix forks its smtpd processes, mailfw fills its
@@ -606,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"durable accept, {args.size}-octet messages, "
         f"{'one connection per session' if args.reuse else 'one connection per message'}, "
-        f"median of {args.repeat}, {os.cpu_count()} CPUs"
+        f"median of {args.repeat}, {os.cpu_count()} CPUs, mailfw --workers={args.workers}"
     )
     print(report(runs, names, sessionCounts))
     return 0

@@ -182,6 +182,7 @@ class ServerConfig:
     hostname: str
     dataDir: Path
     listen: dict[str, list[str]]
+    workers: int = 1
     certificate: Path | None = None
     privateKey: Path | None = None
     nameservers: tuple[tuple[str, int], ...] = ()
@@ -296,6 +297,7 @@ def loadConfig(
     configuredDir = dataDir or server.text("data_dir", DEFAULT_DATA_DIR)
     resolvedDir = (baseDir / configuredDir) if dataDir is None else Path(configuredDir)
     name = hostname or server.text("hostname", None) or socket.gethostname()
+    workers = server.integer("workers", 1, minimum=1)
     server.finish()
 
     listenSection = Section("[listen]", raw.get("listen", {}))
@@ -343,6 +345,7 @@ def loadConfig(
         hostname=name,
         dataDir=resolvedDir,
         listen=listeners,
+        workers=workers,
         certificate=relative(certificate),
         privateKey=relative(key),
         nameservers=nameservers,

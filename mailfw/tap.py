@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
@@ -21,6 +21,7 @@ from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from mailfw._workers import AdoptedPortService, InheritedSocket, RecordingEndpoint, WorkerPool
 from mailfw.admin._control import CONTROL_SOCKET, ControlFactory
 from mailfw.config import (
     LISTENER_KINDS,
@@ -73,6 +74,15 @@ class Options(usage.Options):
         ["config", "c", None, "Path to the TOML configuration file."],
         ["hostname", None, None, "Name announced in the greeting and Received: headers."],
         ["data-dir", "d", None, "Directory for the queue, mailboxes and TLS files."],
+        [
+            "workers",
+            None,
+            None,
+            "Processes serving the listeners and the queue (default: [server] "
+            "workers, else 1); more use more cores.  Needs tcp:, tcp6: or ssl: "
+            "listeners.",
+            int,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -113,6 +123,39 @@ class Options(usage.Options):
                 _checkEndpoint(kind, description)
         if not any(self.serverConfig.listen.values()):
             raise usage.UsageError("nothing to listen on: give --smtp or [listen]")
+        if self["workers"] is None:
+            self["workers"] = self.serverConfig.workers
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be at least 1")
+        if self["workers"] > 1:
+            from mailfw._workers import WORKER_TYPES
+
+            for kind, descriptions in self.serverConfig.listen.items():
+                for description in descriptions:
+                    if _endpointType(description) not in WORKER_TYPES or description.startswith(
+                        "haproxy:"
+                    ):
+                        raise usage.UsageError(
+                            f"--workers={self['workers']} needs tcp:, tcp6: or ssl: listeners,"
+                            f" not {kind} {description!r}"
+                        )
+        self.workerArguments = self._workerArguments()
+
+    def _workerArguments(self) -> list[str]:
+        """
+        The options that give a worker process the same configuration:
+        paths made absolute now, before twistd changes directory.
+        """
+        arguments: list[str] = []
+        if self["config"] is not None:
+            arguments.append(f"--config={os.path.abspath(self['config'])}")
+        if self["hostname"] is not None:
+            arguments.append(f"--hostname={self['hostname']}")
+        if self["data-dir"] is not None:
+            arguments.append(f"--data-dir={os.path.abspath(self['data-dir'])}")
+        for kind in LISTENER_KINDS:
+            arguments.extend(f"--{kind}={description}" for description in self[kind])
+        return arguments
 
 
 # What serverFromString raises for a bad description: a missing argument
@@ -197,7 +240,13 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     try:
-        return buildService(options.serverConfig, reactor, owner=_targetOwner(options))
+        return buildService(
+            options.serverConfig,
+            reactor,
+            owner=_targetOwner(options),
+            workers=options["workers"],
+            workerArguments=options.workerArguments,
+        )
     except ConfigError as e:
         sys.stderr.write(f"mailfw: configuration error: {e}\n")
         raise SystemExit(1)
@@ -413,6 +462,9 @@ def buildService(
     reactor: Any,
     plugins: Any = None,
     owner: tuple[int, int] | None = None,
+    workers: int = 1,
+    workerArguments: Sequence[str] = (),
+    worker: Sequence[InheritedSocket] | None = None,
 ) -> MultiService:
     """
     Build every configured component and the listeners around them.
@@ -421,6 +473,11 @@ def buildService(
         ones (tests).
     @param owner: C{(uid, gid)} that C{twistd --uid/--gid} will switch to
         (see L{_targetOwner}): what start-up creates is handed to them.
+    @param workers: with more than 1, the service also starts C{workers - 1}
+        worker processes sharing the listeners (see L{mailfw._workers}),
+        with C{workerArguments} as their C{mailfw} options.
+    @param worker: in a worker process, the sockets it inherited: they are
+        adopted instead of listening, and there is no control socket.
     @raise ConfigError: naming the section that is wrong.
     """
     from mailfw.auth._config import authFromConfig
@@ -472,6 +529,7 @@ def buildService(
         authSetup.service.setName("auth-threads")
         authSetup.service.setServiceParent(top)
 
+    recording: list[RecordingEndpoint] = []
     for kind in LISTENER_KINDS:
         if not config.listen[kind]:
             continue
@@ -491,17 +549,31 @@ def buildService(
             ),
             etrn=etrn,
         )
-        for description in config.listen[kind]:
+        if worker is not None:
+            for inherited in worker:
+                if inherited.kind == kind:
+                    _adopt(reactor, config, inherited, factory).setServiceParent(top)
+            continue
+        for index, description in enumerate(config.listen[kind]):
             try:
                 endpoint = _serverEndpoint(reactor, description)
             except _ENDPOINT_ERRORS as e:
                 raise ConfigError(f"[listen] {kind} = {description!r}: {e}") from None
+            if workers > 1:
+                endpoint = RecordingEndpoint(endpoint, kind, index)
+                recording.append(endpoint)
             service = StreamServerEndpointService(endpoint, factory)
             service.setName(f"{kind}:{description}")
             service.setServiceParent(top)
             log.info(
                 "mailfw {kind} listener on {endpoint}", kind=kind, endpoint=description
             )
+    if worker is not None:
+        return top
+    if workers > 1:
+        pool = WorkerPool(reactor, workers - 1, recording, workerArguments)
+        pool.setName("workers")
+        pool.setServiceParent(top)
     controlPath = config.dataDir / CONTROL_SOCKET
     control = StreamServerEndpointService(
         serverFromString(
@@ -538,6 +610,30 @@ def buildService(
         queue=_describeQueue(config),
     )
     return top
+
+
+def _adopt(
+    reactor: Any, config: ServerConfig, inherited: InheritedSocket, factory: Any
+) -> AdoptedPortService:
+    """
+    A worker's service for one inherited socket: an C{ssl:} listener's
+    connections are wrapped in TLS as C{listenSSL} wraps them, with the
+    certificate its description names.
+
+    @raise ConfigError: if the socket matches no configured listener.
+    """
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    descriptions = config.listen.get(inherited.kind, [])
+    if not 0 <= inherited.index < len(descriptions):
+        raise ConfigError(f"inherited socket {inherited.encode()} matches no [listen] entry")
+    description = descriptions[inherited.index]
+    if _endpointType(description) == "ssl":
+        endpoint = _serverEndpoint(None, description)
+        factory = TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)
+    service = AdoptedPortService(reactor, inherited, factory)
+    service.setName(f"{inherited.kind}:{description}")
+    return service
 
 
 def checkComponents(config: ServerConfig, reactor: Any, plugins: Any = None) -> Deferred[None]:

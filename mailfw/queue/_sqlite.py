@@ -48,7 +48,9 @@ leases with an expiry stored in the rows; a crash while delivering leaves
 the recipients leased, and L{SQLiteQueue.recover} (which the scheduler
 calls at start-up with an infinite time, because on one node every lease
 in an SQLite queue belongs to the process that died) returns them to
-ready, so they are delivered again: at least once, never lost.
+ready, so they are delivered again: at least once, never lost.  Worker
+processes (C{--workers}) share the file; recovery spares the unexpired
+leases of a live sibling process on this host.
 """
 
 from __future__ import annotations
@@ -1008,14 +1010,61 @@ class SQLiteQueue:
         self._callbacks.append(callback)
 
     def recover(self, now: float) -> Deferred[int]:
+        """
+        Return leases that expire by C{now} to ready, except the unexpired
+        leases (by the clock) of another live process on this host: with
+        C{twistd mailfw --workers N} the processes share the database, and
+        the scheduler's start-up C{recover(inf)} in one of them must not
+        take the deliveries a sibling is making.  A lease of this process's
+        own ID, of a process that no longer runs, or of another host is
+        recovered as before.
+        """
+        clockNow = self._clock.seconds()
+
         def recover(connection: sqlite3.Connection) -> int:
+            owners = [
+                row[0]
+                for row in connection.execute(
+                    "SELECT DISTINCT lease_owner FROM recipients"
+                    " WHERE state = ? AND lease_expires <= ? AND lease_expires > ?",
+                    (_LEASED, now, clockNow),
+                )
+            ]
+            spared = [owner for owner in owners if self._liveSibling(owner)]
             return connection.execute(
                 f"UPDATE recipients SET state = ?, {_CLEAR_LEASE}"
-                " WHERE state = ? AND lease_expires <= ?",
-                (_READY, _LEASED, now),
+                " WHERE state = ? AND lease_expires <= ?"
+                f" AND NOT (lease_expires > ? AND lease_owner IN ({_marks(spared)}))",
+                (_READY, _LEASED, now, clockNow, *spared),
             ).rowcount
 
         return self._write(recover).addCallback(self._notifyIf)
+
+    def _liveSibling(self, owner: object) -> bool:
+        """
+        Whether C{owner} (a lease owner, C{host:pid}) names another process
+        that runs on this host now.
+        """
+        if not isinstance(owner, str) or owner == self._owner:
+            return False
+        host, _, pid = owner.rpartition(":")
+        if host != self._owner.rpartition(":")[0] or not pid.isdigit():
+            return False
+        return self._processAlive(int(pid))
+
+    @staticmethod
+    def _processAlive(pid: int) -> bool:
+        if pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        except OSError:
+            return False
+        return True
 
     # --- the operator's side ----------------------------------------------------
 

@@ -1,0 +1,427 @@
+"""
+Worker processes: C{twistd mailfw --workers N} on several cores.
+
+One Python process cannot accept more mail than its reactor thread can
+parse, so with C{--workers N} (N > 1) the twistd process (the I{parent})
+binds every listener as usual and then starts N - 1 I{workers} with
+C{reactor.spawnProcess}.  Each worker inherits the listening sockets (as
+file descriptors 3, 4, ...), builds the same components from the same
+configuration (the queue is the same SQLite file: WAL, C{BEGIN
+IMMEDIATE} and a busy timeout serialise the processes' commits), and
+adopts the sockets with C{adoptStreamPort} instead of listening; the
+kernel hands each new connection to one of the processes that wait on the
+socket.  Each process runs its own scheduler over the shared queue.
+
+Only the parent serves the control socket.  Workers write their log events
+as JSON lines on their standard output; the parent re-logs them with the
+worker's number (so C{twistd -n} and C{--logfile} keep one log).  A worker
+whose standard input closes (the parent died, even by SIGKILL) stops.  The
+parent stops its workers with SIGTERM when it stops, and SIGKILL after
+L{WorkerPool.stopTimeout} seconds.  A worker that dies while the parent
+runs is logged and not restarted: the remaining processes keep serving the
+shared sockets, and the leases it held are recovered when they expire.
+
+Start-up lease recovery is safe with siblings: L{SQLiteQueue.recover}
+leaves alone the leases of live processes on this host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IProcessTransport,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = [
+    "InheritedSocket",
+    "RecordingEndpoint",
+    "WorkerPool",
+    "AdoptedPortService",
+    "workerArguments",
+    "WORKER_TYPES",
+]
+
+# Endpoint types whose listening socket a worker can adopt.
+WORKER_TYPES = ("tcp", "tcp6", "ssl")
+
+_FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6}
+
+
+@dataclass(frozen=True)
+class InheritedSocket:
+    """
+    One listening socket a worker inherits.
+
+    @ivar kind: the listener kind (C{smtp}, C{submission}, C{submissions}).
+    @ivar index: which of that kind's descriptions it was bound for (an
+        C{ssl:} one gives the worker its certificate).
+    @ivar fd: the file descriptor number in the worker.
+    @ivar family: C{"INET"} or C{"INET6"}.
+    """
+
+    kind: str
+    index: int
+    fd: int
+    family: str
+
+    def encode(self) -> str:
+        return f"{self.kind}:{self.index}:{self.fd}:{self.family}"
+
+    @classmethod
+    def parse(cls, text: str) -> InheritedSocket:
+        """
+        @raise ValueError: if C{text} is not what L{encode} makes.
+        """
+        kind, index, fd, family = text.split(":")
+        if family not in _FAMILIES:
+            raise ValueError(f"unknown address family {family!r}")
+        return cls(kind, int(index), int(fd), family)
+
+    @property
+    def addressFamily(self) -> socket.AddressFamily:
+        return _FAMILIES[self.family]
+
+
+def encodeSockets(sockets: Sequence[InheritedSocket]) -> str:
+    return ",".join(s.encode() for s in sockets)
+
+
+def parseSockets(text: str) -> list[InheritedSocket]:
+    """
+    @raise ValueError: for a malformed description.
+    """
+    return [InheritedSocket.parse(part) for part in text.split(",") if part]
+
+
+@implementer(IStreamServerEndpoint)
+class RecordingEndpoint:
+    """
+    Wraps the parent's server endpoint to remember the port it listens on,
+    whose socket the workers inherit.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, kind: str, index: int) -> None:
+        self.endpoint = endpoint
+        self.kind = kind
+        self.index = index
+        self.port: IListeningPort | None = None
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        def record(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            return port
+
+        return self.endpoint.listen(protocolFactory).addCallback(record)
+
+
+def workerArguments(
+    number: int, sockets: Sequence[InheritedSocket], mailfwArguments: Sequence[str]
+) -> list[str]:
+    """
+    The command line of worker C{number}.
+    """
+    return [
+        sys.executable,
+        "-m",
+        "mailfw._workers",
+        str(number),
+        encodeSockets(sockets),
+        *mailfwArguments,
+    ]
+
+
+class _WorkerProtocol(ProcessProtocol):
+    """
+    One worker as the parent sees it: its log lines, and its end.
+    """
+
+    log = Logger()
+
+    def __init__(self, pool: WorkerPool, number: int) -> None:
+        self.pool = pool
+        self.number = number
+        self.ended: Deferred[None] = Deferred()
+        self._buffer = b""
+
+    def outReceived(self, data: bytes) -> None:
+        lines = (self._buffer + data).split(b"\n")
+        self._buffer = lines.pop()
+        for line in lines:
+            self.relog(line)
+
+    def errReceived(self, data: bytes) -> None:
+        # Only what escapes the logging system: interpreter errors.
+        for line in data.decode("utf-8", "replace").splitlines():
+            self.log.error(
+                "worker {worker} stderr: {line}", worker=self.number, line=line
+            )
+
+    def relog(self, line: bytes) -> None:
+        """
+        Log one event the worker wrote (see L{_JSONLineObserver}).
+        """
+        try:
+            level, namespace, text = json.loads(line)
+            logLevel = LogLevel.levelWithName(level)
+        except (ValueError, TypeError, KeyError, LookupError):
+            logLevel, namespace, text = LogLevel.info, "mailfw.worker", line.decode(
+                "utf-8", "replace"
+            )
+        self.log.emit(
+            logLevel,
+            "{text}",
+            text=text,
+            worker=self.number,
+            log_system=f"{namespace}#{logLevel.name} worker {self.number}",
+        )
+
+    def processEnded(self, reason: Failure) -> None:
+        if self._buffer:
+            self.relog(self._buffer)
+            self._buffer = b""
+        self.pool.workerEnded(self, reason)
+        self.ended.callback(None)
+
+
+class WorkerPool(Service):
+    """
+    Starts the workers once the parent listens, and stops them.
+
+    @ivar stopTimeout: seconds between SIGTERM and SIGKILL on stop.
+    """
+
+    log = Logger()
+    stopTimeout = 15.0
+
+    def __init__(
+        self,
+        reactor: Any,
+        count: int,
+        endpoints: Sequence[RecordingEndpoint],
+        mailfwArguments: Sequence[str],
+        spawnProcess: Callable[..., IProcessTransport] | None = None,
+    ) -> None:
+        """
+        @param count: how many workers (the parent is not counted).
+        @param endpoints: the parent's listeners, in the order of their
+            services (started before this one).
+        @param mailfwArguments: the C{twistd mailfw} options that rebuild
+            the same configuration in a worker.
+        @param spawnProcess: the reactor's by default; a seam for tests.
+        """
+        self._reactor = reactor
+        self.count = count
+        self.endpoints = list(endpoints)
+        self.mailfwArguments = list(mailfwArguments)
+        self._spawn = spawnProcess
+        self.workers: dict[int, tuple[_WorkerProtocol, IProcessTransport]] = {}
+
+    def inherited(self) -> tuple[list[InheritedSocket], dict[int, int | str]]:
+        """
+        The sockets a worker inherits, and the C{childFDs} of
+        C{spawnProcess}: standard input a pipe from the parent (its closing
+        tells the worker the parent is gone), output and errors pipes to
+        the parent, then each listening socket.
+        """
+        sockets: list[InheritedSocket] = []
+        childFDs: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+        for endpoint in self.endpoints:
+            port = endpoint.port
+            if port is None:
+                continue
+            family = "INET6" if ":" in str(getattr(port.getHost(), "host", "")) else "INET"
+            childFD = 3 + len(sockets)
+            childFDs[childFD] = port.fileno()  # type: ignore[attr-defined]
+            sockets.append(InheritedSocket(endpoint.kind, endpoint.index, childFD, family))
+        return sockets, childFDs
+
+    def startService(self) -> None:
+        super().startService()
+        sockets, childFDs = self.inherited()
+        if not sockets:
+            self.log.error("no listening socket to share: not starting workers")
+            return
+        for number in range(1, self.count + 1):
+            self.spawn(number, sockets, childFDs)
+
+    def spawn(
+        self, number: int, sockets: Sequence[InheritedSocket], childFDs: dict[int, int | str]
+    ) -> None:
+        protocol = _WorkerProtocol(self, number)
+        spawn = self._spawn or self._reactor.spawnProcess
+        transport = spawn(
+            protocol,
+            sys.executable,
+            workerArguments(number, sockets, self.mailfwArguments),
+            env=dict(os.environ),
+            path=os.getcwd(),
+            childFDs=childFDs,
+        )
+        self.workers[number] = (protocol, transport)
+        self.log.info(
+            "started worker {worker} (pid {pid})", worker=number, pid=transport.pid
+        )
+
+    def workerEnded(self, protocol: _WorkerProtocol, reason: Failure) -> None:
+        self.workers.pop(protocol.number, None)
+        if self.running:
+            self.log.error(
+                "worker {worker} ended while the server runs: {reason}",
+                worker=protocol.number,
+                reason=reason.getErrorMessage(),
+            )
+        else:
+            self.log.info("worker {worker} stopped", worker=protocol.number)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if not self.workers:
+            return succeed(None)
+        ending: list[Deferred[None]] = []
+        for protocol, transport in list(self.workers.values()):
+            ending.append(protocol.ended)
+            try:
+                transport.signalProcess("TERM")
+            except Exception:  # already gone: processEnded follows
+                pass
+        from twisted.internet.defer import gatherResults
+
+        done: Deferred[None] = Deferred()
+        waiting = gatherResults(ending, consumeErrors=True)
+
+        def kill() -> None:
+            for _, transport in list(self.workers.values()):
+                self.log.warn("worker did not stop: killing pid {pid}", pid=transport.pid)
+                try:
+                    transport.signalProcess("KILL")
+                except Exception:
+                    pass
+
+        killer: IDelayedCall = self._reactor.callLater(self.stopTimeout, kill)
+
+        def ended(_: object) -> None:
+            if killer.active():
+                killer.cancel()
+            done.callback(None)
+
+        waiting.addBoth(ended)
+        return done
+
+
+class AdoptedPortService(Service):
+    """
+    A worker's listener: adopts an inherited listening socket.
+    """
+
+    def __init__(self, reactor: Any, inherited: InheritedSocket, factory: Factory) -> None:
+        self._reactor = reactor
+        self.inherited = inherited
+        self.factory = factory
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.port = self._reactor.adoptStreamPort(
+            self.inherited.fd, self.inherited.addressFamily, self.factory
+        )
+        # adoptStreamPort duplicated the descriptor.
+        try:
+            os.close(self.inherited.fd)
+        except OSError:
+            pass
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is None:
+            return None
+        port, self.port = self.port, None
+        return port.stopListening()
+
+
+@implementer(ILogObserver)
+class _JSONLineObserver:
+    """
+    A worker's log: one JSON line C{[level, namespace, text]} per event on
+    standard output, for the parent to re-log.
+    """
+
+    def __init__(self, write: Callable[[str], object], flush: Callable[[], object]) -> None:
+        self._write = write
+        self._flush = flush
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if isinstance(failure, Failure):
+            text = f"{text}\n{failure.getTraceback()}"
+        level = event.get("log_level", LogLevel.info)
+        self._write(
+            json.dumps(
+                [str(getattr(level, "name", "info")),
+                 str(event.get("log_namespace", "-")),
+                 text]
+            )
+            + "\n"
+        )
+        self._flush()
+
+
+def main(argv: Sequence[str]) -> int:
+    """
+    A worker: C{python -m mailfw._workers NUMBER SOCKETS MAILFW-OPTIONS...}.
+    """
+    from twisted.internet import reactor
+    from twisted.internet._posixstdio import StandardIO
+    from twisted.internet.protocol import Protocol
+    from twisted.logger import globalLogBeginner
+    from twisted.python import usage
+
+    from mailfw.config import ConfigError
+    from mailfw.tap import Options, buildService
+
+    number, sockets, rest = int(argv[0]), parseSockets(argv[1]), list(argv[2:])
+    out = sys.stdout
+    globalLogBeginner.beginLoggingTo(
+        [_JSONLineObserver(out.write, out.flush)], redirectStandardIO=False
+    )
+    options = Options()
+    try:
+        options.parseOptions(rest)
+        service = buildService(options.serverConfig, reactor, worker=sockets)
+    except (usage.UsageError, ConfigError) as e:
+        sys.stderr.write(f"mailfw worker {number}: {e}\n")
+        return 1
+
+    class ParentWatch(Protocol):
+        # Standard input closes when the parent exits, however it exits.
+        def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+            if reactor.running:
+                reactor.stop()
+
+    StandardIO(ParentWatch(), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's ^C goes to the parent
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
