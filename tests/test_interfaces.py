@@ -93,13 +93,13 @@ class ProvidesTests(SynchronousTestCase):
         The SQL backends' classes, including the parts only big messages
         use, and PostgreSQL's cluster-wide destination slots.
         """
-        from mailfw.queue._postgres import PostgresQueue, _FileBody, _PostgresIncoming
-        from mailfw.queue._sqlite import SQLiteQueue, _BlobBody, _SQLiteIncoming
+        from mailfw.queue._postgres import PostgresQueue, _FileBody
+        from mailfw.queue._spool import SpoolingIncoming
+        from mailfw.queue._sqlite import SQLiteQueue, _BlobBody
 
         for cls in (SQLiteQueue, PostgresQueue):
             self.assertTrue(verifyClass(IMessageQueue, cls))
         self.assertTrue(verifyClass(IDestinationSlots, PostgresQueue))
-        for cls in (_SQLiteIncoming, _PostgresIncoming):
-            self.assertTrue(verifyClass(IIncomingMessage, cls))
+        self.assertTrue(verifyClass(IIncomingMessage, SpoolingIncoming))
         for cls in (_BlobBody, _FileBody):
             self.assertTrue(verifyClass(IMessageBody, cls))

@@ -77,7 +77,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, Mapping, Sequence, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -112,7 +112,8 @@ from mailfw.queue._schema import (
     replyFromColumns,
     selectorWhere,
 )
-from mailfw.queue._sqlite import Executor, ThreadExecutor
+from mailfw.queue._spool import Executor, SpoolingIncoming
+from mailfw.queue._sqlite import ThreadExecutor
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -124,7 +125,6 @@ _T = TypeVar("_T")
 
 CHUNK = 1 << 20
 """How much body one COPY write sends and one slice reads."""
-SPOOL_BATCH = 256 * 1024
 """How much received body collects in memory before the spool thread
 writes it out, once a message is being spilled."""
 CHANNEL = "mailfw_due"
@@ -386,119 +386,6 @@ def _readBody(cursor: Cursor[Any], queueID: str, threshold: int, directory: Path
 # --- receiving ---------------------------------------------------------------------
 
 
-@implementer(IIncomingMessage)
-class _PostgresIncoming:
-    """
-    A message being received: in memory while small, then spilled to an
-    unlinked temporary file by the spool thread.
-    """
-
-    def __init__(self, queue: PostgresQueue, queueID: str, envelope: Envelope) -> None:
-        self.queueID = queueID
-        self._queue = queue
-        self._envelope = envelope
-        self._chunks: list[bytes] = []
-        self._buffered = 0
-        self._size = 0
-        self._finished = False
-        self._spilling = False
-        # Touched only by spool jobs until the spool hands over.
-        self._file: IO[bytes] | None = None
-        self._error: BaseException | None = None
-
-    def write(self, data: bytes) -> None:
-        if self._finished:
-            raise ValueError("write after commit or abort")
-        if not data:
-            return
-        self._chunks.append(data)
-        self._buffered += len(data)
-        self._size += len(data)
-        if self._spilling:
-            if self._buffered >= SPOOL_BATCH:
-                self._spill()
-        elif self._buffered > self._queue.spillThreshold:
-            self._spilling = True
-            self._spill()
-
-    def _spill(self) -> None:
-        chunks, self._chunks, self._buffered = self._chunks, [], 0
-        directory = self._queue.spoolDirectory
-
-        def job() -> None:
-            if self._error is not None:
-                return
-            try:
-                if self._file is None:
-                    self._file = tempfile.TemporaryFile(dir=directory)
-                for chunk in chunks:
-                    self._file.write(chunk)
-            except BaseException as e:
-                self._error = e
-
-        self._queue._spool.submit(job)
-
-    def commit(self) -> Deferred[str]:
-        if self._finished:
-            return fail(ValueError("commit after commit or abort"))
-        self._finished = True
-        envelope = self._envelope
-        now = self._queue._clock.seconds()
-        if not envelope.arrival:
-            envelope = replace(envelope, arrival=now)
-        if envelope.size is None:
-            envelope = replace(envelope, size=self._size)
-        if not self._spilling:
-            body = b"".join(self._chunks)
-            self._chunks = []
-            return self._queue._insertMessage(self.queueID, envelope, now, body, None, len(body))
-        self._spill()
-        ready: Deferred[IO[bytes]] = Deferred()
-        deliver = self._queue._deliver
-
-        def handOver() -> None:
-            error, spooled = self._error, self._file
-            if error is None and spooled is not None:
-                try:
-                    spooled.flush()
-                except BaseException as e:
-                    error = e
-            if error is not None:
-                self._closeFile()
-                failure = Failure(_translate(error))
-                deliver(lambda: ready.errback(failure))
-            else:
-                assert spooled is not None
-                deliver(lambda: ready.callback(spooled))
-
-        self._queue._spool.submit(handOver)
-        size = self._size
-
-        def insert(spooled: IO[bytes]) -> Deferred[str]:
-            d = self._queue._insertMessage(self.queueID, envelope, now, None, spooled, size)
-
-            def closeSpool(result: _T) -> _T:
-                self._queue._spool.submit(spooled.close)
-                return result
-
-            return d.addBoth(closeSpool)
-
-        return ready.addCallback(insert)
-
-    def _closeFile(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def abort(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        self._chunks = []
-        if self._spilling:
-            self._queue._spool.submit(self._closeFile)
-
-
 # --- the queue ---------------------------------------------------------------------
 
 
@@ -572,7 +459,7 @@ class PostgresQueue:
         self.leaseSeconds = leaseSeconds
         self.heartbeatSeconds = heartbeatSeconds
         self.spillThreshold = spillThreshold
-        self.spoolDirectory = spoolDirectory
+        self.spoolDirectory = spoolDirectory or Path(tempfile.gettempdir())
         self._ids = idGenerator
         self._spool: Executor = spool or ThreadExecutor("mailfw-queue-spool")
         self._listen = listen
@@ -771,7 +658,7 @@ class PostgresQueue:
     # --- receiving ------------------------------------------------------------------
 
     def receive(self, envelope: Envelope) -> IIncomingMessage:
-        return _PostgresIncoming(self, self._ids(), envelope)
+        return SpoolingIncoming(self, self._ids(), envelope, _translate)
 
     def _insertMessage(
         self,
@@ -823,6 +710,13 @@ class PostgresQueue:
             return resolved.addErrback(unresolved)
 
         d: Deferred[str] = self._transact(insert).addErrback(resolve)
+        if spooled is not None:
+            # Done with the spilled body, stored or not.
+            def closeSpool(result: _T) -> _T:
+                self._spool.submit(spooled.close)
+                return result
+
+            d.addBoth(closeSpool)
         if envelope.recipients:
             d.addCallback(self._notify)
         return d

@@ -61,7 +61,6 @@ import os
 import queue as _queue
 import socket
 import sqlite3
-import tempfile
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -73,7 +72,6 @@ from typing import (
     Callable,
     Generic,
     Mapping,
-    Protocol,
     Sequence,
     TypeVar,
 )
@@ -88,6 +86,7 @@ from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.envelope import Envelope
 from mailfw.interfaces import IIncomingMessage, IMessageBody, IMessageQueue
 from mailfw.queue._memory import MemoryBody
+from mailfw.queue._spool import Executor, SpoolingIncoming
 from mailfw.queue._model import (
     Disposition,
     Lease,
@@ -129,29 +128,11 @@ _T = TypeVar("_T")
 
 CHUNK = 1 << 20
 """How much body the writer copies per BLOB write, and readers read."""
-SPOOL_BATCH = 256 * 1024
 """How much received body collects in memory before the spool thread
 writes it out, once a message is being spilled."""
 
 
 # --- threads -------------------------------------------------------------------
-
-
-class Executor(Protocol):
-    """
-    Runs jobs one after another, in the order submitted, on one thread.
-    """
-
-    def submit(self, job: Callable[[], None]) -> None:
-        """
-        Run C{job} after the jobs submitted before it.  C{job} must not
-        raise.
-        """
-
-    def stop(self) -> None:
-        """
-        Run the jobs already submitted, then stop.
-        """
 
 
 class SynchronousExecutor:
@@ -377,112 +358,6 @@ class _BlobBody:
 
 
 # --- receiving -------------------------------------------------------------------
-
-
-@implementer(IIncomingMessage)
-class _SQLiteIncoming:
-    """
-    A message being received: in memory while small, then spilled to an
-    unlinked temporary file by the spool thread.
-    """
-
-    def __init__(self, queue: SQLiteQueue, queueID: str, envelope: Envelope) -> None:
-        self.queueID = queueID
-        self._queue = queue
-        self._envelope = envelope
-        self._chunks: list[bytes] = []
-        self._buffered = 0
-        self._size = 0
-        self._finished = False
-        # Spill state; _file and _error are touched only by spool jobs until
-        # the spool hands over to the writer.
-        self._spilling = False
-        self._file: IO[bytes] | None = None
-        self._error: BaseException | None = None
-
-    def write(self, data: bytes) -> None:
-        if self._finished:
-            raise ValueError("write after commit or abort")
-        if not data:
-            return
-        self._chunks.append(data)
-        self._buffered += len(data)
-        self._size += len(data)
-        if self._spilling:
-            if self._buffered >= SPOOL_BATCH:
-                self._spill()
-        elif self._buffered > self._queue.spillThreshold:
-            self._spilling = True
-            self._spill()
-
-    def _spill(self) -> None:
-        chunks, self._chunks, self._buffered = self._chunks, [], 0
-        directory = self._queue.spoolDirectory
-
-        def job() -> None:
-            if self._error is not None:
-                return
-            try:
-                if self._file is None:
-                    self._file = tempfile.TemporaryFile(dir=directory)
-                for chunk in chunks:
-                    self._file.write(chunk)
-            except BaseException as e:
-                self._error = e
-
-        self._queue._spool.submit(job)
-
-    def commit(self) -> Deferred[str]:
-        if self._finished:
-            return fail(ValueError("commit after commit or abort"))
-        self._finished = True
-        envelope = self._envelope
-        now = self._queue._clock.seconds()
-        if not envelope.arrival:
-            envelope = replace(envelope, arrival=now)
-        if envelope.size is None:
-            envelope = replace(envelope, size=self._size)
-        if not self._spilling:
-            body = b"".join(self._chunks)
-            self._chunks = []
-            return self._queue._insertMessage(self.queueID, envelope, now, body, None, len(body))
-        self._spill()
-        ready: Deferred[IO[bytes]] = Deferred()
-
-        def handOver() -> None:
-            error, spooled = self._error, self._file
-            if error is None and spooled is not None:
-                try:
-                    spooled.flush()
-                except BaseException as e:
-                    error = e
-            if error is not None:
-                self._closeFile()
-                self._queue._deliver(lambda: ready.errback(Failure(_translate(error))))
-            else:
-                assert spooled is not None
-                self._queue._deliver(lambda: ready.callback(spooled))
-
-        self._queue._spool.submit(handOver)
-        size = self._size
-        return ready.addCallback(
-            lambda spooled: self._queue._insertMessage(
-                self.queueID, envelope, now, None, spooled, size
-            )
-        )
-
-    def _closeFile(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def abort(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        self._chunks = []
-        if self._spilling:
-            self._queue._spool.submit(self._closeFile)
 
 
 # --- recently committed messages ------------------------------------------------
@@ -817,7 +692,7 @@ class SQLiteQueue:
     # --- receiving ----------------------------------------------------------
 
     def receive(self, envelope: Envelope) -> IIncomingMessage:
-        return _SQLiteIncoming(self, self._ids(), envelope)
+        return SpoolingIncoming(self, self._ids(), envelope, _translate)
 
     def _insertMessage(
         self,

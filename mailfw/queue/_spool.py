@@ -1,0 +1,186 @@
+"""
+Receiving a message into an SQL queue: small bodies stay in memory, large
+ones are spilled to an unlinked temporary file as they arrive, so that a
+35 MiB message never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import IO, Callable, Protocol
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailfw.envelope import Envelope
+from mailfw.interfaces import IIncomingMessage
+
+__all__ = ["SPOOL_BATCH", "Executor", "SpoolingIncoming", "SpoolingQueue"]
+
+# Spilled bodies are handed to the spool thread in batches of this size.
+SPOOL_BATCH = 256 * 1024
+
+
+class Executor(Protocol):
+    """
+    Runs jobs one after another, in the order submitted, on one thread.
+    """
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """
+        Run C{job} after the jobs submitted before it.  C{job} must not
+        raise.
+        """
+
+    def stop(self) -> None:
+        """
+        Run the jobs already submitted, then stop.
+        """
+
+
+class SpoolingQueue(Protocol):
+    """
+    What L{SpoolingIncoming} needs from its queue.
+    """
+
+    spillThreshold: int
+    spoolDirectory: Path
+    _spool: Executor
+    _clock: IReactorTime
+
+    def _deliver(self, call: Callable[[], None]) -> None:
+        """
+        Call C{call} on the reactor thread.
+        """
+
+    def _insertMessage(
+        self,
+        queueID: str,
+        envelope: Envelope,
+        now: float,
+        body: bytes | None,
+        spooled: IO[bytes] | None,
+        size: int,
+    ) -> Deferred[str]:
+        """
+        Store the message durably: C{body} in memory, or C{spooled}, a file
+        the queue closes once it no longer needs it.
+        """
+
+
+@implementer(IIncomingMessage)
+class SpoolingIncoming:
+    """
+    A message being received: in memory while small, then spilled to an
+    unlinked temporary file by the queue's spool thread.  The SQL queues
+    share it; each inserts the result its own way (L{SpoolingQueue}).
+    """
+
+    def __init__(
+        self,
+        queue: SpoolingQueue,
+        queueID: str,
+        envelope: Envelope,
+        translate: Callable[[BaseException], BaseException],
+    ) -> None:
+        self.queueID = queueID
+        self._queue = queue
+        self._envelope = envelope
+        self._translate = translate
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._size = 0
+        self._finished = False
+        # Spill state; _file and _error are touched only by spool jobs until
+        # the spool hands over to the writer.
+        self._spilling = False
+        self._file: IO[bytes] | None = None
+        self._error: BaseException | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._finished:
+            raise ValueError("write after commit or abort")
+        if not data:
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._size += len(data)
+        if self._spilling:
+            if self._buffered >= SPOOL_BATCH:
+                self._spill()
+        elif self._buffered > self._queue.spillThreshold:
+            self._spilling = True
+            self._spill()
+
+    def _spill(self) -> None:
+        chunks, self._chunks, self._buffered = self._chunks, [], 0
+        directory = self._queue.spoolDirectory
+
+        def job() -> None:
+            if self._error is not None:
+                return
+            try:
+                if self._file is None:
+                    self._file = tempfile.TemporaryFile(dir=directory)
+                for chunk in chunks:
+                    self._file.write(chunk)
+            except BaseException as e:
+                self._error = e
+
+        self._queue._spool.submit(job)
+
+    def commit(self) -> Deferred[str]:
+        if self._finished:
+            return fail(ValueError("commit after commit or abort"))
+        self._finished = True
+        envelope = self._envelope
+        now = self._queue._clock.seconds()
+        if not envelope.arrival:
+            envelope = replace(envelope, arrival=now)
+        if envelope.size is None:
+            envelope = replace(envelope, size=self._size)
+        if not self._spilling:
+            body = b"".join(self._chunks)
+            self._chunks = []
+            return self._queue._insertMessage(self.queueID, envelope, now, body, None, len(body))
+        self._spill()
+        ready: Deferred[IO[bytes]] = Deferred()
+
+        def handOver() -> None:
+            error, spooled = self._error, self._file
+            if error is None and spooled is not None:
+                try:
+                    spooled.flush()
+                except BaseException as e:
+                    error = e
+            if error is not None:
+                self._closeFile()
+                self._queue._deliver(lambda: ready.errback(Failure(self._translate(error))))
+            else:
+                assert spooled is not None
+                self._queue._deliver(lambda: ready.callback(spooled))
+
+        self._queue._spool.submit(handOver)
+        size = self._size
+        return ready.addCallback(
+            lambda spooled: self._queue._insertMessage(
+                self.queueID, envelope, now, None, spooled, size
+            )
+        )
+
+    def _closeFile(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def abort(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._chunks = []
+        if self._spilling:
+            self._queue._spool.submit(self._closeFile)
