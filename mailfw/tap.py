@@ -492,6 +492,7 @@ def buildService(
     queue: IMessageQueue = _build(
         IMessageQueueFactory, "[queue]", context, "queue", config.queue, plugins
     )
+    context.queue = queue
     try:
         agents: dict[str, IDeliveryAgent] = {
             name: _build(IDeliveryAgentFactory, f"[delivery.{name}]", context, name, section, plugins)

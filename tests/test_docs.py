@@ -382,6 +382,7 @@ class DocsTestCase(SynchronousTestCase):
         config = dataclasses.replace(config, dataDir=dataDir)
         reactor = ThreadedMemoryReactor()
         context = config.context(reactor)
+        context.queue = MemoryQueue()
 
         with examplePlugins():
             built: dict[str, Any] = {}

@@ -21,6 +21,9 @@ maildirAgent = LazyComponent(IDeliveryAgentFactory, "maildir", "mailfw.delivery.
 discardAgent = LazyComponent(IDeliveryAgentFactory, "discard", "mailfw.delivery._discard:fromConfig")
 pipeAgent = LazyComponent(IDeliveryAgentFactory, "pipe", "mailfw.delivery._pipe:fromConfig")
 lmtpAgent = LazyComponent(IDeliveryAgentFactory, "lmtp", "mailfw.delivery._lmtp:fromConfig")
+aliasesAgent = LazyComponent(
+    IDeliveryAgentFactory, "aliases", "mailfw.delivery._aliases:fromConfig"
+)
 relayAgent = LazyComponent(
     IDeliveryAgentFactory, "smtp-relay", "mailfw.delivery._relay:fromConfig"
 )
