@@ -29,7 +29,7 @@ from zope.interface import implementer
 from mailfw.config import ComponentContext, ConfigError
 from mailfw.envelope import RecipientOutcome
 from mailfw.interfaces import IMessageQueue, IMessageQueueFactory
-from mailfw.queue import Disposition, LeaseLost, RecipientState, Selector
+from mailfw.queue import Disposition, LeaseLost, Selector
 from mailfw.queue._contract import QueueContractTests, makeEnvelope
 from mailfw.reply import SMTPReply
 from tests._postgres import requirePostgres

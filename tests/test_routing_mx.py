@@ -7,9 +7,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.names import dns, error
-from twisted.names.common import ResolverBase
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailfw.routing._mx import (

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
-from mailfw.envelope import Envelope, Recipient
+from mailfw.envelope import Envelope
 from mailfw.interfaces import IMessageQueue
 from mailfw.queue import QueuedMessage, QueuedRecipient, RecipientState, Selector
 

@@ -108,7 +108,7 @@ from twisted.python.failure import Failure
 
 from mailfw.address import Address
 from mailfw.config import Section
-from mailfw.envelope import Recipient, RecipientOutcome, Route, RouteKind
+from mailfw.envelope import RecipientOutcome, Route, RouteKind
 from mailfw.interfaces import (
     IDeliveryAgent,
     IDestinationSlots,

@@ -38,12 +38,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from mailfw.address import Address, AddressError, normaliseDomain
 from mailfw.envelope import Envelope, Recipient
-from mailfw.queue._model import Disposition, RecipientState, Selector
+from mailfw.queue._model import RecipientState, Selector
 from mailfw.reply import SMTPReply
 
 __all__ = [

@@ -25,7 +25,6 @@ __all__ = [
     "ETRN_IN_TRANSACTION",
     "GOODBYE",
     "HELO_SYNTAX",
-    "HELP",
     "INVALID_COMMAND_CHARACTERS",
     "LINE_TOO_LONG",
     "LOCAL_ERROR",

@@ -4,7 +4,6 @@
 from mailfw.interfaces import (
     IDeliveryAgentFactory,
     IMessageQueueFactory,
-    IPolicyFactory,
     IRouterFactory,
 )
 from mailfw.plugin import LazyComponent
