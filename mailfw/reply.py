@@ -8,9 +8,10 @@ unwind through a stack, and carries the reply with it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-__all__ = ["SMTPReply", "SMTPReplyError"]
+__all__ = ["SMTPReply", "SMTPReplyError", "replyFromPeer"]
 
 # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets with its CRLF.  Text
 # that echoes what a client sent is cut to fit.
@@ -88,3 +89,26 @@ class SMTPReplyError(Exception):
     def __init__(self, reply: SMTPReply) -> None:
         super().__init__(str(reply))
         self.reply = reply
+
+
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: +|\Z)")
+
+# How much of a peer's reply text is kept (for logs, outcomes and DSNs).
+MAX_PEER_TEXT = 200
+
+
+def replyFromPeer(code: int, text: str) -> SMTPReply:
+    """
+    The L{SMTPReply} for what another server answered (SMTP or LMTP): its
+    enhanced status code taken from the text when it gave one of the right
+    class (else C{X.0.0}), and at most L{MAX_PEER_TEXT} printable
+    characters of the rest.  A peer's reply may hold anything, bare CR or
+    LF included; what it becomes ends up in our logs and bounces.
+    """
+    enhanced = f"{code // 100}.0.0"
+    match = _ENHANCED.match(text)
+    if match and int(match.group(1)) == code // 100:
+        enhanced = "{}.{}.{}".format(*match.groups())
+        text = text[match.end() :]
+    text = "".join(c if c.isprintable() else "?" for c in text.strip())[:MAX_PEER_TEXT]
+    return SMTPReply(code, enhanced, text or "(no text)")

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -273,17 +273,24 @@ def _build(
     return factory.fromConfig(context, instanceName, options)
 
 
-class _QueueCloser(Service):
+class MailfwService(MultiService):
     """
-    Closes the queue after everything that uses it has stopped.
+    The whole server: every service that uses the queue is a child, and the
+    queue is closed only after all of them have stopped (the scheduler
+    waits for deliveries in flight to be recorded, listeners for commits).
     """
 
     def __init__(self, queue: IMessageQueue) -> None:
+        super().__init__()
         self.queue = queue
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
-        return self.queue.close()
+        d: Deferred[None] = maybeDeferred(super().stopService)
+
+        def close(result: object) -> Deferred[None]:
+            return self.queue.close()
+
+        return d.addBoth(close)
 
 
 def _targetOwner(options: usage.Options) -> tuple[int, int] | None:
@@ -465,7 +472,7 @@ def buildService(
     workers: int = 1,
     workerArguments: Sequence[str] = (),
     worker: Sequence[InheritedSocket] | None = None,
-) -> MultiService:
+) -> MailfwService:
     """
     Build every configured component and the listeners around them.
 
@@ -521,10 +528,7 @@ def buildService(
         raise
 
     etrn = ETRNHandler(etrnSettings, queue, reactor) if etrnSettings.enabled else None
-    top = MultiService()
-    closer = _QueueCloser(queue)
-    closer.setName("queue-closer")
-    closer.setServiceParent(top)
+    top = MailfwService(queue)
     scheduler.setServiceParent(top)
     if authSetup is not None:
         authSetup.service.setName("auth-threads")
@@ -670,11 +674,10 @@ def checkComponents(config: ServerConfig, reactor: Any, plugins: Any = None) -> 
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    closer = service.getServiceNamed("queue-closer")
     def cleanUp(result: object) -> object:
         shutil.rmtree(scratch, ignore_errors=True)
         return result
 
-    d: Deferred[None] = closer.queue.close()
+    d: Deferred[None] = service.queue.close()
     d.addBoth(cleanUp)
     return d

@@ -23,7 +23,8 @@ from zope.interface import implementer
 from mailfw.address import Address
 from mailfw.config import ComponentContext, ConfigError
 from mailfw.delivery._contract import DeliveryAgentContractTests, UnreadableBody
-from mailfw.delivery._lmtp import LMTPDeliveryAgent, fromConfig, makeReply, parseReplyLine
+from mailfw.delivery._lmtp import LMTPDeliveryAgent, fromConfig, parseReplyLine
+from mailfw.reply import replyFromPeer as makeReply
 from mailfw.delivery._lmtp import ProtocolViolation
 from mailfw.delivery._memory import BytesBody
 from mailfw.delivery._stream import BodyProducer, DotStuffer, ProducerStopped

@@ -35,6 +35,35 @@ class NoticeWriterTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.writer = NoticeWriter("mx.example", messageID=lambda: "<id@mx.example>")
 
+    def test_hostileValuesCannotForgeFields(self) -> None:
+        """
+        Values from the client (ORCPT with a UTF-8 line separator or NEL,
+        ENVID) and from the remote server (a reply and host name with CR,
+        LF or non-ASCII text) never break a report line or the report, even
+        in a plain ASCII session.
+        """
+        envelope = Envelope(
+            sender=Address.parse("sender@example.org"),
+            recipients=(
+                Recipient(
+                    Address.parse("a@example.com"),
+                    orcpt="utf-8;a\u2028X-Injected: yes\x85Action: delivered@example.com",
+                ),
+            ),
+            envid="E\u2029Status: 2.0.0",
+        )
+        reply = SMTPReply(550, "5.1.1", "Benutzer unbekannt \u00fc")
+        report = self.writer.failureReport(envelope.recipients[0], reply, "mx\u2028.example", 0.0)
+        notice = self.writer.build("Q1", envelope, [report], ORIGINAL, False, 0.0)
+        assert notice is not None
+        _, status, _ = email.message_from_bytes(notice.body).get_payload()  # type: ignore[misc]
+        perMessage, perRecipient = statusBlocks(status)
+        self.assertNotIn("X-Injected", perRecipient)
+        self.assertEqual(perRecipient.get_all("Action"), ["failed"])
+        self.assertEqual(perMessage.get_all("Status"), None)
+        self.assertEqual(perRecipient["Diagnostic-Code"], "smtp; 550 5.1.1 Benutzer unbekannt ?")
+        self.assertEqual(perRecipient["Remote-MTA"], "dns; mx?.example")
+
     def test_bounce(self) -> None:
         """
         A bounce is a multipart/report from the null sender to the original

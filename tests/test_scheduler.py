@@ -22,6 +22,7 @@ from mailfw.envelope import Envelope, Recipient, RecipientOutcome, Route, RouteK
 from mailfw.interfaces import IDeliveryAgent, IMessageBody, IRouter
 from mailfw.queue import RecipientState, Selector
 from mailfw.queue._contract import makeEnvelope
+from mailfw.queue._dsn import NoticeWriter
 from mailfw.queue._memory import MemoryQueue
 from mailfw.queue._retry import RetrySchedule
 from mailfw.queue._scheduler import Scheduler, schedulerFromConfig
@@ -321,6 +322,25 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         self.assertIn(b"Diagnostic-Code: smtp; 550 5.1.1 no such user", notice.body)
         self.assertNotIn(b"good@example.com", notice.body.split(b"message/rfc822")[0])
         self.assertEqual(self.queue.queueIDs(), [])
+
+    def test_recordedWhenNoticeCannotBeBuilt(self) -> None:
+        """
+        If building a notice fails (a bug), the outcomes are still recorded
+        and the failure logged: no recipient is left leased and delivered
+        again and again.
+        """
+
+        class BrokenNotices(NoticeWriter):
+            def build(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+                raise UnicodeEncodeError("ascii", "\u00fc", 0, 1, "test")
+
+        agent = FakeAgent(self.clock, reply=lambda a: UNKNOWN if a == "bad@example.com" else OK)
+        self.makeScheduler(agent, notices=BrokenNotices("mx.example"))
+        self.enqueue(makeEnvelope("bad@example.com", "good@example.com"))
+        self.clock.advance(0)
+        self.assertEqual(self.queue.queueIDs(), [])
+        self.assertEqual(len(agent.deliveries), 1)
+        self.assertEqual(len(self.flushLoggedErrors(UnicodeEncodeError)), 1)
 
     def test_notifyNeverSuppresses(self) -> None:
         """

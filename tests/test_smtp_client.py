@@ -158,6 +158,17 @@ class ResponseTests(SynchronousTestCase):
         self.assertEqual(xtext("ü"), "+C3+BC")
 
 
+class PeerTextTests(SynchronousTestCase):
+    def test_bareLineBreaksAndControls(self) -> None:
+        """
+        A reply whose text holds a bare CR or LF or other control characters
+        becomes a valid reply (they are replaced), so a transaction the peer
+        accepted is not turned into a local error and sent again.
+        """
+        reply = Response(250, ("2.0.0 queued as X\rY\nZ\x00",)).reply()
+        self.assertEqual(reply, SMTPReply(250, "2.0.0", "queued as X?Y?Z?"))
+
+
 class HandshakeTests(SynchronousTestCase):
     def test_ehlo(self) -> None:
         """

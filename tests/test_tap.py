@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailfw import tap
 from mailfw.config import ConfigError, loadConfig
+from mailfw.interfaces import IMessageQueueFactory, IRouterFactory
 from mailfw.tap import DEFAULT_BACKLOG, Options, buildService, checkComponents
 from tests.test_plugin import DropinDirectory
 
@@ -411,3 +412,61 @@ class OwnershipTests(SynchronousTestCase):
         stranger = os.getuid() + 1
         tap._chown(base / "link", stranger, -1, False)
         self.assertEqual(calls, [(base / "link", stranger, -1, {"follow_symlinks": False})])
+
+
+class ShutdownTests(SynchronousTestCase):
+    def test_queueClosedAfterDeliveriesRecorded(self) -> None:
+        """
+        Stopping the server waits for the delivery in flight to be recorded
+        before the queue is closed, so a stop does not leave a delivered
+        message leased (and delivered again at the next start).
+        """
+        from twisted.internet.defer import Deferred
+        from zope.interface import implementer
+
+        from mailfw.envelope import RecipientOutcome
+        from mailfw.interfaces import IDeliveryAgent, IDeliveryAgentFactory
+        from mailfw.plugin import LazyComponent
+        from mailfw.queue import Selector
+        from mailfw.reply import SMTPReply
+        from mailfw.testing import makeEnvelope
+
+        pending: list[tuple[object, Deferred[object]]] = []
+
+        @implementer(IDeliveryAgent)
+        class SlowAgent:
+            name = "slow"
+
+            def deliver(self, envelope, body, nexthop):  # type: ignore[no-untyped-def]
+                d: Deferred[object] = Deferred()
+                pending.append((envelope, d))
+                return d
+
+        @implementer(IDeliveryAgentFactory)
+        class SlowFactory:
+            name = "slow"
+
+            def fromConfig(self, context, instanceName, options):  # type: ignore[no-untyped-def]
+                return SlowAgent()
+
+        plugins = [
+            LazyComponent(IMessageQueueFactory, "memory", "mailfw.queue._memory:fromConfig"),
+            LazyComponent(IRouterFactory, "static", "mailfw.routing._static:fromConfig"),
+            SlowFactory(),
+        ]
+        reactor = MemoryReactorClock()
+        config = loadConfig(writeConfig(self, MEMORY_CONFIG.format(agent="slow")), hostname="mx.test")
+        service = buildService(config, reactor, plugins)
+        service.startService()
+        incoming = service.queue.receive(makeEnvelope("a@example.org"))
+        incoming.write(b"Subject: x\r\n\r\nx\r\n")
+        incoming.commit()
+        reactor.advance(0)
+        [(envelope, answer)] = pending
+        stopped = service.stopService()
+        self.assertNoResult(stopped)
+        self.assertFalse(service.queue.closed)  # type: ignore[attr-defined]
+        answer.callback([RecipientOutcome(r, SMTPReply(250, "2.0.0", "ok")) for r in envelope.recipients])
+        self.successResultOf(stopped)
+        self.assertTrue(service.queue.closed)  # type: ignore[attr-defined]
+        self.assertEqual(service.queue.queueIDs(), [])  # type: ignore[attr-defined]

@@ -24,7 +24,6 @@ connection after the final dot can duplicate a message, never lose it.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred, succeed
@@ -40,7 +39,7 @@ from mailfw.config import ConfigError, Section
 from mailfw.delivery._stream import BodyProducer, DotStuffer
 from mailfw.envelope import Envelope, Recipient, RecipientOutcome
 from mailfw.interfaces import IDeliveryAgent, IMessageBody
-from mailfw.reply import SMTPReply
+from mailfw.reply import SMTPReply, replyFromPeer
 
 if TYPE_CHECKING:
     from mailfw.config import ComponentContext
@@ -53,9 +52,6 @@ CONNECTION_LOST = SMTPReply(451, "4.4.2", "Connection to the LMTP server lost")
 TIMED_OUT = SMTPReply(451, "4.4.2", "LMTP server timed out")
 PROTOCOL_ERROR = SMTPReply(451, "4.5.0", "LMTP protocol error")
 LOCAL_ERROR = SMTPReply(451, "4.3.0", "Local error reading the message, try again later")
-MAX_TEXT = 200
-
-_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: +|\Z)")
 
 
 class ProtocolViolation(Exception):
@@ -78,21 +74,6 @@ def parseReplyLine(line: bytes) -> tuple[int, bool, str]:
         raise ProtocolViolation(f"reply code {code} out of range")
     text = line[4:].decode("utf-8", "replace")
     return code, line[3:4] == b"-", text
-
-
-def makeReply(code: int, text: str) -> SMTPReply:
-    """
-    An L{SMTPReply} from a server's reply, taking its enhanced status code
-    from the text (or C{X.0.0} when it gave none) and keeping at most
-    L{MAX_TEXT} printable characters of the rest.
-    """
-    enhanced = f"{code // 100}.0.0"
-    match = _ENHANCED.match(text)
-    if match and int(match.group(1)) == code // 100:
-        enhanced = "{}.{}.{}".format(*match.groups())
-        text = text[match.end() :]
-    text = "".join(c if c.isprintable() else "?" for c in text.strip())[:MAX_TEXT]
-    return SMTPReply(code, enhanced, text or "(no text)")
 
 
 class LMTPClient(LineReceiver):
@@ -258,7 +239,7 @@ class LMTPClient(LineReceiver):
 
     def _mail(self, code: int, lines: list[str]) -> None:
         if code != 250:
-            self._finishAll(makeReply(code, lines[0]) if code >= 400 else PROTOCOL_ERROR)
+            self._finishAll(replyFromPeer(code, lines[0]) if code >= 400 else PROTOCOL_ERROR)
             return
         self._nextRcpt()
 
@@ -271,7 +252,7 @@ class LMTPClient(LineReceiver):
         if code in (250, 251):
             self._accepted.append(index)
         elif code >= 400:
-            self.replies[index] = makeReply(code, lines[0])
+            self.replies[index] = replyFromPeer(code, lines[0])
         else:
             self._abort(PROTOCOL_ERROR, f"RCPT answered {code}")
             return
@@ -285,7 +266,7 @@ class LMTPClient(LineReceiver):
 
     def _data(self, code: int, lines: list[str]) -> None:
         if code != 354:
-            reply = makeReply(code, lines[0]) if code >= 400 else PROTOCOL_ERROR
+            reply = replyFromPeer(code, lines[0]) if code >= 400 else PROTOCOL_ERROR
             self._finishAll(reply, self._accepted)
             return
         try:
@@ -321,7 +302,7 @@ class LMTPClient(LineReceiver):
     def _final(self, code: int, lines: list[str]) -> None:
         index = self._accepted.pop(0)
         # Any 2xx is success; 3xx has no meaning here.
-        self.replies[index] = PROTOCOL_ERROR if 300 <= code < 400 else makeReply(code, lines[0])
+        self.replies[index] = PROTOCOL_ERROR if 300 <= code < 400 else replyFromPeer(code, lines[0])
         if self._accepted:
             self._wait(self.dataTimeout)
         self._maybeDone()

@@ -85,6 +85,16 @@ class _Generator(BytesGenerator):
         return s.encode("ascii", "surrogateescape")
 
 
+def _clean(text: str, utf8: bool) -> str:
+    """
+    A value from a client or a remote server made safe for one header line
+    of a report: no line break of any kind (CR, LF, NEL, U+2028...) and no
+    control character, which could forge fields; outside a UTF-8 report,
+    ASCII only.  Anything else becomes C{?}.
+    """
+    return "".join(ch if ch.isprintable() and (utf8 or ch.isascii()) else "?" for ch in text)
+
+
 def _date(when: float) -> str:
     return datetime.fromtimestamp(when, timezone.utc).strftime("%a, %d %b %Y %H:%M:%S +0000")
 
@@ -274,8 +284,8 @@ class NoticeWriter:
             lines += ["Your message was successfully delivered to the recipients below."]
         lines += ["", f"Queue ID: {queueID}", ""]
         for report in reports:
-            why = f": {report.diagnostic}" if report.diagnostic is not None else ""
-            via = f" (from {report.remoteMTA})" if report.remoteMTA else ""
+            why = f": {_clean(str(report.diagnostic), True)}" if report.diagnostic is not None else ""
+            via = f" (from {_clean(report.remoteMTA, True)})" if report.remoteMTA else ""
             lines.append(f"<{report.recipient.address}>{via}{why}")
         text = "\r\n".join(lines) + "\r\n"
         part = MIMEText(text, "plain", "us-ascii" if text.isascii() else "utf-8", policy=policy)
@@ -292,7 +302,7 @@ class NoticeWriter:
     ) -> Message:
         first = [f"Reporting-MTA: dns; {self.hostname}"]
         if envelope.envid:
-            first.append(f"Original-Envelope-Id: {envelope.envid}")
+            first.append(f"Original-Envelope-Id: {_clean(envelope.envid, utf8)}")
         if envelope.arrival:
             first.append(f"Arrival-Date: {_date(envelope.arrival)}")
         blocks = ["\r\n".join(first)]
@@ -300,16 +310,19 @@ class NoticeWriter:
             fields = []
             if report.recipient.orcpt:
                 addrType, _, address = report.recipient.orcpt.partition(";")
-                fields.append(f"Original-Recipient: {addrType.strip()}; {address.strip()}")
+                fields.append(
+                    f"Original-Recipient: {_clean(addrType.strip(), utf8)};"
+                    f" {_clean(address.strip(), utf8)}"
+                )
             fields += [
                 f"Final-Recipient: {_addressType(str(report.recipient.address))}",
                 f"Action: {report.action}",
                 f"Status: {report.status}",
             ]
             if report.remoteMTA:
-                fields.append(f"Remote-MTA: dns; {report.remoteMTA}")
+                fields.append(f"Remote-MTA: dns; {_clean(report.remoteMTA, utf8)}")
             if report.diagnostic is not None:
-                fields.append(f"Diagnostic-Code: smtp; {report.diagnostic}")
+                fields.append(f"Diagnostic-Code: smtp; {_clean(str(report.diagnostic), utf8)}")
             if report.lastAttempt is not None:
                 fields.append(f"Last-Attempt-Date: {_date(report.lastAttempt)}")
             if report.willRetryUntil is not None and report.action == "delayed":

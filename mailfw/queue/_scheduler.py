@@ -457,7 +457,16 @@ class Scheduler(Service):
             for _, outcomes in results:
                 for qr, route, outcome in outcomes:
                     self._decide(lease, qr, route, outcome, finished, decided)
-        notices = await self._makeNotices(lease, body, decided)
+        try:
+            notices = await self._makeNotices(lease, body, decided)
+        except Exception:
+            # The outcomes must still be recorded: a notice that cannot be
+            # built must not hold every recipient of the message hostage.
+            self.log.failure(
+                "could not build the delivery notices for {queueID}; recording without them",
+                queueID=lease.queueID,
+            )
+            notices = []
         try:
             await self._queue.record(lease, decided.dispositions, notices)
             retries = [

@@ -19,7 +19,6 @@ transaction are values: one L{SMTPReply} per recipient.
 
 from __future__ import annotations
 
-import re
 from base64 import b64encode
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from twisted.python.failure import Failure
 from mailfw.address import Address
 from mailfw.envelope import Envelope
 from mailfw.interfaces import IMessageBody
-from mailfw.reply import SMTPReply
+from mailfw.reply import SMTPReply, replyFromPeer
 
 __all__ = [
     "Capabilities",
@@ -52,7 +51,6 @@ __all__ = [
 
 TLS_LEVELS = ("none", "may", "encrypt", "verify")
 
-_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 MAX_REPLY_LINES = 200
 CHUNK_SIZE = 16 * 1024
 
@@ -125,14 +123,7 @@ class Response:
         As an L{SMTPReply}, taking the enhanced status code from the text
         when the server gave one of the right class, else a generic one.
         """
-        text = self.text
-        match = _ENHANCED.match(text)
-        if match and match.group(1) == str(self.code)[0]:
-            enhanced = match.group(0).strip()
-            text = text[match.end() :].strip()
-        else:
-            enhanced = f"{str(self.code)[0]}.0.0"
-        return SMTPReply(self.code, enhanced, text)
+        return replyFromPeer(self.code, self.text)
 
 
 @dataclass(frozen=True)
