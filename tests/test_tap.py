@@ -427,7 +427,6 @@ class ShutdownTests(SynchronousTestCase):
         from mailfw.envelope import RecipientOutcome
         from mailfw.interfaces import IDeliveryAgent, IDeliveryAgentFactory
         from mailfw.plugin import LazyComponent
-        from mailfw.queue import Selector
         from mailfw.reply import SMTPReply
         from mailfw.testing import makeEnvelope
 
