@@ -523,6 +523,14 @@ def buildService(
             config.hostname,
             holdForETRN=etrnSettings.holds,
         )
+        lease = getattr(queue, "leaseSeconds", None)
+        if isinstance(lease, (int, float)) and scheduler.leaseSeconds >= lease:
+            # Otherwise a slow delivery's lease expires under it and the
+            # recipients are claimed and delivered a second time.
+            raise ConfigError(
+                f"[scheduler] delivery_timeout ({scheduler.leaseSeconds:g}) must be shorter"
+                f" than [queue] lease_seconds ({lease:g})"
+            )
     except BaseException:
         queue.close()
         raise

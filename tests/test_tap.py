@@ -130,6 +130,17 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertIn("[delivery.local]", str(e))
         self.assertIn("maildir", str(e))
 
+    def test_deliveryTimeoutWithinLease(self) -> None:
+        """
+        A delivery timeout that is not shorter than the queue's lease is
+        refused at start-up, naming both keys.
+        """
+        text = MEMORY_CONFIG.format(agent="discard").replace(
+            '[queue]\nplugin = "memory"', '[queue]\nplugin = "memory"\nlease_seconds = 60'
+        ) + "[scheduler]\ndelivery_timeout = 60\n"
+        e = self.assertRaises(ConfigError, self.build, text)
+        self.assertIn("[scheduler] delivery_timeout (60) must be shorter than [queue] lease_seconds (60)", str(e))
+
     def test_thirdPartyDropin(self) -> None:
         """
         A third-party dropin is found and selected by name from the

@@ -141,7 +141,7 @@ class MemoryQueue:
         self,
         clock: IReactorTime | None = None,
         idGenerator: Callable[[], str] | None = None,
-        leaseSeconds: float = 900.0,
+        leaseSeconds: float = 7200.0,
     ) -> None:
         """
         @param clock: the time source for arrival and due times; a fresh
@@ -440,7 +440,7 @@ def fromConfig(
     process ends: for tests and experiments only.
     """
     section = Section(f"[{instanceName}]", options)
-    leaseSeconds = section.number("lease_seconds", 900.0, minimum=1)
+    leaseSeconds = section.number("lease_seconds", 7200.0, minimum=1)
     section.finish()
     MemoryQueue.log.warn(
         "the memory queue keeps messages only until the process ends; "

@@ -427,7 +427,7 @@ class PostgresQueue:
         clock: Any = None,
         poolSize: int = 5,
         node: str | None = None,
-        leaseSeconds: float = 900.0,
+        leaseSeconds: float = 7200.0,
         heartbeatSeconds: float = 10.0,
         spillThreshold: int = 256 * 1024,
         spoolDirectory: Path | None = None,
@@ -1201,7 +1201,7 @@ def fromConfig(
     dsn = section.text("dsn", "")
     poolSize = section.integer("pool_size", 5, minimum=1)
     node = section.text("node", None)
-    leaseSeconds = section.number("lease_seconds", 900.0, minimum=1)
+    leaseSeconds = section.number("lease_seconds", 7200.0, minimum=1)
     heartbeatSeconds = section.number("heartbeat_seconds", 10.0, minimum=0.1)
     spillThreshold = section.integer("spill_threshold", 256 * 1024, minimum=0)
     connectTimeout = section.number("connect_timeout", 10.0, minimum=1)

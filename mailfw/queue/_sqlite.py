@@ -471,7 +471,7 @@ class SQLiteQueue:
         spool: Executor | None = None,
         deliver: Callable[[Callable[[], None]], None] | None = None,
         idGenerator: Callable[[], str] = newQueueID,
-        leaseSeconds: float = 900.0,
+        leaseSeconds: float = 7200.0,
         owner: str | None = None,
         spillThreshold: int = 256 * 1024,
         spoolDirectory: Path | None = None,
@@ -1131,13 +1131,13 @@ def fromConfig(
     Build an L{SQLiteQueue} from C{[queue]} with C{plugin = "sqlite"}.
 
     Options: C{path} (relative to the data directory; default
-    C{"queue.sqlite"}), C{lease_seconds} (default 900) and
+    C{"queue.sqlite"}), C{lease_seconds} (default 7200) and
     C{spill_threshold} (octets kept in memory per message while receiving;
     default 262144).
     """
     section = Section(f"[{instanceName}]", options)
     path = context.path(section.text("path", "queue.sqlite"))
-    leaseSeconds = section.number("lease_seconds", 900.0, minimum=1)
+    leaseSeconds = section.number("lease_seconds", 7200.0, minimum=1)
     spillThreshold = section.integer("spill_threshold", 256 * 1024, minimum=0)
     section.finish()
     try:
