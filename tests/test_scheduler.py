@@ -20,7 +20,7 @@ from mailfw.address import Address
 from mailfw.config import ConfigError, Section
 from mailfw.envelope import Envelope, Recipient, RecipientOutcome, Route, RouteKind, Session
 from mailfw.interfaces import IDeliveryAgent, IMessageBody, IRouter
-from mailfw.queue import RecipientState, Selector
+from mailfw.queue import QueueFull, RecipientState, Selector
 from mailfw.queue._contract import makeEnvelope
 from mailfw.queue._dsn import NoticeWriter
 from mailfw.queue._memory import MemoryQueue
@@ -322,6 +322,33 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         self.assertIn(b"Diagnostic-Code: smtp; 550 5.1.1 no such user", notice.body)
         self.assertNotIn(b"good@example.com", notice.body.split(b"message/rfc822")[0])
         self.assertEqual(self.queue.queueIDs(), [])
+
+    def test_recordRetriedWhenQueueFails(self) -> None:
+        """
+        When recording the outcomes fails (a full disk), the scheduler
+        tries again every 30 seconds instead of leaving the recipients
+        leased to be delivered a second time.
+        """
+        agent = FakeAgent(self.clock)
+        self.makeScheduler(agent)
+        record = self.queue.record
+        failures = [QueueFull("disk full"), QueueFull("disk full")]
+
+        def flaky(*args: object, **kwargs: object) -> Deferred[None]:
+            if failures:
+                return fail(failures.pop(0))
+            return record(*args, **kwargs)  # type: ignore[arg-type]
+
+        self.queue.record = flaky  # type: ignore[method-assign]
+        self.enqueue(makeEnvelope("a@example.com"))
+        self.clock.advance(0)
+        self.assertEqual(len(self.queue.queueIDs()), 1)
+        self.clock.advance(30)
+        self.assertEqual(len(self.queue.queueIDs()), 1)
+        self.clock.advance(30)
+        self.assertEqual(self.queue.queueIDs(), [])
+        self.assertEqual(len(agent.deliveries), 1)
+        self.assertEqual(len(self.flushLoggedErrors(QueueFull)), 2)
 
     def test_recordedWhenNoticeCannotBeBuilt(self) -> None:
         """

@@ -117,7 +117,7 @@ from mailfw.interfaces import (
     IRouter,
 )
 from mailfw.queue._dsn import NoticeWriter, RecipientReport, readReturned
-from mailfw.queue._model import Disposition, Lease, LeaseLost, Notice, QueuedRecipient, QueueFull
+from mailfw.queue._model import Disposition, Lease, LeaseLost, Notice, QueuedRecipient
 from mailfw.queue._retry import RetrySchedule
 from mailfw.reply import SMTPReply
 
@@ -132,6 +132,10 @@ hop at all."""
 AGENT_FAILED = SMTPReply(451, "4.3.0", "local error in delivery; will retry")
 AGENT_TIMEOUT = SMTPReply(451, "4.4.1", "delivery timed out; will retry")
 SHARED_SLOT_TRIES = 30
+# Recording outcomes that failed (not a lost lease) is retried this often,
+# this many seconds apart.
+RECORD_TRIES = 20
+RECORD_RETRY = 30.0
 CLUSTER_BUSY = SMTPReply(451, "4.4.5", "destination busy on other nodes; will retry")
 ROUTE_FAILED = SMTPReply(451, "4.3.0", "routing error; will retry")
 UNKNOWN_AGENT = SMTPReply(451, "4.3.5", "delivery configuration error; will retry")
@@ -467,8 +471,29 @@ class Scheduler(Service):
                 queueID=lease.queueID,
             )
             notices = []
-        try:
-            await self._queue.record(lease, decided.dispositions, notices)
+        for attempt in range(RECORD_TRIES):
+            try:
+                await self._queue.record(lease, decided.dispositions, notices)
+            except LeaseLost:
+                self.log.warn(
+                    "lease on {queueID} was lost before its outcomes were recorded; "
+                    "it will be delivered again",
+                    queueID=lease.queueID,
+                )
+                return
+            except Exception:
+                # A full disk, a lost database connection: the outcomes are
+                # known, so keep trying (within the lease) rather than
+                # deliver again.
+                self.log.failure(
+                    "could not record the outcomes of {queueID}; retrying in {delay}s",
+                    queueID=lease.queueID,
+                    delay=RECORD_RETRY,
+                )
+                if not self.running:
+                    return
+                await task.deferLater(self._clock, RECORD_RETRY)
+                continue
             retries = [
                 d.nextAttempt
                 for d in decided.dispositions
@@ -476,17 +501,12 @@ class Scheduler(Service):
             ]
             if retries:
                 self._wakeBy(min(retries))
-        except LeaseLost:
-            self.log.warn(
-                "lease on {queueID} was lost before its outcomes were recorded; "
-                "it will be delivered again",
-                queueID=lease.queueID,
-            )
-        except QueueFull:
-            self.log.error(
-                "queue full: could not record outcomes of {queueID}; will retry",
-                queueID=lease.queueID,
-            )
+            return
+        self.log.error(
+            "gave up recording the outcomes of {queueID}; its recipients are"
+            " delivered again when the lease expires",
+            queueID=lease.queueID,
+        )
 
     async def _deliverGroup(
         self,
