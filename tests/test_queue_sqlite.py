@@ -245,6 +245,34 @@ class SQLiteQueueTests(SynchronousTestCase):
         self.successResultOf(ds[0])
         self.assertEqual(freshCount(self.path, "recipients"), 1)
 
+    def test_durabilityPerBatch(self) -> None:
+        """
+        A batch holding an enqueue (a promise to the client) commits with
+        C{synchronous=FULL}; a batch of only the scheduler's claims and
+        records commits with C{NORMAL} (atomic, but a power loss may roll
+        it back: a redelivery, never a loss).
+        """
+        levels: list[int] = []
+        queues: list[SQLiteQueue] = []
+
+        def beforeCommit() -> None:
+            connection = queues[0]._writerConnection
+            assert connection is not None
+            levels.append(connection.execute("PRAGMA synchronous").fetchone()[0])
+
+        writer = ManualExecutor()
+        q = synchronousQueue(self.path, self.clock, writer=writer, beforeCommit=beforeCommit)
+        queues.append(q)
+        self.enqueueStart(q)
+        writer.run()
+        claimed = q.claim(self.clock.seconds(), 10)
+        writer.run()
+        [lease] = self.successResultOf(claimed)
+        outcome = RecipientOutcome(lease.recipients[0].recipient, SMTPReply(250, "2.0.0", "ok"))
+        q.record(lease, [Disposition(lease.recipients[0].index, outcome)])
+        writer.run()
+        self.assertEqual(levels, [2, 1, 1])  # FULL, then NORMAL, NORMAL
+
     def test_firesOnReactorThread(self) -> None:
         """
         The commit fires only when the deliver seam runs the result on the

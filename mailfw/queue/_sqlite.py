@@ -55,6 +55,7 @@ leases of a live sibling process on this host.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import itertools
 import os
@@ -271,8 +272,9 @@ class _Operation(Generic[_T]):
     L{Deferred} to fire with its result after the commit.
     """
 
-    def __init__(self, function: Callable[[sqlite3.Connection], _T]) -> None:
+    def __init__(self, function: Callable[[sqlite3.Connection], _T], durable: bool = True) -> None:
         self.function = function
+        self.durable = durable
         self.deferred: Deferred[_T] = Deferred()
         self.ok = False
         self.result: Any = None
@@ -519,6 +521,8 @@ class SQLiteQueue:
         self._pending: list[_Operation[Any]] = []
         self._batchScheduled = False
         self._writerConnection: sqlite3.Connection | None = None
+        self._durable = True  # the writer connection's synchronous level
+        self._lockFile: int | None = None
         self._readerConnection: sqlite3.Connection | None = None
         self._closed = False
         self._tokens = itertools.count(1)
@@ -532,6 +536,7 @@ class SQLiteQueue:
         self,
         function: Callable[[sqlite3.Connection], _T],
         cleanup: Callable[[], None] | None = None,
+        durable: bool = True,
     ) -> Deferred[_T]:
         """
         Run C{function} in the next write transaction; the result arrives on
@@ -540,12 +545,20 @@ class SQLiteQueue:
 
         @param cleanup: run on the writer thread after the transaction ended,
             whether it committed or not.
+        @param durable: the commit must be on disk before the result is
+            given (C{synchronous=FULL}).  The scheduler's bookkeeping
+            (claims, records) passes C{False}: its transactions are still
+            atomic and ordered, and after a power loss the last of them may
+            be rolled back, which means a recipient is delivered again
+            (delivery is at least once anyway), never lost.  Any batch that
+            holds one durable operation is committed durably, and that
+            fsync covers the batches before it too.
         """
         if self._closed:
             if cleanup is not None:
                 self._writer.submit(cleanup)
             return fail(RuntimeError("the queue is closed"))
-        operation = _Operation(function)
+        operation = _Operation(function, durable)
         operation.cleanup = cleanup
         with self._lock:
             self._pending.append(operation)
@@ -565,6 +578,22 @@ class SQLiteQueue:
                     self._batchScheduled = False
                     return
             self._runBatch(operations)
+
+    def _lockWriters(self) -> None:
+        """
+        Take the lock that orders writers across processes (worker
+        processes share the file).  SQLite's own busy handler polls with
+        growing sleeps, up to tens of milliseconds, which would add that to
+        the 250 of a waiting process; a blocking C{flock} wakes it as soon
+        as the other commit is done.  Writer thread only.
+        """
+        if self._lockFile is None:
+            self._lockFile = os.open(f"{self._path}.writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._lockFile, fcntl.LOCK_EX)
+
+    def _unlockWriters(self) -> None:
+        if self._lockFile is not None:
+            fcntl.flock(self._lockFile, fcntl.LOCK_UN)
 
     def _openWriter(self) -> sqlite3.Connection:
         if self._writerConnection is None:
@@ -596,8 +625,14 @@ class SQLiteQueue:
         while True:
             try:
                 connection = self._openWriter()
+                durable = any(operation.durable for operation in remaining)
+                if durable != self._durable:
+                    connection.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+                    self._durable = durable
+                self._lockWriters()
                 connection.execute("BEGIN IMMEDIATE")
             except BaseException as e:
+                self._unlockWriters()
                 self._finish(remaining, e)
                 return
             aborted: _Operation[Any] | None = None
@@ -627,6 +662,8 @@ class SQLiteQueue:
                     pass
                 self._finish(remaining, e)
                 return
+            finally:
+                self._unlockWriters()
             if aborted is None:
                 self._deliver(lambda: self._fire(remaining))
                 return
@@ -759,7 +796,7 @@ class SQLiteQueue:
                 leases.append(Lease(queueID, envelope, recipients, token, expires, size))
             return leases
 
-        return self._write(claim)
+        return self._write(claim, durable=False)
 
     def record(
         self, lease: Lease, dispositions: Sequence[Disposition], notices: Sequence[Notice] = ()
@@ -841,7 +878,7 @@ class SQLiteQueue:
             if wake:
                 self._notify(None)
 
-        return self._write(record).addCallback(done)
+        return self._write(record, durable=False).addCallback(done)
 
     def openBody(self, queueID: str) -> Deferred[IMessageBody]:
         cached = self._recent.get(queueID)
@@ -1050,6 +1087,9 @@ class SQLiteQueue:
                 if self._writerConnection is not None:
                     self._writerConnection.close()
                     self._writerConnection = None
+                if self._lockFile is not None:
+                    os.close(self._lockFile)
+                    self._lockFile = None
 
                 def readerJob() -> None:
                     if self._readerConnection is not None:
