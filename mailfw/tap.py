@@ -576,6 +576,10 @@ def buildService(
                 endpoint = RecordingEndpoint(endpoint, kind, index)
                 recording.append(endpoint)
             service = StreamServerEndpointService(endpoint, factory)
+            # A port that cannot be bound stops twistd at start-up (as
+            # twisted.application.strports does), rather than leaving a
+            # server running that receives no mail.
+            service._raiseSynchronously = True
             service.setName(f"{kind}:{description}")
             service.setServiceParent(top)
             log.info(
@@ -594,6 +598,8 @@ def buildService(
         ),
         ControlFactory(queue, reactor),
     )
+    # A second server on the same data directory must not start.
+    control._raiseSynchronously = True
     control.setName("control")
     control.setServiceParent(top)
     if owner is not None:

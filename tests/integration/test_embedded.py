@@ -5,10 +5,12 @@ delivers it into a Maildir.
 
 from __future__ import annotations
 
+import socket
 import subprocess
+from pathlib import Path
 from email.message import EmailMessage
 
-from tests.integration._server import MailfwProcess, requireTool, waitFor
+from tests.integration._server import TWISTD, MailfwProcess, freePort, requireTool, waitFor
 
 
 def test_smtplibToMaildir(mailfw: MailfwProcess) -> None:
@@ -73,3 +75,21 @@ def test_swaks(mailfw: MailfwProcess) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     waitFor(lambda: mailfw.delivered("dave"), what="delivery to dave's Maildir")
+
+
+def test_portInUseStopsStartUp(tmp_path: Path) -> None:
+    """
+    A listener that cannot be bound ends twistd at start-up with the reason,
+    instead of leaving a server running that receives no mail.
+    """
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [TWISTD, "-n", "--pidfile=", "mailfw", f"--data-dir={tmp_path}",
+             f"--smtp=tcp:{port}:interface=127.0.0.1", f"--submission=tcp:{freePort()}:interface=127.0.0.1"],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode != 0
+    assert "Address already in use" in result.stdout + result.stderr
