@@ -189,6 +189,16 @@ class IMessageQueue(Interface):
         many.
         """
 
+    def bounce(selector: Selector) -> Deferred[int]:
+        """
+        Return matching recipients to their senders now (C{mailfw queue
+        bounce}): mark those not in delivery (ready, hold, etrn) as
+        L{bounceRequested<mailfw.queue.QueuedRecipient.bounceRequested>},
+        make them ready and due now, and wake the scheduler, which fails
+        them with a DSN instead of delivering them.  Leased recipients are
+        left alone.  Returns how many were marked.
+        """
+
     def delete(selector: Selector) -> Deferred[int]:
         """
         Remove matching recipients without notice (an operator's drop).

@@ -103,6 +103,42 @@ class ControlProtocolTests(SynchronousTestCase):
         self.assertEqual(ask(queue, {"command": "delete", "selector": {"queueIDs": ["Q2"]}})["result"], 1)
         self.assertEqual([m.queueID for m in self.successResultOf(queue.list(Selector()))], ["Q1"])
 
+    def test_bounceNeedsSelector(self) -> None:
+        """
+        C{bounce} with no selector is refused, like C{delete}: returning
+        the whole queue must be asked for explicitly.
+        """
+        queue = queueWithMessages()
+        answer = ask(queue, {"command": "bounce", "selector": {}})
+        self.assertEqual(
+            answer,
+            {"ok": False, "error": "bounce needs a selector (a queue ID, --domain, --sender or --state)"},
+        )
+        self.assertEqual(self._bounced(queue), [])
+
+    def _bounced(self, queue: MemoryQueue) -> list[str]:
+        return [
+            str(r.recipient.address)
+            for m in self.successResultOf(queue.list(Selector()))
+            for r in m.recipients
+            if r.bounceRequested
+        ]
+
+    def test_bounce(self) -> None:
+        """
+        C{bounce} marks the selected recipients, answers how many, and
+        C{list} shows the mark.
+        """
+        queue = queueWithMessages()
+        answer = ask(queue, {"command": "bounce", "selector": {"queueIDs": ["Q1"], "domain": "@example.net"}})
+        self.assertEqual(answer, {"ok": True, "result": 2})
+        self.assertEqual(self._bounced(queue), ["a@example.net", "b@sub.example.net"])
+        listed = ask(queue, {"command": "list"})["result"]
+        self.assertEqual(
+            [[r["bounceRequested"] for r in m["recipients"]] for m in listed], [[True, True], [False]]
+        )
+        self.assertEqual(ask(queue, {"command": "bounce", "selector": {"sender": "nobody@example.org"}})["result"], 0)
+
     def test_show(self) -> None:
         """
         C{show} returns the envelope and the header section.
@@ -152,6 +188,53 @@ class CommandTests(SynchronousTestCase):
         status = main(["queue", "list", "--socket", self.mktemp()])
         self.assertEqual(status, 1)
         self.assertIn("the mailfw server is not running", "".join(errors))
+
+    def test_bounceCommand(self) -> None:
+        """
+        C{mailfw queue bounce} sends the selector to the control socket and
+        prints how many recipients it returned, as text or JSON.
+        """
+        import mailfw.admin._main as _main
+
+        sent: list[Any] = []
+
+        def request(path: Any, document: Any) -> int:
+            sent.append(document)
+            return 3
+
+        self.patch(_main, "request", request)
+        printed: list[str] = []
+        self.patch(__import__("sys"), "stdout", type("O", (), {"write": printed.append, "flush": lambda s: None})())
+        socket = self.mktemp()
+        self.assertEqual(main(["queue", "bounce", "Q1", "Q2", "--domain", "example.com", "--socket", socket]), 0)
+        self.assertEqual(main(["queue", "bounce", "--state", "hold", "--json", "--socket", socket]), 0)
+        self.assertEqual(
+            sent,
+            [
+                {"command": "bounce", "selector": {"queueIDs": ["Q1", "Q2"], "domain": "example.com"}},
+                {"command": "bounce", "selector": {"state": "hold"}},
+            ],
+        )
+        lines = "".join(printed).splitlines()
+        self.assertEqual(lines[0], "bounce: 3 recipients")
+        self.assertEqual(json.loads(lines[1]), {"action": "bounce", "recipients": 3})
+
+    def test_formatBounceRequested(self) -> None:
+        """
+        The text listing says when a recipient waits to be bounced.
+        """
+        text = formatList(
+            [
+                {
+                    "queueID": "Q1", "size": 10, "arrival": 0.0, "sender": "a@b",
+                    "recipients": [
+                        {"address": "c@d", "state": "ready", "attempts": 2, "nextAttempt": 60.0,
+                         "lastReply": None, "bounceRequested": True},
+                    ],
+                }
+            ]
+        )
+        self.assertIn("<c@d> (bounce requested, 2 attempts)", text)
 
     def test_formatEmpty(self) -> None:
         """

@@ -448,6 +448,27 @@ class SQLiteQueueTests(SynchronousTestCase):
         [lease] = self.successResultOf(again.claim(self.clock.seconds(), 10))
         self.assertEqual((lease.queueID, len(lease.recipients)), (queueID, 2))
 
+    def test_columnsAddedToOlderDatabase(self) -> None:
+        """
+        A queue made before ETRN and C{mailfw queue bounce} (same schema
+        version, without the C{released} and C{bounce} columns) gets them
+        on open, and its messages can then be bounced.
+        """
+        q = synchronousQueue(self.path, self.clock)
+        queueID = self.successResultOf(self.enqueueStart(q))
+        self.successResultOf(q.close())
+        connection = sqlite3.connect(str(self.path))
+        connection.execute("ALTER TABLE recipients DROP COLUMN bounce")
+        connection.execute("ALTER TABLE recipients DROP COLUMN released")
+        connection.commit()
+        connection.close()
+        again = synchronousQueue(self.path, self.clock)
+        self.assertEqual(self.successResultOf(again.bounce(Selector(queueIDs=(queueID,)))), 1)
+        [lease] = self.successResultOf(again.claim(self.clock.seconds(), 10))
+        self.assertEqual(
+            [(r.bounceRequested, r.released) for r in lease.recipients], [(True, False)]
+        )
+
     def test_walAndFullSync(self) -> None:
         """
         The database is in WAL mode, and queue connections fsync fully.

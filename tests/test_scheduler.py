@@ -843,6 +843,114 @@ class SchedulerConfigTests(SynchronousTestCase):
         )
 
 
+class SchedulerBounceTests(SchedulerTestsMixin):
+    """
+    Recipients an operator bounced (C{mailfw queue bounce}) are failed with
+    a DSN instead of being delivered.
+    """
+
+    def countOpens(self) -> list[str]:
+        """
+        Count the queue's L{MemoryQueue.openBody} calls.
+        """
+        opened: list[str] = []
+        openBody = self.queue.openBody
+
+        def counting(queueID: str) -> Deferred[IMessageBody]:
+            opened.append(queueID)
+            return openBody(queueID)
+
+        self.queue.openBody = counting  # type: ignore[method-assign]
+        return opened
+
+    def test_bounceSendsFailureDSN(self) -> None:
+        """
+        Bounced recipients leave the queue at once, without routing or
+        delivery (only the DSN is routed and delivered), and the sender
+        gets one failure DSN with Status 5.0.0 for them.
+        """
+        agent = FakeAgent(self.clock, reply=lambda a: GREYLISTED if a.endswith("@example.com") else OK)
+        self.makeScheduler(agent)
+        queueID = self.enqueue(makeEnvelope("a@example.com", "b@example.com"))
+        self.clock.advance(0)
+        self.assertEqual([d.addresses for d in agent.deliveries], [["a@example.com", "b@example.com"]])
+        self.clock.advance(10)
+        del self.router.calls[:]
+        self.assertEqual(
+            self.successResultOf(self.queue.bounce(Selector(queueIDs=(queueID,), domain="example.com"))), 2
+        )
+        self.clock.advance(0)
+        self.assertNotIn(queueID, self.queue.queueIDs())
+        [bounce] = self.notices(agent)
+        [notice] = [d for d in agent.deliveries if d.envelope.sender is None]
+        self.assertEqual((notice.addresses, notice.at), (["sender@example.org"], START + 10))
+        self.assertEqual(self.router.calls, [(Address.parse("sender@example.org"), None)])
+        self.assertEqual(len(agent.deliveries), 2)
+        report = notice.body.split(b"message/delivery-status")[1]
+        self.assertIn(b"Final-Recipient: rfc822; a@example.com", report)
+        self.assertIn(b"Final-Recipient: rfc822; b@example.com", report)
+        self.assertIn(b"Action: failed", report)
+        self.assertIn(b"Status: 5.0.0", report)
+        self.assertIn(b"smtp; 554 5.0.0 Message returned by the mail system administrator", report)
+        self.assertEqual(bounce.get_content_type(), "multipart/report")
+
+    def test_bounceOneOfTwo(self) -> None:
+        """
+        Bouncing one recipient of a deferred message fails only that one;
+        the other waits for its retry.
+        """
+        agent = FakeAgent(self.clock, reply=lambda a: OK if a == "sender@example.org" else GREYLISTED)
+        self.makeScheduler(agent)
+        queueID = self.enqueue(makeEnvelope("a@example.com", "b@example.net"))
+        self.clock.advance(0)
+        self.clock.advance(10)
+        self.assertEqual(self.successResultOf(self.queue.bounce(Selector(domain="example.com"))), 1)
+        self.clock.advance(0)
+        self.assertEqual([str(r.recipient.address) for r in self.queue.recipients(queueID)], ["b@example.net"])
+        [notice] = [d for d in agent.deliveries if d.envelope.sender is None]
+        self.assertIn(b"Final-Recipient: rfc822; a@example.com", notice.body)
+        self.assertNotIn(b"b@example.net", notice.body.split(b"message/delivery-status")[1].split(b"\r\n--")[0])
+
+    def test_notifyNeverSuppressesBounce(self) -> None:
+        """
+        With NOTIFY=NEVER a bounced recipient leaves the queue without a
+        DSN, without the agent being called and without reading the body.
+        """
+        agent = FakeAgent(self.clock)
+        self.makeScheduler(agent)
+        opened = self.countOpens()
+        never = frozenset({"NEVER"})
+        self.enqueue(
+            Envelope(
+                Address.parse("sender@example.org"),
+                (Recipient(Address.parse("a@example.com"), notify=never),),
+            )
+        )
+        self.assertEqual(self.successResultOf(self.queue.hold(Selector())), 1)
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(self.queue.bounce(Selector(state=RecipientState.HOLD))), 1)
+        self.clock.advance(0)
+        self.assertEqual(self.queue.queueIDs(), [])
+        self.assertEqual((agent.deliveries, opened, self.router.calls), ([], [], []))
+
+    def test_bounceOfABounceDropped(self) -> None:
+        """
+        A bounced message from the null sender is dropped with a log event,
+        not bounced, and its body is never read.
+        """
+        agent = FakeAgent(self.clock)
+        self.makeScheduler(agent)
+        opened = self.countOpens()
+        queueID = self.enqueue(makeEnvelope("a@example.com", sender=None))
+        self.successResultOf(self.queue.hold(Selector()))
+        self.clock.advance(0)
+        self.successResultOf(self.queue.bounce(Selector(queueIDs=(queueID,))))
+        self.clock.advance(0)
+        self.assertEqual((self.queue.queueIDs(), agent.deliveries, opened), ([], [], []))
+        [event] = [e for e in self.events if e.get("queueID") == queueID and e["log_level"] == LogLevel.warn]
+        self.assertEqual(event["recipient"], "a@example.com")
+
+
 class SchedulerWithSQLiteTests(SchedulerTestsMixin):
     """
     The scheduler works the same against the SQLite queue (with its

@@ -62,6 +62,7 @@ def _recipientToJSON(r: QueuedRecipient) -> dict[str, Any]:
         "attempts": r.attempts,
         "nextAttempt": r.nextAttempt,
         "lastReply": None if r.lastReply is None else str(r.lastReply),
+        "bounceRequested": r.bounceRequested,
     }
 
 
@@ -136,11 +137,16 @@ class ControlProtocol(LineOnlyReceiver):
             "hold": self.queue.hold,
             "release": self.queue.release,
             "delete": self.queue.delete,
+            "bounce": self.queue.bounce,
         }
         if command not in actions:
             raise ControlError(f"unknown command {command!r}")
-        if command == "delete" and selector == Selector():
-            raise ControlError("delete needs a selector (a queue ID, --domain, --sender or --state)")
+        if command in ("delete", "bounce") and selector == Selector():
+            # Dropping or returning the whole queue is never what a
+            # forgotten argument should do.
+            raise ControlError(
+                f"{command} needs a selector (a queue ID, --domain, --sender or --state)"
+            )
         return actions[command](selector)
 
     def show(self, selector: Selector) -> Deferred[Any]:

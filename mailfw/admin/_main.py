@@ -88,7 +88,9 @@ def formatList(messages: Sequence[dict[str, Any]]) -> str:
         )
         for r in m["recipients"]:
             state = r["state"]
-            if state == "ready" and r["attempts"]:
+            if r.get("bounceRequested"):
+                state = "bounce requested"
+            elif state == "ready" and r["attempts"]:
                 state = f"deferred, next {_when(r['nextAttempt'])}"
             lines.append(f"{'':20} <{r['address']}> ({state}, {r['attempts']} attempts)")
             if r["lastReply"]:
@@ -177,6 +179,7 @@ def makeParser() -> argparse.ArgumentParser:
         ("hold", "hold matching recipients"),
         ("release", "release held recipients"),
         ("delete", "delete matching recipients without notice"),
+        ("bounce", "fail matching recipients now and return them to the sender with a DSN"),
     ]:
         action = actions.add_parser(name, help=helpText, parents=[where])
         action.add_argument("ids", nargs="*", metavar="QUEUE_ID")

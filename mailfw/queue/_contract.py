@@ -746,6 +746,119 @@ class QueueContractTests(_Base):
         self.assertEqual(self.wait(self.queue.release(Selector())), 1)
         self.assertEqual(len(self.claimOne().recipients), 1)
 
+    # --- operator bounces ----------------------------------------------------------
+
+    def _bounceState(self, selector: Selector = Selector()) -> list[tuple[str, RecipientState, float, bool]]:
+        return sorted(
+            (str(r.recipient.address), r.state, r.nextAttempt, r.bounceRequested)
+            for m in self.wait(self.queue.list(selector))
+            for r in m.recipients
+        )
+
+    def test_bounceMarksWaiting(self) -> None:
+        """
+        A bounce marks matching ready and held recipients, makes them ready
+        and due now, wakes the scheduler, and the lease shows the mark.
+        """
+        self.enqueue(makeEnvelope("a@example.com", "b@example.com", "c@other.org"))
+        lease = self.claimOne()
+        self.assertEqual([r.bounceRequested for r in lease.recipients], [False] * 3)
+        self.wait(
+            self.queue.record(
+                lease,
+                [Disposition(r.index, self.outcome(lease, r.index, LATER), START + 3600) for r in lease.recipients],
+            )
+        )
+        self.wait(self.queue.hold(Selector(domain="example.com", queueIDs=(lease.queueID,))))
+        calls: list[None] = []
+        self.queue.notifyDue(lambda: calls.append(None))
+        self.clock.advance(10)
+        self.assertEqual(self.wait(self.queue.bounce(Selector(domain="example.com"))), 2)
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(
+            self._bounceState(),
+            [
+                ("a@example.com", RecipientState.READY, START + 10, True),
+                ("b@example.com", RecipientState.READY, START + 10, True),
+                ("c@other.org", RecipientState.READY, START + 3600, False),
+            ],
+        )
+        self.assertEqual(self.wait(self.queue.nextDue()), START + 10)
+        lease = self.claimOne()
+        self.assertEqual(
+            [(str(r.recipient.address), r.bounceRequested) for r in lease.recipients],
+            [("a@example.com", True), ("b@example.com", True)],
+        )
+        # Returned to ready without a disposition, they keep the mark.
+        self.wait(self.queue.record(lease, []))
+        self.assertEqual(
+            [r for r in self._bounceState() if r[3]],
+            [
+                ("a@example.com", RecipientState.READY, START + 10, True),
+                ("b@example.com", RecipientState.READY, START + 10, True),
+            ],
+        )
+
+    def test_bounceHeldForETRN(self) -> None:
+        """
+        A recipient held for ETRN is marked too and becomes ready and due
+        now; the bounce does not count as a flush.
+        """
+        self.enqueue(makeEnvelope("a@customer.test"))
+        self._holdAll(self.claimOne(), START + 3600)
+        self.clock.advance(5)
+        self.assertEqual(self.wait(self.queue.bounce(Selector(domain="customer.test"))), 1)
+        lease = self.claimOne()
+        [r] = lease.recipients
+        self.assertEqual((r.bounceRequested, r.released), (True, False))
+        self.assertEqual(r.nextAttempt, START + 5)
+
+    def test_bounceLeavesLeased(self) -> None:
+        """
+        Recipients in delivery are not marked (the delivery under way
+        decides them), and no one is woken for nothing.
+        """
+        self.enqueue(makeEnvelope("a@example.com"))
+        lease = self.claimOne()
+        calls: list[None] = []
+        self.queue.notifyDue(lambda: calls.append(None))
+        self.assertEqual(self.wait(self.queue.bounce(Selector())), 0)
+        self.assertEqual(self.wait(self.queue.bounce(Selector(state=RecipientState.LEASED))), 0)
+        self.assertEqual(calls, [])
+        self.wait(self.queue.record(lease, []))
+        self.assertEqual(self._bounceState(), [("a@example.com", RecipientState.READY, START, False)])
+
+    def test_bounceSelectors(self) -> None:
+        """
+        A bounce applies only to recipients matching every field of the
+        selector: queue IDs, domain with subdomains, sender and state.
+        """
+        first = self._domains()
+        second = self.enqueue(makeEnvelope("e@example.com", sender="other@example.net"))
+        self.wait(self.queue.hold(Selector(domain="other.org")))
+        self.assertEqual(self.wait(self.queue.bounce(Selector(sender="nobody@example.net"))), 0)
+        self.assertEqual(self.wait(self.queue.bounce(Selector(sender="other@EXAMPLE.NET"))), 1)
+        self.assertEqual(
+            self.wait(self.queue.bounce(Selector(queueIDs=(first,), domain="@example.com"))), 2
+        )
+        self.assertEqual(self.wait(self.queue.bounce(Selector(state=RecipientState.HOLD))), 1)
+        marked = {
+            (m.queueID, str(r.recipient.address)): r.bounceRequested
+            for m in self.wait(self.queue.list(Selector()))
+            for r in m.recipients
+        }
+        self.assertEqual(
+            marked,
+            {
+                (first, "a@example.com"): True,
+                (first, "b@mx.example.com"): True,
+                (first, "c@badexample.com"): False,
+                (first, "d@other.org"): True,
+                (second, "e@example.com"): True,
+            },
+        )
+        self.assertEqual(self._addresses(Selector(state=RecipientState.HOLD)), [])
+
     def test_delete(self) -> None:
         """
         Deleting removes matching recipients, and the message with its last

@@ -66,6 +66,7 @@ class _Recipient:
     lastReply: SMTPReply | None = None
     route: str | None = None
     released: bool = False
+    bounceRequested: bool = False
     leaseToken: str | None = None
     leaseExpires: float = 0.0
 
@@ -79,6 +80,7 @@ class _Recipient:
             warned=self.warned,
             lastReply=self.lastReply,
             released=self.released,
+            bounceRequested=self.bounceRequested,
         )
 
 
@@ -411,6 +413,19 @@ class MemoryQueue:
                 r.state = RecipientState.READY
                 r.nextAttempt = min(r.nextAttempt, now)
                 r.released = True
+                count += 1
+        if count:
+            self._notify()
+        return succeed(count)
+
+    def bounce(self, selector: Selector) -> Deferred[int]:
+        now = self._clock.seconds()
+        count = 0
+        for _, r in self._matching(selector):
+            if r.state in (RecipientState.READY, RecipientState.HOLD, RecipientState.ETRN):
+                r.state = RecipientState.READY
+                r.nextAttempt = now
+                r.bounceRequested = True
                 count += 1
         if count:
             self._notify()

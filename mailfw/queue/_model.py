@@ -41,6 +41,10 @@ class QueuedRecipient:
         since its last record: the scheduler then delivers it even in a
         hold-for-ETRN domain and ignores what it remembers about the
         destination being unreachable.  Any record clears it.
+    @ivar bounceRequested: an operator asked to return it to the sender
+        (C{mailfw queue bounce}): the scheduler fails it at once with a
+        DSN instead of delivering it.  Records do not clear it: a
+        recipient returned to ready without a disposition stays marked.
     """
 
     index: int
@@ -51,6 +55,7 @@ class QueuedRecipient:
     warned: bool = False
     lastReply: SMTPReply | None = None
     released: bool = False
+    bounceRequested: bool = False
 
 
 @dataclass(frozen=True)

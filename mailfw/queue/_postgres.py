@@ -957,7 +957,7 @@ class PostgresQueue:
                 pyformat(
                     "SELECT m.id, m.envelope, m.size, r.idx, r.state, r.attempts,"
                     " r.next_attempt_at, r.warned, r.reply_code, r.reply_enhanced, r.reply_text,"
-                    " r.released FROM recipients r JOIN messages m ON m.id = r.message_id"
+                    " r.released, r.bounce FROM recipients r JOIN messages m ON m.id = r.message_id"
                     f" WHERE {where} ORDER BY m.arrival, m.id, r.idx"
                 ),
                 params,
@@ -1008,6 +1008,15 @@ class PostgresQueue:
             "UPDATE recipients SET state = %s, released = 1, next_attempt_at ="
             " LEAST(next_attempt_at, %s) WHERE state IN (%s, %s) AND " + condition,
             (_READY, now, _READY, _ETRN, *params),
+            True,
+        ).addCallback(self._notifyIf)
+
+    def bounce(self, selector: Selector) -> Deferred[int]:
+        condition, params = _selected(selector)
+        return self._update(
+            "UPDATE recipients SET state = %s, bounce = 1, next_attempt_at = %s"
+            f" WHERE state IN (%s, %s, %s) AND {condition}",
+            (_READY, self._clock.seconds(), _READY, _HOLD, _ETRN, *params),
             True,
         ).addCallback(self._notifyIf)
 
@@ -1158,7 +1167,7 @@ def _dropIfDone(cursor: Cursor[Any], queueIDs: Sequence[str]) -> None:
 
 
 def _queuedRecipient(envelope: Envelope, row: Sequence[Any]) -> QueuedRecipient:
-    index, state, attempts, nextAttempt, warned, code, enhanced, text, released = row
+    index, state, attempts, nextAttempt, warned, code, enhanced, text, released, bounce = row
     return QueuedRecipient(
         index=index,
         recipient=envelope.recipients[index],
@@ -1168,6 +1177,7 @@ def _queuedRecipient(envelope: Envelope, row: Sequence[Any]) -> QueuedRecipient:
         warned=bool(warned),
         lastReply=replyFromColumns(code, enhanced, text),
         released=bool(released),
+        bounceRequested=bool(bounce),
     )
 
 
@@ -1176,7 +1186,7 @@ def _recipients(
 ) -> tuple[QueuedRecipient, ...]:
     rows = cursor.execute(
         "SELECT idx, state, attempts, next_attempt_at, warned, reply_code, reply_enhanced,"
-        " reply_text, released FROM recipients WHERE message_id = %s AND idx = ANY(%s)"
+        " reply_text, released, bounce FROM recipients WHERE message_id = %s AND idx = ANY(%s)"
         " ORDER BY idx",
         (queueID, list(indexes)),
     ).fetchall()

@@ -67,6 +67,16 @@ is why there is no separate C{forgetFailures(domain)}: the destination is
 known only after routing, and the released mark says exactly which
 deliveries ETRN asked for.)
 
+Operator bounces
+================
+
+C{mailfw queue bounce} marks recipients C{bounceRequested} and makes them
+due now.  The scheduler fails such a recipient as soon as it claims it,
+before routing, with C{554 5.0.0 Message returned by the mail system
+administrator}, and sends the failure DSN like for any permanent failure
+(NOTIFY and the null sender rule apply).  A lease holding only such
+recipients never opens the body, unless the DSN returns it.
+
 Choices
 =======
 
@@ -140,6 +150,8 @@ CLUSTER_BUSY = SMTPReply(451, "4.4.5", "destination busy on other nodes; will re
 ROUTE_FAILED = SMTPReply(451, "4.3.0", "routing error; will retry")
 UNKNOWN_AGENT = SMTPReply(451, "4.3.5", "delivery configuration error; will retry")
 EXPIRED = SMTPReply(554, "4.4.7", "delivery time expired")
+BOUNCED = SMTPReply(554, "5.0.0", "Message returned by the mail system administrator")
+"""The failure of a recipient an operator returned (C{mailfw queue bounce})."""
 HELD = SMTPReply(450, "4.4.0", "held until the destination asks with ETRN")
 """The last reply of a held-for-ETRN recipient that was never tried: what
 C{mailfw queue list} and a delay notice show."""
@@ -404,12 +416,20 @@ class Scheduler(Service):
     async def _handle(self, lease: Lease) -> None:
         now = self._clock.seconds()
         decided = _Decided()
+        toRoute: list[QueuedRecipient] = []
+        for qr in lease.recipients:
+            if qr.bounceRequested:
+                # An operator returned it: fail it now, without routing or
+                # delivering (nor opening the body unless its DSN needs it).
+                self._decide(lease, qr, None, RecipientOutcome(qr.recipient, BOUNCED), now, decided)
+            else:
+                toRoute.append(qr)
         routed = await DeferredList(
-            [maybeDeferred(self._router.route, r.recipient.address, None) for r in lease.recipients],
+            [maybeDeferred(self._router.route, r.recipient.address, None) for r in toRoute],
             consumeErrors=True,
         )
         groups: dict[tuple[str, str | None], list[tuple[QueuedRecipient, Route]]] = {}
-        for qr, (ok, result) in zip(lease.recipients, routed):
+        for qr, (ok, result) in zip(toRoute, routed):
             if not ok:
                 self.log.failure(
                     "routing {recipient} of {queueID} failed",

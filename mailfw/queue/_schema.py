@@ -25,7 +25,9 @@ Tables
     last reply, the domain and the reversed domain (for C{ETRN @domain}),
     the route name (for C{ETRN #name}), whether a flush released it
     (C{released}: ETRN and C{mailfw queue flush} set it, any record clears
-    it) and the lease (token, owner, expiry) while a scheduler holds it.
+    it), whether an operator asked to return it to its sender (C{bounce}:
+    C{mailfw queue bounce} sets it, the scheduler then fails it with a
+    DSN) and the lease (token, owner, expiry) while a scheduler holds it.
     Recipients of a hold-for-ETRN domain wait in state C{etrn} with
     C{next_attempt_at} at their next housekeeping time (delay notice or
     expiry), so the due index serves them too.
@@ -91,6 +93,7 @@ CREATE TABLE IF NOT EXISTS recipients (
     reply_text TEXT,
     route TEXT,
     released INTEGER NOT NULL DEFAULT 0,
+    bounce INTEGER NOT NULL DEFAULT 0,
     lease_token TEXT,
     lease_owner TEXT,
     lease_expires DOUBLE PRECISION,

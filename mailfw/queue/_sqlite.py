@@ -254,6 +254,11 @@ def initialiseDatabase(path: Path) -> None:
             connection.execute(
                 "ALTER TABLE recipients ADD COLUMN released INTEGER NOT NULL DEFAULT 0"
             )
+        if "bounce" not in columns:
+            # A queue made before C{mailfw queue bounce} (nothing requested).
+            connection.execute(
+                "ALTER TABLE recipients ADD COLUMN bounce INTEGER NOT NULL DEFAULT 0"
+            )
         row = connection.execute("SELECT version FROM mailfw_schema").fetchone()
         if row is None:
             connection.execute("INSERT INTO mailfw_schema (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -418,7 +423,7 @@ _ETRN = RecipientState.ETRN.value
 _CLEAR_LEASE = "lease_token = NULL, lease_owner = NULL, lease_expires = NULL"
 _CLAIM_COLUMNS = (
     "message_id, idx, attempts, next_attempt_at, warned,"
-    " reply_code, reply_enhanced, reply_text, released"
+    " reply_code, reply_enhanced, reply_text, released, bounce"
 )
 
 
@@ -987,7 +992,7 @@ class SQLiteQueue:
             rows = connection.execute(
                 "SELECT m.id, m.envelope, m.size, r.idx, r.state, r.attempts,"
                 " r.next_attempt_at, r.warned, r.reply_code, r.reply_enhanced, r.reply_text,"
-                " r.released FROM recipients r JOIN messages m ON m.id = r.message_id"
+                " r.released, r.bounce FROM recipients r JOIN messages m ON m.id = r.message_id"
                 f" WHERE {where} ORDER BY m.arrival, m.id, r.idx",
                 params,
             ).fetchall()
@@ -1038,6 +1043,19 @@ class SQLiteQueue:
             ).rowcount
 
         return self._write(flush).addCallback(self._notifyIf)
+
+    def bounce(self, selector: Selector) -> Deferred[int]:
+        condition, params = _selected(selector)
+        now = self._clock.seconds()
+
+        def bounce(connection: sqlite3.Connection) -> int:
+            return connection.execute(
+                "UPDATE recipients SET state = ?, bounce = 1, next_attempt_at = ?"
+                f" WHERE state IN (?, ?, ?) AND {condition}",
+                (_READY, now, _READY, _HOLD, _ETRN, *params),
+            ).rowcount
+
+        return self._write(bounce).addCallback(self._notifyIf)
 
     def delete(self, selector: Selector) -> Deferred[int]:
         condition, params = _selected(selector)
@@ -1151,7 +1169,7 @@ def _insert(
 
 
 def _queuedRecipient(envelope: Envelope, row: Sequence[Any]) -> QueuedRecipient:
-    index, state, attempts, nextAttempt, warned, code, enhanced, text, released = row
+    index, state, attempts, nextAttempt, warned, code, enhanced, text, released, bounce = row
     return QueuedRecipient(
         index=index,
         recipient=envelope.recipients[index],
@@ -1161,6 +1179,7 @@ def _queuedRecipient(envelope: Envelope, row: Sequence[Any]) -> QueuedRecipient:
         warned=bool(warned),
         lastReply=replyFromColumns(code, enhanced, text),
         released=bool(released),
+        bounceRequested=bool(bounce),
     )
 
 

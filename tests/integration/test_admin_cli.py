@@ -54,7 +54,8 @@ def listed(server: MailfwProcess) -> list[dict]:  # type: ignore[type-arg]
 def test_queueCommands(deferring: MailfwProcess) -> None:
     """
     A deferred message shows in C{queue list} with its last reply; hold,
-    release, flush and delete act on it, and C{show} prints its headers.
+    release, flush and delete act on it, and C{show} prints its headers;
+    C{bounce} returns another one to its local sender's Maildir as a DSN.
     """
     with deferring.smtp() as client:
         client.sendmail("alice@localhost", ["bob@example.net"], b"Subject: stuck\r\n\r\nhi\r\n")
@@ -80,6 +81,27 @@ def test_queueCommands(deferring: MailfwProcess) -> None:
     assert refused.returncode == 1 and "needs a selector" in refused.stderr
     assert mailfw(deferring, "queue", "delete", message["queueID"]).stdout.strip() == "delete: 1 recipients"
     assert listed(deferring) == []
+    assert deferring.delivered("alice") == []
+
+    # bounce: the next deferred message goes back to its (local) sender.
+    with deferring.smtp() as client:
+        client.sendmail("alice@localhost", ["carol@example.net"], b"Subject: return me\r\n\r\nhi\r\n")
+    waitFor(lambda: any(r["attempts"] for m in listed(deferring) for r in m["recipients"]),
+            what="a failed first attempt")
+    [message] = listed(deferring)
+    refused = mailfw(deferring, "queue", "bounce")
+    assert refused.returncode == 1 and "needs a selector" in refused.stderr
+    bounced = mailfw(deferring, "queue", "bounce", message["queueID"])
+    assert bounced.stdout.strip() == "bounce: 1 recipients", bounced.stderr
+    waitFor(lambda: deferring.delivered("alice"), what="the bounce in alice's Maildir")
+    [dsn] = deferring.delivered("alice")
+    text = dsn.read_bytes()
+    assert b"multipart/report; report-type=\"delivery-status\"" in text
+    assert b"Final-Recipient: rfc822; carol@example.net" in text
+    assert b"Status: 5.0.0" in text
+    assert b"Message returned by the mail system administrator" in text
+    assert b"Subject: return me" in text
+    waitFor(lambda: listed(deferring) == [], what="the bounced message to leave the queue")
 
 
 def test_notRunning(tmp_path: Path) -> None:
