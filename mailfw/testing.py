@@ -8,9 +8,10 @@ Everything here is public and stable: use it in your plugin's tests.
    message body over bytes.
  - L{FakeResolver} with L{MX}, L{A}, L{AAAA}, L{CNAME}: DNS answers from a
    dictionary, for routers and relay agents.
- - L{QueueContractTests}, L{DeliveryAgentContractTests}: mixins holding
-   the tests every queue backend or delivery agent must pass; subclass one
-   together with L{twisted.trial.unittest.SynchronousTestCase}.
+ - L{QueueContractTests}, L{DeliveryAgentContractTests},
+   L{RouterContractTests}, L{PolicyContractTests}: mixins holding the tests
+   every queue backend, delivery agent, router or policy must pass;
+   subclass one together with L{twisted.trial.unittest.SynchronousTestCase}.
  - L{connectedServer}: drive mailfw's SMTP server over a
    L{StringTransport} with a L{Clock}, to test a policy or router plugin
    as the server calls it.
@@ -33,8 +34,10 @@ from mailfw.interfaces import IMessageQueue, IPolicy, IRouter
 
 from mailfw.delivery._contract import DeliveryAgentContractTests
 from mailfw.delivery._memory import BytesBody, MemoryDeliveryAgent
+from mailfw.policy._contract import PolicyContractTests
 from mailfw.queue._contract import QueueContractTests, makeEnvelope
 from mailfw.queue._memory import MemoryQueue
+from mailfw.routing._contract import RouterContractTests
 
 __all__ = [
     "A",
@@ -46,7 +49,9 @@ __all__ = [
     "MX",
     "MemoryDeliveryAgent",
     "MemoryQueue",
+    "PolicyContractTests",
     "QueueContractTests",
+    "RouterContractTests",
     "ServerConnection",
     "connectedServer",
     "makeEnvelope",
