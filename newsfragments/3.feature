@@ -1,0 +1,1 @@
+A strict RFC 5321 SMTP server with PIPELINING (replies in order), SIZE, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, STARTTLS, CHUNKING and the DSN parameters; DATA ends only at CRLF.CRLF and bare CR/LF is refused; limits on everything a client controls.

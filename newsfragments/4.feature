@@ -1,0 +1,1 @@
+A durable SQLite queue with group commit, a scheduler with retries, delay notices and RFC 3464 bounces, the `mailfw queue` command (list, show, flush, hold, release, bounce, delete), and `[server] workers` to use more cores.

@@ -1,0 +1,1 @@
+The `static` router (local and relay domains, relay networks, transport table, smart host), MX lookup with null MX and implicit MX, and the `smtp-relay` agent with TLS levels and AUTH to a smart host.

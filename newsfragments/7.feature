@@ -1,0 +1,1 @@
+Message submission on 587 (STARTTLS, then AUTH) and 465 (implicit TLS) with SMTP AUTH PLAIN and LOGIN over TLS, a scrypt password file managed with `mailfw passwd`, sender rights and a brute-force lockout.
