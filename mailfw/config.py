@@ -38,7 +38,12 @@ class ConfigError(Exception):
     """
     The configuration is invalid.  The message names the section and key
     and is shown to the operator as one line.
+
+    @ivar released: when raised while building the server, fires once the
+        components built before the error are closed again (else C{None}).
     """
+
+    released: Any = None
 
 
 _T = TypeVar("_T")

@@ -16,10 +16,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from mailfw._workers import AdoptedPortService, InheritedSocket, RecordingEndpoint, WorkerPool
 from mailfw.admin._control import CONTROL_SOCKET, ControlFactory
@@ -531,8 +532,11 @@ def buildService(
                 f"[scheduler] delivery_timeout ({scheduler.leaseSeconds:g}) must be shorter"
                 f" than [queue] lease_seconds ({lease:g})"
             )
-    except BaseException:
-        queue.close()
+    except BaseException as e:
+        closing = queue.close()
+        closing.addErrback(lambda f: log.failure("closing the queue failed", f))
+        if isinstance(e, ConfigError):
+            e.released = closing
         raise
 
     etrn = ETRNHandler(etrnSettings, queue, reactor) if etrnSettings.enabled else None
@@ -666,8 +670,10 @@ def checkComponents(config: ServerConfig, reactor: Any, plugins: Any = None) -> 
     instead.  A C{systemd:} entry names a socket that only systemd passes
     to the server, so outside systemd it is checked for syntax only.
 
-    @raise ConfigError: naming the section that is wrong.
-    @return: fires when the components are closed again.
+    @raise ConfigError: for a bad C{[listen]} entry.
+    @return: fires when the components are closed again, or fails with
+        L{ConfigError} naming the component section that is wrong (once
+        what was built before it is released).
     """
     import dataclasses
     import shutil
@@ -685,9 +691,21 @@ def checkComponents(config: ServerConfig, reactor: Any, plugins: Any = None) -> 
             reactor,
             plugins,
         )
+    except ConfigError as e:
+        # Remove the scratch directory only once what was built before the
+        # error (the queue's threads and files) is released.
+        error = e
+        released = e.released if e.released is not None else succeed(None)
+
+        def failed(_: object) -> Failure:
+            shutil.rmtree(scratch, ignore_errors=True)
+            return Failure(error)
+
+        return released.addBoth(failed)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+
     def cleanUp(result: object) -> object:
         shutil.rmtree(scratch, ignore_errors=True)
         return result

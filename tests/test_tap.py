@@ -267,6 +267,16 @@ class CheckComponentsTests(SynchronousTestCase):
             self.assertIn(f"[listen] smtp = {entry!r}: ", str(e))
             self.assertIn(reason, str(e))
 
+    def test_badComponent(self) -> None:
+        """
+        A bad component section makes the check fail with the error, after
+        the components built before it were released.
+        """
+        text = MEMORY_CONFIG.format(agent="nosuch")
+        config = loadConfig(writeConfig(self, text), hostname="mx.test")
+        failure = self.failureResultOf(checkComponents(config, MemoryReactorClock()), ConfigError)
+        self.assertIn("[delivery.local]", str(failure.value))
+
     def test_badListener(self) -> None:
         """
         Other listener entries are still parsed, and a bad one is refused.

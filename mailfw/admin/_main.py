@@ -146,8 +146,12 @@ def configCommand(args: argparse.Namespace) -> int:
     problems: list[str] = []
 
     def check(reactor: Any) -> Any:
+        def refused(failure: Any) -> None:
+            failure.trap(ConfigError)
+            problems.append(str(failure.value))
+
         try:
-            return checkComponents(config, reactor)
+            return checkComponents(config, reactor).addErrback(refused)
         except ConfigError as e:
             problems.append(str(e))
             return succeed(None)
