@@ -78,3 +78,54 @@ def test_relayAndBounce(relay: MailfwProcess, sinks: tuple[Sink, Sink]) -> None:
     assert b"Status: 5.1.1" in text
     assert b"Return-Path: <>" in text
     assert b"bob@accept.test" not in text.split(b"message/delivery-status")[1].split(b"\n--")[0]
+
+
+MAILFW_TO_MAILFW = """
+[routing]
+plugin = "static"
+local_domains = ["localhost"]
+relay_networks = ["127.0.0.0/8"]
+transport = {{ "b.test" = "outbound:[127.0.0.1]:{port}" }}
+[delivery.local]
+plugin = "maildir"
+[delivery.outbound]
+plugin = "smtp-relay"
+"""
+
+RECEIVER = """
+[routing]
+plugin = "static"
+local_domains = ["b.test"]
+[delivery.local]
+plugin = "maildir"
+"""
+
+
+def test_mailfwToMailfw(tmp_path: Path) -> None:
+    """
+    One mailfw relays to another over SMTP with opportunistic STARTTLS (the
+    receiver's self-signed certificate): the message lands in the
+    receiver's Maildir with both servers' Received headers.
+    """
+    receiverConfig = tmp_path / "receiver.toml"
+    receiverConfig.write_text(RECEIVER)
+    receiver = MailfwProcess(tmp_path / "receiver", config=receiverConfig).start()
+    try:
+        senderConfig = tmp_path / "sender.toml"
+        senderConfig.write_text(MAILFW_TO_MAILFW.format(port=receiver.smtpPort))
+        sender = MailfwProcess(tmp_path / "sender", config=senderConfig).start()
+        try:
+            with sender.smtp() as client:
+                client.sendmail(
+                    "alice@localhost", ["bob@b.test"], b"Subject: hop\r\nMessage-ID: <hop@test>\r\n\r\nhi\r\n"
+                )
+            waitFor(lambda: receiver.delivered("bob", "b.test"), what="the message at the second mailfw")
+            [path] = receiver.delivered("bob", "b.test")
+            text = path.read_bytes()
+            assert b"Subject: hop" in text
+            assert text.count(b"Received: from") == 2
+            assert b"with ESMTPS" in text  # the hop between the two used STARTTLS
+        finally:
+            sender.stop()
+    finally:
+        receiver.stop()
