@@ -93,3 +93,37 @@ def test_portInUseStopsStartUp(tmp_path: Path) -> None:
         )
     assert result.returncode != 0
     assert "Address already in use" in result.stdout + result.stderr
+
+
+def test_bdatRaw(mailfw: MailfwProcess) -> None:
+    """
+    CHUNKING (RFC 3030), which smtplib does not speak: a message sent raw
+    in two BDAT chunks, the last with LAST, is accepted and delivered byte
+    for byte (BDAT data is not dot-stuffed).
+    """
+    first = b"Subject: chunked\r\n\r\n.not stuffed\r\n"
+    second = b"second chunk\r\n"
+    with socket.create_connection(("127.0.0.1", mailfw.smtpPort), timeout=30) as s:
+        reader = s.makefile("rb")
+
+        def reply() -> bytes:
+            while True:
+                line = reader.readline()
+                if line[3:4] != b"-":
+                    return line
+
+        assert reply().startswith(b"220")
+        s.sendall(b"EHLO client.test\r\n")
+        assert reply().startswith(b"250")
+        s.sendall(b"MAIL FROM:<carol@example.org>\r\nRCPT TO:<erin@localhost>\r\n")
+        assert reply().startswith(b"250") and reply().startswith(b"250")
+        s.sendall(b"BDAT %d\r\n" % len(first) + first)
+        assert reply().startswith(b"250")
+        s.sendall(b"BDAT %d LAST\r\n" % len(second) + second)
+        assert reply().startswith(b"250 2.0.0")
+        s.sendall(b"QUIT\r\n")
+        assert reply().startswith(b"221")
+    waitFor(lambda: mailfw.delivered("erin"), what="delivery to erin's Maildir")
+    [path] = mailfw.delivered("erin")
+    data = path.read_bytes().replace(b"\r\n", b"\n")
+    assert b"\n.not stuffed\nsecond chunk\n" in data
