@@ -5,6 +5,7 @@ delivers it into a Maildir.
 
 from __future__ import annotations
 
+import smtplib
 import socket
 import subprocess
 from pathlib import Path
@@ -127,3 +128,33 @@ def test_bdatRaw(mailfw: MailfwProcess) -> None:
     [path] = mailfw.delivered("erin")
     data = path.read_bytes().replace(b"\r\n", b"\n")
     assert b"\n.not stuffed\nsecond chunk\n" in data
+
+
+def test_twist(tmp_path: Path) -> None:
+    """
+    The same plugin runs under C{twist} (the service-manager friendly
+    runner): it accepts a message and delivers it.
+    """
+    twist = str(Path(TWISTD).parent / "twist")
+    port = freePort()
+    process = subprocess.Popen(
+        [twist, "mailfw", f"--data-dir={tmp_path / 'data'}", "--hostname=mx.test",
+         f"--smtp=tcp:{port}:interface=127.0.0.1", f"--submission=tcp:{freePort()}:interface=127.0.0.1"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        def accepting() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        waitFor(accepting, what="twist mailfw listening")
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            assert client.sendmail("a@example.org", ["frank@localhost"], b"Subject: twist\r\n\r\nhi\r\n") == {}
+        waitFor(lambda: any((tmp_path / "data" / "mail" / "localhost" / "frank" / "new").glob("*")),
+                what="delivery under twist")
+    finally:
+        process.terminate()
+        process.wait(15)
