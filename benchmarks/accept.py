@@ -5,7 +5,7 @@ Usage (as root, from the repository)::
 
     python benchmarks/accept.py [--sessions 1,10,100] [--messages N]
         [--size 1024] [--repeat 3] [--only mailfw|postfix] [--reuse] [--reference]
-        [--py-spy FILE]
+        [--py-spy FILE] [--queue sqlite|postgresql] [--nodes N]
 
 Both servers run on loopback ports of this machine, each with a durable
 queue and a discarding delivery: a private Postfix instance (default
@@ -21,7 +21,13 @@ CPU cost of one message through the whole server (receive, queue,
 deliver, remove).
 
 Runs alternate between the servers and are repeated (the machine may be
-shared and noisy); the table shows the median of the repeats.  See
+shared and noisy); the table shows the median of the repeats.
+
+With C{--queue postgresql} mailfw keeps its queue in a throw-away
+PostgreSQL cluster (C{_pgcluster.py}; durable: C{fsync} and
+C{synchronous_commit} on), with a fresh database for every measured run,
+and runs as C{--nodes N} separate C{twistd mailfw} processes sharing that
+queue, each on its own port and driven by its own C{smtp-source}.  See
 benchmarks/README.rst.
 """
 
@@ -44,6 +50,7 @@ from typing import Callable, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _pgcluster import BenchCluster  # noqa: E402
 from _postfix import PostfixError, PostfixInstance, findProgram, waitForBanner  # noqa: E402
 
 DOMAIN = "bench.test"
@@ -53,9 +60,20 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # for a run of several seconds on a 2-core machine.
 DEFAULT_MESSAGES = {1: 3000, 10: 6000, 100: 10000}
 
+SQLITE_QUEUE = """\
+plugin = "sqlite"
+"""
+
+POSTGRES_QUEUE = """\
+plugin = "postgresql"
+dsn = "{dsn}"
+node = "{node}"
+pool_size = {poolSize}
+"""
+
 MAILFW_CONFIG = """\
 [queue]
-plugin = "sqlite"
+{queue}
 
 [routing]
 plugin = "static"
@@ -168,11 +186,34 @@ class Server:
     # checked for delivery.
     durable = True
 
+    # True when every measured run needs a fresh start (L{reset}) and its
+    # own warm-up.
+    freshPerRun = False
+
+    @property
+    def ports(self) -> list[int]:
+        """
+        The ports the load is split over (several nodes: one each).
+        """
+        return [self.port]
+
     def cpuTicks(self) -> int:
         raise NotImplementedError
 
+    def dbTicks(self) -> int | None:
+        """
+        CPU ticks of a database server used by this one, if any; counted
+        apart from the server's own.
+        """
+        return None
+
     def delivered(self) -> int:
         raise NotImplementedError
+
+    def reset(self) -> None:
+        """
+        Start afresh before a measured run (only if L{freshPerRun}).
+        """
 
     def stop(self) -> None:
         raise NotImplementedError
@@ -223,13 +264,15 @@ class MailfwServer(Server):
 
     name = "mailfw"
 
-    def __init__(self, port: int, timeout: float = 60, workers: int = 1) -> None:
+    def __init__(
+        self, port: int, timeout: float = 60, workers: int = 1, queue: str = SQLITE_QUEUE
+    ) -> None:
         self.port = port
         self.workers = workers
         self.root = Path(tempfile.mkdtemp(prefix="mailfw-bench-mailfw-"))
         self.logFile = self.root / "twistd.log"
         config = self.root / "mailfw.toml"
-        config.write_text(MAILFW_CONFIG.format(domain=DOMAIN))
+        config.write_text(MAILFW_CONFIG.format(domain=DOMAIN, queue=queue))
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self._log = open(self.logFile, "wb")
         self.process = subprocess.Popen(
@@ -280,6 +323,69 @@ class MailfwServer(Server):
                 self.process.wait(10)
         self._log.close()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PostgresMailfwServer(Server):
+    """
+    C{nodes} C{twistd mailfw} processes (one worker each) sharing one
+    PostgreSQL queue: a fresh database of C{cluster} for every measured
+    run, each node on its own port with its own data directory and log,
+    and a distinct C{node} name.  Any node may deliver what another
+    accepted, so deliveries are counted across all the logs.
+    """
+
+    name = "mailfw"
+    freshPerRun = True
+
+    def __init__(self, cluster: BenchCluster, nodes: int, poolSize: int = 5) -> None:
+        self.cluster = cluster
+        self.count = nodes
+        self.poolSize = poolSize
+        self.nodes: list[MailfwServer] = []
+        self.dsn: str | None = None
+        # Deliveries of nodes of earlier runs, so that the count only grows.
+        self._retired = 0
+        self._start()
+
+    def _start(self) -> None:
+        self.dsn = self.cluster.createDatabase()
+        # One at a time: the first creates the schema.
+        for index in range(self.count):
+            queue = POSTGRES_QUEUE.format(
+                dsn=self.dsn, node=f"bench{index + 1}", poolSize=self.poolSize
+            )
+            self.nodes.append(MailfwServer(freePort(), workers=1, queue=queue))
+        self.port = self.nodes[0].port
+        self.pid = self.nodes[0].pid
+
+    def _stopNodes(self) -> None:
+        while self.nodes:
+            node = self.nodes.pop()
+            self._retired += node.delivered()
+            node.stop()
+        if self.dsn is not None:
+            dsn, self.dsn = self.dsn, None
+            self.cluster.dropDatabase(dsn)
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+    def cpuTicks(self) -> int:
+        return sum(treeTicks(node.pid) for node in self.nodes)
+
+    def dbTicks(self) -> int | None:
+        return treeTicks(self.cluster.postmasterPID())
+
+    def delivered(self) -> int:
+        return self._retired + sum(node.delivered() for node in self.nodes)
+
+    def reset(self) -> None:
+        self._stopNodes()
+        self._start()
+
+    def stop(self) -> None:
+        self._stopNodes()
 
 
 class TwistedSinkServer(Server):
@@ -351,6 +457,7 @@ class Run:
     cpuSeconds: float
     drainSeconds: float
     attempt: int = 0
+    dbCpuSeconds: float | None = None
 
     @property
     def rate(self) -> float:
@@ -359,6 +466,12 @@ class Run:
     @property
     def cpuPerMessage(self) -> float:
         return 1000 * self.cpuSeconds / self.messages
+
+    @property
+    def dbCpuPerMessage(self) -> float | None:
+        if self.dbCpuSeconds is None:
+            return None
+        return 1000 * self.dbCpuSeconds / self.messages
 
 
 def waitUntil(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -369,13 +482,66 @@ def waitUntil(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def splitLoad(ports: Sequence[int], sessions: int, messages: int) -> list[tuple[int, int, int]]:
+    """
+    Split C{sessions} and C{messages} as evenly as possible over C{ports}:
+    (port, sessions, messages) for each port that gets a session (1
+    session on 2 nodes loads only the first; the other still delivers from
+    the shared queue).
+    """
+    share, extra = divmod(sessions, len(ports))
+    counts = [share + (1 if i < extra else 0) for i in range(len(ports))]
+    loads = []
+    given = 0
+    for port, mine in zip(ports, counts):
+        if mine == 0:
+            continue
+        # Messages in proportion to sessions; the last loaded port takes
+        # the rounding.
+        part = messages * mine // sessions
+        loads.append([port, mine, part])
+        given += part
+    loads[-1][2] += messages - given
+    return [(p, s, m) for p, s, m in loads]
+
+
 def smtpSource(
-    port: int, sessions: int, messages: int, size: int, reuse: bool, timeout: float
+    targets: Sequence[tuple[int, int, int]], size: int, reuse: bool, timeout: float
 ) -> None:
     """
-    Send C{messages} messages of C{size} octets over C{sessions} parallel
-    sessions; raise if smtp-source saw anything but success.
+    Send, to each (port, sessions, messages) of C{targets} at once, that
+    many messages of C{size} octets over that many parallel sessions (one
+    smtp-source each); return when all are done; raise if one saw anything
+    but success.
     """
+    processes = []
+    try:
+        for port, sessions, messages in targets:
+            processes.append(subprocess.Popen(
+                _smtpSourceCommand(port, sessions, messages, size, reuse),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ))
+        deadline = time.monotonic() + timeout
+        for process in processes:
+            try:
+                _, stderr = process.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise BenchmarkError(f"smtp-source did not finish within {timeout}s") from None
+            if process.returncode != 0 or stderr.strip():
+                raise BenchmarkError(
+                    f"smtp-source exited with {process.returncode}: {stderr.strip()[:500]}"
+                )
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+
+
+def _smtpSourceCommand(port: int, sessions: int, messages: int, size: int, reuse: bool) -> list[str]:
     command = [
         findProgram("smtp-source"),
         "-4",
@@ -392,14 +558,7 @@ def smtpSource(
     if reuse:
         command.append("-d")
     command.append(f"127.0.0.1:{port}")
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise BenchmarkError(f"smtp-source did not finish within {timeout}s") from None
-    if result.returncode != 0 or result.stderr.strip():
-        raise BenchmarkError(
-            f"smtp-source exited with {result.returncode}: {result.stderr.strip()[:500]}"
-        )
+    return command
 
 
 def measure(
@@ -412,10 +571,11 @@ def measure(
     """
     before = server.delivered()
     ticks = server.cpuTicks()
+    dbTicks = server.dbTicks()
     stopProfile = profile(server) if profile is not None else None
     start = time.monotonic()
     try:
-        smtpSource(server.port, sessions, messages, size, reuse, timeout)
+        smtpSource(splitLoad(server.ports, sessions, messages), size, reuse, timeout)
         seconds = time.monotonic() - start
         waitUntil(
             lambda: not server.durable or server.delivered() >= before + messages,
@@ -428,10 +588,13 @@ def measure(
             stopProfile()
     drained = time.monotonic() - start
     cpu = (server.cpuTicks() - ticks) / CLOCK_TICKS
+    dbAfter = server.dbTicks()
+    dbCpu = None if dbTicks is None or dbAfter is None else (dbAfter - dbTicks) / CLOCK_TICKS
     extra = server.delivered() - before - messages
     if server.durable and extra:
         raise BenchmarkError(f"{server.name} delivered {extra} more messages than were sent")
-    return Run(server.name, sessions, messages, seconds, cpu, drained - seconds)
+    return Run(server.name, sessions, messages, seconds, cpu, drained - seconds,
+               dbCpuSeconds=dbCpu)
 
 
 def pySpy(output: str) -> Callable[[Server], Callable[[], None]]:
@@ -482,10 +645,16 @@ def messagesFor(sessions: int, given: int | None) -> int:
     return DEFAULT_MESSAGES[1]
 
 
+def _dbColumn(runs: Sequence[Run]) -> str:
+    values = [r.dbCpuPerMessage for r in runs if r.dbCpuPerMessage is not None]
+    return f" {statistics.median(values):9.2f}" if values else ""
+
+
 def report(runs: Sequence[Run], servers: Sequence[str], sessionCounts: Sequence[int]) -> str:
     lines = [
         f"{'server':8} {'sessions':>8} {'msgs':>6} {'seconds':>8} {'msgs/s':>8} "
-        f"{'(min-max)':>13} {'CPU ms/msg':>10} {'drain s':>7}",
+        f"{'(min-max)':>13} {'CPU ms/msg':>10} {'drain s':>7}"
+        + (f" {'DB ms/msg':>9}" if any(r.dbCpuSeconds is not None for r in runs) else ""),
     ]
     medians: dict[tuple[str, int], float] = {}
     for sessions in sessionCounts:
@@ -502,6 +671,7 @@ def report(runs: Sequence[Run], servers: Sequence[str], sessionCounts: Sequence[
                 f"{f'({min(rates):.0f}-{max(rates):.0f})':>13} "
                 f"{statistics.median(r.cpuPerMessage for r in mine):10.2f} "
                 f"{statistics.median(r.drainSeconds for r in mine):7.2f}"
+                + _dbColumn(mine)
             )
     if "mailfw" in servers and "postfix" in servers:
         lines.append("")
@@ -543,16 +713,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2,
                         help="mailfw processes (twistd mailfw --workers; default 2)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds allowed per run")
+    parser.add_argument("--queue", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="mailfw's queue plugin (default sqlite); postgresql starts a "
+                             "throw-away cluster and a fresh database per run")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="mailfw nodes sharing the PostgreSQL queue, one worker each, "
+                             "load split evenly (default 1; only with --queue postgresql)")
+    parser.add_argument("--pool-size", dest="poolSize", type=int, default=5,
+                        help="[queue] pool_size of each PostgreSQL node (default 5)")
     parser.add_argument("--py-spy", dest="pyspy", metavar="FILE", default=None,
                         help="record mailfw with py-spy during the runs at the largest "
                              "session count (FILE.svg, FILE.json or raw FILE.txt)")
     args = parser.parse_args(argv)
+    if args.nodes < 1 or (args.nodes != 1 and args.queue != "postgresql"):
+        parser.error("--nodes N needs N >= 1, and N > 1 needs --queue postgresql")
     sessionCounts = [int(s) for s in args.sessions.split(",") if s.strip()]
     names = [args.only] if args.only else ["mailfw", "postfix"]
     if args.reference:
         names.append("tw-sink")
 
     servers: list[Server] = []
+    clusters: list[BenchCluster] = []
 
     def stopAll() -> None:
         while servers:
@@ -561,6 +742,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 server.stop()
             except Exception as e:  # keep stopping the others
                 print(f"# stopping {server.name}: {e}", file=sys.stderr)
+        while clusters:
+            clusters.pop().stop()
 
     atexit.register(stopAll)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -571,20 +754,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile = pySpy(args.pyspy)
 
     runs: list[Run] = []
+    measured: set[Server] = set()
     try:
+        if args.queue == "postgresql" and "mailfw" in names:
+            clusters.append(BenchCluster())
+            print(f"# PostgreSQL on 127.0.0.1:{clusters[0].port} "
+                  f"(pid {clusters[0].postmasterPID()})", file=sys.stderr)
         for name in names:
             port = freePort()
             kinds = {"postfix": PostfixServer, "mailfw": MailfwServer, "tw-sink": TwistedSinkServer}
-            server: Server = (
-                MailfwServer(port, workers=args.workers) if name == "mailfw" else kinds[name](port)
-            )
+            server: Server
+            if name == "mailfw" and clusters:
+                server = PostgresMailfwServer(clusters[0], args.nodes, args.poolSize)
+            elif name == "mailfw":
+                server = MailfwServer(port, workers=args.workers)
+            else:
+                server = kinds[name](port)
             servers.append(server)
-            print(f"# {name} listening on 127.0.0.1:{port} (pid {server.pid})", file=sys.stderr)
+            print(f"# {name} listening on 127.0.0.1:{','.join(map(str, server.ports))} "
+                  f"(pid {server.pid})", file=sys.stderr)
         # Warm up: Postfix forks its smtpd processes, mailfw fills its
-        # caches and creates its database pages.
+        # caches and creates its database pages.  A server started afresh
+        # for every run warms up before each.
         for server in servers:
-            measure(server, max(sessionCounts), 2 * max(sessionCounts), args.size,
-                    args.reuse, args.timeout)
+            if not server.freshPerRun:
+                measure(server, max(sessionCounts), 2 * max(sessionCounts), args.size,
+                        args.reuse, args.timeout)
         for sessions in sessionCounts:
             messages = messagesFor(sessions, args.messages)
             for attempt in range(args.repeat):
@@ -592,6 +787,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # of a noisy machine hit both.
                 order = servers if attempt % 2 == 0 else servers[::-1]
                 for server in order:
+                    if server.freshPerRun:
+                        if server in measured:
+                            server.reset()
+                        measured.add(server)
+                        measure(server, max(sessionCounts), 2 * max(sessionCounts), args.size,
+                                args.reuse, args.timeout)
                     run = measure(server, sessions, messages, args.size, args.reuse,
                                   args.timeout,
                                   profile if sessions == max(sessionCounts) else None)
@@ -613,7 +814,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"durable accept, {args.size}-octet messages, "
         f"{'one connection per session' if args.reuse else 'one connection per message'}, "
-        f"median of {args.repeat}, {os.cpu_count()} CPUs, mailfw --workers={args.workers}"
+        f"median of {args.repeat}, {os.cpu_count()} CPUs, mailfw "
+        + (f"PostgreSQL queue, {args.nodes} node(s) of 1 worker, pool_size {args.poolSize}"
+           if args.queue == "postgresql" else f"SQLite queue, --workers={args.workers}")
     )
     print(report(runs, names, sessionCounts))
     return 0
