@@ -381,8 +381,8 @@ class _Ownership(Service):
 def _ownedPaths(config: ServerConfig, controlPath: Path) -> list[tuple[Path, bool]]:
     """
     What L{_Ownership} hands over: the data directory, the SQLite queue's
-    database, journal files and the directories made for them inside the
-    data directory, and the control socket with its lock.
+    database, journal files, writer lock and the directories made for them
+    inside the data directory, and the control socket with its lock.
     """
     paths: list[tuple[Path, bool]] = [(config.dataDir, True)]
     queuePath = _sqlitePath(config)
@@ -399,7 +399,7 @@ def _ownedPaths(config: ServerConfig, controlPath: Path) -> list[tuple[Path, boo
         paths.extend((d, False) for d in reversed(inside))
         paths.extend(
             (queuePath.with_name(queuePath.name + suffix), False)
-            for suffix in ("", "-wal", "-shm", "-journal")
+            for suffix in ("", "-wal", "-shm", "-journal", ".writer-lock")
         )
     paths.append((controlPath, False))
     paths.append((controlPath.with_name(controlPath.name + ".lock"), False))

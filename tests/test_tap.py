@@ -363,6 +363,7 @@ class OwnershipTests(SynchronousTestCase):
                 (d / "spool/q/queue.db-wal", False),
                 (d / "spool/q/queue.db-shm", False),
                 (d / "spool/q/queue.db-journal", False),
+                (d / "spool/q/queue.db.writer-lock", False),
                 (d / "control.sock", False),
                 (d / "control.sock.lock", False),
             ],
