@@ -616,7 +616,7 @@ def pySpy(output: str) -> Callable[[Server], Callable[[], None]]:
         )
         spy = subprocess.Popen(
             [program, "record", "--pid", str(server.pid), "--rate", "200",
-             "--format", fmt, "--output", path, "--nonblocking"],
+             "--format", fmt, "--output", path, "--nonblocking", "--subprocesses"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

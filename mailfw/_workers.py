@@ -12,9 +12,15 @@ adopts the sockets with C{adoptStreamPort} instead of listening; the
 kernel hands each new connection to one of the processes that wait on the
 socket.  Each process runs its own scheduler over the shared queue.
 
-Only the parent serves the control socket.  Workers write their log events
-as JSON lines on their standard output; the parent re-logs them with the
-worker's number (so C{twistd -n} and C{--logfile} keep one log).  A worker
+Only the parent serves the control socket.  A worker's log lines carry its
+number and end up in the parent's log.  When twistd writes that log to its
+standard output (C{twistd -n} without C{--logfile}: a terminal, a pipe to
+journald or a container's log), the worker inherits that descriptor and
+writes its lines there itself, in twistd's format, one C{write} per line;
+formatting every event once more in the parent would cost it about a
+tenth of its CPU at full load.  Otherwise (a C{--logfile} that twistd
+rotates, C{--syslog}, C{--logger}) the worker writes its events as JSON
+lines to a pipe and the parent re-logs them.  A worker
 whose standard input closes (the parent died, even by SIGKILL) stops.  The
 parent stops its workers with SIGTERM when it stops, and SIGKILL after
 L{WorkerPool.stopTimeout} seconds.  A worker that dies while the parent
@@ -33,7 +39,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -45,7 +51,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, formatTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -55,6 +61,7 @@ __all__ = [
     "WorkerPool",
     "AdoptedPortService",
     "workerArguments",
+    "logsToStandardOutput",
     "WORKER_TYPES",
 ]
 
@@ -132,10 +139,16 @@ class RecordingEndpoint:
 
 
 def workerArguments(
-    number: int, sockets: Sequence[InheritedSocket], mailfwArguments: Sequence[str]
+    number: int,
+    sockets: Sequence[InheritedSocket],
+    mailfwArguments: Sequence[str],
+    logDirectly: bool = False,
 ) -> list[str]:
     """
     The command line of worker C{number}.
+
+    @param logDirectly: the worker writes log lines to its standard output
+        (the parent's) instead of JSON for the parent to re-log.
     """
     return [
         sys.executable,
@@ -143,8 +156,31 @@ def workerArguments(
         "mailfw._workers",
         str(number),
         encodeSockets(sockets),
+        _LOG_DIRECT if logDirectly else _LOG_RELAY,
         *mailfwArguments,
     ]
+
+
+_LOG_DIRECT = "log=stdout"
+_LOG_RELAY = "log=relay"
+
+
+def logsToStandardOutput(runnerOptions: Mapping[str, Any] | None) -> bool:
+    """
+    Whether twistd, whose options are C{runnerOptions}, writes its log as
+    text lines to its standard output: C{twistd -n} without C{--logfile}
+    (or with C{--logfile=-}), C{--logger} or C{--syslog}.  Anything else
+    (C{twist}, a log file twistd rotates, a custom observer) is not known
+    to be that, so workers relay their events through the parent.
+    """
+    if runnerOptions is None or not {"nodaemon", "logfile"} <= set(runnerOptions):
+        return False
+    return bool(
+        runnerOptions.get("nodaemon")
+        and runnerOptions.get("logfile") in (None, "-")
+        and not runnerOptions.get("logger")
+        and not runnerOptions.get("syslog")
+    )
 
 
 class _WorkerProtocol(ProcessProtocol):
@@ -189,7 +225,7 @@ class _WorkerProtocol(ProcessProtocol):
             "{text}",
             text=text,
             worker=self.number,
-            log_system=f"{namespace}#{logLevel.name} worker {self.number}",
+            log_system=_system(namespace, logLevel, self.number),
         )
 
     def processEnded(self, reason: Failure) -> None:
@@ -217,6 +253,7 @@ class WorkerPool(Service):
         endpoints: Sequence[RecordingEndpoint],
         mailfwArguments: Sequence[str],
         spawnProcess: Callable[..., IProcessTransport] | None = None,
+        logDirectly: bool = False,
     ) -> None:
         """
         @param count: how many workers (the parent is not counted).
@@ -225,23 +262,28 @@ class WorkerPool(Service):
         @param mailfwArguments: the C{twistd mailfw} options that rebuild
             the same configuration in a worker.
         @param spawnProcess: the reactor's by default; a seam for tests.
+        @param logDirectly: the parent's log goes to its standard output
+            (see L{logsToStandardOutput}): workers share that descriptor
+            and write their own lines.
         """
         self._reactor = reactor
         self.count = count
         self.endpoints = list(endpoints)
         self.mailfwArguments = list(mailfwArguments)
         self._spawn = spawnProcess
+        self.logDirectly = logDirectly
         self.workers: dict[int, tuple[_WorkerProtocol, IProcessTransport]] = {}
 
     def inherited(self) -> tuple[list[InheritedSocket], dict[int, int | str]]:
         """
         The sockets a worker inherits, and the C{childFDs} of
         C{spawnProcess}: standard input a pipe from the parent (its closing
-        tells the worker the parent is gone), output and errors pipes to
-        the parent, then each listening socket.
+        tells the worker the parent is gone), output the parent's own (when
+        workers log directly) or a pipe to the parent, errors a pipe to the
+        parent, then each listening socket.
         """
         sockets: list[InheritedSocket] = []
-        childFDs: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+        childFDs: dict[int, int | str] = {0: "w", 1: 1 if self.logDirectly else "r", 2: "r"}
         for endpoint in self.endpoints:
             port = endpoint.port
             if port is None:
@@ -269,7 +311,7 @@ class WorkerPool(Service):
         transport = spawn(
             protocol,
             sys.executable,
-            workerArguments(number, sockets, self.mailfwArguments),
+            workerArguments(number, sockets, self.mailfwArguments, self.logDirectly),
             env=dict(os.environ),
             path=os.getcwd(),
             childFDs=childFDs,
@@ -367,10 +409,7 @@ class _JSONLineObserver:
         self._flush = flush
 
     def __call__(self, event: dict[str, Any]) -> None:
-        text = formatEvent(event)
-        failure = event.get("log_failure")
-        if isinstance(failure, Failure):
-            text = f"{text}\n{failure.getTraceback()}"
+        text = _eventText(event)
         level = event.get("log_level", LogLevel.info)
         self._write(
             json.dumps(
@@ -383,9 +422,88 @@ class _JSONLineObserver:
         self._flush()
 
 
+@implementer(ILogObserver)
+class _LineObserver:
+    """
+    A worker's log written straight to a descriptor it shares with the
+    parent, as twistd's own observer would write it (C{"TIME [SYSTEM]
+    TEXT"}, continuation lines indented), the system naming the worker.
+
+    Formatting is the cost of a log event: most events are formatted with
+    C{str.format_map} (the same result as Twisted's formatter for the
+    plain fields mailfw uses; anything else falls back to it), and the
+    time stamp, which has a resolution of seconds, is made once a second.
+    """
+
+    def __init__(self, fd: int, number: int) -> None:
+        self._fd = fd
+        self._number = number
+        self._second: int | None = None
+        self._stamp = ""
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        line = self.format(event)
+        if line is None:
+            return
+        data = line.encode("utf-8", "replace")
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except OSError:
+            pass  # nowhere left to say it
+
+    def format(self, event: dict[str, Any]) -> str | None:
+        """
+        The line twistd would write for C{event}, or L{None} for no line.
+        """
+        text = _eventText(event)
+        if not text:
+            return None
+        when = event.get("log_time")
+        if when is None:
+            stamp = formatTime(None)
+        else:
+            second = int(when)
+            if second != self._second:
+                self._second, self._stamp = second, formatTime(second)
+            stamp = self._stamp
+        system = _system(event.get("log_namespace", "-"), event.get("log_level"), self._number)
+        return f"{stamp} [{system}] {text}".replace("\n", "\n\t") + "\n"
+
+
+def _eventText(event: dict[str, Any]) -> str:
+    """
+    C{event} as text, with its failure's traceback, like
+    L{twisted.logger.eventAsText} without time and system.
+    """
+    logFormat = event.get("log_format")
+    try:
+        if type(logFormat) is not str:
+            raise TypeError(logFormat)
+        text = logFormat.format_map(event)
+    except Exception:
+        text = formatEvent(event)
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        try:
+            traceback = failure.getTraceback()
+        except Exception as e:
+            traceback = f"(unable to obtain traceback: {e})"
+        text = f"{text}\n{traceback}"
+    return text
+
+
+def _system(namespace: object, level: object, number: int) -> str:
+    """
+    The system of a worker's log line: C{namespace#level worker N}.
+    """
+    return f"{namespace}#{getattr(level, 'name', '-')} worker {number}"
+
+
 def main(argv: Sequence[str]) -> int:
     """
-    A worker: C{python -m mailfw._workers NUMBER SOCKETS MAILFW-OPTIONS...}.
+    A worker: C{python -m mailfw._workers NUMBER SOCKETS log=stdout|relay
+    MAILFW-OPTIONS...}.
     """
     from twisted.internet import reactor
     from twisted.internet._posixstdio import StandardIO
@@ -396,11 +514,14 @@ def main(argv: Sequence[str]) -> int:
     from mailfw.config import ConfigError
     from mailfw.tap import Options, buildService
 
-    number, sockets, rest = int(argv[0]), parseSockets(argv[1]), list(argv[2:])
+    number, sockets, logMode, rest = int(argv[0]), parseSockets(argv[1]), argv[2], list(argv[3:])
     out = sys.stdout
-    globalLogBeginner.beginLoggingTo(
-        [_JSONLineObserver(out.write, out.flush)], redirectStandardIO=False
+    observer: ILogObserver = (
+        _LineObserver(out.fileno(), number)
+        if logMode == _LOG_DIRECT
+        else _JSONLineObserver(out.write, out.flush)
     )
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     options = Options()
     try:
         options.parseOptions(rest)

@@ -22,7 +22,13 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from mailfw._workers import AdoptedPortService, InheritedSocket, RecordingEndpoint, WorkerPool
+from mailfw._workers import (
+    AdoptedPortService,
+    InheritedSocket,
+    RecordingEndpoint,
+    WorkerPool,
+    logsToStandardOutput,
+)
 from mailfw.admin._control import CONTROL_SOCKET, ControlFactory
 from mailfw.config import (
     LISTENER_KINDS,
@@ -141,6 +147,8 @@ class Options(usage.Options):
                             f" not {kind} {description!r}"
                         )
         self.workerArguments = self._workerArguments()
+        # twistd's options, when twistd runs us.
+        self.workersLogDirectly = logsToStandardOutput(getattr(self, "parent", None))
 
     def _workerArguments(self) -> list[str]:
         """
@@ -247,6 +255,7 @@ def makeService(options: Options) -> IService:
             owner=_targetOwner(options),
             workers=options["workers"],
             workerArguments=options.workerArguments,
+            workersLogDirectly=options.workersLogDirectly,
         )
     except ConfigError as e:
         sys.stderr.write(f"mailfw: configuration error: {e}\n")
@@ -473,6 +482,7 @@ def buildService(
     workers: int = 1,
     workerArguments: Sequence[str] = (),
     worker: Sequence[InheritedSocket] | None = None,
+    workersLogDirectly: bool = False,
 ) -> MailfwService:
     """
     Build every configured component and the listeners around them.
@@ -483,7 +493,9 @@ def buildService(
         (see L{_targetOwner}): what start-up creates is handed to them.
     @param workers: with more than 1, the service also starts C{workers - 1}
         worker processes sharing the listeners (see L{mailfw._workers}),
-        with C{workerArguments} as their C{mailfw} options.
+        with C{workerArguments} as their C{mailfw} options; with
+        C{workersLogDirectly} they write their log lines to the standard
+        output they share with this process.
     @param worker: in a worker process, the sockets it inherited: they are
         adopted instead of listening, and there is no control socket.
     @raise ConfigError: naming the section that is wrong.
@@ -592,7 +604,9 @@ def buildService(
     if worker is not None:
         return top
     if workers > 1:
-        pool = WorkerPool(reactor, workers - 1, recording, workerArguments)
+        pool = WorkerPool(
+            reactor, workers - 1, recording, workerArguments, logDirectly=workersLogDirectly
+        )
         pool.setName("workers")
         pool.setServiceParent(top)
     controlPath = config.dataDir / CONTROL_SOCKET

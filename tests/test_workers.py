@@ -19,9 +19,10 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEventAsClassicLogText
 from twisted.python import usage
 from twisted.python.failure import Failure
+from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -31,7 +32,9 @@ from mailfw._workers import (
     RecordingEndpoint,
     WorkerPool,
     _JSONLineObserver,
+    _LineObserver,
     _WorkerProtocol,
+    logsToStandardOutput,
     parseSockets,
     workerArguments,
 )
@@ -58,8 +61,10 @@ class InheritedSocketTests(SynchronousTestCase):
         arguments = workerArguments(2, sockets, ["--smtp=tcp:25"])
         self.assertEqual(arguments[:4], [sys.executable, "-m", "mailfw._workers", "2"])
         self.assertEqual(parseSockets(arguments[4]), sockets)
-        self.assertEqual(arguments[5:], ["--smtp=tcp:25"])
+        self.assertEqual(arguments[5:], ["log=relay", "--smtp=tcp:25"])
         self.assertEqual(sockets[1].addressFamily, socket.AF_INET6)
+        direct = workerArguments(2, sockets, ["--smtp=tcp:25"], logDirectly=True)
+        self.assertEqual(direct[5:], ["log=stdout", "--smtp=tcp:25"])
 
     def test_badFamily(self) -> None:
         """
@@ -107,6 +112,44 @@ class OptionsTests(SynchronousTestCase):
                 "--smtp=tcp:2500",
             ],
         )
+
+
+def twistdOptions(*args: str) -> ServerOptions:
+    o = ServerOptions()
+    o.parseOptions(list(args))
+    return o
+
+
+class LogDestinationTests(SynchronousTestCase):
+    """
+    Workers write their own log lines only when twistd's log is text on its
+    standard output.
+    """
+
+    def test_standardOutput(self) -> None:
+        """
+        C{twistd -n mailfw} (and C{--logfile=-}) log to standard output.
+        """
+        for args in (("-n",), ("-n", "--logfile=-")):
+            o = twistdOptions(*args, "--pidfile=", "mailfw", "--workers=2", "--smtp=tcp:2500")
+            self.assertTrue(o.subOptions.workersLogDirectly, args)
+
+    def test_otherDestinations(self) -> None:
+        """
+        A log file (which twistd rotates), a daemon, C{--syslog}, a custom
+        C{--logger}, and being run by something other than twistd all make
+        workers relay their events through the parent.
+        """
+        for args in (
+            ("-n", "--logfile=x.log"),
+            (),
+            ("-n", "--syslog"),
+            ("-n", "--logger=twisted.logger.jsonFileLogObserver"),
+        ):
+            o = twistdOptions(*args, "--pidfile=", "mailfw", "--workers=2", "--smtp=tcp:2500")
+            self.assertFalse(o.subOptions.workersLogDirectly, args)
+        self.assertFalse(options("--workers=2", "--smtp", "tcp:2500").workersLogDirectly)
+        self.assertFalse(logsToStandardOutput({"logFile": sys.stdout}))
 
 
 class _FakeHost:
@@ -183,7 +226,18 @@ class WorkerPoolTests(SynchronousTestCase):
                 [InheritedSocket("smtp", 0, 3, "INET"), InheritedSocket("submission", 1, 4, "INET6")],
             )
             self.assertEqual(kw["childFDs"], {0: "w", 1: "r", 2: "r", 3: 17, 4: 19})
+            self.assertEqual(args[5], "log=relay")
             self.assertEqual(protocol.number, number)
+
+    def test_directLogSharesStandardOutput(self) -> None:
+        """
+        With C{logDirectly}, a worker's standard output is the parent's own.
+        """
+        self.pool.logDirectly = True
+        self.pool.startService()
+        for _, _, args, kw, _ in self.spawned:
+            self.assertEqual(kw["childFDs"][1], 1)
+            self.assertEqual(args[5], "log=stdout")
 
     def test_stopTerminatesThenKills(self) -> None:
         """
@@ -234,6 +288,82 @@ class RelogTests(SynchronousTestCase):
         self.assertIn("worker 3", events[0]["log_system"])
         self.assertEqual(events[1]["text"], "not json")
         self.assertEqual(json.loads(written[0])[1], "n")
+
+
+class LineObserverTests(SynchronousTestCase):
+    """
+    L{_LineObserver} writes what twistd's own observer would write.
+    """
+
+    def twistdLine(self, event: dict[str, Any]) -> str | None:
+        """
+        The line twistd's observer writes for C{event} as the parent would
+        re-log it: with the worker's system.
+        """
+        level = event.get("log_level")
+        system = f"{event.get('log_namespace', '-')}#{getattr(level, 'name', '-')} worker 3"
+        return formatEventAsClassicLogText(dict(event, log_system=system))
+
+    def test_sameAsTwistd(self) -> None:
+        """
+        Plain fields, format specs, conversions, attribute and item access,
+        several lines, non-ASCII text, Twisted's call syntax, a failure's
+        traceback, a field that is missing and events without text give the
+        same line (or none) as twistd's observer.
+        """
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        base = {"log_time": 1_790_000_000.25, "log_level": LogLevel.info, "log_namespace": "ns"}
+        events = [
+            {"log_format": "accepted {queueID} ({size} octets) in {t:.1f}s", "queueID": "Q", "size": 7, "t": 0.25},
+            {"log_format": "{a!r} {b.real} {c[k]}", "a": "x", "b": 3, "c": {"k": "v"}},
+            {"log_format": "two\nlines and {u}", "u": "d\u00e9j\u00e0 \u2709"},
+            {"log_format": "called {f()}", "f": lambda: "yes"},
+            {"log_format": "failed {x}", "x": 1, "log_failure": failure, "log_level": LogLevel.critical},
+            {"log_format": None},
+            {},
+            {"log_format": "no time", "log_time": None},
+        ]
+        observer = _LineObserver(-1, 3)
+        for event in events:
+            event = dict(base, **event)
+            self.assertEqual(observer.format(event), self.twistdLine(event), event)
+        # Twisted's message for an event it cannot format shows the event,
+        # which here lacks the system twistd's copy has.
+        missing = dict(base, log_format="missing {nothere}")
+        line = observer.format(missing)
+        assert line is not None
+        self.assertEqual(
+            line.split(" Unable to format event")[0],
+            self.twistdLine(missing).split(" Unable to format event")[0],  # type: ignore[union-attr]
+        )
+        self.assertIn("'nothere'", line)
+
+    def test_timeStampPerSecond(self) -> None:
+        """
+        The time stamp follows the event's second, also backwards.
+        """
+        observer = _LineObserver(-1, 3)
+        for when in (1_790_000_000.1, 1_790_000_000.9, 1_790_000_001.0, 1_790_000_000.5):
+            event = {"log_format": "x", "log_time": when, "log_namespace": "n", "log_level": LogLevel.info}
+            self.assertEqual(observer.format(event), self.twistdLine(event))
+
+    def test_writesWholeLines(self) -> None:
+        """
+        Each event is one line written to the descriptor; a closed
+        descriptor is not an error.
+        """
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        observer = _LineObserver(write, 3)
+        observer({"log_format": "hello {x}", "x": 1, "log_time": 1.0, "log_namespace": "n", "log_level": LogLevel.warn})
+        observer({"log_format": "second", "log_time": 1.0, "log_namespace": "n", "log_level": LogLevel.info})
+        lines = os.read(read, 4096).decode().splitlines()
+        self.assertEqual([line.split(" ", 1)[1] for line in lines], ["[n#warn worker 3] hello 1", "[n#info worker 3] second"])
+        os.close(write)
+        observer({"log_format": "nowhere", "log_time": 1.0})
 
 
 class WorkerBuildTests(SynchronousTestCase):

@@ -79,6 +79,9 @@ class MailfwProcess:
     smtpPort: int = field(default_factory=freePort)
     submissionPort: int = field(default_factory=freePort)
     extraArgs: tuple[str, ...] = ()
+    # False: no --logfile; twistd logs to its standard output, which is
+    # then logPath.
+    logfile: bool = True
     process: subprocess.Popen[bytes] | None = None
     logPath: Path | None = None
 
@@ -89,7 +92,7 @@ class MailfwProcess:
             TWISTD,
             "-n",
             "--pidfile=",
-            f"--logfile={self.logPath}",
+            *([f"--logfile={self.logPath}"] if self.logfile else []),
             "mailfw",
             f"--data-dir={self.dataDir}",
             "--hostname=mx.test",
@@ -99,9 +102,15 @@ class MailfwProcess:
         ]
         if self.config is not None:
             args.append(f"--config={self.config}")
-        self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
+        if self.logfile:
+            self.process = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        else:
+            with open(self.logPath, "wb") as out:
+                self.process = subprocess.Popen(
+                    args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                )
         try:
             waitFor(self.ready, what=f"mailfw on port {self.smtpPort}")
         except AssertionError:

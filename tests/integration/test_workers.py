@@ -13,6 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from tests.integration._server import MailfwProcess, waitFor
 
 MESSAGES = 200
@@ -44,13 +46,19 @@ def _send(server: MailfwProcess, numbers: range) -> None:
             )
 
 
-def test_twoProcessesShareTheWork(tmp_path: Path) -> None:
+@pytest.mark.parametrize("logfile", [True, False], ids=["logfile", "stdout"])
+def test_twoProcessesShareTheWork(tmp_path: Path, logfile: bool) -> None:
     """
     With C{--workers 2}, 200 messages over 20 parallel connections are
     each delivered once, both processes accepted some, and SIGTERM to
-    twistd ends the worker too.
+    twistd ends the worker too; the worker's lines are in the log whether
+    they pass through the parent (C{--logfile}) or are written by the
+    worker to the standard output it shares with the parent, and no line
+    is torn.
     """
-    server = MailfwProcess(tmp_path / "data", extraArgs=("--workers", "2")).start()
+    server = MailfwProcess(
+        tmp_path / "data", extraArgs=("--workers", "2"), logfile=logfile
+    ).start()
     try:
         assert server.process is not None
         waitFor(lambda: len(_children(server.process.pid)) == 1, what="one worker process")
@@ -77,6 +85,11 @@ def test_twoProcessesShareTheWork(tmp_path: Path) -> None:
         log = logPath.read_text()
         accepted = re.findall(r"\[mailfw\.smtp\._server\.SMTPServerProtocol#info( worker 1)?\] accepted", log)
         assert 0 < accepted.count(" worker 1") < MESSAGES
+        torn = [
+            line for line in log.splitlines()
+            if not re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[|\t", line)
+        ]
+        assert torn == []
     finally:
         server.stop()
     assert server.process is not None
