@@ -10,8 +10,9 @@ threads do, each owning its own work:
   - the B{writer} thread owns the only writing connection.  Every change
     (enqueue, claim, record, recover and the operator actions) is an
     I{operation} appended to a pending list; the writer takes I{all}
-    pending operations at once and runs them in one transaction (each in
-    a savepoint, so one failing operation does not spoil the others), then
+    pending operations at once and runs them in one transaction (if one
+    fails, the batch runs again with each operation in a savepoint, so
+    one failing operation does not spoil the others), then
     commits with one fsync (C{synchronous=FULL}).  Operations that arrive
     while a commit runs wait for the next one: that is group commit, and it
     is what lets a hundred sessions share one fsync.  Each operation's
@@ -621,12 +622,16 @@ class SQLiteQueue:
 
     def _transaction(self, operations: list[_Operation[Any]]) -> None:
         """
-        Run C{operations} in one transaction, each in a savepoint.  When an
-        operation's error made SQLite roll back the whole transaction (a
-        full disk does), that operation fails and the others run again in a
-        new transaction.
+        Run C{operations} in one transaction.  They run straight through
+        first; if one fails, the transaction is rolled back and they run
+        again, each in a savepoint, so that only the failing one fails (the
+        savepoints cost two statements per operation, so only a batch that
+        needs them pays for them).  When an operation's error made SQLite
+        roll back the whole transaction (a full disk does), that operation
+        fails and the others run again in a new transaction.
         """
         remaining = list(operations)
+        careful = False
         while True:
             try:
                 connection = self._openWriter()
@@ -642,7 +647,12 @@ class SQLiteQueue:
                 return
             aborted: _Operation[Any] | None = None
             try:
-                for operation in remaining:
+                if not careful and not self._straightThrough(connection, remaining):
+                    if connection.in_transaction:
+                        connection.execute("ROLLBACK")
+                    careful = True
+                    continue  # (the finally clause unlocks)
+                for operation in remaining if careful else ():
                     connection.execute("SAVEPOINT op")
                     try:
                         operation.result = operation.function(connection)
@@ -678,6 +688,22 @@ class SQLiteQueue:
             for operation in remaining:
                 operation.ok = False
                 operation.result = None
+
+    @staticmethod
+    def _straightThrough(
+        connection: sqlite3.Connection, operations: list[_Operation[Any]]
+    ) -> bool:
+        """
+        Run C{operations} without savepoints; C{False} as soon as one
+        fails (the caller rolls back and runs them carefully).
+        """
+        for operation in operations:
+            try:
+                operation.result = operation.function(connection)
+            except BaseException:
+                return False
+            operation.ok = True
+        return True
 
     def _finish(self, operations: list[_Operation[Any]], error: BaseException) -> None:
         error = _translate(error)
