@@ -424,9 +424,8 @@ class Scheduler(Service):
                 self._decide(lease, qr, None, RecipientOutcome(qr.recipient, BOUNCED), now, decided)
             else:
                 toRoute.append(qr)
-        routed = await DeferredList(
-            [maybeDeferred(self._router.route, r.recipient.address, None) for r in toRoute],
-            consumeErrors=True,
+        routed = await _settle(
+            [maybeDeferred(self._router.route, r.recipient.address, None) for r in toRoute]
         )
         groups: dict[tuple[str, str | None], list[tuple[QueuedRecipient, Route]]] = {}
         for qr, (ok, result) in zip(toRoute, routed):
@@ -469,16 +468,16 @@ class Scheduler(Service):
                 groups = {}
         if groups:
             assert body is not None
-            results = await DeferredList(
+            results = await _settle(
                 [
                     Deferred.fromCoroutine(self._deliverGroup(lease, key, members, body))
                     for key, members in groups.items()
-                ],
-                fireOnOneErrback=True,
-                consumeErrors=True,
+                ]
             )
             finished = self._clock.seconds()
-            for _, outcomes in results:
+            for ok, outcomes in results:
+                if not ok:
+                    outcomes.raiseException()
                 for qr, route, outcome in outcomes:
                     self._decide(lease, qr, route, outcome, finished, decided)
         try:
@@ -885,6 +884,20 @@ def _housekeeping(schedule: RetrySchedule, arrival: float, warned: bool) -> floa
     if not warned and schedule.delayWarning is not None:
         return min(arrival + schedule.delayWarning, expires)
     return expires
+
+
+async def _settle(deferreds: Sequence[Deferred[_T]]) -> list[tuple[bool, Any]]:
+    """
+    What C{DeferredList(deferreds, consumeErrors=True)} gives, without its
+    cost in the common case of one Deferred (one recipient, one group):
+    C{(True, result)} or C{(False, failure)} for each, in order.
+    """
+    if len(deferreds) != 1:
+        return await DeferredList(list(deferreds), consumeErrors=True)
+    try:
+        return [(True, await deferreds[0])]
+    except Exception:
+        return [(False, Failure())]
 
 
 def schedulerFromConfig(
