@@ -234,6 +234,28 @@ class IDestinationSlots(Interface):
         """
 
 
+class ILeaseOffers(Interface):
+    """
+    Optional for a queue: a new message can be stored already leased to
+    this process's scheduler, in the transaction that stores it, and handed
+    to the scheduler after the commit, instead of being stored ready and
+    claimed in a second transaction.  The scheduler uses it when its queue
+    provides it; like Postfix's active queue, new mail then goes straight
+    to delivery while the scheduler has room.
+    """
+
+    def offerNew(room: Callable[[], int], take: Callable[[Lease], None]) -> None:
+        """
+        From now on, a message whose recipients number at most C{room()}
+        when its commit begins is stored leased to this process; once the
+        commit is done, C{take(lease)} is called on the reactor thread
+        (and L{IMessageQueue.notifyDue}'s callback is not).  Messages that
+        do not fit are stored ready as usual.  A lease C{take} does not act
+        on is recovered like any lost lease: by L{IMessageQueue.recover}
+        after the process ends, or when it expires.
+        """
+
+
 class IMessageQueueFactory(INamedPlugin):
     """
     A plugin that builds the queue from C{[queue]}.

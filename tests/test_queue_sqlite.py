@@ -22,9 +22,9 @@ from zope.interface.verify import verifyObject
 
 from mailfw.config import ComponentContext, ConfigError
 from mailfw.envelope import RecipientOutcome
-from mailfw.interfaces import IMessageBody, IMessageQueue, IMessageQueueFactory
+from mailfw.interfaces import IMessageBody, ILeaseOffers, IMessageQueue, IMessageQueueFactory
 from mailfw.plugin import findPlugin
-from mailfw.queue import Disposition, LeaseLost, QueueFull, Selector
+from mailfw.queue import Disposition, Lease, LeaseLost, QueueFull, RecipientState, Selector
 from mailfw.queue._contract import QueueContractTests, makeEnvelope
 from mailfw.queue._sqlite import SQLiteQueue, SynchronousExecutor, ThreadExecutor, fromConfig
 from mailfw.reply import SMTPReply
@@ -511,6 +511,91 @@ class SQLiteQueueTests(SynchronousTestCase):
         C{callFromThread}.
         """
         self.assertRaises(TypeError, SQLiteQueue, self.path, self.clock)
+
+
+class SQLiteOfferTests(SynchronousTestCase):
+    """
+    L{ILeaseOffers}: new messages stored leased to this process's scheduler.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        path = Path(self.mktemp()) / "queue.sqlite"
+        path.parent.mkdir()
+        self.queue = synchronousQueue(path, self.clock, owner="host:1")
+        self.room = 10
+        self.taken: list[Lease] = []
+        self.notified: list[None] = []
+        self.queue.offerNew(lambda: self.room, self.taken.append)
+        self.queue.notifyDue(lambda: self.notified.append(None))
+
+    def enqueue(self, *recipients: str) -> str:
+        incoming = self.queue.receive(makeEnvelope(*recipients))
+        incoming.write(b"Subject: x\r\n\r\nbody\r\n")
+        return self.successResultOf(incoming.commit())
+
+    def test_provides(self) -> None:
+        """
+        The SQLite queue offers new messages.
+        """
+        verifyObject(ILeaseOffers, self.queue)
+
+    def test_storedLeased(self) -> None:
+        """
+        With room, a new message is stored leased to this process and its
+        lease handed over after the commit, without a notification; nobody
+        else can claim it, and recording with the lease removes it.
+        """
+        queueID = self.enqueue("a@example.com", "b@example.com")
+        [lease] = self.taken
+        self.assertEqual(lease.queueID, queueID)
+        self.assertEqual([r.index for r in lease.recipients], [0, 1])
+        self.assertEqual({r.state for r in lease.recipients}, {RecipientState.LEASED})
+        self.assertEqual(lease.expires, self.clock.seconds() + self.queue.leaseSeconds)
+        self.assertEqual(self.notified, [])
+        self.assertEqual(self.successResultOf(self.queue.claim(self.clock.seconds() + 60, 10)), [])
+        ok = SMTPReply(250, "2.0.0", "ok")
+        self.successResultOf(
+            self.queue.record(
+                lease, [Disposition(r.index, RecipientOutcome(r.recipient, ok)) for r in lease.recipients]
+            )
+        )
+        self.assertEqual(self.successResultOf(self.queue.list(Selector())), [])
+
+    def test_noRoom(self) -> None:
+        """
+        A message with more recipients than the scheduler has room for is
+        stored ready, with a notification, and claimed as usual.
+        """
+        self.room = 1
+        self.enqueue("a@example.com", "b@example.com")
+        self.assertEqual(self.taken, [])
+        self.assertEqual(self.notified, [None])
+        [lease] = self.successResultOf(self.queue.claim(self.clock.seconds(), 10))
+        self.assertEqual(len(lease.recipients), 2)
+
+    def test_recovered(self) -> None:
+        """
+        A handed-over lease nobody acts on is recovered like any other.
+        """
+        self.enqueue("a@example.com")
+        self.assertEqual(self.successResultOf(self.queue.recover(float("inf"))), 1)
+        [lease] = self.successResultOf(self.queue.claim(self.clock.seconds(), 10))
+        self.assertNotEqual(lease.token, self.taken[0].token)
+
+    def test_takeFails(self) -> None:
+        """
+        A scheduler that raises when handed a lease does not fail the
+        commit (the client still gets its 250); the error is logged.
+        """
+
+        def broken(lease: Lease) -> None:
+            raise RuntimeError("scheduler bug")
+
+        self.queue.offerNew(lambda: 10, broken)
+        self.enqueue("a@example.com")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
 class SQLiteFromConfigTests(SynchronousTestCase):

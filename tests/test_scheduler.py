@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import email
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
@@ -986,6 +986,82 @@ class SchedulerWithSQLiteTests(SchedulerTestsMixin):
             [("", ("sender@example.org",)), ("sender@example.org", ("bad@example.com", "good@example.com"))],
         )
         self.assertEqual(self.successResultOf(self.queue.list(Selector())), [])
+
+    def sqliteQueue(self) -> Any:
+        from pathlib import Path
+
+        from mailfw.queue._sqlite import SQLiteQueue, SynchronousExecutor
+
+        path = Path(self.mktemp())
+        path.mkdir()
+        return SQLiteQueue(
+            path / "q.sqlite",
+            self.clock,
+            writer=SynchronousExecutor(),
+            reader=SynchronousExecutor(),
+            spool=SynchronousExecutor(),
+            deliver=lambda f: f(),
+        )
+
+    def test_newMailWithoutClaim(self) -> None:
+        """
+        A new message reaches the scheduler leased in the transaction that
+        stored it: it is delivered in two write transactions (store, record)
+        instead of three (store, claim, record), on the reactor turn after
+        the commit (so the client has its 250 first).
+        """
+        self.queue = self.sqliteQueue()
+        agent = FakeAgent(self.clock)
+        self.makeScheduler(agent)
+        before = self.queue.transactions  # type: ignore[attr-defined]
+        self.enqueue(makeEnvelope("a@example.com", "b@example.com"))
+        self.assertEqual(agent.deliveries, [])
+        self.clock.advance(0)
+        self.assertEqual([d.addresses for d in agent.deliveries], [["a@example.com", "b@example.com"]])
+        self.assertEqual(self.queue.transactions - before, 2)  # type: ignore[attr-defined]
+        self.assertEqual(self.successResultOf(self.queue.list(Selector())), [])
+
+    def test_newMailBeyondRoomIsClaimed(self) -> None:
+        """
+        When the scheduler has no room for a new message it is stored ready
+        and claimed later, when deliveries finish.
+        """
+        self.queue = self.sqliteQueue()
+        agent = FakeAgent(self.clock, manual=True)
+        self.makeScheduler(agent, maxConcurrent=1, claimAhead=1)
+        self.enqueue(makeEnvelope("a@example.com"))
+        self.enqueue(makeEnvelope("b@example.com"))
+        self.clock.advance(0)
+        states = sorted(
+            (str(m.recipients[0].recipient.address), m.recipients[0].state)
+            for m in self.successResultOf(self.queue.list(Selector()))
+        )
+        self.assertEqual(
+            states, [("a@example.com", RecipientState.LEASED), ("b@example.com", RecipientState.READY)]
+        )
+        agent.answer(agent.deliveries[0])
+        self.clock.advance(0)
+        agent.answer(agent.deliveries[1])
+        self.assertEqual([d.addresses for d in agent.deliveries], [["a@example.com"], ["b@example.com"]])
+        self.assertEqual(self.successResultOf(self.queue.list(Selector())), [])
+
+    def test_offeredAfterStopRecovered(self) -> None:
+        """
+        A message committed while the scheduler stops is not lost: its
+        lease is recovered and it is delivered after the next start.
+        """
+        self.queue = self.sqliteQueue()
+        agent = FakeAgent(self.clock)
+        scheduler = self.makeScheduler(agent)
+        self.enqueue(makeEnvelope("a@example.com"))
+        self.successResultOf(scheduler.stopService())
+        self.clock.advance(0)
+        self.assertEqual(agent.deliveries, [])
+        [message] = self.successResultOf(self.queue.list(Selector()))
+        self.assertEqual(message.recipients[0].state, RecipientState.LEASED)
+        scheduler.startService()
+        self.clock.advance(0)
+        self.assertEqual([d.addresses for d in agent.deliveries], [["a@example.com"]])
 
     def test_holdAndFlush(self) -> None:
         """

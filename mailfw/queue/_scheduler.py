@@ -23,6 +23,11 @@ Then it sleeps until C{queue.nextDue()} or until the queue calls the
 C{notifyDue} callback (new mail, flush, release); notifications arriving
 together are coalesced into one claim.  There is no polling loop.
 
+A queue that provides L{ILeaseOffers} skips step 1 for new mail: while the
+scheduler has room, a new message is stored already leased to it and
+handed over after its commit (on the next reactor turn, so the client has
+its 250 first), which saves a write transaction per message.
+
 Limits
 ======
 
@@ -122,6 +127,7 @@ from mailfw.envelope import RecipientOutcome, Route, RouteKind
 from mailfw.interfaces import (
     IDeliveryAgent,
     IDestinationSlots,
+    ILeaseOffers,
     IMessageBody,
     IMessageQueue,
     IRouter,
@@ -264,7 +270,11 @@ class Scheduler(Service):
         self._timer: IDelayedCall | None = None
         self._soon: IDelayedCall | None = None
         self._leases: set[Deferred[None]] = set()
+        self._offered: list[Lease] = []
+        self._offeredCall: IDelayedCall | None = None
         queue.notifyDue(self._notified)
+        if ILeaseOffers.providedBy(queue):
+            ILeaseOffers(queue).offerNew(self._room, self._take)
 
     # --- the service ----------------------------------------------------------
 
@@ -290,10 +300,12 @@ class Scheduler(Service):
         keep their leases, which the next start recovers.
         """
         super().stopService()
-        for call in (self._timer, self._soon):
+        for call in (self._timer, self._soon, self._offeredCall):
             if call is not None and call.active():
                 call.cancel()
-        self._timer = self._soon = None
+        self._timer = self._soon = self._offeredCall = None
+        # Offered leases not started yet are recovered at the next start.
+        self._offered = []
         if not self._leases:
             return succeed(None)
         done: Deferred[None] = Deferred()
@@ -319,6 +331,31 @@ class Scheduler(Service):
     def _soonFired(self) -> None:
         self._soon = None
         self._wake()
+
+    def _room(self) -> int:
+        """
+        How many more recipients the queue may hand over already leased
+        (see L{ILeaseOffers}).
+        """
+        if not self.running:
+            return 0
+        waiting = sum(len(lease.recipients) for lease in self._offered)
+        return self._claimAhead - self._outstanding - waiting
+
+    def _take(self, lease: Lease) -> None:
+        # A new message, stored leased to us.  Start it on the next reactor
+        # turn, with the others of this turn: the client gets its 250 first.
+        if not self.running:
+            return
+        self._offered.append(lease)
+        if self._offeredCall is None:
+            self._offeredCall = self._clock.callLater(0, self._startOffered)
+
+    def _startOffered(self) -> None:
+        self._offeredCall = None
+        offered, self._offered = self._offered, []
+        for lease in offered:
+            self._start(lease)
 
     def _wakeBy(self, when: float) -> None:
         """

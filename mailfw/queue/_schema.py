@@ -360,3 +360,11 @@ INSERT_RECIPIENT = (
     "INSERT INTO recipients (message_id, idx, address, notify, orcpt, domain, rdomain,"
     " state, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+INSERT_LEASED_RECIPIENT = (
+    "INSERT INTO recipients (message_id, idx, address, notify, orcpt, domain, rdomain,"
+    " state, next_attempt_at, lease_token, lease_owner, lease_expires)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+"""L{INSERT_RECIPIENT} for a message stored leased
+(L{mailfw.interfaces.ILeaseOffers}): each row of L{recipientRows} followed
+by the lease token, owner and expiry."""

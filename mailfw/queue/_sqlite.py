@@ -45,8 +45,9 @@ Crash safety
 
 A commit's L{Deferred} fires after C{COMMIT} returned with
 C{synchronous=FULL}, so a crash after that loses nothing.  Claims are
-leases with an expiry stored in the rows; a crash while delivering leaves
-the recipients leased, and L{SQLiteQueue.recover} (which the scheduler
+leases with an expiry stored in the rows (a new message handed straight to
+the scheduler, see L{ILeaseOffers}, is stored leased the same way); a
+crash while delivering leaves the recipients leased, and L{SQLiteQueue.recover} (which the scheduler
 calls at start-up with an infinite time, because on one node every lease
 in an SQLite queue belongs to the process that died) returns them to
 ready, so they are delivered again: at least once, never lost.  Worker
@@ -86,7 +87,7 @@ from zope.interface import implementer
 
 from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.envelope import Envelope
-from mailfw.interfaces import IIncomingMessage, IMessageBody, IMessageQueue
+from mailfw.interfaces import IIncomingMessage, ILeaseOffers, IMessageBody, IMessageQueue
 from mailfw.queue._memory import MemoryBody
 from mailfw.queue._spool import Executor, SpoolingIncoming
 from mailfw.queue._model import (
@@ -101,6 +102,7 @@ from mailfw.queue._model import (
     Selector,
 )
 from mailfw.queue._schema import (
+    INSERT_LEASED_RECIPIENT,
     INSERT_MESSAGE,
     INSERT_RECIPIENT,
     SCHEMA_VERSION,
@@ -455,7 +457,7 @@ def _selected(selector: Selector) -> tuple[str, list[Any]]:
     )
 
 
-@implementer(IMessageQueue)
+@implementer(IMessageQueue, ILeaseOffers)
 class SQLiteQueue:
     """
     An L{IMessageQueue} in one SQLite database file; see the module
@@ -523,6 +525,7 @@ class SQLiteQueue:
         self._configure = configureConnection
         self._beforeCommit = beforeCommit
         self._callbacks: list[Callable[[], None]] = []
+        self._offers: tuple[Callable[[], int], Callable[[Lease], None]] | None = None
         self._lock = threading.Lock()
         self._pending: list[_Operation[Any]] = []
         self._batchScheduled = False
@@ -771,8 +774,10 @@ class SQLiteQueue:
         spooled: IO[bytes] | None,
         size: int,
     ) -> Deferred[str]:
+        lease = self._offeredLease(queueID, envelope, now, size)
+
         def insert(connection: sqlite3.Connection) -> str:
-            _insert(connection, queueID, envelope, now, body, spooled, size)
+            _insert(connection, queueID, envelope, now, body, spooled, size, lease, self._owner)
             if body is not None and envelope.recipients:
                 # Harmless if the transaction then fails: only rows that
                 # exist are ever claimed.
@@ -780,7 +785,41 @@ class SQLiteQueue:
             return queueID
 
         d = self._write(insert, None if spooled is None else spooled.close)
+        if lease is not None:
+            return d.addCallback(self._hand, lease)
         return d.addCallback(self._notify) if envelope.recipients else d
+
+    # --- new messages straight to the scheduler (ILeaseOffers) -----------------
+
+    def offerNew(self, room: Callable[[], int], take: Callable[[Lease], None]) -> None:
+        self._offers = (room, take)
+
+    def _offeredLease(
+        self, queueID: str, envelope: Envelope, now: float, size: int
+    ) -> Lease | None:
+        """
+        The lease a new message is stored under, if the scheduler has room
+        for it.
+        """
+        count = len(envelope.recipients)
+        if self._offers is None or not count or self._offers[0]() < count:
+            return None
+        recipients = tuple(
+            QueuedRecipient(index, recipient, RecipientState.LEASED, 0, now)
+            for index, recipient in enumerate(envelope.recipients)
+        )
+        token = f"{os.urandom(8).hex()}.{next(self._tokens)}"
+        return Lease(queueID, envelope, recipients, token, now + self.leaseSeconds, size)
+
+    def _hand(self, queueID: str, lease: Lease) -> str:
+        # Reactor thread, after the commit: a failing scheduler must not
+        # turn the client's 250 into an error (its lease is recovered).
+        assert self._offers is not None
+        try:
+            self._offers[1](lease)
+        except Exception:
+            self.log.failure("handing {queueID} to the scheduler failed", queueID=queueID)
+        return queueID
 
     # --- the scheduler's side -------------------------------------------------
 
@@ -1164,9 +1203,12 @@ def _insert(
     body: bytes | None,
     spooled: IO[bytes] | None,
     size: int,
+    lease: Lease | None = None,
+    owner: str = "",
 ) -> None:
     """
-    Insert one message: its row, its body and its recipient rows.
+    Insert one message: its row, its body and its recipient rows (leased
+    to C{owner} under C{lease}, if given).
     """
     if not envelope.recipients:
         return
@@ -1191,7 +1233,16 @@ def _insert(
                     raise OSError(f"spool file for {queueID} is short: {copied} of {size}")
                 blob.write(chunk)
                 copied += len(chunk)
-    connection.executemany(INSERT_RECIPIENT, recipientRows(queueID, envelope, now))
+    if lease is None:
+        connection.executemany(INSERT_RECIPIENT, recipientRows(queueID, envelope, now))
+    else:
+        connection.executemany(
+            INSERT_LEASED_RECIPIENT,
+            [
+                (*row, lease.token, owner, lease.expires)
+                for row in recipientRows(queueID, envelope, now, RecipientState.LEASED)
+            ],
+        )
 
 
 def _queuedRecipient(envelope: Envelope, row: Sequence[Any]) -> QueuedRecipient:
