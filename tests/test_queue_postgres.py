@@ -25,11 +25,12 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from mailfw.config import ComponentContext, ConfigError
 from mailfw.envelope import RecipientOutcome
-from mailfw.interfaces import IMessageQueue, IMessageQueueFactory
-from mailfw.queue import Disposition, LeaseLost, Selector
+from mailfw.interfaces import ILeaseOffers, IMessageQueue, IMessageQueueFactory
+from mailfw.queue import Disposition, Lease, LeaseLost, Selector
 from mailfw.queue._contract import QueueContractTests, makeEnvelope
 from mailfw.reply import SMTPReply
 from tests._postgres import requirePostgres
@@ -225,6 +226,46 @@ class PostgresNodeTests(SynchronousTestCase):
         )
         self.assertEqual(sum(n for _, n in owners), 40)
         self.assertTrue({o for o, _ in owners} <= {"a", "b"})
+
+    def test_offeredNewMail(self) -> None:
+        """
+        With L{ILeaseOffers}, a new message is stored leased to the node
+        that received it and its lease handed to that node's taker after
+        the commit; other nodes cannot claim it, and the lease records.
+        """
+        a, b = self.node("a"), self.node("b")
+        verifyObject(ILeaseOffers, a)
+        taken: list[Lease] = []
+        notified: list[None] = []
+        a.offerNew(lambda: 10, taken.append)
+        a.notifyDue(lambda: notified.append(None))
+        queueID = self.enqueue(a, "x@example.com", "y@example.com")
+        [lease] = taken
+        self.assertEqual((lease.queueID, [r.index for r in lease.recipients]), (queueID, [0, 1]))
+        self.assertEqual(notified, [])
+        self.assertEqual(
+            self.helpers.sql("SELECT DISTINCT state, lease_owner, lease_token FROM recipients"),
+            [("leased", "a", lease.token)],
+        )
+        self.assertEqual(self.wait(b.claim(self.clock.seconds(), 10)), [])
+        dispositions = [Disposition(r.index, RecipientOutcome(r.recipient, OK)) for r in lease.recipients]
+        self.wait(a.record(lease, dispositions))
+        self.assertEqual(self.helpers.sql("SELECT COUNT(*) FROM messages"), [(0,)])
+
+    def test_offeredNoRoom(self) -> None:
+        """
+        Without room for all its recipients a new message is stored ready,
+        with a notification, for any node to claim.
+        """
+        a, b = self.node("a"), self.node("b")
+        taken: list[Lease] = []
+        notified: list[None] = []
+        a.offerNew(lambda: 1, taken.append)
+        a.notifyDue(lambda: notified.append(None))
+        self.enqueue(a, "x@example.com", "y@example.com")
+        self.assertEqual((taken, notified), ([], [None]))
+        [lease] = self.wait(b.claim(self.clock.seconds(), 10))
+        self.assertEqual(len(lease.recipients), 2)
 
     def test_fencedAfterTakeover(self) -> None:
         """

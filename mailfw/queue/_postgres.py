@@ -85,7 +85,13 @@ from zope.interface import implementer
 
 from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.envelope import Envelope
-from mailfw.interfaces import IDestinationSlots, IIncomingMessage, IMessageBody, IMessageQueue
+from mailfw.interfaces import (
+    IDestinationSlots,
+    IIncomingMessage,
+    ILeaseOffers,
+    IMessageBody,
+    IMessageQueue,
+)
 from mailfw.queue._memory import MemoryBody
 from mailfw.queue._model import (
     Disposition,
@@ -99,6 +105,7 @@ from mailfw.queue._model import (
     Selector,
 )
 from mailfw.queue._schema import (
+    INSERT_LEASED_RECIPIENT,
     INSERT_MESSAGE,
     INSERT_RECIPIENT,
     SCHEMA_VERSION,
@@ -112,7 +119,7 @@ from mailfw.queue._schema import (
     replyFromColumns,
     selectorWhere,
 )
-from mailfw.queue._spool import Executor, SpoolingIncoming
+from mailfw.queue._spool import Executor, LeaseOffers, SpoolingIncoming
 from mailfw.queue._sqlite import ThreadExecutor
 
 if TYPE_CHECKING:
@@ -404,7 +411,7 @@ def _selected(selector: Selector) -> tuple[str, list[Any]]:
     )
 
 
-@implementer(IMessageQueue, IDestinationSlots)
+@implementer(IMessageQueue, IDestinationSlots, ILeaseOffers)
 class PostgresQueue:
     """
     An L{IMessageQueue} in a PostgreSQL database that several nodes share;
@@ -465,6 +472,7 @@ class PostgresQueue:
         self._listen = listen
         self._afterInsert = afterInsert
         self._callbacks: list[Callable[[], None]] = []
+        self._offers = LeaseOffers()
         self._inFlight: set[Deferred[Any]] = set()
         self._closed = False
         self._heartbeat: LoopingCall | None = None
@@ -674,9 +682,13 @@ class PostgresQueue:
         out whether it was stored, and else try once more.
         """
         afterInsert = self._afterInsert
+        lease = self._offers.leaseFor(
+            queueID, envelope, now, size, uuid.uuid4().hex, now + self.leaseSeconds
+        )
+        node = self.node
 
         def insert(cursor: Cursor[Any]) -> str:
-            _insert(cursor, queueID, envelope, now, body, spooled, size)
+            _insert(cursor, queueID, envelope, now, body, spooled, size, lease, node)
             if afterInsert is not None:
                 cursor.connection.commit()
                 afterInsert()
@@ -717,9 +729,14 @@ class PostgresQueue:
                 return result
 
             d.addBoth(closeSpool)
-        if envelope.recipients:
+        if lease is not None:
+            d.addCallback(self._offers.hand, lease)
+        elif envelope.recipients:
             d.addCallback(self._notify)
         return d
+
+    def offerNew(self, room: Callable[[], int], take: Callable[[Lease], None]) -> None:
+        self._offers.register(room, take)
 
     # --- the scheduler's side -----------------------------------------------------
 
@@ -1126,10 +1143,13 @@ def _insert(
     body: bytes | None,
     spooled: IO[bytes] | None,
     size: int,
+    lease: Lease | None = None,
+    owner: str = "",
 ) -> None:
     """
-    Insert one message: its row, its body and its recipient rows.  Inserting
-    an ID that is already stored does nothing (a retried commit).
+    Insert one message: its row, its body and its recipient rows (leased
+    to C{owner} under C{lease}, if given).  Inserting an ID that is already
+    stored does nothing (a retried commit).
     """
     if not envelope.recipients:
         return
@@ -1145,7 +1165,16 @@ def _insert(
         )
     else:
         _copyBody(cursor, queueID, spooled, size)
-    cursor.executemany(pyformat(INSERT_RECIPIENT), list(recipientRows(queueID, envelope, now)))
+    if lease is None:
+        cursor.executemany(pyformat(INSERT_RECIPIENT), list(recipientRows(queueID, envelope, now)))
+    else:
+        cursor.executemany(
+            pyformat(INSERT_LEASED_RECIPIENT),
+            [
+                (*row, lease.token, owner, lease.expires)
+                for row in recipientRows(queueID, envelope, now, RecipientState.LEASED)
+            ],
+        )
 
 
 def _dropIfDone(cursor: Cursor[Any], queueIDs: Sequence[str]) -> None:

@@ -13,13 +13,15 @@ from typing import IO, Callable, Protocol
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailfw.envelope import Envelope
 from mailfw.interfaces import IIncomingMessage
+from mailfw.queue._model import Lease, QueuedRecipient, RecipientState
 
-__all__ = ["SPOOL_BATCH", "Executor", "SpoolingIncoming", "SpoolingQueue"]
+__all__ = ["SPOOL_BATCH", "Executor", "LeaseOffers", "SpoolingIncoming", "SpoolingQueue"]
 
 # Spilled bodies are handed to the spool thread in batches of this size.
 SPOOL_BATCH = 256 * 1024
@@ -40,6 +42,53 @@ class Executor(Protocol):
         """
         Run the jobs already submitted, then stop.
         """
+
+
+class LeaseOffers:
+    """
+    The queue's side of L{mailfw.interfaces.ILeaseOffers}, for the SQL
+    queues to share: whether a new message is stored leased, its lease,
+    and handing it over.
+    """
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self._room: Callable[[], int] | None = None
+        self._take: Callable[[Lease], None] | None = None
+
+    def register(self, room: Callable[[], int], take: Callable[[Lease], None]) -> None:
+        self._room, self._take = room, take
+
+    def leaseFor(
+        self, queueID: str, envelope: Envelope, now: float, size: int, token: str, expires: float
+    ) -> Lease | None:
+        """
+        The lease to store a new message under (with C{token}, until
+        C{expires}), or L{None} to store it ready: nobody takes offers, or
+        the taker has no room for all its recipients.
+        """
+        count = len(envelope.recipients)
+        if self._room is None or not count or self._room() < count:
+            return None
+        recipients = tuple(
+            QueuedRecipient(index, recipient, RecipientState.LEASED, 0, now)
+            for index, recipient in enumerate(envelope.recipients)
+        )
+        return Lease(queueID, envelope, recipients, token, expires, size)
+
+    def hand(self, queueID: str, lease: Lease) -> str:
+        """
+        Give the taker C{lease}, once its message is committed (a callback
+        on the commit's L{Deferred}): a failing taker must not turn the
+        client's 250 into an error, and the lease is recovered anyway.
+        """
+        assert self._take is not None
+        try:
+            self._take(lease)
+        except Exception:
+            self.log.failure("handing {queueID} to the scheduler failed", queueID=queueID)
+        return queueID
 
 
 class SpoolingQueue(Protocol):

@@ -89,7 +89,7 @@ from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.envelope import Envelope
 from mailfw.interfaces import IIncomingMessage, ILeaseOffers, IMessageBody, IMessageQueue
 from mailfw.queue._memory import MemoryBody
-from mailfw.queue._spool import Executor, SpoolingIncoming
+from mailfw.queue._spool import Executor, LeaseOffers, SpoolingIncoming
 from mailfw.queue._model import (
     Disposition,
     Lease,
@@ -525,7 +525,7 @@ class SQLiteQueue:
         self._configure = configureConnection
         self._beforeCommit = beforeCommit
         self._callbacks: list[Callable[[], None]] = []
-        self._offers: tuple[Callable[[], int], Callable[[Lease], None]] | None = None
+        self._offers = LeaseOffers()
         self._lock = threading.Lock()
         self._pending: list[_Operation[Any]] = []
         self._batchScheduled = False
@@ -774,7 +774,9 @@ class SQLiteQueue:
         spooled: IO[bytes] | None,
         size: int,
     ) -> Deferred[str]:
-        lease = self._offeredLease(queueID, envelope, now, size)
+        lease = self._offers.leaseFor(
+            queueID, envelope, now, size, self._newToken(), now + self.leaseSeconds
+        )
 
         def insert(connection: sqlite3.Connection) -> str:
             _insert(connection, queueID, envelope, now, body, spooled, size, lease, self._owner)
@@ -786,40 +788,14 @@ class SQLiteQueue:
 
         d = self._write(insert, None if spooled is None else spooled.close)
         if lease is not None:
-            return d.addCallback(self._hand, lease)
+            return d.addCallback(self._offers.hand, lease)
         return d.addCallback(self._notify) if envelope.recipients else d
 
-    # --- new messages straight to the scheduler (ILeaseOffers) -----------------
-
     def offerNew(self, room: Callable[[], int], take: Callable[[Lease], None]) -> None:
-        self._offers = (room, take)
+        self._offers.register(room, take)
 
-    def _offeredLease(
-        self, queueID: str, envelope: Envelope, now: float, size: int
-    ) -> Lease | None:
-        """
-        The lease a new message is stored under, if the scheduler has room
-        for it.
-        """
-        count = len(envelope.recipients)
-        if self._offers is None or not count or self._offers[0]() < count:
-            return None
-        recipients = tuple(
-            QueuedRecipient(index, recipient, RecipientState.LEASED, 0, now)
-            for index, recipient in enumerate(envelope.recipients)
-        )
-        token = f"{os.urandom(8).hex()}.{next(self._tokens)}"
-        return Lease(queueID, envelope, recipients, token, now + self.leaseSeconds, size)
-
-    def _hand(self, queueID: str, lease: Lease) -> str:
-        # Reactor thread, after the commit: a failing scheduler must not
-        # turn the client's 250 into an error (its lease is recovered).
-        assert self._offers is not None
-        try:
-            self._offers[1](lease)
-        except Exception:
-            self.log.failure("handing {queueID} to the scheduler failed", queueID=queueID)
-        return queueID
+    def _newToken(self) -> str:
+        return f"{os.urandom(8).hex()}.{next(self._tokens)}"
 
     # --- the scheduler's side -------------------------------------------------
 
@@ -846,7 +822,7 @@ class SQLiteQueue:
             for queueID, group in chosen.items():
                 group.sort(key=lambda row: row[1])
                 indexes = [row[1] for row in group]
-                token = f"{os.urandom(8).hex()}.{next(self._tokens)}"
+                token = self._newToken()
                 connection.execute(
                     "UPDATE recipients SET state = ?, lease_token = ?, lease_owner = ?,"
                     f" lease_expires = ? WHERE message_id = ? AND idx IN ({_marks(indexes)})",
