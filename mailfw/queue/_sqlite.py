@@ -535,6 +535,7 @@ class SQLiteQueue:
         self._readerConnection: sqlite3.Connection | None = None
         self._closed = False
         self._tokens = itertools.count(1)
+        self._tokenPrefix = os.urandom(8).hex()
         self._recent = _Recent()
         self.transactions = 0
         initialiseDatabase(self._path)
@@ -795,7 +796,8 @@ class SQLiteQueue:
         self._offers.register(room, take)
 
     def _newToken(self) -> str:
-        return f"{os.urandom(8).hex()}.{next(self._tokens)}"
+        # Unique: a random prefix per queue object, a counter within it.
+        return f"{self._tokenPrefix}.{next(self._tokens)}"
 
     # --- the scheduler's side -------------------------------------------------
 
