@@ -957,36 +957,6 @@ class SchedulerWithSQLiteTests(SchedulerTestsMixin):
     threads replaced by synchronous calls).
     """
 
-    def test_deliverAndBounce(self) -> None:
-        """
-        Mail in an L{SQLiteQueue} is delivered, the failed recipient
-        bounced, and the bounce delivered in turn.
-        """
-        from pathlib import Path
-
-        from mailfw.queue._sqlite import SQLiteQueue, SynchronousExecutor
-
-        path = Path(self.mktemp())
-        path.mkdir()
-        self.queue = SQLiteQueue(  # type: ignore[assignment]
-            path / "q.sqlite",
-            self.clock,
-            writer=SynchronousExecutor(),
-            reader=SynchronousExecutor(),
-            spool=SynchronousExecutor(),
-            deliver=lambda f: f(),
-        )
-        agent = FakeAgent(self.clock, reply=lambda a: UNKNOWN if a.startswith("bad") else OK)
-        self.makeScheduler(agent)
-        self.enqueue(makeEnvelope("bad@example.com", "good@example.com"))
-        self.clock.advance(0)
-        self.clock.advance(0)
-        self.assertEqual(
-            sorted((d.envelope.senderText, tuple(d.addresses)) for d in agent.deliveries),
-            [("", ("sender@example.org",)), ("sender@example.org", ("bad@example.com", "good@example.com"))],
-        )
-        self.assertEqual(self.successResultOf(self.queue.list(Selector())), [])
-
     def sqliteQueue(self) -> Any:
         from pathlib import Path
 
@@ -1002,6 +972,23 @@ class SchedulerWithSQLiteTests(SchedulerTestsMixin):
             spool=SynchronousExecutor(),
             deliver=lambda f: f(),
         )
+
+    def test_deliverAndBounce(self) -> None:
+        """
+        Mail in an L{SQLiteQueue} is delivered, the failed recipient
+        bounced, and the bounce delivered in turn.
+        """
+        self.queue = self.sqliteQueue()
+        agent = FakeAgent(self.clock, reply=lambda a: UNKNOWN if a.startswith("bad") else OK)
+        self.makeScheduler(agent)
+        self.enqueue(makeEnvelope("bad@example.com", "good@example.com"))
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.assertEqual(
+            sorted((d.envelope.senderText, tuple(d.addresses)) for d in agent.deliveries),
+            [("", ("sender@example.org",)), ("sender@example.org", ("bad@example.com", "good@example.com"))],
+        )
+        self.assertEqual(self.successResultOf(self.queue.list(Selector())), [])
 
     def test_newMailWithoutClaim(self) -> None:
         """
@@ -1068,20 +1055,7 @@ class SchedulerWithSQLiteTests(SchedulerTestsMixin):
         With an L{SQLiteQueue}, mail for a hold domain waits in state ETRN
         and is delivered after a flush.
         """
-        from pathlib import Path
-
-        from mailfw.queue._sqlite import SQLiteQueue, SynchronousExecutor
-
-        path = Path(self.mktemp())
-        path.mkdir()
-        self.queue = SQLiteQueue(  # type: ignore[assignment]
-            path / "q.sqlite",
-            self.clock,
-            writer=SynchronousExecutor(),
-            reader=SynchronousExecutor(),
-            spool=SynchronousExecutor(),
-            deliver=lambda f: f(),
-        )
+        self.queue = self.sqliteQueue()
         agent = FakeAgent(self.clock)
         self.makeScheduler(agent, holdForETRN=customerOnly)
         self.enqueue(makeEnvelope("a@customer.test"))
