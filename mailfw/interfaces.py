@@ -246,9 +246,10 @@ class ILeaseOffers(Interface):
 
     def offerNew(room: Callable[[], int], take: Callable[[Lease], None]) -> None:
         """
-        From now on, a message whose recipients number at most C{room()}
-        when its commit begins is stored leased to this process; once the
-        commit is done, C{take(lease)} is called on the reactor thread
+        From now on, a new message is stored leased to this process when
+        its recipients fit in C{room()} less the recipients of the leased
+        messages still being committed; once its commit is done,
+        C{take(lease)} is called on the reactor thread, in commit order
         (and L{IMessageQueue.notifyDue}'s callback is not).  Messages that
         do not fit are stored ready as usual.  A lease C{take} does not act
         on is recovered like any lost lease: by L{IMessageQueue.recover}

@@ -957,7 +957,7 @@ class SchedulerWithSQLiteTests(SchedulerTestsMixin):
     threads replaced by synchronous calls).
     """
 
-    def sqliteQueue(self) -> Any:
+    def sqliteQueue(self, writer: Any = None) -> Any:
         from pathlib import Path
 
         from mailfw.queue._sqlite import SQLiteQueue, SynchronousExecutor
@@ -967,11 +967,16 @@ class SchedulerWithSQLiteTests(SchedulerTestsMixin):
         return SQLiteQueue(
             path / "q.sqlite",
             self.clock,
-            writer=SynchronousExecutor(),
+            writer=writer or SynchronousExecutor(),
             reader=SynchronousExecutor(),
             spool=SynchronousExecutor(),
             deliver=lambda f: f(),
         )
+
+    def startCommit(self, envelope: Envelope) -> Deferred[str]:
+        incoming = self.queue.receive(envelope)
+        incoming.write(b"Subject: hi\r\n\r\nhello\r\n")
+        return incoming.commit()
 
     def test_deliverAndBounce(self) -> None:
         """
@@ -1030,6 +1035,61 @@ class SchedulerWithSQLiteTests(SchedulerTestsMixin):
         self.clock.advance(0)
         agent.answer(agent.deliveries[1])
         self.assertEqual([d.addresses for d in agent.deliveries], [["a@example.com"], ["b@example.com"]])
+        self.assertEqual(self.successResultOf(self.queue.list(Selector())), [])
+
+    def test_offersWithinRoom(self) -> None:
+        """
+        The messages of one group commit are leased only as far as the
+        scheduler has room for them all; the others are stored ready and
+        claimed as deliveries finish.
+        """
+        from tests.test_queue_sqlite import ManualExecutor
+
+        writer = ManualExecutor()
+        self.queue = self.sqliteQueue(writer)
+        agent = FakeAgent(self.clock, manual=True)
+        self.makeScheduler(agent, maxConcurrent=2, claimAhead=2)
+        writer.run()  # the start-up recovery
+        commits = [self.startCommit(makeEnvelope(f"r{i}@example.com")) for i in range(5)]
+        writer.run()
+        for d in commits:
+            self.successResultOf(d)
+        states = [m.recipients[0].state for m in self.successResultOf(self.queue.list(Selector()))]
+        self.assertEqual(sorted(s.value for s in states), ["leased", "leased", "ready", "ready", "ready"])
+        for _ in range(10):
+            self.clock.advance(0)
+            writer.run()
+            for delivery in agent.deliveries:
+                if not delivery.deferred.called:
+                    agent.answer(delivery)
+            writer.run()
+        self.assertEqual(sorted(d.addresses[0] for d in agent.deliveries), [f"r{i}@example.com" for i in range(5)])
+        self.assertEqual(self.successResultOf(self.queue.list(Selector())), [])
+
+    def test_restartWhileCommitting(self) -> None:
+        """
+        A message whose lease was made before the scheduler restarted, and
+        whose commit lands before the restart's recovery returns it to
+        ready, is delivered once (claimed again), not twice.
+        """
+        from tests.test_queue_sqlite import ManualExecutor
+
+        writer = ManualExecutor()
+        self.queue = self.sqliteQueue(writer)
+        agent = FakeAgent(self.clock, manual=True)
+        scheduler = self.makeScheduler(agent)
+        writer.run()
+        committed = self.startCommit(makeEnvelope("a@example.com"))
+        self.successResultOf(scheduler.stopService())
+        scheduler.startService()
+        writer.run()  # the insert, then the recovery, in one batch
+        self.successResultOf(committed)
+        for _ in range(5):
+            self.clock.advance(0)
+            writer.run()
+        self.assertEqual([d.addresses for d in agent.deliveries], [["a@example.com"]])
+        agent.answer(agent.deliveries[0])
+        writer.run()
         self.assertEqual(self.successResultOf(self.queue.list(Selector())), [])
 
     def test_offeredAfterStopRecovered(self) -> None:

@@ -264,6 +264,8 @@ class Scheduler(Service):
         self._outstanding = 0
         self._backlog = False
         self._claiming = False
+        self._claimRoom = 0
+        self._accepting = False
         self._pumping = False
         self._wanted = False
         self._dispatching = False
@@ -289,9 +291,15 @@ class Scheduler(Service):
             if count:
                 self.log.info("recovered {count} recipients from an earlier run", count=count)
 
+        def start(_: object) -> None:
+            # Only now: a lease handed over before recovery may have just
+            # been returned to ready by it (see _take).
+            self._accepting = bool(self.running)
+            self._wake()
+
         d.addCallback(recovered)
         d.addErrback(lambda f: self.log.failure("recovering the queue failed", f))
-        d.addBoth(lambda _: self._wake())
+        d.addBoth(start)
 
     def stopService(self) -> Deferred[None]:
         """
@@ -305,6 +313,9 @@ class Scheduler(Service):
                 call.cancel()
         self._timer = self._soon = self._offeredCall = None
         # Offered leases not started yet are recovered at the next start.
+        self._accepting = False
+        for lease in self._offered:
+            self._outstanding -= len(lease.recipients)
         self._offered = []
         if not self._leases:
             return succeed(None)
@@ -335,18 +346,28 @@ class Scheduler(Service):
     def _room(self) -> int:
         """
         How many more recipients the queue may hand over already leased
-        (see L{ILeaseOffers}).
+        (see L{ILeaseOffers}): the claim-ahead limit less what is leased,
+        handed over or being claimed.
         """
-        if not self.running:
+        if not self._accepting:
             return 0
-        waiting = sum(len(lease.recipients) for lease in self._offered)
-        return self._claimAhead - self._outstanding - waiting
+        return self._claimAhead - self._outstanding - self._claimRoom
 
     def _take(self, lease: Lease) -> None:
-        # A new message, stored leased to us.  Start it on the next reactor
-        # turn, with the others of this turn: the client gets its 250 first.
-        if not self.running:
+        """
+        A new message, stored leased to us: start it on the next reactor
+        turn, with the others of this turn (the client gets its 250 first).
+
+        Not while stopped, nor after a restart before its recovery is done:
+        that recovery may have returned this very lease to ready, to be
+        claimed again (the queue hands leases over in commit order, so a
+        lease handed over after the recovery finished is still valid).
+        Either way the recipients stay in the queue: a later recovery or
+        claim finds them.
+        """
+        if not self._accepting:
             return
+        self._outstanding += len(lease.recipients)
         self._offered.append(lease)
         if self._offeredCall is None:
             self._offeredCall = self._clock.callLater(0, self._startOffered)
@@ -355,7 +376,7 @@ class Scheduler(Service):
         self._offeredCall = None
         offered, self._offered = self._offered, []
         for lease in offered:
-            self._start(lease)
+            self._begin(lease)
 
     def _wakeBy(self, when: float) -> None:
         """
@@ -396,15 +417,18 @@ class Scheduler(Service):
             self._backlog = True
             return
         self._claiming = True
+        self._claimRoom = room
         d = self._queue.claim(self._clock.seconds(), room)
         d.addCallbacks(self._claimed, self._claimFailed, callbackArgs=(room,))
 
     def _claimed(self, leases: Sequence[Lease], room: int) -> None:
         self._claiming = False
+        self._claimRoom = 0
         count = sum(len(lease.recipients) for lease in leases)
         self._backlog = count >= room
         for lease in leases:
-            self._start(lease)
+            self._outstanding += len(lease.recipients)
+            self._begin(lease)
         if self._backlog:
             self._wake()
         else:
@@ -412,6 +436,7 @@ class Scheduler(Service):
 
     def _claimFailed(self, failure: Failure) -> None:
         self._claiming = False
+        self._claimRoom = 0
         self.log.failure("claiming from the queue failed; retrying in 10 seconds", failure)
         self._setTimer(10.0)
 
@@ -435,8 +460,10 @@ class Scheduler(Service):
 
     # --- one lease -----------------------------------------------------------------
 
-    def _start(self, lease: Lease) -> None:
-        self._outstanding += len(lease.recipients)
+    def _begin(self, lease: Lease) -> None:
+        """
+        Deliver C{lease}, whose recipients L{_outstanding} already counts.
+        """
         d = Deferred.fromCoroutine(self._handle(lease))
         self._leases.add(d)
 

@@ -56,6 +56,7 @@ class LeaseOffers:
     def __init__(self) -> None:
         self._room: Callable[[], int] | None = None
         self._take: Callable[[Lease], None] | None = None
+        self._committing = 0
 
     def register(self, room: Callable[[], int], take: Callable[[Lease], None]) -> None:
         self._room, self._take = room, take
@@ -66,11 +67,14 @@ class LeaseOffers:
         """
         The lease to store a new message under (with C{token}, until
         C{expires}), or L{None} to store it ready: nobody takes offers, or
-        the taker has no room for all its recipients.
+        the taker has no room for all its recipients besides those of the
+        leased messages still committing (a group commit holds many).
+        Pass the commit's outcome to L{hand} or L{withdraw}.
         """
         count = len(envelope.recipients)
-        if self._room is None or not count or self._room() < count:
+        if self._room is None or not count or self._room() - self._committing < count:
             return None
+        self._committing += count
         recipients = tuple(
             QueuedRecipient(index, recipient, RecipientState.LEASED, 0, now)
             for index, recipient in enumerate(envelope.recipients)
@@ -84,11 +88,20 @@ class LeaseOffers:
         client's 250 into an error, and the lease is recovered anyway.
         """
         assert self._take is not None
+        self._committing -= len(lease.recipients)
         try:
             self._take(lease)
         except Exception:
             self.log.failure("handing {queueID} to the scheduler failed", queueID=queueID)
         return queueID
+
+    def withdraw(self, failure: Failure, lease: Lease) -> Failure:
+        """
+        The commit of C{lease}'s message failed (an errback): its room is
+        free again.
+        """
+        self._committing -= len(lease.recipients)
+        return failure
 
 
 class SpoolingQueue(Protocol):

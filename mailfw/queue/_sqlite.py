@@ -789,7 +789,9 @@ class SQLiteQueue:
 
         d = self._write(insert, None if spooled is None else spooled.close)
         if lease is not None:
-            return d.addCallback(self._offers.hand, lease)
+            return d.addCallbacks(
+                self._offers.hand, self._offers.withdraw, callbackArgs=(lease,), errbackArgs=(lease,)
+            )
         return d.addCallback(self._notify) if envelope.recipients else d
 
     def offerNew(self, room: Callable[[], int], take: Callable[[Lease], None]) -> None:
