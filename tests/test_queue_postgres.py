@@ -429,6 +429,64 @@ class PostgresNodeTests(SynchronousTestCase):
         self.enqueue(a, "x@example.com")
         self.assertEqual(self.helpers.sql("SELECT COUNT(*) FROM messages"), [(1,)])
 
+    def test_queueIDCollision(self) -> None:
+        """
+        A new message that draws the ID of a stored one fails to commit (the
+        client is asked to try again), leaves the stored one alone and is
+        not handed to the scheduler.
+        """
+        from mailfw.queue._postgres import QueueIDTaken
+
+        a = self.node("a", idGenerator=lambda: "SAMEID")
+        taken: list[Lease] = []
+        a.offerNew(lambda: 10, taken.append)
+        self.enqueue(a, "alice@example.com", body=b"for alice\r\n")
+        incoming = a.receive(makeEnvelope("mallory@example.com"))
+        incoming.write(b"for mallory\r\n")
+        self.waitFailure(incoming.commit(), QueueIDTaken)
+        self.assertEqual([lease.envelope.recipients[0].address.localpart for lease in taken], ["alice"])
+        self.assertEqual(self.helpers.sql("SELECT address FROM recipients"), [("alice@example.com",)])
+        self.assertEqual(
+            self.helpers.sql("SELECT body FROM message_bodies"), [(b"for alice\r\n",)]
+        )
+
+    def test_commitUnresolvedReleasesLease(self) -> None:
+        """
+        When the commit's answer is lost and checking for the message fails
+        too, the client gets an error; the message, stored leased to this
+        node (which will not deliver it), is returned to ready for any node.
+        """
+        import psycopg
+
+        def lose() -> None:
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+        a = self.node("a", afterInsert=lose)
+        taken: list[Lease] = []
+        a.offerNew(lambda: 10, taken.append)
+        real = a._transact
+        calls = [0]
+
+        def transact(function: Callable[[Any], Any]) -> Deferred[Any]:
+            calls[0] += 1
+            if calls[0] == 2:  # the check whether the message is stored
+
+                def fails(cursor: Any) -> Any:
+                    raise psycopg.OperationalError("connection lost")
+
+                return real(fails)  # type: ignore[no-any-return]
+            return real(function)  # type: ignore[no-any-return]
+
+        a._transact = transact
+        incoming = a.receive(makeEnvelope("x@example.com"))
+        incoming.write(b"x\r\n")
+        self.waitFailure(incoming.commit(), psycopg.OperationalError)
+        self.assertEqual(taken, [])
+        self.helpers.waitUntil(
+            lambda: self.helpers.sql("SELECT state, lease_owner FROM recipients") == [("ready", None)],
+            "the lease to be released",
+        )
+
     def test_otherErrorsNotRetried(self) -> None:
         """
         A statement the server refuses is not retried: the commit fails.

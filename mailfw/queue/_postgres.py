@@ -694,9 +694,15 @@ class PostgresQueue:
                 afterInsert()
             return queueID
 
+        envelopeText = envelopeToJSON(envelope)
+
         def exists(cursor: Cursor[Any]) -> bool:
+            # This message, not another that drew the same ID.
             return (
-                cursor.execute("SELECT 1 FROM messages WHERE id = %s", (queueID,)).fetchone()
+                cursor.execute(
+                    "SELECT 1 FROM messages WHERE id = %s AND envelope = %s",
+                    (queueID, envelopeText),
+                ).fetchone()
                 is not None
             )
 
@@ -716,6 +722,13 @@ class PostgresQueue:
                 return self._transact(insert)
 
             def unresolved(_: Failure) -> Failure:
+                if lease is not None:
+                    # It may be stored, leased to this live node, which
+                    # will not deliver it: return it to ready if it is.
+                    released = lease
+                    self._transact(lambda cursor: _releaseLease(cursor, released)).addErrback(
+                        lambda f: self.log.failure("releasing {queueID} failed", f, queueID=queueID)
+                    )
                 return failure
 
             resolved: Deferred[str] = self._transact(exists).addCallback(checked)
@@ -730,7 +743,9 @@ class PostgresQueue:
 
             d.addBoth(closeSpool)
         if lease is not None:
-            d.addCallback(self._offers.hand, lease)
+            d.addCallbacks(
+                self._offers.hand, self._offers.withdraw, callbackArgs=(lease,), errbackArgs=(lease,)
+            )
         elif envelope.recipients:
             d.addCallback(self._notify)
         return d
@@ -1148,17 +1163,25 @@ def _insert(
 ) -> None:
     """
     Insert one message: its row, its body and its recipient rows (leased
-    to C{owner} under C{lease}, if given).  Inserting an ID that is already
-    stored does nothing (a retried commit).
+    to C{owner} under C{lease}, if given).  Inserting this message again
+    does nothing (a retried commit); another message with its ID fails
+    with L{QueueIDTaken}.
     """
     if not envelope.recipients:
         return
+    envelopeText = envelopeToJSON(envelope)
     row = cursor.execute(
         pyformat(INSERT_MESSAGE) + " ON CONFLICT (id) DO NOTHING RETURNING id",
-        (queueID, envelope.senderText, envelopeToJSON(envelope), size, envelope.arrival),
+        (queueID, envelope.senderText, envelopeText, size, envelope.arrival),
     ).fetchone()
     if row is None:
-        return
+        stored = cursor.execute(
+            "SELECT envelope FROM messages WHERE id = %s", (queueID,)
+        ).fetchone()
+        if stored is not None and stored[0] == envelopeText:
+            return  # this very message: a retried commit
+        # Another message drew this ID: fail, and the client tries again.
+        raise QueueIDTaken(queueID)
     if spooled is None:
         cursor.execute(
             "INSERT INTO message_bodies (message_id, body) VALUES (%s, %s)", (queueID, body or b"")
@@ -1175,6 +1198,23 @@ def _insert(
                 for row in recipientRows(queueID, envelope, now, RecipientState.LEASED)
             ],
         )
+
+
+class QueueIDTaken(Exception):
+    """
+    A new message drew the queue ID of a message already stored.
+    """
+
+
+def _releaseLease(cursor: Cursor[Any], lease: Lease) -> None:
+    """
+    Return C{lease}'s recipients to ready, if they are still under it.
+    """
+    cursor.execute(
+        f"UPDATE recipients SET state = %s, {_CLEAR_LEASE}"
+        " WHERE message_id = %s AND state = %s AND lease_token = %s",
+        (_READY, lease.queueID, _LEASED, lease.token),
+    )
 
 
 def _dropIfDone(cursor: Cursor[Any], queueIDs: Sequence[str]) -> None:
