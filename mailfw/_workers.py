@@ -438,8 +438,9 @@ class _LineObserver:
     def __init__(self, fd: int, number: int) -> None:
         self._fd = fd
         self._number = number
-        self._second: int | None = None
-        self._stamp = ""
+        # One tuple, so that a thread logging at the same time never pairs
+        # one second with another's stamp.
+        self._stamp: tuple[int, str] = (-1, "")
 
     def __call__(self, event: dict[str, Any]) -> None:
         line = self.format(event)
@@ -463,10 +464,10 @@ class _LineObserver:
         if when is None:
             stamp = formatTime(None)
         else:
-            second = int(when)
-            if second != self._second:
-                self._second, self._stamp = second, formatTime(second)
-            stamp = self._stamp
+            second, stamp = self._stamp
+            if int(when) != second:
+                stamp = formatTime(int(when))
+                self._stamp = (int(when), stamp)
         system = _system(event.get("log_namespace", "-"), event.get("log_level"), self._number)
         return f"{stamp} [{system}] {text}".replace("\n", "\n\t") + "\n"
 
