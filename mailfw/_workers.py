@@ -25,7 +25,10 @@ whose standard input closes (the parent died, even by SIGKILL) stops.  The
 parent stops its workers with SIGTERM when it stops, and SIGKILL after
 L{WorkerPool.stopTimeout} seconds.  A worker that dies while the parent
 runs is logged and not restarted: the remaining processes keep serving the
-shared sockets, and the leases it held are recovered when they expire.
+shared sockets, and the SQLite queue returns the leases it held to ready
+within a minute (L{SQLiteQueue} reaps the leases of this host's ended
+processes; so it does for a previous run's process that was still
+stopping when a restarted server recovered).
 
 Start-up lease recovery is safe with siblings: L{SQLiteQueue.recover}
 leaves alone the leases of live processes on this host.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -441,7 +442,7 @@ class RecoveryTests(SynchronousTestCase):
             deliver=_call,
             owner=owner,
         )
-        self.addCleanup(q.close)
+        self.addCleanup(lambda: None if q._closed else q.close())
         return q
 
     def leaseAs(self, owner: str) -> None:
@@ -466,6 +467,47 @@ class RecoveryTests(SynchronousTestCase):
         self.leaseAs(f"{self.host}:{os.getppid()}")
         self.clock.advance(10_000)
         self.assertEqual(self.successResultOf(self.queue().recover(float("inf"))), 1)
+
+    def test_reapsEndedSiblingsWhileRunning(self) -> None:
+        """
+        Once a queue has recovered at start-up, it returns the leases of
+        this host's processes that have since ended to ready every
+        C{reapSeconds} (a worker that died, or a process of the previous
+        run that was still stopping), long before they expire; its own,
+        a live sibling's and another host's leases stay.
+        """
+        q = self.queue()
+        self.successResultOf(q.recover(float("inf")))
+        dead = f"{self.host}:{2**22 + 7}"
+        for owner in (dead, f"{self.host}:{os.getppid()}", f"elsewhere:{2**22 + 9}"):
+            self.leaseAs(owner)
+        incoming = q.receive(makeEnvelope("own@example.com"))
+        incoming.write(b"x\r\n")
+        self.successResultOf(incoming.commit())
+        self.assertEqual(len(self.successResultOf(q.claim(self.clock.seconds(), 10))), 1)
+        woken: list[None] = []
+        q.notifyDue(lambda: woken.append(None))
+        self.clock.advance(q.reapSeconds)
+        owners = sorted(
+            (str(row[0]), row[1])
+            for row in sqlite3.connect(str(self.path)).execute(
+                "SELECT lease_owner, state FROM recipients"
+            )
+        )
+        self.assertEqual(
+            owners,
+            sorted(
+                [
+                    ("None", "ready"),
+                    (f"{self.host}:{os.getppid()}", "leased"),
+                    (f"elsewhere:{2**22 + 9}", "leased"),
+                    (f"{self.host}:{os.getpid()}", "leased"),
+                ]
+            ),
+        )
+        self.assertEqual(woken, [None])
+        self.successResultOf(q.close())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_recoversDeadOwnAndForeign(self) -> None:
         """

@@ -52,7 +52,9 @@ calls at start-up with an infinite time, because on one node every lease
 in an SQLite queue belongs to the process that died) returns them to
 ready, so they are delivered again: at least once, never lost.  Worker
 processes (C{--workers}) share the file; recovery spares the unexpired
-leases of a live sibling process on this host.
+leases of a live sibling process on this host, and once a minute each
+queue returns to ready the leases of this host's processes that have
+ended meanwhile.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ from typing import (
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -487,6 +490,7 @@ class SQLiteQueue:
         spoolDirectory: Path | None = None,
         configureConnection: Callable[[sqlite3.Connection], None] | None = None,
         beforeCommit: Callable[[], None] | None = None,
+        reapSeconds: float = 60.0,
     ) -> None:
         """
         Open the queue, creating the database if needed (synchronously:
@@ -506,6 +510,9 @@ class SQLiteQueue:
             of the database).
         @param beforeCommit: called on the writer thread just before each
             C{COMMIT}; a seam for tests.
+        @param reapSeconds: how often, once L{recover} first ran, the
+            leases of this host's processes that have ended are returned to
+            ready (see L{_reapDeadSiblings}).
         """
         self._path = Path(path)
         self._clock = clock
@@ -534,6 +541,8 @@ class SQLiteQueue:
         self._lockFile: int | None = None
         self._readerConnection: sqlite3.Connection | None = None
         self._closed = False
+        self._reaper: LoopingCall | None = None
+        self.reapSeconds = reapSeconds
         self._tokens = itertools.count(1)
         self._tokenPrefix = os.urandom(8).hex()
         self._recent = _Recent()
@@ -1000,7 +1009,57 @@ class SQLiteQueue:
                 (_READY, _LEASED, now, clockNow, *spared),
             ).rowcount
 
+        if self._reaper is None and not self._closed:
+            # From the first recovery (the scheduler's start) on.
+            self._reaper = LoopingCall(self._reapDeadSiblings)
+            self._reaper.clock = self._clock
+            self._reaper.start(self.reapSeconds, now=False).addErrback(
+                lambda f: self.log.failure("reaping leases failed", f)
+            )
         return self._write(recover).addCallback(self._notifyIf)
+
+    def _reapDeadSiblings(self) -> Deferred[int]:
+        """
+        Return to ready the leases of processes on this host that no longer
+        run: a worker that died while the others went on, or one of the
+        processes before a restart that was still stopping when the new
+        ones recovered.  SQLite's counterpart of PostgreSQL's heartbeats:
+        without it their recipients would wait for their leases to expire.
+        """
+        host = self._owner.rpartition(":")[0]
+
+        def reap(connection: sqlite3.Connection) -> int:
+            owners = [
+                row[0]
+                for row in connection.execute(
+                    "SELECT DISTINCT lease_owner FROM recipients WHERE state = ?", (_LEASED,)
+                )
+            ]
+            dead = [
+                owner
+                for owner in owners
+                if isinstance(owner, str)
+                and owner != self._owner
+                and owner.rpartition(":")[0] == host
+                and not self._liveSibling(owner)
+            ]
+            if not dead:
+                return 0
+            count = connection.execute(
+                f"UPDATE recipients SET state = ?, {_CLEAR_LEASE}"
+                f" WHERE state = ? AND lease_owner IN ({_marks(dead)})",
+                (_READY, _LEASED, *dead),
+            ).rowcount
+            return int(count)
+
+        def reaped(count: int) -> int:
+            if count:
+                self.log.info(
+                    "returned {count} recipients leased by processes that ended", count=count
+                )
+            return self._notifyIf(count)
+
+        return self._write(reap, durable=False).addCallback(reaped)
 
     def _liveSibling(self, owner: object) -> bool:
         """
@@ -1142,6 +1201,8 @@ class SQLiteQueue:
             return fail(RuntimeError("the queue is already closed"))
         d: Deferred[None] = self._write(lambda connection: None)
         self._closed = True
+        if self._reaper is not None and self._reaper.running:
+            self._reaper.stop()
 
         def closeWriter(_: None) -> Deferred[None]:
             done: Deferred[None] = Deferred()
