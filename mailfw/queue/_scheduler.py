@@ -360,10 +360,11 @@ class Scheduler(Service):
 
         Not while stopped, nor after a restart before its recovery is done:
         that recovery may have returned this very lease to ready, to be
-        claimed again (the queue hands leases over in commit order, so a
-        lease handed over after the recovery finished is still valid).
-        Either way the recipients stay in the queue: a later recovery or
-        claim finds them.
+        claimed again (the SQLite queue hands leases over in commit order,
+        so a lease handed over after the recovery finished is still valid;
+        a restart within one process is for tests and embedding, a new
+        process has no commits of the old one in flight).  Either way the
+        recipients stay in the queue: a later recovery or claim finds them.
         """
         if not self._accepting:
             return
