@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -266,6 +267,45 @@ class PostgresNodeTests(SynchronousTestCase):
         self.assertEqual((taken, notified), ([], [None]))
         [lease] = self.wait(b.claim(self.clock.seconds(), 10))
         self.assertEqual(len(lease.recipients), 2)
+
+    def test_concurrentRecordsOfOneMessage(self) -> None:
+        """
+        When two nodes record the last two recipients of one message at the
+        same time (each leased one), the message and its body are deleted:
+        records of one message take turns, so the second sees the first's
+        delete rather than both seeing the other's recipient still there.
+        """
+        a, b = self.node("a"), self.node("b")
+        self.enqueue(a, "x@example.com", "y@example.com")
+        [first] = self.wait(a.claim(self.clock.seconds(), 1))
+        [second] = self.wait(b.claim(self.clock.seconds(), 1))
+        self.assertNotEqual(first.recipients[0].index, second.recipients[0].index)
+        inside, go = threading.Event(), threading.Event()
+        real = a._transact
+
+        def transact(function: Callable[[Any], Any]) -> Deferred[Any]:
+            def held(cursor: Any) -> Any:
+                result = function(cursor)
+                inside.set()  # done, not yet committed
+                go.wait(TIMEOUT)
+                return result
+
+            return real(held)  # type: ignore[no-any-return]
+
+        a._transact = transact
+
+        def delivered(lease: Lease) -> list[Disposition]:
+            return [Disposition(r.index, RecipientOutcome(r.recipient, OK)) for r in lease.recipients]
+
+        recordedFirst = a.record(first, delivered(first))
+        self.assertTrue(inside.wait(TIMEOUT))
+        recordedSecond = b.record(second, delivered(second))
+        time.sleep(0.5)  # let b's record run as far as it can meanwhile
+        go.set()
+        self.wait(recordedFirst)
+        self.wait(recordedSecond)
+        self.assertEqual(self.helpers.sql("SELECT COUNT(*) FROM messages"), [(0,)])
+        self.assertEqual(self.helpers.sql("SELECT COUNT(*) FROM message_bodies"), [(0,)])
 
     def test_fencedAfterTakeover(self) -> None:
         """

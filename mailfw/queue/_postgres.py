@@ -808,9 +808,14 @@ class PostgresQueue:
         def record(cursor: Cursor[Any]) -> bool:
             queueID = lease.queueID
             claimed = [r.index for r in lease.recipients]
+            # Locking the message row too makes records of one message
+            # take turns: two nodes recording its last recipients at once
+            # would otherwise each see the other's row in _dropIfDone and
+            # leave the message behind with none.
             rows = cursor.execute(
-                "SELECT idx, state, lease_token FROM recipients WHERE message_id = %s"
-                " AND idx = ANY(%s) FOR UPDATE",
+                "SELECT r.idx, r.state, r.lease_token FROM recipients r"
+                " JOIN messages m ON m.id = r.message_id"
+                " WHERE r.message_id = %s AND r.idx = ANY(%s) FOR UPDATE",
                 (queueID, claimed),
             ).fetchall()
             if len(rows) != len(claimed) or any(
