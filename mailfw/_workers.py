@@ -171,10 +171,10 @@ _LOG_RELAY = "log=relay"
 def logsToStandardOutput(runnerOptions: Mapping[str, Any] | None) -> bool:
     """
     Whether twistd, whose options are C{runnerOptions}, writes its log as
-    text lines to its standard output: C{twistd -n} without C{--logfile}
-    (or with C{--logfile=-}), C{--logger} or C{--syslog}.  Anything else
-    (C{twist}, a log file twistd rotates, a custom observer) is not known
-    to be that, so workers relay their events through the parent.
+    text lines to its standard output: C{twistd -n} with no C{--logfile}
+    (or C{--logfile=-}) and neither C{--logger} nor C{--syslog}.  Anything
+    else (C{twist}, a log file twistd rotates, a custom observer) is not
+    known to be that, so workers relay their events through the parent.
     """
     if runnerOptions is None or not {"nodaemon", "logfile"} <= set(runnerOptions):
         return False
