@@ -603,17 +603,17 @@ class SMTPClient(LineReceiver):
         ]
         timeouts = self.options.timeouts
         pipelining = caps.has("PIPELINING")
+        rcptDs: list[Deferred[Response]] = []
+        dataD: Deferred[Response] | None = None
 
         try:
             if pipelining:
                 self._send(mail, *rcpts, b"DATA")
                 mailD = self._expect(timeouts.command)
                 rcptDs = [self._expect(timeouts.command) for _ in rcpts]
-                dataD: Deferred[Response] | None = self._expect(timeouts.data)
+                dataD = self._expect(timeouts.data)
             else:
                 mailD = self.command(mail)
-                rcptDs = []
-                dataD = None
             mailResponse: Response = yield mailD
             if mailResponse.code != 250:
                 if pipelining:
@@ -656,6 +656,11 @@ class SMTPClient(LineReceiver):
                 yield self.command(b".", timeouts.dataDone)
                 return _filled(replies, _errorReply("RCPT"))
         except (_ReplyTimeout, _Lost, _ProtocolError) as e:
+            # Pipelined replies not waited for fail the same way: consumed
+            # here, not logged as unhandled.
+            for pending in (*rcptDs, dataD):
+                if pending is not None:
+                    pending.addErrback(lambda f: None)
             reply = _problemReply(e, "the transaction")
             if not any(r is not None and r is not _NEEDS_UTF8 for r in replies):
                 # Nothing decided yet: another host may do better.
