@@ -61,6 +61,7 @@ class ScriptedServer(LineReceiver):
         self.log = log
         self.quits = quits
         self.inData = False
+        self.mails = 0
         self.message: dict[str, Any] = {"rcpts": [], "data": b"", "lines": []}
 
     def reply(self, *lines: str) -> None:
@@ -76,6 +77,8 @@ class ScriptedServer(LineReceiver):
                 self.log.append(self.message)
                 self.message = {"rcpts": [], "data": b"", "lines": []}
                 self.reply(self.script.get("final", "250 2.0.0 queued"))
+                if self.script.get("closeAfterMessage"):
+                    self.transport.loseConnection()
             else:
                 self.message["data"] += (line[1:] if line.startswith(b".") else line) + b"\r\n"
             return
@@ -85,7 +88,13 @@ class ScriptedServer(LineReceiver):
         if verb == "EHLO":
             self.reply(*self.script.get("ehlo", ["250-fake", "250 PIPELINING"]))
         elif verb == "MAIL":
-            self.reply(self.script.get("mail", "250 2.1.0 ok"))
+            if self.mails and "laterMail" in self.script:
+                self.reply(self.script["laterMail"])
+                if self.script["laterMail"].startswith("421"):
+                    self.transport.loseConnection()
+            else:
+                self.reply(self.script.get("mail", "250 2.1.0 ok"))
+            self.mails += 1
         elif verb == "RCPT":
             address = text[text.index("<") + 1 : text.index(">")]
             answer = self.script.get("rcpt", {}).get(address, "250 2.1.5 ok")
@@ -228,7 +237,8 @@ class RelayTests(SynchronousTestCase):
     def test_deliversToFirstMX(self) -> None:
         """
         Mail goes to the most preferred MX host, on port 25, and arrives
-        intact; the outcome names that host.
+        intact; the outcome names that host.  The connection says QUIT once
+        it has waited the cache time for another transaction.
         """
         agent, network = makeAgent({"192.0.2.1": {}, "192.0.2.2": {}})
         outcomes = deliver(agent, network, envelope("a@example.net"))
@@ -237,7 +247,74 @@ class RelayTests(SynchronousTestCase):
         [message] = network.messages["192.0.2.1"]
         self.assertEqual(message["data"], SAMPLE)
         network.settle()
+        self.assertEqual(network.quits, [])
+        network.clock.advance(agent.cacheTime)
+        network.settle()
         self.assertEqual(network.quits, [1])
+
+    def test_reusesConnection(self) -> None:
+        """
+        A second message to the same host within the cache time goes over
+        the first one's connection: one connection, one EHLO, two
+        transactions, then QUIT once it has idled.
+        """
+        agent, network = makeAgent({"192.0.2.1": {}})
+        deliver(agent, network, envelope("a@example.net"))
+        network.clock.advance(agent.cacheTime / 2)
+        outcomes = deliver(agent, network, envelope("b@example.net"))
+        self.assertEqual(summary(outcomes), [("b@example.net", 250, "2.0.0", "mx1.example.net")])
+        self.assertEqual(network.attempts, [("192.0.2.1", 25)])
+        [first, second] = network.messages["192.0.2.1"]
+        self.assertEqual((first["rcpts"], second["rcpts"]), (["a@example.net"], ["b@example.net"]))
+        self.assertEqual(sum(line.startswith("EHLO") for line in first["lines"]), 1)
+        self.assertFalse(any(line.startswith("EHLO") for line in second["lines"]))
+        network.settle()
+        self.assertEqual(network.quits, [])
+        network.clock.advance(agent.cacheTime)
+        network.settle()
+        self.assertEqual(network.quits, [1])
+
+    def test_closedConnectionReplaced(self) -> None:
+        """
+        A cached connection the host has closed meanwhile is not used: the
+        next message gets a new connection.
+        """
+        agent, network = makeAgent({"192.0.2.1": {"closeAfterMessage": True}})
+        deliver(agent, network, envelope("a@example.net"))
+        network.settle()
+        outcomes = deliver(agent, network, envelope("b@example.net"))
+        self.assertEqual(summary(outcomes), [("b@example.net", 250, "2.0.0", "mx1.example.net")])
+        self.assertEqual(network.attempts, [("192.0.2.1", 25), ("192.0.2.1", 25)])
+
+    def test_staleConnectionReplaced(self) -> None:
+        """
+        A cached connection whose host refuses the next MAIL with a 4xx is
+        closed and a new one made to the same host, which takes the
+        message; that does not count as the host failing (the second MX is
+        not tried).
+        """
+        agent, network = makeAgent(
+            {"192.0.2.1": {"laterMail": "421 4.7.0 one message per connection"}, "192.0.2.2": {}}
+        )
+        deliver(agent, network, envelope("a@example.net"))
+        outcomes = deliver(agent, network, envelope("b@example.net"))
+        self.assertEqual(summary(outcomes), [("b@example.net", 250, "2.0.0", "mx1.example.net")])
+        self.assertEqual(network.attempts, [("192.0.2.1", 25), ("192.0.2.1", 25)])
+        self.assertEqual([m["rcpts"] for m in network.messages["192.0.2.1"]], [["a@example.net"], ["b@example.net"]])
+
+    def test_reuseLimitAndCacheOff(self) -> None:
+        """
+        A connection older than the reuse limit, or any connection when the
+        cache time is 0, says QUIT right after its transaction.
+        """
+        for attribute, value in (("reuseLimit", 0.0), ("cacheTime", 0.0)):
+            agent, network = makeAgent({"192.0.2.1": {}})
+            setattr(agent, attribute, value)
+            deliver(agent, network, envelope("a@example.net"))
+            network.settle()
+            self.assertEqual(network.quits, [1], attribute)
+            deliver(agent, network, envelope("b@example.net"))
+            self.assertEqual(len(network.attempts), 2, attribute)
 
     def test_firstMXRefuses(self) -> None:
         """

@@ -21,17 +21,27 @@ A route with no next hop (the router's default for remote domains) is
 delivered to each recipient's domain, so recipients of several domains in
 one group are split by domain.
 
+After a transaction the connection is kept for C{connection_cache_time}
+seconds (default 2, like Postfix's C{smtp_connection_cache_time_limit})
+and the next delivery to the same next hop uses a cached connection to
+any of its hosts (in preference order) instead of connecting, greeting
+and negotiating TLS again; a connection is reused for at most
+L{SMTPRelayAgent.reuseLimit} seconds after it was made, then closed with
+C{QUIT}.  A cached connection that turns out stale (the host closed it, or
+answers MAIL with a 4xx) is dropped and a new one made, without counting
+as a failure of the host.
+
 A domain that needs TLS (or a verified certificate) gets its own instance
 with C{tls = "verify"} and a transport entry in C{[routing]} pointing to it.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Generator, Mapping, Sequence
 
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -61,6 +71,17 @@ BAD_NEXTHOP = SMTPReply(451, "4.3.5", "Delivery configuration error (bad next ho
 INTERNAL = SMTPReply(451, "4.3.0", "Internal error while relaying")
 
 
+@dataclass
+class _Idle:
+    """
+    A connection waiting for the next transaction to its host.
+    """
+
+    client: SMTPClient
+    connectedAt: float
+    expiry: IDelayedCall
+
+
 @implementer(IDeliveryAgent)
 class SMTPRelayAgent:
     """
@@ -69,9 +90,16 @@ class SMTPRelayAgent:
     @ivar connect: connects an L{SMTPClient} to a host and port; fires
         when connected, fails when the connection cannot be made.  Tests
         replace it with an in-memory connection.
+    @ivar cacheTime: how long a connection waits for another transaction
+        after one (0: close at once).
+    @ivar reuseLimit: seconds after which a connection is not used again
+        (like Postfix's C{smtp_connection_reuse_time_limit}).
+    @ivar maxIdle: idle connections kept per host and port at most.
     """
 
     log = Logger()
+    reuseLimit = 300.0
+    maxIdle = 20
 
     def __init__(
         self,
@@ -81,6 +109,7 @@ class SMTPRelayAgent:
         connect: Connector,
         options: ClientOptions,
         port: int = 25,
+        cacheTime: float = 2.0,
     ) -> None:
         self.name = name
         self.clock = clock
@@ -88,6 +117,43 @@ class SMTPRelayAgent:
         self.connect = connect
         self.options = options
         self.port = port
+        self.cacheTime = cacheTime
+        self._idle: dict[tuple[str, int], list[_Idle]] = {}
+
+    def _takeIdle(self, address: str, port: int) -> _Idle | None:
+        """
+        A cached connection to C{address} and C{port} that is still open.
+        """
+        idle = self._idle.get((address, port), [])
+        while idle:
+            entry = idle.pop()
+            entry.expiry.cancel()
+            if entry.client.connected:
+                return entry
+        return None
+
+    def _release(self, client: SMTPClient, address: str, port: int, connectedAt: float) -> None:
+        """
+        A transaction on C{client} is over: keep the connection for the
+        next one to this host, or say C{QUIT}.
+        """
+        idle = self._idle.setdefault((address, port), [])
+        if (
+            self.cacheTime <= 0
+            or not client.connected
+            or self.clock.seconds() - connectedAt >= self.reuseLimit
+            or len(idle) >= self.maxIdle
+        ):
+            client.quit()
+            return
+
+        def expire() -> None:
+            if entry in idle:
+                idle.remove(entry)
+            client.quit()
+
+        entry = _Idle(client, connectedAt, self.clock.callLater(self.cacheTime, expire))
+        idle.append(entry)
 
     def deliver(
         self, envelope: Envelope, body: IMessageBody, nexthop: str | None
@@ -144,12 +210,30 @@ class SMTPRelayAgent:
         if resolution.failure is not None:
             return everyone(resolution.failure)
 
+        # A cached connection to any of the next hop's hosts comes first.
+        for host in resolution.hosts:
+            cached = self._takeIdle(host.address, port)
+            if cached is None:
+                continue
+            try:
+                reused: list[SMTPReply] = yield cached.client.transaction(envelope, body)
+            except HostFailure as f:
+                cached.client.quit()
+                if f.permanent:
+                    return everyone(f.reply, host.name)
+                # Stale (closed by the host, or it wants a new connection):
+                # connect afresh below.
+                break
+            self._release(cached.client, host.address, port, cached.connectedAt)
+            return self._relayed(envelope, reused, cached.client, host, port, nexthop)
+
         lastReply: SMTPReply | None = None
         lastHost: str | None = None
         for host in resolution.hosts:
             useTLS = True
             for _attempt in range(2):
                 client = SMTPClient(self.options, self.clock, host.name, host.address, useTLS)
+                connectedAt = self.clock.seconds()
                 try:
                     yield self.connect(host, port, client)
                 except Exception as e:
@@ -209,25 +293,8 @@ class SMTPRelayAgent:
                     )
                     lastReply = f.reply
                     break
-                client.quit()
-                outcomes = []
-                for recipient, reply in zip(envelope.recipients, replies):
-                    self.log.info(
-                        "Relayed to {recipient} via {host}[{address}]:{port}: "
-                        "{code} {enhanced} {text}",
-                        agent=self.name,
-                        recipient=str(recipient.address),
-                        nexthop=nexthop,
-                        host=host.name,
-                        address=host.address,
-                        port=port,
-                        tls=client.tlsInfo,
-                        code=reply.code,
-                        enhanced=reply.enhanced,
-                        text=reply.text,
-                    )
-                    outcomes.append(RecipientOutcome(recipient, reply, host.name))
-                return outcomes
+                self._release(client, host.address, port, connectedAt)
+                return self._relayed(envelope, replies, client, host, port, nexthop)
 
         if lastReply is None or not lastReply.isTransient or lastReply.enhanced == "4.4.1":
             text = "No mail host for the next hop could be reached"
@@ -235,6 +302,38 @@ class SMTPRelayAgent:
                 text += f"; last error: {lastReply.code} {lastReply.enhanced} {lastReply.text}"
             lastReply = SMTPReply(451, "4.4.1", text[:500])
         return everyone(lastReply, lastHost)
+
+
+    def _relayed(
+        self,
+        envelope: Envelope,
+        replies: Sequence[SMTPReply],
+        client: SMTPClient,
+        host: MailHost,
+        port: int,
+        nexthop: str,
+    ) -> list[RecipientOutcome]:
+        """
+        Log and return the outcomes of a transaction with C{host}.
+        """
+        outcomes = []
+        for recipient, reply in zip(envelope.recipients, replies):
+            self.log.info(
+                "Relayed to {recipient} via {host}[{address}]:{port}: "
+                "{code} {enhanced} {text}",
+                agent=self.name,
+                recipient=str(recipient.address),
+                nexthop=nexthop,
+                host=host.name,
+                address=host.address,
+                port=port,
+                tls=client.tlsInfo,
+                code=reply.code,
+                enhanced=reply.enhanced,
+                text=reply.text,
+            )
+            outcomes.append(RecipientOutcome(recipient, reply, host.name))
+        return outcomes
 
 
 def tcpConnector(
@@ -313,7 +412,9 @@ def fromConfig(
     (default 5), C{address_families} (default C{["ipv6", "ipv4"]}), and
     timeouts in seconds: C{connect_timeout} (30), C{command_timeout}
     (300), C{data_timeout} (120), C{transfer_timeout} (180),
-    C{data_done_timeout} (600).
+    C{data_done_timeout} (600), and C{connection_cache_time} (2; how long
+    a connection waits for the next transaction to its host, 0 to close
+    it at once).
 
     @raise ConfigError: naming the bad option.
     """
@@ -349,6 +450,7 @@ def fromConfig(
         transfer=section.number("transfer_timeout", 180.0, minimum=1),
         dataDone=section.number("data_done_timeout", 600.0, minimum=1),
     )
+    cacheTime = section.number("connection_cache_time", 2.0, minimum=0)
     section.finish()
     if caFile is not None:
         caFile = str(context.path(caFile))
@@ -371,4 +473,5 @@ def fromConfig(
         tcpConnector(context.reactor, timeouts.connect, source),
         clientOptions,
         port,
+        cacheTime,
     )

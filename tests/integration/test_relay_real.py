@@ -305,6 +305,28 @@ async def test_secondMXWhenFirstRefuses(tmp_path: Path, dnsPort: int, sink: Sink
 
 
 @pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_connectionReused(tmp_path: Path, dnsPort: int, sink: Sink) -> None:
+    """
+    Two messages in a row to smtp-sink go over one connection (the second
+    within the cache time), and both arrive.
+    """
+    agent = makeAgent(tmp_path, dnsPort, sink.port)
+    connects: list[str] = []
+    connect = agent.connect
+
+    def counting(host: Any, port: int, client: Any) -> Any:
+        connects.append(host.address)
+        return connect(host, port, client)
+
+    agent.connect = counting
+    first = await deliver(agent, envelope("alice@sink.test"))
+    second = await deliver(agent, envelope("bob@sink.test"))
+    assert [o.reply.code for o in first + second] == [250, 250]
+    assert connects == [DEAD, PEER]  # the refusing first MX once, then one connection
+    waitFor(lambda: len(sink.messages()) == 2, timeout=5, what="the dump files")
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
 async def test_implicitMX(tmp_path: Path, dnsPort: int, sink: Sink) -> None:
     """
     A domain without MX records is delivered to its A record.
