@@ -47,10 +47,11 @@ A commit's L{Deferred} fires after C{COMMIT} returned with
 C{synchronous=FULL}, so a crash after that loses nothing.  Claims are
 leases with an expiry stored in the rows (a new message handed straight to
 the scheduler, see L{ILeaseOffers}, is stored leased the same way); a
-crash while delivering leaves the recipients leased, and L{SQLiteQueue.recover} (which the scheduler
-calls at start-up with an infinite time, because on one node every lease
-in an SQLite queue belongs to the process that died) returns them to
-ready, so they are delivered again: at least once, never lost.  Worker
+crash while delivering leaves the recipients leased, and
+L{SQLiteQueue.recover} (which the scheduler calls at start-up with an
+infinite time, because on one node every lease in an SQLite queue belongs
+to the process that died) returns them to ready, so they are delivered
+again: at least once, never lost.  Worker
 processes (C{--workers}) share the file; recovery spares the unexpired
 leases of a live sibling process on this host, and once a minute each
 queue returns to ready the leases of this host's processes that have
