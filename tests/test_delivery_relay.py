@@ -273,6 +273,7 @@ class RelayTests(SynchronousTestCase):
         network.clock.advance(agent.cacheTime)
         network.settle()
         self.assertEqual(network.quits, [1])
+        self.assertEqual(agent._idle, {})
 
     def test_closedConnectionReplaced(self) -> None:
         """

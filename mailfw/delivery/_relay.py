@@ -124,36 +124,44 @@ class SMTPRelayAgent:
         """
         A cached connection to C{address} and C{port} that is still open.
         """
-        idle = self._idle.get((address, port), [])
-        while idle:
+        key = (address, port)
+        idle = self._idle.get(key, [])
+        found = None
+        while idle and found is None:
             entry = idle.pop()
             entry.expiry.cancel()
             if entry.client.connected:
-                return entry
-        return None
+                found = entry
+        if not idle:
+            # Hosts come and go: no empty entry is kept for each one seen.
+            self._idle.pop(key, None)
+        return found
 
     def _release(self, client: SMTPClient, address: str, port: int, connectedAt: float) -> None:
         """
         A transaction on C{client} is over: keep the connection for the
         next one to this host, or say C{QUIT}.
         """
-        idle = self._idle.setdefault((address, port), [])
+        key = (address, port)
         if (
             self.cacheTime <= 0
             or not client.connected
             or self.clock.seconds() - connectedAt >= self.reuseLimit
-            or len(idle) >= self.maxIdle
+            or len(self._idle.get(key, ())) >= self.maxIdle
         ):
             client.quit()
             return
 
         def expire() -> None:
+            idle = self._idle.get(key, [])
             if entry in idle:
                 idle.remove(entry)
+            if not idle:
+                self._idle.pop(key, None)
             client.quit()
 
         entry = _Idle(client, connectedAt, self.clock.callLater(self.cacheTime, expire))
-        idle.append(entry)
+        self._idle.setdefault(key, []).append(entry)
 
     def deliver(
         self, envelope: Envelope, body: IMessageBody, nexthop: str | None
