@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests._postgres import Cluster, _binDir  # noqa: E402
+from tests._postgres import Cluster, _binDir
 
 __all__ = ["BenchCluster"]
 

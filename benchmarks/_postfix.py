@@ -17,6 +17,7 @@ default.  Running the instance needs root, because the master daemon does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["PostfixInstance", "PostfixError", "findProgram", "waitForBanner"]
+__all__ = ["PostfixError", "PostfixInstance", "findProgram", "waitForBanner"]
 
 POSTFIX = "/usr/sbin/postfix"
 
@@ -158,9 +159,7 @@ class PostfixInstance:
         }
         text = "".join(f"{key} = {value}\n" for key, value in main.items())
         (self.configDir / "main.cf").write_text(text)
-        (self.configDir / "master.cf").write_text(
-            _MASTER_CF.format(listen=f"127.0.0.1:{self.port}")
-        )
+        (self.configDir / "master.cf").write_text(_MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
 
     def start(self, timeout: float = 30) -> None:
         """
@@ -210,18 +209,14 @@ class PostfixInstance:
         except (OSError, ValueError, IndexError):
             pid = None
         for command in ("stop", "abort"):
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self._postfix(command, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
             if pid is None or _waitGone(pid, timeout / 2):
                 break
         else:
             if pid is not None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
                 _waitGone(pid, timeout / 2)
         self._started = False
 

@@ -44,14 +44,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _pgcluster import BenchCluster  # noqa: E402
-from _postfix import PostfixError, PostfixInstance, findProgram, waitForBanner  # noqa: E402
+from _pgcluster import BenchCluster
+from _postfix import PostfixError, PostfixInstance, findProgram, waitForBanner
 
 DOMAIN = "bench.test"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -245,7 +245,8 @@ class PostfixServer(Server):
         # processes busy, in_flow_delay, ...): show it, it explains numbers.
         try:
             warnings = [
-                line for line in self.instance.logFile.read_text(errors="replace").splitlines()
+                line
+                for line in self.instance.logFile.read_text(errors="replace").splitlines()
                 if "warning:" in line or "fatal:" in line or "panic:" in line
             ]
         except OSError:
@@ -264,9 +265,7 @@ class MailfwServer(Server):
 
     name = "mailfw"
 
-    def __init__(
-        self, port: int, timeout: float = 60, workers: int = 1, queue: str = SQLITE_QUEUE
-    ) -> None:
+    def __init__(self, port: int, timeout: float = 60, workers: int = 1, queue: str = SQLITE_QUEUE) -> None:
         self.port = port
         self.workers = workers
         self.root = Path(tempfile.mkdtemp(prefix="mailfw-bench-mailfw-"))
@@ -274,7 +273,7 @@ class MailfwServer(Server):
         config = self.root / "mailfw.toml"
         config.write_text(MAILFW_CONFIG.format(domain=DOMAIN, queue=queue))
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        self._log = open(self.logFile, "wb")
+        self._log = open(self.logFile, "wb")  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(
             [
                 twistd,
@@ -351,9 +350,7 @@ class PostgresMailfwServer(Server):
         self.dsn = self.cluster.createDatabase()
         # One at a time: the first creates the schema.
         for index in range(self.count):
-            queue = POSTGRES_QUEUE.format(
-                dsn=self.dsn, node=f"bench{index + 1}", poolSize=self.poolSize
-            )
+            queue = POSTGRES_QUEUE.format(dsn=self.dsn, node=f"bench{index + 1}", poolSize=self.poolSize)
             self.nodes.append(MailfwServer(freePort(), workers=1, queue=queue))
         self.port = self.nodes[0].port
         self.pid = self.nodes[0].pid
@@ -400,8 +397,11 @@ class TwistedSinkServer(Server):
     def __init__(self, port: int, timeout: float = 30) -> None:
         self.port = port
         self.process = subprocess.Popen(
-            [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                          "_twistedsink.py"), str(port)],
+            [
+                sys.executable,
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "_twistedsink.py"),
+                str(port),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -493,7 +493,7 @@ def splitLoad(ports: Sequence[int], sessions: int, messages: int) -> list[tuple[
     counts = [share + (1 if i < extra else 0) for i in range(len(ports))]
     loads = []
     given = 0
-    for port, mine in zip(ports, counts):
+    for port, mine in zip(ports, counts, strict=False):
         if mine == 0:
             continue
         # Messages in proportion to sessions; the last loaded port takes
@@ -505,9 +505,7 @@ def splitLoad(ports: Sequence[int], sessions: int, messages: int) -> list[tuple[
     return [(p, s, m) for p, s, m in loads]
 
 
-def smtpSource(
-    targets: Sequence[tuple[int, int, int]], size: int, reuse: bool, timeout: float
-) -> None:
+def smtpSource(targets: Sequence[tuple[int, int, int]], size: int, reuse: bool, timeout: float) -> None:
     """
     Send, to each (port, sessions, messages) of C{targets} at once, that
     many messages of C{size} octets over that many parallel sessions (one
@@ -517,13 +515,15 @@ def smtpSource(
     processes = []
     try:
         for port, sessions, messages in targets:
-            processes.append(subprocess.Popen(
-                _smtpSourceCommand(port, sessions, messages, size, reuse),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            ))
+            processes.append(
+                subprocess.Popen(
+                    _smtpSourceCommand(port, sessions, messages, size, reuse),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
         deadline = time.monotonic() + timeout
         for process in processes:
             try:
@@ -531,9 +531,7 @@ def smtpSource(
             except subprocess.TimeoutExpired:
                 raise BenchmarkError(f"smtp-source did not finish within {timeout}s") from None
             if process.returncode != 0 or stderr.strip():
-                raise BenchmarkError(
-                    f"smtp-source exited with {process.returncode}: {stderr.strip()[:500]}"
-                )
+                raise BenchmarkError(f"smtp-source exited with {process.returncode}: {stderr.strip()[:500]}")
     finally:
         for process in processes:
             if process.poll() is None:
@@ -545,15 +543,22 @@ def _smtpSourceCommand(port: int, sessions: int, messages: int, size: int, reuse
     command = [
         findProgram("smtp-source"),
         "-4",
-        "-s", str(sessions),
-        "-m", str(messages),
-        "-l", str(size),
-        "-M", f"client.{DOMAIN}",
-        "-f", f"sender@{DOMAIN}",
-        "-t", f"rcpt@{DOMAIN}",
+        "-s",
+        str(sessions),
+        "-m",
+        str(messages),
+        "-l",
+        str(size),
+        "-M",
+        f"client.{DOMAIN}",
+        "-f",
+        f"sender@{DOMAIN}",
+        "-t",
+        f"rcpt@{DOMAIN}",
         # Retry a connection reset by a full listen queue, as a real
         # client would.
-        "-C", "5",
+        "-C",
+        "5",
     ]
     if reuse:
         command.append("-d")
@@ -562,7 +567,12 @@ def _smtpSourceCommand(port: int, sessions: int, messages: int, size: int, reuse
 
 
 def measure(
-    server: Server, sessions: int, messages: int, size: int, reuse: bool, timeout: float,
+    server: Server,
+    sessions: int,
+    messages: int,
+    size: int,
+    reuse: bool,
+    timeout: float,
     profile: Callable[[Server], Callable[[], None]] | None = None,
 ) -> Run:
     """
@@ -580,8 +590,7 @@ def measure(
         waitUntil(
             lambda: not server.durable or server.delivered() >= before + messages,
             timeout,
-            f"{server.name} to deliver {messages} messages "
-            f"(delivered {server.delivered() - before})",
+            f"{server.name} to deliver {messages} messages (delivered {server.delivered() - before})",
         )
     finally:
         if stopProfile is not None:
@@ -593,8 +602,7 @@ def measure(
     extra = server.delivered() - before - messages
     if server.durable and extra:
         raise BenchmarkError(f"{server.name} delivered {extra} more messages than were sent")
-    return Run(server.name, sessions, messages, seconds, cpu, drained - seconds,
-               dbCpuSeconds=dbCpu)
+    return Run(server.name, sessions, messages, seconds, cpu, drained - seconds, dbCpuSeconds=dbCpu)
 
 
 def pySpy(output: str) -> Callable[[Server], Callable[[], None]]:
@@ -611,12 +619,22 @@ def pySpy(output: str) -> Callable[[Server], Callable[[], None]]:
         counter[0] += 1
         base, ext = os.path.splitext(output)
         path = f"{base}-{counter[0]}{ext or '.txt'}"
-        fmt = "flamegraph" if path.endswith(".svg") else (
-            "speedscope" if path.endswith(".json") else "raw"
-        )
+        fmt = "flamegraph" if path.endswith(".svg") else ("speedscope" if path.endswith(".json") else "raw")
         spy = subprocess.Popen(
-            [program, "record", "--pid", str(server.pid), "--rate", "200",
-             "--format", fmt, "--output", path, "--nonblocking", "--subprocesses"],
+            [
+                program,
+                "record",
+                "--pid",
+                str(server.pid),
+                "--rate",
+                "200",
+                "--format",
+                fmt,
+                "--output",
+                path,
+                "--nonblocking",
+                "--subprocesses",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -670,8 +688,7 @@ def report(runs: Sequence[Run], servers: Sequence[str], sessionCounts: Sequence[
                 f"{statistics.median(r.seconds for r in mine):8.2f} {rate:8.0f} "
                 f"{f'({min(rates):.0f}-{max(rates):.0f})':>13} "
                 f"{statistics.median(r.cpuPerMessage for r in mine):10.2f} "
-                f"{statistics.median(r.drainSeconds for r in mine):7.2f}"
-                + _dbColumn(mine)
+                f"{statistics.median(r.drainSeconds for r in mine):7.2f}" + _dbColumn(mine)
             )
     if "mailfw" in servers and "postfix" in servers:
         lines.append("")
@@ -680,9 +697,7 @@ def report(runs: Sequence[Run], servers: Sequence[str], sessionCounts: Sequence[
                 ratio = medians["mailfw", sessions] / medians["postfix", sessions]
                 # Each repetition ran the two back to back: their ratio
                 # is less exposed to the machine's load changing.
-                byAttempt = {
-                    (r.server, r.attempt): r.rate for r in runs if r.sessions == sessions
-                }
+                byAttempt = {(r.server, r.attempt): r.rate for r in runs if r.sessions == sessions}
                 paired = [
                     byAttempt["mailfw", a] / byAttempt["postfix", a]
                     for (name, a) in sorted(byAttempt)
@@ -698,32 +713,62 @@ def report(runs: Sequence[Run], servers: Sequence[str], sessionCounts: Sequence[
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("--sessions", default="1,10,100",
-                        help="comma-separated concurrent session counts (default 1,10,100)")
-    parser.add_argument("--messages", type=int, default=None,
-                        help="messages per run (default: 3000/6000/10000 for 1/10/100 sessions)")
+    parser.add_argument(
+        "--sessions", default="1,10,100", help="comma-separated concurrent session counts (default 1,10,100)"
+    )
+    parser.add_argument(
+        "--messages",
+        type=int,
+        default=None,
+        help="messages per run (default: 3000/6000/10000 for 1/10/100 sessions)",
+    )
     parser.add_argument("--size", type=int, default=1024, help="message body octets (default 1024)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per server and session count")
     parser.add_argument("--only", choices=("mailfw", "postfix"), default=None)
-    parser.add_argument("--reuse", action="store_true",
-                        help="send every message of a session over one connection (smtp-source -d)")
-    parser.add_argument("--reference", action="store_true",
-                        help="also measure Twisted's stock ESMTP server keeping nothing "
-                             "(not durable; the ceiling of a plain Twisted server)")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="mailfw processes (twistd mailfw --workers; default 2)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="send every message of a session over one connection (smtp-source -d)",
+    )
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="also measure Twisted's stock ESMTP server keeping nothing "
+        "(not durable; the ceiling of a plain Twisted server)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="mailfw processes (twistd mailfw --workers; default 2)"
+    )
     parser.add_argument("--timeout", type=float, default=300, help="seconds allowed per run")
-    parser.add_argument("--queue", choices=("sqlite", "postgresql"), default="sqlite",
-                        help="mailfw's queue plugin (default sqlite); postgresql starts a "
-                             "throw-away cluster and a fresh database per run")
-    parser.add_argument("--nodes", type=int, default=1,
-                        help="mailfw nodes sharing the PostgreSQL queue, one worker each, "
-                             "load split evenly (default 1; only with --queue postgresql)")
-    parser.add_argument("--pool-size", dest="poolSize", type=int, default=5,
-                        help="[queue] pool_size of each PostgreSQL node (default 5)")
-    parser.add_argument("--py-spy", dest="pyspy", metavar="FILE", default=None,
-                        help="record mailfw with py-spy during the runs at the largest "
-                             "session count (FILE.svg, FILE.json or raw FILE.txt)")
+    parser.add_argument(
+        "--queue",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="mailfw's queue plugin (default sqlite); postgresql starts a "
+        "throw-away cluster and a fresh database per run",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="mailfw nodes sharing the PostgreSQL queue, one worker each, "
+        "load split evenly (default 1; only with --queue postgresql)",
+    )
+    parser.add_argument(
+        "--pool-size",
+        dest="poolSize",
+        type=int,
+        default=5,
+        help="[queue] pool_size of each PostgreSQL node (default 5)",
+    )
+    parser.add_argument(
+        "--py-spy",
+        dest="pyspy",
+        metavar="FILE",
+        default=None,
+        help="record mailfw with py-spy during the runs at the largest "
+        "session count (FILE.svg, FILE.json or raw FILE.txt)",
+    )
     args = parser.parse_args(argv)
     if args.nodes < 1 or (args.nodes != 1 and args.queue != "postgresql"):
         parser.error("--nodes N needs N >= 1, and N > 1 needs --queue postgresql")
@@ -758,8 +803,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.queue == "postgresql" and "mailfw" in names:
             clusters.append(BenchCluster())
-            print(f"# PostgreSQL on 127.0.0.1:{clusters[0].port} "
-                  f"(pid {clusters[0].postmasterPID()})", file=sys.stderr)
+            print(
+                f"# PostgreSQL on 127.0.0.1:{clusters[0].port} (pid {clusters[0].postmasterPID()})",
+                file=sys.stderr,
+            )
         for name in names:
             port = freePort()
             kinds = {"postfix": PostfixServer, "mailfw": MailfwServer, "tw-sink": TwistedSinkServer}
@@ -771,15 +818,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 server = kinds[name](port)
             servers.append(server)
-            print(f"# {name} listening on 127.0.0.1:{','.join(map(str, server.ports))} "
-                  f"(pid {server.pid})", file=sys.stderr)
+            print(
+                f"# {name} listening on 127.0.0.1:{','.join(map(str, server.ports))} (pid {server.pid})",
+                file=sys.stderr,
+            )
         # Warm up: Postfix forks its smtpd processes, mailfw fills its
         # caches and creates its database pages.  A server started afresh
         # for every run warms up before each.
         for server in servers:
             if not server.freshPerRun:
-                measure(server, max(sessionCounts), 2 * max(sessionCounts), args.size,
-                        args.reuse, args.timeout)
+                measure(
+                    server, max(sessionCounts), 2 * max(sessionCounts), args.size, args.reuse, args.timeout
+                )
         for sessions in sessionCounts:
             messages = messagesFor(sessions, args.messages)
             for attempt in range(args.repeat):
@@ -791,11 +841,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                         if server in measured:
                             server.reset()
                         measured.add(server)
-                        measure(server, max(sessionCounts), 2 * max(sessionCounts), args.size,
-                                args.reuse, args.timeout)
-                    run = measure(server, sessions, messages, args.size, args.reuse,
-                                  args.timeout,
-                                  profile if sessions == max(sessionCounts) else None)
+                        measure(
+                            server,
+                            max(sessionCounts),
+                            2 * max(sessionCounts),
+                            args.size,
+                            args.reuse,
+                            args.timeout,
+                        )
+                    run = measure(
+                        server,
+                        sessions,
+                        messages,
+                        args.size,
+                        args.reuse,
+                        args.timeout,
+                        profile if sessions == max(sessionCounts) else None,
+                    )
                     run.attempt = attempt
                     runs.append(run)
                     print(
@@ -815,8 +877,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"durable accept, {args.size}-octet messages, "
         f"{'one connection per session' if args.reuse else 'one connection per message'}, "
         f"median of {args.repeat}, {os.cpu_count()} CPUs, mailfw "
-        + (f"PostgreSQL queue, {args.nodes} node(s) of 1 worker, pool_size {args.poolSize}"
-           if args.queue == "postgresql" else f"SQLite queue, --workers={args.workers}")
+        + (
+            f"PostgreSQL queue, {args.nodes} node(s) of 1 worker, pool_size {args.poolSize}"
+            if args.queue == "postgresql"
+            else f"SQLite queue, --workers={args.workers}"
+        )
     )
     print(report(runs, names, sessionCounts))
     return 0

@@ -15,11 +15,12 @@ Run it as root (for Postfix)::
 from __future__ import annotations
 
 import argparse
+import itertools
 import socket
 import statistics
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from accept import MailfwServer, PostfixServer, Server, freePort
 
@@ -58,7 +59,7 @@ def session(port: int) -> list[float]:
             if line[:1] not in (b"2", b"3"):
                 raise RuntimeError(f"refused: {line!r}")
             times.append(time.perf_counter())
-    return [b - a for a, b in zip(times, times[1:])]
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 def measure(server: Server, messages: int) -> tuple[float, list[float]]:

@@ -16,7 +16,7 @@ import argparse
 import re
 import sys
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 # py-spy frames look like "function (path/to/file.py:123)"; the line
 # number is dropped so that one function is one entry.
@@ -31,8 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("profile")
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--match", default=None,
-                        help="only count stacks containing this text (e.g. a thread's entry point)")
+    parser.add_argument(
+        "--match", default=None, help="only count stacks containing this text (e.g. a thread's entry point)"
+    )
     args = parser.parse_args(argv)
 
     selfSamples: Counter[str] = Counter()

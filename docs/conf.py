@@ -201,7 +201,7 @@ def _epytextToRST(lines: list[str]) -> list[str]:
             sawField = True
             name = _FIELD_NAMES[kind]
             head = f"{indent}:{name} {argument.strip()}:" if argument else f"{indent}:{name}:"
-            paragraph = [head + "\x00" + rest] + paragraph[1:]
+            paragraph = [head + "\x00" + rest, *paragraph[1:]]
         text = "\n".join(paragraph)
         if "\x00" in text:
             head, _, body = text.partition("\x00")
@@ -265,9 +265,7 @@ def _docstringToRST(name: str, lines: list[str]) -> list[str]:
     return converted
 
 
-def _processDocstring(
-    app: Any, what: str, name: str, obj: object, options: Any, lines: list[str]
-) -> None:
+def _processDocstring(app: Any, what: str, name: str, obj: object, options: Any, lines: list[str]) -> None:
     lines[:] = _docstringToRST(name, lines)
 
 

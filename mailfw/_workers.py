@@ -36,13 +36,14 @@ leaves alone the leases of live processes on this host.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
 import socket
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -59,13 +60,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 __all__ = [
+    "WORKER_TYPES",
+    "AdoptedPortService",
     "InheritedSocket",
     "RecordingEndpoint",
     "WorkerPool",
-    "AdoptedPortService",
-    "workerArguments",
     "logsToStandardOutput",
-    "WORKER_TYPES",
+    "workerArguments",
 ]
 
 # Endpoint types whose listening socket a worker can adopt.
@@ -156,15 +157,15 @@ def workerArguments(
     return [
         sys.executable,
         "-m",
-        "mailfw._workers",
+        "mailfw._worker",
         str(number),
         encodeSockets(sockets),
-        _LOG_DIRECT if logDirectly else _LOG_RELAY,
+        LOG_DIRECT if logDirectly else _LOG_RELAY,
         *mailfwArguments,
     ]
 
 
-_LOG_DIRECT = "log=stdout"
+LOG_DIRECT = "log=stdout"
 _LOG_RELAY = "log=relay"
 
 
@@ -208,21 +209,17 @@ class _WorkerProtocol(ProcessProtocol):
     def errReceived(self, data: bytes) -> None:
         # Only what escapes the logging system: interpreter errors.
         for line in data.decode("utf-8", "replace").splitlines():
-            self.log.error(
-                "worker {worker} stderr: {line}", worker=self.number, line=line
-            )
+            self.log.error("worker {worker} stderr: {line}", worker=self.number, line=line)
 
     def relog(self, line: bytes) -> None:
         """
-        Log one event the worker wrote (see L{_JSONLineObserver}).
+        Log one event the worker wrote (see L{JSONLineObserver}).
         """
         try:
             level, namespace, text = json.loads(line)
             logLevel = LogLevel.levelWithName(level)
         except (ValueError, TypeError, KeyError, LookupError):
-            logLevel, namespace, text = LogLevel.info, "mailfw.worker", line.decode(
-                "utf-8", "replace"
-            )
+            logLevel, namespace, text = LogLevel.info, "mailfw.worker", line.decode("utf-8", "replace")
         self.log.emit(
             logLevel,
             "{text}",
@@ -306,9 +303,7 @@ class WorkerPool(Service):
         for number in range(1, self.count + 1):
             self.spawn(number, sockets, childFDs)
 
-    def spawn(
-        self, number: int, sockets: Sequence[InheritedSocket], childFDs: dict[int, int | str]
-    ) -> None:
+    def spawn(self, number: int, sockets: Sequence[InheritedSocket], childFDs: dict[int, int | str]) -> None:
         protocol = _WorkerProtocol(self, number)
         spawn = self._spawn or self._reactor.spawnProcess
         transport = spawn(
@@ -320,9 +315,7 @@ class WorkerPool(Service):
             childFDs=childFDs,
         )
         self.workers[number] = (protocol, transport)
-        self.log.info(
-            "started worker {worker} (pid {pid})", worker=number, pid=transport.pid
-        )
+        self.log.info("started worker {worker} (pid {pid})", worker=number, pid=transport.pid)
 
     def workerEnded(self, protocol: _WorkerProtocol, reason: Failure) -> None:
         self.workers.pop(protocol.number, None)
@@ -342,10 +335,8 @@ class WorkerPool(Service):
         ending: list[Deferred[None]] = []
         for protocol, transport in list(self.workers.values()):
             ending.append(protocol.ended)
-            try:
+            with contextlib.suppress(Exception):  # already gone: processEnded follows
                 transport.signalProcess("TERM")
-            except Exception:  # already gone: processEnded follows
-                pass
         from twisted.internet.defer import gatherResults
 
         done: Deferred[None] = Deferred()
@@ -354,10 +345,8 @@ class WorkerPool(Service):
         def kill() -> None:
             for _, transport in list(self.workers.values()):
                 self.log.warn("worker did not stop: killing pid {pid}", pid=transport.pid)
-                try:
+                with contextlib.suppress(Exception):
                     transport.signalProcess("KILL")
-                except Exception:
-                    pass
 
         killer: IDelayedCall = self._reactor.callLater(self.stopTimeout, kill)
 
@@ -387,10 +376,8 @@ class AdoptedPortService(Service):
             self.inherited.fd, self.inherited.addressFamily, self.factory
         )
         # adoptStreamPort duplicated the descriptor.
-        try:
+        with contextlib.suppress(OSError):
             os.close(self.inherited.fd)
-        except OSError:
-            pass
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
@@ -401,7 +388,7 @@ class AdoptedPortService(Service):
 
 
 @implementer(ILogObserver)
-class _JSONLineObserver:
+class JSONLineObserver:
     """
     A worker's log: one JSON line C{[level, namespace, text]} per event on
     standard output, for the parent to re-log.
@@ -415,18 +402,14 @@ class _JSONLineObserver:
         text = _eventText(event)
         level = event.get("log_level", LogLevel.info)
         self._write(
-            json.dumps(
-                [str(getattr(level, "name", "info")),
-                 str(event.get("log_namespace", "-")),
-                 text]
-            )
+            json.dumps([str(getattr(level, "name", "info")), str(event.get("log_namespace", "-")), text])
             + "\n"
         )
         self._flush()
 
 
 @implementer(ILogObserver)
-class _LineObserver:
+class LineObserver:
     """
     A worker's log written straight to a descriptor it shares with the
     parent, as twistd's own observer would write it (C{"TIME [SYSTEM]
@@ -502,51 +485,3 @@ def _system(namespace: object, level: object, number: int) -> str:
     The system of a worker's log line: C{namespace#level worker N}.
     """
     return f"{namespace}#{getattr(level, 'name', '-')} worker {number}"
-
-
-def main(argv: Sequence[str]) -> int:
-    """
-    A worker: C{python -m mailfw._workers NUMBER SOCKETS log=stdout|relay
-    MAILFW-OPTIONS...}.
-    """
-    from twisted.internet import reactor
-    from twisted.internet._posixstdio import StandardIO
-    from twisted.internet.protocol import Protocol
-    from twisted.logger import globalLogBeginner
-    from twisted.python import usage
-
-    from mailfw.config import ConfigError
-    from mailfw.tap import Options, buildService
-
-    number, sockets, logMode, rest = int(argv[0]), parseSockets(argv[1]), argv[2], list(argv[3:])
-    out = sys.stdout
-    observer: ILogObserver = (
-        _LineObserver(out.fileno(), number)
-        if logMode == _LOG_DIRECT
-        else _JSONLineObserver(out.write, out.flush)
-    )
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    options = Options()
-    try:
-        options.parseOptions(rest)
-        service = buildService(options.serverConfig, reactor, worker=sockets)
-    except (usage.UsageError, ConfigError) as e:
-        sys.stderr.write(f"mailfw worker {number}: {e}\n")
-        return 1
-
-    class ParentWatch(Protocol):
-        # Standard input closes when the parent exits, however it exits.
-        def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
-            if reactor.running:
-                reactor.stop()
-
-    StandardIO(ParentWatch(), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))
-    service.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's ^C goes to the parent
-    reactor.run()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

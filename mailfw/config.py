@@ -11,15 +11,16 @@ from __future__ import annotations
 import ipaddress
 import socket
 import tomllib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 __all__ = [
     "ComponentContext",
     "ConfigError",
-    "ServerConfig",
     "Section",
+    "ServerConfig",
     "loadConfig",
 ]
 
@@ -164,9 +165,7 @@ class ComponentContext:
             from twisted.names import client
 
             if self.nameservers:
-                self._resolver = client.Resolver(
-                    servers=list(self.nameservers), reactor=self.reactor
-                )
+                self._resolver = client.Resolver(servers=list(self.nameservers), reactor=self.reactor)
             else:
                 self._resolver = client.Resolver(resolv="/etc/resolv.conf", reactor=self.reactor)
         return self._resolver
@@ -309,9 +308,7 @@ def loadConfig(
     listeners: dict[str, list[str]] = {}
     configured = any(k in raw.get("listen", {}) for k in LISTENER_KINDS)
     for kind in LISTENER_KINDS:
-        listeners[kind] = listenSection.strings(
-            kind, [] if configured or path else DEFAULT_LISTEN[kind]
-        )
+        listeners[kind] = listenSection.strings(kind, [] if configured or path else DEFAULT_LISTEN[kind])
     listenSection.finish()
     if listen:
         for kind, descriptions in listen.items():

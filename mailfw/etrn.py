@@ -46,8 +46,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence, Union
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -57,7 +57,7 @@ from twisted.python.failure import Failure
 from mailfw.address import Address, AddressError, normaliseDomain
 from mailfw.config import ConfigError, Section
 from mailfw.interfaces import IMessageQueue
-from mailfw.queue._model import Selector
+from mailfw.queued import Selector
 from mailfw.reply import SMTPReply
 
 __all__ = [
@@ -70,7 +70,7 @@ __all__ = [
     "settingsFromConfig",
 ]
 
-_Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _QUEUE_NAME = re.compile(r"[!-~]{1,64}\Z")
 """A route name after C{#}: printable ASCII without spaces."""
@@ -159,8 +159,7 @@ def normaliseDomainPattern(text: str, title: str, allowAll: bool = False) -> str
         return text
     if text.startswith("@"):
         raise ConfigError(
-            f"{title}: {text!r}: write {text[1:]!r} for the domain"
-            f" and {'.' + text[1:]!r} for its subdomains"
+            f"{title}: {text!r}: write {text[1:]!r} for the domain and {'.' + text[1:]!r} for its subdomains"
         )
     parent = text.startswith(".")
     try:
@@ -261,9 +260,7 @@ class ETRNSettings:
         address = _clientAddress(host)
         return address is not None and any(address in network for network in self.clients)
 
-    def mayFlush(
-        self, request: ETRNRequest, host: str, userDomains: Sequence[str] | None = None
-    ) -> bool:
+    def mayFlush(self, request: ETRNRequest, host: str, userDomains: Sequence[str] | None = None) -> bool:
         """
         Whether C{request} is allowed for a client at C{host}, authenticated
         as a user with C{userDomains} (or not authenticated: C{None}).

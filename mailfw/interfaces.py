@@ -14,7 +14,8 @@ or an unexpected fault, which the caller logs and answers with a 4xx.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, BinaryIO, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, BinaryIO
 
 from twisted.plugin import IPlugin
 from zope.interface import Attribute, Interface
@@ -25,14 +26,14 @@ if TYPE_CHECKING:
     from mailfw.address import Address
     from mailfw.config import ComponentContext
     from mailfw.envelope import Envelope, Recipient, RecipientOutcome, Route, Session
-    from mailfw.policy import Verdict
-    from mailfw.queue import (
+    from mailfw.queued import (
         Disposition,
         Lease,
         Notice,
         QueuedMessage,
         Selector,
     )
+    from mailfw.verdict import Verdict
 
 
 class INamedPlugin(IPlugin):
@@ -87,7 +88,7 @@ class IIncomingMessage(Interface):
 
         @return: fires with the queue ID only when the message would survive
             a crash; only then may the server answer 250.  Fails with
-            L{mailfw.queue.QueueFull} when the disk is full (the server
+            L{mailfw.queued.QueueFull} when the disk is full (the server
             answers 452) and with any other exception for other faults
             (451).
         """
@@ -110,6 +111,12 @@ class IMessageQueue(Interface):
     Several schedulers (on one node or on several) may claim from one queue:
     claims are exclusive leases, and records are fenced by the lease token.
     """
+
+    leaseSeconds = Attribute(
+        "C{float} or C{None}: how long a claim lasts before another scheduler "
+        "may take the recipients over; start-up refuses a scheduler delivery "
+        "timeout that is not shorter.  C{None} when claims never expire."
+    )
 
     def receive(envelope: Envelope) -> IIncomingMessage:
         """
@@ -136,7 +143,7 @@ class IMessageQueue(Interface):
         with no recipients left is removed.  Leased recipients without a
         disposition return to ready.
 
-        @raise mailfw.queue.LeaseLost: (as a failure) if the lease expired
+        @raise mailfw.queued.LeaseLost: (as a failure) if the lease expired
             and was taken over; nothing is written.
         """
 
@@ -193,7 +200,7 @@ class IMessageQueue(Interface):
         """
         Return matching recipients to their senders now (C{mailfw queue
         bounce}): mark those not in delivery (ready, hold, etrn) as
-        L{bounceRequested<mailfw.queue.QueuedRecipient.bounceRequested>},
+        L{bounceRequested<mailfw.queued.QueuedRecipient.bounceRequested>},
         make them ready and due now, and wake the scheduler, which fails
         them with a DSN instead of delivering them.  Leased recipients are
         left alone.  Returns how many were marked.
@@ -257,6 +264,66 @@ class ILeaseOffers(Interface):
         """
 
 
+class ISharedState(Interface):
+    """
+    Optional for a queue: small counters and marks that every process and
+    every node of one server must agree on (AUTH failures, sending quotas,
+    greylisting triplets), kept in the queue's database so that SQLite
+    serves one machine and PostgreSQL serves many.  Components use it when
+    the queue provides it, and a bounded in-memory store per process
+    otherwise (L{mailfw.sharedstate.MemorySharedState}).
+
+    Keys are short strings chosen by the caller, prefixed with the
+    component's name (C{"auth-fail:203.0.113.0/24:alice"}); times are
+    seconds since the epoch, passed in so that tests can use a clock.
+    """
+
+    def count(key: str, amount: int, window: float, now: float) -> Deferred[int]:
+        """
+        Add C{amount} to the counter C{key} and return its new value.
+
+        A counter lives for C{window} seconds from its first count; after
+        that the next count starts it again from zero (a fixed window).
+        C{amount} may be 0 to read the counter without changing it.
+        """
+
+    def mark(key: str, lifetime: float, now: float) -> Deferred[float]:
+        """
+        Remember C{key} until C{now + lifetime}, unless a live mark exists.
+
+        @return: when the live mark was first set: C{now} for a new mark,
+            an earlier time for one that was already there (greylisting asks
+            "since when have I seen this triplet?").
+        """
+
+    def forget(key: str) -> Deferred[None]:
+        """
+        Remove the counter or mark C{key} (a successful login clears its
+        failures).
+        """
+
+
+class IDescribed(Interface):
+    """
+    Optional for any component: how start-up names it in its log, and which
+    files it writes, so that C{twistd --uid/--gid} can hand them to the
+    user the server runs as.  Start-up knows nothing about a plugin's
+    internals; a third-party component says this about itself.
+    """
+
+    def describe() -> str:
+        """
+        One line for the start-up log, e.g. C{"sqlite /var/lib/mailfw/q.db"}.
+        """
+
+    def ownedPaths() -> Sequence[str]:
+        """
+        Files and directories this component creates and writes, whether or
+        not they exist yet; start-up gives each to the run-as user
+        (directories are not descended into).
+        """
+
+
 class IMessageQueueFactory(INamedPlugin):
     """
     A plugin that builds the queue from C{[queue]}.
@@ -299,9 +366,7 @@ class IRouterFactory(INamedPlugin):
     A plugin that builds the router from C{[routing]}.
     """
 
-    def fromConfig(
-        context: ComponentContext, instanceName: str, options: Mapping[str, object]
-    ) -> IRouter:
+    def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[str, object]) -> IRouter:
         """
         Validate C{options} (including the delivery instance names they
         mention, from C{context.agentNames}) and build a router.
@@ -320,8 +385,7 @@ class IDeliveryAgent(Interface):
     """
 
     name = Attribute(
-        "C{str}: the instance name from the configuration, used in log "
-        "events; never sent to SMTP peers."
+        "C{str}: the instance name from the configuration, used in log events; never sent to SMTP peers."
     )
 
     def deliver(
@@ -402,9 +466,7 @@ class IPolicy(Interface):
         the sender and the recipients accepted so far.
         """
 
-    def checkMessage(
-        session: Session, envelope: Envelope, headers: bytes
-    ) -> Verdict | Deferred[Verdict]:
+    def checkMessage(session: Session, envelope: Envelope, headers: bytes) -> Verdict | Deferred[Verdict]:
         """
         The message's header section is complete (C{headers}, as received).
         Asked then rather than at the end of data because the body streams
@@ -423,12 +485,10 @@ class IMailUser(Interface):
     """
 
     identity = Attribute(
-        "C{str}: the authenticated name, recorded in C{Session.authenticated}, "
-        "the envelope and the log."
+        "C{str}: the authenticated name, recorded in C{Session.authenticated}, the envelope and the log."
     )
     senders = Attribute(
-        "C{tuple[str, ...]}: normalised sender patterns: C{local@domain}, "
-        "C{@domain} or C{*}."
+        "C{tuple[str, ...]}: normalised sender patterns: C{local@domain}, C{@domain} or C{*}."
     )
     etrnDomains = Attribute(
         "C{tuple[str, ...]}: domains the user may flush with ETRN: C{domain}, "
@@ -452,9 +512,7 @@ class IPolicyFactory(INamedPlugin):
     A plugin that builds L{IPolicy}s from C{[policy.NAME]}.
     """
 
-    def fromConfig(
-        context: ComponentContext, instanceName: str, options: Mapping[str, object]
-    ) -> IPolicy:
+    def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[str, object]) -> IPolicy:
         """
         Validate C{options} and build a policy.
 

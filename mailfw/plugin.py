@@ -4,8 +4,9 @@ Finding component plugins by the name configuration gives them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from importlib import import_module
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.plugin import getPlugins
 from zope.interface import directlyProvides, implementer
@@ -49,9 +50,7 @@ def findPlugin(interface: type[_P], name: str, plugins: Iterable[_P] | None = No
         if not interface.providedBy(plugin):
             continue
         if plugin.name in found:
-            raise DuplicatePlugin(
-                f"{interface.__name__} plugin {plugin.name!r} is installed twice"
-            )
+            raise DuplicatePlugin(f"{interface.__name__} plugin {plugin.name!r} is installed twice")
         found[plugin.name] = plugin
     try:
         return found[name]
@@ -78,9 +77,7 @@ class LazyComponent:
         self.target = target
         directlyProvides(self, interface)
 
-    def fromConfig(
-        self, context: ComponentContext, instanceName: str, options: Mapping[str, object]
-    ) -> Any:
+    def fromConfig(self, context: ComponentContext, instanceName: str, options: Mapping[str, object]) -> Any:
         module, _, attribute = self.target.partition(":")
         return getattr(import_module(module), attribute)(context, instanceName, options)
 

@@ -73,7 +73,7 @@ class SMTPReply:
         texts = (self.text, *more)
         last = len(texts) - 1
         return [
-            f"{self.code}{' ' if i == last else '-'}{prefix}{text}".encode("utf-8")[:MAX_LINE]
+            f"{self.code}{' ' if i == last else '-'}{prefix}{text}".encode()[:MAX_LINE]
             for i, text in enumerate(texts)
         ]
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -41,6 +42,7 @@ from mailfw.config import (
 from mailfw.interfaces import (
     IDeliveryAgent,
     IDeliveryAgentFactory,
+    IDescribed,
     IMessageQueue,
     IMessageQueueFactory,
     INamedPlugin,
@@ -77,7 +79,7 @@ class Options(usage.Options):
         "delivering mail for localhost into ./mailfw-data/mail."
     )
 
-    optParameters = [
+    optParameters = [  # noqa: RUF012 (usage.Options reads class attributes)
         ["config", "c", None, "Path to the TOML configuration file."],
         ["hostname", None, None, "Name announced in the greeting and Received: headers."],
         ["data-dir", "d", None, "Directory for the queue, mailboxes and TLS files."],
@@ -139,9 +141,7 @@ class Options(usage.Options):
 
             for kind, descriptions in self.serverConfig.listen.items():
                 for description in descriptions:
-                    if _endpointType(description) not in WORKER_TYPES or description.startswith(
-                        "haproxy:"
-                    ):
+                    if _endpointType(description) not in WORKER_TYPES or description.startswith("haproxy:"):
                         raise usage.UsageError(
                             f"--workers={self['workers']} needs tcp:, tcp6: or ssl: listeners,"
                             f" not {kind} {description!r}"
@@ -259,7 +259,7 @@ def makeService(options: Options) -> IService:
         )
     except ConfigError as e:
         sys.stderr.write(f"mailfw: configuration error: {e}\n")
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 def _build(
@@ -387,91 +387,89 @@ class _Ownership(Service):
                 )
 
 
-def _ownedPaths(config: ServerConfig, controlPath: Path) -> list[tuple[Path, bool]]:
+class ListeningService(Service):
     """
-    What L{_Ownership} hands over: the data directory, the SQLite queue's
-    database, journal files, writer lock and the directories made for them
-    inside the data directory, and the control socket with its lock.
+    Listens on an endpoint while running.  A port that cannot be bound
+    stops twistd at start-up (as C{twisted.application.strports} does),
+    rather than leaving a server running that receives no mail; a listen
+    that fails later is logged.
     """
-    paths: list[tuple[Path, bool]] = [(config.dataDir, True)]
-    queuePath = _sqlitePath(config)
-    if queuePath is not None:
-        # Directories only inside the data directory: a queue elsewhere
-        # lives in a directory the operator prepares.
-        dataDir = Path(os.path.normpath(config.dataDir))
-        queuePath = Path(os.path.normpath(queuePath))
-        made = queuePath.parent
-        inside: list[Path] = []
-        while made != dataDir and dataDir in made.parents:
-            inside.append(made)
-            made = made.parent
-        paths.extend((d, False) for d in reversed(inside))
-        paths.extend(
-            (queuePath.with_name(queuePath.name + suffix), False)
-            for suffix in ("", "-wal", "-shm", "-journal", ".writer-lock")
-        )
+
+    log = Logger()
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Any) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self._listening: Deferred[Any] | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        failedNow: list[Failure] = []
+        starting = True
+
+        def failed(f: Failure) -> None:
+            if starting:
+                failedNow.append(f)
+            elif not f.check(CancelledError):
+                self.log.failure("listening on {name} failed", f, name=self.name)
+
+        self._listening = self.endpoint.listen(self.factory)
+        self._listening.addErrback(failed)
+        starting = False
+        if failedNow:
+            failedNow[0].raiseException()
+
+    def startService(self) -> None:
+        super().startService()
+        if self._listening is None:
+            self.privilegedStartService()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        listening, self._listening = self._listening, None
+        if listening is None:
+            return succeed(None)
+        listening.cancel()
+
+        def stop(port: Any) -> Any:
+            return port.stopListening() if port is not None else None
+
+        return listening.addCallback(stop)
+
+
+def _ownedPaths(dataDir: Path, components: Iterable[object], controlPath: Path) -> list[tuple[Path, bool]]:
+    """
+    What L{_Ownership} hands over: the data directory, the paths each
+    component names (L{IDescribed.ownedPaths}) with the directories above
+    them inside the data directory, and the control socket with its lock.
+    """
+    dataDir = Path(os.path.normpath(dataDir))
+    paths: list[tuple[Path, bool]] = [(dataDir, True)]
+    for component in components:
+        if not IDescribed.providedBy(component):
+            continue
+        for owned in IDescribed(component).ownedPaths():
+            path = Path(os.path.normpath(owned))
+            # Directories only inside the data directory: one elsewhere is
+            # the operator's to prepare.
+            inside = [d for d in path.parents if d != dataDir and dataDir in d.parents]
+            for directory in reversed(inside):
+                if (directory, False) not in paths:
+                    paths.append((directory, False))
+            paths.append((path, False))
     paths.append((controlPath, False))
     paths.append((controlPath.with_name(controlPath.name + ".lock"), False))
     return paths
 
 
-def _sqlitePath(config: ServerConfig) -> Path | None:
+def _describe(component: object, plugin: object) -> str:
     """
-    Where the C{sqlite} queue keeps its database (as its C{fromConfig}
-    resolves C{path}), or C{None} for another queue plugin.
+    A component for the start-up log: its own description, or its plugin's
+    name.
     """
-    if config.queue.get("plugin") != "sqlite":
-        return None
-    path = config.queue.get("path", "queue.sqlite")
-    return config.dataDir / path if isinstance(path, str) else None
-
-
-def _describeAgent(config: ServerConfig, section: Mapping[str, object]) -> str:
-    """
-    Where a delivery instance puts mail, for the start-up log: its plugin,
-    and for C{maildir} its path template resolved against the data
-    directory (as L{mailfw.delivery._maildir.fromConfig} resolves it).
-    """
-    plugin = str(section.get("plugin"))
-    if plugin == "maildir":
-        template = section.get("path", "mail/{domain}/{localpart}")
-        if isinstance(template, str):
-            return f"plugin maildir, mailboxes {config.dataDir.absolute() / template}"
+    if IDescribed.providedBy(component):
+        return IDescribed(component).describe()
     return f"plugin {plugin}"
-
-
-def _describeQueue(config: ServerConfig) -> str:
-    """
-    The queue for the start-up log: its plugin, and its file for C{sqlite}.
-    """
-    sqlite = _sqlitePath(config)
-    if sqlite is not None:
-        return f"sqlite {sqlite.absolute()}"
-    return str(config.queue.get("plugin"))
-
-
-def _localDomains(config: ServerConfig) -> list[str] | None:
-    """
-    The domains the C{static} router delivers locally (C{local_domains},
-    default C{["localhost"]}, and always the host name), for the start-up
-    log; C{None} for another routing plugin, which decides by itself.
-    """
-    from mailfw.address import AddressError, normaliseDomain
-
-    if config.routing.get("plugin") != "static":
-        return None
-    configured = config.routing.get("local_domains", ["localhost"])
-    if isinstance(configured, str):
-        configured = [configured]
-    domains = [str(d) for d in configured] if isinstance(configured, list) else []
-    try:
-        hostname = normaliseDomain(config.hostname)
-    except AddressError:
-        # The router cannot receive mail for it either.
-        return domains
-    if hostname not in domains:
-        domains.append(hostname)
-    return domains
 
 
 def buildService(
@@ -502,16 +500,14 @@ def buildService(
     """
     from mailfw.auth._config import authFromConfig
     from mailfw.etrn import ETRNHandler, settingsFromConfig
-    from mailfw.queue._scheduler import schedulerFromConfig
+    from mailfw.scheduling._scheduler import schedulerFromConfig
     from mailfw.smtp import SMTPFactory, SMTPLimits
     from mailfw.tls import serverTLSOptions
 
     config.dataDir.mkdir(parents=True, exist_ok=True)
     context = config.context(reactor)
 
-    queue: IMessageQueue = _build(
-        IMessageQueueFactory, "[queue]", context, "queue", config.queue, plugins
-    )
+    queue: IMessageQueue = _build(IMessageQueueFactory, "[queue]", context, "queue", config.queue, plugins)
     context.queue = queue
     try:
         agents: dict[str, IDeliveryAgent] = {
@@ -536,8 +532,8 @@ def buildService(
             config.hostname,
             holdForETRN=etrnSettings.holds,
         )
-        lease = getattr(queue, "leaseSeconds", None)
-        if isinstance(lease, (int, float)) and scheduler.leaseSeconds >= lease:
+        lease = queue.leaseSeconds
+        if lease is not None and scheduler.leaseSeconds >= lease:
             # Otherwise a slow delivery's lease expires under it and the
             # recipients are claimed and delivered a second time.
             raise ConfigError(
@@ -591,37 +587,29 @@ def buildService(
             if workers > 1:
                 endpoint = RecordingEndpoint(endpoint, kind, index)
                 recording.append(endpoint)
-            service = StreamServerEndpointService(endpoint, factory)
-            # A port that cannot be bound stops twistd at start-up (as
-            # twisted.application.strports does), rather than leaving a
-            # server running that receives no mail.
-            service._raiseSynchronously = True
+            service = ListeningService(endpoint, factory)
             service.setName(f"{kind}:{description}")
             service.setServiceParent(top)
-            log.info(
-                "mailfw {kind} listener on {endpoint}", kind=kind, endpoint=description
-            )
+            log.info("mailfw {kind} listener on {endpoint}", kind=kind, endpoint=description)
     if worker is not None:
         return top
     if workers > 1:
-        pool = WorkerPool(
-            reactor, workers - 1, recording, workerArguments, logDirectly=workersLogDirectly
-        )
+        pool = WorkerPool(reactor, workers - 1, recording, workerArguments, logDirectly=workersLogDirectly)
         pool.setName("workers")
         pool.setServiceParent(top)
     controlPath = config.dataDir / CONTROL_SOCKET
-    control = StreamServerEndpointService(
-        serverFromString(
-            reactor, f"unix:{quoteStringArgument(str(controlPath))}:mode=600:lockfile=1"
-        ),
+    # A second server on the same data directory must not start: the
+    # control socket's lock file stops it.
+    control = ListeningService(
+        serverFromString(reactor, f"unix:{quoteStringArgument(str(controlPath))}:mode=600:lockfile=1"),
         ControlFactory(queue, reactor),
     )
-    # A second server on the same data directory must not start.
-    control._raiseSynchronously = True
     control.setName("control")
     control.setServiceParent(top)
     if owner is not None:
-        ownership = _Ownership(owner, _ownedPaths(config, controlPath))
+        ownership = _Ownership(
+            owner, _ownedPaths(config.dataDir, [queue, router, *agents.values()], controlPath)
+        )
         ownership.setName("ownership")
         ownership.setServiceParent(top)
     for name, section in config.delivery.items():
@@ -629,22 +617,14 @@ def buildService(
             "delivery instance {agent}: {description}",
             agent=name,
             plugin=section.get("plugin"),
-            description=_describeAgent(config, section),
+            description=_describe(agents[name], section.get("plugin")),
         )
-    domains = _localDomains(config)
-    if domains is not None:
-        log.info(
-            "mail for {domains} is delivered locally",
-            domains=", ".join(domains),
-            localDomains=domains,
-        )
-    else:
-        log.info("routing plugin {plugin}", plugin=config.routing.get("plugin"))
+    log.info("routing: {description}", description=_describe(router, config.routing.get("plugin")))
     log.info(
         "mailfw {hostname}: data in {dataDir}, queue {queue}",
         hostname=config.hostname,
         dataDir=str(config.dataDir.absolute()),
-        queue=_describeQueue(config),
+        queue=_describe(queue, config.queue.get("plugin")),
     )
     return top
 
@@ -699,9 +679,7 @@ def checkComponents(config: ServerConfig, reactor: Any, plugins: Any = None) -> 
     scratch = Path(tempfile.mkdtemp(prefix="mailfw-check-"))
     try:
         service = buildService(
-            dataclasses.replace(
-                config, dataDir=scratch, listen={kind: [] for kind in config.listen}
-            ),
+            dataclasses.replace(config, dataDir=scratch, listen={kind: [] for kind in config.listen}),
             reactor,
             plugins,
         )

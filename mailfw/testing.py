@@ -19,9 +19,10 @@ Everything here is public and stable: use it in your plugin's tests.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
@@ -30,23 +31,22 @@ from twisted.internet.testing import StringTransport
 from twisted.names import dns, error
 from twisted.names.common import ResolverBase
 
-from mailfw.interfaces import IMessageQueue, IPolicy, IRouter
-
 from mailfw.delivery._contract import DeliveryAgentContractTests
 from mailfw.delivery._memory import BytesBody, MemoryDeliveryAgent
+from mailfw.interfaces import IMessageQueue, IPolicy, IRouter
 from mailfw.policy._contract import PolicyContractTests
 from mailfw.queue._contract import QueueContractTests, makeEnvelope
 from mailfw.queue._memory import MemoryQueue
 from mailfw.routing._contract import RouterContractTests
 
 __all__ = [
-    "A",
     "AAAA",
-    "BytesBody",
     "CNAME",
+    "MX",
+    "A",
+    "BytesBody",
     "DeliveryAgentContractTests",
     "FakeResolver",
-    "MX",
     "MemoryDeliveryAgent",
     "MemoryQueue",
     "PolicyContractTests",
@@ -110,7 +110,7 @@ class FakeResolver(ResolverBase):
         current = text
         while True:
             records = self.zone.get(current, [])
-            matching = [r for r in records if r.TYPE == type]
+            matching = [r for r in records if type == r.TYPE]
             cnames = [r for r in records if r.TYPE == dns.CNAME]
             for r in matching:
                 answers.append(dns.RRHeader(current.encode("ascii"), type, payload=r))
@@ -121,7 +121,6 @@ class FakeResolver(ResolverBase):
             if not self.chase:
                 break
         return succeed((answers, [], []))
-
 
 
 @dataclass

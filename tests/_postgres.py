@@ -16,6 +16,7 @@ machine and fail under CI (C{CI=true}), where C{.ci/run} installs it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import glob
 import itertools
 import os
@@ -165,13 +166,17 @@ class Cluster:
         """
         if self._started:
             self._started = False
-            try:
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
                 self._run(
-                    str(self._bin / "pg_ctl"), "-D", str(self._dataDir), "-m", "immediate", "-w",
-                    "stop", timeout=60,
+                    str(self._bin / "pg_ctl"),
+                    "-D",
+                    str(self._dataDir),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                    timeout=60,
                 )
-            except (RuntimeError, subprocess.TimeoutExpired):
-                pass
         shutil.rmtree(self.root, ignore_errors=True)
 
     def logTail(self) -> str:

@@ -306,7 +306,15 @@ def connect(
     router = router or DictRouter()
     queue = queue or RecordingQueue()
     proto = SMTPServerProtocol(
-        kind, HOSTNAME, queue, router, clock, policies, limits, tlsOptions, auth=auth  # type: ignore[arg-type]
+        kind,
+        HOSTNAME,
+        queue,
+        router,
+        clock,
+        policies,
+        limits,
+        tlsOptions,
+        auth=auth,  # type: ignore[arg-type]
     )
     address = IPv6Address("TCP", peer, 40000) if ":" in peer else IPv4Address("TCP", peer, 40000)
     transport = transportFactory(peerAddress=address)
@@ -321,4 +329,3 @@ def connect(
 EHLO = b"EHLO client.example.net\r\n"
 PROLOGUE = EHLO + b"MAIL FROM:<sender@example.net>\r\nRCPT TO:<rcpt@example.org>\r\nDATA\r\n"
 """EHLO, MAIL, RCPT and DATA: 4 replies (250, 250, 250, 354) then the text."""
-

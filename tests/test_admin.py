@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailfw.admin._control import ControlProtocol, selectorFromJSON
 from mailfw.admin._main import formatList, main
-from mailfw.queue import RecipientState, Selector
+from mailfw.queued import RecipientState, Selector
 from mailfw.testing import MemoryQueue, makeEnvelope
 
 
@@ -137,7 +137,9 @@ class ControlProtocolTests(SynchronousTestCase):
         self.assertEqual(
             [[r["bounceRequested"] for r in m["recipients"]] for m in listed], [[True, True], [False]]
         )
-        self.assertEqual(ask(queue, {"command": "bounce", "selector": {"sender": "nobody@example.org"}})["result"], 0)
+        self.assertEqual(
+            ask(queue, {"command": "bounce", "selector": {"sender": "nobody@example.org"}})["result"], 0
+        )
 
     def test_show(self) -> None:
         """
@@ -162,7 +164,9 @@ class ControlProtocolTests(SynchronousTestCase):
         self.assertFalse(ask(queue, b"{nope")["ok"])
         self.assertEqual(ask(queue, [1])["error"], "request must be a JSON object")
         self.assertEqual(ask(queue, {"command": "explode"})["error"], "unknown command 'explode'")
-        self.assertIn("unknown selector field", ask(queue, {"command": "list", "selector": {"x": 1}})["error"])
+        self.assertIn(
+            "unknown selector field", ask(queue, {"command": "list", "selector": {"x": 1}})["error"]
+        )
         self.assertIn("unknown state", ask(queue, {"command": "list", "selector": {"state": "x"}})["error"])
 
 
@@ -172,7 +176,9 @@ class SelectorTests(SynchronousTestCase):
         Every selector field is carried over.
         """
         self.assertEqual(
-            selectorFromJSON({"queueIDs": ["a"], "domain": "d", "sender": "s", "state": "hold", "route": "r"}),
+            selectorFromJSON(
+                {"queueIDs": ["a"], "domain": "d", "sender": "s", "state": "hold", "route": "r"}
+            ),
             Selector(("a",), "d", "s", RecipientState.HOLD, "r"),
         )
 
@@ -184,7 +190,9 @@ class CommandTests(SynchronousTestCase):
         line and exits 1.
         """
         errors: list[str] = []
-        self.patch(__import__("sys"), "stderr", type("E", (), {"write": errors.append, "flush": lambda s: None})())
+        self.patch(
+            __import__("sys"), "stderr", type("E", (), {"write": errors.append, "flush": lambda s: None})()
+        )
         status = main(["queue", "list", "--socket", self.mktemp()])
         self.assertEqual(status, 1)
         self.assertIn("the mailfw server is not running", "".join(errors))
@@ -204,9 +212,13 @@ class CommandTests(SynchronousTestCase):
 
         self.patch(_main, "request", request)
         printed: list[str] = []
-        self.patch(__import__("sys"), "stdout", type("O", (), {"write": printed.append, "flush": lambda s: None})())
+        self.patch(
+            __import__("sys"), "stdout", type("O", (), {"write": printed.append, "flush": lambda s: None})()
+        )
         socket = self.mktemp()
-        self.assertEqual(main(["queue", "bounce", "Q1", "Q2", "--domain", "example.com", "--socket", socket]), 0)
+        self.assertEqual(
+            main(["queue", "bounce", "Q1", "Q2", "--domain", "example.com", "--socket", socket]), 0
+        )
         self.assertEqual(main(["queue", "bounce", "--state", "hold", "--json", "--socket", socket]), 0)
         self.assertEqual(
             sent,
@@ -226,10 +238,19 @@ class CommandTests(SynchronousTestCase):
         text = formatList(
             [
                 {
-                    "queueID": "Q1", "size": 10, "arrival": 0.0, "sender": "a@b",
+                    "queueID": "Q1",
+                    "size": 10,
+                    "arrival": 0.0,
+                    "sender": "a@b",
                     "recipients": [
-                        {"address": "c@d", "state": "ready", "attempts": 2, "nextAttempt": 60.0,
-                         "lastReply": None, "bounceRequested": True},
+                        {
+                            "address": "c@d",
+                            "state": "ready",
+                            "attempts": 2,
+                            "nextAttempt": 60.0,
+                            "lastReply": None,
+                            "bounceRequested": True,
+                        },
                     ],
                 }
             ]
@@ -250,10 +271,18 @@ class CommandTests(SynchronousTestCase):
         text = formatList(
             [
                 {
-                    "queueID": "Q1", "size": 10, "arrival": 0.0, "sender": "a@b",
+                    "queueID": "Q1",
+                    "size": 10,
+                    "arrival": 0.0,
+                    "sender": "a@b",
                     "recipients": [
-                        {"address": "c@d", "state": "ready", "attempts": 2, "nextAttempt": 60.0,
-                         "lastReply": "451 4.4.1 no answer"},
+                        {
+                            "address": "c@d",
+                            "state": "ready",
+                            "attempts": 2,
+                            "nextAttempt": 60.0,
+                            "lastReply": "451 4.4.1 no answer",
+                        },
                     ],
                 }
             ]

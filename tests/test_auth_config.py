@@ -25,9 +25,7 @@ def context(testCase: SynchronousTestCase) -> ComponentContext:
 
 
 def build(testCase: SynchronousTestCase, **options: Any) -> Any:
-    return authFromConfig(
-        Section("[auth]", options), context(testCase), lambda f, *a: maybeDeferred(f, *a)
-    )
+    return authFromConfig(Section("[auth]", options), context(testCase), lambda f, *a: maybeDeferred(f, *a))
 
 
 class AuthConfigTests(SynchronousTestCase):
@@ -68,14 +66,23 @@ class AuthConfigTests(SynchronousTestCase):
         self.assertEqual(auth.timeout, 5.0)
         throttle = auth.throttle
         self.assertEqual(
-            (throttle.maxFailures, throttle.window, throttle.lockout, throttle.failureDelay, throttle.maxClients),
+            (
+                throttle.maxFailures,
+                throttle.window,
+                throttle.lockout,
+                throttle.failureDelay,
+                throttle.maxClients,
+            ),
             (3, 60.0, 120.0, 0.5, 10),
         )
         [checker] = set(auth.portal.checkers.values())
         self.assertIsInstance(checker, PasswordFileChecker)
         self.assertEqual(checker.path.name, "passwd")
         avatar = auth.portal.realm.avatarFor("bob")
-        self.assertEqual((avatar.senders, avatar.etrnDomains, avatar.senderCheck), (("@example.org",), ("example.org",), "domain"))
+        self.assertEqual(
+            (avatar.senders, avatar.etrnDomains, avatar.senderCheck),
+            (("@example.org",), ("example.org",), "domain"),
+        )
 
     def test_loginThroughFile(self) -> None:
         """
@@ -83,7 +90,9 @@ class AuthConfigTests(SynchronousTestCase):
         """
         ctx = context(self)
         (ctx.dataDir / "passwd").write_text(f"alice:{hashPassword('pw', logN=4, r=1)}\n")
-        setup = authFromConfig(Section("[auth]", {"passwords": "passwd"}), ctx, lambda f, *a: maybeDeferred(f, *a))
+        setup = authFromConfig(
+            Section("[auth]", {"passwords": "passwd"}), ctx, lambda f, *a: maybeDeferred(f, *a)
+        )
         assert setup is not None
         _, avatar, _ = self.successResultOf(
             setup.auth.portal.login(UsernamePassword(b"alice", b"pw"), None, IMailUser)
@@ -102,9 +111,7 @@ class AuthConfigTests(SynchronousTestCase):
             Section("[auth]", {"checker": f"file:{users}"}), ctx, lambda f, *a: maybeDeferred(f, *a)
         )
         assert setup is not None
-        self.failureResultOf(
-            setup.auth.portal.login(UsernamePassword(b"carol", b"bad"), None, IMailUser)
-        )
+        self.failureResultOf(setup.auth.portal.login(UsernamePassword(b"carol", b"bad"), None, IMailUser))
         _, avatar, _ = self.successResultOf(
             setup.auth.portal.login(UsernamePassword(b"carol", b"pw"), None, IMailUser)
         )

@@ -92,7 +92,9 @@ class FileFormatTests(SynchronousTestCase):
         self.assertEqual(entry.etrn, ("example.org", ".sub.example"))
         self.assertEqual(parseLine(formatEntry(entry)), entry)
         self.assertEqual(formatEntry(PasswordEntry("bob", encoded)), f"bob:{encoded}")
-        self.assertEqual(parseLine(f"bob:{encoded}::example.org"), PasswordEntry("bob", encoded, (), ("example.org",)))
+        self.assertEqual(
+            parseLine(f"bob:{encoded}::example.org"), PasswordEntry("bob", encoded, (), ("example.org",))
+        )
 
     def test_badLinesSkipped(self) -> None:
         """
@@ -117,7 +119,9 @@ class FileFormatTests(SynchronousTestCase):
         entries, problems = parsePasswordFile(text)
         self.assertEqual(sorted(entries), ["alice"])
         self.assertEqual(entries["alice"].hash, encoded)
-        self.assertEqual([p.split(":")[0] for p in problems], ["line 4", "line 5", "line 6", "line 7", "line 8", "line 9"])
+        self.assertEqual(
+            [p.split(":")[0] for p in problems], ["line 4", "line 5", "line 6", "line 7", "line 8", "line 9"]
+        )
 
 
 class UpdateTests(SynchronousTestCase):
@@ -126,7 +130,9 @@ class UpdateTests(SynchronousTestCase):
         A new file is created with mode 0600.
         """
         path = Path(self.mktemp()) / "passwd"
-        self.assertFalse(updatePasswordFile(path, "alice", PasswordEntry("alice", hashPassword("x", **CHEAP))))
+        self.assertFalse(
+            updatePasswordFile(path, "alice", PasswordEntry("alice", hashPassword("x", **CHEAP)))
+        )
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         self.assertEqual(list(path.parent.iterdir()), [path])
 
@@ -171,7 +177,9 @@ class CheckerTests(SynchronousTestCase):
         """
         The right password gives the user name as avatar ID.
         """
-        self.assertEqual(self.successResultOf(self.check(b"alice@example.org", b"secret")), "alice@example.org")
+        self.assertEqual(
+            self.successResultOf(self.check(b"alice@example.org", b"secret")), "alice@example.org"
+        )
 
     def test_refusals(self) -> None:
         """
@@ -208,7 +216,10 @@ class CheckerTests(SynchronousTestCase):
         _, avatar, logout = self.successResultOf(
             portal.login(UsernamePassword(b"bob", b"hunter2"), None, IMailUser)
         )
-        self.assertEqual((avatar.identity, avatar.senders, avatar.etrnDomains), ("bob", ("@example.org",), ("example.org",)))
+        self.assertEqual(
+            (avatar.identity, avatar.senders, avatar.etrnDomains),
+            ("bob", ("@example.org",), ("example.org",)),
+        )
         logout()
 
 

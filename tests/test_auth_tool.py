@@ -43,7 +43,9 @@ class PasswdToolTests(SynchronousTestCase):
         terminal, writes a scrypt hash the checker accepts, and creates the
         file with mode 0600.
         """
-        self.assertEqual(self.passwd("add", "alice@example.org", "--file", str(self.file), stdin="s3cret pass\n"), 0)
+        self.assertEqual(
+            self.passwd("add", "alice@example.org", "--file", str(self.file), stdin="s3cret pass\n"), 0
+        )
         self.assertEqual(stat.S_IMODE(os.stat(self.file).st_mode), 0o600)
         [(name, entry)] = parsePasswordFile(self.file.read_text())[0].items()
         self.assertEqual(name, "alice@example.org")
@@ -56,7 +58,19 @@ class PasswdToolTests(SynchronousTestCase):
         C{--sender} and C{--etrn} set the user's rights; a later C{add}
         without them keeps them and changes only the password.
         """
-        self.passwd("add", "bob", "-f", str(self.file), "--sender", "bob@Example.org", "--sender", "@example.net", "--etrn", "example.org", stdin="one\n")
+        self.passwd(
+            "add",
+            "bob",
+            "-f",
+            str(self.file),
+            "--sender",
+            "bob@Example.org",
+            "--sender",
+            "@example.net",
+            "--etrn",
+            "example.org",
+            stdin="one\n",
+        )
         self.passwd("add", "bob", "-f", str(self.file), stdin="two\n")
         entry = parsePasswordFile(self.file.read_text())[0]["bob"]
         self.assertEqual((entry.senders, entry.etrn), (("bob@example.org", "@example.net"), ("example.org",)))
@@ -86,7 +100,9 @@ class PasswdToolTests(SynchronousTestCase):
         self.assertEqual(self.passwd("add", "erin", "-f", str(self.file), stdin="\n"), 1)
         self.assertEqual(self.passwd("add", "er:in", "-f", str(self.file), stdin="pw\n"), 1)
         self.assertEqual(self.passwd("add", "er in", "-f", str(self.file), stdin="pw\n"), 1)
-        self.assertEqual(self.passwd("add", "erin", "-f", str(self.file), "--sender", "nope", stdin="pw\n"), 1)
+        self.assertEqual(
+            self.passwd("add", "erin", "-f", str(self.file), "--sender", "nope", stdin="pw\n"), 1
+        )
         self.assertFalse(self.file.exists())
         self.assertIn("empty password", self.err.getvalue())
 

@@ -163,9 +163,7 @@ class LoadConfigTests(SynchronousTestCase):
         A nameserver with a bad port names the entry.
         """
         for entry in ("127.0.0.1:x", "127.0.0.1:0", "127.0.0.1:65536", "[::1]:", "[::1]:-5"):
-            e = self.assertRaises(
-                ConfigError, loadConfig, self.write(f'[dns]\nnameservers = ["{entry}"]\n')
-            )
+            e = self.assertRaises(ConfigError, loadConfig, self.write(f'[dns]\nnameservers = ["{entry}"]\n'))
             self.assertIn(repr(entry), str(e))
 
     def test_nameserverForms(self) -> None:
@@ -191,9 +189,7 @@ class LoadConfigTests(SynchronousTestCase):
         naming the entry.
         """
         for entry in ("dns.example", "dns.example:53", "[::1", "[::1]x", "[127.0.0.1]", "1.2.3"):
-            e = self.assertRaises(
-                ConfigError, loadConfig, self.write(f'[dns]\nnameservers = ["{entry}"]\n')
-            )
+            e = self.assertRaises(ConfigError, loadConfig, self.write(f'[dns]\nnameservers = ["{entry}"]\n'))
             self.assertIn(repr(entry), str(e))
             self.assertIn("[dns] nameservers", str(e))
 

@@ -7,8 +7,9 @@ or processes (a synchronous runner, a memory queue and fake pipe agents).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.trial.unittest import SynchronousTestCase
@@ -31,8 +32,8 @@ from mailfw.delivery._memory import BytesBody, MemoryDeliveryAgent
 from mailfw.delivery._pipe import PipeDeliveryAgent
 from mailfw.envelope import Envelope, Recipient, RecipientOutcome
 from mailfw.interfaces import IDeliveryAgent
-from mailfw.queue import QueueFull
 from mailfw.queue._memory import MemoryQueue
+from mailfw.queued import QueueFull
 from mailfw.reply import SMTPReply
 
 _T = TypeVar("_T")
@@ -143,9 +144,7 @@ class ParseTests(SynchronousTestCase):
         table = tableOf(FILE)
         team = table.lookup(Address("team", "example.org"))
         assert team is not None
-        self.assertEqual(
-            team.addresses, (Address("alice", "example.org"), Address("Bob", "example.net"))
-        )
+        self.assertEqual(team.addresses, (Address("alice", "example.org"), Address("Bob", "example.net")))
         self.assertEqual(team.localparts, ("carol", "dave"))
         self.assertEqual(team.line, 2)
         archive = table.lookup(Address("archive", "x.test"))
@@ -390,9 +389,7 @@ class ExpansionTests(AgentMixin):
             agent, envelopeTo("sales@lists.example.org", "nobody@lists.test", "sales@lists.test")
         )
         self.assertEqual(self.replies(outcomes), [(250, "2.1.5"), (550, "5.1.1"), (250, "2.1.5")])
-        self.assertEqual(
-            [o.recipient.address.localpart for o in outcomes], ["sales", "nobody", "sales"]
-        )
+        self.assertEqual([o.recipient.address.localpart for o in outcomes], ["sales", "nobody", "sales"])
         first, second = self.queue.queueIDs()
         self.assertEqual(
             [r.address for r in self.queue.envelope(first).recipients],
@@ -402,9 +399,7 @@ class ExpansionTests(AgentMixin):
             [r.address for r in self.queue.envelope(second).recipients],
             [Address("other-sales", "example.org")],
         )
-        self.assertTrue(
-            self.queue.body(second).startswith(b"Delivered-To: sales@lists.test\r\n")
-        )
+        self.assertTrue(self.queue.body(second).startswith(b"Delivered-To: sales@lists.test\r\n"))
 
     def test_bodyReadOnceInChunks(self) -> None:
         """
@@ -657,9 +652,7 @@ class FromConfigTests(SynchronousTestCase):
         through a L{PipeDeliveryAgent} with C{command_timeout}.
         """
         (self.dataDir / "aliases").write_text(f'a: b@c.test, "|{CAT} -u"\n')
-        agent = fromConfig(
-            self.context, "al", {"plugin": "aliases", "file": "aliases", "command_timeout": 7}
-        )
+        agent = fromConfig(self.context, "al", {"plugin": "aliases", "file": "aliases", "command_timeout": 7})
         self.assertEqual(agent.name, "al")
         self.assertIs(agent.queue, self.queue)
         self.assertEqual(agent.path, self.dataDir / "aliases")
@@ -725,11 +718,7 @@ class AliasContractTests(DeliveryAgentContractTests, AgentMixin):
 
     def storedMessage(self, agent: IDeliveryAgent, recipient: Address) -> bytes | None:
         prefix = f"Delivered-To: {recipient}\r\n".encode()
-        found = [
-            self.queue.body(q)
-            for q in self.queue.queueIDs()
-            if self.queue.body(q).startswith(prefix)
-        ]
+        found = [self.queue.body(q) for q in self.queue.queueIDs() if self.queue.body(q).startswith(prefix)]
         return found[-1] if found else None
 
     def test_storedMessageSeen(self) -> None:

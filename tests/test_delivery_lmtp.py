@@ -6,8 +6,10 @@ L{StringTransport}s (the real Dovecot test is in tests/integration).
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -23,14 +25,13 @@ from zope.interface import implementer
 from mailfw.address import Address
 from mailfw.config import ComponentContext, ConfigError
 from mailfw.delivery._contract import DeliveryAgentContractTests, UnreadableBody
-from mailfw.delivery._lmtp import LMTPDeliveryAgent, fromConfig, parseReplyLine
-from mailfw.reply import replyFromPeer as makeReply
-from mailfw.delivery._lmtp import ProtocolViolation
+from mailfw.delivery._lmtp import LMTPDeliveryAgent, ProtocolViolation, fromConfig, parseReplyLine
 from mailfw.delivery._memory import BytesBody
 from mailfw.delivery._stream import BodyProducer, DotStuffer, ProducerStopped
 from mailfw.envelope import Envelope, Recipient, RecipientOutcome
 from mailfw.interfaces import IDeliveryAgent, IDeliveryAgentFactory
 from mailfw.plugin import findPlugin
+from mailfw.reply import replyFromPeer as makeReply
 
 ALICE = Address("alice", "example.org")
 BOB = Address("bob", "example.org")
@@ -116,7 +117,9 @@ class Session(SynchronousTestCase):
         self.endpoint = FakeEndpoint()
         self.agent = LMTPDeliveryAgent("lmtp", self.endpoint, self.clock, "mx.example")
 
-    def start(self, *addresses: Address, body: Any = None, **kwargs: Any) -> tuple[Deferred[Sequence[RecipientOutcome]], Peer]:
+    def start(
+        self, *addresses: Address, body: Any = None, **kwargs: Any
+    ) -> tuple[Deferred[Sequence[RecipientOutcome]], Peer]:
         d = self.agent.deliver(envelopeTo(*addresses, **kwargs), body or BytesBody(MESSAGE), None)
         return d, Peer(self.endpoint)
 
@@ -198,7 +201,7 @@ class TransactionTests(Session):
         self.toMail(peer)
         self.assertEqual(peer.heard(), b"MAIL FROM:<>\r\n")
         peer.say(b"250 OK")
-        self.assertEqual(peer.heard(), "RCPT TO:<jürgen@example.org>\r\n".encode("utf-8"))
+        self.assertEqual(peer.heard(), "RCPT TO:<jürgen@example.org>\r\n".encode())
 
     def test_allRecipientsRefused(self) -> None:
         """
@@ -496,7 +499,7 @@ class StreamTests(SynchronousTestCase):
             message = message.replace(b"\x00", b"\r\n")
         stuffer = DotStuffer()
         positions = sorted({min(c, len(message)) for c in cuts} | {0, len(message)})
-        out = b"".join(stuffer(message[a:b]) for a, b in zip(positions, positions[1:]))
+        out = b"".join(stuffer(message[a:b]) for a, b in itertools.pairwise(positions))
         self.assertEqual(out + stuffer.end(), referenceStuffing(message))
 
     def test_producerFinishes(self) -> None:
@@ -538,7 +541,7 @@ class LMTPContractTests(DeliveryAgentContractTests, SynchronousTestCase):
     def resultOf(
         self, agent: IDeliveryAgent, deferred: Deferred[Sequence[RecipientOutcome]]
     ) -> Sequence[RecipientOutcome]:
-        for transport, protocol in zip(self.endpoint.transports, self.endpoint.protocols):
+        for transport, protocol in zip(self.endpoint.transports, self.endpoint.protocols, strict=False):
             self._serve(transport, protocol)
         self.endpoint.transports.clear()
         self.endpoint.protocols.clear()
@@ -571,10 +574,14 @@ class LMTPContractTests(DeliveryAgentContractTests, SynchronousTestCase):
                 buffer += transport.value()
                 transport.clear()
                 data, buffer = buffer.split(b"\r\n.\r\n", 1) if b"\r\n.\r\n" in buffer else (b"", buffer[3:])
-                message = b"".join(
-                    line[1:] + b"\r\n" if line.startswith(b".") else line + b"\r\n"
-                    for line in data.split(b"\r\n")
-                ) if data else b""
+                message = (
+                    b"".join(
+                        line[1:] + b"\r\n" if line.startswith(b".") else line + b"\r\n"
+                        for line in data.split(b"\r\n")
+                    )
+                    if data
+                    else b""
+                )
                 for recipient in recipients:
                     self.stored[recipient] = message
                     protocol.dataReceived(b"250 2.0.0 saved\r\n")
@@ -606,7 +613,7 @@ class FromConfigTests(SynchronousTestCase):
         self.assertIsInstance(agent, LMTPDeliveryAgent)
         self.assertEqual((agent.name, agent.lhlo), ("dovecot", "mx.example"))
         agent.deliver(envelopeTo(ALICE), BytesBody(MESSAGE), None)
-        [(address, factory, timeout, checkPID)] = self.reactor.unixClients
+        [(address, _factory, _timeout, _checkPID)] = self.reactor.unixClients
         self.assertEqual(address, "/run/dovecot/lmtp")
 
     def test_tcpEndpointAndTimeouts(self) -> None:

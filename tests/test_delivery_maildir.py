@@ -12,9 +12,10 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Sequence, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.trial.unittest import SynchronousTestCase
@@ -219,7 +220,7 @@ class PathSafetyTests(SynchronousTestCase):
     No address can make the agent write outside its base directory.
     """
 
-    EVIL = [
+    EVIL = (
         Address("../../etc", "example.org"),
         Address("..", "example.org"),
         Address(".", "example.org"),
@@ -235,7 +236,7 @@ class PathSafetyTests(SynchronousTestCase):
         Address("x", "../.."),
         Address("x", "[IPv6:::1]"),
         Address("%2E%2E", "example.org"),
-    ]
+    )
 
     def setUp(self) -> None:
         self.outer = temporaryDirectory(self)
@@ -524,8 +525,7 @@ class AtomicityTests(SynchronousTestCase):
         self.assertEqual(messagesIn(self.maildir / "new"), [])
         self.assertEqual(
             messagesIn(self.maildir / "tmp"),
-            [b"Return-Path: <s@example.net>\nDelivered-To: alice@example.org\n"
-             b"Subject: x\n\nbody\n"],
+            [b"Return-Path: <s@example.net>\nDelivered-To: alice@example.org\nSubject: x\n\nbody\n"],
         )
 
     def test_concurrentDeliveries(self) -> None:
@@ -536,9 +536,7 @@ class AtomicityTests(SynchronousTestCase):
         agent = makeAgent(self.base)
         bodies = [BytesBody(b"Subject: %d\r\n\r\n" % i + b"z" * 5000 + b"\r\n") for i in range(200)]
         with ThreadPoolExecutor(max_workers=8) as pool:
-            replies = list(
-                pool.map(lambda body: agent.deliverOne("s@example.net", self.alice, body), bodies)
-            )
+            replies = list(pool.map(lambda body: agent.deliverOne("s@example.net", self.alice, body), bodies))
         self.assertEqual({r.code for r in replies}, {250})
         stored = messagesIn(self.maildir / "new")
         self.assertEqual(len(stored), 200)

@@ -4,7 +4,7 @@ Tests for the in-memory test doubles in L{mailfw.delivery._memory}.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
@@ -89,7 +89,9 @@ class MemoryAgentTests(SynchronousTestCase):
         agent = MemoryDeliveryAgent()
         self.successResultOf(agent.deliver(ENVELOPE, BytesBody(b"hi\r\n"), "mx.example"))
         [delivery] = agent.deliveries
-        self.assertEqual((delivery.envelope, delivery.message, delivery.nexthop), (ENVELOPE, b"hi\r\n", "mx.example"))
+        self.assertEqual(
+            (delivery.envelope, delivery.message, delivery.nexthop), (ENVELOPE, b"hi\r\n", "mx.example")
+        )
         self.assertEqual(delivery.recipients, [ALICE, BOB])
 
     def test_scriptedReplies(self) -> None:

@@ -94,10 +94,7 @@ class FakeProcess:
         if stderr:
             self.protocol.errReceived(stderr)
         self.ended = True
-        if exitCode == 0:
-            reason = Failure(ProcessDone(0))
-        else:
-            reason = Failure(ProcessTerminated(exitCode, signal))
+        reason = Failure(ProcessDone(0)) if exitCode == 0 else Failure(ProcessTerminated(exitCode, signal))
         self.protocol.processEnded(reason)
 
 
@@ -156,7 +153,9 @@ class ReplyMappingTests(SynchronousTestCase):
         A killed command that ran out of time defers, whatever its status.
         """
         reply = replyForExit(None, 9, True, b"killed")
-        self.assertEqual((reply.code, reply.enhanced, reply.text), (451, "4.3.0", "Delivery command timed out"))
+        self.assertEqual(
+            (reply.code, reply.enhanced, reply.text), (451, "4.3.0", "Delivery command timed out")
+        )
 
     def test_stderrSummary(self) -> None:
         """
@@ -185,13 +184,33 @@ class CommandTemplateTests(SynchronousTestCase):
         agent = PipeDeliveryAgent(
             FakeProcessReactor(),
             "pipe",
-            ["/usr/bin/deliver", "-f", "{sender}", "--", "{recipient}", "{localpart}",
-             "{user}", "{detail}", "{domain}", "x={user}@{domain}"],
+            [
+                "/usr/bin/deliver",
+                "-f",
+                "{sender}",
+                "--",
+                "{recipient}",
+                "{localpart}",
+                "{user}",
+                "{detail}",
+                "{domain}",
+                "x={user}@{domain}",
+            ],
         )
         self.assertEqual(
             agent.argumentsFor("s@example.net", [ALICE]),
-            ["/usr/bin/deliver", "-f", "s@example.net", "--", "Alice+Box@example.org",
-             "Alice+Box", "alice", "Box", "example.org", "x=alice@example.org"],
+            [
+                "/usr/bin/deliver",
+                "-f",
+                "s@example.net",
+                "--",
+                "Alice+Box@example.org",
+                "Alice+Box",
+                "alice",
+                "Box",
+                "example.org",
+                "x=alice@example.org",
+            ],
         )
 
     def test_quotedLocalPartIsOneArgument(self) -> None:
@@ -347,9 +366,7 @@ class PipeAgentTests(SynchronousTestCase):
         """
         A body that cannot be opened defers without starting the command.
         """
-        [outcome] = self.successResultOf(
-            self.agent.deliver(envelopeTo(BOB), UnreadableBody(), None)
-        )
+        [outcome] = self.successResultOf(self.agent.deliver(envelopeTo(BOB), UnreadableBody(), None))
         self.assertEqual(outcome.reply.code, 451)
         self.assertEqual(self.reactor.processes, [])
 

@@ -6,8 +6,9 @@ L{twisted.test.iosim}.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
@@ -43,9 +44,7 @@ class ZoneResolver(ResolverBase):
         text = name.decode("ascii").lower()
         if text not in self.zone:
             return fail(error.DNSNameError(text))
-        answers = [
-            dns.RRHeader(name, type, payload=r) for r in self.zone[text] if r.TYPE == type
-        ]
+        answers = [dns.RRHeader(name, type, payload=r) for r in self.zone[text] if type == r.TYPE]
         return succeed((answers, [], []))
 
 
@@ -136,7 +135,10 @@ class FakeNetwork:
             return fail(ConnectionRefusedError(host.address))
         server = ScriptedServer(script, self.messages.setdefault(host.address, []), self.quits)
         pump = iosim.connect(
-            server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client),
+            server,
+            iosim.makeFakeServer(server),
+            client,
+            iosim.makeFakeClient(client),
             greet=False,
         )
         self.pumps.append(pump)
@@ -169,9 +171,7 @@ ZONE: dict[str, list[Any]] = {
 }
 
 
-def makeAgent(
-    hosts: dict[str, dict[str, Any] | None], **optionKw: Any
-) -> tuple[SMTPRelayAgent, FakeNetwork]:
+def makeAgent(hosts: dict[str, dict[str, Any] | None], **optionKw: Any) -> tuple[SMTPRelayAgent, FakeNetwork]:
     clock = Clock()
     network = FakeNetwork(clock, hosts)
     resolver = MXResolver(ZoneResolver(ZONE), families=("ipv4",))
@@ -197,9 +197,7 @@ def deliver(
 
 
 def summary(outcomes: Sequence[RecipientOutcome]) -> list[tuple[str, int, str, str | None]]:
-    return [
-        (str(o.recipient.address), o.reply.code, o.reply.enhanced, o.remoteMTA) for o in outcomes
-    ]
+    return [(str(o.recipient.address), o.reply.code, o.reply.enhanced, o.remoteMTA) for o in outcomes]
 
 
 class RelayContractTests(DeliveryAgentContractTests, SynchronousTestCase):
@@ -301,7 +299,9 @@ class RelayTests(SynchronousTestCase):
         outcomes = deliver(agent, network, envelope("b@example.net"))
         self.assertEqual(summary(outcomes), [("b@example.net", 250, "2.0.0", "mx1.example.net")])
         self.assertEqual(network.attempts, [("192.0.2.1", 25), ("192.0.2.1", 25)])
-        self.assertEqual([m["rcpts"] for m in network.messages["192.0.2.1"]], [["a@example.net"], ["b@example.net"]])
+        self.assertEqual(
+            [m["rcpts"] for m in network.messages["192.0.2.1"]], [["a@example.net"], ["b@example.net"]]
+        )
 
     def test_reuseLimitAndCacheOff(self) -> None:
         """

@@ -45,10 +45,11 @@ import time
 import tomllib
 import unittest
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, TypeVar
 from unittest import mock
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -68,6 +69,7 @@ from mailfw.config import (
     ServerConfig,
     loadConfig,
 )
+from mailfw.etrn import settingsFromConfig
 from mailfw.interfaces import (
     IDeliveryAgentFactory,
     IMessageQueue,
@@ -76,9 +78,8 @@ from mailfw.interfaces import (
     IPolicyFactory,
     IRouterFactory,
 )
-from mailfw.etrn import settingsFromConfig
 from mailfw.plugin import LazyComponent, MissingPlugin, findPlugin
-from mailfw.queue._scheduler import schedulerFromConfig
+from mailfw.scheduling._scheduler import schedulerFromConfig
 from mailfw.smtp import SMTPLimits
 from mailfw.tap import checkComponents
 from mailfw.testing import MemoryDeliveryAgent, MemoryQueue
@@ -229,9 +230,7 @@ class ThreadedMemoryReactor(MemoryReactorClock):
         super().__init__()
         self.fromThreads: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
 
-    def callFromThread(
-        self, callable: Callable[..., Any], *args: object, **kwargs: object
-    ) -> None:
+    def callFromThread(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> None:
         self.fromThreads.put(lambda: callable(*args, **kwargs))
 
     def runUntilCalled(self, d: Deferred[Any], timeout: float = 30.0) -> None:
@@ -288,9 +287,7 @@ def examplePlugins() -> Iterator[None]:
         twisted.plugins.__path__.remove(str(scratch / "plugins"))
         sys.path.remove(str(scratch))
         for name in list(sys.modules):
-            if name.split(".")[0] == "mailfw_webhook" or name.startswith(
-                "twisted.plugins.mailfw_webhook"
-            ):
+            if name.split(".")[0] == "mailfw_webhook" or name.startswith("twisted.plugins.mailfw_webhook"):
                 del sys.modules[name]
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -306,9 +303,7 @@ def recordingKeys() -> Iterator[dict[str, set[str]]]:
     for name in ("text", "integer", "number", "flag", "strings", "table", "choice", "has"):
         original = getattr(Section, name)
 
-        def recording(
-            self: Section, key: str, *args: Any, _original: Any = original, **kwargs: Any
-        ) -> Any:
+        def recording(self: Section, key: str, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
             asked[self.title].add(key)
             return _original(self, key, *args, **kwargs)
 
@@ -336,8 +331,7 @@ def sectionsOf(config: ServerConfig) -> list[tuple[str, str, str, Mapping[str, o
         for name, options in config.delivery.items()
     ]
     sections += [
-        (f"[policy.{name}]", name, options, IPolicyFactory)
-        for name, options in config.policy.items()
+        (f"[policy.{name}]", name, options, IPolicyFactory) for name, options in config.policy.items()
     ]
     return [
         (title, name, str(options.get("plugin")), options, interface)

@@ -1,5 +1,5 @@
 """
-Tests for L{mailfw.queue._dsn}: RFC 3464 notices.
+Tests for L{mailfw.scheduling._dsn}: RFC 3464 notices.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailfw.address import Address
 from mailfw.envelope import Envelope, Recipient
 from mailfw.queue._contract import makeEnvelope
-from mailfw.queue._dsn import NoticeWriter, RecipientReport, readReturned
 from mailfw.queue._memory import MemoryBody
 from mailfw.reply import SMTPReply
+from mailfw.scheduling._dsn import NoticeWriter, RecipientReport, readReturned
 
 ORIGINAL = b"Subject: hello\r\nFrom: <sender@example.org>\r\n\r\nbody \xe9\r\n.\r\n"
 REFUSED = SMTPReply(550, "5.1.1", "no such user")
@@ -100,7 +100,7 @@ class NoticeWriterTests(SynchronousTestCase):
         self.assertEqual(perMessage["Original-Envelope-Id"], "ENV-1")
         self.assertEqual(perMessage["Arrival-Date"], "Thu, 01 Jan 1970 00:16:40 +0000")
         self.assertEqual(
-            {k: perRecipient[k] for k in perRecipient.keys()},
+            {k: perRecipient[k] for k in perRecipient},
             {
                 "Original-Recipient": "rfc822; orig@example.com",
                 "Final-Recipient": "rfc822; a@example.com",
@@ -152,7 +152,9 @@ class NoticeWriterTests(SynchronousTestCase):
         A delay notice says delayed, with the retry deadline.
         """
         envelope = makeEnvelope("a@example.com")
-        report = self.writer.delayReport(envelope.recipients[0], SMTPReply(451, "4.4.1", "no answer"), None, 2000.0, 5000.0)
+        report = self.writer.delayReport(
+            envelope.recipients[0], SMTPReply(451, "4.4.1", "no answer"), None, 2000.0, 5000.0
+        )
         notice = self.writer.build("Q1", envelope, [report], b"Subject: x\r\n", False, 2000.0)
         assert notice is not None
         message = email.message_from_bytes(notice.body)
@@ -218,5 +220,7 @@ class NoticeWriterTests(SynchronousTestCase):
         """
         A reply without an enhanced code reports its class as the status.
         """
-        r = self.writer.failureReport(Recipient(Address.parse("a@example.com")), SMTPReply(550, "", "no"), None, 0)
+        r = self.writer.failureReport(
+            Recipient(Address.parse("a@example.com")), SMTPReply(550, "", "no"), None, 0
+        )
         self.assertEqual(r.status, "5.0.0")

@@ -121,9 +121,7 @@ class WheelContentsTests(SynchronousTestCase):
         Every C{mailfw_*.py} dropin of the source tree is in the wheel, so a
         new dropin cannot be forgotten by the packaging configuration.
         """
-        inSource = {
-            f"twisted/plugins/{p.name}" for p in (ROOT / "twisted" / "plugins").glob("mailfw_*.py")
-        }
+        inSource = {f"twisted/plugins/{p.name}" for p in (ROOT / "twisted" / "plugins").glob("mailfw_*.py")}
         inWheel = {n for n in _names() if n.startswith("twisted/plugins/")}
         self.assertEqual(inSource, inWheel)
 
@@ -201,7 +199,7 @@ class WheelMetadataTests(SynchronousTestCase):
         try:
             from readme_renderer.rst import render
         except ImportError:
-            raise SkipTest("readme_renderer (from twine, in the dev extra) is not installed")
+            raise SkipTest("readme_renderer (from twine, in the dev extra) is not installed") from None
         metadata = email.parser.Parser().parsestr(_distInfo("METADATA"))
         description = metadata.get_payload()
         self.assertTrue(description.strip())

@@ -69,9 +69,7 @@ class FindPluginTests(SynchronousTestCase):
         """
         L{LazyComponent} provides the factory interface it was made for.
         """
-        self.assertTrue(
-            verifyObject(IRouterFactory, LazyComponent(IRouterFactory, "r", "m:f"))
-        )
+        self.assertTrue(verifyObject(IRouterFactory, LazyComponent(IRouterFactory, "r", "m:f")))
 
     def test_lazyComponentImportsOnUse(self) -> None:
         """
@@ -102,9 +100,7 @@ class FindPluginTests(SynchronousTestCase):
             for plugin in getPlugins(kind):
                 if isinstance(plugin, LazyComponent) and plugin.target.startswith("mailfw."):
                     module, _, name = plugin.target.partition(":")
-                    self.assertTrue(
-                        callable(getattr(importlib.import_module(module), name)), plugin.target
-                    )
+                    self.assertTrue(callable(getattr(importlib.import_module(module), name)), plugin.target)
                     seen += 1
         self.assertGreater(seen, 3)
 

@@ -12,9 +12,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailfw.config import ComponentContext, ConfigError
 from mailfw.interfaces import IMessageQueue, IMessageQueueFactory
 from mailfw.plugin import findPlugin
-from mailfw.queue import QueueFull, Selector
 from mailfw.queue._contract import QueueContractTests, makeEnvelope
 from mailfw.queue._memory import MemoryQueue, fromConfig
+from mailfw.queued import QueueFull, Selector
 
 
 class MemoryQueueContractTests(QueueContractTests, SynchronousTestCase):
@@ -36,7 +36,9 @@ class MemoryQueueHelperTests(SynchronousTestCase):
         Queue IDs count up from C{Q1} unless a generator is given.
         """
         queue = MemoryQueue()
-        self.assertEqual([queue.receive(makeEnvelope("a@example.com")).queueID for _ in range(2)], ["Q1", "Q2"])
+        self.assertEqual(
+            [queue.receive(makeEnvelope("a@example.com")).queueID for _ in range(2)], ["Q1", "Q2"]
+        )
         self.assertEqual(MemoryQueue(idGenerator=lambda: "X").receive(makeEnvelope()).queueID, "X")
 
     def test_full(self) -> None:

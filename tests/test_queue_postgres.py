@@ -17,8 +17,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
@@ -31,8 +32,8 @@ from zope.interface.verify import verifyObject
 from mailfw.config import ComponentContext, ConfigError
 from mailfw.envelope import RecipientOutcome
 from mailfw.interfaces import ILeaseOffers, IMessageQueue, IMessageQueueFactory
-from mailfw.queue import Disposition, Lease, LeaseLost, Selector
 from mailfw.queue._contract import QueueContractTests, makeEnvelope
+from mailfw.queued import Disposition, Lease, LeaseLost, Selector
 from mailfw.reply import SMTPReply
 from tests._postgres import requirePostgres
 
@@ -386,9 +387,7 @@ class PostgresNodeTests(SynchronousTestCase):
         self.wait(a.claim(self.clock.seconds(), 1))
         self.wait(b.claim(self.clock.seconds(), 1))
         self.assertEqual(self.wait(a.recover(float("inf"))), 1)
-        self.assertEqual(
-            self.helpers.sql("SELECT lease_owner FROM recipients ORDER BY 1"), [("b",), (None,)]
-        )
+        self.assertEqual(self.helpers.sql("SELECT lease_owner FROM recipients ORDER BY 1"), [("b",), (None,)])
 
     def test_notifyWakesOtherNode(self) -> None:
         """
@@ -440,9 +439,7 @@ class PostgresNodeTests(SynchronousTestCase):
         a = self.node("a", afterInsert=lose)
         queueID = self.enqueue(a, "x@example.com")
         self.assertEqual(failures, [])
-        self.assertEqual(
-            self.helpers.sql("SELECT message_id FROM recipients"), [(queueID,)]
-        )
+        self.assertEqual(self.helpers.sql("SELECT message_id FROM recipients"), [(queueID,)])
 
     def test_commitLostBeforeCommit(self) -> None:
         """
@@ -486,9 +483,7 @@ class PostgresNodeTests(SynchronousTestCase):
         self.waitFailure(incoming.commit(), QueueIDTaken)
         self.assertEqual([lease.envelope.recipients[0].address.localpart for lease in taken], ["alice"])
         self.assertEqual(self.helpers.sql("SELECT address FROM recipients"), [("alice@example.com",)])
-        self.assertEqual(
-            self.helpers.sql("SELECT body FROM message_bodies"), [(b"for alice\r\n",)]
-        )
+        self.assertEqual(self.helpers.sql("SELECT body FROM message_bodies"), [(b"for alice\r\n",)])
 
     def test_commitUnresolvedReleasesLease(self) -> None:
         """
@@ -660,9 +655,7 @@ class PostgresNodeTests(SynchronousTestCase):
         server's default.
         """
         a = self.node("a")
-        setting = self.wait(
-            a._transact(lambda c: c.execute("SHOW synchronous_commit").fetchone()[0])
-        )
+        setting = self.wait(a._transact(lambda c: c.execute("SHOW synchronous_commit").fetchone()[0]))
         self.assertEqual(setting, "on")
 
     def test_diskFullIsQueueFull(self) -> None:
@@ -672,8 +665,8 @@ class PostgresNodeTests(SynchronousTestCase):
         """
         import psycopg
 
-        from mailfw.queue import QueueFull
         from mailfw.queue._postgres import _translate
+        from mailfw.queued import QueueFull
 
         self.assertIsInstance(_translate(psycopg.errors.DiskFull("no space")), QueueFull)
         self.assertIsInstance(_translate(OSError(28, "No space left on device")), QueueFull)
@@ -757,9 +750,7 @@ class PostgresFromConfigTests(SynchronousTestCase):
         helpers = PostgresHelpers()
         helpers.startDatabase(self)
         reactor = ThreadedClockFront(Clock(), helpers.calls)
-        context = ComponentContext(
-            reactor=reactor, hostname="mx.test", dataDir=Path(self.mktemp())
-        )
+        context = ComponentContext(reactor=reactor, hostname="mx.test", dataDir=Path(self.mktemp()))
         q = fromConfig(
             context,
             "queue",

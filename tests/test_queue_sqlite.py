@@ -9,8 +9,9 @@ from __future__ import annotations
 import queue
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
@@ -22,11 +23,11 @@ from zope.interface.verify import verifyObject
 
 from mailfw.config import ComponentContext, ConfigError
 from mailfw.envelope import RecipientOutcome
-from mailfw.interfaces import IMessageBody, ILeaseOffers, IMessageQueue, IMessageQueueFactory
+from mailfw.interfaces import ILeaseOffers, IMessageBody, IMessageQueue, IMessageQueueFactory
 from mailfw.plugin import findPlugin
-from mailfw.queue import Disposition, Lease, LeaseLost, QueueFull, RecipientState, Selector
 from mailfw.queue._contract import QueueContractTests, makeEnvelope
 from mailfw.queue._sqlite import SQLiteQueue, SynchronousExecutor, ThreadExecutor, fromConfig
+from mailfw.queued import Disposition, Lease, LeaseLost, QueueFull, RecipientState, Selector
 from mailfw.reply import SMTPReply
 
 _T = TypeVar("_T")
@@ -300,7 +301,10 @@ class SQLiteQueueTests(SynchronousTestCase):
         writer = ManualExecutor()
         q._writer = writer
         before = self.enqueueStart(q)
-        bad = q.record(lease, [Disposition(7, RecipientOutcome(lease.envelope.recipients[0], SMTPReply(250, "2.0.0", "ok")))])
+        bad = q.record(
+            lease,
+            [Disposition(7, RecipientOutcome(lease.envelope.recipients[0], SMTPReply(250, "2.0.0", "ok")))],
+        )
         after = self.enqueueStart(q)
         writer.run()
         self.failureResultOf(bad, ValueError)
@@ -317,9 +321,11 @@ class SQLiteQueueTests(SynchronousTestCase):
         self.successResultOf(self.enqueueStart(q))
         [lease] = self.successResultOf(q.claim(self.clock.seconds(), 10))
         self.successResultOf(q.recover(float("inf")))
-        from mailfw.queue import Notice
+        from mailfw.queued import Notice
 
-        self.failureResultOf(q.record(lease, [], [Notice(makeEnvelope("x@example.org", sender=None), b"n\r\n")]), LeaseLost)
+        self.failureResultOf(
+            q.record(lease, [], [Notice(makeEnvelope("x@example.org", sender=None), b"n\r\n")]), LeaseLost
+        )
         self.assertEqual(freshCount(self.path, "messages"), 1)
 
     def test_diskFull(self) -> None:
@@ -469,9 +475,7 @@ class SQLiteQueueTests(SynchronousTestCase):
         again = synchronousQueue(self.path, self.clock)
         self.assertEqual(self.successResultOf(again.bounce(Selector(queueIDs=(queueID,)))), 1)
         [lease] = self.successResultOf(again.claim(self.clock.seconds(), 10))
-        self.assertEqual(
-            [(r.bounceRequested, r.released) for r in lease.recipients], [(True, False)]
-        )
+        self.assertEqual([(r.bounceRequested, r.released) for r in lease.recipients], [(True, False)])
 
     def test_walAndFullSync(self) -> None:
         """
@@ -624,7 +628,9 @@ class SQLiteFromConfigTests(SynchronousTestCase):
         """
         dataDir = Path(self.mktemp())
         dataDir.mkdir()
-        fromConfig(self.context(dataDir), "queue", {"plugin": "sqlite", "path": "q/x.db", "spill_threshold": 10})
+        fromConfig(
+            self.context(dataDir), "queue", {"plugin": "sqlite", "path": "q/x.db", "spill_threshold": 10}
+        )
         self.assertTrue((dataDir / "q" / "x.db").exists())
 
     def test_bad(self) -> None:
@@ -633,6 +639,10 @@ class SQLiteFromConfigTests(SynchronousTestCase):
         """
         dataDir = Path(self.mktemp())
         dataDir.mkdir()
-        self.assertRaises(ConfigError, fromConfig, self.context(dataDir), "queue", {"plugin": "sqlite", "paht": "x"})
+        self.assertRaises(
+            ConfigError, fromConfig, self.context(dataDir), "queue", {"plugin": "sqlite", "paht": "x"}
+        )
         (dataDir / "dir").mkdir()
-        self.assertRaises(ConfigError, fromConfig, self.context(dataDir), "queue", {"plugin": "sqlite", "path": "dir"})
+        self.assertRaises(
+            ConfigError, fromConfig, self.context(dataDir), "queue", {"plugin": "sqlite", "path": "dir"}
+        )

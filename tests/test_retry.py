@@ -1,5 +1,5 @@
 """
-Tests for L{mailfw.queue._retry.RetrySchedule}.
+Tests for L{mailfw.scheduling._retry.RetrySchedule}.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailfw.config import ConfigError, Section
-from mailfw.queue._retry import RetrySchedule
+from mailfw.scheduling._retry import RetrySchedule
 
 
 class RetryScheduleTests(SynchronousTestCase):

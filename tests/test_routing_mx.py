@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.names import dns, error
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailfw.reply import SMTPReply
 from mailfw.routing._mx import (
     DNS_FAILURE,
     NO_ADDRESS,
@@ -21,7 +22,6 @@ from mailfw.routing._mx import (
     MXResolver,
     Resolution,
 )
-from mailfw.reply import SMTPReply
 from mailfw.testing import AAAA, CNAME, MX, A, FakeResolver
 
 
@@ -105,9 +105,7 @@ class OrderingTests(SynchronousTestCase):
         At most C{maxAddresses} addresses are returned, and MX hosts beyond
         them are not even looked up.
         """
-        zone: dict[str, list[Any]] = {
-            "example.com": [MX(i, f"mx{i}.example.com") for i in range(10)]
-        }
+        zone: dict[str, list[Any]] = {"example.com": [MX(i, f"mx{i}.example.com") for i in range(10)]}
         for i in range(10):
             zone[f"mx{i}.example.com"] = [A(f"192.0.2.{i}")]
         result, fake = resolve(zone, "example.com", maxAddresses=3)
@@ -256,8 +254,10 @@ class FailureTests(SynchronousTestCase):
         When no MX host has an address the failure is transient (a broken
         zone is fixed by its owner).
         """
-        zone: dict[str, list[Any]] = {"example.com": [MX(10, "gone.example.com"), MX(20, "empty.example.com")],
-                "empty.example.com": []}
+        zone: dict[str, list[Any]] = {
+            "example.com": [MX(10, "gone.example.com"), MX(20, "empty.example.com")],
+            "empty.example.com": [],
+        }
         result, _ = resolve(zone, "example.com")
         self.assertEqual(result, Resolution(failure=NO_ADDRESS))
         self.assertTrue(NO_ADDRESS.isTransient)
@@ -295,7 +295,10 @@ class CNAMETests(SynchronousTestCase):
         """
         An alias whose target has no MX gets the target's addresses.
         """
-        zone: dict[str, list[Any]] = {"alias.example": [CNAME("real.example")], "real.example": [A("192.0.2.3")]}
+        zone: dict[str, list[Any]] = {
+            "alias.example": [CNAME("real.example")],
+            "real.example": [A("192.0.2.3")],
+        }
         result, _ = resolve(zone, "alias.example", families=("ipv4",))
         self.assertEqual(result.hosts, (MailHost("real.example", "192.0.2.3"),))
 
@@ -336,9 +339,7 @@ class NexthopTests(SynchronousTestCase):
         """
         fake = FakeResolver({"smtp.example.net": [A("192.0.2.25")]})
         d = MXResolver(fake, families=("ipv4",)).resolve("[smtp.example.net]:587")
-        self.assertEqual(
-            self.successResultOf(d), Resolution((MailHost("smtp.example.net", "192.0.2.25"),))
-        )
+        self.assertEqual(self.successResultOf(d), Resolution((MailHost("smtp.example.net", "192.0.2.25"),)))
         self.assertEqual(fake.queries, [("smtp.example.net", dns.A)])
 
     def test_fixedAddress(self) -> None:
@@ -361,20 +362,24 @@ class NexthopTests(SynchronousTestCase):
         """
         A bare domain next hop means an MX lookup of that domain.
         """
-        zone: dict[str, list[Any]] = {"example.com": [MX(1, "mx.example.com")], "mx.example.com": [A("192.0.2.1")]}
+        zone: dict[str, list[Any]] = {
+            "example.com": [MX(1, "mx.example.com")],
+            "mx.example.com": [A("192.0.2.1")],
+        }
         fake = FakeResolver(zone)
         d = MXResolver(fake, families=("ipv4",)).resolve("example.com")
-        self.assertEqual(
-            self.successResultOf(d).hosts, (MailHost("mx.example.com", "192.0.2.1", 1),)
-        )
+        self.assertEqual(self.successResultOf(d).hosts, (MailHost("mx.example.com", "192.0.2.1", 1),))
 
     def test_replyValues(self) -> None:
         """
         Every failure reply is a valid SMTP reply of the intended class.
         """
         for reply, permanent in (
-            (NULL_MX, True), (NO_SUCH_DOMAIN, True), (NO_MAIL_HOST, True),
-            (DNS_FAILURE, False), (NO_ADDRESS, False),
+            (NULL_MX, True),
+            (NO_SUCH_DOMAIN, True),
+            (NO_MAIL_HOST, True),
+            (DNS_FAILURE, False),
+            (NO_ADDRESS, False),
         ):
             self.assertIsInstance(reply, SMTPReply)
             self.assertEqual(reply.isPermanent, permanent)

@@ -227,12 +227,8 @@ class RecipientListTests(RouteMixin, SynchronousTestCase):
         directory = Path(self.mktemp())
         directory.mkdir()
         (directory / "users").write_text("# users\nalice@example.org\n\n  bob  \n")
-        ctx = ComponentContext(
-            reactor=None, hostname="mx.example.org", dataDir=directory, agentNames=AGENTS
-        )
-        r = fromConfig(
-            ctx, "routing", {"local_domains": ["example.org"], "recipients_file": "users"}
-        )
+        ctx = ComponentContext(reactor=None, hostname="mx.example.org", dataDir=directory, agentNames=AGENTS)
+        r = fromConfig(ctx, "routing", {"local_domains": ["example.org"], "recipients_file": "users"})
         self.assertEqual(self.routeOf(r, "alice@example.org").kind, RouteKind.LOCAL)
         self.assertEqual(self.routeOf(r, "bob@example.org").kind, RouteKind.LOCAL)
         self.assertEqual(self.routeOf(r, "carol@example.org").kind, RouteKind.REFUSE)
@@ -278,13 +274,9 @@ class RelayTests(RouteMixin, SynchronousTestCase):
         """
         r = router(relay_networks=["127.0.0.0/8", "::1/128", "192.0.2.0/24"])
         for host in ("127.0.0.1", "127.1.2.3", "::1", "192.0.2.200", "::ffff:192.0.2.7"):
-            self.assertEqual(
-                self.routeOf(r, "x@remote.example", outsider(host)).kind, RouteKind.RELAY, host
-            )
+            self.assertEqual(self.routeOf(r, "x@remote.example", outsider(host)).kind, RouteKind.RELAY, host)
         for host in ("192.0.3.1", "::2", "", "/run/mailfw.sock", "10.0.0.1"):
-            self.assertEqual(
-                self.routeOf(r, "x@remote.example", outsider(host)).kind, RouteKind.REFUSE, host
-            )
+            self.assertEqual(self.routeOf(r, "x@remote.example", outsider(host)).kind, RouteKind.REFUSE, host)
 
     def test_relayClientFlag(self) -> None:
         """
@@ -346,9 +338,7 @@ class RelayTests(RouteMixin, SynchronousTestCase):
         for outsiders.
         """
         r = router()
-        self.assertEqual(
-            self.routeOf(r, "root@[127.0.0.1]", outsider()), Route.refuse(RELAY_DENIED)
-        )
+        self.assertEqual(self.routeOf(r, "root@[127.0.0.1]", outsider()), Route.refuse(RELAY_DENIED))
 
     def test_addressLiteralLocal(self) -> None:
         """
@@ -486,9 +476,7 @@ class ConfigTests(SynchronousTestCase):
         """
         A smart host without any relay delivery instance is a configuration error.
         """
-        e = self.assertRaises(
-            ConfigError, router, agents=frozenset({"local"}), smarthost="[smtp.example]"
-        )
+        e = self.assertRaises(ConfigError, router, agents=frozenset({"local"}), smarthost="[smtp.example]")
         self.assertIn("smarthost", str(e))
 
     def test_relayDomainNeedsAgent(self) -> None:
@@ -496,9 +484,7 @@ class ConfigTests(SynchronousTestCase):
         A relay domain with neither a transport entry nor a relay agent is
         refused at start-up.
         """
-        e = self.assertRaises(
-            ConfigError, router, agents=frozenset({"local"}), relay_domains=["x.example"]
-        )
+        e = self.assertRaises(ConfigError, router, agents=frozenset({"local"}), relay_domains=["x.example"])
         self.assertIn("relay_domains", str(e))
 
     def test_oddHostname(self) -> None:

@@ -1,13 +1,14 @@
 """
-Tests for L{mailfw.queue._scheduler.Scheduler}, on a L{Clock} with a
+Tests for L{mailfw.scheduling._scheduler.Scheduler}, on a L{Clock} with a
 L{MemoryQueue}, a fake router and fake delivery agents.
 """
 
 from __future__ import annotations
 
 import email
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
@@ -20,13 +21,13 @@ from mailfw.address import Address
 from mailfw.config import ConfigError, Section
 from mailfw.envelope import Envelope, Recipient, RecipientOutcome, Route, RouteKind, Session
 from mailfw.interfaces import IDeliveryAgent, IMessageBody, IRouter
-from mailfw.queue import QueueFull, RecipientState, Selector
 from mailfw.queue._contract import makeEnvelope
-from mailfw.queue._dsn import NoticeWriter
 from mailfw.queue._memory import MemoryQueue
-from mailfw.queue._retry import RetrySchedule
-from mailfw.queue._scheduler import Scheduler, schedulerFromConfig
+from mailfw.queued import QueueFull, RecipientState, Selector
 from mailfw.reply import SMTPReply
+from mailfw.scheduling._dsn import NoticeWriter
+from mailfw.scheduling._retry import RetrySchedule
+from mailfw.scheduling._scheduler import Scheduler, schedulerFromConfig
 
 OK = SMTPReply(250, "2.0.0", "ok")
 GREYLISTED = SMTPReply(451, "4.7.1", "greylisted")
@@ -186,7 +187,10 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         self.assertEqual(agent.deliveries, [])
         self.clock.advance(0)
         [delivery] = agent.deliveries
-        self.assertEqual((delivery.addresses, delivery.body, delivery.at), (["a@example.com"], b"Subject: hi\r\n\r\nhello\r\n", START))
+        self.assertEqual(
+            (delivery.addresses, delivery.body, delivery.at),
+            (["a@example.com"], b"Subject: hi\r\n\r\nhello\r\n", START),
+        )
         self.assertEqual(self.router.calls, [(Address.parse("a@example.com"), None)])
         self.assertEqual(self.queue.queueIDs(), [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -245,7 +249,9 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         self.successResultOf(self.queue.claim(START, 1))
         agent = FakeAgent(self.clock)
         self.makeScheduler(agent)
-        self.assertEqual(sorted(a for d in agent.deliveries for a in d.addresses), ["a@example.com", "b@example.com"])
+        self.assertEqual(
+            sorted(a for d in agent.deliveries for a in d.addresses), ["a@example.com", "b@example.com"]
+        )
 
     def test_groupsByAgentAndNexthop(self) -> None:
         """
@@ -259,13 +265,19 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         }
         local, relay = FakeAgent(self.clock), FakeAgent(self.clock, "relay")
         self.makeScheduler(local, relay)
-        self.enqueue(makeEnvelope("x@a.example", "y@b.example", "z@localhost.example", "w@a2.example", "v@localhost.example"))
+        self.enqueue(
+            makeEnvelope(
+                "x@a.example", "y@b.example", "z@localhost.example", "w@a2.example", "v@localhost.example"
+            )
+        )
         self.clock.advance(0)
         self.assertEqual(
             sorted((d.nexthop or "", d.addresses) for d in relay.deliveries),
             [("a.example", ["x@a.example", "w@a2.example"]), ("b.example", ["y@b.example"])],
         )
-        self.assertEqual([d.addresses for d in local.deliveries], [["z@localhost.example", "v@localhost.example"]])
+        self.assertEqual(
+            [d.addresses for d in local.deliveries], [["z@localhost.example", "v@localhost.example"]]
+        )
         self.assertEqual(self.queue.queueIDs(), [])
 
     def test_fiveDaySchedule(self) -> None:
@@ -304,7 +316,10 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         queueID = self.enqueue(makeEnvelope("a@example.com"))
         self.clock.advance(0)
         [r] = self.queue.recipients(queueID)
-        self.assertEqual((r.state, r.attempts, r.nextAttempt, r.lastReply), (RecipientState.READY, 1, START + 300, GREYLISTED))
+        self.assertEqual(
+            (r.state, r.attempts, r.nextAttempt, r.lastReply),
+            (RecipientState.READY, 1, START + 300, GREYLISTED),
+        )
         self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [START + 300])
 
     def test_permanentFailureBounces(self) -> None:
@@ -316,7 +331,7 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         self.makeScheduler(agent)
         self.enqueue(makeEnvelope("bad@example.com", "good@example.com"))
         self.clock.advance(0)
-        [bounce] = self.notices(agent)
+        [_bounce] = self.notices(agent)
         [notice] = [d for d in agent.deliveries if d.envelope.sender is None]
         self.assertEqual(notice.addresses, ["sender@example.org"])
         self.assertIn(b"Diagnostic-Code: smtp; 550 5.1.1 no such user", notice.body)
@@ -379,7 +394,10 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         self.enqueue(
             Envelope(
                 Address.parse("sender@example.org"),
-                (Recipient(Address.parse("bad@example.com"), notify=never), Recipient(Address.parse("slow@example.com"), notify=never)),
+                (
+                    Recipient(Address.parse("bad@example.com"), notify=never),
+                    Recipient(Address.parse("slow@example.com"), notify=never),
+                ),
             )
         )
         runUntilIdle(self.clock)
@@ -412,7 +430,18 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         self.clock.advance(0)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         recipients = self.queue.recipients(queueID)
-        self.assertEqual([(r.attempts, r.nextAttempt, r.lastReply.code if r.lastReply else 0, r.lastReply.enhanced if r.lastReply else "") for r in recipients], [(1, START + 300, 451, "4.3.0")] * 2)
+        self.assertEqual(
+            [
+                (
+                    r.attempts,
+                    r.nextAttempt,
+                    r.lastReply.code if r.lastReply else 0,
+                    r.lastReply.enhanced if r.lastReply else "",
+                )
+                for r in recipients
+            ],
+            [(1, START + 300, 451, "4.3.0")] * 2,
+        )
 
     def test_wrongOutcomeCount(self) -> None:
         """
@@ -424,7 +453,9 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         class Short:
             name = "local"
 
-            def deliver(self, envelope: Envelope, body: IMessageBody, nexthop: str | None) -> Deferred[Sequence[RecipientOutcome]]:
+            def deliver(
+                self, envelope: Envelope, body: IMessageBody, nexthop: str | None
+            ) -> Deferred[Sequence[RecipientOutcome]]:
                 return succeed([])
 
         scheduler = Scheduler(self.clock, self.queue, self.router, {"local": Short()}, "mx.example")
@@ -432,7 +463,10 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         queueID = self.enqueue(makeEnvelope("a@example.com"))
         self.clock.advance(0)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
-        self.assertEqual(self.queue.recipients(queueID)[0].lastReply, SMTPReply(451, "4.3.0", "local error in delivery; will retry"))
+        self.assertEqual(
+            self.queue.recipients(queueID)[0].lastReply,
+            SMTPReply(451, "4.3.0", "local error in delivery; will retry"),
+        )
 
     def test_routerFailureDefers(self) -> None:
         """
@@ -485,7 +519,12 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         """
         agent = FakeAgent(self.clock)
         self.makeScheduler(agent)
-        self.enqueue(Envelope(Address.parse("sender@example.org"), (Recipient(Address.parse("a@example.com"), notify=frozenset({"SUCCESS"})),)))
+        self.enqueue(
+            Envelope(
+                Address.parse("sender@example.org"),
+                (Recipient(Address.parse("a@example.com"), notify=frozenset({"SUCCESS"})),),
+            )
+        )
         self.clock.advance(0)
         [notice] = self.notices(agent)
         self.assertEqual(notice["Subject"], "Successful Mail Delivery Report")
@@ -494,7 +533,9 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         """
         A deferred recipient's route name is recorded, for C{ETRN #name}.
         """
-        self.router.table = {"x.example": Route(RouteKind.RELAY, agent="local", nexthop="x.example", name="smart")}
+        self.router.table = {
+            "x.example": Route(RouteKind.RELAY, agent="local", nexthop="x.example", name="smart")
+        }
         self.makeScheduler(FakeAgent(self.clock, reply=lambda a: GREYLISTED))
         self.enqueue(makeEnvelope("a@x.example"))
         self.clock.advance(0)
@@ -519,7 +560,9 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         """
         A per-domain schedule sets that domain's retry times.
         """
-        schedule = RetrySchedule(jitter=0, domains=(("fast.example", RetrySchedule(jitter=0, firstRetry=10)),))
+        schedule = RetrySchedule(
+            jitter=0, domains=(("fast.example", RetrySchedule(jitter=0, firstRetry=10)),)
+        )
         agent = FakeAgent(self.clock, reply=lambda a: GREYLISTED)
         self.makeScheduler(agent, schedule=schedule)
         fast = self.enqueue(makeEnvelope("a@fast.example"))
@@ -589,7 +632,9 @@ class SchedulerLimitTests(SchedulerTestsMixin):
         self.router.table = {
             "down.example": Route(RouteKind.RELAY, agent="relay", nexthop="down.example"),
         }
-        agent = FakeAgent(self.clock, "relay", reply=lambda a: UNREACHABLE if a.endswith("down.example") else OK)
+        agent = FakeAgent(
+            self.clock, "relay", reply=lambda a: UNREACHABLE if a.endswith("down.example") else OK
+        )
         local = FakeAgent(self.clock)
         self.makeScheduler(agent, local)
         first = self.enqueue(makeEnvelope("a@down.example"))
@@ -620,7 +665,9 @@ class SchedulerLimitTests(SchedulerTestsMixin):
         self.assertEqual(self.queue.recipients(queueID)[0].state, RecipientState.LEASED)
         self.clock.advance(1)
         [r] = self.queue.recipients(queueID)
-        self.assertEqual((r.state, r.lastReply.enhanced if r.lastReply else ""), (RecipientState.READY, "4.4.1"))
+        self.assertEqual(
+            (r.state, r.lastReply.enhanced if r.lastReply else ""), (RecipientState.READY, "4.4.1")
+        )
 
     def test_stopWaitsForDeliveries(self) -> None:
         """
@@ -666,7 +713,7 @@ class SchedulerLimitTests(SchedulerTestsMixin):
         self.clock.advance(0)
         self.assertEqual(len(self.successResultOf(self.queue.list(Selector(state=RecipientState.LEASED)))), 2)
         for _ in range(5):
-            agent.answer([d for d in agent.deliveries if not d.deferred.called][0])
+            agent.answer(next(d for d in agent.deliveries if not d.deferred.called))
         self.assertEqual(self.queue.queueIDs(), [])
 
 
@@ -724,9 +771,7 @@ class SchedulerETRNTests(SchedulerTestsMixin):
         self.enqueue(makeEnvelope("a@customer.test"))
         runUntilIdle(self.clock)
         self.assertEqual([d for d in agent.deliveries if d.envelope.sender is not None], [])
-        self.assertEqual(
-            [d.at for d in agent.deliveries], [START + 4 * 3600, START + 5 * DAY]
-        )
+        self.assertEqual([d.at for d in agent.deliveries], [START + 4 * 3600, START + 5 * DAY])
         delayNotice, bounce = self.notices(agent)
         self.assertEqual(delayNotice["Subject"], "Delayed Mail (still being retried)")
         self.assertEqual(bounce["Subject"], "Undelivered Mail Returned to Sender")
@@ -805,8 +850,13 @@ class SchedulerETRNTests(SchedulerTestsMixin):
         L{schedulerFromConfig} passes the caller's hold predicate on.
         """
         scheduler = schedulerFromConfig(
-            Section("[scheduler]", {}), self.clock, self.queue, self.router, {"local": FakeAgent(self.clock)},
-            "mx.example", holdForETRN=customerOnly,
+            Section("[scheduler]", {}),
+            self.clock,
+            self.queue,
+            self.router,
+            {"local": FakeAgent(self.clock)},
+            "mx.example",
+            holdForETRN=customerOnly,
         )
         scheduler.startService()
         self.addCleanup(scheduler.stopService)
@@ -827,7 +877,9 @@ class SchedulerConfigTests(SynchronousTestCase):
         """
         clock = Clock()
         queue = MemoryQueue(clock)
-        section = Section("[scheduler]", {"max_concurrent": 7, "per_destination": 2, "first_retry": 60, "dead_time": 10})
+        section = Section(
+            "[scheduler]", {"max_concurrent": 7, "per_destination": 2, "first_retry": 60, "dead_time": 10}
+        )
         scheduler = schedulerFromConfig(section, clock, queue, FakeRouter(), {}, "mx.example")
         self.assertEqual((scheduler.maxConcurrent, scheduler.perDestination, scheduler.deadTime), (7, 2, 10))
         self.assertEqual(scheduler._schedule.firstRetry, 60)
@@ -906,10 +958,14 @@ class SchedulerBounceTests(SchedulerTestsMixin):
         self.clock.advance(10)
         self.assertEqual(self.successResultOf(self.queue.bounce(Selector(domain="example.com"))), 1)
         self.clock.advance(0)
-        self.assertEqual([str(r.recipient.address) for r in self.queue.recipients(queueID)], ["b@example.net"])
+        self.assertEqual(
+            [str(r.recipient.address) for r in self.queue.recipients(queueID)], ["b@example.net"]
+        )
         [notice] = [d for d in agent.deliveries if d.envelope.sender is None]
         self.assertIn(b"Final-Recipient: rfc822; a@example.com", notice.body)
-        self.assertNotIn(b"b@example.net", notice.body.split(b"message/delivery-status")[1].split(b"\r\n--")[0])
+        self.assertNotIn(
+            b"b@example.net", notice.body.split(b"message/delivery-status")[1].split(b"\r\n--")[0]
+        )
 
     def test_notifyNeverSuppressesBounce(self) -> None:
         """
@@ -1063,7 +1119,9 @@ class SchedulerWithSQLiteTests(SchedulerTestsMixin):
                 if not delivery.deferred.called:
                     agent.answer(delivery)
             writer.run()
-        self.assertEqual(sorted(d.addresses[0] for d in agent.deliveries), [f"r{i}@example.com" for i in range(5)])
+        self.assertEqual(
+            sorted(d.addresses[0] for d in agent.deliveries), [f"r{i}@example.com" for i in range(5)]
+        )
         self.assertEqual(self.successResultOf(self.queue.list(Selector())), [])
 
     def test_restartWhileCommitting(self) -> None:
@@ -1120,7 +1178,7 @@ class SchedulerWithSQLiteTests(SchedulerTestsMixin):
         self.makeScheduler(agent, holdForETRN=customerOnly)
         self.enqueue(makeEnvelope("a@customer.test"))
         self.clock.advance(0)
-        [message] = self.successResultOf(self.queue.list(Selector(state=RecipientState.ETRN)))
+        [_message] = self.successResultOf(self.queue.list(Selector(state=RecipientState.ETRN)))
         self.assertEqual(agent.deliveries, [])
         self.assertEqual(self.successResultOf(self.queue.flush(Selector(domain="customer.test"))), 1)
         self.clock.advance(0)

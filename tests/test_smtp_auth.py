@@ -215,7 +215,9 @@ class AdvertisingTests(SynchronousTestCase):
         """
         conn = secure("smtp")
         self.assertIn(b"250 AUTH PLAIN LOGIN", ehloLines(conn))
-        conn.send(b"MAIL FROM:<x@example.net>\r\nRCPT TO:<rcpt@example.org>\r\nRCPT TO:<a@remote.example>\r\nRSET\r\n")
+        conn.send(
+            b"MAIL FROM:<x@example.net>\r\nRCPT TO:<rcpt@example.org>\r\nRCPT TO:<a@remote.example>\r\nRSET\r\n"
+        )
         self.assertEqual(conn.codes()[-4:], [b"250", b"250", b"554", b"250"])
         login(conn)
         conn.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<a@remote.example>\r\n")
@@ -365,7 +367,9 @@ class SequenceTests(SynchronousTestCase):
         """
         conn = connect("submissions", auth=makeAuth(Clock()))
         conn.send(b"AUTH PLAIN " + plain() + b"\r\nHELO c.example\r\nAUTH PLAIN " + plain() + b"\r\n")
-        self.assertEqual(conn.replies(), [b"503 Send HELO or EHLO first", b"250 mx.example.org", b"503 Send EHLO first"])
+        self.assertEqual(
+            conn.replies(), [b"503 Send HELO or EHLO first", b"250 mx.example.org", b"503 Send EHLO first"]
+        )
 
     def test_twice(self) -> None:
         """
@@ -402,9 +406,13 @@ class SequenceTests(SynchronousTestCase):
         get 504 5.5.4, also in cleartext.
         """
         conn = secure()
-        conn.send(b"AUTH CRAM-MD5\r\nAUTH SCRAM-SHA-256 biwsbj1hLHI9eA==\r\nAUTH PL@IN\r\nAUTH AVERYLONGMECHANISMNAME1\r\n")
+        conn.send(
+            b"AUTH CRAM-MD5\r\nAUTH SCRAM-SHA-256 biwsbj1hLHI9eA==\r\nAUTH PL@IN\r\nAUTH AVERYLONGMECHANISMNAME1\r\n"
+        )
         self.assertEqual(conn.replies(), [b"504 5.5.4 Unrecognized authentication type"] * 4)
-        plainConn = connect("submission", tlsOptions=object(), transportFactory=TLSStringTransport, auth=makeAuth(Clock()))
+        plainConn = connect(
+            "submission", tlsOptions=object(), transportFactory=TLSStringTransport, auth=makeAuth(Clock())
+        )
         plainConn.send(EHLO + b"AUTH GSSAPI\r\n")
         self.assertEqual(plainConn.replies()[-1], b"504 5.5.4 Unrecognized authentication type")
 
@@ -414,7 +422,13 @@ class SequenceTests(SynchronousTestCase):
         is accepted after it.
         """
         clock = Clock()
-        conn = connect("submission", tlsOptions=object(), transportFactory=TLSStringTransport, auth=makeAuth(clock), clock=clock)
+        conn = connect(
+            "submission",
+            tlsOptions=object(),
+            transportFactory=TLSStringTransport,
+            auth=makeAuth(clock),
+            clock=clock,
+        )
         conn.send(EHLO + b"MAIL FROM:<alice@example.org>\r\n")
         self.assertEqual(conn.replies()[-1], b"530 5.7.0 Authentication required")
         conn = secure()
@@ -438,7 +452,9 @@ class SequenceTests(SynchronousTestCase):
         authenticated session.
         """
         conn = secure()
-        conn.send(b"AUTH PLAIN " + plain() + b"\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<x@remote.example>\r\n")
+        conn.send(
+            b"AUTH PLAIN " + plain() + b"\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<x@remote.example>\r\n"
+        )
         self.assertEqual(conn.codes(), [b"235", b"250", b"250"])
 
     def test_longResponse(self) -> None:
@@ -609,8 +625,12 @@ class SenderTests(SynchronousTestCase):
         login(conn)
         self.assertEqual(self.mail(conn, b"alice@example.org", b" AUTH=<>"), b"250 2.1.0 Ok")
         self.assertEqual(self.mail(conn, b"alice@example.org", b" AUTH=alice+40example.org"), b"250 2.1.0 Ok")
-        self.assertEqual(self.mail(conn, b"alice@example.org", b" AUTH=bad+4"), b"501 5.5.4 Syntax: AUTH=<> or AUTH=xtext")
-        self.assertEqual(self.mail(conn, b"alice@example.org", b" AUTH"), b"501 5.5.4 Syntax: AUTH=<> or AUTH=xtext")
+        self.assertEqual(
+            self.mail(conn, b"alice@example.org", b" AUTH=bad+4"), b"501 5.5.4 Syntax: AUTH=<> or AUTH=xtext"
+        )
+        self.assertEqual(
+            self.mail(conn, b"alice@example.org", b" AUTH"), b"501 5.5.4 Syntax: AUTH=<> or AUTH=xtext"
+        )
 
     def test_authParameterWithoutAuth(self) -> None:
         """
@@ -685,7 +705,9 @@ class MessageTests(SynchronousTestCase):
         """
         conn = secure("submissions")
         login(conn)
-        data = self.submit(conn, b"DATE: Mon, 1 Jan 2024 00:00:00 +0000\r\nmessage-id: <x@y>\r\n\r\nb\r\n.\r\n")
+        data = self.submit(
+            conn, b"DATE: Mon, 1 Jan 2024 00:00:00 +0000\r\nmessage-id: <x@y>\r\n\r\nb\r\n.\r\n"
+        )
         self.assertEqual(data.lower().count(b"\ndate:"), 1)
         self.assertEqual(data.lower().count(b"message-id:"), 1)
 
@@ -706,9 +728,7 @@ class MessageTests(SynchronousTestCase):
         """
         clock = Clock()
         auth = makeAuth(clock)
-        conn = connect(
-            "submissions", auth=auth, clock=clock, limits=SMTPLimits(maxHeaderBytes=100)
-        )
+        conn = connect("submissions", auth=auth, clock=clock, limits=SMTPLimits(maxHeaderBytes=100))
         conn.send(EHLO)
         login(conn)
         conn.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<rcpt@example.org>\r\nDATA\r\n")
@@ -780,7 +800,9 @@ class ThrottleTests(SynchronousTestCase):
         conn.transport.clear()
         conn.send(b"AUTH PLAIN " + plain() + b"\r\n")
         clock.advance(2)
-        self.assertEqual(conn.replies(), [b"454 4.7.0 Too many failed authentication attempts, try again later"])
+        self.assertEqual(
+            conn.replies(), [b"454 4.7.0 Too many failed authentication attempts, try again later"]
+        )
         other = secure(clock=clock, auth=auth)
         other.send(b"AUTH LOGIN\r\n")
         clock.advance(2)
@@ -885,11 +907,20 @@ class IosimTests(SynchronousTestCase):
         queue = RecordingQueue()
         context = FakeTLSContext()
         server = SMTPServerProtocol(
-            "submission", HOSTNAME, queue, DictRouter(), clock, (), SMTPLimits(), context,  # type: ignore[arg-type]
+            "submission",
+            HOSTNAME,
+            queue,
+            DictRouter(),
+            clock,
+            (),
+            SMTPLimits(),
+            context,  # type: ignore[arg-type]
             auth=makeAuth(clock),
         )
         client = RecordingClient()
-        serverTransport = iosim.FakeTransport(server, isServer=True, peerAddress=IPv4Address("TCP", "192.0.2.7", 4000))
+        serverTransport = iosim.FakeTransport(
+            server, isServer=True, peerAddress=IPv4Address("TCP", "192.0.2.7", 4000)
+        )
         clientTransport = iosim.FakeTransport(client, isServer=False)
         pump = iosim.connect(server, serverTransport, client, clientTransport)
         clientTransport.write(EHLO + b"AUTH PLAIN " + plain() + b"\r\nSTARTTLS\r\n")

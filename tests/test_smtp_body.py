@@ -27,7 +27,7 @@ def decode(data: bytes, split: int = 0, maxTextLine: int = 0) -> tuple[bytes, by
 
 
 class DotReaderTests(SynchronousTestCase):
-    CASES: list[tuple[bytes, bytes | None, bytes, bool]] = [
+    CASES: tuple[tuple[bytes, bytes | None, bytes, bool], ...] = (
         # (input, decoded text or None if not ended, rest, bare line ending)
         (b".\r\n", b"", b"", False),
         (b"a\r\n.\r\n", b"a\r\n", b"", False),
@@ -48,7 +48,7 @@ class DotReaderTests(SynchronousTestCase):
         (b"a\r\n.", None, b"", False),
         (b"a\r\n.\r", None, b"", False),
         (b"a\n.\n", None, b"", True),
-    ]
+    )
 
     def test_table(self) -> None:
         """

@@ -6,7 +6,8 @@ L{StringTransport} with a L{Clock}.
 from __future__ import annotations
 
 import base64
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
@@ -26,8 +27,8 @@ from mailfw.smtp._client import (
     HostFailure,
     Response,
     SMTPClient,
-    TLSFailure,
     Timeouts,
+    TLSFailure,
     xtext,
 )
 
@@ -126,9 +127,7 @@ class ResponseTests(SynchronousTestCase):
             Response(550, ("5.1.1 No such user",)).reply(),
             SMTPReply(550, "5.1.1", "No such user"),
         )
-        self.assertEqual(
-            Response(550, ("No such user",)).reply(), SMTPReply(550, "5.0.0", "No such user")
-        )
+        self.assertEqual(Response(550, ("No such user",)).reply(), SMTPReply(550, "5.0.0", "No such user"))
         self.assertEqual(
             Response(450, ("5.1.1 confused",)).reply(), SMTPReply(450, "4.0.0", "5.1.1 confused")
         )
@@ -202,7 +201,7 @@ class HandshakeTests(SynchronousTestCase):
         """
         If HELO is refused too, the host fails.
         """
-        proto, transport, _ = connect(tls="none")
+        proto, _transport, _ = connect(tls="none")
         d = proto.handshake()
         serve(proto, "220 old.example", "502 no", "550 go away")
         failure = self.failureResultOf(d, HostFailure)
@@ -238,7 +237,7 @@ class HandshakeTests(SynchronousTestCase):
         """
         A connection lost while waiting is a transient host failure.
         """
-        proto, transport, _ = connect(tls="none")
+        proto, _transport, _ = connect(tls="none")
         d = proto.handshake()
         serve(proto, "220 hi")
         proto.connectionLost(Failure(ConnectionLost()))
@@ -261,7 +260,7 @@ class HandshakeTests(SynchronousTestCase):
         """
         A multi-line reply whose lines disagree on the code is refused.
         """
-        proto, transport, _ = connect(tls="none")
+        proto, _transport, _ = connect(tls="none")
         d = proto.handshake()
         serve(proto, "220-hi", "250 there")
         self.failureResultOf(d, HostFailure)
@@ -302,7 +301,7 @@ class TLSTests(SynchronousTestCase):
         A client made with C{useTLS=False} (the retry after a failed
         handshake) does not try STARTTLS.
         """
-        proto, transport, _ = connect(tls="may", useTLS=False)
+        proto, _transport, _ = connect(tls="may", useTLS=False)
         d = proto.handshake()
         serve(proto, "220 hi", "250-hi", "250 STARTTLS")
         self.successResultOf(d)
@@ -312,7 +311,7 @@ class TLSTests(SynchronousTestCase):
         """
         A refused STARTTLS at level C{may} continues in plaintext.
         """
-        proto, transport, _ = connect(tls="may")
+        proto, _transport, _ = connect(tls="may")
         d = proto.handshake()
         serve(proto, "220 hi", "250-hi", "250 STARTTLS", "454 4.7.0 TLS not available")
         self.successResultOf(d)
@@ -322,7 +321,7 @@ class TLSTests(SynchronousTestCase):
         """
         A refused STARTTLS at level C{encrypt} fails the host transiently.
         """
-        proto, transport, _ = connect(tls="encrypt")
+        proto, _transport, _ = connect(tls="encrypt")
         d = proto.handshake()
         serve(proto, "220 hi", "250-hi", "250 STARTTLS", "454 4.7.0 TLS not available")
         failure = self.failureResultOf(d, HostFailure)
@@ -334,7 +333,7 @@ class TLSTests(SynchronousTestCase):
         host with 4.7.10 and no mail is sent.
         """
         for level in ("encrypt", "verify"):
-            proto, transport, _ = connect(tls=level)
+            proto, _transport, _ = connect(tls=level)
             d = proto.handshake()
             serve(proto, "220 hi", "250-hi", "250 SIZE 10")
             failure = self.failureResultOf(d, HostFailure)
@@ -346,7 +345,7 @@ class TLSTests(SynchronousTestCase):
         A connection lost during the TLS handshake (a certificate that does
         not verify) is a L{TLSFailure} naming the cause.
         """
-        proto, transport, _ = connect(tls="verify")
+        proto, _transport, _ = connect(tls="verify")
         d = proto.handshake()
         serve(proto, "220 hi", "250-hi", "250 STARTTLS", "220 go ahead")
         proto.connectionLost(Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
@@ -356,7 +355,9 @@ class TLSTests(SynchronousTestCase):
 
 
 class AuthTests(SynchronousTestCase):
-    def tlsHandshake(self, mechanisms: str = "PLAIN LOGIN") -> tuple[SMTPClient, TLSStringTransport, Deferred[Capabilities]]:
+    def tlsHandshake(
+        self, mechanisms: str = "PLAIN LOGIN"
+    ) -> tuple[SMTPClient, TLSStringTransport, Deferred[Capabilities]]:
         proto, transport, _ = connect(tls="encrypt", credentials=("user", "sécret"))
         d = proto.handshake()
         serve(proto, "220 hi", "250-hi", "250 STARTTLS", "220 go")
@@ -369,7 +370,7 @@ class AuthTests(SynchronousTestCase):
         AUTH PLAIN sends the credentials after TLS, in one line.
         """
         proto, transport, d = self.tlsHandshake()
-        token = base64.b64encode("\0user\0sécret".encode("utf-8"))
+        token = base64.b64encode("\0user\0sécret".encode())
         self.assertEqual(sent(transport), [b"AUTH PLAIN " + token])
         serve(proto, "235 2.7.0 ok")
         self.successResultOf(d)
@@ -383,7 +384,7 @@ class AuthTests(SynchronousTestCase):
         serve(proto, "334 VXNlcm5hbWU6")
         self.assertEqual(sent(transport), [base64.b64encode(b"user")])
         serve(proto, "334 UGFzc3dvcmQ6")
-        self.assertEqual(sent(transport), [base64.b64encode("sécret".encode("utf-8"))])
+        self.assertEqual(sent(transport), [base64.b64encode("sécret".encode())])
         serve(proto, "235 ok")
         self.successResultOf(d)
 
@@ -391,7 +392,7 @@ class AuthTests(SynchronousTestCase):
         """
         Refused credentials defer (4.7.8): an operator must fix them.
         """
-        proto, transport, d = self.tlsHandshake()
+        proto, _transport, d = self.tlsHandshake()
         serve(proto, "535 5.7.8 bad credentials")
         failure = self.failureResultOf(d, HostFailure)
         self.assertEqual((failure.value.reply.code, failure.value.reply.enhanced), (451, "4.7.8"))
@@ -400,7 +401,7 @@ class AuthTests(SynchronousTestCase):
         """
         Without a usable mechanism the host fails transiently.
         """
-        proto, transport, d = self.tlsHandshake("CRAM-MD5")
+        _proto, _transport, d = self.tlsHandshake("CRAM-MD5")
         self.assertTrue(self.failureResultOf(d, HostFailure).value.reply.isTransient)
 
     def test_neverWithoutTLS(self) -> None:
@@ -501,7 +502,7 @@ class TransactionTests(SynchronousTestCase):
         """
         Pipelined: a refused DATA after refused RCPTs keeps the RCPT replies.
         """
-        proto, transport, _ = ready(EHLO_FULL)
+        proto, _transport, _ = ready(EHLO_FULL)
         d = proto.transaction(envelope("a@example.net", "b@example.net"), TrackingBody())
         serve(proto, "250 ok", "550 5.1.1 unknown", "451 4.3.0 later", "554 5.5.1 no valid recipients")
         self.assertEqual(codes(self.successResultOf(d)), [(550, "5.1.1"), (451, "4.3.0")])
@@ -510,7 +511,7 @@ class TransactionTests(SynchronousTestCase):
         """
         A 4xx to MAIL is a host failure that another host may not share.
         """
-        proto, transport, _ = ready()
+        proto, _transport, _ = ready()
         d = proto.transaction(envelope("a@example.net"), TrackingBody())
         serve(proto, "451 4.3.0 try later")
         failure = self.failureResultOf(d, HostFailure)
@@ -520,7 +521,7 @@ class TransactionTests(SynchronousTestCase):
         """
         A 5xx to MAIL is permanent; pipelined replies are consumed.
         """
-        proto, transport, _ = ready(EHLO_FULL)
+        proto, _transport, _ = ready(EHLO_FULL)
         d = proto.transaction(envelope("a@example.net"), TrackingBody())
         serve(proto, "553 5.1.8 bad sender", "503 5.5.1 need MAIL", "503 5.5.1 need RCPT")
         failure = self.failureResultOf(d, HostFailure)
@@ -530,7 +531,7 @@ class TransactionTests(SynchronousTestCase):
         """
         A refused DATA applies to every accepted recipient.
         """
-        proto, transport, _ = ready()
+        proto, _transport, _ = ready()
         d = proto.transaction(envelope("a@example.net", "b@example.net"), TrackingBody())
         serve(proto, "250 ok", "250 ok", "550 5.1.1 no", "451 4.3.1 disk full")
         self.assertEqual(codes(self.successResultOf(d)), [(451, "4.3.1"), (550, "5.1.1")])
@@ -579,7 +580,7 @@ class TransactionTests(SynchronousTestCase):
         """
         A connection lost before any recipient was decided is a host failure.
         """
-        proto, transport, _ = ready()
+        proto, _transport, _ = ready()
         d = proto.transaction(envelope("a@example.net"), TrackingBody())
         proto.connectionLost(Failure(ConnectionLost()))
         self.assertFalse(self.failureResultOf(d, HostFailure).value.permanent)
@@ -589,7 +590,7 @@ class TransactionTests(SynchronousTestCase):
         A connection lost after some RCPT replies keeps them and defers the
         rest.
         """
-        proto, transport, _ = ready()
+        proto, _transport, _ = ready()
         d = proto.transaction(envelope("a@example.net", "b@example.net"), TrackingBody())
         serve(proto, "250 ok", "550 5.1.1 no")
         proto.connectionLost(Failure(ConnectionLost()))
@@ -726,7 +727,7 @@ class ExtensionTests(SynchronousTestCase):
         """
         BINARYMIME cannot be relayed (no CHUNKING): permanent 5.6.3.
         """
-        proto, transport, _ = ready(EHLO_FULL)
+        proto, _transport, _ = ready(EHLO_FULL)
         d = proto.transaction(envelope("a@example.net", body="BINARYMIME"), TrackingBody())
         self.assertEqual(self.failureResultOf(d, HostFailure).value.reply.enhanced, "5.6.3")
 
@@ -739,7 +740,7 @@ class ExtensionTests(SynchronousTestCase):
         lines = sent(transport)
         self.assertEqual(lines[0], b"MAIL FROM:<sender@example.org> SMTPUTF8")
         serve(proto, "250 ok")
-        self.assertEqual(sent(transport), ["RCPT TO:<jürgen@example.net>".encode("utf-8")])
+        self.assertEqual(sent(transport), ["RCPT TO:<jürgen@example.net>".encode()])
 
     def test_smtputf8Missing(self) -> None:
         """
@@ -769,7 +770,7 @@ class ExtensionTests(SynchronousTestCase):
         """
         A non-ASCII sender to a server without SMTPUTF8 fails permanently.
         """
-        proto, transport, _ = ready()
+        proto, _transport, _ = ready()
         d = proto.transaction(envelope("a@example.net", sender="jürgen@example.org"), TrackingBody())
         failure = self.failureResultOf(d, HostFailure)
         self.assertEqual((failure.value.reply.enhanced, failure.value.permanent), ("5.6.7", True))
@@ -782,7 +783,9 @@ class ExtensionTests(SynchronousTestCase):
         env = Envelope(
             sender=Address("s", "example.org"),
             recipients=(
-                Recipient(Address("a", "example.net"), frozenset({"DELAY", "FAILURE"}), "rfc822;a+b@example.net"),
+                Recipient(
+                    Address("a", "example.net"), frozenset({"DELAY", "FAILURE"}), "rfc822;a+b@example.net"
+                ),
                 Recipient(Address("b", "example.net"), frozenset({"NEVER"})),
                 Recipient(Address("c", "example.net")),
             ),
@@ -808,7 +811,9 @@ class ExtensionTests(SynchronousTestCase):
         proto, transport, _ = ready(("250-hi", "250 PIPELINING"))
         env = Envelope(
             sender=Address("s", "example.org"),
-            recipients=(Recipient(Address("a", "example.net"), frozenset({"NEVER"}), "rfc822;a@example.net"),),
+            recipients=(
+                Recipient(Address("a", "example.net"), frozenset({"NEVER"}), "rfc822;a@example.net"),
+            ),
             ret="FULL",
             envid="x",
         )
@@ -830,7 +835,7 @@ class STARTTLSLossTests(SynchronousTestCase):
         A connection lost while waiting for the STARTTLS reply counts as a
         TLS failure (so level C{may} retries in plaintext).
         """
-        proto, transport, _ = connect(tls="may")
+        proto, _transport, _ = connect(tls="may")
         d = proto.handshake()
         serve(proto, "220 hi", "250-hi", "250 STARTTLS")
         proto.connectionLost(Failure(ConnectionLost()))

@@ -25,9 +25,9 @@ from mailfw.auth import MailRealm
 from mailfw.config import ConfigError, loadConfig
 from mailfw.envelope import RecipientOutcome
 from mailfw.etrn import ETRNHandler, settingsFromConfig
-from mailfw.queue import Disposition, RecipientState, Selector
 from mailfw.queue._contract import makeEnvelope
 from mailfw.queue._memory import MemoryQueue
+from mailfw.queued import Disposition, RecipientState, Selector
 from mailfw.reply import SMTPReply
 from mailfw.smtp import SMTPFactory, SMTPServerProtocol
 from mailfw.smtp._auth import AuthThrottle, SMTPAuth
@@ -129,20 +129,22 @@ class Session:
         incoming.write(b"Subject: held\r\n\r\nx\r\n")
         fired(incoming.commit())
         [lease] = fired(self.queue.claim(self.clock.seconds(), 100))
-        fired(self.queue.record(
-            lease,
-            [
-                Disposition(
-                    r.index,
-                    RecipientOutcome(r.recipient, SMTPReply(450, "4.4.0", "held")),
-                    self.clock.seconds() + 3600,
-                    route="uucp" if r.recipient.address.domain == "uucp.example" else None,
-                    hold=True,
-                    counted=False,
-                )
-                for r in lease.recipients
-            ],
-        ))
+        fired(
+            self.queue.record(
+                lease,
+                [
+                    Disposition(
+                        r.index,
+                        RecipientOutcome(r.recipient, SMTPReply(450, "4.4.0", "held")),
+                        self.clock.seconds() + 3600,
+                        route="uucp" if r.recipient.address.domain == "uucp.example" else None,
+                        hold=True,
+                        counted=False,
+                    )
+                    for r in lease.recipients
+                ],
+            )
+        )
 
     def waiting(self) -> list[str]:
         """
@@ -269,12 +271,17 @@ class ReplyTests(SynchronousTestCase):
         """
         session = Session(peer=OUTSIDE)
         session.hold("a@customer.example")
-        replies = session.ask(EHLO.strip(), b"ETRN customer.example", b"ETRN @customer.example",
-                              b"ETRN mx.customer.example", b"ETRN #uucp")
-        self.assertEqual(
-            [r[:10] for r in replies[1:]], [b"459 4.7.1 "] * 4
+        replies = session.ask(
+            EHLO.strip(),
+            b"ETRN customer.example",
+            b"ETRN @customer.example",
+            b"ETRN mx.customer.example",
+            b"ETRN #uucp",
         )
-        self.assertEqual(replies[3], b"459 4.7.1 Node mx.customer.example not allowed: not authorised for this client")
+        self.assertEqual([r[:10] for r in replies[1:]], [b"459 4.7.1 "] * 4)
+        self.assertEqual(
+            replies[3], b"459 4.7.1 Node mx.customer.example not allowed: not authorised for this client"
+        )
         self.assertEqual(session.waiting(), ["a@customer.example"])
         inside = Session(queue=session.queue, clock=session.clock)
         self.assertEqual(inside.ask(EHLO.strip(), b"ETRN other.example")[1][:4], b"459 ")
@@ -284,7 +291,9 @@ class ReplyTests(SynchronousTestCase):
         """
         A missing or malformed argument: 501 5.5.4.
         """
-        replies = Session().ask(EHLO.strip(), b"ETRN", b"ETRN two words", b"ETRN bad..example", b"ETRN @", b"ETRN #")
+        replies = Session().ask(
+            EHLO.strip(), b"ETRN", b"ETRN two words", b"ETRN bad..example", b"ETRN @", b"ETRN #"
+        )
         self.assertEqual(replies[1:], [b"501 5.5.4 Syntax: ETRN [@|#]node"] * 5)
 
     def test_503BeforeHelo(self) -> None:
@@ -303,13 +312,19 @@ class ReplyTests(SynchronousTestCase):
         """
         session = Session()
         replies = session.ask(
-            EHLO.strip(), b"MAIL FROM:<a@example.net>", b"ETRN customer.example", b"RSET",
+            EHLO.strip(),
+            b"MAIL FROM:<a@example.net>",
+            b"ETRN customer.example",
+            b"RSET",
             b"ETRN customer.example",
         )
         self.assertEqual(
             replies[2:],
-            [b"503 5.5.1 ETRN not allowed during a mail transaction", b"250 2.0.0 Ok",
-             b"251 2.0.0 OK, no messages waiting for node customer.example"],
+            [
+                b"503 5.5.1 ETRN not allowed during a mail transaction",
+                b"250 2.0.0 Ok",
+                b"251 2.0.0 OK, no messages waiting for node customer.example",
+            ],
         )
 
     def test_heloWithoutEnhancedCodes(self) -> None:
@@ -431,8 +446,10 @@ class AuthTests(SynchronousTestCase):
         self.assertEqual(self.login(session, "alice@customer.example")[:4], b"235 ")
         self.assertEqual(
             session.ask(b"ETRN customer.example", b"ETRN @customer.example"),
-            [b"253 2.0.0 OK, 1 pending recipients for node customer.example started",
-             b"459 4.7.1 Node @customer.example not allowed: not authorised for this client"],
+            [
+                b"253 2.0.0 OK, 1 pending recipients for node customer.example started",
+                b"459 4.7.1 Node @customer.example not allowed: not authorised for this client",
+            ],
         )
         self.assertEqual(session.waiting(), ["b@mx.customer.example"])
 

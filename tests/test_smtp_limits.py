@@ -171,14 +171,11 @@ class HelpReplyTests(SynchronousTestCase):
         plain = ["PIPELINING", "SIZE 1000", "8BITMIME", "CHUNKING", "DSN"]
         self.assertEqual(R.helpReply(plain), R.helpReply([]))
         self.assertEqual(R.helpReply(plain).text, self.BASE)
-        self.assertEqual(R.helpReply(plain + ["STARTTLS"]).text, self.BASE + " STARTTLS")
-        self.assertEqual(
-            R.helpReply(plain + ["AUTH PLAIN LOGIN", "ETRN"]).text, self.BASE + " AUTH ETRN"
-        )
+        self.assertEqual(R.helpReply([*plain, "STARTTLS"]).text, self.BASE + " STARTTLS")
+        self.assertEqual(R.helpReply([*plain, "AUTH PLAIN LOGIN", "ETRN"]).text, self.BASE + " AUTH ETRN")
         self.assertEqual(
             R.helpReply(["ETRN", "AUTH PLAIN", "STARTTLS"]).text,
             self.BASE + " STARTTLS AUTH ETRN",
         )
         reply = R.helpReply(plain)
         self.assertEqual((reply.code, reply.enhanced), (214, "2.0.0"))
-

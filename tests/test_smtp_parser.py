@@ -299,18 +299,14 @@ class RcptToTests(SynchronousTestCase):
         NOTIFY values are upper-cased; ORCPT is xtext-decoded (RFC 3461) or,
         for the utf-8 type, has its C{\\x{...}} escapes decoded (RFC 6533).
         """
-        result = parseRcptTo(
-            "TO:<a@example.org> notify=success,Delay ORCPT=rfc822;a+2Bb@example.org", HOST
-        )
+        result = parseRcptTo("TO:<a@example.org> notify=success,Delay ORCPT=rfc822;a+2Bb@example.org", HOST)
         assert isinstance(result, RcptTo)
         self.assertEqual(result.notify, frozenset({"SUCCESS", "DELAY"}))
         self.assertEqual(result.orcpt, "rfc822;a+b@example.org")
         result = parseRcptTo("TO:<a@example.org> ORCPT=utf-8;\\x{FC}ber@example.org", HOST)
         assert isinstance(result, RcptTo)
         self.assertEqual(result.orcpt, "utf-8;über@example.org")
-        result = parseRcptTo(
-            "TO:<ü@example.org> ORCPT=utf-8;ü@example.org", HOST, smtputf8=True
-        )
+        result = parseRcptTo("TO:<ü@example.org> ORCPT=utf-8;ü@example.org", HOST, smtputf8=True)
         assert isinstance(result, RcptTo)
         self.assertEqual(result.orcpt, "utf-8;ü@example.org")
         self.assertEqual(result.address, Address("ü", "example.org"))

@@ -175,6 +175,11 @@ class RobustnessProperties(SynchronousTestCase):
         raise.
         """
         self.assertIsInstance(parseCommandLine(line), (Command, SMTPReply))
-        for argument in (text, "FROM:<" + text + ">", "TO:<" + text + "> " + text, "FROM:<a@b.example> " + text):
+        for argument in (
+            text,
+            "FROM:<" + text + ">",
+            "TO:<" + text + "> " + text,
+            "FROM:<a@b.example> " + text,
+        ):
             parseMailFrom(argument)
             parseRcptTo(argument, "mx.example.org", smtputf8=True)

@@ -25,7 +25,7 @@ from mailfw.config import ConfigError, Section
 from mailfw.envelope import Recipient
 from mailfw.interfaces import IIncomingMessage, IPolicy
 from mailfw.policy import CONTINUE, Verdict
-from mailfw.queue import QueueFull
+from mailfw.queued import QueueFull
 from mailfw.reply import SMTPReply
 from mailfw.smtp import SMTPFactory, SMTPLimits, SMTPServerProtocol
 from mailfw.smtp._server import CLOSE_GRACE
@@ -235,9 +235,7 @@ class HeloTests(SynchronousTestCase):
         conn.send(b"HELO old.example\r\n")
         self.assertEqual((conn.proto.session.helo, conn.proto.session.esmtp), ("old.example", False))
         conn.send(EHLO)
-        self.assertEqual(
-            (conn.proto.session.helo, conn.proto.session.esmtp), ("client.example.net", True)
-        )
+        self.assertEqual((conn.proto.session.helo, conn.proto.session.esmtp), ("client.example.net", True))
 
 
 class CommandTests(SynchronousTestCase):
@@ -266,7 +264,9 @@ class CommandTests(SynchronousTestCase):
         """
         conn = connect()
         conn.send(EHLO + MAIL + b"RCPT TO:<x@elsewhere.example>\r\nDATA\r\n")
-        self.assertEqual(conn.replies()[-2:], [b"554 5.7.1 Relay access denied", b"554 5.5.1 No valid recipients"])
+        self.assertEqual(
+            conn.replies()[-2:], [b"554 5.7.1 Relay access denied", b"554 5.5.1 No valid recipients"]
+        )
 
     def test_unknownAndUnimplemented(self) -> None:
         """
@@ -286,12 +286,9 @@ class CommandTests(SynchronousTestCase):
         """
         conn = connect()
         conn.send(
-            EHLO
-            + b"NOOP\r\nNOOP anything\r\nRSET\r\nRSET x\r\nVRFY user\r\nVRFY\r\nHELP\r\nHELP MAIL\r\n"
+            EHLO + b"NOOP\r\nNOOP anything\r\nRSET\r\nRSET x\r\nVRFY user\r\nVRFY\r\nHELP\r\nHELP MAIL\r\n"
         )
-        self.assertEqual(
-            conn.codes()[1:], [b"250", b"250", b"250", b"501", b"252", b"501", b"214", b"214"]
-        )
+        self.assertEqual(conn.codes()[1:], [b"250", b"250", b"250", b"501", b"252", b"501", b"214", b"214"])
 
     def test_quit(self) -> None:
         """
@@ -340,7 +337,12 @@ class CommandTests(SynchronousTestCase):
         conn = connect()
         conn.send(EHLO + b"NOOP " + b"x" * 505 + b"\r\n" + b"NOOP " + b"x" * 506 + b"\r\n")
         self.assertEqual(conn.replies()[1:], [b"250 2.0.0 Ok", b"500 5.5.2 Line too long"])
-        conn.send(b"MAIL FROM:<a@example.net> ENVID=" + b"x" * 100 + b"".join(b" X-%d=b" % i for i in range(200)) + b"\r\n")
+        conn.send(
+            b"MAIL FROM:<a@example.net> ENVID="
+            + b"x" * 100
+            + b"".join(b" X-%d=b" % i for i in range(200))
+            + b"\r\n"
+        )
         self.assertEqual(conn.codes()[-1], b"555")
 
     def test_overlongLineSkipped(self) -> None:
@@ -416,8 +418,10 @@ class MailTests(SynchronousTestCase):
         policy = StagePolicy(sender=Verdict.reject(550, "5.7.1", "Sender refused"))
         conn = connect(policies=(policy,))
         conn.send(EHLO + b"MAIL FROM:<a@example.net> SIZE=10 body=8bitmime\r\n" + RCPT)
-        self.assertEqual(conn.replies()[1:], [b"550 5.7.1 Sender refused", b"503 5.5.1 Need MAIL command first"])
-        stage, (session, sender, parameters) = policy.calls[-1]
+        self.assertEqual(
+            conn.replies()[1:], [b"550 5.7.1 Sender refused", b"503 5.5.1 Need MAIL command first"]
+        )
+        _stage, (session, sender, parameters) = policy.calls[-1]
         self.assertEqual(sender, Address("a", "example.net"))
         self.assertEqual(dict(parameters), {"SIZE": "10", "BODY": "8bitmime"})
         self.assertEqual(session.helo, "client.example.net")
@@ -519,7 +523,7 @@ class RcptTests(SynchronousTestCase):
             + RCPT
             + b"RCPT TO:<two@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;two+2B@example.org\r\n"
         )
-        stage, (session, envelope, recipient) = policy.calls[-1]
+        stage, (_session, envelope, recipient) = policy.calls[-1]
         self.assertEqual(stage, "recipient")
         self.assertEqual([r.address.localpart for r in envelope.recipients], ["rcpt"])
         self.assertEqual(
@@ -546,9 +550,7 @@ class RcptTests(SynchronousTestCase):
         """
         router = DictRouter(slow=True)
         conn = connect(router=router, limits=SMTPLimits(maxRecipients=2))
-        conn.send(
-            EHLO + MAIL + b"RCPT TO:<x@elsewhere.example>\r\n" + RCPT + b"RCPT TO:<r3@example.org>\r\n"
-        )
+        conn.send(EHLO + MAIL + b"RCPT TO:<x@elsewhere.example>\r\n" + RCPT + b"RCPT TO:<r3@example.org>\r\n")
         self.assertEqual(len(router.pending), 2)
         router.fire(0)
         router.fire(1)
@@ -662,7 +664,6 @@ class BackpressureTests(SynchronousTestCase):
         conn.clock.advance(300)
         self.assertTrue(conn.transport.disconnected)
 
-
     def test_tlsWriteBufferKeepsReading(self) -> None:
         """
         On a TLS transport (implicit TLS) a full write buffer stops command
@@ -724,9 +725,7 @@ class PipeliningTests(SynchronousTestCase):
         router.fire(1)
         self.assertEqual(conn.codes(), [b"250", b"250"])
         router.fire(0)
-        self.assertEqual(
-            conn.codes(), [b"250", b"250", b"250", b"554", b"250", b"354", b"250", b"221"]
-        )
+        self.assertEqual(conn.codes(), [b"250", b"250", b"250", b"554", b"250", b"354", b"250", b"221"])
         envelope, incoming = conn.queue.messages[0]
         self.assertEqual([r.address.localpart for r in envelope.recipients], ["a", "c"])
         self.assertTrue(incoming.data.endswith(b"Subject: x\r\n\r\nbody\r\n"))
@@ -825,9 +824,7 @@ class DataTests(SynchronousTestCase):
         SMTPUTF8; IPv6 peers as IPv6 literals.
         """
         conn = connect()
-        conn.send(
-            b"HELO c.example\r\n" + MAIL + RCPT + b"RCPT TO:<two@example.org>\r\nDATA\r\n\r\n.\r\n"
-        )
+        conn.send(b"HELO c.example\r\n" + MAIL + RCPT + b"RCPT TO:<two@example.org>\r\nDATA\r\n\r\n.\r\n")
         header = conn.queue.messages[0][1].data
         self.assertIn(b"with SMTP id Q1; ", header)
         self.assertNotIn(b"for <", header)
@@ -984,7 +981,9 @@ class DataTests(SynchronousTestCase):
         self.assertTrue(conn.queue.messages[0][1].aborted)
         self.assertFalse(conn.closed)
         conn.send((b"y" * 70 + b"\r\n") * 20 + b".\r\nNOOP\r\n")
-        self.assertEqual(conn.replies()[-2:], [b"552 5.3.4 Message size exceeds fixed limit", b"250 2.0.0 Ok"])
+        self.assertEqual(
+            conn.replies()[-2:], [b"552 5.3.4 Message size exceeds fixed limit", b"250 2.0.0 Ok"]
+        )
 
     def test_longTextLine(self) -> None:
         """
@@ -992,7 +991,9 @@ class DataTests(SynchronousTestCase):
         end; a line of exactly 1000 passes; the check can be turned off.
         """
         conn = connect()
-        conn.send(PROLOGUE + b"x" * 998 + b"\r\n.\r\n" + MAIL + RCPT + b"DATA\r\n" + b"x" * 999 + b"\r\n.\r\n")
+        conn.send(
+            PROLOGUE + b"x" * 998 + b"\r\n.\r\n" + MAIL + RCPT + b"DATA\r\n" + b"x" * 999 + b"\r\n.\r\n"
+        )
         self.assertEqual(conn.codes()[4], b"250")
         self.assertEqual(conn.replies()[-1], b"500 5.5.2 Message refused: line too long")
         conn = connect(limits=SMTPLimits(maxTextLine=0))
@@ -1039,7 +1040,9 @@ class DataTests(SynchronousTestCase):
         """
         Policy headers that would break the header section are dropped.
         """
-        policy = StagePolicy(message=Verdict(headers=(("Bad Name", "x"), ("X-Ok", "a\r\nb"), ("X-Good", "1"))))
+        policy = StagePolicy(
+            message=Verdict(headers=(("Bad Name", "x"), ("X-Ok", "a\r\nb"), ("X-Good", "1")))
+        )
         conn = connect(policies=(policy,))
         conn.send(PROLOGUE + b"\r\nbody\r\n.\r\n")
         data = conn.queue.messages[0][1].data
@@ -1108,7 +1111,13 @@ class BdatTests(SynchronousTestCase):
         part1 = b"Subject: x\r\n\r\n.\r\nQUIT\r\n"
         part2 = b"..end\r\n"
         conn.send(
-            EHLO + MAIL + RCPT + b"BDAT %d\r\n" % len(part1) + part1 + b"BDAT %d LAST\r\n" % len(part2) + part2
+            EHLO
+            + MAIL
+            + RCPT
+            + b"BDAT %d\r\n" % len(part1)
+            + part1
+            + b"BDAT %d LAST\r\n" % len(part2)
+            + part2
         )
         self.assertEqual(
             conn.replies()[3:],
@@ -1370,16 +1379,17 @@ class FactoryTests(SynchronousTestCase):
         factory = self.factory(limits=SMTPLimits(maxConnectionsPerClient=2))
         first, _ = self.open(factory)
         self.open(factory)
-        proto, transport = self.open(factory)
+        _, transport = self.open(factory)
         self.assertEqual(
-            transport.value(), b"421 mx.example.org Too many connections from your address, try again later\r\n"
+            transport.value(),
+            b"421 mx.example.org Too many connections from your address, try again later\r\n",
         )
         self.assertTrue(transport.disconnecting)
-        other, transport = self.open(factory, "192.0.2.2")
+        _other, transport = self.open(factory, "192.0.2.2")
         self.assertTrue(transport.value().startswith(b"220 "))
         self.assertEqual(factory.connections, 3)
         first.connectionLost(Failure(ConnectionLost()))
-        proto, transport = self.open(factory)
+        _proto, transport = self.open(factory)
         self.assertTrue(transport.value().startswith(b"220 "))
 
     def test_totalLimit(self) -> None:
@@ -1388,7 +1398,7 @@ class FactoryTests(SynchronousTestCase):
         """
         factory = self.factory(limits=SMTPLimits(maxConnections=1))
         self.open(factory)
-        proto, transport = self.open(factory, "192.0.2.9")
+        _proto, transport = self.open(factory, "192.0.2.9")
         self.assertEqual(transport.value(), b"421 mx.example.org Too many connections, try again later\r\n")
 
     def test_submissions(self) -> None:
@@ -1397,7 +1407,12 @@ class FactoryTests(SynchronousTestCase):
         neither offered nor accepted.
         """
         factory = SMTPFactory(
-            "submissions", HOSTNAME, RecordingQueue(), DictRouter(), Clock(), tlsOptions=object()  # type: ignore[arg-type]
+            "submissions",
+            HOSTNAME,
+            RecordingQueue(),
+            DictRouter(),
+            Clock(),
+            tlsOptions=object(),  # type: ignore[arg-type]
         )
         proto, transport = self.open(factory)
         self.assertTrue(proto.session.tls)
@@ -1421,7 +1436,7 @@ class ExtensionSeamTests(SynchronousTestCase):
                 self._respond(SMTPReply(250, "2.0.0", f"Queuing for {argument} started"))
 
             def extensions(self) -> list[str]:
-                return super().extensions() + ["ETRN"]
+                return [*super().extensions(), "ETRN"]
 
         WithETRN.commands = {**SMTPServerProtocol.commands, "ETRN": WithETRN.smtp_ETRN}  # type: ignore[dict-item]
         proto = WithETRN("smtp", HOSTNAME, RecordingQueue(), DictRouter(), Clock())  # type: ignore[arg-type]

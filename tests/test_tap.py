@@ -4,11 +4,11 @@ Tests for L{mailfw.tap}: C{twistd mailfw} options and the service tree.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python import usage
@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailfw import tap
 from mailfw.config import ConfigError, loadConfig
 from mailfw.interfaces import IMessageQueueFactory, IRouterFactory
+from mailfw.queue._sqlite import SQLiteQueue, SynchronousExecutor
 from mailfw.tap import DEFAULT_BACKLOG, Options, buildService, checkComponents
 from tests.test_plugin import DropinDirectory
 
@@ -111,7 +112,7 @@ class BuildServiceTests(SynchronousTestCase):
         Each listener becomes a port with a large default backlog, unless
         the description sets its own; the control socket listens too.
         """
-        reactor, service = self.build(MEMORY_CONFIG.format(agent="discard"))
+        reactor, _service = self.build(MEMORY_CONFIG.format(agent="discard"))
         ports = sorted((port, backlog, interface) for port, _, backlog, interface in reactor.tcpServers)
         self.assertEqual(
             ports,
@@ -135,11 +136,16 @@ class BuildServiceTests(SynchronousTestCase):
         A delivery timeout that is not shorter than the queue's lease is
         refused at start-up, naming both keys.
         """
-        text = MEMORY_CONFIG.format(agent="discard").replace(
-            '[queue]\nplugin = "memory"', '[queue]\nplugin = "memory"\nlease_seconds = 60'
-        ) + "[scheduler]\ndelivery_timeout = 60\n"
+        text = (
+            MEMORY_CONFIG.format(agent="discard").replace(
+                '[queue]\nplugin = "memory"', '[queue]\nplugin = "memory"\nlease_seconds = 60'
+            )
+            + "[scheduler]\ndelivery_timeout = 60\n"
+        )
         e = self.assertRaises(ConfigError, self.build, text)
-        self.assertIn("[scheduler] delivery_timeout (60) must be shorter than [queue] lease_seconds (60)", str(e))
+        self.assertIn(
+            "[scheduler] delivery_timeout (60) must be shorter than [queue] lease_seconds (60)", str(e)
+        )
 
     def test_thirdPartyDropin(self) -> None:
         """
@@ -174,7 +180,7 @@ class BuildServiceTests(SynchronousTestCase):
             """,
             "mailfw_test_thirdparty",
         )
-        reactor, service = self.build(MEMORY_CONFIG.format(agent="test-thirdparty"))
+        _reactor, service = self.build(MEMORY_CONFIG.format(agent="test-thirdparty"))
         scheduler = service.getServiceNamed("scheduler")  # type: ignore[attr-defined]
         agent = scheduler.agents["local"]
         self.assertEqual(type(agent).__module__, "twisted.plugins.mailfw_test_thirdparty")
@@ -213,27 +219,37 @@ class StartupLogTests(SynchronousTestCase):
             messages,
         )
         self.assertIn("delivery instance drop: plugin discard", messages)
-        self.assertIn("mail for example.org, mx.test is delivered locally", messages)
-        self.assertIn(f"mailfw mx.test: data in {self.dataDir}, queue memory", messages)
+        self.assertIn("routing: static, mail for example.org, mx.test is delivered locally", messages)
+        self.assertIn(f"mailfw mx.test: data in {self.dataDir}, queue plugin memory", messages)
         self.assertIn("mailfw smtp listener on tcp:2526:backlog=7", messages)
         self.assertEqual([m for m in messages if " object at 0x" in m], [])
 
     def test_sqliteQueueAndDefaultDomains(self) -> None:
         """
-        An C{sqlite} queue is described with its file, resolved against the
-        data directory; without C{local_domains} the local domains are
-        C{localhost} and the host name.
+        An C{sqlite} queue describes itself with its file, resolved against
+        the data directory; a component that does not describe itself is
+        named by its plugin.
         """
         config = loadConfig(
             writeConfig(self, '[queue]\nplugin = "sqlite"\npath = "q/mail.db"\n'),
             hostname="MX.test",
         )
         self.assertEqual(
-            tap._describeQueue(config), f"sqlite {config.dataDir.absolute()}/q/mail.db"
+            tap._describe(_queueOf(self, config), "sqlite"), f"sqlite {config.dataDir.absolute()}/q/mail.db"
         )
-        self.assertEqual(tap._localDomains(config), ["localhost", "mx.test"])
-        other = dataclasses.replace(config, routing={"plugin": "custom"})
-        self.assertIsNone(tap._localDomains(other))
+        self.assertEqual(tap._describe(object(), "custom"), "plugin custom")
+
+
+def _queueOf(case: SynchronousTestCase, config: Any) -> Any:
+    """
+    The queue that C{config} configures, closed when C{case} ends.
+    """
+    path = config.dataDir / config.queue["path"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run = SynchronousExecutor()
+    queue = SQLiteQueue(path, Clock(), writer=run, reader=run, spool=run, deliver=lambda f: f())
+    case.addCleanup(queue.close)
+    return queue
 
 
 class CheckComponentsTests(SynchronousTestCase):
@@ -349,12 +365,10 @@ class OwnershipTests(SynchronousTestCase):
         The SQLite queue's database, its journal files and the directories
         made for it inside the data directory are handed over too.
         """
-        config = loadConfig(
-            writeConfig(self, '[queue]\nplugin = "sqlite"\npath = "spool/q/queue.db"\n')
-        )
+        config = loadConfig(writeConfig(self, '[queue]\nplugin = "sqlite"\npath = "spool/q/queue.db"\n'))
         d = config.dataDir
         self.assertEqual(
-            tap._ownedPaths(config, d / "control.sock"),
+            tap._ownedPaths(d, [_queueOf(self, config)], d / "control.sock"),
             [
                 (d, True),
                 (d / "spool", False),
@@ -383,7 +397,7 @@ class OwnershipTests(SynchronousTestCase):
         through C{..}; only the queue's files are.
         """
         config = loadConfig(writeConfig(self, '[queue]\nplugin = "sqlite"\npath = "../q.db"\n'))
-        paths = tap._ownedPaths(config, config.dataDir / "control.sock")
+        paths = tap._ownedPaths(config.dataDir, [_queueOf(self, config)], config.dataDir / "control.sock")
         self.assertEqual(
             [p for p, _ in paths if not p.name.startswith(("q.db", "control.sock"))],
             [config.dataDir],

@@ -8,7 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailfw.envelope import Envelope, Recipient, Session
 from mailfw.policy import Policy, Verdict
-from mailfw.queue import Selector
+from mailfw.queued import Selector
 from mailfw.testing import connectedServer
 
 

@@ -30,10 +30,10 @@ from zope.interface.verify import verifyObject
 from mailfw._workers import (
     AdoptedPortService,
     InheritedSocket,
+    JSONLineObserver,
+    LineObserver,
     RecordingEndpoint,
     WorkerPool,
-    _JSONLineObserver,
-    _LineObserver,
     _WorkerProtocol,
     logsToStandardOutput,
     parseSockets,
@@ -60,7 +60,7 @@ class InheritedSocketTests(SynchronousTestCase):
         """
         sockets = [InheritedSocket("smtp", 0, 3, "INET"), InheritedSocket("submissions", 1, 4, "INET6")]
         arguments = workerArguments(2, sockets, ["--smtp=tcp:25"])
-        self.assertEqual(arguments[:4], [sys.executable, "-m", "mailfw._workers", "2"])
+        self.assertEqual(arguments[:4], [sys.executable, "-m", "mailfw._worker", "2"])
         self.assertEqual(parseSockets(arguments[4]), sockets)
         self.assertEqual(arguments[5:], ["log=relay", "--smtp=tcp:25"])
         self.assertEqual(sockets[1].addressFamily, socket.AF_INET6)
@@ -87,9 +87,7 @@ class OptionsTests(SynchronousTestCase):
         C{haproxy:}) is a usage error naming it.
         """
         for description in ("unix:/tmp/x.sock", "haproxy:tcp:2500"):
-            e = self.assertRaises(
-                usage.UsageError, options, "--workers", "2", "--smtp", description
-            )
+            e = self.assertRaises(usage.UsageError, options, "--workers", "2", "--smtp", description)
             self.assertIn(description, str(e))
 
     def test_refusesZero(self) -> None:
@@ -102,9 +100,7 @@ class OptionsTests(SynchronousTestCase):
         """
         The worker gets the same listeners, host name and absolute paths.
         """
-        o = options(
-            "--workers", "2", "--smtp", "tcp:2500", "--data-dir", "rel", "--hostname", "mx.test"
-        )
+        o = options("--workers", "2", "--smtp", "tcp:2500", "--data-dir", "rel", "--hostname", "mx.test")
         self.assertEqual(
             o.workerArguments,
             [
@@ -276,7 +272,7 @@ class RelogTests(SynchronousTestCase):
         """
         protocol = _WorkerProtocol(None, 3)  # type: ignore[arg-type]
         written: list[str] = []
-        observer = _JSONLineObserver(written.append, lambda: None)
+        observer = JSONLineObserver(written.append, lambda: None)
         observer({"log_format": "hello {x}", "x": 1, "log_level": LogLevel.warn, "log_namespace": "n"})
         line = written[0].encode()
         with capturedLogs() as events:
@@ -293,7 +289,7 @@ class RelogTests(SynchronousTestCase):
 
 class LineObserverTests(SynchronousTestCase):
     """
-    L{_LineObserver} writes what twistd's own observer would write.
+    L{LineObserver} writes what twistd's own observer would write.
     """
 
     def twistdLine(self, event: dict[str, Any]) -> str | None:
@@ -313,12 +309,17 @@ class LineObserverTests(SynchronousTestCase):
         same line (or none) as twistd's observer.
         """
         try:
-            1 / 0
+            _ = 1 / 0
         except ZeroDivisionError:
             failure = Failure()
         base = {"log_time": 1_790_000_000.25, "log_level": LogLevel.info, "log_namespace": "ns"}
         events = [
-            {"log_format": "accepted {queueID} ({size} octets) in {t:.1f}s", "queueID": "Q", "size": 7, "t": 0.25},
+            {
+                "log_format": "accepted {queueID} ({size} octets) in {t:.1f}s",
+                "queueID": "Q",
+                "size": 7,
+                "t": 0.25,
+            },
             {"log_format": "{a!r} {b.real} {c[k]}", "a": "x", "b": 3, "c": {"k": "v"}},
             {"log_format": "two\nlines and {u}", "u": "d\u00e9j\u00e0 \u2709"},
             {"log_format": "called {f()}", "f": lambda: "yes"},
@@ -327,7 +328,7 @@ class LineObserverTests(SynchronousTestCase):
             {},
             {"log_format": "no time", "log_time": None},
         ]
-        observer = _LineObserver(-1, 3)
+        observer = LineObserver(-1, 3)
         for event in events:
             event = dict(base, **event)
             self.assertEqual(observer.format(event), self.twistdLine(event), event)
@@ -346,7 +347,7 @@ class LineObserverTests(SynchronousTestCase):
         """
         The time stamp follows the event's second, also backwards.
         """
-        observer = _LineObserver(-1, 3)
+        observer = LineObserver(-1, 3)
         for when in (1_790_000_000.1, 1_790_000_000.9, 1_790_000_001.0, 1_790_000_000.5):
             event = {"log_format": "x", "log_time": when, "log_namespace": "n", "log_level": LogLevel.info}
             self.assertEqual(observer.format(event), self.twistdLine(event))
@@ -358,11 +359,22 @@ class LineObserverTests(SynchronousTestCase):
         """
         read, write = os.pipe()
         self.addCleanup(os.close, read)
-        observer = _LineObserver(write, 3)
-        observer({"log_format": "hello {x}", "x": 1, "log_time": 1.0, "log_namespace": "n", "log_level": LogLevel.warn})
+        observer = LineObserver(write, 3)
+        observer(
+            {
+                "log_format": "hello {x}",
+                "x": 1,
+                "log_time": 1.0,
+                "log_namespace": "n",
+                "log_level": LogLevel.warn,
+            }
+        )
         observer({"log_format": "second", "log_time": 1.0, "log_namespace": "n", "log_level": LogLevel.info})
         lines = os.read(read, 4096).decode().splitlines()
-        self.assertEqual([line.split(" ", 1)[1] for line in lines], ["[n#warn worker 3] hello 1", "[n#info worker 3] second"])
+        self.assertEqual(
+            [line.split(" ", 1)[1] for line in lines],
+            ["[n#warn worker 3] hello 1", "[n#info worker 3] second"],
+        )
         os.close(write)
         observer({"log_format": "nowhere", "log_time": 1.0})
 
@@ -490,9 +502,7 @@ class RecoveryTests(SynchronousTestCase):
         self.clock.advance(q.reapSeconds)
         owners = sorted(
             (str(row[0]), row[1])
-            for row in sqlite3.connect(str(self.path)).execute(
-                "SELECT lease_owner, state FROM recipients"
-            )
+            for row in sqlite3.connect(str(self.path)).execute("SELECT lease_owner, state FROM recipients")
         )
         self.assertEqual(
             owners,

@@ -9,7 +9,8 @@ the server's own user (and root) can use it.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory
@@ -19,9 +20,9 @@ from twisted.python.failure import Failure
 
 from mailfw.envelope import Envelope
 from mailfw.interfaces import IMessageQueue
-from mailfw.queue import QueuedMessage, QueuedRecipient, RecipientState, Selector
+from mailfw.queued import QueuedMessage, QueuedRecipient, RecipientState, Selector
 
-__all__ = ["ControlFactory", "selectorFromJSON", "messageToJSON"]
+__all__ = ["ControlFactory", "messageToJSON", "selectorFromJSON"]
 
 CONTROL_SOCKET = "control.sock"
 MAX_HEADER_BYTES = 64 * 1024
@@ -144,9 +145,7 @@ class ControlProtocol(LineOnlyReceiver):
         if command in ("delete", "bounce") and selector == Selector():
             # Dropping or returning the whole queue is never what a
             # forgotten argument should do.
-            raise ControlError(
-                f"{command} needs a selector (a queue ID, --domain, --sender or --state)"
-            )
+            raise ControlError(f"{command} needs a selector (a queue ID, --domain, --sender or --state)")
         return actions[command](selector)
 
     def show(self, selector: Selector) -> Deferred[Any]:

@@ -13,8 +13,9 @@ import json
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mailfw.admin._control import CONTROL_SOCKET
 from mailfw.config import ConfigError, loadConfig
@@ -83,9 +84,7 @@ def formatList(messages: Sequence[dict[str, Any]]) -> str:
         return "Mail queue is empty"
     lines = []
     for m in messages:
-        lines.append(
-            f"{m['queueID']:<20} {m['size']:>9} {_when(m['arrival'])}  <{m['sender']}>"
-        )
+        lines.append(f"{m['queueID']:<20} {m['size']:>9} {_when(m['arrival'])}  <{m['sender']}>")
         for r in m["recipients"]:
             state = r["state"]
             if r.get("bounceRequested"):

@@ -88,9 +88,7 @@ class PasswordFileChecker:
             if stamp != self._stamp:
                 entries, problems = readPasswordFile(self.path)
                 for problem in problems:
-                    self.log.warn(
-                        "password file {path}: {problem}", path=str(self.path), problem=problem
-                    )
+                    self.log.warn("password file {path}: {problem}", path=str(self.path), problem=problem)
                 self._entries = entries
                 self._stamp = stamp
             return self._entries

@@ -123,9 +123,7 @@ def authFromConfig(
     threads = section.integer("threads", 4, minimum=1)
     section.finish()
     if not mechanisms or any(m not in MECHANISMS for m in mechanisms):
-        raise ConfigError(
-            f"{section.title} mechanisms: choose from {', '.join(MECHANISMS)}"
-        )
+        raise ConfigError(f"{section.title} mechanisms: choose from {', '.join(MECHANISMS)}")
     if passwords is not None and checkerText is not None:
         raise ConfigError(f"{section.title}: give 'passwords' or 'checker', not both")
     if passwords is None and checkerText is None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import fcntl
 import hashlib
 import hmac
@@ -335,9 +336,7 @@ def updatePasswordFile(
         os.close(lockFD)
 
 
-def _replaced(
-    lines: Sequence[str], user: str, entry: PasswordEntry | None
-) -> tuple[list[str], bool]:
+def _replaced(lines: Sequence[str], user: str, entry: PasswordEntry | None) -> tuple[list[str], bool]:
     out: list[str] = []
     found = False
     for line in lines:
@@ -364,10 +363,8 @@ def _writeAtomically(path: Path, text: str, stat: os.stat_result | None) -> None
             os.fsync(f.fileno())
         os.replace(temporary, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
-        except FileNotFoundError:
-            pass
         raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:

@@ -46,9 +46,7 @@ class PasswdError(Exception):
     """
 
 
-def readPassword(
-    stdin: TextIO, confirm: bool, prompt: str = "Password: "
-) -> str:
+def readPassword(stdin: TextIO, confirm: bool, prompt: str = "Password: ") -> str:
     """
     The password: prompted for on a terminal (twice with C{confirm}),
     else the first line of C{stdin} without its line ending.
@@ -178,9 +176,7 @@ def addPasswdParser(commands: argparse._SubParsersAction[argparse.ArgumentParser
         metavar="PATTERN",
         help="an allowed MAIL FROM: address, @domain or *; repeatable",
     )
-    add.add_argument(
-        "--etrn", action="append", metavar="DOMAIN", help="a domain it may ETRN; repeatable"
-    )
+    add.add_argument("--etrn", action="append", metavar="DOMAIN", help="a domain it may ETRN; repeatable")
     add.add_argument(
         "--cost",
         type=int,

@@ -80,9 +80,10 @@ from __future__ import annotations
 import io
 import os
 import shlex
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Mapping, Sequence, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger, LogLevel
@@ -306,9 +307,7 @@ def parseAliases(
         except AddressError as e:
             raise AliasSyntaxError(f"{where}: bad alias name {name!r}: {e}") from None
         if key in entries:
-            raise AliasSyntaxError(
-                f"{where}: alias {shown!r} is already defined on line {entries[key].line}"
-            )
+            raise AliasSyntaxError(f"{where}: alias {shown!r} is already defined on line {entries[key].line}")
         addresses: list[Address] = []
         localparts: list[str] = []
         commands: list[tuple[str, ...]] = []
@@ -330,8 +329,7 @@ def parseAliases(
                     commands.append(_command(target[1:], isExecutable))
                 elif target.lower().startswith(":include:"):
                     raise ValueError(
-                        f"{target!r}: :include: is not supported; "
-                        "list the targets in the alias file"
+                        f"{target!r}: :include: is not supported; list the targets in the alias file"
                     )
                 elif target.lstrip('"').startswith("/"):
                     raise ValueError(
@@ -596,20 +594,14 @@ class AliasDeliveryAgent:
         try:
             headers = await self._runInThread(lambda: _readHeaders(body))
         except OSError as e:
-            self.log.error(
-                "{agent}: cannot read the message: {error}", agent=self.name, error=str(e)
-            )
+            self.log.error("{agent}: cannot read the message: {error}", agent=self.name, error=str(e))
             return [RecipientOutcome(r, LOCAL_ERROR) for r in envelope.recipients]
         deliveredTo = deliveredToHeaders(headers)
         plans = [self._plan(r, deliveredTo) for r in envelope.recipients]
         for plan in plans:
             if plan.alias is not None and plan.alias.commands:
                 await self._runCommands(envelope, body, plan)
-        toQueue = [
-            p
-            for p in plans
-            if p.addresses and not any(reply.isTransient for reply in p.replies)
-        ]
+        toQueue = [p for p in plans if p.addresses and not any(reply.isTransient for reply in p.replies)]
         if toQueue:
             await self._enqueue(envelope, body, toQueue)
         outcomes = [plan.outcome() for plan in plans]
@@ -675,16 +667,14 @@ class AliasDeliveryAgent:
         try:
             await self._copyBody(body, incoming)
         except OSError as e:
-            self.log.error(
-                "{agent}: cannot read the message: {error}", agent=self.name, error=str(e)
-            )
+            self.log.error("{agent}: cannot read the message: {error}", agent=self.name, error=str(e))
             for message in incoming:
                 message.abort()
             for plan in plans:
                 plan.replies.append(LOCAL_ERROR)
             return
         commits = [message.commit() for message in incoming]
-        for plan, commit in zip(plans, commits):
+        for plan, commit in zip(plans, commits, strict=False):
             try:
                 queueID = await commit
             except Exception:
@@ -730,9 +720,7 @@ class AliasDeliveryAgent:
             orcpt = f"{kind};{original.address}"
         return replace(
             envelope,
-            recipients=tuple(
-                Recipient(a, notify=original.notify, orcpt=orcpt) for a in plan.addresses
-            ),
+            recipients=tuple(Recipient(a, notify=original.notify, orcpt=orcpt) for a in plan.addresses),
             size=None if envelope.size is None else envelope.size + extra,
             smtputf8=envelope.smtputf8 or not all(a.isASCII for a in plan.addresses),
             arrival=0.0,
@@ -741,7 +729,7 @@ class AliasDeliveryAgent:
 
 
 def _deliveredTo(address: Address) -> bytes:
-    return f"Delivered-To: {address}\r\n".encode("utf-8")
+    return f"Delivered-To: {address}\r\n".encode()
 
 
 def _readHeaders(body: IMessageBody) -> bytes:

@@ -31,7 +31,8 @@ Decisions the contract pins, beyond the interface's docstring:
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING, Any, BinaryIO, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from twisted.internet.defer import Deferred
 from zope.interface import implementer

@@ -8,7 +8,8 @@ accounted for in the logs rather than silently lost.  Useful for test set-ups, b
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer

@@ -24,7 +24,8 @@ connection after the final dot can duplicate a message, never lose it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol
@@ -368,7 +369,7 @@ class LMTPDeliveryAgent:
 
         def outcomes(replies: list[SMTPReply]) -> Sequence[RecipientOutcome]:
             results = []
-            for recipient, reply in zip(recipients, replies):
+            for recipient, reply in zip(recipients, replies, strict=False):
                 self._logOutcome(envelope, recipient, reply, client.remoteMTA)
                 results.append(RecipientOutcome(recipient, reply, client.remoteMTA))
             return results

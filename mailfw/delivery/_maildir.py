@@ -29,6 +29,7 @@ delivery normally costs a few C{stat} calls rather than a listing.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -36,10 +37,11 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Formatter
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Mapping, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -51,7 +53,7 @@ from zope.interface import implementer
 from mailfw.address import Address
 from mailfw.config import ConfigError, Section
 from mailfw.envelope import Envelope, Recipient, RecipientOutcome
-from mailfw.interfaces import IDeliveryAgent, IMessageBody
+from mailfw.interfaces import IDeliveryAgent, IDescribed, IMessageBody
 from mailfw.reply import SMTPReply
 
 if TYPE_CHECKING:
@@ -59,8 +61,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MaildirDeliveryAgent",
-    "ThreadRunner",
     "ThreadPoolRunner",
+    "ThreadRunner",
     "fromConfig",
     "safeName",
 ]
@@ -81,9 +83,7 @@ CHUNK_SIZE = 64 * 1024
 # else (including "/", "%", NUL, spaces, quotes and non-ASCII) becomes %XX
 # of its UTF-8 octets, and so does a leading "." (no "..", no hidden or
 # Maildir++ folder names).
-_SAFE = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" "!#$&'*+-=?^_`{|}~."
-)
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$&'*+-=?^_`{|}~.")
 _SIZE_IN_NAME = re.compile(r",S=(\d+)")
 
 
@@ -153,7 +153,7 @@ class _MailboxError(Exception):
         self.reason = reason
 
 
-@implementer(IDeliveryAgent)
+@implementer(IDeliveryAgent, IDescribed)
 class MaildirDeliveryAgent:
     """
     Writes each recipient's copy into a Maildir chosen by a path template.
@@ -195,6 +195,12 @@ class MaildirDeliveryAgent:
         self._lock = threading.Lock()
         self._sizeCache: dict[str, tuple[int, int]] = {}
 
+    def describe(self) -> str:
+        return f"plugin maildir, mailboxes {self.baseDir / self.template}"
+
+    def ownedPaths(self) -> list[str]:
+        return [str(self.baseDir)]
+
     # -- mapping addresses to paths -------------------------------------------
 
     def targetFor(self, address: Address) -> _Target:
@@ -204,10 +210,14 @@ class MaildirDeliveryAgent:
         @raise _MailboxError: if the path would leave L{baseDir}.
         """
         localpart = address.unquotedLocalpart
-        user, sep, detail = localpart.partition(self.separator) if self.separator else (
-            localpart,
-            "",
-            "",
+        user, sep, detail = (
+            localpart.partition(self.separator)
+            if self.separator
+            else (
+                localpart,
+                "",
+                "",
+            )
         )
         fields = {
             "domain": safeName(address.domain),
@@ -284,15 +294,12 @@ class MaildirDeliveryAgent:
         try:
             target = self.targetFor(address)
             directory = self._prepare(target)
-            header = f"Return-Path: <{sender}>\nDelivered-To: {address}\n".encode("utf-8")
+            header = f"Return-Path: <{sender}>\nDelivered-To: {address}\n".encode()
             name = self._write(directory, header, body)
         except _MailboxError as e:
             return e.reply, e.reason
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                reply = DISK_FULL
-            else:
-                reply = LOCAL_ERROR
+            reply = DISK_FULL if e.errno in (errno.ENOSPC, errno.EDQUOT) else LOCAL_ERROR
             where = f" ({e.filename})" if e.filename else ""
             return reply, f"{e.strerror}{where}"
         return DELIVERED, f"stored as {name}"
@@ -331,7 +338,7 @@ class MaildirDeliveryAgent:
         return f"{seconds}.M{micro}P{os.getpid()}Q{sequence}.{self._hostname}"
 
     def _write(self, maildir: Path, header: bytes, body: IMessageBody) -> Path:
-        for attempt in range(5):
+        for _attempt in range(5):
             unique = self._uniqueName()
             tmpPath = maildir / "tmp" / unique
             try:
@@ -366,9 +373,7 @@ class MaildirDeliveryAgent:
         maildir = directory.parent if (directory / "maildirfolder").exists() else directory
         used = self.mailboxSize(maildir)
         if used + size > self.quota:
-            raise _MailboxError(
-                OVER_QUOTA, f"quota exceeded: {used} + {size} > {self.quota} octets"
-            )
+            raise _MailboxError(OVER_QUOTA, f"quota exceeded: {used} + {size} > {self.quota} octets")
 
     def mailboxSize(self, maildir: Path) -> int:
         """
@@ -408,10 +413,8 @@ class MaildirDeliveryAgent:
                 if match:
                     total += int(match.group(1))
                 else:
-                    try:
+                    with contextlib.suppress(FileNotFoundError):
                         total += entry.stat().st_size
-                    except FileNotFoundError:
-                        pass
         with self._lock:
             self._sizeCache[key] = (mtime, total)
         return total
@@ -477,10 +480,8 @@ def _linkInto(source: Path, target: Path) -> None:
 
 
 def _unlinkQuietly(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _fsyncDirectory(path: Path) -> None:

@@ -10,8 +10,9 @@ the full L{IDeliveryAgent} contract (see L{mailfw.delivery._contract}).
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, Sequence
+from typing import BinaryIO
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
@@ -141,9 +142,7 @@ class MemoryDeliveryAgent:
                 with body.open() as reader:
                     message = reader.read()
             except OSError as e:
-                self.log.warn(
-                    "{agent}: cannot read the message: {error}", agent=self.name, error=str(e)
-                )
+                self.log.warn("{agent}: cannot read the message: {error}", agent=self.name, error=str(e))
                 outcomes = [RecipientOutcome(r, BODY_UNREADABLE) for r in envelope.recipients]
                 return succeed(outcomes)
         outcomes = self.repliesFor(envelope)
@@ -160,9 +159,7 @@ class MemoryDeliveryAgent:
         """
         return [d for d in self.deliveries if not d.result.called]
 
-    def release(
-        self, replies: Sequence[SMTPReply] | None = None, index: int = 0
-    ) -> MemoryDelivery:
+    def release(self, replies: Sequence[SMTPReply] | None = None, index: int = 0) -> MemoryDelivery:
         """
         Fire the C{index}th pending delivery of a C{hold=True} agent.
 
@@ -177,6 +174,6 @@ class MemoryDeliveryAgent:
         else:
             if len(replies) != len(recipients):
                 raise ValueError("one reply per recipient is needed")
-            outcomes = [RecipientOutcome(r, reply) for r, reply in zip(recipients, replies)]
+            outcomes = [RecipientOutcome(r, reply) for r, reply in zip(recipients, replies, strict=False)]
         delivery.result.callback(outcomes)
         return delivery

@@ -32,9 +32,11 @@ refused, and the outcome applies to every recipient.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Mapping, Sequence
 from string import Formatter
-from typing import TYPE_CHECKING, Any, BinaryIO, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
@@ -74,17 +76,13 @@ def summarise(stderr: bytes) -> str:
     printable ASCII characters (others become C{?}).
     """
     for raw in stderr.splitlines():
-        text = "".join(
-            c if " " <= c <= "~" else "?" for c in raw.decode("utf-8", "replace").strip()
-        )
+        text = "".join(c if " " <= c <= "~" else "?" for c in raw.decode("utf-8", "replace").strip())
         if text:
             return text if len(text) <= SUMMARY_LENGTH else text[: SUMMARY_LENGTH - 3] + "..."
     return ""
 
 
-def replyForExit(
-    exitCode: int | None, signal: int | None, timedOut: bool, stderr: bytes
-) -> SMTPReply:
+def replyForExit(exitCode: int | None, signal: int | None, timedOut: bool, stderr: bytes) -> SMTPReply:
     """
     Map how the command ended to a reply (see the module docstring).
     """
@@ -96,9 +94,7 @@ def replyForExit(
         return TEMPFAIL
     how = f"exit status {exitCode}" if exitCode is not None else f"signal {signal}"
     summary = summarise(stderr)
-    return SMTPReply(
-        554, "5.3.0", f"Delivery command failed ({how})" + (f": {summary}" if summary else "")
-    )
+    return SMTPReply(554, "5.3.0", f"Delivery command failed ({how})" + (f": {summary}" if summary else ""))
 
 
 class _CommandProtocol(ProcessProtocol):
@@ -137,10 +133,8 @@ class _CommandProtocol(ProcessProtocol):
             self.transport.closeStdin()
 
     def _signal(self, name: str) -> None:
-        try:
+        with contextlib.suppress(ProcessExitedAlready):
             self.transport.signalProcess(name)  # type: ignore[union-attr]
-        except ProcessExitedAlready:
-            pass
 
     def _kill(self) -> None:
         self._timer = None
@@ -300,9 +294,7 @@ class PipeDeliveryAgent:
         try:
             reader = body.open()
         except OSError as e:
-            self.log.error(
-                "{agent}: cannot read the message: {error}", agent=self.name, error=str(e)
-            )
+            self.log.error("{agent}: cannot read the message: {error}", agent=self.name, error=str(e))
             return succeed(LOCAL_ERROR)
         protocol = _CommandProtocol(reader, self.reactor, self.timeout)
         try:

@@ -37,8 +37,9 @@ with C{tls = "verify"} and a transport entry in C{[routing]} pointing to it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Generator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -56,8 +57,8 @@ from mailfw.smtp._client import (
     ClientOptions,
     HostFailure,
     SMTPClient,
-    TLSFailure,
     Timeouts,
+    TLSFailure,
 )
 
 if TYPE_CHECKING:
@@ -182,11 +183,9 @@ class SMTPRelayAgent:
             try:
                 results: list[RecipientOutcome] = yield self._deliverGroup(part, body, hop)
             except Exception:
-                self.log.failure(
-                    "Bug while relaying to {nexthop}", agent=self.name, nexthop=hop
-                )
+                self.log.failure("Bug while relaying to {nexthop}", agent=self.name, nexthop=hop)
                 results = [RecipientOutcome(r, INTERNAL) for r in part.recipients]
-            for i, outcome in zip(indices, results):
+            for i, outcome in zip(indices, results, strict=False):
                 outcomes[i] = outcome
         return [o for o in outcomes if o is not None]
 
@@ -311,7 +310,6 @@ class SMTPRelayAgent:
             lastReply = SMTPReply(451, "4.4.1", text[:500])
         return everyone(lastReply, lastHost)
 
-
     def _relayed(
         self,
         envelope: Envelope,
@@ -325,10 +323,9 @@ class SMTPRelayAgent:
         Log and return the outcomes of a transaction with C{host}.
         """
         outcomes = []
-        for recipient, reply in zip(envelope.recipients, replies):
+        for recipient, reply in zip(envelope.recipients, replies, strict=False):
             self.log.info(
-                "Relayed to {recipient} via {host}[{address}]:{port}: "
-                "{code} {enhanced} {text}",
+                "Relayed to {recipient} via {host}[{address}]:{port}: {code} {enhanced} {text}",
                 agent=self.name,
                 recipient=str(recipient.address),
                 nexthop=nexthop,
@@ -344,9 +341,7 @@ class SMTPRelayAgent:
         return outcomes
 
 
-def tcpConnector(
-    reactor: Any, timeout: float, sourceAddress: str | None = None
-) -> Connector:
+def tcpConnector(reactor: Any, timeout: float, sourceAddress: str | None = None) -> Connector:
     """
     Connect over TCP with the endpoint for the address family.
     """
@@ -406,9 +401,7 @@ def tlsContextFactory(caFile: str | None = None) -> Callable[[str, str], Any]:
     return build
 
 
-def fromConfig(
-    context: ComponentContext, instanceName: str, options: Mapping[str, object]
-) -> SMTPRelayAgent:
+def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[str, object]) -> SMTPRelayAgent:
     """
     Build an L{SMTPRelayAgent} from C{[delivery.NAME]}.
 
@@ -450,7 +443,7 @@ def fromConfig(
     maxAddresses = section.integer("max_addresses", 5, minimum=1)
     families = section.strings("address_families", ["ipv6", "ipv4"])
     if not families or any(f not in ("ipv4", "ipv6") for f in families):
-        raise ConfigError(f"{section.title} address_families: use \"ipv6\" and/or \"ipv4\"")
+        raise ConfigError(f'{section.title} address_families: use "ipv6" and/or "ipv4"')
     timeouts = Timeouts(
         connect=section.number("connect_timeout", 30.0, minimum=1),
         command=section.number("command_timeout", 300.0, minimum=1),

@@ -1,47 +1,20 @@
 """
-Policy verdicts and a base class for L{mailfw.interfaces.IPolicy}
-implementations.
+A base class for L{mailfw.interfaces.IPolicy} implementations, with the
+verdict values they return (defined in L{mailfw.verdict}).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping
+from collections.abc import Mapping
 
 from zope.interface import implementer
 
 from mailfw.address import Address
 from mailfw.envelope import Envelope, Recipient, Session
 from mailfw.interfaces import IPolicy
-from mailfw.reply import SMTPReply
+from mailfw.verdict import CONTINUE, Verdict
 
 __all__ = ["CONTINUE", "Policy", "Verdict"]
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """
-    A policy's answer at one stage.
-
-    @ivar reply: C{None} to let the next policy decide; a 2xx reply to
-        accept now and skip the rest of the chain; a 4xx or 5xx reply to
-        refuse the command with it.
-    @ivar disconnect: after sending C{reply}, close the connection (use a
-        421 reply).
-    @ivar headers: C{(name, value)} pairs prepended to the message
-        (only at the message stage).
-    """
-
-    reply: SMTPReply | None = None
-    disconnect: bool = False
-    headers: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def reject(cls, code: int, enhanced: str, text: str) -> Verdict:
-        return cls(SMTPReply(code, enhanced, text))
-
-
-CONTINUE = Verdict()
 
 
 @implementer(IPolicy)

@@ -27,7 +27,7 @@ from zope.interface.verify import verifyObject
 from mailfw.address import Address
 from mailfw.envelope import Envelope, Recipient, Session
 from mailfw.interfaces import IPolicy
-from mailfw.policy import Verdict
+from mailfw.verdict import Verdict
 
 __all__ = ["PolicyContractTests"]
 

@@ -17,8 +17,9 @@ object, that a committed message really is stored.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -28,7 +29,7 @@ from zope.interface.verify import verifyObject
 from mailfw.address import Address
 from mailfw.envelope import Envelope, Recipient, RecipientOutcome
 from mailfw.interfaces import IIncomingMessage, IMessageBody, IMessageQueue
-from mailfw.queue._model import (
+from mailfw.queued import (
     Disposition,
     Lease,
     LeaseLost,
@@ -369,7 +370,10 @@ class QueueContractTests(_Base):
         self.enqueue(makeEnvelope("a@example.com", "b@example.com"))
         [lease] = self.claim(1)
         self.waitFailure(
-            self.queue.record(lease, [Disposition(0, self.outcome(lease, 0, OK)), Disposition(1, self.outcome(lease, 1, OK))]),
+            self.queue.record(
+                lease,
+                [Disposition(0, self.outcome(lease, 0, OK)), Disposition(1, self.outcome(lease, 1, OK))],
+            ),
             ValueError,
         )
         self.assertEqual(self.count(Selector(state=RecipientState.LEASED)), 1)
@@ -475,9 +479,7 @@ class QueueContractTests(_Base):
 
     def _addresses(self, selector: Selector) -> list[str]:
         return sorted(
-            str(r.recipient.address)
-            for m in self.wait(self.queue.list(selector))
-            for r in m.recipients
+            str(r.recipient.address) for m in self.wait(self.queue.list(selector)) for r in m.recipients
         )
 
     def test_domainSelector(self) -> None:
@@ -549,10 +551,16 @@ class QueueContractTests(_Base):
         self._domains()
         self.assertEqual(self.wait(self.queue.hold(Selector(domain="@example.com"))), 2)
         self.assertEqual(self.wait(self.queue.hold(Selector(domain="@example.com"))), 0)
-        self.assertEqual(self._addresses(Selector(state=RecipientState.HOLD)), ["a@example.com", "b@mx.example.com"])
+        self.assertEqual(
+            self._addresses(Selector(state=RecipientState.HOLD)), ["a@example.com", "b@mx.example.com"]
+        )
         lease = self.claimOne()
         self.assertEqual(len(lease.recipients), 2)
-        self.wait(self.queue.record(lease, [Disposition(r.index, self.outcome(lease, r.index, OK)) for r in lease.recipients]))
+        self.wait(
+            self.queue.record(
+                lease, [Disposition(r.index, self.outcome(lease, r.index, OK)) for r in lease.recipients]
+            )
+        )
         self.clock.advance(50)
         self.assertEqual(self.wait(self.queue.release(Selector(domain="example.com"))), 1)
         lease = self.claimOne()
@@ -569,7 +577,10 @@ class QueueContractTests(_Base):
         self.wait(
             self.queue.record(
                 lease,
-                [Disposition(r.index, self.outcome(lease, r.index, LATER), START + 3600) for r in lease.recipients],
+                [
+                    Disposition(r.index, self.outcome(lease, r.index, LATER), START + 3600)
+                    for r in lease.recipients
+                ],
             )
         )
         self.wait(self.queue.hold(Selector(domain="example.com", queueIDs=(lease.queueID,))))
@@ -651,9 +662,7 @@ class QueueContractTests(_Base):
         self.clock.advance(10)
         self.assertEqual(self.wait(self.queue.flush(Selector(domain="customer.test"))), 1)
         [r] = self.wait(self.queue.list(Selector(domain="customer.test")))[0].recipients
-        self.assertEqual(
-            (r.state, r.nextAttempt, r.released), (RecipientState.READY, START + 10, True)
-        )
+        self.assertEqual((r.state, r.nextAttempt, r.released), (RecipientState.READY, START + 10, True))
         self.assertEqual(self.wait(self.queue.nextDue()), START + 10)
         lease = self.claimOne()
         self.assertEqual(
@@ -684,9 +693,7 @@ class QueueContractTests(_Base):
         self.assertEqual(self.wait(self.queue.flush(Selector())), 2)
         lease = self.claimOne()
         self.assertEqual([r.released for r in lease.recipients], [True, True])
-        self.wait(
-            self.queue.record(lease, [Disposition(0, self.outcome(lease, 0, LATER), START + 600)])
-        )
+        self.wait(self.queue.record(lease, [Disposition(0, self.outcome(lease, 0, LATER), START + 600)]))
         [message] = self.wait(self.queue.list(Selector()))
         self.assertEqual(
             [(r.index, r.state, r.released) for r in message.recipients],
@@ -766,7 +773,10 @@ class QueueContractTests(_Base):
         self.wait(
             self.queue.record(
                 lease,
-                [Disposition(r.index, self.outcome(lease, r.index, LATER), START + 3600) for r in lease.recipients],
+                [
+                    Disposition(r.index, self.outcome(lease, r.index, LATER), START + 3600)
+                    for r in lease.recipients
+                ],
             )
         )
         self.wait(self.queue.hold(Selector(domain="example.com", queueIDs=(lease.queueID,))))
@@ -838,9 +848,7 @@ class QueueContractTests(_Base):
         self.wait(self.queue.hold(Selector(domain="other.org")))
         self.assertEqual(self.wait(self.queue.bounce(Selector(sender="nobody@example.net"))), 0)
         self.assertEqual(self.wait(self.queue.bounce(Selector(sender="other@EXAMPLE.NET"))), 1)
-        self.assertEqual(
-            self.wait(self.queue.bounce(Selector(queueIDs=(first,), domain="@example.com"))), 2
-        )
+        self.assertEqual(self.wait(self.queue.bounce(Selector(queueIDs=(first,), domain="@example.com"))), 2)
         self.assertEqual(self.wait(self.queue.bounce(Selector(state=RecipientState.HOLD))), 1)
         marked = {
             (m.queueID, str(r.recipient.address)): r.bounceRequested

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import io
 import itertools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import BinaryIO, Callable, Mapping, Sequence
+from typing import BinaryIO
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -24,7 +25,8 @@ from zope.interface import implementer
 from mailfw.config import ComponentContext, Section
 from mailfw.envelope import Envelope, Recipient
 from mailfw.interfaces import IIncomingMessage, IMessageBody, IMessageQueue
-from mailfw.queue._model import (
+from mailfw.queue._schema import selectorMatches
+from mailfw.queued import (
     Disposition,
     Lease,
     LeaseLost,
@@ -35,7 +37,6 @@ from mailfw.queue._model import (
     RecipientState,
     Selector,
 )
-from mailfw.queue._schema import selectorMatches
 from mailfw.reply import SMTPReply
 
 __all__ = ["MemoryBody", "MemoryQueue", "fromConfig"]
@@ -240,10 +241,7 @@ class MemoryQueue:
         due: list[tuple[float, int, _Message, _Recipient]] = []
         for order, message in enumerate(self._messages.values()):
             for r in message.recipients.values():
-                if (
-                    r.state in (RecipientState.READY, RecipientState.ETRN)
-                    and r.nextAttempt <= now
-                ):
+                if r.state in (RecipientState.READY, RecipientState.ETRN) and r.nextAttempt <= now:
                     due.append((r.nextAttempt, order, message, r))
                 elif r.state is RecipientState.LEASED and r.leaseExpires <= now:
                     due.append((r.leaseExpires, order, message, r))
@@ -445,9 +443,7 @@ class MemoryQueue:
         return succeed(None)
 
 
-def fromConfig(
-    context: ComponentContext, instanceName: str, options: Mapping[str, object]
-) -> MemoryQueue:
+def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[str, object]) -> MemoryQueue:
     """
     Build a L{MemoryQueue} from C{[queue]} with C{plugin = "memory"}.
 
@@ -458,7 +454,6 @@ def fromConfig(
     leaseSeconds = section.number("lease_seconds", 7200.0, minimum=1)
     section.finish()
     MemoryQueue.log.warn(
-        "the memory queue keeps messages only until the process ends; "
-        "use plugin = \"sqlite\" for real mail"
+        'the memory queue keeps messages only until the process ends; use plugin = "sqlite" for real mail'
     )
     return MemoryQueue(clock=context.reactor, leaseSeconds=leaseSeconds)

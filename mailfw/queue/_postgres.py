@@ -66,6 +66,8 @@ node that received it delivers it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import os
 import socket
@@ -73,9 +75,10 @@ import struct
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, Mapping, Sequence, TypeVar
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.task import LoopingCall
@@ -93,17 +96,6 @@ from mailfw.interfaces import (
     IMessageQueue,
 )
 from mailfw.queue._memory import MemoryBody
-from mailfw.queue._model import (
-    Disposition,
-    Lease,
-    LeaseLost,
-    Notice,
-    QueuedMessage,
-    QueuedRecipient,
-    QueueFull,
-    RecipientState,
-    Selector,
-)
 from mailfw.queue._schema import (
     INSERT_LEASED_RECIPIENT,
     INSERT_MESSAGE,
@@ -121,6 +113,17 @@ from mailfw.queue._schema import (
 )
 from mailfw.queue._spool import Executor, LeaseOffers, SpoolingIncoming
 from mailfw.queue._sqlite import ThreadExecutor
+from mailfw.queued import (
+    Disposition,
+    Lease,
+    LeaseLost,
+    Notice,
+    QueuedMessage,
+    QueuedRecipient,
+    QueueFull,
+    RecipientState,
+    Selector,
+)
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -163,10 +166,8 @@ _POSTGRES_STATEMENTS = [
     "CREATE INDEX IF NOT EXISTS destination_leases_node ON destination_leases (node)",
     # LIKE 'prefix%' on rdomain (ETRN @domain) needs pattern ops to use an
     # index under a non-C collation.
-    "CREATE INDEX IF NOT EXISTS recipients_rdomain_pattern"
-    " ON recipients (rdomain text_pattern_ops)",
-    "CREATE INDEX IF NOT EXISTS recipients_owner ON recipients (lease_owner)"
-    " WHERE lease_owner IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS recipients_rdomain_pattern ON recipients (rdomain text_pattern_ops)",
+    "CREATE INDEX IF NOT EXISTS recipients_owner ON recipients (lease_owner) WHERE lease_owner IS NOT NULL",
     # Bodies are mostly read in slices; compression would make each slice
     # decompress from the start.
     "ALTER TABLE message_bodies ALTER COLUMN body SET STORAGE EXTERNAL",
@@ -226,30 +227,32 @@ def initialiseDatabase(conninfo: str, connectTimeout: float = 10.0) -> None:
     """
     import psycopg
 
-    with psycopg.connect(withConnectionDefaults(conninfo, connectTimeout)) as connection:
-        with connection.transaction():
-            connection.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
-            version = 0
-            found = connection.execute("SELECT to_regclass('mailfw_schema')").fetchone()
-            if found is not None and found[0] is not None:
-                row = connection.execute("SELECT MAX(version) FROM mailfw_schema").fetchone()
-                version = row[0] if row is not None and row[0] is not None else 0
-            if version > SCHEMA_VERSION:
-                raise psycopg.DatabaseError(
-                    f"the queue schema has version {version}; this mailfw knows {SCHEMA_VERSION}"
-                )
-            if version == SCHEMA_VERSION:
-                # Nothing to do, and no DDL: DDL would lock tables that
-                # running nodes are writing.
-                return
-            # Version 1 is the only one so far: create everything.  Later
-            # migrations go here, each guarded by the stored version.
-            for statement in createStatements("BYTEA"):
-                connection.execute(statement)
-            for statement in _POSTGRES_STATEMENTS:
-                connection.execute(statement)
-            connection.execute("DELETE FROM mailfw_schema")
-            connection.execute("INSERT INTO mailfw_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+    with (
+        psycopg.connect(withConnectionDefaults(conninfo, connectTimeout)) as connection,
+        connection.transaction(),
+    ):
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+        version = 0
+        found = connection.execute("SELECT to_regclass('mailfw_schema')").fetchone()
+        if found is not None and found[0] is not None:
+            row = connection.execute("SELECT MAX(version) FROM mailfw_schema").fetchone()
+            version = row[0] if row is not None and row[0] is not None else 0
+        if version > SCHEMA_VERSION:
+            raise psycopg.DatabaseError(
+                f"the queue schema has version {version}; this mailfw knows {SCHEMA_VERSION}"
+            )
+        if version == SCHEMA_VERSION:
+            # Nothing to do, and no DDL: DDL would lock tables that
+            # running nodes are writing.
+            return
+        # Version 1 is the only one so far: create everything.  Later
+        # migrations go here, each guarded by the stored version.
+        for statement in createStatements("BYTEA"):
+            connection.execute(statement)
+        for statement in _POSTGRES_STATEMENTS:
+            connection.execute(statement)
+        connection.execute("DELETE FROM mailfw_schema")
+        connection.execute("INSERT INTO mailfw_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
 
 
 def withConnectionDefaults(conninfo: str, connectTimeout: float = 10.0) -> str:
@@ -359,9 +362,7 @@ def _readBody(cursor: Cursor[Any], queueID: str, threshold: int, directory: Path
     if row is None:
         raise KeyError(queueID)
     if row[0] <= threshold:
-        body = cursor.execute(
-            "SELECT body FROM message_bodies WHERE message_id = %s", (queueID,)
-        ).fetchone()
+        body = cursor.execute("SELECT body FROM message_bodies WHERE message_id = %s", (queueID,)).fetchone()
         if body is None:
             raise KeyError(queueID)
         return MemoryBody(bytes(body[0]))
@@ -371,7 +372,7 @@ def _readBody(cursor: Cursor[Any], queueID: str, threshold: int, directory: Path
     if length is None:
         raise KeyError(queueID)
     size = int(length[0])
-    file = tempfile.TemporaryFile(dir=directory)
+    file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (returned to the caller)
     try:
         offset = 0
         while offset < size:
@@ -577,9 +578,7 @@ class PostgresQueue:
 
         def beat(cursor: Cursor[Any]) -> tuple[int, int]:
             _touchNode(cursor, node, now, interval)
-            cursor.execute(
-                "UPDATE destination_leases SET expires = %s WHERE node = %s", (now + lease, node)
-            )
+            cursor.execute("UPDATE destination_leases SET expires = %s WHERE node = %s", (now + lease, node))
             dead = [
                 row[0]
                 for row in cursor.execute(
@@ -638,23 +637,21 @@ class PostgresQueue:
                             # Our own goodbye (see close): stop at once.
                             self._stopping.set()
                             break
-                        deliver(lambda: self._received(payload))
+                        # Bind this payload now, not the loop's last one.
+                        deliver(functools.partial(self._received, payload))
             except psycopg.Error as e:
                 if not self._stopping.is_set():
-                    message = str(e)
                     deliver(
-                        lambda: self.log.warn(
-                            "queue listener lost the database: {error}", error=message
+                        functools.partial(
+                            self.log.warn, "queue listener lost the database: {error}", error=str(e)
                         )
                     )
                     self._stopping.wait(delay)
                     delay = min(delay * 2, 10.0)
             finally:
                 if connection is not None:
-                    try:
+                    with contextlib.suppress(psycopg.Error):
                         connection.close()
-                    except psycopg.Error:
-                        pass
         deliver(lambda: self._listenerDone.callback(None))
 
     def _received(self, payload: str) -> None:
@@ -682,9 +679,7 @@ class PostgresQueue:
         out whether it was stored, and else try once more.
         """
         afterInsert = self._afterInsert
-        lease = self._offers.leaseFor(
-            queueID, envelope, now, size, uuid.uuid4().hex, now + self.leaseSeconds
-        )
+        lease = self._offers.leaseFor(queueID, envelope, now, size, uuid.uuid4().hex, now + self.leaseSeconds)
         node = self.node
 
         def insert(cursor: Cursor[Any]) -> str:
@@ -862,7 +857,7 @@ class PostgresQueue:
                     (queueID, gone),
                 )
             _dropIfDone(cursor, [queueID])
-            for noticeID, notice in zip(noticeIDs, notices):
+            for noticeID, notice in zip(noticeIDs, notices, strict=False):
                 envelope = notice.envelope
                 if not envelope.arrival:
                     envelope = replace(envelope, arrival=now)
@@ -918,8 +913,7 @@ class PostgresQueue:
             dead = [
                 row[0]
                 for row in cursor.execute(
-                    "SELECT node FROM mailfw_nodes WHERE last_seen < %s - %s * heartbeat"
-                    " AND node <> %s",
+                    "SELECT node FROM mailfw_nodes WHERE last_seen < %s - %s * heartbeat AND node <> %s",
                     (realNow, STALE_BEATS, node),
                 )
             ]
@@ -1032,8 +1026,7 @@ class PostgresQueue:
     def release(self, selector: Selector) -> Deferred[int]:
         condition, params = _selected(selector)
         return self._update(
-            "UPDATE recipients SET state = %s, next_attempt_at = %s"
-            f" WHERE state = %s AND {condition}",
+            f"UPDATE recipients SET state = %s, next_attempt_at = %s WHERE state = %s AND {condition}",
             (_READY, self._clock.seconds(), _HOLD, *params),
             True,
         ).addCallback(self._notifyIf)
@@ -1089,8 +1082,7 @@ class PostgresQueue:
 
         def leave(cursor: Cursor[Any]) -> None:
             cursor.execute(
-                f"UPDATE recipients SET state = %s, {_CLEAR_LEASE}"
-                " WHERE state = %s AND lease_owner = %s",
+                f"UPDATE recipients SET state = %s, {_CLEAR_LEASE} WHERE state = %s AND lease_owner = %s",
                 (_READY, _LEASED, node),
             )
             cursor.execute("DELETE FROM destination_leases WHERE node = %s", (node,))
@@ -1116,9 +1108,7 @@ class PostgresQueue:
             d = self._transact(leave)
 
             def failed(failure: Failure) -> None:
-                self.log.warn(
-                    "could not hand back this node's leases: {error}", error=str(failure.value)
-                )
+                self.log.warn("could not hand back this node's leases: {error}", error=str(failure.value))
 
             return d.addErrback(failed)
 
@@ -1180,9 +1170,7 @@ def _insert(
         (queueID, envelope.senderText, envelopeText, size, envelope.arrival),
     ).fetchone()
     if row is None:
-        stored = cursor.execute(
-            "SELECT envelope FROM messages WHERE id = %s", (queueID,)
-        ).fetchone()
+        stored = cursor.execute("SELECT envelope FROM messages WHERE id = %s", (queueID,)).fetchone()
         if stored is not None and stored[0] == envelopeText:
             return  # this very message: a retried commit
         # Another message drew this ID: fail, and the client tries again.
@@ -1267,9 +1255,7 @@ def _recipients(
     return tuple(_queuedRecipient(envelope, row) for row in rows)
 
 
-def fromConfig(
-    context: ComponentContext, instanceName: str, options: Mapping[str, object]
-) -> PostgresQueue:
+def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[str, object]) -> PostgresQueue:
     """
     Build a L{PostgresQueue} from C{[queue]} with C{plugin = "postgresql"},
     creating or migrating the schema.
@@ -1293,9 +1279,7 @@ def fromConfig(
     if node == "":
         raise ConfigError(f"[{instanceName}] node: must not be empty")
     if leaseSeconds <= STALE_BEATS * heartbeatSeconds:
-        raise ConfigError(
-            f"[{instanceName}] lease_seconds must be longer than {STALE_BEATS} heartbeats"
-        )
+        raise ConfigError(f"[{instanceName}] lease_seconds must be longer than {STALE_BEATS} heartbeats")
     try:
         import psycopg
     except ImportError:

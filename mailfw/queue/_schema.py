@@ -40,11 +40,12 @@ from __future__ import annotations
 import json
 import random
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from mailfw.address import Address, AddressError, normaliseDomain
 from mailfw.envelope import Envelope, Recipient
-from mailfw.queue._model import RecipientState, Selector
+from mailfw.queued import RecipientState, Selector
 from mailfw.reply import SMTPReply
 
 __all__ = [
@@ -201,15 +202,11 @@ def selectorMatches(
         return False
     if selector.domain is not None and not domainMatches(selector.domain, domain):
         return False
-    if selector.sender is not None and _normaliseSender(senderText) != _normaliseSender(
-        selector.sender
-    ):
+    if selector.sender is not None and _normaliseSender(senderText) != _normaliseSender(selector.sender):
         return False
     if selector.state is not None and state is not selector.state:
         return False
-    if selector.route is not None and route != selector.route:
-        return False
-    return True
+    return not (selector.route is not None and route != selector.route)
 
 
 def selectorWhere(selector: Selector, alias: str = "r") -> tuple[str, list[Any]]:

@@ -7,9 +7,10 @@ ones are spilled to an unlinked temporary file as they arrive, so that a
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, Callable, Protocol
+from typing import IO, Protocol
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
@@ -19,7 +20,7 @@ from zope.interface import implementer
 
 from mailfw.envelope import Envelope
 from mailfw.interfaces import IIncomingMessage
-from mailfw.queue._model import Lease, QueuedRecipient, RecipientState
+from mailfw.queued import Lease, QueuedRecipient, RecipientState
 
 __all__ = ["SPOOL_BATCH", "Executor", "LeaseOffers", "SpoolingIncoming", "SpoolingQueue"]
 
@@ -187,7 +188,7 @@ class SpoolingIncoming:
                 return
             try:
                 if self._file is None:
-                    self._file = tempfile.TemporaryFile(dir=directory)
+                    self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (kept open)
                 for chunk in chunks:
                     self._file.write(chunk)
             except BaseException as e:
@@ -229,9 +230,7 @@ class SpoolingIncoming:
         self._queue._spool.submit(handOver)
         size = self._size
         return ready.addCallback(
-            lambda spooled: self._queue._insertMessage(
-                self.queueID, envelope, now, None, spooled, size
-            )
+            lambda spooled: self._queue._insertMessage(self.queueID, envelope, now, None, spooled, size)
         )
 
     def _closeFile(self) -> None:

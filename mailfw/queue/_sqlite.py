@@ -60,7 +60,9 @@ ended meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import functools
 import io
 import itertools
 import os
@@ -68,6 +70,7 @@ import queue as _queue
 import socket
 import sqlite3
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import (
@@ -75,10 +78,7 @@ from typing import (
     TYPE_CHECKING,
     Any,
     BinaryIO,
-    Callable,
     Generic,
-    Mapping,
-    Sequence,
     TypeVar,
 )
 
@@ -91,20 +91,8 @@ from zope.interface import implementer
 
 from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.envelope import Envelope
-from mailfw.interfaces import IIncomingMessage, ILeaseOffers, IMessageBody, IMessageQueue
+from mailfw.interfaces import IDescribed, IIncomingMessage, ILeaseOffers, IMessageBody, IMessageQueue
 from mailfw.queue._memory import MemoryBody
-from mailfw.queue._spool import Executor, LeaseOffers, SpoolingIncoming
-from mailfw.queue._model import (
-    Disposition,
-    Lease,
-    LeaseLost,
-    Notice,
-    QueuedMessage,
-    QueuedRecipient,
-    QueueFull,
-    RecipientState,
-    Selector,
-)
 from mailfw.queue._schema import (
     INSERT_LEASED_RECIPIENT,
     INSERT_MESSAGE,
@@ -118,6 +106,18 @@ from mailfw.queue._schema import (
     replyColumns,
     replyFromColumns,
     selectorWhere,
+)
+from mailfw.queue._spool import Executor, LeaseOffers, SpoolingIncoming
+from mailfw.queued import (
+    Disposition,
+    Lease,
+    LeaseLost,
+    Notice,
+    QueuedMessage,
+    QueuedRecipient,
+    QueueFull,
+    RecipientState,
+    Selector,
 )
 
 if TYPE_CHECKING:
@@ -229,9 +229,7 @@ def connect(path: Path) -> sqlite3.Connection:
     A connection in autocommit mode (we issue C{BEGIN} ourselves) with the
     settings every connection needs.
     """
-    connection = sqlite3.connect(
-        str(path), isolation_level=None, check_same_thread=False, timeout=30.0
-    )
+    connection = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
     connection.execute("PRAGMA synchronous = FULL")
     connection.execute("PRAGMA busy_timeout = 30000")
     return connection
@@ -258,14 +256,10 @@ def initialiseDatabase(path: Path) -> None:
         columns = {row[1] for row in connection.execute("PRAGMA table_info(recipients)")}
         if "released" not in columns:
             # A queue made before ETRN (same schema version: never released).
-            connection.execute(
-                "ALTER TABLE recipients ADD COLUMN released INTEGER NOT NULL DEFAULT 0"
-            )
+            connection.execute("ALTER TABLE recipients ADD COLUMN released INTEGER NOT NULL DEFAULT 0")
         if "bounce" not in columns:
             # A queue made before C{mailfw queue bounce} (nothing requested).
-            connection.execute(
-                "ALTER TABLE recipients ADD COLUMN bounce INTEGER NOT NULL DEFAULT 0"
-            )
+            connection.execute("ALTER TABLE recipients ADD COLUMN bounce INTEGER NOT NULL DEFAULT 0")
         row = connection.execute("SELECT version FROM mailfw_schema").fetchone()
         if row is None:
             connection.execute("INSERT INTO mailfw_schema (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -439,9 +433,11 @@ def _allFinal(dispositions: Sequence[Disposition], claimed: Sequence[int]) -> bo
     Whether C{dispositions} take every claimed recipient out of the queue
     (delivered or failed).
     """
-    return len(dispositions) == len(claimed) and all(
-        not d.hold and not d.outcome.deferred for d in dispositions
-    ) and {d.index for d in dispositions} == set(claimed)
+    return (
+        len(dispositions) == len(claimed)
+        and all(not d.hold and not d.outcome.deferred for d in dispositions)
+        and {d.index for d in dispositions} == set(claimed)
+    )
 
 
 def _marks(values: Sequence[object]) -> str:
@@ -461,7 +457,7 @@ def _selected(selector: Selector) -> tuple[str, list[Any]]:
     )
 
 
-@implementer(IMessageQueue, ILeaseOffers)
+@implementer(IMessageQueue, ILeaseOffers, IDescribed)
 class SQLiteQueue:
     """
     An L{IMessageQueue} in one SQLite database file; see the module
@@ -685,10 +681,8 @@ class SQLiteQueue:
                     connection.execute("COMMIT")
                     self.transactions += 1
             except BaseException as e:
-                try:
+                with contextlib.suppress(sqlite3.Error):
                     connection.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
                 self._finish(remaining, e)
                 return
             finally:
@@ -696,17 +690,16 @@ class SQLiteQueue:
             if aborted is None:
                 self._deliver(lambda: self._fire(remaining))
                 return
-            failed = aborted
-            self._deliver(lambda: self._fire([failed]))
+            # Bind the failed operation now: the loop runs again before
+            # the reactor calls this.
+            self._deliver(functools.partial(self._fire, [aborted]))
             remaining.remove(aborted)
             for operation in remaining:
                 operation.ok = False
                 operation.result = None
 
     @staticmethod
-    def _straightThrough(
-        connection: sqlite3.Connection, operations: list[_Operation[Any]]
-    ) -> bool:
+    def _straightThrough(connection: sqlite3.Connection, operations: list[_Operation[Any]]) -> bool:
         """
         Run C{operations} without savepoints; C{False} as soon as one
         fails (the caller rolls back and runs them carefully).
@@ -785,9 +778,7 @@ class SQLiteQueue:
         spooled: IO[bytes] | None,
         size: int,
     ) -> Deferred[str]:
-        lease = self._offers.leaseFor(
-            queueID, envelope, now, size, self._newToken(), now + self.leaseSeconds
-        )
+        lease = self._offers.leaseFor(queueID, envelope, now, size, self._newToken(), now + self.leaseSeconds)
 
         def insert(connection: sqlite3.Connection) -> str:
             _insert(connection, queueID, envelope, now, body, spooled, size, lease, self._owner)
@@ -850,9 +841,7 @@ class SQLiteQueue:
                         "SELECT envelope, size FROM messages WHERE id = ?", (queueID,)
                     ).fetchone()
                     envelope = envelopeFromJSON(envelopeText)
-                recipients = tuple(
-                    _queuedRecipient(envelope, (row[1], _LEASED, *row[2:])) for row in group
-                )
+                recipients = tuple(_queuedRecipient(envelope, (row[1], _LEASED, *row[2:])) for row in group)
                 leases.append(Lease(queueID, envelope, recipients, token, expires, size))
             return leases
 
@@ -897,8 +886,7 @@ class SQLiteQueue:
                 disposition = decided.get(index)
                 if disposition is None:
                     connection.execute(
-                        f"UPDATE recipients SET state = ?, {_CLEAR_LEASE}"
-                        " WHERE message_id = ? AND idx = ?",
+                        f"UPDATE recipients SET state = ?, {_CLEAR_LEASE} WHERE message_id = ? AND idx = ?",
                         (_READY, queueID, index),
                     )
                 elif disposition.hold or disposition.outcome.deferred:
@@ -925,7 +913,7 @@ class SQLiteQueue:
                         "DELETE FROM recipients WHERE message_id = ? AND idx = ?", (queueID, index)
                     )
             self._dropIfDone(connection, [queueID])
-            for noticeID, notice in zip(noticeIDs, notices):
+            for noticeID, notice in zip(noticeIDs, notices, strict=False):
                 envelope = notice.envelope
                 if not envelope.arrival:
                     envelope = replace(envelope, arrival=now)
@@ -948,9 +936,7 @@ class SQLiteQueue:
         path = self._path
 
         def find(connection: sqlite3.Connection) -> IMessageBody:
-            row = connection.execute(
-                "SELECT size FROM messages WHERE id = ?", (queueID,)
-            ).fetchone()
+            row = connection.execute("SELECT size FROM messages WHERE id = ?", (queueID,)).fetchone()
             if row is None:
                 raise KeyError(queueID)
             if row[0] > threshold:
@@ -1055,9 +1041,7 @@ class SQLiteQueue:
 
         def reaped(count: int) -> int:
             if count:
-                self.log.info(
-                    "returned {count} recipients leased by processes that ended", count=count
-                )
+                self.log.info("returned {count} recipients leased by processes that ended", count=count)
             return self._notifyIf(count)
 
         return self._write(reap, durable=False).addCallback(reaped)
@@ -1128,8 +1112,7 @@ class SQLiteQueue:
 
         def release(connection: sqlite3.Connection) -> int:
             return connection.execute(
-                "UPDATE recipients SET state = ?, next_attempt_at = ?"
-                f" WHERE state = ? AND {condition}",
+                f"UPDATE recipients SET state = ?, next_attempt_at = ? WHERE state = ? AND {condition}",
                 (_READY, now, _HOLD, *params),
             ).rowcount
 
@@ -1172,9 +1155,7 @@ class SQLiteQueue:
                     f"SELECT DISTINCT message_id FROM recipients WHERE {condition}", params
                 )
             ]
-            count = connection.execute(
-                f"DELETE FROM recipients WHERE {condition}", params
-            ).rowcount
+            count = connection.execute(f"DELETE FROM recipients WHERE {condition}", params).rowcount
             self._dropIfDone(connection, affected)
             return count
 
@@ -1192,6 +1173,18 @@ class SQLiteQueue:
                 connection.execute("DELETE FROM message_bodies WHERE message_id = ?", (queueID,))
                 connection.execute("DELETE FROM messages WHERE id = ?", (queueID,))
                 self._recent.discard(queueID)
+
+    def describe(self) -> str:
+        return f"sqlite {self._path.absolute()}"
+
+    def ownedPaths(self) -> Sequence[str]:
+        """
+        The database with its journal files and writer lock.
+        """
+        return [
+            str(self._path.with_name(self._path.name + suffix))
+            for suffix in ("", "-wal", "-shm", "-journal", ".writer-lock")
+        ]
 
     def close(self) -> Deferred[None]:
         """
@@ -1302,9 +1295,7 @@ def _queuedRecipient(envelope: Envelope, row: Sequence[Any]) -> QueuedRecipient:
     )
 
 
-def fromConfig(
-    context: ComponentContext, instanceName: str, options: Mapping[str, object]
-) -> SQLiteQueue:
+def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[str, object]) -> SQLiteQueue:
     """
     Build an L{SQLiteQueue} from C{[queue]} with C{plugin = "sqlite"}.
 
@@ -1320,8 +1311,6 @@ def fromConfig(
     section.finish()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return SQLiteQueue(
-            path, context.reactor, leaseSeconds=leaseSeconds, spillThreshold=spillThreshold
-        )
+        return SQLiteQueue(path, context.reactor, leaseSeconds=leaseSeconds, spillThreshold=spillThreshold)
     except (OSError, sqlite3.Error) as e:
         raise ConfigError(f"[{instanceName}] cannot open {path}: {e}") from None

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import ipaddress
 import random as _random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.interfaces import IResolver
@@ -36,12 +37,12 @@ from twisted.python.failure import Failure
 from mailfw.reply import SMTPReply
 
 __all__ = [
-    "MailHost",
-    "MXResolver",
-    "Resolution",
-    "NULL_MX",
-    "NO_SUCH_DOMAIN",
     "DNS_FAILURE",
+    "NO_SUCH_DOMAIN",
+    "NULL_MX",
+    "MXResolver",
+    "MailHost",
+    "Resolution",
 ]
 
 NULL_MX = SMTPReply(556, "5.1.10", "Recipient domain does not accept mail (null MX)")
@@ -185,9 +186,7 @@ class MXResolver:
                 raise _Transient(f"{dns.QUERY_TYPES.get(kind, kind)} {name}: {e!r}") from None
             canonical, followed = _follow(answers, name)
             aliased = aliased or followed
-            records = [
-                rr for rr in answers if rr.type == kind and _text(rr.name) == canonical
-            ]
+            records = [rr for rr in answers if rr.type == kind and _text(rr.name) == canonical]
             if records or not followed:
                 return canonical, records, aliased
             # The answer ended at a CNAME: ask again for the target.
@@ -210,13 +209,11 @@ class MXResolver:
         except ValueError:
             pass
         kinds = [dns.AAAA if f == "ipv6" else dns.A for f in self.families]
-        results = yield DeferredList(
-            [self._query(kind, host) for kind in kinds], consumeErrors=True
-        )
+        results = yield DeferredList([self._query(kind, host) for kind in kinds], consumeErrors=True)
         addresses: list[str] = []
         transient: Failure | None = None
         missing = 0
-        for (ok, result), kind in zip(results, kinds):
+        for (ok, result), kind in zip(results, kinds, strict=False):
             if not ok:
                 if result.check(_NoSuchName):
                     missing += 1
@@ -284,9 +281,7 @@ class MXResolver:
             try:
                 addresses = yield self._addresses(name)
             except _NoSuchName:
-                self.log.info(
-                    "MX host {host} of {nexthop} does not exist", host=name, nexthop=domain
-                )
+                self.log.info("MX host {host} of {nexthop} does not exist", host=name, nexthop=domain)
                 continue
             except _Transient as e:
                 self.log.info(
@@ -314,15 +309,11 @@ class MXResolver:
         except _NoSuchName:
             return Resolution(failure=NO_SUCH_DOMAIN)
         except _Transient as e:
-            self.log.info(
-                "Address lookup for {nexthop} failed: {why}", nexthop=domain, why=str(e)
-            )
+            self.log.info("Address lookup for {nexthop} failed: {why}", nexthop=domain, why=str(e))
             return Resolution(failure=DNS_FAILURE)
         if not addresses:
             return Resolution(failure=NO_MAIL_HOST)
-        return Resolution(
-            tuple(MailHost(canonical, a) for a in addresses[: self.maxAddresses])
-        )
+        return Resolution(tuple(MailHost(canonical, a) for a in addresses[: self.maxAddresses]))
 
     @inlineCallbacks
     def resolveHost(self, host: str) -> Any:

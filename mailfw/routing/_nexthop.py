@@ -99,9 +99,7 @@ def parseNexthop(text: str) -> Nexthop:
         except AddressError as e:
             raise NexthopError(f"bad host in next hop {text!r}: {e}") from None
     if ":" in text:
-        raise NexthopError(
-            f"next hop {text!r}: a port needs a bracketed host, as in [host]:port"
-        )
+        raise NexthopError(f"next hop {text!r}: a port needs a bracketed host, as in [host]:port")
     try:
         return Nexthop(normaliseDomain(text), None, mx=True)
     except AddressError as e:

@@ -35,10 +35,12 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -47,7 +49,7 @@ from zope.interface import implementer
 from mailfw.address import Address, AddressError, normaliseDomain
 from mailfw.config import ConfigError, Section
 from mailfw.envelope import Route, RouteKind, Session
-from mailfw.interfaces import IRouter
+from mailfw.interfaces import IDescribed, IRouter
 from mailfw.reply import SMTPReply
 from mailfw.routing._nexthop import NexthopError, parseNexthop
 
@@ -95,6 +97,13 @@ class DomainSet:
         else:
             self._exact.add(entry)
 
+    def __iter__(self) -> Iterator[str]:
+        """
+        The entries, exact domains first, each group sorted.
+        """
+        yield from sorted(self._exact)
+        yield from sorted("." + parent for parent in self._parents)
+
     def __contains__(self, domain: object) -> bool:
         if not isinstance(domain, str):
             return False
@@ -133,7 +142,7 @@ def _peerAddress(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | N
     return address
 
 
-@implementer(IRouter)
+@implementer(IRouter, IDescribed)
 @dataclass
 class StaticRouter:
     """
@@ -165,6 +174,12 @@ class StaticRouter:
     caseInsensitive: bool = True
 
     log = Logger()
+
+    def describe(self) -> str:
+        return "static, mail for {} is delivered locally".format(", ".join(self.localDomains))
+
+    def ownedPaths(self) -> list[str]:
+        return []
 
     def route(self, recipient: Address, session: Session | None) -> Deferred[Route]:
         return succeed(self._route(recipient, session))
@@ -234,9 +249,7 @@ def _transport(section: Section, key: str, text: str) -> Transport:
         raise ConfigError(f"{section.title} {key}: {e}") from None
 
 
-def _recipientEntry(
-    section: Section, key: str, text: str, caseInsensitive: bool
-) -> str:
+def _recipientEntry(section: Section, key: str, text: str, caseInsensitive: bool) -> str:
     local, at, domain = text.rpartition("@")
     if not at:
         local, domain = text, ""
@@ -251,9 +264,7 @@ def _recipientEntry(
     return f"{local}@{domain}" if at or domain else local
 
 
-def fromConfig(
-    context: ComponentContext, instanceName: str, options: Mapping[str, object]
-) -> StaticRouter:
+def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[str, object]) -> StaticRouter:
     """
     Build a L{StaticRouter} from C{[routing]}.
 
@@ -281,11 +292,9 @@ def fromConfig(
     localDomains = DomainSet(
         _domain(section, "local_domains", d) for d in section.strings("local_domains", ["localhost"])
     )
-    try:
+    # A host name that is not a valid mail domain cannot receive mail.
+    with contextlib.suppress(AddressError):
         localDomains.add(normaliseDomain(context.hostname))
-    except AddressError:
-        # A host name that is not a valid mail domain cannot receive mail.
-        pass
     relayDomains = DomainSet(
         _domain(section, "relay_domains", d) for d in section.strings("relay_domains", [])
     )
@@ -324,7 +333,7 @@ def fromConfig(
             if relayAgent is None:
                 raise ConfigError(
                     f"{section.title} smarthost: needs a relay delivery instance "
-                    "(add [delivery.outbound] plugin = \"smtp-relay\", or set relay_agent)"
+                    '(add [delivery.outbound] plugin = "smtp-relay", or set relay_agent)'
                 )
             try:
                 smarthost = str(parseNexthop(smarthostText))
@@ -334,7 +343,8 @@ def fromConfig(
     if relayAgent is None:
         orphans = [d for d in section.strings("relay_domains", [])]
         uncovered = [
-            d for d in orphans
+            d
+            for d in orphans
             if _lookupTransport(transport, _domain(section, "relay_domains", d).lstrip(".")) is None
         ]
         if uncovered:
@@ -355,14 +365,10 @@ def fromConfig(
             lines = path.read_text("utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{section.title} recipients_file: cannot read {path}: {e}") from None
-        entries.extend(
-            line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")
-        )
+        entries.extend(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
     recipients: frozenset[str] | None = None
     if section.has("recipients") or recipientsFile is not None:
-        recipients = frozenset(
-            _recipientEntry(section, "recipients", e, caseInsensitive) for e in entries
-        )
+        recipients = frozenset(_recipientEntry(section, "recipients", e, caseInsensitive) for e in entries)
     section.finish()
 
     return StaticRouter(

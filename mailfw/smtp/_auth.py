@@ -49,16 +49,12 @@ _BASE64 = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]
 AUTH_OK = SMTPReply(235, "2.7.0", "Authentication successful")
 AUTH_FAILED = SMTPReply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_TEMPORARY = SMTPReply(454, "4.7.0", "Temporary authentication failure")
-AUTH_LOCKED = SMTPReply(
-    454, "4.7.0", "Too many failed authentication attempts, try again later"
-)
+AUTH_LOCKED = SMTPReply(454, "4.7.0", "Too many failed authentication attempts, try again later")
 AUTH_CANCELLED = SMTPReply(501, "5.0.0", "Authentication cancelled")
 AUTH_BAD_BASE64 = SMTPReply(501, "5.5.2", "Cannot decode response as base64")
 AUTH_SYNTAX = SMTPReply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
 AUTH_UNKNOWN_MECHANISM = SMTPReply(504, "5.5.4", "Unrecognized authentication type")
-AUTH_NEEDS_TLS = SMTPReply(
-    538, "5.7.11", "Encryption required for requested authentication mechanism"
-)
+AUTH_NEEDS_TLS = SMTPReply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 AUTH_LINE_TOO_LONG = SMTPReply(500, "5.5.6", "Authentication exchange line is too long")
 AUTH_ALREADY = SMTPReply(503, "5.5.1", "Already authenticated")
 AUTH_IN_TRANSACTION = SMTPReply(503, "5.5.1", "Mail transaction in progress")
@@ -304,6 +300,4 @@ class SMTPAuth:
     def __post_init__(self) -> None:
         unknown = [m for m in self.mechanisms if m not in MECHANISMS]
         if unknown or not self.mechanisms:
-            raise ValueError(
-                f"mechanisms must be a non-empty subset of {', '.join(MECHANISMS)}"
-            )
+            raise ValueError(f"mechanisms must be a non-empty subset of {', '.join(MECHANISMS)}")

@@ -19,10 +19,12 @@ transaction are values: one L{SMTPReply} per recipient.
 
 from __future__ import annotations
 
+import contextlib
 from base64 import b64encode
 from collections import deque
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator
+from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -38,6 +40,7 @@ from mailfw.interfaces import IMessageBody
 from mailfw.reply import SMTPReply, replyFromPeer
 
 __all__ = [
+    "TLS_LEVELS",
     "Capabilities",
     "ClientOptions",
     "HostFailure",
@@ -45,7 +48,6 @@ __all__ = [
     "SMTPClient",
     "TLSFailure",
     "Timeouts",
-    "TLS_LEVELS",
     "xtext",
 ]
 
@@ -433,13 +435,11 @@ class SMTPClient(LineReceiver):
         if greeting.code != 220:
             raise HostFailure(_asFailure(greeting, "greeting"), "greeting")
         yield self._hello()
-        if self.useTLS and self.options.tls != "none" and self.options.tlsContext is not None:
-            if self.capabilities.has("STARTTLS"):
-                yield self._startTLS()
+        offered = self.capabilities.has("STARTTLS")
+        if self.useTLS and self.options.tls != "none" and self.options.tlsContext is not None and offered:
+            yield self._startTLS()
         if self.options.tlsRequired and not self.tls:
-            self.log.info(
-                "TLS required but not available from {host}", host=self.hostname
-            )
+            self.log.info("TLS required but not available from {host}", host=self.hostname)
             raise HostFailure(
                 SMTPReply(451, "4.7.10", f"TLS is required but {self.hostname} does not offer it"),
                 "starttls",
@@ -495,10 +495,10 @@ class SMTPClient(LineReceiver):
             response = yield self._expect(self.options.timeouts.command)
         except _Lost as lost:
             why = _describeTLSError(lost.reason)
-            self.log.info(
-                "TLS handshake with {host} failed: {why}", host=self.hostname, why=why
-            )
-            raise TLSFailure(SMTPReply(451, "4.7.5", f"TLS failed with {self.hostname}: {why}"), "tls") from None
+            self.log.info("TLS handshake with {host} failed: {why}", host=self.hostname, why=why)
+            raise TLSFailure(
+                SMTPReply(451, "4.7.5", f"TLS failed with {self.hostname}: {why}"), "tls"
+            ) from None
         except _ReplyTimeout:
             raise TLSFailure(_timeoutReply("EHLO after STARTTLS"), "tls") from None
         except _ProtocolError:
@@ -507,21 +507,15 @@ class SMTPClient(LineReceiver):
             raise HostFailure(_asFailure(response, "EHLO after STARTTLS"), "ehlo")
         self.capabilities = Capabilities.fromEHLO(response)
         self.tlsInfo = _describeTLS(self.transport)
-        self.log.info(
-            "TLS with {host}: {tlsInfo}", host=self.hostname, tlsInfo=self.tlsInfo
-        )
+        self.log.info("TLS with {host}: {tlsInfo}", host=self.hostname, tlsInfo=self.tlsInfo)
 
     @inlineCallbacks
     def _authenticate(self) -> Generator[Deferred[Any], Any, None]:
         assert self.options.credentials is not None
         user, password = self.options.credentials
         if not self.tls:
-            self.log.info(
-                "Not sending credentials to {host} without TLS", host=self.hostname
-            )
-            raise HostFailure(
-                SMTPReply(451, "4.7.10", "Refusing to authenticate without TLS"), "auth"
-            )
+            self.log.info("Not sending credentials to {host} without TLS", host=self.hostname)
+            raise HostFailure(SMTPReply(451, "4.7.10", "Refusing to authenticate without TLS"), "auth")
         mechanisms = self.capabilities.authMechanisms
         if "PLAIN" in mechanisms:
             token = b64encode(b"\0" + user.encode("utf-8") + b"\0" + password.encode("utf-8"))
@@ -577,9 +571,7 @@ class SMTPClient(LineReceiver):
             raise HostFailure(reply, "mail", permanent=True)
         limit = caps.sizeLimit
         if limit is not None and body.size > limit:
-            reply = SMTPReply(
-                552, "5.3.4", f"Message too big for {self.hostname} (limit {limit} octets)"
-            )
+            reply = SMTPReply(552, "5.3.4", f"Message too big for {self.hostname} (limit {limit} octets)")
             raise HostFailure(reply, "size", permanent=True)
 
         utf8Server = caps.has("SMTPUTF8")
@@ -595,10 +587,7 @@ class SMTPClient(LineReceiver):
 
         mail = b"MAIL FROM:<" + _path(sender) + b">" + self._mailParameters(envelope, body)
         rcpts = [
-            b"RCPT TO:<"
-            + _path(envelope.recipients[i].address)
-            + b">"
-            + self._rcptParameters(envelope, i)
+            b"RCPT TO:<" + _path(envelope.recipients[i].address) + b">" + self._rcptParameters(envelope, i)
             for i in sendable
         ]
         timeouts = self.options.timeouts
@@ -740,7 +729,10 @@ class SMTPClient(LineReceiver):
         stuffer = DotStuffer()
         assert self.transport is not None
         producer = BodyProducer(
-            reader, self.transport, stuffer, onProgress=self._progress  # type: ignore[arg-type]
+            reader,
+            self.transport,  # type: ignore[arg-type]
+            stuffer,
+            onProgress=self._progress,
         )
         self._progress()
         try:
@@ -760,9 +752,7 @@ class SMTPClient(LineReceiver):
 
     def _progress(self) -> None:
         self._stopTransferTimer()
-        self._transferTimer = self.clock.callLater(
-            self.options.timeouts.transfer, self._transferStalled
-        )
+        self._transferTimer = self.clock.callLater(self.options.timeouts.transfer, self._transferStalled)
 
     def _stopTransferTimer(self) -> None:
         if self._transferTimer is not None and self._transferTimer.active():
@@ -782,10 +772,8 @@ class SMTPClient(LineReceiver):
         Say QUIT, wait briefly for the reply, and close.  Never fails.
         """
         if self.connected:
-            try:
+            with contextlib.suppress(Exception):
                 yield self.command(b"QUIT", self.options.timeouts.quit)
-            except Exception:
-                pass
         if self.connected and self.transport is not None:
             self.transport.loseConnection()
 
@@ -794,9 +782,7 @@ class _BodyUnreadable(Exception):
     pass
 
 
-_NEEDS_UTF8 = SMTPReply(
-    553, "5.6.7", "The recipient's server does not support SMTPUTF8 (non-ASCII address)"
-)
+_NEEDS_UTF8 = SMTPReply(553, "5.6.7", "The recipient's server does not support SMTPUTF8 (non-ASCII address)")
 
 
 def _filled(replies: list[SMTPReply | None], default: SMTPReply) -> list[SMTPReply]:

@@ -114,13 +114,9 @@ class SMTPFactory(Factory):
         # Implicit TLS has no STARTTLS to offer.
         self.tlsOptions = None if kind == "submissions" else tlsOptions
         self.auth = auth
-        self.etrn = (
-            etrn if etrn is not None and (kind == "smtp" or etrn.settings.submission) else None
-        )
+        self.etrn = etrn if etrn is not None and (kind == "smtp" or etrn.settings.submission) else None
         if auth is None and kind != "smtp":
-            self.log.warn(
-                "no [auth] configured: {kind} listeners accept no mail", kind=kind
-            )
+            self.log.warn("no [auth] configured: {kind} listeners accept no mail", kind=kind)
         self.connections = 0
         self._perClient: dict[str, int] = {}
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, fields
-from typing import Union
 
 from mailfw.config import ConfigError, Section
 
 __all__ = ["SMTPLimits"]
 
-_Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Postfix exempts $mynetworks (smtpd_client_connection_limit_exceptions);
 # mailfw exempts the loopback addresses: a local relay, a content filter
@@ -161,9 +160,7 @@ def _networks(section: Section, key: str) -> tuple[_Network, ...]:
     """
     Read a list of CIDRs (or single addresses), naming the bad entry.
     """
-    texts = section.strings(
-        key, [str(network) for network in DEFAULT_CONNECTION_LIMIT_EXCEPTIONS]
-    )
+    texts = section.strings(key, [str(network) for network in DEFAULT_CONNECTION_LIMIT_EXCEPTIONS])
     networks: list[_Network] = []
     for text in texts:
         try:

@@ -183,8 +183,7 @@ def encodeXtext(text: str) -> str:
     Encode C{text} as RFC 3461 xtext: the inverse of L{decodeXtext}.
     """
     return "".join(
-        chr(b) if 0x21 <= b <= 0x7E and b not in (0x2B, 0x3D) else f"+{b:02X}"
-        for b in text.encode("utf-8")
+        chr(b) if 0x21 <= b <= 0x7E and b not in (0x2B, 0x3D) else f"+{b:02X}" for b in text.encode("utf-8")
     )
 
 
@@ -480,9 +479,7 @@ def parseRcptTo(
         return e.reply
 
 
-def _parseRcpt(
-    argument: str, hostname: str, esmtp: bool, smtputf8: bool, extra: frozenset[str]
-) -> RcptTo:
+def _parseRcpt(argument: str, hostname: str, esmtp: bool, smtputf8: bool, extra: frozenset[str]) -> RcptTo:
     path = _scanPath(argument, _prefix(argument, "TO:"), "RCPT TO")
     params = _parameters(argument[path.end :], esmtp)
     notify: frozenset[str] = frozenset()
@@ -515,10 +512,7 @@ def _orcpt(value: str | None, smtputf8: bool) -> str:
     if not semi or not encoded or not _ATOM.match(addrType):
         raise bad
     decode: Callable[[str], str]
-    if addrType.lower() == "utf-8":
-        decode = lambda text: _decodeUTF8Address(text, smtputf8)  # noqa: E731
-    else:
-        decode = decodeXtext
+    decode = (lambda text: _decodeUTF8Address(text, smtputf8)) if addrType.lower() == "utf-8" else decodeXtext
     try:
         return f"{addrType};{decode(encoded)}"
     except ValueError:

@@ -95,7 +95,6 @@ def helpReply(extensions: Iterable[str]) -> SMTPReply:
     return SMTPReply(214, "2.0.0", "Commands: " + " ".join(commands))
 
 
-
 # --- sequence and syntax ----------------------------------------------------
 
 BAD_SEQUENCE = SMTPReply(503, "5.5.1", "Bad sequence of commands")

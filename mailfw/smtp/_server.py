@@ -75,8 +75,7 @@ from mailfw.auth._realm import IMailUser
 from mailfw.envelope import Envelope, Recipient, RouteKind, Session
 from mailfw.etrn import ETRNHandler
 from mailfw.interfaces import IIncomingMessage, IMessageQueue, IPolicy, IRouter
-from mailfw.policy import Verdict
-from mailfw.queue import QueueFull
+from mailfw.queued import QueueFull
 from mailfw.reply import SMTPReply
 from mailfw.smtp import _auth as A
 from mailfw.smtp import _replies as R
@@ -93,6 +92,7 @@ from mailfw.smtp._parser import (
     parseMailFrom,
     parseRcptTo,
 )
+from mailfw.verdict import Verdict
 
 __all__ = ["SMTPServerProtocol"]
 
@@ -102,9 +102,7 @@ LISTENER_KINDS = ("smtp", "submission", "submissions")
 # not offer: 502 rather than 500.  TURN (RFC 821) would hand the queue to
 # whoever connects: never.  (ETRN has an entry in SMTPServerProtocol.commands
 # and answers 502 itself where it is not offered.)
-NOT_IMPLEMENTED = frozenset(
-    {"EXPN", "TURN", "ATRN", "SEND", "SOML", "SAML", "VERB", "XCLIENT", "XFORWARD"}
-)
+NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ATRN", "SEND", "SOML", "SAML", "VERB", "XCLIENT", "XFORWARD"})
 SUBMISSION_KINDS = ("submission", "submissions")
 # Requests of other protocols sent to an SMTP port (cross-protocol attacks,
 # as Postfix's smtpd_forbidden_commands): answered with 421, then closed.
@@ -415,9 +413,7 @@ class _MessageSink:
                 if self._refusal is not None:
                     return self._refusal
             self.committing = True
-            return maybeDeferred(self._incoming.commit).addCallbacks(
-                self._committed, self._commitFailed
-            )
+            return maybeDeferred(self._incoming.commit).addCallbacks(self._committed, self._commitFailed)
 
         return self._settled(True).addCallback(settled)
 
@@ -428,9 +424,7 @@ class _MessageSink:
         self.committing = False
         self.abort()
         if f.check(QueueFull):
-            self._proto.log.warn(
-                "queue full, message from {peer} deferred", peer=self._proto.peer
-            )
+            self._proto.log.warn("queue full, message from {peer} deferred", peer=self._proto.peer)
             return _Answer(R.QUEUE_FULL)
         self._proto.log.failure("queue commit failed for {peer}", f, peer=self._proto.peer)
         return _Answer(R.LOCAL_ERROR)
@@ -856,9 +850,7 @@ class SMTPServerProtocol(LineReceiver):
             self.transport.write(_wire(answer.reply, enhanced))
         self._activity()
 
-    def _respond(
-        self, reply: SMTPReply | _Answer, then: Callable[[_Answer], None] | None = None
-    ) -> None:
+    def _respond(self, reply: SMTPReply | _Answer, then: Callable[[_Answer], None] | None = None) -> None:
         """
         Answer the current command, after every earlier reply.
         """
@@ -924,9 +916,7 @@ class SMTPServerProtocol(LineReceiver):
                         and self.limits.errorDelay > 0
                     ):
                         slot.penalized = True
-                        self._penalty = self.clock.callLater(
-                            self.limits.errorDelay, self._penaltyServed
-                        )
+                        self._penalty = self.clock.callLater(self.limits.errorDelay, self._penaltyServed)
                         break
                     self._errors += 1
                 self._slots.popleft()
@@ -964,9 +954,7 @@ class SMTPServerProtocol(LineReceiver):
 
     # --- policies ---------------------------------------------------------------
 
-    def _chain(
-        self, call: Callable[[IPolicy], Verdict | Deferred[Verdict]], stage: str
-    ) -> Deferred[Verdict]:
+    def _chain(self, call: Callable[[IPolicy], Verdict | Deferred[Verdict]], stage: str) -> Deferred[Verdict]:
         """
         Ask the policies in order until one decides; each call has the
         policy timeout.  Headers of verdicts that let the chain continue are
@@ -1021,9 +1009,7 @@ class SMTPServerProtocol(LineReceiver):
         if self._closed:
             return R.LOCAL_ERROR
         if f.check(TimeoutError):
-            self.log.warn(
-                "{stage} check timed out for {peer}", stage=stage, peer=self.peer
-            )
+            self.log.warn("{stage} check timed out for {peer}", stage=stage, peer=self.peer)
             return R.POLICY_TIMEOUT
         self.log.failure("{stage} check failed for {peer}", f, stage=stage, peer=self.peer)
         return R.LOCAL_ERROR
@@ -1115,9 +1101,7 @@ class SMTPServerProtocol(LineReceiver):
 
     def _tlsAvailable(self) -> bool:
         return (
-            self.tlsOptions is not None
-            and not self._session.tls
-            and ITLSTransport.providedBy(self.transport)
+            self.tlsOptions is not None and not self._session.tls and ITLSTransport.providedBy(self.transport)
         )
 
     def _helo(self, argument: str, esmtp: bool) -> None:
@@ -1127,9 +1111,7 @@ class SMTPServerProtocol(LineReceiver):
             return
         session = replace(self._session, helo=name, esmtp=esmtp)
         if esmtp:
-            accept = _Answer(
-                SMTPReply(250, "", self.hostname), more=tuple(self.extensions()), plain=True
-            )
+            accept = _Answer(SMTPReply(250, "", self.hostname), more=tuple(self.extensions()), plain=True)
         else:
             accept = _Answer(SMTPReply(250, "", self.hostname), plain=True)
 
@@ -1203,9 +1185,9 @@ class SMTPServerProtocol(LineReceiver):
             else:
                 self._logRefusal("MAIL", answer.reply, mail)
 
-        d = self._chain(
-            lambda p: p.checkSender(session, mail.sender, mail.parameters), "sender"
-        ).addCallback(self._stageAnswer, _Answer(R.MAIL_OK))
+        d = self._chain(lambda p: p.checkSender(session, mail.sender, mail.parameters), "sender").addCallback(
+            self._stageAnswer, _Answer(R.MAIL_OK)
+        )
         self._respondLater(d, then)
 
     def smtp_RCPT(self, argument: str) -> None:
@@ -1216,9 +1198,7 @@ class SMTPServerProtocol(LineReceiver):
         if tx.message is not None:
             self._respond(R.BAD_SEQUENCE)
             return
-        parsed = parseRcptTo(
-            argument, self.hostname, esmtp=self._session.esmtp, smtputf8=tx.mail.smtputf8
-        )
+        parsed = parseRcptTo(argument, self.hostname, esmtp=self._session.esmtp, smtputf8=tx.mail.smtputf8)
         tx.attempted += 1
         if isinstance(parsed, SMTPReply):
             self._respond(parsed)
@@ -1240,9 +1220,7 @@ class SMTPServerProtocol(LineReceiver):
         d = self._checkRecipient(parsed, recipient, tx)
         self._respondLater(d, then, overlappable=True)
 
-    def _checkRecipient(
-        self, parsed: RcptTo, recipient: Recipient, tx: _Transaction
-    ) -> Deferred[_Answer]:
+    def _checkRecipient(self, parsed: RcptTo, recipient: Recipient, tx: _Transaction) -> Deferred[_Answer]:
         """
         Route the recipient, then ask the policies.  The bare
         C{<postmaster>} of RFC 5321 4.5.1 is always accepted, and so is
@@ -1402,8 +1380,7 @@ class SMTPServerProtocol(LineReceiver):
             if reply.code == 250:
                 self._accepted += 1
                 self.log.info(
-                    "accepted {queueID} from {sender} for {count} recipients "
-                    "({size} octets) from {peer}",
+                    "accepted {queueID} from {sender} for {count} recipients ({size} octets) from {peer}",
                     queueID=message.queueID,
                     sender="" if tx.mail.sender is None else str(tx.mail.sender),
                     count=len(message.envelope.recipients),
@@ -1695,9 +1672,7 @@ class SMTPServerProtocol(LineReceiver):
             enhanced=A.AUTH_FAILED.enhanced,
         )
         if lockedOut:
-            self.log.warn(
-                "too many failed AUTH attempts from {peer}: locked out", peer=self.peer
-            )
+            self.log.warn("too many failed AUTH attempts from {peer}: locked out", peer=self.peer)
         self._respondLater(self._delayed(_Answer(A.AUTH_FAILED)))
 
     def _checkCredentials(self, mechanism: str, credentials: Any) -> None:
@@ -1715,9 +1690,7 @@ class SMTPServerProtocol(LineReceiver):
                 return _Answer(A.AUTH_OK)
             self._endLogin()
             self._avatar, self._logout = avatar, logout
-            self._session = replace(
-                self._session, authenticated=str(avatar.identity), relayClient=True
-            )
+            self._session = replace(self._session, authenticated=str(avatar.identity), relayClient=True)
             self.log.info(
                 "AUTH {mechanism} succeeded for {peer}: authenticated as {user}",
                 mechanism=mechanism,
@@ -1741,9 +1714,7 @@ class SMTPServerProtocol(LineReceiver):
                     enhanced=A.AUTH_FAILED.enhanced,
                 )
                 if lockedOut:
-                    self.log.warn(
-                        "too many failed AUTH attempts from {peer}: locked out", peer=self.peer
-                    )
+                    self.log.warn("too many failed AUTH attempts from {peer}: locked out", peer=self.peer)
                 return self._delayed(_Answer(A.AUTH_FAILED))
             if f.check(TimeoutError):
                 self.log.warn("AUTH check timed out for {peer}", peer=self.peer)
@@ -1779,9 +1750,7 @@ class SMTPServerProtocol(LineReceiver):
             when = format_datetime(datetime.fromtimestamp(self.clock.seconds(), UTC))
             out += f"Date: {when}\r\n".encode("ascii")
         if not _MESSAGE_ID.search(header):
-            out += f"Message-ID: <{secrets.token_hex(16)}@{_idHost(self.hostname)}>\r\n".encode(
-                "ascii"
-            )
+            out += f"Message-ID: <{secrets.token_hex(16)}@{_idHost(self.hostname)}>\r\n".encode("ascii")
         return out
 
     # --- logging ------------------------------------------------------------------------

@@ -56,8 +56,7 @@ def startSink(tmp: Path, *extra: str) -> Sink:
     dumps = tmp / f"sink-{port}"
     dumps.mkdir()
     process = subprocess.Popen(
-        [binary, "-u", "root", "-h", "mx-up.test", "-d", f"{dumps}/m.", *extra,
-         f"{PEER}:{port}", "100"],
+        [binary, "-u", "root", "-h", "mx-up.test", "-d", f"{dumps}/m.", *extra, f"{PEER}:{port}", "100"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -79,5 +78,3 @@ def stopSink(sink: Sink) -> None:
     except subprocess.TimeoutExpired:
         sink.process.kill()
         sink.process.wait(timeout=5)
-
-

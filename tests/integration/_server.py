@@ -12,9 +12,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 # The twistd script installed beside this interpreter (the venv's).
 TWISTD = str(Path(sys.executable).parent / "twistd")
@@ -169,4 +169,3 @@ def running(dataDir: Path, **kwargs) -> Iterator[MailfwProcess]:  # type: ignore
         yield server
     finally:
         server.stop()
-

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -41,7 +41,9 @@ def deferring(tmp_path: Path) -> Iterator[MailfwProcess]:
 def mailfw(server: MailfwProcess, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [MAILFW, *args, "--data-dir", str(server.dataDir)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -59,8 +61,10 @@ def test_queueCommands(deferring: MailfwProcess) -> None:
     """
     with deferring.smtp() as client:
         client.sendmail("alice@localhost", ["bob@example.net"], b"Subject: stuck\r\n\r\nhi\r\n")
-    waitFor(lambda: any(r["attempts"] for m in listed(deferring) for r in m["recipients"]),
-            what="a failed first attempt")
+    waitFor(
+        lambda: any(r["attempts"] for m in listed(deferring) for r in m["recipients"]),
+        what="a failed first attempt",
+    )
     [message] = listed(deferring)
     [recipient] = message["recipients"]
     assert recipient["address"] == "bob@example.net"
@@ -74,7 +78,10 @@ def test_queueCommands(deferring: MailfwProcess) -> None:
 
     assert mailfw(deferring, "queue", "hold", message["queueID"]).stdout.strip() == "hold: 1 recipients"
     assert listed(deferring)[0]["recipients"][0]["state"] == "hold"
-    assert mailfw(deferring, "queue", "release", "--domain", "example.net").stdout.strip() == "release: 1 recipients"
+    assert (
+        mailfw(deferring, "queue", "release", "--domain", "example.net").stdout.strip()
+        == "release: 1 recipients"
+    )
     assert mailfw(deferring, "queue", "flush").returncode == 0
 
     refused = mailfw(deferring, "queue", "delete")
@@ -86,8 +93,10 @@ def test_queueCommands(deferring: MailfwProcess) -> None:
     # bounce: the next deferred message goes back to its (local) sender.
     with deferring.smtp() as client:
         client.sendmail("alice@localhost", ["carol@example.net"], b"Subject: return me\r\n\r\nhi\r\n")
-    waitFor(lambda: any(r["attempts"] for m in listed(deferring) for r in m["recipients"]),
-            what="a failed first attempt")
+    waitFor(
+        lambda: any(r["attempts"] for m in listed(deferring) for r in m["recipients"]),
+        what="a failed first attempt",
+    )
     [message] = listed(deferring)
     refused = mailfw(deferring, "queue", "bounce")
     assert refused.returncode == 1 and "needs a selector" in refused.stderr
@@ -96,7 +105,7 @@ def test_queueCommands(deferring: MailfwProcess) -> None:
     waitFor(lambda: deferring.delivered("alice"), what="the bounce in alice's Maildir")
     [dsn] = deferring.delivered("alice")
     text = dsn.read_bytes()
-    assert b"multipart/report; report-type=\"delivery-status\"" in text
+    assert b'multipart/report; report-type="delivery-status"' in text
     assert b"Final-Recipient: rfc822; carol@example.net" in text
     assert b"Status: 5.0.0" in text
     assert b"Message returned by the mail system administrator" in text
@@ -122,7 +131,9 @@ def test_configCheck(tmp_path: Path) -> None:
     """
     good = tmp_path / "good.toml"
     good.write_text(CONFIG.format(port=2))
-    result = subprocess.run([MAILFW, "config", "check", str(good)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [MAILFW, "config", "check", str(good)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text(CONFIG.format(port=2) + 'pth = "x"\n')

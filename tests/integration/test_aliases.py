@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -86,9 +86,7 @@ def test_expandsToMaildirsAndCommand(server: MailfwProcess) -> None:
     """
     send(server, "carol@localhost", "team@lists.test", "team news")
     for user in ("alice", "bob"):
-        waitFor(
-            lambda: containing(server, user, b"Subject: team news"), what=f"delivery to {user}"
-        )
+        waitFor(lambda user=user: containing(server, user, b"Subject: team news"), what=f"delivery to {user}")
         [copy] = containing(server, user, b"Subject: team news")
         assert b"Delivered-To: team@lists.test" in copy
         assert b"Return-Path: <carol@localhost>" in copy

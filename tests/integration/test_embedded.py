@@ -8,8 +8,8 @@ from __future__ import annotations
 import smtplib
 import socket
 import subprocess
-from pathlib import Path
 from email.message import EmailMessage
+from pathlib import Path
 
 from tests.integration._server import TWISTD, MailfwProcess, freePort, requireTool, waitFor
 
@@ -68,11 +68,22 @@ def test_swaks(mailfw: MailfwProcess) -> None:
     swaks = requireTool("swaks")
     result = subprocess.run(
         [
-            swaks, "--server", f"127.0.0.1:{mailfw.smtpPort}", "--pipeline",
-            "--from", "carol@example.org", "--to", "dave@localhost",
-            "--header", "Subject: via swaks", "--helo", "client.test",
+            swaks,
+            "--server",
+            f"127.0.0.1:{mailfw.smtpPort}",
+            "--pipeline",
+            "--from",
+            "carol@example.org",
+            "--to",
+            "dave@localhost",
+            "--header",
+            "Subject: via swaks",
+            "--helo",
+            "client.test",
         ],
-        capture_output=True, timeout=60, text=True,
+        capture_output=True,
+        timeout=60,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     waitFor(lambda: mailfw.delivered("dave"), what="delivery to dave's Maildir")
@@ -88,9 +99,18 @@ def test_portInUseStopsStartUp(tmp_path: Path) -> None:
         taken.listen(1)
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [TWISTD, "-n", "--pidfile=", "mailfw", f"--data-dir={tmp_path}",
-             f"--smtp=tcp:{port}:interface=127.0.0.1", f"--submission=tcp:{freePort()}:interface=127.0.0.1"],
-            capture_output=True, text=True, timeout=60,
+            [
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "mailfw",
+                f"--data-dir={tmp_path}",
+                f"--smtp=tcp:{port}:interface=127.0.0.1",
+                f"--submission=tcp:{freePort()}:interface=127.0.0.1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     assert result.returncode != 0
     assert "Address already in use" in result.stdout + result.stderr
@@ -138,11 +158,20 @@ def test_twist(tmp_path: Path) -> None:
     twist = str(Path(TWISTD).parent / "twist")
     port = freePort()
     process = subprocess.Popen(
-        [twist, "mailfw", f"--data-dir={tmp_path / 'data'}", "--hostname=mx.test",
-         f"--smtp=tcp:{port}:interface=127.0.0.1", f"--submission=tcp:{freePort()}:interface=127.0.0.1"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            twist,
+            "mailfw",
+            f"--data-dir={tmp_path / 'data'}",
+            "--hostname=mx.test",
+            f"--smtp=tcp:{port}:interface=127.0.0.1",
+            f"--submission=tcp:{freePort()}:interface=127.0.0.1",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
+
         def accepting() -> bool:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -152,9 +181,13 @@ def test_twist(tmp_path: Path) -> None:
 
         waitFor(accepting, what="twist mailfw listening")
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-            assert client.sendmail("a@example.org", ["frank@localhost"], b"Subject: twist\r\n\r\nhi\r\n") == {}
-        waitFor(lambda: any((tmp_path / "data" / "mail" / "localhost" / "frank" / "new").glob("*")),
-                what="delivery under twist")
+            assert (
+                client.sendmail("a@example.org", ["frank@localhost"], b"Subject: twist\r\n\r\nhi\r\n") == {}
+            )
+        waitFor(
+            lambda: any((tmp_path / "data" / "mail" / "localhost" / "frank" / "new").glob("*")),
+            what="delivery under twist",
+        )
     finally:
         process.terminate()
         process.wait(15)

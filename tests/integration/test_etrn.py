@@ -11,8 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -93,7 +94,9 @@ def server(tmp_path: Path, held: Sink) -> Iterator[tuple[MailfwProcess, int]]:
 def listed(server: MailfwProcess) -> list[dict[str, Any]]:
     result = subprocess.run(
         [MAILFW, "queue", "list", "--json", "--data-dir", str(server.dataDir)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]
@@ -105,7 +108,10 @@ def recipients(server: MailfwProcess) -> dict[str, dict[str, Any]]:
 
 def etrn(server: MailfwProcess, node: str, source: str = "127.0.0.1") -> tuple[int, bytes]:
     with smtplib.SMTP(
-        "127.0.0.1", server.smtpPort, local_hostname="customer.test", timeout=30,
+        "127.0.0.1",
+        server.smtpPort,
+        local_hostname="customer.test",
+        timeout=30,
         source_address=(source, 0),
     ) as client:
         code, _ = client.ehlo()
@@ -128,8 +134,10 @@ def test_holdUntilETRN(server: tuple[MailfwProcess, int], held: Sink) -> None:
     mailfw, _ = server
     with mailfw.smtp() as client:
         client.sendmail("alice@localhost", ["bob@customer.test"], b"Subject: held\r\n\r\nheld body\r\n")
-    waitFor(lambda: recipients(mailfw).get("bob@customer.test", {}).get("state") == "etrn",
-            what="the recipient held for ETRN")
+    waitFor(
+        lambda: recipients(mailfw).get("bob@customer.test", {}).get("state") == "etrn",
+        what="the recipient held for ETRN",
+    )
     bob = recipients(mailfw)["bob@customer.test"]
     assert bob["attempts"] == 0
     assert bob["nextAttempt"] > time.time() + 3600
@@ -159,8 +167,10 @@ def test_nextHopBackUp(server: tuple[MailfwProcess, int], tmp_path: Path) -> Non
     mailfw, later = server
     with mailfw.smtp() as client:
         client.sendmail("alice@localhost", ["carol@etrn.example"], b"Subject: late\r\n\r\nlate body\r\n")
-    waitFor(lambda: recipients(mailfw).get("carol@etrn.example", {}).get("attempts", 0) >= 1,
-            what="the failed first attempt")
+    waitFor(
+        lambda: recipients(mailfw).get("carol@etrn.example", {}).get("attempts", 0) >= 1,
+        what="the failed first attempt",
+    )
     carol = recipients(mailfw)["carol@etrn.example"]
     assert carol["state"] == "ready"
     assert carol["nextAttempt"] > time.time() + 200

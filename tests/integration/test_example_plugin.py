@@ -33,12 +33,12 @@ import sys
 import sysconfig
 import threading
 import time
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -56,9 +56,7 @@ _IGNORE = shutil.ignore_patterns(
 _TWISTD = "from twisted.scripts.twistd import run; run()"
 
 
-def _run(
-    args: list[str], timeout: float = 120, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
+def _run(args: list[str], timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         args, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, cwd=cwd
     )
@@ -114,8 +112,15 @@ def webhookEnv(tmp_path_factory: pytest.TempPathFactory) -> Environment:
     )
     _run(
         [
-            str(python), "-m", "pip", "install", "--no-index", "--no-build-isolation",
-            "--disable-pip-version-check", "--quiet", str(source),
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--no-index",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "--quiet",
+            str(source),
         ],
         timeout=300,
     )
@@ -164,10 +169,18 @@ def test_exampleTestsPass(webhookEnv: Environment) -> None:
     """
     result = subprocess.run(
         [
-            str(webhookEnv.python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            str(webhookEnv.python),
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
             str(webhookEnv.source / "tests"),
         ],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
         # Not the source directory: the installed package must be the one
         # imported.
         cwd=webhookEnv.work,
@@ -236,9 +249,7 @@ class _InboxHandler(BaseHTTPRequestHandler):
 @contextmanager
 def _inbox(answers: list[int]) -> Iterator[_InboxServer]:
     server = _InboxServer(answers)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield server
@@ -287,11 +298,22 @@ timeout = 10
     log = directory / "twistd.log"
     process = subprocess.Popen(
         [
-            str(env.python), "-c", _TWISTD, "-n", "--pidfile=", f"--logfile={log}",
-            "mailfw", f"--config={config}", f"--data-dir={directory / 'data'}",
-            "--hostname=mx.test", f"--smtp=tcp:{port}:interface=127.0.0.1",
+            str(env.python),
+            "-c",
+            _TWISTD,
+            "-n",
+            "--pidfile=",
+            f"--logfile={log}",
+            "mailfw",
+            f"--config={config}",
+            f"--data-dir={directory / 'data'}",
+            "--hostname=mx.test",
+            f"--smtp=tcp:{port}:interface=127.0.0.1",
         ],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=env.work,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=env.work,
     )
 
     def output() -> str:
@@ -351,10 +373,8 @@ def _posts(inbox: _InboxServer, until: int, timeout: float = 30) -> list[Post]:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise AssertionError(f"timed out after {timeout}s: {len(posts)} of {until} requests")
-        try:
+        with suppress(queue.Empty):
             posts.append(inbox.received.get(timeout=remaining))
-        except queue.Empty:
-            pass
     return posts
 
 

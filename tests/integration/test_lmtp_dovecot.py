@@ -14,17 +14,18 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 from twisted.internet.endpoints import UNIXClientEndpoint
 
 from mailfw.address import Address
+from mailfw.config import ComponentContext
 from mailfw.delivery._lmtp import LMTPDeliveryAgent, fromConfig
 from mailfw.delivery._memory import BytesBody
-from mailfw.config import ComponentContext
 from mailfw.envelope import Envelope, Recipient
 
 pytestmark = pytest.mark.integration
@@ -95,10 +96,7 @@ class Dovecot:
         os.chmod(self.root, 0o755)
         os.chmod(self.root / "mail", 0o777)
         (self.root / "passwd").write_text(
-            "".join(
-                f"{user}:{{PLAIN}}x:{mailUID}:{mailGID}::{self.root}/mail/{user}::\n"
-                for user in USERS
-            )
+            "".join(f"{user}:{{PLAIN}}x:{mailUID}:{mailGID}::{self.root}/mail/{user}::\n" for user in USERS)
         )
         (self.root / "dovecot.conf").write_text(
             CONFIG.format(root=self.root, port=self.port, users=users, uid=min(mailUID, 500))

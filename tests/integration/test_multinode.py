@@ -17,8 +17,9 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -185,8 +186,10 @@ def test_nodeKilledMidStream(
     try:
         # Kill node a once it holds leases and has delivered a little.
         waitFor(
-            lambda: (records / "deliveries").exists()
-            and _sql(dsn, "SELECT COUNT(*) FROM recipients WHERE lease_owner = 'a'")[0][0] >= 3,
+            lambda: (
+                (records / "deliveries").exists()
+                and _sql(dsn, "SELECT COUNT(*) FROM recipients WHERE lease_owner = 'a'")[0][0] >= 3
+            ),
             timeout=30,
             what="node a to hold leases mid-delivery",
         )
@@ -222,7 +225,7 @@ def test_nodeKilledMidStream(
     counts = delivered()
     duplicates = sorted(i for i, n in counts.items() if n > 1)
     pids: dict[str, set[int]] = {}
-    for ident, pid in zip(*[iter((records / "deliveries").read_text().split())] * 2):
+    for ident, pid in zip(*[iter((records / "deliveries").read_text().split())] * 2, strict=False):
         pids.setdefault(ident, set()).add(int(pid))
     byB = {i for i, p in pids.items() if b.process.pid in p}
     peak = max(int(n) for n in (records / "peaks").read_text().split())

@@ -5,8 +5,8 @@ permanent refusal turned into a DSN in the sender's mailbox.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -72,7 +72,7 @@ def test_relayAndBounce(relay: MailfwProcess, sinks: tuple[Sink, Sink]) -> None:
     waitFor(lambda: relay.delivered("alice"), what="the bounce in alice's Maildir")
     [bounce] = relay.delivered("alice")
     text = bounce.read_bytes()
-    assert b"multipart/report; report-type=\"delivery-status\"" in text
+    assert b'multipart/report; report-type="delivery-status"' in text
     assert b"Final-Recipient: rfc822; carol@reject.test" in text
     assert b"Action: failed" in text
     assert b"Status: 5.1.1" in text

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
@@ -154,7 +155,9 @@ class TLSPeer(LineReceiver):
             return
         verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper()
         if verb == b"EHLO":
-            self.reply("250-tlspeer.test", "250-PIPELINING", *([] if self.tls else ["250-STARTTLS"]), "250 8BITMIME")
+            self.reply(
+                "250-tlspeer.test", "250-PIPELINING", *([] if self.tls else ["250-STARTTLS"]), "250 8BITMIME"
+            )
         elif verb == b"STARTTLS" and not self.tls:
             self.reply("220 2.0.0 ready")
             if self.peerFactory.breakTLS:
@@ -180,10 +183,27 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
     requireTool("openssl")
     cert, key = tmp_path / "peer.pem", tmp_path / "peer.key"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-subj", "/CN=tlspeer.test", "-addext", "subjectAltName=DNS:tlspeer.test",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=tlspeer.test",
+            "-addext",
+            "subjectAltName=DNS:tlspeer.test",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     return cert, key
 
@@ -446,9 +466,7 @@ async def test_brokenHandshakeRetriesPlaintext(
 
 
 @pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
-async def test_encryptDoesNotFallBack(
-    tmp_path: Path, dnsPort: int, certificate: tuple[Path, Path]
-) -> None:
+async def test_encryptDoesNotFallBack(tmp_path: Path, dnsPort: int, certificate: tuple[Path, Path]) -> None:
     """
     At level C{encrypt} a failed handshake defers instead of falling back
     to plaintext.

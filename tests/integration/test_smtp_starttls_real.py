@@ -87,9 +87,7 @@ def sendWithSmtplib(port: int) -> tuple[int, bytes]:
         client.starttls(context=clientContext())
         client.ehlo("client.example")
         assert not client.has_extn("starttls")
-        client.sendmail(
-            "sender@example.net", ["rcpt@example.org"], b"Subject: over TLS\r\n\r\n.dot\r\n"
-        )
+        client.sendmail("sender@example.net", ["rcpt@example.org"], b"Subject: over TLS\r\n\r\n.dot\r\n")
         return client.noop()
 
 
@@ -97,7 +95,12 @@ async def serve(queue: RecordingQueue, call: Any) -> Any:
     from twisted.internet import reactor
 
     factory = SMTPFactory(
-        "smtp", HOSTNAME, queue, DictRouter(), cast(Any, reactor), tlsOptions=selfSignedOptions()  # type: ignore[arg-type]
+        "smtp",
+        HOSTNAME,
+        queue,
+        DictRouter(),
+        cast(Any, reactor),
+        tlsOptions=selfSignedOptions(),  # type: ignore[arg-type]
     )
     port = cast(Any, reactor).listenTCP(0, factory, interface="127.0.0.1")
     try:
@@ -130,7 +133,7 @@ async def test_smtplibStarttls() -> None:
     dot-stuffing is undone.
     """
     queue = RecordingQueue()
-    code, text = await serve(queue, sendWithSmtplib)
+    code, _text = await serve(queue, sendWithSmtplib)
     assert code == 250
     [(envelope, incoming)] = queue.messages
     assert incoming.committed

@@ -14,9 +14,9 @@ import smtplib
 import ssl
 import subprocess
 import sys
+from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -197,17 +197,27 @@ def test_swaks(server: MailfwProcess, sink: Sink) -> None:
         result = subprocess.run(
             [
                 swaks,
-                "--server", "127.0.0.1",
-                "--port", str(server.submissionPort),
-                "--helo", "client.test",
+                "--server",
+                "127.0.0.1",
+                "--port",
+                str(server.submissionPort),
+                "--helo",
+                "client.test",
                 "--tls",
-                "--auth", mechanism,
-                "--auth-user", USER,
-                "--auth-password", PASSWORD,
-                "--from", USER,
-                "--to", "dave@remote.test",
-                "--header", f"Subject: swaks {mechanism}",
-                "--timeout", "20",
+                "--auth",
+                mechanism,
+                "--auth-user",
+                USER,
+                "--auth-password",
+                PASSWORD,
+                "--from",
+                USER,
+                "--to",
+                "dave@remote.test",
+                "--header",
+                f"Subject: swaks {mechanism}",
+                "--timeout",
+                "20",
             ],
             capture_output=True,
             text=True,
@@ -216,7 +226,7 @@ def test_swaks(server: MailfwProcess, sink: Sink) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
         assert "235 2.7.0 Authentication successful" in result.stdout
         waitFor(
-            lambda: any(f"swaks {mechanism}".encode() in m for m in sink.messages()),
+            lambda mechanism=mechanism: any(f"swaks {mechanism}".encode() in m for m in sink.messages()),
             what=f"the swaks {mechanism} message at smtp-sink",
         )
 

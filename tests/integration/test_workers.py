@@ -56,9 +56,7 @@ def test_twoProcessesShareTheWork(tmp_path: Path, logfile: bool) -> None:
     worker to the standard output it shares with the parent, and no line
     is torn.
     """
-    server = MailfwProcess(
-        tmp_path / "data", extraArgs=("--workers", "2"), logfile=logfile
-    ).start()
+    server = MailfwProcess(tmp_path / "data", extraArgs=("--workers", "2"), logfile=logfile).start()
     try:
         assert server.process is not None
         waitFor(lambda: len(_children(server.process.pid)) == 1, what="one worker process")
@@ -86,7 +84,8 @@ def test_twoProcessesShareTheWork(tmp_path: Path, logfile: bool) -> None:
         accepted = re.findall(r"\[mailfw\.smtp\._server\.SMTPServerProtocol#info( worker 1)?\] accepted", log)
         assert 0 < accepted.count(" worker 1") < MESSAGES
         torn = [
-            line for line in log.splitlines()
+            line
+            for line in log.splitlines()
             if not re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[|\t", line)
         ]
         assert torn == []

@@ -10,9 +10,7 @@ from mailfw.plugin import LazyComponent
 
 sqliteQueue = LazyComponent(IMessageQueueFactory, "sqlite", "mailfw.queue._sqlite:fromConfig")
 memoryQueue = LazyComponent(IMessageQueueFactory, "memory", "mailfw.queue._memory:fromConfig")
-postgresQueue = LazyComponent(
-    IMessageQueueFactory, "postgresql", "mailfw.queue._postgres:fromConfig"
-)
+postgresQueue = LazyComponent(IMessageQueueFactory, "postgresql", "mailfw.queue._postgres:fromConfig")
 
 staticRouter = LazyComponent(IRouterFactory, "static", "mailfw.routing._static:fromConfig")
 
@@ -20,9 +18,5 @@ maildirAgent = LazyComponent(IDeliveryAgentFactory, "maildir", "mailfw.delivery.
 discardAgent = LazyComponent(IDeliveryAgentFactory, "discard", "mailfw.delivery._discard:fromConfig")
 pipeAgent = LazyComponent(IDeliveryAgentFactory, "pipe", "mailfw.delivery._pipe:fromConfig")
 lmtpAgent = LazyComponent(IDeliveryAgentFactory, "lmtp", "mailfw.delivery._lmtp:fromConfig")
-aliasesAgent = LazyComponent(
-    IDeliveryAgentFactory, "aliases", "mailfw.delivery._aliases:fromConfig"
-)
-relayAgent = LazyComponent(
-    IDeliveryAgentFactory, "smtp-relay", "mailfw.delivery._relay:fromConfig"
-)
+aliasesAgent = LazyComponent(IDeliveryAgentFactory, "aliases", "mailfw.delivery._aliases:fromConfig")
+relayAgent = LazyComponent(IDeliveryAgentFactory, "smtp-relay", "mailfw.delivery._relay:fromConfig")

@@ -55,7 +55,8 @@ The URL is never logged, since its query may hold an access token.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, BinaryIO, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
@@ -229,9 +230,7 @@ class WebhookAgent:
         headers = Headers()
         headers.setRawHeaders(b"content-type", [b"message/rfc822"])
         headers.setRawHeaders(b"x-mail-from", [sender.encode("utf-8")])
-        headers.setRawHeaders(
-            b"x-rcpt-to", [str(r.address).encode("utf-8") for r in envelope.recipients]
-        )
+        headers.setRawHeaders(b"x-rcpt-to", [str(r.address).encode("utf-8") for r in envelope.recipients])
         if envelope.queueID:
             headers.setRawHeaders(b"x-mail-queue-id", [envelope.queueID.encode("ascii")])
         return headers
@@ -265,9 +264,7 @@ class WebhookAgent:
         reasons = getattr(error, "reasons", None)
         if isinstance(reasons, list):
             # ResponseFailed and its kin wrap the real causes.
-            detail = ", ".join(
-                type(r.value).__name__ for r in reasons if isinstance(r, Failure)
-            )
+            detail = ", ".join(type(r.value).__name__ for r in reasons if isinstance(r, Failure))
         else:
             detail = str(error)
         self.log.warn(
@@ -297,15 +294,13 @@ def _checkURL(title: str, url: str) -> str:
     if "@" in parts.netloc:
         raise ConfigError(f"{title} url: user:password@ in the URL is not supported")
     try:
-        parts.port
+        _ = parts.port  # parses the port, raising ValueError if it is bad
     except ValueError:
         raise ConfigError(f"{title} url: bad port") from None
     return url
 
 
-def fromConfig(
-    context: ComponentContext, instanceName: str, options: Mapping[str, object]
-) -> WebhookAgent:
+def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[str, object]) -> WebhookAgent:
     """
     Build a L{WebhookAgent} from C{[delivery.NAME]}: C{url} (required,
     C{http} or C{https}) and C{timeout} (seconds for the whole request,
@@ -317,6 +312,4 @@ def fromConfig(
     url = _checkURL(section.title, section.text("url"))
     timeout = section.number("timeout", DEFAULT_TIMEOUT, minimum=1)
     section.finish()
-    return WebhookAgent(
-        instanceName, url, Agent(context.reactor), context.reactor, timeout=timeout
-    )
+    return WebhookAgent(instanceName, url, Agent(context.reactor), context.reactor, timeout=timeout)

@@ -13,10 +13,12 @@ with the distribution installed.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO
 
+from mailfw_webhook._agent import WebhookAgent, fromConfig, replyForStatus
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError, DNSLookupError
@@ -53,7 +55,6 @@ from mailfw.delivery import DeliveryAgentContractTests, TrackingBody
 from mailfw.envelope import Envelope, Recipient, RecipientOutcome
 from mailfw.interfaces import IDeliveryAgent, IDeliveryAgentFactory, IMessageBody
 from mailfw.plugin import findPlugin
-from mailfw_webhook._agent import WebhookAgent, fromConfig, replyForStatus
 
 URL = "http://hooks.example.org:8080/inbox?token=s3cret"
 MESSAGE = b"From: alice@example.org\r\nSubject: hi\r\n\r\nHello.\r\n.dot\r\n"
@@ -256,9 +257,7 @@ class AgentTestMixin(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.http = FakeHTTP(self.clock)
-        self.agent = WebhookAgent(
-            "hook", URL, self.http, self.clock, cooperator=stepCooperator(self.clock)
-        )
+        self.agent = WebhookAgent("hook", URL, self.http, self.clock, cooperator=stepCooperator(self.clock))
 
     def start(
         self, env: Envelope, body: IMessageBody | None = None
@@ -315,7 +314,7 @@ class RequestTests(AgentTestMixin):
         The sender goes in X-Mail-From, each recipient in its own X-Rcpt-To
         line in envelope order, and the queue ID in X-Mail-Queue-ID.
         """
-        d, sent = self.start(envelope("carol", "bob", "dave", queueID="4F2A"))
+        _d, sent = self.start(envelope("carol", "bob", "dave", queueID="4F2A"))
         self.assertEqual(sent.header(b"x-mail-from"), [b"alice@example.org"])
         self.assertEqual(
             sent.header(b"x-rcpt-to"),
@@ -327,7 +326,7 @@ class RequestTests(AgentTestMixin):
         """
         A bounce's null sender is sent as C{<>}.
         """
-        d, sent = self.start(
+        _d, sent = self.start(
             Envelope(sender=None, recipients=(Recipient(Address("bob", "hooks.example.org")),))
         )
         self.assertEqual(sent.header(b"x-mail-from"), [b"<>"])
@@ -336,7 +335,7 @@ class RequestTests(AgentTestMixin):
         """
         Without a queue ID there is no X-Mail-Queue-ID header.
         """
-        d, sent = self.start(envelope("bob", queueID=""))
+        _d, sent = self.start(envelope("bob", queueID=""))
         self.assertEqual(sent.header(b"x-mail-queue-id"), [])
 
     def test_internationalAddresses(self) -> None:
@@ -348,9 +347,9 @@ class RequestTests(AgentTestMixin):
             recipients=(Recipient(Address("dörte", "hooks.example.org")),),
             smtputf8=True,
         )
-        d, sent = self.start(env)
-        self.assertEqual(sent.header(b"x-mail-from"), ["jörg@example.org".encode("utf-8")])
-        self.assertEqual(sent.header(b"x-rcpt-to"), ["dörte@hooks.example.org".encode("utf-8")])
+        _d, sent = self.start(env)
+        self.assertEqual(sent.header(b"x-mail-from"), ["jörg@example.org".encode()])
+        self.assertEqual(sent.header(b"x-rcpt-to"), ["dörte@hooks.example.org".encode()])
 
     def test_oneRequestPerDelivery(self) -> None:
         """
@@ -549,9 +548,7 @@ class FailureTests(AgentTestMixin):
             sent.deferred.errback(ResponseNeverReceived([Failure(ConnectionDone())]))
             self.successResultOf(d)
         texts = [formatEvent(e) for e in events]
-        self.assertIn(
-            "hook: bob@hooks.example.org from alice@example.org: 554 5.0.0 (HTTP 404)", texts
-        )
+        self.assertIn("hook: bob@hooks.example.org from alice@example.org: 554 5.0.0 (HTTP 404)", texts)
         self.assertEqual(len(texts), 3)
         for event in events:
             self.assertNotIn("s3cret", repr(event))
@@ -672,9 +669,7 @@ class WireTests(SynchronousTestCase):
 class FromConfigTests(SynchronousTestCase):
     def context(self) -> ComponentContext:
         self.reactor = MemoryReactorClock()
-        return ComponentContext(
-            reactor=self.reactor, hostname="mx.test", dataDir=Path("/nonexistent")
-        )
+        return ComponentContext(reactor=self.reactor, hostname="mx.test", dataDir=Path("/nonexistent"))
 
     def build(self, **options: object) -> WebhookAgent:
         return fromConfig(self.context(), "hook", {"plugin": "webhook", **options})
@@ -769,9 +764,7 @@ class WebhookAgentContractTests(DeliveryAgentContractTests, SynchronousTestCase)
     def makeAgent(self) -> IDeliveryAgent:
         self.clock = Clock()
         self.http = FakeHTTP(self.clock)
-        return WebhookAgent(
-            "hook", URL, self.http, self.clock, cooperator=stepCooperator(self.clock)
-        )
+        return WebhookAgent("hook", URL, self.http, self.clock, cooperator=stepCooperator(self.clock))
 
     def resultOf(
         self, agent: IDeliveryAgent, deferred: Deferred[Sequence[RecipientOutcome]]

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email import policy as _policy
 from email.generator import BytesGenerator
 from email.message import Message
@@ -30,13 +31,13 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.parser import Parser
 from io import BytesIO
-from typing import Any, Callable, Sequence, cast
+from typing import Any, cast
 
 from twisted.logger import Logger
 
 from mailfw.envelope import Envelope, Recipient
 from mailfw.interfaces import IMessageBody
-from mailfw.queue._model import Notice
+from mailfw.queued import Notice
 from mailfw.reply import SMTPReply
 
 __all__ = ["NoticeWriter", "RecipientReport", "readReturned"]
@@ -96,7 +97,7 @@ def _clean(text: str, utf8: bool) -> str:
 
 
 def _date(when: float) -> str:
-    return datetime.fromtimestamp(when, timezone.utc).strftime("%a, %d %b %Y %H:%M:%S +0000")
+    return datetime.fromtimestamp(when, UTC).strftime("%a, %d %b %Y %H:%M:%S +0000")
 
 
 def _addressType(address: str) -> str:
@@ -198,9 +199,7 @@ class NoticeWriter:
             return None
         sender = envelope.sender
         utf8 = (
-            envelope.smtputf8
-            or not sender.isASCII
-            or not all(r.recipient.address.isASCII for r in reports)
+            envelope.smtputf8 or not sender.isASCII or not all(r.recipient.address.isASCII for r in reports)
         )
         message = self._report(queueID, envelope, reports, action, returned, full, utf8, now)
         out = BytesIO()
@@ -276,8 +275,7 @@ class NoticeWriter:
             until = reports[0].willRetryUntil
             lines += [
                 "Your message could not be delivered yet to one or more recipients.",
-                "It will be retried"
-                + (f" until {_date(until)}." if until is not None else "."),
+                "It will be retried" + (f" until {_date(until)}." if until is not None else "."),
                 "You do not need to send it again.",
             ]
         else:
@@ -311,8 +309,7 @@ class NoticeWriter:
             if report.recipient.orcpt:
                 addrType, _, address = report.recipient.orcpt.partition(";")
                 fields.append(
-                    f"Original-Recipient: {_clean(addrType.strip(), utf8)};"
-                    f" {_clean(address.strip(), utf8)}"
+                    f"Original-Recipient: {_clean(addrType.strip(), utf8)}; {_clean(address.strip(), utf8)}"
                 )
             fields += [
                 f"Final-Recipient: {_addressType(str(report.recipient.address))}",

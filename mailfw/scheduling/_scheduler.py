@@ -109,8 +109,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping, Sequence, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -132,10 +133,10 @@ from mailfw.interfaces import (
     IMessageQueue,
     IRouter,
 )
-from mailfw.queue._dsn import NoticeWriter, RecipientReport, readReturned
-from mailfw.queue._model import Disposition, Lease, LeaseLost, Notice, QueuedRecipient
-from mailfw.queue._retry import RetrySchedule
+from mailfw.queued import Disposition, Lease, LeaseLost, Notice, QueuedRecipient
 from mailfw.reply import SMTPReply
+from mailfw.scheduling._dsn import NoticeWriter, RecipientReport, readReturned
+from mailfw.scheduling._retry import RetrySchedule
 
 __all__ = ["Scheduler", "schedulerFromConfig"]
 
@@ -493,7 +494,7 @@ class Scheduler(Service):
             [maybeDeferred(self._router.route, r.recipient.address, None) for r in toRoute]
         )
         groups: dict[tuple[str, str | None], list[tuple[QueuedRecipient, Route]]] = {}
-        for qr, (ok, result) in zip(toRoute, routed):
+        for qr, (ok, result) in zip(toRoute, routed, strict=False):
             if not ok:
                 self.log.failure(
                     "routing {recipient} of {queueID} failed",
@@ -555,7 +556,7 @@ class Scheduler(Service):
                 queueID=lease.queueID,
             )
             notices = []
-        for attempt in range(RECORD_TRIES):
+        for _attempt in range(RECORD_TRIES):
             try:
                 await self._queue.record(lease, decided.dispositions, notices)
             except LeaseLost:
@@ -620,8 +621,7 @@ class Scheduler(Service):
                 slot = f"{agentName}:{nexthop or ''}"
                 if not await self._acquireShared(shared, slot, destination.window):
                     return [
-                        (qr, route, RecipientOutcome(qr.recipient, CLUSTER_BUSY))
-                        for qr, route in members
+                        (qr, route, RecipientOutcome(qr.recipient, CLUSTER_BUSY)) for qr, route in members
                     ]
                 try:
                     return await self._deliverNow(lease, key, members, body, destination)
@@ -680,9 +680,7 @@ class Scheduler(Service):
             d.addTimeout(self.leaseSeconds, self._clock)
             outcomes = list(await d)
             if len(outcomes) != len(members):
-                raise ValueError(
-                    f"agent returned {len(outcomes)} outcomes for {len(members)} recipients"
-                )
+                raise ValueError(f"agent returned {len(outcomes)} outcomes for {len(members)} recipients")
         except (defer.TimeoutError, _error.TimeoutError):
             self.log.error(
                 "delivery agent {agent} timed out on {queueID} for {nexthop}",
@@ -701,7 +699,7 @@ class Scheduler(Service):
             outcomes = [RecipientOutcome(qr.recipient, AGENT_FAILED) for qr, _ in members]
         else:
             self._feedback(key, destination, outcomes)
-        return [(qr, route, outcome) for (qr, route), outcome in zip(members, outcomes)]
+        return [(qr, route, outcome) for (qr, route), outcome in zip(members, outcomes, strict=False)]
 
     # --- deciding ------------------------------------------------------------------
 
@@ -736,9 +734,7 @@ class Scheduler(Service):
             return
         if outcome.failed:
             decided.dispositions.append(Disposition(qr.index, outcome))
-            decided.failed.append(
-                self._notices.failureReport(recipient, reply, outcome.remoteMTA, now)
-            )
+            decided.failed.append(self._notices.failureReport(recipient, reply, outcome.remoteMTA, now))
             return
         schedule = self._schedule.forDomain(recipient.address.domain)
         arrival = lease.envelope.arrival
@@ -753,9 +749,7 @@ class Scheduler(Service):
         warn = not qr.warned and schedule.shouldWarn(now, arrival)
         if warn:
             decided.delayed.append(
-                self._notices.delayReport(
-                    recipient, reply, outcome.remoteMTA, now, schedule.expires(arrival)
-                )
+                self._notices.delayReport(recipient, reply, outcome.remoteMTA, now, schedule.expires(arrival))
             )
         if self._holdForETRN(recipient.address):
             # Tried (released by a flush, or routing failed): wait for the
@@ -771,13 +765,9 @@ class Scheduler(Service):
                 )
             )
             return
-        decided.dispositions.append(
-            Disposition(qr.index, outcome, nextAttempt, warn, route=routeName)
-        )
+        decided.dispositions.append(Disposition(qr.index, outcome, nextAttempt, warn, route=routeName))
 
-    def _hold(
-        self, lease: Lease, qr: QueuedRecipient, route: Route, now: float, decided: _Decided
-    ) -> None:
+    def _hold(self, lease: Lease, qr: QueuedRecipient, route: Route, now: float, decided: _Decided) -> None:
         """
         Keep a recipient of a hold-for-ETRN domain waiting without trying
         it: bounce it if its lifetime is over, send its delay notice once,
@@ -802,9 +792,7 @@ class Scheduler(Service):
         warn = not qr.warned and schedule.shouldWarn(now, arrival)
         if warn:
             decided.delayed.append(
-                RecipientReport(
-                    recipient, "delayed", last.enhanced or "4.0.0", last, None, None, expires
-                )
+                RecipientReport(recipient, "delayed", last.enhanced or "4.0.0", last, None, None, expires)
             )
         until = _housekeeping(schedule, arrival, qr.warned or warn)
         self.log.debug(
@@ -825,9 +813,7 @@ class Scheduler(Service):
             )
         )
 
-    async def _makeNotices(
-        self, lease: Lease, body: IMessageBody | None, decided: _Decided
-    ) -> list[Notice]:
+    async def _makeNotices(self, lease: Lease, body: IMessageBody | None, decided: _Decided) -> list[Notice]:
         notices: list[Notice] = []
         now = self._clock.seconds()
         for reports, full in (
@@ -916,16 +902,13 @@ class Scheduler(Service):
         destination: _Destination,
         outcomes: Sequence[RecipientOutcome],
     ) -> None:
-        if outcomes and all(
-            o.deferred and o.reply.enhanced in CONNECTION_FAILURES for o in outcomes
-        ):
+        if outcomes and all(o.deferred and o.reply.enhanced in CONNECTION_FAILURES for o in outcomes):
             destination.deadUntil = self._clock.seconds() + self.deadTime
             destination.deadReply = outcomes[0].reply
             destination.window = max(1, destination.window - 1)
             destination.successes = 0
             self.log.warn(
-                "{agent} cannot reach {nexthop}: {code} {enhanced}; not trying again for"
-                " {seconds} seconds",
+                "{agent} cannot reach {nexthop}: {code} {enhanced}; not trying again for {seconds} seconds",
                 agent=key[0],
                 nexthop=key[1] or "",
                 code=outcomes[0].reply.code,

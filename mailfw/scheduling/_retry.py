@@ -6,8 +6,9 @@ to give up.
 from __future__ import annotations
 
 import random as _random
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 from mailfw.address import AddressError, normaliseDomain
 from mailfw.config import ConfigError, Section
@@ -49,9 +50,9 @@ class RetrySchedule:
         """
         best: tuple[int, RetrySchedule] | None = None
         for name, schedule in self.domains:
-            if domain == name or domain.endswith("." + name):
-                if best is None or len(name) > best[0]:
-                    best = (len(name), schedule)
+            matches = domain == name or domain.endswith("." + name)
+            if matches and (best is None or len(name) > best[0]):
+                best = (len(name), schedule)
         return self if best is None else best[1]
 
     def delay(self, attempts: int) -> float:

@@ -1,5 +1,7 @@
 """
-The values the queue exchanges with the scheduler and the operator tools.
+The values a queue exchanges with the SMTP server, the scheduler and the
+operator tools: leases, dispositions, notices, selectors and the queue
+errors.  They sit below L{mailfw.interfaces}, which names them.
 """
 
 from __future__ import annotations
