@@ -464,18 +464,26 @@ class KeysTests(SynchronousTestCase):
         self.assertRaises(ValueError, ScramKeys.fromPassword, "pass\u0007word")
 
 
-def tlsPair(version: TLSVersion) -> tuple[Any, Any, iosim.IOPump]:
+# OpenSSL's SSL_OP_NO_EXTENDED_MASTER_SECRET.
+NO_EXTENDED_MASTER_SECRET = 1
+
+
+def tlsPair(version: TLSVersion, clientOptions: int = 0) -> tuple[Any, Any, iosim.IOPump]:
     """
     A client and a server TLS connection over an in-memory pipe, with
     the handshake done, both limited to C{version}.
+
+    @param clientOptions: OpenSSL options to set on the client's context.
     """
     key, cert = selfSignedCertificate("mx.example", days=1)
-    serverOptions = CertificateOptions(
+    serverTLS = CertificateOptions(
         privateKey=key, certificate=cert, raiseMinimumTo=version, lowerMaximumSecurityTo=version
     )
-    clientOptions = CertificateOptions(raiseMinimumTo=version, lowerMaximumSecurityTo=version)
-    serverFactory = TLSMemoryBIOFactory(serverOptions, False, Factory.forProtocol(Protocol))
-    clientFactory = TLSMemoryBIOFactory(clientOptions, True, Factory.forProtocol(Protocol))
+    clientTLS = CertificateOptions(raiseMinimumTo=version, lowerMaximumSecurityTo=version)
+    if clientOptions:
+        clientTLS.getContext().set_options(clientOptions)
+    serverFactory = TLSMemoryBIOFactory(serverTLS, False, Factory.forProtocol(Protocol))
+    clientFactory = TLSMemoryBIOFactory(clientTLS, True, Factory.forProtocol(Protocol))
     server = serverFactory.buildProtocol(None)
     client = clientFactory.buildProtocol(None)
     pump = iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client))
@@ -510,6 +518,17 @@ class ChannelBindingTests(SynchronousTestCase):
         self.assertEqual(ours.data, client.getHandle().get_finished())
         self.assertEqual(channelBindingFor(client, server=False), ours)
         self.assertNotEqual(channelBindingFor(tlsPair(TLSVersion.TLSv1_2)[1]), ours)
+
+    def test_tls12WithoutExtendedMasterSecret(self) -> None:
+        """
+        TLS 1.2 without the extended master secret (RFC 7627) has no
+        binding: the triple handshake attack makes C{tls-unique} unsafe.
+        """
+        client, server, _ = tlsPair(TLSVersion.TLSv1_2, clientOptions=NO_EXTENDED_MASTER_SECRET)
+        self.assertEqual(server.getHandle().get_protocol_version_name(), "TLSv1.2")
+        self.assertIsNotNone(server.getHandle().get_peer_finished())
+        self.assertIsNone(channelBindingFor(server))
+        self.assertIsNone(channelBindingFor(client, server=False))
 
     def test_scrampOverTLS(self) -> None:
         """

@@ -291,13 +291,19 @@ def channelBindingFor(transport: Any, server: bool = True) -> ChannelBinding | N
             return ChannelBinding("tls-exporter", data)
         if version == "TLSv1.2":
             # RFC 5929: the first Finished of the handshake, the client's
-            # in a full one; which one comes first in a resumed one is not
-            # visible through pyOpenSSL, so a resumed session binds nothing.
-            # SSL_session_reused is in pyOpenSSL's bindings but has no
-            # public method; without it, offer no binding rather than
+            # in a full one.  A resumed session (whose first Finished is
+            # the server's) binds nothing, and neither does one without
+            # the extended master secret (RFC 7627): the triple handshake
+            # attack makes tls-unique unsafe there (RFC 9266 section 1).
+            # pyOpenSSL has the two OpenSSL calls in its bindings but no
+            # public methods; without them, offer no binding rather than
             # guess.
-            reused = getattr(getattr(SSL, "_lib", None), "SSL_session_reused", None)
-            if reused is None or reused(connection._ssl):
+            lib = getattr(SSL, "_lib", None)
+            reused = getattr(lib, "SSL_session_reused", None)
+            extendedMasterSecret = getattr(lib, "SSL_get_extms_support", None)
+            if reused is None or extendedMasterSecret is None:
+                return None
+            if reused(connection._ssl) or extendedMasterSecret(connection._ssl) != 1:
                 return None
             finished = connection.get_peer_finished() if server else connection.get_finished()
             return None if finished is None else ChannelBinding("tls-unique", finished)
