@@ -7,12 +7,12 @@ L{Clock} with L{MemorySharedState}.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -73,7 +73,7 @@ class LockoutTestCase(SynchronousTestCase):
 
     def make(self, state: Any = None, **settings: Any) -> AuthLockout:
         lockout = AuthLockout(self.state if state is None else state, self.clock, LockoutSettings(**settings))
-        lockout.log = Logger(observer=self.events.append)
+        lockout.log = Logger(observer=cast(ILogObserver, self.events.append))
         return lockout
 
     def fail_(self, host: str, user: str, times: int = 1, lockout: AuthLockout | None = None) -> None:
@@ -122,6 +122,7 @@ class MustShowTests(LockoutTestCase):
         too.  One log line says who was locked where.
         """
         session = Session(self.lockout, self.clock)
+        start = self.clock.seconds()
         replies = []
         for _ in range(50):
             d = session.auth(OFFICE, "alice", rightPassword=False)
@@ -139,10 +140,15 @@ class MustShowTests(LockoutTestCase):
 
         [locked] = self.named("auth-pair-locked")
         self.assertEqual(
-            (locked["user"], locked["peer"], locked["network"], locked["failures"]),
-            ("alice", OFFICE, "203.0.113.0/24", 10),
+            (locked["user"], locked["peer"], locked["network"], locked["failures"], locked["until"]),
+            ("alice", OFFICE, "203.0.113.0/24", 10, start + 9 * 15 + 900),
         )
         self.assertEqual(locked["log_level"].name, "warn")
+        self.assertEqual(
+            formatEvent(locked),
+            f"AUTH for alice from 203.0.113.0/24 locked until {start + 9 * 15 + 900}"
+            f" after 10 failures (the last from {OFFICE})",
+        )
         self.assertEqual(self.named("auth-address-blocked"), [])
 
     def test_delaysGrowAndCap(self) -> None:
@@ -401,10 +407,11 @@ class BoundsTests(LockoutTestCase):
             self.assertLessEqual(len(normal), 3 * MAX_USER_OCTETS)
         self.assertEqual(normaliseUser("alice\r\nforged: line"), "alice%0D%0Aforged%3A%20line")
         self.assertNotEqual(normaliseUser("a:b"), normaliseUser("a%3Ab"))
-        users = [e["user"] for e in self.named("auth-pair-locked")]
-        self.assertEqual(len(users), len(names))
-        for user in users:
-            self.assertLessEqual(set(user), safe)
+        events = self.named("auth-pair-locked")
+        self.assertEqual(len(events), len(names))
+        for event in events:
+            self.assertLessEqual(set(event["user"]), safe)
+            self.assertTrue(formatEvent(event).isprintable(), formatEvent(event))
         for key in self.state._entries:
             self.assertLessEqual(len(key), 100 + 3 * MAX_USER_OCTETS)
             self.assertTrue(key.isprintable() and " " not in key, key)
@@ -462,14 +469,15 @@ class FailureTests(LockoutTestCase):
         """
         Impossible settings are refused when made.
         """
-        for settings in [
+        cases: list[dict[str, Any]] = [
             {"userFailures": 0},
             {"addressFailures": 0},
             {"penaltyDelay": -1},
             {"networkPrefixV4": 33},
             {"networkPrefixV6": 129},
             {"exemptNetworks": ("not a network",)},
-        ]:
+        ]
+        for settings in cases:
             self.assertRaises(ValueError, LockoutSettings, **settings)
 
 
@@ -544,7 +552,7 @@ class ConfigTests(SynchronousTestCase):
         """
         Wrong values are configuration errors naming C{[auth]} and the key.
         """
-        for options, key in [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"user_failures": 0}, "user_failures"),
             ({"address_failures": 0}, "address_failures"),
             ({"penalty_delay": -1}, "penalty_delay"),
@@ -553,6 +561,7 @@ class ConfigTests(SynchronousTestCase):
             ({"network_prefix_v6": 129}, "network_prefix_v6"),
             ({"exempt_networks": ["10.0.0.0/33"]}, "exempt_networks"),
             ({"exempt_networks": [1]}, "exempt_networks"),
-        ]:
+        ]
+        for options, key in cases:
             e = self.assertRaises(ConfigError, self.build, **options)
             self.assertTrue(str(e).startswith(f"[auth] {key}"), str(e))

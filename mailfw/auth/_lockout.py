@@ -38,6 +38,7 @@ log line.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -203,6 +204,23 @@ class Client:
     exempt: bool
 
 
+@functools.lru_cache(maxsize=4096)
+def _locate(host: str, prefixV4: int, prefixV6: int, exempt: tuple[_Network, ...]) -> Client:
+    # Cached: parsing with ipaddress costs tens of microseconds, and one
+    # AUTH exchange asks for the same host three times.
+    parsed = _parseHost(host)
+    if parsed is None:
+        other = "host:" + _escape(host.encode("utf-8", "surrogatepass")[:_MAX_OTHER_HOST])
+        return Client(other, other, False)
+    if parsed.version == 4:
+        network = ipaddress.ip_network((parsed, prefixV4), strict=False)
+        address = str(parsed)
+    else:
+        network = ipaddress.ip_network((parsed, prefixV6), strict=False)
+        address = str(ipaddress.ip_network((parsed, _ADDRESS_PREFIX_V6), strict=False))
+    return Client(str(network), address, any(parsed in n for n in exempt))
+
+
 class AuthLockout:
     """
     Decides, for the SMTP session, how long each AUTH reply waits and which
@@ -240,19 +258,8 @@ class AuthLockout:
         IPv4; a host that is no IP address (a UNIX socket's) is its own
         network and address.
         """
-        parsed = _parseHost(host)
-        if parsed is None:
-            other = "host:" + _escape(host.encode("utf-8", "surrogatepass")[:_MAX_OTHER_HOST])
-            return Client(other, other, False)
         settings = self.settings
-        if parsed.version == 4:
-            network = ipaddress.ip_network((parsed, settings.networkPrefixV4), strict=False)
-            address = str(parsed)
-        else:
-            network = ipaddress.ip_network((parsed, settings.networkPrefixV6), strict=False)
-            address = str(ipaddress.ip_network((parsed, _ADDRESS_PREFIX_V6), strict=False))
-        exempt = any(parsed in exemptNetwork for exemptNetwork in self._exempt)
-        return Client(str(network), address, exempt)
+        return _locate(host, settings.networkPrefixV4, settings.networkPrefixV6, self._exempt)
 
     # The API the session calls
 
