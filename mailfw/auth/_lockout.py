@@ -229,8 +229,11 @@ class AuthLockout:
     The session calls, for each AUTH exchange: L{check} once the user name
     is known (and sends the refusal it returns, if any, without checking
     the password and without calling L{failed}); then L{failed} or
-    L{succeeded} after the check; and it sends each AUTH reply after a
-    failure only after L{delay} seconds.
+    L{succeeded} after the check; then L{delay}, and it sends the reply
+    that many seconds later, on the reactor's clock.  So a failure's own
+    reply waits (2 s for the first, as Dovecot's), refusals wait the
+    client's penalty, and the right password after a typo is answered at
+    once.
 
     None of the returned L{Deferred}s fails: when the shared state does,
     the failure is logged, L{check} refuses with
