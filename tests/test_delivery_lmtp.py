@@ -49,6 +49,17 @@ def envelopeTo(*addresses: Address, **kwargs: Any) -> Envelope:
     )
 
 
+class LMTPTransport(FullTransport):
+    """
+    A transport with flow control that records C{setTcpNoDelay}.
+    """
+
+    noDelay: bool | None = None
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.noDelay = enabled
+
+
 @implementer(IStreamClientEndpoint)
 class FakeEndpoint:
     """
@@ -56,7 +67,7 @@ class FakeEndpoint:
     """
 
     def __init__(self) -> None:
-        self.transports: list[FullTransport] = []
+        self.transports: list[LMTPTransport] = []
         self.protocols: list[Any] = []
         self.error: Exception | None = None
         self.hang = False
@@ -68,7 +79,7 @@ class FakeEndpoint:
             return Deferred()
         protocol = factory.buildProtocol(None)  # type: ignore[arg-type]
         assert protocol is not None
-        transport = FullTransport()
+        transport = LMTPTransport()
         protocol.makeConnection(transport)
         self.transports.append(transport)
         self.protocols.append(protocol)
@@ -139,6 +150,33 @@ class TransactionTests(Session):
     """
     Whole LMTP transactions.
     """
+
+    def test_noDelayAndEndWithLastChunk(self) -> None:
+        """
+        The connection turns off Nagle's algorithm, and the final dot goes
+        out in the same write as the end of the body.
+        """
+        body = b"Subject: big\r\n\r\n" + b"x" * 200_000 + b"\r\nlast\r\n"
+        d, peer = self.start(ALICE, body=BytesBody(body))
+        self.assertIs(peer.transport.noDelay, True)
+        self.toMail(peer)
+        peer.say(b"250 OK", b"250 OK")
+        peer.heard()
+        writes: list[bytes] = []
+        write = peer.transport.write
+
+        def recording(data: bytes) -> None:
+            writes.append(data)
+            write(data)
+
+        peer.transport.write = recording  # type: ignore[method-assign]
+        peer.say(b"354 go")
+        peer.pump()
+        self.assertGreater(len(writes), 1)
+        self.assertTrue(writes[-1].endswith(b"x\r\nlast\r\n.\r\n"), writes[-1][-20:])
+        self.assertEqual(peer.heard(), body + b".\r\n")
+        peer.say(b"250 2.0.0 ok")
+        self.assertEqual(self.codes(d), [(250, "2.0.0")])
 
     def test_perRecipientReplies(self) -> None:
         """
