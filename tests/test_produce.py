@@ -460,3 +460,39 @@ class SQLiteBodyThreadTests(SynchronousTestCase):
         self.assertEqual({what for what, _ in threads}, {"connect", "read"})
         here = threading.get_ident()
         self.assertEqual([what for what, ident in threads if ident == here], [])
+
+
+class PostgresBodyThreadTests(SynchronousTestCase):
+    """
+    A large PostgreSQL body (copied to a temporary file) is read in the
+    queue's spool thread, never on the thread that asked for it.
+    """
+
+    def test_readsInTheSpoolThread(self) -> None:
+        from mailfw.queue import _postgres
+        from tests.test_queue_postgres import PostgresHelpers
+
+        helpers = PostgresHelpers()
+        helpers.startDatabase(self)
+        q = helpers.newQueue(Clock())
+        message = b"Subject: big\r\n\r\n" + b"0123456789abcde\n" * 20_000
+        incoming = q.receive(makeEnvelope("a@example.com"))
+        incoming.write(message)
+        queueID = helpers.wait(incoming.commit())
+        body = helpers.wait(q.openBody(queueID))
+        self.assertIsInstance(body, _postgres._FileBody)
+
+        threads: list[int] = []
+        readinto = _postgres._FileReader.readinto
+
+        def recordingReadinto(reader: Any, buffer: Any) -> int:
+            threads.append(threading.get_ident())
+            return readinto(reader, buffer)
+
+        self.patch(_postgres._FileReader, "readinto", recordingReadinto)
+        transport = FullTransport()
+        transport.full = False
+        helpers.wait(body.produce(transport))
+        self.assertEqual(transport.value(), message)
+        self.assertNotEqual(threads, [])
+        self.assertNotIn(threading.get_ident(), threads)
