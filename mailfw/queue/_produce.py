@@ -111,6 +111,7 @@ class _ThreadedProducer:
         self._chunkSize = chunkSize
         # Touched only by work in runInThread, one call at a time.
         self._reader: BinaryIO | None = None
+
         self._paused = False
         self._reading = False
         self._finished = False
