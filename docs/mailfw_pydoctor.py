@@ -24,7 +24,7 @@ from pydoctor import extensions, model
 from pydoctor.extensions.zopeinterface import ZopeInterfaceClass
 
 # Interfaces from other projects that mailfw's interfaces extend.
-EXTERNAL_INTERFACES = frozenset({"twisted.plugin.IPlugin"})
+EXTERNAL_INTERFACES = frozenset({"twisted.plugin.IPlugin", "twisted.cred.credentials.ICredentials"})
 
 # Modules whose objects stay where they are defined.
 HOME_MODULES = frozenset({"mailfw.interfaces"})
