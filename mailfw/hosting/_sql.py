@@ -120,6 +120,8 @@ class Dialect:
         so that several nodes starting at once do not race to create it.
     @ivar lostConnection: exceptions after which the connection is dropped.
     @ivar description: for the start-up log (never a password).
+    @ivar files: the database's files, handed to the server's user after
+        start-up (L{IDescribed.ownedPaths}).
     """
 
     connect: Callable[[], Any]
@@ -127,6 +129,7 @@ class Dialect:
     schemaLock: tuple[str, ...]
     lostConnection: tuple[type[BaseException], ...]
     description: str
+    files: tuple[str, ...] = ()
 
 
 def sqliteDialect(path: Path) -> Dialect:
@@ -140,7 +143,8 @@ def sqliteDialect(path: Path) -> Dialect:
         connection.execute("PRAGMA busy_timeout=10000")
         return connection
 
-    return Dialect(connect, "?", (), (sqlite3.OperationalError,), f"sqlite:{path}")
+    files = tuple(str(path) + suffix for suffix in ("", "-wal", "-shm"))
+    return Dialect(connect, "?", (), (sqlite3.OperationalError,), f"sqlite:{path}", files)
 
 
 def postgresDialect(conninfo: str, connectTimeout: int = 10) -> Dialect:
@@ -230,7 +234,7 @@ class SQLHostingTable:
         return f"virtual tables in {self.dialect.description}"
 
     def ownedPaths(self) -> list[str]:
-        return []
+        return list(self.dialect.files)
 
     # -- transactions ---------------------------------------------------------
 
@@ -280,11 +284,16 @@ class SQLHostingTable:
         start-up before the reactor runs (and by the C{mailfw} command).
         """
 
-        def create(q: _Query) -> None:
+        # A connection of its own, closed after: the thread that starts the
+        # server never queries again.
+        connection = self.dialect.connect()
+        try:
+            q = _Query(connection, self.dialect.placeholder)
             for statement in (*self.dialect.schemaLock, *SCHEMA):
                 q.run(statement)
-
-        self.transact(create)
+            connection.commit()
+        finally:
+            connection.close()
 
     def close(self) -> Deferred[None]:
         with self._lock:
