@@ -9,6 +9,7 @@ an alias expands, all without a restart.
 from __future__ import annotations
 
 import smtplib
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from mailfw.tls import makeSelfSigned
 from tests.integration._server import MailfwProcess, running, waitFor
 
 CONFIG = """
@@ -41,7 +43,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailfwProcess]:
     yield from running(base / "data", config=config)
 
 
-def mailfw(server: MailfwProcess, *args: str) -> str:
+def mailfw(server: MailfwProcess, *args: str, stdin: str | None = None) -> str:
     """
     Run the C{mailfw} command in its own process, as an operator would.
     """
@@ -51,7 +53,7 @@ def mailfw(server: MailfwProcess, *args: str) -> str:
         capture_output=True,
         text=True,
         timeout=60,
-        stdin=subprocess.DEVNULL,
+        input=stdin,
     )
     assert result.returncode == 0, f"mailfw {' '.join(args)} failed: {result.stderr}"
     return result.stdout
@@ -131,3 +133,56 @@ def test_tableFileInDataDir(server: MailfwProcess) -> None:
     directory.
     """
     assert (Path(server.dataDir) / "hosting.sqlite").exists()
+
+
+AUTH_CONFIG = (
+    CONFIG.replace("{", "{{").replace("}", "}}")
+    + """
+[tls]
+certificate = "{cert}"
+key = "{key}"
+
+[auth]
+passwords = "passwd"
+"""
+)
+
+
+@pytest.fixture(scope="module")
+def submissionServer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailfwProcess]:
+    base = tmp_path_factory.mktemp("virtual-auth")
+    cert, key = base / "cert.pem", base / "key.pem"
+    makeSelfSigned("mx.test", cert, key)
+    config = base / "mailfw.toml"
+    config.write_text(AUTH_CONFIG.format(cert=cert, key=key))
+    yield from running(base / "data", config=config)
+
+
+def loggedIn(server: MailfwProcess, user: str, password: str) -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", server.submissionPort, local_hostname="client.test", timeout=30)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    client.starttls(context=context)
+    client.ehlo()
+    assert client.login(user, password)[0] == 235
+    return client
+
+
+def test_senderRights(submissionServer: MailfwProcess) -> None:
+    """
+    A user made with C{mailfw user add --password} logs in on submission
+    and may send as its own mailbox, not as another address until
+    C{mailfw sender allow} grants it (from its next login).
+    """
+    server = submissionServer
+    mailfw(server, "domain", "add", "virtual.test")
+    mailfw(server, "user", "add", "dana@virtual.test", "--password", stdin="s3cret pw\n")
+    with loggedIn(server, "dana@virtual.test", "s3cret pw") as client:
+        assert client.mail("dana@virtual.test")[0] == 250
+        client.rset()
+        code, text = client.mail("sales@virtual.test")
+        assert (code, text[:5]) == (553, b"5.7.1"), text
+    mailfw(server, "sender", "allow", "dana@virtual.test", "sales@virtual.test")
+    with loggedIn(server, "dana@virtual.test", "s3cret pw") as client:
+        assert client.mail("sales@virtual.test")[0] == 250
