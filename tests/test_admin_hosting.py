@@ -105,6 +105,14 @@ class HostingCommandTests(SynchronousTestCase):
         self.assertEqual(self.run_("user", "delete", "alice@example.org"), 1)
         self.assertIn("no mailbox alice@example.org", self.err.getvalue())
 
+    def test_unknownAgent(self) -> None:
+        """
+        C{--agent} must name a delivery instance of the configuration.
+        """
+        self.run_("domain", "add", "example.org")
+        self.assertEqual(self.run_("user", "add", "bob@example.org", "--agent", "nosuch"), 1)
+        self.assertIn("no [delivery.nosuch] (configured: local, virtual-aliases)", self.err.getvalue())
+
     def test_userInUnhostedDomain(self) -> None:
         """
         A mailbox in a domain that is not hosted is refused, saying how to

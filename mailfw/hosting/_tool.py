@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 
 from mailfw.config import ConfigError, loadConfig
 from mailfw.hosting._sql import SQLHostingTable, runSynchronously, tableFromText
-from mailfw.hosting._values import HostingError, Mailbox
+from mailfw.hosting._values import HostingError, Mailbox, addressKey
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -156,6 +156,13 @@ def _passwd(args: argparse.Namespace, action: str, user: str, stdin: TextIO) -> 
 
 
 def _userAdd(table: SQLHostingTable, args: argparse.Namespace, stdin: TextIO) -> int:
+    if args.agent is not None:
+        configured = loadConfig(args.config, dataDir=args.data_dir).delivery
+        if args.agent not in configured:
+            raise HostingError(
+                f"--agent {args.agent}: the configuration has no [delivery.{args.agent}] "
+                f"(configured: {', '.join(sorted(configured)) or 'none'})"
+            )
     mailbox = Mailbox(args.address, args.agent, args.path, args.messages_per_hour, args.messages_per_day)
     new = _now(table.addMailbox(mailbox))
     print(f"{'added' if new else 'updated'} mailbox {args.address}")
@@ -180,7 +187,7 @@ def _userDelete(table: SQLHostingTable, args: argparse.Namespace, stdin: TextIO)
         raise HostingError(f"no mailbox {args.address}")
     print(f"deleted mailbox {args.address}")
     if args.password:
-        return _passwd(args, "delete", args.address.lower(), stdin)
+        return _passwd(args, "delete", addressKey(args.address), stdin)
     return 0
 
 
