@@ -90,6 +90,18 @@ class VirtualRoutingTests(SynchronousTestCase):
             self.routeOf("imap@example.org"), Route(RouteKind.LOCAL, "dovecot", None, name="dovecot")
         )
 
+    def test_transportForMailboxes(self) -> None:
+        """
+        A mailbox without an agent of its own follows the domain's
+        C{transport} entry, as any local domain does; its own agent wins.
+        """
+        router = virtualRouter(self, self.table, transport={"example.org": "dovecot"})
+        route = self.successResultOf(router.route(Address.parse("alice@example.org"), STRANGER))
+        self.assertEqual(route, Route(RouteKind.LOCAL, "dovecot", None, name="dovecot"))
+        self.table.addMailbox(Mailbox("alice@example.org", agent="local"))
+        route = self.successResultOf(router.route(Address.parse("alice@example.org"), STRANGER))
+        self.assertEqual(route.agent, "local")
+
     def test_unknownUser(self) -> None:
         """
         An address of a virtual domain that is neither a mailbox nor an

@@ -283,7 +283,9 @@ def addHostingParsers(commands: argparse._SubParsersAction[argparse.ArgumentPars
     users = group("user", "manage the mailboxes of virtual domains")
     add = action(users, "add", "add a mailbox or change its settings", _userAdd)
     add.add_argument("address")
-    add.add_argument("--agent", help="the delivery instance for its mail (default: [routing] local_agent)")
+    add.add_argument(
+        "--agent", help="the delivery instance for its mail (default: as the domain's other mail)"
+    )
     add.add_argument("--path", help="the mailbox's path, for agents that use one per recipient")
     add.add_argument("--messages-per-hour", type=int, metavar="N", help="sending quota (stored for quotas)")
     add.add_argument("--messages-per-day", type=int, metavar="N", help="sending quota (stored for quotas)")

@@ -34,11 +34,11 @@ Decisions worth knowing:
   - C{virtual} names a hosting table (L{mailfw.hosting}), read on every
     RCPT (nothing cached, so C{mailfw user add} takes effect at once).  A
     domain hosted there is local.  Its recipients are, in this order: a
-    mailbox (routed to the mailbox's delivery instance, by default
-    C{local_agent}); the mailbox of the address without its C{+detail};
+    mailbox (routed to the delivery instance its row names, else as any
+    local domain: the C{transport} entry, else C{local_agent}); the mailbox of the address without its C{+detail};
     an alias or the domain's catch-all (routed to C{virtual_alias_agent},
     an instance of plugin C{virtual-aliases}, which expands it into new
-    queued mail); C{postmaster} (to C{local_agent}); anything else is
+    queued mail); C{postmaster} (as a mailbox); anything else is
     refused 550 5.1.1 at RCPT time, so nothing is bounced later.  A table
     that cannot be read gives 451 4.3.0 (the client tries again).
 """
@@ -235,21 +235,32 @@ class StaticRouter:
             if base:
                 mailbox = await hosting.mailbox(Address(base, recipient.domain))
         if mailbox is not None:
-            agent = mailbox.agent or self.localAgent
-            if agent not in self.agentNames:
+            if mailbox.agent is None:
+                return self._localRoute(recipient.domain)
+            if mailbox.agent not in self.agentNames:
                 self.log.error(
                     "Mailbox {mailbox} names delivery instance {agent!r}, which is not configured",
                     mailbox=mailbox.address,
-                    agent=agent,
+                    agent=mailbox.agent,
                 )
                 return Route.refuse(MISCONFIGURED)
-            return Route(RouteKind.LOCAL, agent, None, name=agent)
+            return Route(RouteKind.LOCAL, mailbox.agent, None, name=mailbox.agent)
         if await hosting.aliases(recipient):
             assert self.virtualAliasAgent is not None
             return Route(RouteKind.LOCAL, self.virtualAliasAgent, None, name=self.virtualAliasAgent)
         if local.lower() == "postmaster":
-            return Route(RouteKind.LOCAL, self.localAgent, None, name=self.localAgent)
+            return self._localRoute(recipient.domain)
         return Route.refuse(UNKNOWN_USER)
+
+    def _localRoute(self, domain: str) -> Route:
+        """
+        Where mail for a local domain goes: its transport entry, else the
+        local agent.
+        """
+        transport = _lookupTransport(self.transport, domain)
+        if transport is not None:
+            return Route(RouteKind.LOCAL, transport.agent, transport.nexthop, name=transport.agent)
+        return Route(RouteKind.LOCAL, self.localAgent, None, name=self.localAgent)
 
     def _route(self, recipient: Address, session: Session | None) -> Route:
         domain = recipient.domain
@@ -257,9 +268,7 @@ class StaticRouter:
         if domain in self.localDomains:
             if not self._knownUser(recipient):
                 return Route.refuse(UNKNOWN_USER)
-            if transport is not None:
-                return Route(RouteKind.LOCAL, transport.agent, transport.nexthop, name=transport.agent)
-            return Route(RouteKind.LOCAL, self.localAgent, None, name=self.localAgent)
+            return self._localRoute(domain)
         if not (domain in self.relayDomains or self._mayRelay(session)):
             return Route.refuse(RELAY_DENIED)
         if transport is None:
