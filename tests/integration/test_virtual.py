@@ -1,7 +1,7 @@
 """
-End to end: virtual domains from a SQLite hosting table in a real
-C{twistd mailfw}, edited by the C{mailfw} command in another process while
-the server runs.  A user added then is accepted and delivered to its
+End to end: virtual domains from a SQLite (and a PostgreSQL) hosting table
+in a real C{twistd mailfw}, edited by the C{mailfw} command in another
+process while the server runs.  A user added then is accepted and delivered to its
 Maildir, an unknown user of the domain is refused 550 5.1.1 at RCPT time,
 an alias expands, all without a restart.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from mailfw.tls import makeSelfSigned
+from tests._postgres import requirePostgres
 from tests.integration._server import MailfwProcess, running, waitFor
 
 CONFIG = """
@@ -186,3 +187,33 @@ def test_senderRights(submissionServer: MailfwProcess) -> None:
     mailfw(server, "sender", "allow", "dana@virtual.test", "sales@virtual.test")
     with loggedIn(server, "dana@virtual.test", "s3cret pw") as client:
         assert client.mail("sales@virtual.test")[0] == 250
+
+
+@pytest.fixture(scope="module")
+def postgresServer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailfwProcess]:
+    cluster = requirePostgres()
+    dsn = cluster.createDatabase()
+    try:
+        base = tmp_path_factory.mktemp("virtual-pg")
+        config = base / "mailfw.toml"
+        config.write_text(CONFIG.replace("sqlite:hosting.sqlite", f"postgresql:{dsn}"))
+        yield from running(base / "data", config=config)
+    finally:
+        cluster.dropDatabase(dsn)
+
+
+def test_postgresUserAddedWhileRunning(postgresServer: MailfwProcess) -> None:
+    """
+    The same with the table in PostgreSQL: a user added by another process
+    is accepted and delivered, an unknown one refused 550 5.1.1.
+    """
+    server = postgresServer
+    mailfw(server, "domain", "add", "virtual.test")
+    mailfw(server, "user", "add", "erin@virtual.test")
+    with server.smtp() as client:
+        client.ehlo()
+        client.mail("carol@elsewhere.test")
+        code, text = client.rcpt("nobody@virtual.test")
+        assert (code, text[:5]) == (550, b"5.1.1"), text
+    send(server, "erin@virtual.test", "via postgres")
+    waitFor(lambda: containing(server, "erin", b"Subject: via postgres"), what="delivery to erin's Maildir")
