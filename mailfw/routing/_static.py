@@ -35,12 +35,13 @@ Decisions worth knowing:
     RCPT (nothing cached, so C{mailfw user add} takes effect at once).  A
     domain hosted there is local.  Its recipients are, in this order: a
     mailbox (routed to the delivery instance its row names, else as any
-    local domain: the C{transport} entry, else C{local_agent}); the mailbox of the address without its C{+detail};
-    an alias or the domain's catch-all (routed to C{virtual_alias_agent},
-    an instance of plugin C{virtual-aliases}, which expands it into new
-    queued mail); C{postmaster} (as a mailbox); anything else is
-    refused 550 5.1.1 at RCPT time, so nothing is bounced later.  A table
-    that cannot be read gives 451 4.3.0 (the client tries again).
+    local domain: the C{transport} entry, else C{local_agent}); the
+    mailbox of the address without its C{+detail}; an alias or the
+    domain's catch-all (routed to C{virtual_alias_agent}, an instance of
+    plugin C{virtual-aliases}, which expands it into new queued mail);
+    C{postmaster} (as a mailbox); anything else is refused 550 5.1.1 at
+    RCPT time, so nothing is bounced later.  A table that cannot be read
+    gives 451 4.3.0 (the client tries again).
 """
 
 from __future__ import annotations
