@@ -64,6 +64,7 @@ class VirtualRouterContractTests(RouterContractTests, SynchronousTestCase):
     """
 
     localDomain = "example.org"
+    unknownUser = "nobody"
 
     def makeRouter(self) -> IRouter:
         return virtualRouter(self, hostingTable(self))
