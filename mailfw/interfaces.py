@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from mailfw.address import Address
     from mailfw.config import ComponentContext
     from mailfw.envelope import Envelope, Recipient, RecipientOutcome, Route, Session
+    from mailfw.hosting._values import AliasEntry, Mailbox, SenderRight
     from mailfw.queued import (
         Disposition,
         Lease,
@@ -542,4 +543,123 @@ class IPolicyFactory(INamedPlugin):
         Validate C{options} and build a policy.
 
         @raise mailfw.config.ConfigError: naming the bad option.
+        """
+
+
+# --- hosting ---------------------------------------------------------------
+
+
+class IHostingTable(Interface):
+    """
+    The hosting data of virtual domains: which domains are hosted, their
+    mailboxes, aliases (with a catch-all per domain) and which
+    authenticated user may send as which address.  The router reads it at
+    RCPT time, the AUTH realm at login, the C{mailfw} command edits it.
+
+    Keys are normalised by L{mailfw.hosting.addressKey}, L{aliasKey
+    <mailfw.hosting.aliasKey>} and L{domainKey <mailfw.hosting.domainKey>}.
+    Every answer reflects the stored data at the time of the call (a change
+    made by another process is seen by the next call).  Every method may
+    fail with the store's error when the store cannot be reached; the
+    admin operations fail with L{mailfw.hosting.HostingError} when the
+    request itself is wrong.
+    """
+
+    def domain(name: str) -> Deferred[bool]:
+        """
+        Whether the normalised domain C{name} is hosted.
+        """
+
+    def mailbox(address: Address) -> Deferred[Mailbox | None]:
+        """
+        The mailbox of C{address}, or C{None}.
+        """
+
+    def aliases(address: Address) -> Deferred[tuple[str, ...]]:
+        """
+        The targets of C{address}: its own alias entries if it has any,
+        else the catch-all C{@domain} entries of its domain, else none.
+        """
+
+    def maySendAs(user: str, address: Address) -> Deferred[bool]:
+        """
+        Whether C{user} may send as C{address}: its own mailbox (the user
+        name is the address), or a right for the address or its C{@domain}.
+        """
+
+    def sendersFor(user: str) -> Deferred[tuple[str, ...]]:
+        """
+        Every sender pattern of C{user} (C{local@domain} or C{@domain}), as
+        L{IMailUser.senders} spells them: its own mailbox, if it is one,
+        and its rights.
+        """
+
+    def addDomain(name: str) -> Deferred[bool]:
+        """
+        Host C{name}; C{False} if it already was.
+        """
+
+    def deleteDomain(name: str) -> Deferred[bool]:
+        """
+        Stop hosting C{name}; C{False} if it was not hosted.  Fails with
+        L{mailfw.hosting.HostingError} while it still has mailboxes or
+        aliases.
+        """
+
+    def listDomains() -> Deferred[tuple[str, ...]]:
+        """
+        The hosted domains, sorted.
+        """
+
+    def addMailbox(mailbox: Mailbox) -> Deferred[bool]:
+        """
+        Add C{mailbox}, or replace the row of that address; C{False} if it
+        replaced one.  Its domain must be hosted.
+        """
+
+    def deleteMailbox(address: str) -> Deferred[bool]:
+        """
+        Remove a mailbox; C{False} if there was none.
+        """
+
+    def listMailboxes(domain: str | None) -> Deferred[tuple[Mailbox, ...]]:
+        """
+        The mailboxes (of C{domain}, or all), sorted by address.
+        """
+
+    def addAlias(address: str, targets: Sequence[str]) -> Deferred[int]:
+        """
+        Add targets to the alias C{address} (C{local@domain} or
+        C{@domain}); returns how many were new.  Its domain must be hosted.
+        """
+
+    def deleteAlias(address: str, target: str | None) -> Deferred[int]:
+        """
+        Remove one target of an alias, or all of them; returns how many.
+        """
+
+    def listAliases(domain: str | None) -> Deferred[tuple[AliasEntry, ...]]:
+        """
+        The alias entries (of C{domain}, or all), sorted.
+        """
+
+    def allowSender(user: str, address: str) -> Deferred[bool]:
+        """
+        Let C{user} send as C{address} (C{local@domain} or C{@domain});
+        C{False} if it already could.
+        """
+
+    def denySender(user: str, address: str) -> Deferred[bool]:
+        """
+        Withdraw a right given by L{allowSender}; C{False} if there was none.
+        """
+
+    def listSenders(user: str | None) -> Deferred[tuple[SenderRight, ...]]:
+        """
+        The sender rights (of C{user}, or all), sorted.
+        """
+
+    def close() -> Deferred[None]:
+        """
+        Release the connections.
         """

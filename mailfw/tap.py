@@ -500,6 +500,7 @@ def buildService(
     @raise ConfigError: naming the section that is wrong.
     """
     from mailfw.auth._config import authFromConfig
+    from mailfw.auth._realm import useHostedSenders
     from mailfw.etrn import ETRNHandler, settingsFromConfig
     from mailfw.scheduling._scheduler import schedulerFromConfig
     from mailfw.smtp import SMTPFactory, SMTPLimits
@@ -523,6 +524,8 @@ def buildService(
         limits = SMTPLimits.fromSection(Section("[smtp]", config.smtp))
         tlsOptions = serverTLSOptions(config)
         authSetup = authFromConfig(Section("[auth]", config.auth), context)
+        if authSetup is not None:
+            useHostedSenders(authSetup.auth.portal, router)
         etrnSettings = settingsFromConfig(config.raw.get("etrn", {}))
         scheduler = schedulerFromConfig(
             Section("[scheduler]", config.scheduler),

@@ -23,6 +23,7 @@ VALUES = frozenset(
         "mailfw.address",
         "mailfw.config",
         "mailfw.envelope",
+        "mailfw.hosting._values",
         "mailfw.queued",
         "mailfw.reply",
         "mailfw.verdict",

@@ -3,7 +3,8 @@ The C{mailfw} command: operator tools for a mailfw server.
 
 C{mailfw queue ...} talks to the running server over its control socket
 (C{DATA_DIR/control.sock}); C{mailfw config check} reads a configuration
-without starting anything; C{mailfw passwd} manages the AUTH password file.
+without starting anything; C{mailfw passwd} manages the AUTH password file;
+C{mailfw domain|user|alias|sender} edit the virtual domains' hosting table.
 """
 
 from __future__ import annotations
@@ -204,6 +205,10 @@ def makeParser() -> argparse.ArgumentParser:
     from mailfw.auth._tool import addPasswdParser
 
     addPasswdParser(commands)
+
+    from mailfw.hosting._tool import addHostingParsers
+
+    addHostingParsers(commands)
     return parser
 
 

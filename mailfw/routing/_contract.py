@@ -7,6 +7,8 @@ Usage::
     class MyRouterContractTests(RouterContractTests, SynchronousTestCase):
         localDomain = "example.org"        # a domain the router delivers
         foreignDomain = "elsewhere.example"  # one it must not relay for strangers
+        unknownUser = "nobody"             # a local part it refuses; None if
+                                           # it accepts every local part
 
         def makeRouter(self) -> IRouter:
             return MyRouter(...)
@@ -19,7 +21,9 @@ What the contract pins, beyond the interface's docstring: a stranger
 cannot relay (no open relay); a refusal carries a 4xx or 5xx reply; a
 recipient accepted at RCPT time is never refused at delivery time; the
 postmaster of a local domain is never refused; unusual but valid local
-parts (C{%}, C{!}, quoted) are routed by their domain, never reinterpreted.
+parts (C{%}, C{!}, quoted) are routed by their domain, never reinterpreted;
+a router that knows its users refuses an unknown one with 550 5.1.1 at
+RCPT time and at delivery time alike (no backscatter, no late bounce).
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ class RouterContractTests(_Base):
 
     localDomain = "example.org"
     foreignDomain = "elsewhere.example"
+    unknownUser: str | None = None
+    """A local part of L{localDomain} that the router must refuse, or
+    C{None} when it accepts every local part there."""
 
     def makeRouter(self) -> IRouter:
         """
@@ -127,3 +134,19 @@ class RouterContractTests(_Base):
         address = f"user@{self.localDomain}"
         self.assertIsNot(self.route(address).kind, RouteKind.REFUSE)
         self.assertIsNot(self.route(address, None).kind, RouteKind.REFUSE)
+
+    def test_unknownUser(self) -> None:
+        """
+        With L{unknownUser} set, that user is refused 550 5.1.1 at RCPT
+        time and again at delivery time; without it, an arbitrary local
+        part is accepted, as the router claims.
+        """
+        if self.unknownUser is None:
+            self.assertIsNot(self.route(f"any-user-7f3a@{self.localDomain}").kind, RouteKind.REFUSE)
+            return
+        address = f"{self.unknownUser}@{self.localDomain}"
+        for session in (STRANGER, None):
+            route = self.route(address, session)
+            self.assertIs(route.kind, RouteKind.REFUSE, session)
+            assert route.reply is not None
+            self.assertEqual((route.reply.code, route.reply.enhanced), (550, "5.1.1"))

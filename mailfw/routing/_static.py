@@ -31,6 +31,17 @@ Decisions worth knowing:
     C{postmaster} is always valid (RFC 5321 4.5.1).  The answer is the
     same at delivery time: an address that became invalid after a
     configuration change bounces instead of creating a new mailbox.
+  - C{virtual} names a hosting table (L{mailfw.hosting}), read on every
+    RCPT (nothing cached, so C{mailfw user add} takes effect at once).  A
+    domain hosted there is local.  Its recipients are, in this order: a
+    mailbox (routed to the delivery instance its row names, else as any
+    local domain: the C{transport} entry, else C{local_agent}); the
+    mailbox of the address without its C{+detail}; an alias or the
+    domain's catch-all (routed to C{virtual_alias_agent}, an instance of
+    plugin C{virtual-aliases}, which expands it into new queued mail);
+    C{postmaster} (as a mailbox); anything else is refused 550 5.1.1 at
+    RCPT time, so nothing is bounced later.  A table that cannot be read
+    gives 451 4.3.0 (the client tries again).
 """
 
 from __future__ import annotations
@@ -49,7 +60,7 @@ from zope.interface import implementer
 from mailfw.address import Address, AddressError, normaliseDomain
 from mailfw.config import ConfigError, Section
 from mailfw.envelope import Route, RouteKind, Session
-from mailfw.interfaces import IDescribed, IRouter
+from mailfw.interfaces import IDescribed, IHostingTable, IRouter
 from mailfw.reply import SMTPReply
 from mailfw.routing._nexthop import NexthopError, parseNexthop
 
@@ -60,6 +71,9 @@ __all__ = ["StaticRouter", "fromConfig"]
 
 RELAY_DENIED = SMTPReply(554, "5.7.1", "Relay access denied")
 UNKNOWN_USER = SMTPReply(550, "5.1.1", "Mailbox unavailable")
+TABLE_UNAVAILABLE = SMTPReply(451, "4.3.0", "Mailbox table unavailable, try again later")
+MISCONFIGURED = SMTPReply(451, "4.3.5", "Mailbox misconfigured, try again later")
+DETAIL_SEPARATOR = "+"
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -161,6 +175,11 @@ class StaticRouter:
     @ivar recipients: valid local users as C{localpart@domain},
         C{localpart} (at every local domain) or C{@domain} (anything
         there); C{None} accepts every local part.
+    @ivar hosting: the virtual domains' table, or C{None}.
+    @ivar virtualAliasAgent: the delivery instance that expands the
+        table's aliases.
+    @ivar agentNames: the configured delivery instances, to check the
+        agent a mailbox row names (the table changes while we run).
     """
 
     localDomains: DomainSet
@@ -172,17 +191,77 @@ class StaticRouter:
     smarthost: str | None = None
     recipients: frozenset[str] | None = None
     caseInsensitive: bool = True
+    hosting: IHostingTable | None = None
+    virtualAliasAgent: str | None = None
+    agentNames: frozenset[str] = frozenset()
 
     log = Logger()
 
     def describe(self) -> str:
-        return "static, mail for {} is delivered locally".format(", ".join(self.localDomains))
+        text = "static, mail for {} is delivered locally".format(", ".join(self.localDomains))
+        if self.hosting is not None:
+            described = IDescribed(self.hosting, None)
+            text += ", and for the virtual domains of " + (
+                described.describe() if described is not None else "the hosting table"
+            )
+        return text
 
     def ownedPaths(self) -> list[str]:
-        return []
+        described = IDescribed(self.hosting, None)
+        return list(described.ownedPaths()) if described is not None else []
 
     def route(self, recipient: Address, session: Session | None) -> Deferred[Route]:
-        return succeed(self._route(recipient, session))
+        if self.hosting is None or recipient.domain.startswith("["):
+            return succeed(self._route(recipient, session))
+        return Deferred.fromCoroutine(self._routeHosted(self.hosting, recipient, session))
+
+    async def _routeHosted(
+        self, hosting: IHostingTable, recipient: Address, session: Session | None
+    ) -> Route:
+        try:
+            if not await hosting.domain(recipient.domain):
+                return self._route(recipient, session)
+            return await self._routeVirtual(hosting, recipient)
+        except Exception:
+            self.log.failure(
+                "Cannot read the virtual mailbox table for {recipient}", recipient=str(recipient)
+            )
+            return Route.refuse(TABLE_UNAVAILABLE)
+
+    async def _routeVirtual(self, hosting: IHostingTable, recipient: Address) -> Route:
+        mailbox = await hosting.mailbox(recipient)
+        local = recipient.unquotedLocalpart
+        if mailbox is None and DETAIL_SEPARATOR in local.lstrip(DETAIL_SEPARATOR):
+            base = local.partition(DETAIL_SEPARATOR)[0]
+            if base:
+                mailbox = await hosting.mailbox(Address(base, recipient.domain))
+        if mailbox is not None:
+            if mailbox.agent is None:
+                return self._localRoute(recipient.domain)
+            if mailbox.agent not in self.agentNames:
+                self.log.error(
+                    "Mailbox {mailbox} names delivery instance {agent!r}, which is not configured",
+                    mailbox=mailbox.address,
+                    agent=mailbox.agent,
+                )
+                return Route.refuse(MISCONFIGURED)
+            return Route(RouteKind.LOCAL, mailbox.agent, None, name=mailbox.agent)
+        if await hosting.aliases(recipient):
+            assert self.virtualAliasAgent is not None
+            return Route(RouteKind.LOCAL, self.virtualAliasAgent, None, name=self.virtualAliasAgent)
+        if local.lower() == "postmaster":
+            return self._localRoute(recipient.domain)
+        return Route.refuse(UNKNOWN_USER)
+
+    def _localRoute(self, domain: str) -> Route:
+        """
+        Where mail for a local domain goes: its transport entry, else the
+        local agent.
+        """
+        transport = _lookupTransport(self.transport, domain)
+        if transport is not None:
+            return Route(RouteKind.LOCAL, transport.agent, transport.nexthop, name=transport.agent)
+        return Route(RouteKind.LOCAL, self.localAgent, None, name=self.localAgent)
 
     def _route(self, recipient: Address, session: Session | None) -> Route:
         domain = recipient.domain
@@ -190,9 +269,7 @@ class StaticRouter:
         if domain in self.localDomains:
             if not self._knownUser(recipient):
                 return Route.refuse(UNKNOWN_USER)
-            if transport is not None:
-                return Route(RouteKind.LOCAL, transport.agent, transport.nexthop, name=transport.agent)
-            return Route(RouteKind.LOCAL, self.localAgent, None, name=self.localAgent)
+            return self._localRoute(domain)
         if not (domain in self.relayDomains or self._mayRelay(session)):
             return Route.refuse(RELAY_DENIED)
         if transport is None:
@@ -264,7 +341,12 @@ def _recipientEntry(section: Section, key: str, text: str, caseInsensitive: bool
     return f"{local}@{domain}" if at or domain else local
 
 
-def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[str, object]) -> StaticRouter:
+def fromConfig(
+    context: ComponentContext,
+    instanceName: str,
+    options: Mapping[str, object],
+    hosting: IHostingTable | None = None,
+) -> StaticRouter:
     """
     Build a L{StaticRouter} from C{[routing]}.
 
@@ -274,7 +356,13 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
     C{"outbound"}), C{transport} (table: domain or C{.parent} to
     C{"agent"} or C{"agent:nexthop"}), C{smarthost} (a next hop, or
     C{"agent:nexthop"}), C{recipients} and C{recipients_file} (valid local
-    users), C{local_parts_case_insensitive} (default true).
+    users), C{local_parts_case_insensitive} (default true), C{virtual}
+    (C{"sqlite:PATH"} or C{"postgresql:CONNINFO"}: the hosting table) with
+    C{virtual_alias_agent} (default C{"virtual-aliases"}) and
+    C{virtual_threads} (default 4).
+
+    @param hosting: the hosting table to use instead of opening the one
+        C{virtual} names (tests).
 
     @raise ConfigError: naming the bad key.
     """
@@ -369,7 +457,27 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
     recipients: frozenset[str] | None = None
     if section.has("recipients") or recipientsFile is not None:
         recipients = frozenset(_recipientEntry(section, "recipients", e, caseInsensitive) for e in entries)
+    virtual = section.text("virtual", None)
+    aliasAgent = section.text("virtual_alias_agent", "virtual-aliases")
+    threads = section.integer("virtual_threads", 4, minimum=1)
     section.finish()
+    virtualAliasAgent: str | None = None
+    if virtual is not None:
+        if aliasAgent not in known:
+            raise ConfigError(
+                f"{section.title} virtual_alias_agent: the virtual table's aliases need a delivery instance "
+                f'named {aliasAgent!r}: add [delivery.{aliasAgent}] plugin = "virtual-aliases" '
+                f"with the same virtual = {virtual!r}"
+            )
+        virtualAliasAgent = aliasAgent
+        if hosting is None:
+            from mailfw.delivery._maildir import ThreadPoolRunner
+            from mailfw.hosting._sql import tableFromText
+
+            runner = ThreadPoolRunner(context.reactor, "mailfw-virtual", threads)
+            hosting = tableFromText(virtual, context.dataDir, runner, f"{section.title} virtual")
+    else:
+        hosting = None
 
     return StaticRouter(
         localDomains=localDomains,
@@ -381,4 +489,7 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
         smarthost=smarthost,
         recipients=recipients,
         caseInsensitive=caseInsensitive,
+        hosting=hosting,
+        virtualAliasAgent=virtualAliasAgent,
+        agentNames=frozenset(known),
     )

@@ -20,3 +20,6 @@ pipeAgent = LazyComponent(IDeliveryAgentFactory, "pipe", "mailfw.delivery._pipe:
 lmtpAgent = LazyComponent(IDeliveryAgentFactory, "lmtp", "mailfw.delivery._lmtp:fromConfig")
 aliasesAgent = LazyComponent(IDeliveryAgentFactory, "aliases", "mailfw.delivery._aliases:fromConfig")
 relayAgent = LazyComponent(IDeliveryAgentFactory, "smtp-relay", "mailfw.delivery._relay:fromConfig")
+virtualAliasesAgent = LazyComponent(
+    IDeliveryAgentFactory, "virtual-aliases", "mailfw.hosting._agent:fromConfig"
+)
