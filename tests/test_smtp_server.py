@@ -360,11 +360,11 @@ class CommandTests(SynchronousTestCase):
 
     def test_forbiddenCommand(self) -> None:
         """
-        An HTTP request on the SMTP port is answered with 421 and closed.
+        An HTTP request on the SMTP port is answered with 221 and closed.
         """
         conn = connect()
         conn.send(b"GET / HTTP/1.1\r\nHost: mx.example.org\r\n\r\n")
-        self.assertEqual(conn.replies(), [b"421 mx.example.org Not an SMTP client, closing"])
+        self.assertEqual(conn.replies(), [b"221 mx.example.org Not an SMTP client, closing"])
         self.assertTrue(conn.closed)
 
     def test_invalidCharacters(self) -> None:

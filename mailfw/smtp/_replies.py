@@ -115,7 +115,8 @@ BARE_LINE_ENDING_COMMAND = SMTPReply(500, "5.5.2", "Commands must end with CRLF"
 NO_PARAMETERS = SMTPReply(501, "5.5.4", "Syntax error: no parameters allowed")
 HELO_SYNTAX = SMTPReply(501, "5.5.4", "Syntax: EHLO domain or address literal")
 SYNCHRONIZATION = SMTPReply(554, "5.5.0", "SMTP protocol synchronization error")
-NOT_AN_SMTP_CLIENT = SMTPReply(421, "4.7.0", "Not an SMTP client, closing")
+# Postfix answers a cross-protocol request with 221 2.7.0 and hangs up.
+NOT_AN_SMTP_CLIENT = SMTPReply(221, "2.7.0", "Not an SMTP client, closing")
 
 # --- message content (after the real end of data) ---------------------------
 

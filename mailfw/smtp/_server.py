@@ -105,8 +105,11 @@ LISTENER_KINDS = ("smtp", "submission", "submissions")
 NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ATRN", "SEND", "SOML", "SAML", "VERB", "XCLIENT", "XFORWARD"})
 SUBMISSION_KINDS = ("submission", "submissions")
 # Requests of other protocols sent to an SMTP port (cross-protocol attacks,
-# as Postfix's smtpd_forbidden_commands): answered with 421, then closed.
-FORBIDDEN = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELETE"})
+# a browser pointed at the port; Postfix's smtpd_forbidden_commands): one
+# 221 2.7.0, then closed, on every listener, before and after AUTH.
+FORBIDDEN = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELETE", "PATCH", "TRACE"})
+# Any line shaped like an HTTP request line ("M-SEARCH * HTTP/1.1").
+_HTTP_REQUEST = re.compile(rb"[!-~]+ [!-~]+ HTTP/[0-9]")
 
 # How much unprocessed input is held while processing is paused and the
 # transport keeps reading (TLS with a full write buffer).
@@ -1056,27 +1059,39 @@ class SMTPServerProtocol(LineReceiver):
             return
         parsed = parseCommandLine(line)
         if isinstance(parsed, SMTPReply):
-            self._respond(parsed)
+            if _HTTP_REQUEST.match(line):
+                self._notSMTP()
+            else:
+                self._respond(parsed)
             return
         verb, argument = parsed.verb, parsed.argument
+        handler = self.commands.get(verb)
+        if handler is None and (verb in FORBIDDEN or _HTTP_REQUEST.match(line)):
+            self._notSMTP()
+            return
         if self._refused:
             if verb == "QUIT":
                 self._respond(_Answer(R.GOODBYE, True))
             else:
                 self._respond(_Answer(R.BAD_SEQUENCE, plain=True))
             return
-        if verb in FORBIDDEN:
-            self.log.warn("non-SMTP command from {peer}", peer=self.peer)
-            self._respond(_Answer(self._closingReply(R.NOT_AN_SMTP_CLIENT), True))
-            return
         if verb not in ("MAIL", "RCPT") and len(line) + 2 > self.limits.maxLineLength:
             self._respond(R.LINE_TOO_LONG)
             return
-        handler = self.commands.get(verb)
         if handler is None:
             self._respond(R.NOT_IMPLEMENTED if verb in NOT_IMPLEMENTED else R.COMMAND_UNRECOGNIZED)
             return
         handler(self, argument)
+
+    def _notSMTP(self) -> None:
+        """
+        An HTTP (or other foreign) request: one reply, logged once, and
+        close; nothing after it is read.
+        """
+        self.log.warn(
+            "non-SMTP request from {peer} on {listener}, closing", peer=self.peer, listener=self.kind
+        )
+        self._respond(_Answer(self._closingReply(R.NOT_AN_SMTP_CLIENT), True))
 
     def extensions(self) -> list[str]:
         """
@@ -1636,6 +1651,12 @@ class SMTPServerProtocol(LineReceiver):
         mechanism = self._sasl
         assert mechanism is not None
         self._sasl = None
+        if b" " in line and (
+            _HTTP_REQUEST.match(line) or line.partition(b" ")[0].upper().decode("latin-1") in FORBIDDEN
+        ):
+            # Base64 has no spaces: this is a request of another protocol.
+            self._notSMTP()
+            return
         if line == b"*":
             self.log.info("AUTH cancelled by {peer}", peer=self.peer)
             self._respond(A.AUTH_CANCELLED)
