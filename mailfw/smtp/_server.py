@@ -57,7 +57,6 @@ from enum import Enum
 from typing import Any, ClassVar, cast
 
 import idna
-from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet.defer import Deferred, TimeoutError, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -66,12 +65,10 @@ from twisted.internet.interfaces import (
     ITLSTransport,
 )
 from twisted.internet.protocol import connectionDone
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
-from mailfw.auth._realm import IMailUser
 from mailfw.envelope import Envelope, Recipient, RouteKind, Session
 from mailfw.etrn import ETRNHandler
 from mailfw.interfaces import IIncomingMessage, IMessageQueue, IPolicy, IRouter
@@ -92,6 +89,7 @@ from mailfw.smtp._parser import (
     parseMailFrom,
     parseRcptTo,
 )
+from mailfw.smtp._sasl import AuthOutcome, SASLExchange
 from mailfw.verdict import Verdict
 
 __all__ = ["SMTPServerProtocol"]
@@ -510,7 +508,7 @@ class SMTPServerProtocol(LineReceiver):
         self._closed = False
         self._dot: DotReader | None = None
         self._chunk: _Chunk | None = None
-        self._sasl: A.Mechanism | None = None
+        self._sasl: SASLExchange | None = None
         self._avatar: Any = None
         self._logout: Callable[[], None] | None = None
 
@@ -1581,9 +1579,10 @@ class SMTPServerProtocol(LineReceiver):
 
     def smtp_AUTH(self, argument: str) -> None:
         """
-        C{AUTH mechanism [initial-response]}.  The checks run in the order
-        of RFC 4954 and RFC 3207: sequence (503), syntax (501), mechanism
-        (504), encryption (538), then the brute-force lockout (454).
+        C{AUTH mechanism [initial-response]}.  The sequence is checked here
+        (503); the exchange (L{SASLExchange}) checks the rest in the order
+        of RFC 4954 and RFC 3207: syntax (501), mechanism (504), encryption
+        (538), then the brute-force lockout (454) once the user is known.
         """
         auth = self.auth
         session = self._session
@@ -1602,54 +1601,27 @@ class SMTPServerProtocol(LineReceiver):
         if self._transaction is not None:
             self._respond(A.AUTH_IN_TRANSACTION)
             return
-        words = argument.split(" ")
-        if not words[0] or len(words) > 2 or (len(words) == 2 and not words[1]):
-            self._respond(A.AUTH_SYNTAX)
-            return
-        name = words[0].upper()
-        if not A.validMechanismName(name) or name not in auth.mechanisms:
-            self._respond(A.AUTH_UNKNOWN_MECHANISM)
-            return
-        if not session.tls:
-            self._respond(A.AUTH_NEEDS_TLS)
-            return
-        if auth.throttle.lockedOut(session.peerHost):
-            self.log.info("AUTH from {peer} refused: locked out", peer=self.peer)
-            self._respondLater(self._delayed(_Answer(A.AUTH_LOCKED)))
-            return
-        initial: bytes | None = None
-        if len(words) == 2:
-            if words[1] == "=":
-                initial = b""
-            else:
-                initial = A.decodeResponse(words[1].encode("ascii", "replace"))
-                if initial is None:
-                    self._respond(A.AUTH_BAD_BASE64)
-                    return
-        mechanism = A.makeMechanism(name)
-        assert mechanism is not None
-        self._saslStep(mechanism, mechanism.start(initial))
+        exchange = SASLExchange(auth, self.clock, session.peerHost, self.peer)
+        self._saslStep(exchange, exchange.begin(argument, session.tls))
 
-    def _saslStep(self, mechanism: A.Mechanism, step: A.Step) -> None:
+    def _saslStep(self, exchange: SASLExchange, step: SMTPReply | Deferred[AuthOutcome]) -> None:
         """
-        Send the next challenge, check the credentials, or refuse.
+        Send the exchange's next reply; while it waits for a response, the
+        next input line is that response.
         """
-        if isinstance(step, A.Challenge):
-            self._sasl = mechanism
-            self._respond(_Answer(SMTPReply(334, "", A.encodeChallenge(step.data)), plain=True))
-        elif isinstance(step, SMTPReply):
-            self._sasl = None
-            self._authFailed(mechanism.name, "", "malformed response")
+        if isinstance(step, SMTPReply):
+            self._sasl = exchange if exchange.waiting else None
+            self._respond(_Answer(step, plain=step.code == 334))
         else:
             self._sasl = None
-            self._checkCredentials(mechanism.name, step)
+            self._respondLater(step.addCallback(self._authenticated))
 
     def _saslResponse(self, line: bytes) -> None:
         """
         One client response inside a SASL exchange.
         """
-        mechanism = self._sasl
-        assert mechanism is not None
+        exchange = self._sasl
+        assert exchange is not None
         self._sasl = None
         if b" " in line and (
             _HTTP_REQUEST.match(line) or line.partition(b" ")[0].upper().decode("latin-1") in FORBIDDEN
@@ -1657,93 +1629,21 @@ class SMTPServerProtocol(LineReceiver):
             # Base64 has no spaces: this is a request of another protocol.
             self._notSMTP()
             return
-        if line == b"*":
-            self.log.info("AUTH cancelled by {peer}", peer=self.peer)
-            self._respond(A.AUTH_CANCELLED)
-            return
-        data = A.decodeResponse(line)
-        if data is None:
-            self._respond(A.AUTH_BAD_BASE64)
-            return
-        self._saslStep(mechanism, mechanism.respond(data))
+        self._saslStep(exchange, exchange.respond(line))
 
-    def _delayed(self, answer: _Answer) -> Deferred[_Answer]:
+    def _authenticated(self, outcome: AuthOutcome) -> _Answer:
         """
-        C{answer}, after the throttle's failure delay.
+        Apply a successful exchange to the session.
         """
-        assert self.auth is not None
-        delay = self.auth.throttle.failureDelay
-        if delay <= 0:
-            return succeed(answer)
-        return deferLater(self.clock, delay, lambda: answer)
-
-    def _authFailed(self, mechanism: str, user: str, reason: str) -> None:
-        """
-        Count a failed attempt and refuse it with 535, after the delay.
-        """
-        assert self.auth is not None
-        lockedOut = self.auth.throttle.failed(self._session.peerHost)
-        self.log.info(
-            "AUTH {mechanism} failed for {peer} (user {user}): {reason}",
-            mechanism=mechanism,
-            peer=self.peer,
-            user=user,
-            reason=reason,
-            code=A.AUTH_FAILED.code,
-            enhanced=A.AUTH_FAILED.enhanced,
-        )
-        if lockedOut:
-            self.log.warn("too many failed AUTH attempts from {peer}: locked out", peer=self.peer)
-        self._respondLater(self._delayed(_Answer(A.AUTH_FAILED)))
-
-    def _checkCredentials(self, mechanism: str, credentials: Any) -> None:
-        auth = self.auth
-        assert auth is not None
-        user = _printable(credentials.username)
-        d: Deferred[Any] = maybeDeferred(auth.portal.login, credentials, None, IMailUser)
-        if not d.called:
-            d.addTimeout(auth.timeout, self.clock)
-
-        def succeeded(result: tuple[Any, Any, Callable[[], None]]) -> _Answer:
-            _, avatar, logout = result
+        logout = outcome.logout
+        if logout is not None:
             if self._closed:
                 logout()
-                return _Answer(A.AUTH_OK)
-            self._endLogin()
-            self._avatar, self._logout = avatar, logout
-            self._session = replace(self._session, authenticated=str(avatar.identity), relayClient=True)
-            self.log.info(
-                "AUTH {mechanism} succeeded for {peer}: authenticated as {user}",
-                mechanism=mechanism,
-                peer=self.peer,
-                user=str(avatar.identity),
-            )
-            return _Answer(A.AUTH_OK)
-
-        def failed(f: Failure) -> _Answer | Deferred[_Answer]:
-            if self._closed:
-                return _Answer(A.AUTH_TEMPORARY)
-            if f.check(UnauthorizedLogin, UnhandledCredentials):
-                assert auth is not None
-                lockedOut = auth.throttle.failed(self._session.peerHost)
-                self.log.info(
-                    "AUTH {mechanism} failed for {peer} (user {user}): bad credentials",
-                    mechanism=mechanism,
-                    peer=self.peer,
-                    user=user,
-                    code=A.AUTH_FAILED.code,
-                    enhanced=A.AUTH_FAILED.enhanced,
-                )
-                if lockedOut:
-                    self.log.warn("too many failed AUTH attempts from {peer}: locked out", peer=self.peer)
-                return self._delayed(_Answer(A.AUTH_FAILED))
-            if f.check(TimeoutError):
-                self.log.warn("AUTH check timed out for {peer}", peer=self.peer)
             else:
-                self.log.failure("AUTH check failed for {peer}", f, peer=self.peer)
-            return _Answer(A.AUTH_TEMPORARY)
-
-        self._respondLater(d.addCallbacks(succeeded, failed))
+                self._endLogin()
+                self._avatar, self._logout = outcome.avatar, logout
+                self._session = replace(self._session, authenticated=outcome.identity, relayClient=True)
+        return _Answer(outcome.reply)
 
     def _endLogin(self) -> None:
         """
@@ -1795,16 +1695,6 @@ class SMTPServerProtocol(LineReceiver):
             recipient="" if recipient is None else str(recipient.address),
             queueID=queueID,
         )
-
-
-def _printable(name: bytes | str) -> str:
-    """
-    A user name a client sent, fit for a log event: decoded leniently,
-    control characters escaped, at most 64 characters.
-    """
-    text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
-    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-    return text[:64]
 
 
 def _idHost(hostname: str) -> str:
