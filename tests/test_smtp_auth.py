@@ -28,6 +28,7 @@ from mailfw.auth import MailRealm
 from mailfw.reply import SMTPReply
 from mailfw.smtp import SMTPFactory, SMTPLimits, SMTPServerProtocol
 from mailfw.smtp._auth import AUTH_LOCKED, AuthThrottle, SMTPAuth
+from mailfw.smtp._settings import SessionSettings
 from tests._smtpdoubles import (
     EHLO,
     HOSTNAME,
@@ -1113,15 +1114,17 @@ class IosimTests(SynchronousTestCase):
         queue = RecordingQueue()
         context = FakeTLSContext()
         server = SMTPServerProtocol(
-            "submission",
-            HOSTNAME,
-            queue,
-            DictRouter(),
-            clock,
-            (),
-            SMTPLimits(),
-            context,  # type: ignore[arg-type]
-            auth=makeAuth(clock),
+            SessionSettings(
+                "submission",
+                HOSTNAME,
+                queue,  # type: ignore[arg-type]
+                DictRouter(),  # type: ignore[arg-type]
+                clock,
+                (),
+                SMTPLimits(),
+                context,
+                auth=makeAuth(clock),
+            )
         )
         client = RecordingClient()
         serverTransport = iosim.FakeTransport(
@@ -1158,7 +1161,7 @@ class FactoryTests(SynchronousTestCase):
         auth = makeAuth(Clock())
         factory = SMTPFactory("submission", HOSTNAME, RecordingQueue(), DictRouter(), Clock(), auth=auth)  # type: ignore[arg-type]
         proto = factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1))
-        self.assertIs(proto.auth, auth)  # type: ignore[union-attr]
+        self.assertIs(proto.settings.auth, auth)  # type: ignore[union-attr]
 
     def test_mechanismsChecked(self) -> None:
         """

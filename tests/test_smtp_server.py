@@ -29,6 +29,7 @@ from mailfw.queued import QueueFull
 from mailfw.reply import SMTPReply
 from mailfw.smtp import SMTPFactory, SMTPLimits, SMTPServerProtocol
 from mailfw.smtp._server import CLOSE_GRACE
+from mailfw.smtp._settings import SessionSettings
 from tests._smtpdoubles import (
     EHLO,
     HOSTNAME,
@@ -1439,7 +1440,7 @@ class ExtensionSeamTests(SynchronousTestCase):
                 return [*super().extensions(), "ETRN"]
 
         WithETRN.commands = {**SMTPServerProtocol.commands, "ETRN": WithETRN.smtp_ETRN}  # type: ignore[dict-item]
-        proto = WithETRN("smtp", HOSTNAME, RecordingQueue(), DictRouter(), Clock())  # type: ignore[arg-type]
+        proto = WithETRN(SessionSettings("smtp", HOSTNAME, RecordingQueue(), DictRouter(), Clock()))  # type: ignore[arg-type]
         transport = StringTransport()
         proto.makeConnection(transport)
         proto.dataReceived(EHLO + b"ETRN example.org\r\nMAIL FROM:<a@example.net> AUTH=<>\r\n")

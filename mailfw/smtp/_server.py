@@ -57,10 +57,9 @@ from enum import Enum
 from typing import Any, ClassVar, cast
 
 import idna
-from twisted.internet.defer import Deferred, TimeoutError, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
-    IReactorTime,
     ISSLTransport,
     ITLSTransport,
 )
@@ -70,15 +69,13 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from mailfw.envelope import Envelope, Recipient, RouteKind, Session
-from mailfw.etrn import ETRNHandler
-from mailfw.interfaces import IIncomingMessage, IMessageQueue, IPolicy, IRouter
+from mailfw.interfaces import IIncomingMessage
+from mailfw.policy._chain import Stage
 from mailfw.queued import QueueFull
 from mailfw.reply import SMTPReply
 from mailfw.smtp import _auth as A
 from mailfw.smtp import _replies as R
-from mailfw.smtp._auth import SMTPAuth
 from mailfw.smtp._body import ChunkReader, DotReader
-from mailfw.smtp._limits import SMTPLimits
 from mailfw.smtp._parser import (
     MailFrom,
     RcptTo,
@@ -90,18 +87,16 @@ from mailfw.smtp._parser import (
     parseRcptTo,
 )
 from mailfw.smtp._sasl import AuthOutcome, SASLExchange
+from mailfw.smtp._settings import SessionSettings
 from mailfw.verdict import Verdict
 
 __all__ = ["SMTPServerProtocol"]
-
-LISTENER_KINDS = ("smtp", "submission", "submissions")
 
 # Commands of RFC 5321 and common extensions that this server knows but does
 # not offer: 502 rather than 500.  TURN (RFC 821) would hand the queue to
 # whoever connects: never.  (ETRN has an entry in SMTPServerProtocol.commands
 # and answers 502 itself where it is not offered.)
 NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ATRN", "SEND", "SOML", "SAML", "VERB", "XCLIENT", "XFORWARD"})
-SUBMISSION_KINDS = ("submission", "submissions")
 # Requests of other protocols sent to an SMTP port (cross-protocol attacks,
 # a browser pointed at the port; Postfix's smtpd_forbidden_commands): one
 # 221 2.7.0, then closed, on every listener, before and after AUTH.
@@ -140,10 +135,6 @@ class _Answer:
     close: bool = False
     more: tuple[str, ...] = ()
     plain: bool = False  # never carry the enhanced status code (RFC 2034)
-
-
-# What an empty policy chain says at every stage.
-_NO_VERDICT = Verdict()
 
 
 @functools.lru_cache(maxsize=512)
@@ -219,7 +210,7 @@ class _MessageSink:
         self._incoming = incoming
         self.envelope = envelope
         self._received = received
-        self._limits = proto.limits
+        self._limits = proto.settings.limits
         self._state = _SinkState.COLLECTING
         self._head = bytearray()
         self._scanned = 0
@@ -455,36 +446,15 @@ class SMTPServerProtocol(LineReceiver):
 
     def __init__(
         self,
-        kind: str,
-        hostname: str,
-        queue: IMessageQueue,
-        router: IRouter,
-        clock: IReactorTime,
-        policies: Sequence[IPolicy] = (),
-        limits: SMTPLimits = SMTPLimits(),
-        tlsOptions: object | None = None,
+        settings: SessionSettings,
         onOpen: Callable[[SMTPServerProtocol], None] | None = None,
         onClose: Callable[[SMTPServerProtocol], None] | None = None,
-        auth: SMTPAuth | None = None,
-        etrn: ETRNHandler | None = None,
     ) -> None:
-        if kind not in LISTENER_KINDS:
-            raise ValueError(f"unknown listener kind {kind!r}")
-        self.auth = auth
-        self.etrn = etrn
-        self.kind = kind
-        self.hostname = hostname
-        self.queue = queue
-        self.router = router
-        self.clock = clock
-        self.policies = tuple(policies)
-        self.limits = limits
-        self.tlsOptions = tlsOptions
-        self.MAX_LENGTH = limits.maxCommandLine
+        self.settings = settings
         self._onOpen = onOpen
         self._onClose = onClose
         self.peer = ""
-        self._session = Session(listener=kind, peerHost="")
+        self._session = Session(listener=settings.kind, peerHost="")
         self._transaction: _Transaction | None = None
         self._mode = _Mode.COMMAND
         self._buffer = b""
@@ -536,28 +506,28 @@ class SMTPServerProtocol(LineReceiver):
         port = getattr(address, "port", 0)
         port = port if isinstance(port, int) else 0
         self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        tls = self.kind == "submissions" or ISSLTransport.providedBy(transport)
-        self._session = Session(listener=self.kind, peerHost=host, peerPort=port, tls=tls)
+        tls = self.settings.kind == "submissions" or ISSLTransport.providedBy(transport)
+        self._session = Session(listener=self.settings.kind, peerHost=host, peerPort=port, tls=tls)
         # The connection is logged once, when it ends (with what happened):
         # twistd writes every event, debug ones too, and a line per event is
         # a measurable share of the cost of a message.
-        self._connectedAt = self.clock.seconds()
+        self._connectedAt = self.settings.clock.seconds()
         if self._onOpen is not None:
             self._onOpen(self)
         # As a streaming producer the protocol stops reading while the
         # transport's write buffer is full: a client that pipelines without
         # reading the replies cannot make the server buffer them all.
         transport.registerProducer(self, True)  # type: ignore[attr-defined]
-        self._lastActivity = self.clock.seconds()
-        self._idle = self.clock.callLater(self.limits.idleTimeout, self._idleTimedOut)
+        self._lastActivity = self.settings.clock.seconds()
+        self._idle = self.settings.clock.callLater(self.settings.limits.idleTimeout, self._idleTimedOut)
         session = self._session
-        verdict = self._chain(lambda p: p.checkConnection(session), "connect")
+        verdict = self.settings.chain.ask(Stage.CONNECT, lambda p: p.checkConnection(session), self.peer)
         self._respondLater(verdict.addCallback(self._greeting), cancellable=True)
 
     def _greeting(self, verdict: Verdict) -> _Answer:
         refusal = self._refusalFor(verdict)
         if refusal is None:
-            return _Answer(SMTPReply(220, "", f"{self.hostname} ESMTP"), plain=True)
+            return _Answer(SMTPReply(220, "", f"{self.settings.hostname} ESMTP"), plain=True)
         reply = refusal.reply
         self.log.info(
             "connection from {peer} refused: {code} {enhanced}",
@@ -568,8 +538,8 @@ class SMTPServerProtocol(LineReceiver):
         if reply.isPermanent and not refusal.close:
             # RFC 5321 3.1: 554 instead of the greeting, then only QUIT.
             self._refused = True
-            return _Answer(SMTPReply(554, "", f"{self.hostname} {reply.text}"), plain=True)
-        return _Answer(SMTPReply(421, "", f"{self.hostname} {reply.text}"), True, plain=True)
+            return _Answer(SMTPReply(554, "", f"{self.settings.hostname} {reply.text}"), plain=True)
+        return _Answer(SMTPReply(421, "", f"{self.settings.hostname} {reply.text}"), True, plain=True)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
@@ -591,9 +561,9 @@ class SMTPServerProtocol(LineReceiver):
             "connection from {peer} on {listener} closed after {duration:.1f}s:"
             " {accepted} messages accepted, {errors} errors",
             peer=self.peer,
-            listener=self.kind,
+            listener=self.settings.kind,
             helo=self._session.helo or "",
-            duration=self.clock.seconds() - self._connectedAt,
+            duration=self.settings.clock.seconds() - self._connectedAt,
             accepted=self._accepted,
             errors=self._errors,
         )
@@ -621,7 +591,7 @@ class SMTPServerProtocol(LineReceiver):
             self.transport.loseConnection()
             # A TLS close waits for the peer, and a peer that never reads
             # keeps our write buffer full: neither may hold the slot.
-            self._abortLater = self.clock.callLater(CLOSE_GRACE, self._abortClose)
+            self._abortLater = self.settings.clock.callLater(CLOSE_GRACE, self._abortClose)
 
     def _abortClose(self) -> None:
         self._abortLater = None
@@ -633,21 +603,21 @@ class SMTPServerProtocol(LineReceiver):
         """
         RFC 5321 4.2: a 421 names the server.
         """
-        return replace(reply, text=f"{self.hostname} {reply.text}")
+        return replace(reply, text=f"{self.settings.hostname} {reply.text}")
 
     def _idleTimedOut(self) -> None:
         self._idle = None
         if self._closing:
             return
-        remaining = self._lastActivity + self.limits.idleTimeout - self.clock.seconds()
+        remaining = self._lastActivity + self.settings.limits.idleTimeout - self.settings.clock.seconds()
         if remaining > 0:
             # Activity since the timer was set: wait for the rest.  (The
             # timer is moved lazily, not reset on every line.)
-            self._idle = self.clock.callLater(remaining, self._idleTimedOut)
+            self._idle = self.settings.clock.callLater(remaining, self._idleTimedOut)
             return
         if self._slots or "verdict" in self._pauseReasons:
             # We are the slow party (a policy or the queue); not the client.
-            self._idle = self.clock.callLater(self.limits.idleTimeout, self._idleTimedOut)
+            self._idle = self.settings.clock.callLater(self.settings.limits.idleTimeout, self._idleTimedOut)
             return
         self.log.info("idle timeout for {peer}", peer=self.peer)
         self._send(_Answer(self._closingReply(R.TIMEOUT)))
@@ -660,7 +630,7 @@ class SMTPServerProtocol(LineReceiver):
         self._close()
 
     def _activity(self) -> None:
-        self._lastActivity = self.clock.seconds()
+        self._lastActivity = self.settings.clock.seconds()
 
     # --- input ----------------------------------------------------------------
 
@@ -722,7 +692,7 @@ class SMTPServerProtocol(LineReceiver):
         """
         buf, start = self._buffer, self._offset
         inSASL = self._sasl is not None
-        limit = (A.SASL_LINE_LIMIT if inSASL else self.limits.maxCommandLine) - 2
+        limit = (A.SASL_LINE_LIMIT if inSASL else self.settings.limits.maxCommandLine) - 2
         if self._discardingLine:
             end = buf.find(b"\r\n", start)
             if end < 0:
@@ -773,12 +743,12 @@ class SMTPServerProtocol(LineReceiver):
         tx = self._transaction
         if tx is None or tx.message is not None:
             return False
-        if self._errors >= self.limits.softErrorLimit:
+        if self._errors >= self.settings.limits.softErrorLimit:
             return False
         pending = len(self._slots)
-        if pending >= self.limits.maxPendingChecks:
+        if pending >= self.settings.limits.maxPendingChecks:
             return False
-        if len(tx.recipients) + pending >= self.limits.maxRecipients:
+        if len(tx.recipients) + pending >= self.settings.limits.maxRecipients:
             return False
         return all(slot.overlappable for slot in self._slots)
 
@@ -908,16 +878,18 @@ class SMTPServerProtocol(LineReceiver):
                 if answer is None or (slot.penalized and self._penalty is not None):
                     break
                 if answer.reply.code >= 500:
-                    if self._errors + 1 >= self.limits.hardErrorLimit:
+                    if self._errors + 1 >= self.settings.limits.hardErrorLimit:
                         self.log.info("too many errors from {peer}", peer=self.peer)
                         answer = _Answer(self._closingReply(R.TOO_MANY_ERRORS), True)
                     elif (
-                        self._errors + 1 > self.limits.softErrorLimit
+                        self._errors + 1 > self.settings.limits.softErrorLimit
                         and not slot.penalized
-                        and self.limits.errorDelay > 0
+                        and self.settings.limits.errorDelay > 0
                     ):
                         slot.penalized = True
-                        self._penalty = self.clock.callLater(self.limits.errorDelay, self._penaltyServed)
+                        self._penalty = self.settings.clock.callLater(
+                            self.settings.limits.errorDelay, self._penaltyServed
+                        )
                         break
                     self._errors += 1
                 self._slots.popleft()
@@ -955,66 +927,6 @@ class SMTPServerProtocol(LineReceiver):
 
     # --- policies ---------------------------------------------------------------
 
-    def _chain(self, call: Callable[[IPolicy], Verdict | Deferred[Verdict]], stage: str) -> Deferred[Verdict]:
-        """
-        Ask the policies in order until one decides; each call has the
-        policy timeout.  Headers of verdicts that let the chain continue are
-        collected.  A failure or timeout becomes a 451 verdict here, so the
-        result never fails.
-        """
-        policies = self.policies
-        if not policies:
-            return succeed(_NO_VERDICT)
-        headers: list[tuple[str, str]] = []
-
-        def absorb(verdict: object) -> Verdict | None:
-            if not isinstance(verdict, Verdict):
-                raise TypeError(f"policy returned {verdict!r}, not a Verdict")
-            headers.extend(verdict.headers)
-            if verdict.reply is not None or verdict.disconnect:
-                return replace(verdict, headers=tuple(headers))
-            return None
-
-        def step(index: int) -> Deferred[Verdict]:
-            while index < len(policies):
-                policy = policies[index]
-                try:
-                    result = call(policy)
-                except Exception:
-                    return fail()
-                if isinstance(result, Deferred):
-                    if not result.called:
-                        result.addTimeout(self.limits.policyTimeout, self.clock)
-                    return result.addCallback(after, index)
-                decided = absorb(result)
-                if decided is not None:
-                    return succeed(decided)
-                index += 1
-            return succeed(Verdict(headers=tuple(headers)))
-
-        def after(verdict: Verdict, index: int) -> Verdict | Deferred[Verdict]:
-            decided = absorb(verdict)
-            if decided is not None:
-                return decided
-            return step(index + 1)
-
-        return step(0).addErrback(self._verdictFailed, stage)
-
-    def _verdictFailed(self, f: Failure, stage: str) -> Verdict:
-        return Verdict(self._failureReply(f, stage))
-
-    def _failureReply(self, f: Failure, stage: str) -> SMTPReply:
-        """
-        The 451 for a plugin that failed or timed out; logged, never shown.
-        """
-        if self._closed:
-            return R.LOCAL_ERROR
-        if f.check(TimeoutError):
-            self.log.warn("{stage} check timed out for {peer}", stage=stage, peer=self.peer)
-            return R.POLICY_TIMEOUT
-        self.log.failure("{stage} check failed for {peer}", f, stage=stage, peer=self.peer)
-        return R.LOCAL_ERROR
-
     def _refusalFor(self, verdict: Verdict) -> _Answer | None:
         """
         The answer for a refusing verdict, or C{None} if it accepts.
@@ -1031,7 +943,9 @@ class SMTPServerProtocol(LineReceiver):
 
     def _messageVerdict(self, envelope: Envelope, header: bytes) -> Deferred[Verdict]:
         session = self._session
-        return self._chain(lambda p: p.checkMessage(session, envelope, header), "message")
+        return self.settings.chain.ask(
+            Stage.HEADERS, lambda p: p.checkMessage(session, envelope, header), self.peer
+        )
 
     def _formatHeaders(self, headers: Sequence[tuple[str, str]]) -> bytes:
         """
@@ -1073,7 +987,7 @@ class SMTPServerProtocol(LineReceiver):
             else:
                 self._respond(_Answer(R.BAD_SEQUENCE, plain=True))
             return
-        if verb not in ("MAIL", "RCPT") and len(line) + 2 > self.limits.maxLineLength:
+        if verb not in ("MAIL", "RCPT") and len(line) + 2 > self.settings.limits.maxLineLength:
             self._respond(R.LINE_TOO_LONG)
             return
         if handler is None:
@@ -1087,7 +1001,7 @@ class SMTPServerProtocol(LineReceiver):
         close; nothing after it is read.
         """
         self.log.warn(
-            "non-SMTP request from {peer} on {listener}, closing", peer=self.peer, listener=self.kind
+            "non-SMTP request from {peer} on {listener}, closing", peer=self.peer, listener=self.settings.kind
         )
         self._respond(_Answer(self._closingReply(R.NOT_AN_SMTP_CLIENT), True))
 
@@ -1097,7 +1011,7 @@ class SMTPServerProtocol(LineReceiver):
         """
         keywords = [
             "PIPELINING",
-            f"SIZE {self.limits.maxMessageSize}",
+            f"SIZE {self.settings.limits.maxMessageSize}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
@@ -1106,15 +1020,17 @@ class SMTPServerProtocol(LineReceiver):
         ]
         if self._tlsAvailable():
             keywords.append("STARTTLS")
-        if self.auth is not None and self._session.tls:
-            keywords.append("AUTH " + " ".join(self.auth.mechanisms))
-        if self.etrn is not None:
+        if self.settings.auth is not None and self._session.tls:
+            keywords.append("AUTH " + " ".join(self.settings.auth.mechanisms))
+        if self.settings.etrn is not None:
             keywords.append("ETRN")
         return keywords
 
     def _tlsAvailable(self) -> bool:
         return (
-            self.tlsOptions is not None and not self._session.tls and ITLSTransport.providedBy(self.transport)
+            self.settings.tlsOptions is not None
+            and not self._session.tls
+            and ITLSTransport.providedBy(self.transport)
         )
 
     def _helo(self, argument: str, esmtp: bool) -> None:
@@ -1124,9 +1040,11 @@ class SMTPServerProtocol(LineReceiver):
             return
         session = replace(self._session, helo=name, esmtp=esmtp)
         if esmtp:
-            accept = _Answer(SMTPReply(250, "", self.hostname), more=tuple(self.extensions()), plain=True)
+            accept = _Answer(
+                SMTPReply(250, "", self.settings.hostname), more=tuple(self.extensions()), plain=True
+            )
         else:
-            accept = _Answer(SMTPReply(250, "", self.hostname), plain=True)
+            accept = _Answer(SMTPReply(250, "", self.settings.hostname), plain=True)
 
         def decided(verdict: Verdict) -> _Answer:
             answer = self._stageAnswer(verdict, accept)
@@ -1138,8 +1056,8 @@ class SMTPServerProtocol(LineReceiver):
                 self._resetTransaction()
                 self._session = session
 
-        d = self._chain(lambda p: p.checkHelo(session, name), "helo").addCallback(decided)
-        self._respondLater(d, then)
+        verdict = self.settings.chain.ask(Stage.HELO, lambda p: p.checkHelo(session, name), self.peer)
+        self._respondLater(verdict.addCallback(decided), then)
 
     def smtp_EHLO(self, argument: str) -> None:
         self._helo(argument, esmtp=True)
@@ -1154,17 +1072,17 @@ class SMTPServerProtocol(LineReceiver):
         if self._transaction is not None:
             self._respond(R.NESTED_MAIL)
             return
-        if self.kind in SUBMISSION_KINDS and self._session.authenticated is None:
+        if self.settings.submission and self._session.authenticated is None:
             self._respond(R.NEED_AUTH)
             return
         extra = self.mailParameters
-        if self.auth is not None:
+        if self.settings.auth is not None:
             extra = extra | {"AUTH"}
         parsed = parseMailFrom(argument, esmtp=self._session.esmtp, extraParameters=extra)
         if isinstance(parsed, SMTPReply):
             self._respond(parsed)
             return
-        if self.auth is not None and "AUTH" in parsed.parameters:
+        if self.settings.auth is not None and "AUTH" in parsed.parameters:
             # RFC 4954 5: the identity a relay vouches for.  Checked for
             # syntax, then ignored: this server does not pass it on.
             value = parsed.parameters["AUTH"]
@@ -1186,7 +1104,7 @@ class SMTPServerProtocol(LineReceiver):
             )
             self._respond(A.SENDER_NOT_OWNED)
             return
-        if parsed.size is not None and parsed.size > self.limits.maxMessageSize:
+        if parsed.size is not None and parsed.size > self.settings.limits.maxMessageSize:
             self._respond(R.MESSAGE_TOO_BIG)
             return
         session = self._session
@@ -1198,9 +1116,9 @@ class SMTPServerProtocol(LineReceiver):
             else:
                 self._logRefusal("MAIL", answer.reply, mail)
 
-        d = self._chain(lambda p: p.checkSender(session, mail.sender, mail.parameters), "sender").addCallback(
-            self._stageAnswer, _Answer(R.MAIL_OK)
-        )
+        d = self.settings.chain.ask(
+            Stage.MAIL, lambda p: p.checkSender(session, mail.sender, mail.parameters), self.peer
+        ).addCallback(self._stageAnswer, _Answer(R.MAIL_OK))
         self._respondLater(d, then)
 
     def smtp_RCPT(self, argument: str) -> None:
@@ -1211,12 +1129,14 @@ class SMTPServerProtocol(LineReceiver):
         if tx.message is not None:
             self._respond(R.BAD_SEQUENCE)
             return
-        parsed = parseRcptTo(argument, self.hostname, esmtp=self._session.esmtp, smtputf8=tx.mail.smtputf8)
+        parsed = parseRcptTo(
+            argument, self.settings.hostname, esmtp=self._session.esmtp, smtputf8=tx.mail.smtputf8
+        )
         tx.attempted += 1
         if isinstance(parsed, SMTPReply):
             self._respond(parsed)
             return
-        if len(tx.recipients) >= self.limits.maxRecipients:
+        if len(tx.recipients) >= self.settings.limits.maxRecipients:
             self._respond(R.TOO_MANY_RECIPIENTS)
             return
         recipient = Recipient(parsed.address, parsed.notify, parsed.orcpt)
@@ -1244,9 +1164,9 @@ class SMTPServerProtocol(LineReceiver):
             return succeed(accept)
         session = self._session
         envelope = self._envelope(tx)
-        routed: Deferred[Any] = maybeDeferred(self.router.route, recipient.address, session)
+        routed: Deferred[Any] = maybeDeferred(self.settings.router.route, recipient.address, session)
         if not routed.called:
-            routed.addTimeout(self.limits.policyTimeout, self.clock)
+            routed.addTimeout(self.settings.limits.policyTimeout, self.settings.clock)
 
         def afterRoute(route: Any) -> Deferred[_Answer] | _Answer:
             if route.kind is RouteKind.REFUSE:
@@ -1256,12 +1176,12 @@ class SMTPServerProtocol(LineReceiver):
                 return _Answer(reply)
             if route.kind is RouteKind.LOCAL and recipient.address.localpart.lower() == "postmaster":
                 return accept
-            return self._chain(
-                lambda p: p.checkRecipient(session, envelope, recipient), "recipient"
+            return self.settings.chain.ask(
+                Stage.RCPT, lambda p: p.checkRecipient(session, envelope, recipient), self.peer
             ).addCallback(self._stageAnswer, accept)
 
         def failed(f: Failure) -> _Answer:
-            return _Answer(self._failureReply(f, "route"))
+            return _Answer(self.settings.chain.failureReply(f, "route", self.peer))
 
         return routed.addCallbacks(afterRoute, failed)
 
@@ -1279,7 +1199,7 @@ class SMTPServerProtocol(LineReceiver):
             helo=session.helo or "",
             peerHost=session.peerHost,
             authenticated=session.authenticated,
-            arrival=self.clock.seconds(),
+            arrival=self.settings.clock.seconds(),
         )
 
     def _startMessage(self, tx: _Transaction) -> SMTPReply | None:
@@ -1288,7 +1208,7 @@ class SMTPServerProtocol(LineReceiver):
         """
         envelope = self._envelope(tx)
         try:
-            incoming = self.queue.receive(envelope)
+            incoming = self.settings.queue.receive(envelope)
             queueID = str(incoming.queueID)
         except Exception:
             self.log.failure("queue refused a new message from {peer}", peer=self.peer)
@@ -1314,7 +1234,7 @@ class SMTPServerProtocol(LineReceiver):
             origin = f"from {helo} ({literal})"
         else:
             origin = f"from {helo}"
-        if self.auth is not None and self.auth.receivedIdentity and session.authenticated:
+        if self.settings.auth is not None and self.settings.auth.receivedIdentity and session.authenticated:
             identity = _COMMENT_UNSAFE.sub("?", session.authenticated)
             identity = identity.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
             origin += f"\r\n\t(Authenticated sender: {identity})"
@@ -1325,8 +1245,8 @@ class SMTPServerProtocol(LineReceiver):
             protocol = "ESMTP" + suffix
         else:
             protocol = "SMTP"
-        when = format_datetime(datetime.fromtimestamp(self.clock.seconds(), UTC))
-        lines = [f"Received: {origin}", f"\tby {self.hostname} with {protocol} id {queueID}"]
+        when = format_datetime(datetime.fromtimestamp(self.settings.clock.seconds(), UTC))
+        lines = [f"Received: {origin}", f"\tby {self.settings.hostname} with {protocol} id {queueID}"]
         if len(envelope.recipients) == 1:
             lines.append(f"\tfor <{envelope.recipients[0].address}>; {when}")
         else:
@@ -1365,7 +1285,7 @@ class SMTPServerProtocol(LineReceiver):
             return
 
         def then(answer: _Answer) -> None:
-            self._dot = DotReader(self.limits.maxTextLine)
+            self._dot = DotReader(self.settings.limits.maxTextLine)
             self._mode = _Mode.DATA
 
         self._respond(R.START_DATA, then)
@@ -1426,7 +1346,7 @@ class SMTPServerProtocol(LineReceiver):
             error = self._startMessage(tx)
             if error is None:
                 tx.bdat = True
-                tx.chunks = ChunkReader(self.limits.maxTextLine)
+                tx.chunks = ChunkReader(self.settings.limits.maxTextLine)
         self._chunk = _Chunk(parsed.size, parsed.last, parsed.size, error)
         if parsed.size:
             self._mode = _Mode.BDAT
@@ -1498,7 +1418,7 @@ class SMTPServerProtocol(LineReceiver):
         RFC 1985: start delivering the queue for a node (see the module
         docstring).
         """
-        if self.etrn is None:
+        if self.settings.etrn is None:
             self._respond(R.NOT_IMPLEMENTED)
             return
         if self._session.helo is None:
@@ -1509,7 +1429,7 @@ class SMTPServerProtocol(LineReceiver):
             return
         avatar = self._avatar
         userDomains = tuple(avatar.etrnDomains) if avatar is not None else None
-        d = self.etrn.request(argument, self._session.peerHost, userDomains)
+        d = self.settings.etrn.request(argument, self._session.peerHost, userDomains)
 
         def answered(reply: SMTPReply) -> _Answer:
             self.log.info(
@@ -1542,7 +1462,7 @@ class SMTPServerProtocol(LineReceiver):
             self._respond(R.TLS_ACTIVE)
             return
         tls = ITLSTransport(self.transport, None)
-        if self.tlsOptions is None or tls is None:
+        if self.settings.tlsOptions is None or tls is None:
             self._respond(R.TLS_NOT_AVAILABLE)
             return
         if self._session.helo is None:
@@ -1570,7 +1490,7 @@ class SMTPServerProtocol(LineReceiver):
             )
             self._endLogin()
             self._resetTransaction()
-            tls.startTLS(cast(Any, self.tlsOptions))
+            tls.startTLS(cast(Any, self.settings.tlsOptions))
             self.log.info("TLS started for {peer}", peer=self.peer)
 
         self._respond(R.TLS_READY, then)
@@ -1584,7 +1504,7 @@ class SMTPServerProtocol(LineReceiver):
         of RFC 4954 and RFC 3207: syntax (501), mechanism (504), encryption
         (538), then the brute-force lockout (454) once the user is known.
         """
-        auth = self.auth
+        auth = self.settings.auth
         session = self._session
         if auth is None:
             self._respond(R.NOT_IMPLEMENTED)
@@ -1601,7 +1521,7 @@ class SMTPServerProtocol(LineReceiver):
         if self._transaction is not None:
             self._respond(A.AUTH_IN_TRANSACTION)
             return
-        exchange = SASLExchange(auth, self.clock, session.peerHost, self.peer)
+        exchange = SASLExchange(auth, self.settings.clock, session.peerHost, self.peer)
         self._saslStep(exchange, exchange.begin(argument, session.tls))
 
     def _saslStep(self, exchange: SASLExchange, step: SMTPReply | Deferred[AuthOutcome]) -> None:
@@ -1664,14 +1584,16 @@ class SMTPServerProtocol(LineReceiver):
         On the submission listeners, the C{Date:} and C{Message-ID:} fields
         a message lacks (RFC 6409 8.2 and 8.3); nothing elsewhere.
         """
-        if self.kind not in SUBMISSION_KINDS:
+        if not self.settings.submission:
             return b""
         out = b""
         if not _DATE.search(header):
-            when = format_datetime(datetime.fromtimestamp(self.clock.seconds(), UTC))
+            when = format_datetime(datetime.fromtimestamp(self.settings.clock.seconds(), UTC))
             out += f"Date: {when}\r\n".encode("ascii")
         if not _MESSAGE_ID.search(header):
-            out += f"Message-ID: <{secrets.token_hex(16)}@{_idHost(self.hostname)}>\r\n".encode("ascii")
+            out += f"Message-ID: <{secrets.token_hex(16)}@{_idHost(self.settings.hostname)}>\r\n".encode(
+                "ascii"
+            )
         return out
 
     # --- logging ------------------------------------------------------------------------
