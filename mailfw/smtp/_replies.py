@@ -11,6 +11,7 @@ when it must.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from mailfw.reply import SMTPReply
 
@@ -57,6 +58,7 @@ __all__ = [
     "TOO_MANY_HOPS",
     "TOO_MANY_RECIPIENTS",
     "VRFY",
+    "Answer",
     "helpReply",
 ]
 
@@ -140,3 +142,16 @@ POLICY_TIMEOUT = SMTPReply(451, "4.4.3", "Temporary lookup failure, try again la
 QUEUE_FULL = SMTPReply(452, "4.3.1", "Insufficient system storage, try again later")
 TLS_NOT_AVAILABLE = SMTPReply(454, "4.7.0", "TLS not available")
 NEED_AUTH = SMTPReply(530, "5.7.0", "Authentication required")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """
+    What a command gets: a reply, whether to close the connection after it,
+    and further text lines for a multi-line reply.
+    """
+
+    reply: SMTPReply
+    close: bool = False
+    more: tuple[str, ...] = ()
+    plain: bool = False  # never carry the enhanced status code (RFC 2034)

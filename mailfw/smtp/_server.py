@@ -47,16 +47,12 @@ from __future__ import annotations
 
 import functools
 import re
-import secrets
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from email.utils import format_datetime
 from enum import Enum
 from typing import Any, ClassVar, cast
 
-import idna
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -69,13 +65,12 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from mailfw.envelope import Envelope, Recipient, RouteKind, Session
-from mailfw.interfaces import IIncomingMessage
 from mailfw.policy._chain import Stage
-from mailfw.queued import QueueFull
 from mailfw.reply import SMTPReply
 from mailfw.smtp import _auth as A
 from mailfw.smtp import _replies as R
 from mailfw.smtp._body import ChunkReader, DotReader
+from mailfw.smtp._headers import policyHeaders, receivedHeader, submissionHeaders
 from mailfw.smtp._parser import (
     MailFrom,
     RcptTo,
@@ -86,8 +81,10 @@ from mailfw.smtp._parser import (
     parseMailFrom,
     parseRcptTo,
 )
+from mailfw.smtp._replies import Answer
 from mailfw.smtp._sasl import AuthOutcome, SASLExchange
 from mailfw.smtp._settings import SessionSettings
+from mailfw.smtp._sink import MessageSink
 from mailfw.verdict import Verdict
 
 __all__ = ["SMTPServerProtocol"]
@@ -111,30 +108,11 @@ _MAX_UNREAD = 1024 * 1024
 # full write buffer) before it is aborted.
 CLOSE_GRACE = 10.0
 
-_RECEIVED = re.compile(rb"(?:^|\n)received[ \t]*:", re.IGNORECASE)
-_DATE = re.compile(rb"(?:^|\n)date[ \t]*:", re.IGNORECASE)
-_MESSAGE_ID = re.compile(rb"(?:^|\n)message-id[ \t]*:", re.IGNORECASE)
-_COMMENT_UNSAFE = re.compile(r"[^\x21-\x7e ]")
-_HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
-
 
 class _Mode(Enum):
     COMMAND = "command"
     DATA = "data"
     BDAT = "bdat"
-
-
-@dataclass(frozen=True)
-class _Answer:
-    """
-    What a command gets: a reply, whether to close the connection after it,
-    and further text lines for a multi-line reply.
-    """
-
-    reply: SMTPReply
-    close: bool = False
-    more: tuple[str, ...] = ()
-    plain: bool = False  # never carry the enhanced status code (RFC 2034)
 
 
 @functools.lru_cache(maxsize=512)
@@ -151,8 +129,8 @@ class _Slot:
     One reply's place in the output order.
     """
 
-    answer: _Answer | None = None
-    then: Callable[[_Answer], None] | None = None
+    answer: Answer | None = None
+    then: Callable[[Answer], None] | None = None
     overlappable: bool = False
     deferred: Deferred[Any] | None = None
     cancellable: bool = True
@@ -169,7 +147,7 @@ class _Transaction:
     recipients: list[Recipient] = field(default_factory=list)
     attempted: int = 0
     bdat: bool = False
-    message: _MessageSink | None = None
+    message: MessageSink | None = None
     chunks: ChunkReader | None = None
 
 
@@ -184,242 +162,6 @@ class _Chunk:
     last: bool
     size: int
     error: SMTPReply | None = None
-
-
-class _SinkState(Enum):
-    COLLECTING = "collecting"  # holding the header section
-    WAITING = "waiting"  # checkMessage is deciding; holding what follows
-    STREAMING = "streaming"  # headers written; text goes straight through
-    DISCARDING = "discarding"  # refused: read to the end, store nothing
-
-
-class _MessageSink:
-    """
-    Takes decoded message text, holds the header section for the loop check
-    and C{checkMessage}, and streams the rest into the queue.
-    """
-
-    def __init__(
-        self,
-        proto: SMTPServerProtocol,
-        incoming: IIncomingMessage,
-        envelope: Envelope,
-        received: bytes,
-    ) -> None:
-        self._proto = proto
-        self._incoming = incoming
-        self.envelope = envelope
-        self._received = received
-        self._limits = proto.settings.limits
-        self._state = _SinkState.COLLECTING
-        self._head = bytearray()
-        self._scanned = 0
-        self._held: list[bytes] = []
-        self._waiters: list[Deferred[None]] = []
-        self._pausing = False
-        self._refusal: _Answer | None = None
-        self._oversize = False
-        self._hops = False
-        self._aborted = False
-        self._tail = b""
-        self._verdict: Deferred[Verdict] | None = None
-        self._wholeHeader = True
-        self.committing = False
-        self.size = 0
-
-    @property
-    def queueID(self) -> str:
-        return str(self._incoming.queueID)
-
-    def write(self, data: bytes) -> None:
-        if not data:
-            return
-        self.size += len(data)
-        state = self._state
-        if state is _SinkState.DISCARDING:
-            return
-        if self.size > self._limits.maxMessageSize:
-            self._oversize = True
-            self._discard()
-            return
-        if state is _SinkState.STREAMING:
-            self._write(data)
-        elif state is _SinkState.WAITING:
-            self._held.append(data)
-        else:
-            self._collect(data)
-
-    def _collect(self, data: bytes) -> None:
-        head = self._head
-        head += data
-        if head.startswith(b"\r\n"):
-            split = 0
-        else:
-            split = head.find(b"\r\n\r\n", max(0, self._scanned - 3))
-            if split >= 0:
-                split += 2
-        self._scanned = len(head)
-        if split >= 0:
-            self._headerComplete(bytes(head[:split]), bytes(head[split:]))
-        elif len(head) > self._limits.maxHeaderBytes:
-            self._headerComplete(bytes(head), b"", whole=False)
-
-    def _headerComplete(self, header: bytes, rest: bytes, whole: bool = True) -> None:
-        self._head = bytearray()
-        self._wholeHeader = whole
-        if len(_RECEIVED.findall(header)) >= self._limits.maxReceivedHeaders:
-            self._hops = True
-            self._discard()
-            return
-        self._state = _SinkState.WAITING
-        self._held = [rest] if rest else []
-        d = self._proto._messageVerdict(self.envelope, header)
-        self._verdict = d
-        d.addCallback(self._applyVerdict, header)
-        if self._state is _SinkState.WAITING:
-            self._pausing = True
-            self._proto._pause("verdict")
-
-    def _applyVerdict(self, verdict: Verdict, header: bytes) -> None:
-        self._verdict = None
-        held, self._held = self._held, []
-        if self._state is _SinkState.WAITING and not self._aborted:
-            refusal = self._proto._refusalFor(verdict)
-            if refusal is not None:
-                self._refusal = refusal
-                self._discard()
-            else:
-                self._state = _SinkState.STREAMING
-                fixups = self._proto._submissionHeaders(header) if self._wholeHeader else b""
-                first = b"".join(
-                    [
-                        self._received,
-                        self._proto._formatHeaders(verdict.headers),
-                        fixups,
-                        header,
-                        *held,
-                    ]
-                )
-                self._write(first)
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-        if self._pausing:
-            self._pausing = False
-            self._proto._unpause("verdict")
-
-    def _write(self, data: bytes) -> None:
-        """
-        Hand C{data} to the queue; a queue that raises refuses the message
-        (451) instead of breaking the connection.
-        """
-        try:
-            self._incoming.write(data)
-        except Exception:
-            self._proto.log.failure("queue write failed for {peer}", peer=self._proto.peer)
-            self._refusal = _Answer(R.LOCAL_ERROR)
-            self._discard()
-            return
-        self._tail = data[-2:] if len(data) >= 2 else (self._tail + data)[-2:]
-
-    def _discard(self) -> None:
-        self._state = _SinkState.DISCARDING
-        self._head = bytearray()
-        self._held = []
-        self.abort()
-
-    def abort(self) -> None:
-        """
-        Forget the message (once; never after the commit has started).
-        """
-        if not self._aborted and not self.committing:
-            self._aborted = True
-            try:
-                self._incoming.abort()
-            except Exception:
-                self._proto.log.failure("queue abort failed for {peer}", peer=self._proto.peer)
-            if self._state is not _SinkState.WAITING:
-                self._state = _SinkState.DISCARDING
-
-    def cancel(self) -> None:
-        """
-        The connection is gone: forget the message and stop waiting for a
-        policy.
-        """
-        self.abort()
-        verdict, self._verdict = self._verdict, None
-        if verdict is not None and not verdict.called:
-            verdict.cancel()
-
-    def _settled(self, ended: bool) -> Deferred[None]:
-        """
-        Fires when no verdict is pending.  At the end of the message
-        (C{ended}) a header section without a body is complete too.
-        """
-        if ended and self._state is _SinkState.COLLECTING:
-            self._headerComplete(bytes(self._head), b"")
-        if self._state is _SinkState.WAITING:
-            d: Deferred[None] = Deferred()
-            self._waiters.append(d)
-            return d
-        return succeed(None)
-
-    def _problem(self, bare: bool, longLine: bool) -> _Answer | None:
-        if self._oversize:
-            return _Answer(R.MESSAGE_TOO_BIG)
-        if bare:
-            return _Answer(R.BAD_LINE_ENDING)
-        if longLine:
-            return _Answer(R.TEXT_LINE_TOO_LONG)
-        if self._hops:
-            return _Answer(R.TOO_MANY_HOPS)
-        return self._refusal
-
-    def check(self, bare: bool, longLine: bool) -> Deferred[_Answer | None]:
-        """
-        After a BDAT chunk that is not the last: the refusal so far, if any.
-        """
-
-        def settled(_: None) -> _Answer | None:
-            problem = self._problem(bare, longLine)
-            if problem is not None:
-                self.abort()
-            return problem
-
-        return self._settled(False).addCallback(settled)
-
-    def finish(self, bare: bool, longLine: bool) -> Deferred[_Answer]:
-        """
-        The message has ended: refuse it, or commit it and say 250 once the
-        queue has made it durable.
-        """
-
-        def settled(_: None) -> Deferred[_Answer] | _Answer:
-            problem = self._problem(bare, longLine)
-            if problem is not None:
-                self.abort()
-                return problem
-            if self.size and self._tail != b"\r\n":
-                # A BDAT message need not end with CRLF; stored ones do.
-                self._write(b"\r\n")
-                if self._refusal is not None:
-                    return self._refusal
-            self.committing = True
-            return maybeDeferred(self._incoming.commit).addCallbacks(self._committed, self._commitFailed)
-
-        return self._settled(True).addCallback(settled)
-
-    def _committed(self, queueID: str) -> _Answer:
-        return _Answer(SMTPReply(250, "2.0.0", f"Ok: queued as {queueID}"))
-
-    def _commitFailed(self, f: Failure) -> _Answer:
-        self.committing = False
-        self.abort()
-        if f.check(QueueFull):
-            self._proto.log.warn("queue full, message from {peer} deferred", peer=self._proto.peer)
-            return _Answer(R.QUEUE_FULL)
-        self._proto.log.failure("queue commit failed for {peer}", f, peer=self._proto.peer)
-        return _Answer(R.LOCAL_ERROR)
 
 
 class SMTPServerProtocol(LineReceiver):
@@ -524,10 +266,10 @@ class SMTPServerProtocol(LineReceiver):
         verdict = self.settings.chain.ask(Stage.CONNECT, lambda p: p.checkConnection(session), self.peer)
         self._respondLater(verdict.addCallback(self._greeting), cancellable=True)
 
-    def _greeting(self, verdict: Verdict) -> _Answer:
+    def _greeting(self, verdict: Verdict) -> Answer:
         refusal = self._refusalFor(verdict)
         if refusal is None:
-            return _Answer(SMTPReply(220, "", f"{self.settings.hostname} ESMTP"), plain=True)
+            return Answer(SMTPReply(220, "", f"{self.settings.hostname} ESMTP"), plain=True)
         reply = refusal.reply
         self.log.info(
             "connection from {peer} refused: {code} {enhanced}",
@@ -538,8 +280,8 @@ class SMTPServerProtocol(LineReceiver):
         if reply.isPermanent and not refusal.close:
             # RFC 5321 3.1: 554 instead of the greeting, then only QUIT.
             self._refused = True
-            return _Answer(SMTPReply(554, "", f"{self.settings.hostname} {reply.text}"), plain=True)
-        return _Answer(SMTPReply(421, "", f"{self.settings.hostname} {reply.text}"), True, plain=True)
+            return Answer(SMTPReply(554, "", f"{self.settings.hostname} {reply.text}"), plain=True)
+        return Answer(SMTPReply(421, "", f"{self.settings.hostname} {reply.text}"), True, plain=True)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
@@ -620,7 +362,7 @@ class SMTPServerProtocol(LineReceiver):
             self._idle = self.settings.clock.callLater(self.settings.limits.idleTimeout, self._idleTimedOut)
             return
         self.log.info("idle timeout for {peer}", peer=self.peer)
-        self._send(_Answer(self._closingReply(R.TIMEOUT)))
+        self._send(Answer(self._closingReply(R.TIMEOUT)))
         if "write" in self._pauseReasons and self.transport is not None:
             # The client does not read: waiting for the buffer to drain
             # would keep the connection forever.
@@ -810,7 +552,7 @@ class SMTPServerProtocol(LineReceiver):
 
     # --- output ---------------------------------------------------------------
 
-    def _send(self, answer: _Answer) -> None:
+    def _send(self, answer: Answer) -> None:
         if self._closed or self.transport is None:
             return
         enhanced = self._session.esmtp and not answer.plain
@@ -821,18 +563,18 @@ class SMTPServerProtocol(LineReceiver):
             self.transport.write(_wire(answer.reply, enhanced))
         self._activity()
 
-    def _respond(self, reply: SMTPReply | _Answer, then: Callable[[_Answer], None] | None = None) -> None:
+    def _respond(self, reply: SMTPReply | Answer, then: Callable[[Answer], None] | None = None) -> None:
         """
         Answer the current command, after every earlier reply.
         """
-        answer = reply if isinstance(reply, _Answer) else _Answer(reply)
+        answer = reply if isinstance(reply, Answer) else Answer(reply)
         self._slots.append(_Slot(answer, then, overlappable=True))
         self._flush()
 
     def _respondLater(
         self,
-        d: Deferred[_Answer],
-        then: Callable[[_Answer], None] | None = None,
+        d: Deferred[Answer],
+        then: Callable[[Answer], None] | None = None,
         overlappable: bool = False,
         cancellable: bool = True,
     ) -> None:
@@ -840,7 +582,7 @@ class SMTPServerProtocol(LineReceiver):
         Answer the current command with what C{d} fires with, in order.
         C{d} must not fail: callers map failures to answers first.
         """
-        if d.called and not d.paused and isinstance(d.result, _Answer):
+        if d.called and not d.paused and isinstance(d.result, Answer):
             # Already decided (no plugin waited): skip the callback chain.
             self._slots.append(_Slot(d.result, then, overlappable))
             self._flush()
@@ -848,7 +590,7 @@ class SMTPServerProtocol(LineReceiver):
         slot = _Slot(None, then, overlappable, d, cancellable)
         self._slots.append(slot)
 
-        def answered(answer: _Answer) -> None:
+        def answered(answer: Answer) -> None:
             slot.answer = answer
             slot.deferred = None
             self._flush()
@@ -856,7 +598,7 @@ class SMTPServerProtocol(LineReceiver):
         def failed(f: Failure) -> None:
             if not self._closed:
                 self.log.failure("unexpected failure answering {peer}", f, peer=self.peer)
-                slot.answer = _Answer(R.LOCAL_ERROR)
+                slot.answer = Answer(R.LOCAL_ERROR)
                 slot.deferred = None
                 self._flush()
 
@@ -880,7 +622,7 @@ class SMTPServerProtocol(LineReceiver):
                 if answer.reply.code >= 500:
                     if self._errors + 1 >= self.settings.limits.hardErrorLimit:
                         self.log.info("too many errors from {peer}", peer=self.peer)
-                        answer = _Answer(self._closingReply(R.TOO_MANY_ERRORS), True)
+                        answer = Answer(self._closingReply(R.TOO_MANY_ERRORS), True)
                     elif (
                         self._errors + 1 > self.settings.limits.softErrorLimit
                         and not slot.penalized
@@ -927,38 +669,54 @@ class SMTPServerProtocol(LineReceiver):
 
     # --- policies ---------------------------------------------------------------
 
-    def _refusalFor(self, verdict: Verdict) -> _Answer | None:
+    def _refusalFor(self, verdict: Verdict) -> Answer | None:
         """
         The answer for a refusing verdict, or C{None} if it accepts.
         """
         reply = verdict.reply
         if reply is None or reply.isPositive:
             if verdict.disconnect:
-                return _Answer(self._closingReply(R.CLOSING), True)
+                return Answer(self._closingReply(R.CLOSING), True)
             return None
-        return _Answer(reply, verdict.disconnect)
+        return Answer(reply, verdict.disconnect)
 
-    def _stageAnswer(self, verdict: Verdict, accept: _Answer) -> _Answer:
+    def _stageAnswer(self, verdict: Verdict, accept: Answer) -> Answer:
         return self._refusalFor(verdict) or accept
 
-    def _messageVerdict(self, envelope: Envelope, header: bytes) -> Deferred[Verdict]:
+    def decideHeader(self, envelope: Envelope, header: bytes, whole: bool) -> Deferred[Answer | bytes]:
+        """
+        L{SinkOwner.decideHeader}: ask the chain's C{checkMessage}; on
+        acceptance, the fields to add are the policies' and, on the
+        submission listeners and for a whole header section, C{Date:} and
+        C{Message-ID:} where missing.
+        """
         session = self._session
-        return self.settings.chain.ask(
-            Stage.HEADERS, lambda p: p.checkMessage(session, envelope, header), self.peer
-        )
+        settings = self.settings
 
-    def _formatHeaders(self, headers: Sequence[tuple[str, str]]) -> bytes:
+        def decided(verdict: Verdict) -> Answer | bytes:
+            refusal = self._refusalFor(verdict)
+            if refusal is not None:
+                return refusal
+            added = policyHeaders(verdict.headers) if verdict.headers else b""
+            if whole and settings.submission:
+                added += submissionHeaders(settings.hostname, header, settings.clock.seconds())
+            return added
+
+        return settings.chain.ask(
+            Stage.HEADERS, lambda p: p.checkMessage(session, envelope, header), self.peer
+        ).addCallback(decided)
+
+    def holdInput(self) -> None:
         """
-        Header fields added by policies, checked so that no policy can break
-        the header section.
+        L{SinkOwner.holdInput}.
         """
-        out = []
-        for name, value in headers:
-            if not _HEADER_NAME.match(name) or "\r" in value or "\n" in value:
-                self.log.warn("policy header {name!r} dropped: invalid", name=name)
-                continue
-            out.append(f"{name}: {value}\r\n".encode())
-        return b"".join(out)
+        self._pause("verdict")
+
+    def releaseInput(self) -> None:
+        """
+        L{SinkOwner.releaseInput}.
+        """
+        self._unpause("verdict")
 
     # --- commands -------------------------------------------------------------------
 
@@ -983,9 +741,9 @@ class SMTPServerProtocol(LineReceiver):
             return
         if self._refused:
             if verb == "QUIT":
-                self._respond(_Answer(R.GOODBYE, True))
+                self._respond(Answer(R.GOODBYE, True))
             else:
-                self._respond(_Answer(R.BAD_SEQUENCE, plain=True))
+                self._respond(Answer(R.BAD_SEQUENCE, plain=True))
             return
         if verb not in ("MAIL", "RCPT") and len(line) + 2 > self.settings.limits.maxLineLength:
             self._respond(R.LINE_TOO_LONG)
@@ -1003,7 +761,7 @@ class SMTPServerProtocol(LineReceiver):
         self.log.warn(
             "non-SMTP request from {peer} on {listener}, closing", peer=self.peer, listener=self.settings.kind
         )
-        self._respond(_Answer(self._closingReply(R.NOT_AN_SMTP_CLIENT), True))
+        self._respond(Answer(self._closingReply(R.NOT_AN_SMTP_CLIENT), True))
 
     def extensions(self) -> list[str]:
         """
@@ -1036,21 +794,21 @@ class SMTPServerProtocol(LineReceiver):
     def _helo(self, argument: str, esmtp: bool) -> None:
         name = parseDomainArgument(argument)
         if isinstance(name, SMTPReply):
-            self._respond(_Answer(name, plain=True))
+            self._respond(Answer(name, plain=True))
             return
         session = replace(self._session, helo=name, esmtp=esmtp)
         if esmtp:
-            accept = _Answer(
+            accept = Answer(
                 SMTPReply(250, "", self.settings.hostname), more=tuple(self.extensions()), plain=True
             )
         else:
-            accept = _Answer(SMTPReply(250, "", self.settings.hostname), plain=True)
+            accept = Answer(SMTPReply(250, "", self.settings.hostname), plain=True)
 
-        def decided(verdict: Verdict) -> _Answer:
+        def decided(verdict: Verdict) -> Answer:
             answer = self._stageAnswer(verdict, accept)
             return answer if answer is accept else replace(answer, plain=True)
 
-        def then(answer: _Answer) -> None:
+        def then(answer: Answer) -> None:
             if answer.reply.isPositive:
                 # RFC 5321 4.1.4: EHLO/HELO also ends any transaction.
                 self._resetTransaction()
@@ -1110,7 +868,7 @@ class SMTPServerProtocol(LineReceiver):
         session = self._session
         mail: MailFrom = parsed
 
-        def then(answer: _Answer) -> None:
+        def then(answer: Answer) -> None:
             if answer.reply.isPositive:
                 self._transaction = _Transaction(mail)
             else:
@@ -1118,7 +876,7 @@ class SMTPServerProtocol(LineReceiver):
 
         d = self.settings.chain.ask(
             Stage.MAIL, lambda p: p.checkSender(session, mail.sender, mail.parameters), self.peer
-        ).addCallback(self._stageAnswer, _Answer(R.MAIL_OK))
+        ).addCallback(self._stageAnswer, Answer(R.MAIL_OK))
         self._respondLater(d, then)
 
     def smtp_RCPT(self, argument: str) -> None:
@@ -1141,7 +899,7 @@ class SMTPServerProtocol(LineReceiver):
             return
         recipient = Recipient(parsed.address, parsed.notify, parsed.orcpt)
 
-        def then(answer: _Answer) -> None:
+        def then(answer: Answer) -> None:
             if self._transaction is not tx:
                 return
             if answer.reply.isPositive:
@@ -1153,13 +911,13 @@ class SMTPServerProtocol(LineReceiver):
         d = self._checkRecipient(parsed, recipient, tx)
         self._respondLater(d, then, overlappable=True)
 
-    def _checkRecipient(self, parsed: RcptTo, recipient: Recipient, tx: _Transaction) -> Deferred[_Answer]:
+    def _checkRecipient(self, parsed: RcptTo, recipient: Recipient, tx: _Transaction) -> Deferred[Answer]:
         """
         Route the recipient, then ask the policies.  The bare
         C{<postmaster>} of RFC 5321 4.5.1 is always accepted, and so is
         postmaster at a local domain whatever the policies say.
         """
-        accept = _Answer(R.RCPT_OK)
+        accept = Answer(R.RCPT_OK)
         if parsed.postmaster:
             return succeed(accept)
         session = self._session
@@ -1168,20 +926,20 @@ class SMTPServerProtocol(LineReceiver):
         if not routed.called:
             routed.addTimeout(self.settings.limits.policyTimeout, self.settings.clock)
 
-        def afterRoute(route: Any) -> Deferred[_Answer] | _Answer:
+        def afterRoute(route: Any) -> Deferred[Answer] | Answer:
             if route.kind is RouteKind.REFUSE:
                 reply = route.reply
                 if reply is None or reply.isPositive:
                     reply = SMTPReply(550, "5.1.1", "Recipient address rejected")
-                return _Answer(reply)
+                return Answer(reply)
             if route.kind is RouteKind.LOCAL and recipient.address.localpart.lower() == "postmaster":
                 return accept
             return self.settings.chain.ask(
                 Stage.RCPT, lambda p: p.checkRecipient(session, envelope, recipient), self.peer
             ).addCallback(self._stageAnswer, accept)
 
-        def failed(f: Failure) -> _Answer:
-            return _Answer(self.settings.chain.failureReply(f, "route", self.peer))
+        def failed(f: Failure) -> Answer:
+            return Answer(self.settings.chain.failureReply(f, "route", self.peer))
 
         return routed.addCallbacks(afterRoute, failed)
 
@@ -1213,45 +971,18 @@ class SMTPServerProtocol(LineReceiver):
         except Exception:
             self.log.failure("queue refused a new message from {peer}", peer=self.peer)
             return R.LOCAL_ERROR
-        tx.message = _MessageSink(self, incoming, envelope, self._receivedHeader(queueID, envelope))
+        settings = self.settings
+        auth = settings.auth
+        received = receivedHeader(
+            settings.hostname,
+            self._session,
+            queueID,
+            envelope,
+            settings.clock.seconds(),
+            identity=auth is not None and auth.receivedIdentity,
+        )
+        tx.message = MessageSink(self, incoming, envelope, received, settings.limits)
         return None
-
-    def _receivedHeader(self, queueID: str, envelope: Envelope) -> bytes:
-        """
-        The RFC 5321 4.4 trace header, with the protocol names of RFC 3848
-        and RFC 6531.
-        """
-        session = self._session
-        helo = session.helo or "unknown"
-        if not envelope.smtputf8 and not helo.isascii():
-            try:
-                helo = idna.encode(helo, uts46=True).decode("ascii")
-            except idna.IDNAError:
-                helo = "invalid"
-        host = session.peerHost
-        if host:
-            literal = f"[IPv6:{host}]" if ":" in host else f"[{host}]"
-            origin = f"from {helo} ({literal})"
-        else:
-            origin = f"from {helo}"
-        if self.settings.auth is not None and self.settings.auth.receivedIdentity and session.authenticated:
-            identity = _COMMENT_UNSAFE.sub("?", session.authenticated)
-            identity = identity.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
-            origin += f"\r\n\t(Authenticated sender: {identity})"
-        suffix = ("S" if session.tls else "") + ("A" if session.authenticated else "")
-        if envelope.smtputf8:
-            protocol = "UTF8SMTP" + suffix
-        elif session.esmtp:
-            protocol = "ESMTP" + suffix
-        else:
-            protocol = "SMTP"
-        when = format_datetime(datetime.fromtimestamp(self.settings.clock.seconds(), UTC))
-        lines = [f"Received: {origin}", f"\tby {self.settings.hostname} with {protocol} id {queueID}"]
-        if len(envelope.recipients) == 1:
-            lines.append(f"\tfor <{envelope.recipients[0].address}>; {when}")
-        else:
-            lines[-1] += f"; {when}"
-        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
     def _refuseData(self, reply: SMTPReply) -> None:
         """
@@ -1263,7 +994,7 @@ class SMTPServerProtocol(LineReceiver):
         self._respond(reply)
         if pipelined:
             self.log.warn("octets pipelined after refused DATA from {peer}", peer=self.peer)
-            self._respond(_Answer(R.SYNCHRONIZATION, True))
+            self._respond(Answer(R.SYNCHRONIZATION, True))
 
     def smtp_DATA(self, argument: str) -> None:
         tx = self._transaction
@@ -1284,7 +1015,7 @@ class SMTPServerProtocol(LineReceiver):
             self._refuseData(problem)
             return
 
-        def then(answer: _Answer) -> None:
+        def then(answer: Answer) -> None:
             self._dot = DotReader(self.settings.limits.maxTextLine)
             self._mode = _Mode.DATA
 
@@ -1303,11 +1034,11 @@ class SMTPServerProtocol(LineReceiver):
         self._offset = 0
         self._endMessage(tx, tx.message.finish(dot.bareLineEnding, dot.lineTooLong))
 
-    def _endMessage(self, tx: _Transaction, d: Deferred[_Answer]) -> None:
+    def _endMessage(self, tx: _Transaction, d: Deferred[Answer]) -> None:
         message = tx.message
         assert message is not None
 
-        def logged(answer: _Answer) -> _Answer:
+        def logged(answer: Answer) -> Answer:
             # Logged as soon as known, also if the client has gone meanwhile.
             reply = answer.reply
             if reply.code == 250:
@@ -1324,7 +1055,7 @@ class SMTPServerProtocol(LineReceiver):
                 self._logRefusal("DATA", reply, tx.mail, queueID=message.queueID)
             return answer
 
-        def then(answer: _Answer) -> None:
+        def then(answer: Answer) -> None:
             if self._transaction is tx:
                 self._transaction = None
 
@@ -1334,7 +1065,7 @@ class SMTPServerProtocol(LineReceiver):
         parsed = parseBdat(argument)
         if isinstance(parsed, SMTPReply):
             # The chunk's length is unknown, so its octets cannot be skipped.
-            self._respond(_Answer(parsed, True))
+            self._respond(Answer(parsed, True))
             return
         tx = self._transaction
         error: SMTPReply | None = None
@@ -1380,12 +1111,12 @@ class SMTPServerProtocol(LineReceiver):
             message.write(reader.finish())
             self._endMessage(tx, message.finish(reader.bareLineEnding, reader.lineTooLong))
             return
-        ok = _Answer(SMTPReply(250, "2.0.0", f"Ok: {chunk.size} octets received"))
+        ok = Answer(SMTPReply(250, "2.0.0", f"Ok: {chunk.size} octets received"))
 
-        def checked(problem: _Answer | None) -> _Answer:
+        def checked(problem: Answer | None) -> Answer:
             return ok if problem is None else problem
 
-        def then(answer: _Answer) -> None:
+        def then(answer: Answer) -> None:
             if not answer.reply.isPositive and self._transaction is tx:
                 # RFC 3030 2: a refused chunk fails the transaction.
                 self._transaction = None
@@ -1431,14 +1162,14 @@ class SMTPServerProtocol(LineReceiver):
         userDomains = tuple(avatar.etrnDomains) if avatar is not None else None
         d = self.settings.etrn.request(argument, self._session.peerHost, userDomains)
 
-        def answered(reply: SMTPReply) -> _Answer:
+        def answered(reply: SMTPReply) -> Answer:
             self.log.info(
                 "ETRN from {peer}: {code} {enhanced}",
                 peer=self.peer,
                 code=reply.code,
                 enhanced=reply.enhanced,
             )
-            return _Answer(reply)
+            return Answer(reply)
 
         self._respondLater(d.addCallback(answered), cancellable=False)
 
@@ -1452,7 +1183,7 @@ class SMTPServerProtocol(LineReceiver):
         if argument:
             self._respond(R.NO_PARAMETERS)
             return
-        self._respond(_Answer(R.GOODBYE, True))
+        self._respond(Answer(R.GOODBYE, True))
 
     def smtp_STARTTLS(self, argument: str) -> None:
         if argument:
@@ -1472,7 +1203,7 @@ class SMTPServerProtocol(LineReceiver):
             self._respond(R.STARTTLS_IN_TRANSACTION)
             return
 
-        def then(answer: _Answer) -> None:
+        def then(answer: Answer) -> None:
             discarded = self.clearLineBuffer()
             if discarded:
                 self.log.warn(
@@ -1531,7 +1262,7 @@ class SMTPServerProtocol(LineReceiver):
         """
         if isinstance(step, SMTPReply):
             self._sasl = exchange if exchange.waiting else None
-            self._respond(_Answer(step, plain=step.code == 334))
+            self._respond(Answer(step, plain=step.code == 334))
         else:
             self._sasl = None
             self._respondLater(step.addCallback(self._authenticated))
@@ -1551,7 +1282,7 @@ class SMTPServerProtocol(LineReceiver):
             return
         self._saslStep(exchange, exchange.respond(line))
 
-    def _authenticated(self, outcome: AuthOutcome) -> _Answer:
+    def _authenticated(self, outcome: AuthOutcome) -> Answer:
         """
         Apply a successful exchange to the session.
         """
@@ -1563,7 +1294,7 @@ class SMTPServerProtocol(LineReceiver):
                 self._endLogin()
                 self._avatar, self._logout = outcome.avatar, logout
                 self._session = replace(self._session, authenticated=outcome.identity, relayClient=True)
-        return _Answer(outcome.reply)
+        return Answer(outcome.reply)
 
     def _endLogin(self) -> None:
         """
@@ -1576,25 +1307,6 @@ class SMTPServerProtocol(LineReceiver):
                 logout()
             except Exception:
                 self.log.failure("avatar logout failed for {peer}", peer=self.peer)
-
-    # --- submission (RFC 6409) --------------------------------------------------------
-
-    def _submissionHeaders(self, header: bytes) -> bytes:
-        """
-        On the submission listeners, the C{Date:} and C{Message-ID:} fields
-        a message lacks (RFC 6409 8.2 and 8.3); nothing elsewhere.
-        """
-        if not self.settings.submission:
-            return b""
-        out = b""
-        if not _DATE.search(header):
-            when = format_datetime(datetime.fromtimestamp(self.settings.clock.seconds(), UTC))
-            out += f"Date: {when}\r\n".encode("ascii")
-        if not _MESSAGE_ID.search(header):
-            out += f"Message-ID: <{secrets.token_hex(16)}@{_idHost(self.settings.hostname)}>\r\n".encode(
-                "ascii"
-            )
-        return out
 
     # --- logging ------------------------------------------------------------------------
 
@@ -1617,17 +1329,6 @@ class SMTPServerProtocol(LineReceiver):
             recipient="" if recipient is None else str(recipient.address),
             queueID=queueID,
         )
-
-
-def _idHost(hostname: str) -> str:
-    """
-    The right-hand side of a C{Message-ID}: the host name in ASCII.
-    """
-    try:
-        host = idna.encode(hostname.rstrip("."), uts46=True).decode("ascii")
-    except idna.IDNAError:
-        host = ""
-    return host if re.fullmatch(r"[A-Za-z0-9.-]+", host) else "localhost"
 
 
 SMTPServerProtocol.commands = {
