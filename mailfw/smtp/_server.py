@@ -2,8 +2,11 @@
 The SMTP server protocol: RFC 5321 with PIPELINING, SIZE, 8BITMIME,
 ENHANCEDSTATUSCODES, SMTPUTF8, STARTTLS, CHUNKING and DSN.
 
-The protocol is written fresh on L{LineReceiver} (STYLE.md section 7).  It
-keeps three rules that C{twisted.mail.smtp} does not:
+The protocol is written fresh (STYLE.md section 7) and owns its framing:
+command lines are cut from one buffer walked with an offset, DATA and BDAT
+octets go to their readers as whole chunks, and a re-entrant call (a reply
+written from inside the loop resumes input) only appends to the buffer.
+It keeps three rules that C{twisted.mail.smtp} does not:
 
   - B{Replies strictly in command order.}  Every reply takes a slot in
     L{SMTPServerProtocol._slots}; slots are written head first, as soon as
@@ -59,9 +62,8 @@ from twisted.internet.interfaces import (
     ISSLTransport,
     ITLSTransport,
 )
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from mailfw.envelope import Envelope, Recipient, RouteKind, Session
@@ -164,7 +166,7 @@ class _Chunk:
     error: SMTPReply | None = None
 
 
-class SMTPServerProtocol(LineReceiver):
+class SMTPServerProtocol(Protocol):
     """
     One SMTP, submission or submissions session.
 
@@ -181,7 +183,8 @@ class SMTPServerProtocol(LineReceiver):
     """
 
     log = Logger()
-    delimiter = b"\r\n"
+    _receiving = False
+    _paused = False
     commands: ClassVar[Mapping[str, Callable[[SMTPServerProtocol, str], None]]]
     mailParameters: ClassVar[frozenset[str]] = frozenset()
     """MAIL parameters an extension checks itself (AUTH= with issue 7)."""
@@ -320,7 +323,7 @@ class SMTPServerProtocol(LineReceiver):
         if self._closing:
             return
         self._closing = True
-        self.paused = True
+        self._paused = True
         tx, self._transaction = self._transaction, None
         if tx is not None and tx.message is not None:
             tx.message.abort()
@@ -388,33 +391,34 @@ class SMTPServerProtocol(LineReceiver):
         """
         Split input into command lines or hand it to the DATA/BDAT reader.
 
-        Unlike L{LineReceiver.dataReceived} this walks the buffer with an
-        offset (no copy of the rest per line), answers an over-long line
-        with 500 and skips it to its CRLF instead of hanging up, and never
-        lets a command line's tail be read as a new command.
+        Walks the buffer with an offset (no copy of the rest per line),
+        answers an over-long line with 500 and skips it to its CRLF instead
+        of hanging up, and never lets a command line's tail be read as a
+        new command.  Called again from inside the loop (input resumed by a
+        reply), it only buffers: the running loop reads on.
         """
         if self._closing:
             return
         if data:
             self._activity()
-        if self._busyReceiving:
+        if self._receiving:
             self._buffer += data
             return
-        if self.paused and len(self._buffer) - self._offset + len(data) > _MAX_UNREAD:
+        if self._paused and len(self._buffer) - self._offset + len(data) > _MAX_UNREAD:
             # Sending on and on without reading our replies (see
             # _syncTransport): no more buffering.
             self.log.warn("{peer} sends without reading replies, aborting", peer=self.peer)
             self._closing = True
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
-        self._busyReceiving = True
+        self._receiving = True
         try:
             if self._offset:
                 self._buffer = self._buffer[self._offset :]
                 self._offset = 0
             if data:
                 self._buffer += data
-            while not self.paused and not self._closing and self._offset < len(self._buffer):
+            while not self._paused and not self._closing and self._offset < len(self._buffer):
                 if self._mode is _Mode.COMMAND:
                     if not self._nextLine():
                         break
@@ -423,7 +427,7 @@ class SMTPServerProtocol(LineReceiver):
                     self._buffer, self._offset = b"", 0
                     self.rawDataReceived(chunk)
         finally:
-            self._busyReceiving = False
+            self._receiving = False
             if self._offset:
                 self._buffer = self._buffer[self._offset :]
                 self._offset = 0
@@ -514,7 +518,7 @@ class SMTPServerProtocol(LineReceiver):
 
     def _pause(self, reason: str) -> None:
         self._pauseReasons.add(reason)
-        self.paused = True
+        self._paused = True
         self._syncTransport()
 
     def _unpause(self, reason: str) -> None:
@@ -524,7 +528,7 @@ class SMTPServerProtocol(LineReceiver):
         if self._pauseReasons or self._closing:
             self._syncTransport()
             return
-        self.paused = False
+        self._paused = False
         self._syncTransport()
         self.dataReceived(b"")
 
