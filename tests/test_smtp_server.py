@@ -1434,7 +1434,7 @@ class ExtensionSeamTests(SynchronousTestCase):
             mailParameters = frozenset({"AUTH"})
 
             def smtp_ETRN(self, argument: str) -> None:
-                self._respond(SMTPReply(250, "2.0.0", f"Queuing for {argument} started"))
+                self.replies.respond(SMTPReply(250, "2.0.0", f"Queuing for {argument} started"))
 
             def extensions(self) -> list[str]:
                 return [*super().extensions(), "ETRN"]

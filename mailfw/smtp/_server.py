@@ -9,8 +9,8 @@ written from inside the loop resumes input) only appends to the buffer.
 It keeps three rules that C{twisted.mail.smtp} does not:
 
   - B{Replies strictly in command order.}  Every reply takes a slot in
-    L{SMTPServerProtocol._slots}; slots are written head first, as soon as
-    the head has its answer.  Pipelined RCPT commands are checked
+    the session's L{ReplyPipeline} (L{mailfw.smtp._pipeline}); slots are
+    written head first, as soon as the head has its answer.  Pipelined RCPT commands are checked
     concurrently (their slots wait side by side); any other command that
     arrives while a slot waits is held, and input is paused, until all
     earlier replies have been sent, because its meaning depends on them.
@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import functools
 import re
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -83,6 +82,7 @@ from mailfw.smtp._parser import (
     parseMailFrom,
     parseRcptTo,
 )
+from mailfw.smtp._pipeline import ReplyPipeline
 from mailfw.smtp._replies import Answer
 from mailfw.smtp._sasl import AuthOutcome, SASLExchange
 from mailfw.smtp._settings import SessionSettings
@@ -126,20 +126,6 @@ def _wire(reply: SMTPReply, enhanced: bool) -> bytes:
 
 
 @dataclass(eq=False)
-class _Slot:
-    """
-    One reply's place in the output order.
-    """
-
-    answer: Answer | None = None
-    then: Callable[[Answer], None] | None = None
-    overlappable: bool = False
-    deferred: Deferred[Any] | None = None
-    cancellable: bool = True
-    penalized: bool = False
-
-
-@dataclass(eq=False)
 class _Transaction:
     """
     The state of one mail transaction, from MAIL to the end of data.
@@ -173,13 +159,15 @@ class SMTPServerProtocol(Protocol):
     @cvar commands: the dispatch table, verb to handler.  Extensions such as
         AUTH and ETRN add an entry here (a subclass may extend it with
         C{{**SMTPServerProtocol.commands, "ETRN": ...}}); a table entry wins
-        over L{NOT_IMPLEMENTED}.  Handlers answer with C{_respond} or
-        C{_respondLater}, which keep replies in order.
+        over L{NOT_IMPLEMENTED}.  Handlers answer with C{replies.respond} or
+        C{replies.respondLater}, which keep replies in order.
     @cvar mailParameters: MAIL parameters an extension checks itself.
-    @ivar limits: the L{SMTPLimits} in force.
+    @ivar settings: the listener's L{SessionSettings}, shared by all its
+        connections.
+    @ivar replies: the L{ReplyPipeline} that orders this session's replies.
     @ivar peer: the client as C{"host:port"} text, for log events.
-    @ivar auth: the L{SMTPAuth} settings when this listener offers AUTH.
-    @ivar etrn: the L{ETRNHandler} when this listener offers ETRN.
+    @ivar closing: set once the session hangs up (read only).
+    @ivar closed: set once the connection is gone (read only).
     """
 
     log = Logger()
@@ -205,13 +193,10 @@ class SMTPServerProtocol(Protocol):
         self._buffer = b""
         self._offset = 0
         self._discardingLine = False
-        self._slots: deque[_Slot] = deque()
-        self._flushing = False
+        self.replies = ReplyPipeline(self, settings.limits, settings.clock)
         self._stalled: bytes | None = None
         self._pauseReasons: set[str] = set()
         self._transportPaused = False
-        self._errors = 0
-        self._penalty: IDelayedCall | None = None
         self._idle: IDelayedCall | None = None
         self._abortLater: IDelayedCall | None = None
         self._draining = False
@@ -219,8 +204,8 @@ class SMTPServerProtocol(Protocol):
         self._connectedAt = 0.0
         self._lastActivity = 0.0
         self._refused = False
-        self._closing = False
-        self._closed = False
+        self.closing = False
+        self.closed = False
         self._dot: DotReader | None = None
         self._chunk: _Chunk | None = None
         self._sasl: SASLExchange | None = None
@@ -267,7 +252,7 @@ class SMTPServerProtocol(Protocol):
         self._idle = self.settings.clock.callLater(self.settings.limits.idleTimeout, self._idleTimedOut)
         session = self._session
         verdict = self.settings.chain.ask(Stage.CONNECT, lambda p: p.checkConnection(session), self.peer)
-        self._respondLater(verdict.addCallback(self._greeting), cancellable=True)
+        self.replies.respondLater(verdict.addCallback(self._greeting), cancellable=True)
 
     def _greeting(self, verdict: Verdict) -> Answer:
         refusal = self._refusalFor(verdict)
@@ -287,16 +272,13 @@ class SMTPServerProtocol(Protocol):
         return Answer(SMTPReply(421, "", f"{self.settings.hostname} {reply.text}"), True, plain=True)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._closed = True
-        self._closing = True
-        for call in (self._idle, self._penalty, self._abortLater):
+        self.closed = True
+        self.closing = True
+        for call in (self._idle, self._abortLater):
             if call is not None and call.active():
                 call.cancel()
-        self._idle = self._penalty = self._abortLater = None
-        slots, self._slots = list(self._slots), deque()
-        for slot in slots:
-            if slot.deferred is not None and slot.cancellable and not slot.deferred.called:
-                slot.deferred.cancel()
+        self._idle = self._abortLater = None
+        self.replies.stop()
         tx, self._transaction = self._transaction, None
         if tx is not None and tx.message is not None:
             tx.message.cancel()
@@ -310,19 +292,19 @@ class SMTPServerProtocol(Protocol):
             helo=self._session.helo or "",
             duration=self.settings.clock.seconds() - self._connectedAt,
             accepted=self._accepted,
-            errors=self._errors,
+            errors=self.replies.errors,
         )
         if self._onClose is not None:
             onClose, self._onClose = self._onClose, None
             onClose(self)
 
-    def _close(self) -> None:
+    def hangUp(self) -> None:
         """
         Hang up after the replies written so far.
         """
-        if self._closing:
+        if self.closing:
             return
-        self._closing = True
+        self.closing = True
         self._paused = True
         tx, self._transaction = self._transaction, None
         if tx is not None and tx.message is not None:
@@ -340,11 +322,11 @@ class SMTPServerProtocol(Protocol):
 
     def _abortClose(self) -> None:
         self._abortLater = None
-        if not self._closed and self.transport is not None:
+        if not self.closed and self.transport is not None:
             self.log.info("{peer} did not close; aborting", peer=self.peer)
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
-    def _closingReply(self, reply: SMTPReply) -> SMTPReply:
+    def closingReply(self, reply: SMTPReply) -> SMTPReply:
         """
         RFC 5321 4.2: a 421 names the server.
         """
@@ -352,7 +334,7 @@ class SMTPServerProtocol(Protocol):
 
     def _idleTimedOut(self) -> None:
         self._idle = None
-        if self._closing:
+        if self.closing:
             return
         remaining = self._lastActivity + self.settings.limits.idleTimeout - self.settings.clock.seconds()
         if remaining > 0:
@@ -360,19 +342,19 @@ class SMTPServerProtocol(Protocol):
             # timer is moved lazily, not reset on every line.)
             self._idle = self.settings.clock.callLater(remaining, self._idleTimedOut)
             return
-        if self._slots or "verdict" in self._pauseReasons:
+        if self.replies.pending or "verdict" in self._pauseReasons:
             # We are the slow party (a policy or the queue); not the client.
             self._idle = self.settings.clock.callLater(self.settings.limits.idleTimeout, self._idleTimedOut)
             return
         self.log.info("idle timeout for {peer}", peer=self.peer)
-        self._send(Answer(self._closingReply(R.TIMEOUT)))
+        self.sendAnswer(Answer(self.closingReply(R.TIMEOUT)))
         if "write" in self._pauseReasons and self.transport is not None:
             # The client does not read: waiting for the buffer to drain
             # would keep the connection forever.
-            self._closing = True
+            self.closing = True
             self.transport.abortConnection()  # type: ignore[attr-defined]
             return
-        self._close()
+        self.hangUp()
 
     def _activity(self) -> None:
         self._lastActivity = self.settings.clock.seconds()
@@ -397,7 +379,7 @@ class SMTPServerProtocol(Protocol):
         new command.  Called again from inside the loop (input resumed by a
         reply), it only buffers: the running loop reads on.
         """
-        if self._closing:
+        if self.closing:
             return
         if data:
             self._activity()
@@ -408,7 +390,7 @@ class SMTPServerProtocol(Protocol):
             # Sending on and on without reading our replies (see
             # _syncTransport): no more buffering.
             self.log.warn("{peer} sends without reading replies, aborting", peer=self.peer)
-            self._closing = True
+            self.closing = True
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
         self._receiving = True
@@ -418,7 +400,7 @@ class SMTPServerProtocol(Protocol):
                 self._offset = 0
             if data:
                 self._buffer += data
-            while not self._paused and not self._closing and self._offset < len(self._buffer):
+            while not self._paused and not self.closing and self._offset < len(self._buffer):
                 if self._mode is _Mode.COMMAND:
                     if not self._nextLine():
                         break
@@ -456,9 +438,9 @@ class SMTPServerProtocol(Protocol):
                 self._discardingLine = True
                 if inSASL:
                     self._sasl = None
-                    self._respond(A.AUTH_LINE_TOO_LONG)
+                    self.replies.respond(A.AUTH_LINE_TOO_LONG)
                 else:
-                    self._respond(R.LINE_TOO_LONG)
+                    self.replies.respond(R.LINE_TOO_LONG)
                 return True
             return False
         self._offset = end + 2
@@ -466,7 +448,7 @@ class SMTPServerProtocol(Protocol):
         return True
 
     def lineReceived(self, line: bytes) -> None:
-        if self._slots and not self._canOverlap(line):
+        if self.replies.pending and not self._canOverlap(line):
             # An earlier reply is pending and this command depends on it.
             self._stalled = line
             self._pause("stall")
@@ -489,14 +471,15 @@ class SMTPServerProtocol(Protocol):
         tx = self._transaction
         if tx is None or tx.message is not None:
             return False
-        if self._errors >= self.settings.limits.softErrorLimit:
+        replies, limits = self.replies, self.settings.limits
+        if replies.errors >= limits.softErrorLimit:
             return False
-        pending = len(self._slots)
-        if pending >= self.settings.limits.maxPendingChecks:
+        pending = len(replies.pending)
+        if pending >= limits.maxPendingChecks:
             return False
-        if len(tx.recipients) + pending >= self.settings.limits.maxRecipients:
+        if len(tx.recipients) + pending >= limits.maxRecipients:
             return False
-        return all(slot.overlappable for slot in self._slots)
+        return replies.allOverlappable()
 
     def pauseProducing(self) -> None:
         """
@@ -525,7 +508,7 @@ class SMTPServerProtocol(Protocol):
         if reason not in self._pauseReasons:
             return
         self._pauseReasons.discard(reason)
-        if self._pauseReasons or self._closing:
+        if self._pauseReasons or self.closing:
             self._syncTransport()
             return
         self._paused = False
@@ -541,7 +524,7 @@ class SMTPServerProtocol(Protocol):
         stopping would deadlock.  Input is then held in our buffer instead,
         up to L{_MAX_UNREAD} octets.
         """
-        if self._closing or self.transport is None:
+        if self.closing or self.transport is None:
             return
         reasons = self._pauseReasons
         if "write" in reasons and ISSLTransport.providedBy(self.transport):
@@ -556,8 +539,11 @@ class SMTPServerProtocol(Protocol):
 
     # --- output ---------------------------------------------------------------
 
-    def _send(self, answer: Answer) -> None:
-        if self._closed or self.transport is None:
+    def sendAnswer(self, answer: Answer) -> None:
+        """
+        L{PipelineOwner.sendAnswer}: write one reply now.
+        """
+        if self.closed or self.transport is None:
             return
         enhanced = self._session.esmtp and not answer.plain
         if answer.more:
@@ -567,107 +553,24 @@ class SMTPServerProtocol(Protocol):
             self.transport.write(_wire(answer.reply, enhanced))
         self._activity()
 
-    def _respond(self, reply: SMTPReply | Answer, then: Callable[[Answer], None] | None = None) -> None:
+    def repliesDrained(self) -> None:
         """
-        Answer the current command, after every earlier reply.
+        L{PipelineOwner.repliesDrained}: every reply is out; run the
+        command that was waiting, then read on.
         """
-        answer = reply if isinstance(reply, Answer) else Answer(reply)
-        self._slots.append(_Slot(answer, then, overlappable=True))
-        self._flush()
-
-    def _respondLater(
-        self,
-        d: Deferred[Answer],
-        then: Callable[[Answer], None] | None = None,
-        overlappable: bool = False,
-        cancellable: bool = True,
-    ) -> None:
-        """
-        Answer the current command with what C{d} fires with, in order.
-        C{d} must not fail: callers map failures to answers first.
-        """
-        if d.called and not d.paused and isinstance(d.result, Answer):
-            # Already decided (no plugin waited): skip the callback chain.
-            self._slots.append(_Slot(d.result, then, overlappable))
-            self._flush()
+        if self._draining:
             return
-        slot = _Slot(None, then, overlappable, d, cancellable)
-        self._slots.append(slot)
-
-        def answered(answer: Answer) -> None:
-            slot.answer = answer
-            slot.deferred = None
-            self._flush()
-
-        def failed(f: Failure) -> None:
-            if not self._closed:
-                self.log.failure("unexpected failure answering {peer}", f, peer=self.peer)
-                slot.answer = Answer(R.LOCAL_ERROR)
-                slot.deferred = None
-                self._flush()
-
-        d.addCallbacks(answered, failed)
-
-    def _flush(self) -> None:
-        """
-        Send the answers at the head of the queue, counting errors: past the
-        soft limit each error waits C{errorDelay} first; at the hard limit
-        the server says 421 and hangs up instead.
-        """
-        if self._flushing or self._closing:
-            return
-        self._flushing = True
-        try:
-            while self._slots and not self._closing:
-                slot = self._slots[0]
-                answer = slot.answer
-                if answer is None or (slot.penalized and self._penalty is not None):
-                    break
-                if answer.reply.code >= 500:
-                    if self._errors + 1 >= self.settings.limits.hardErrorLimit:
-                        self.log.info("too many errors from {peer}", peer=self.peer)
-                        answer = Answer(self._closingReply(R.TOO_MANY_ERRORS), True)
-                    elif (
-                        self._errors + 1 > self.settings.limits.softErrorLimit
-                        and not slot.penalized
-                        and self.settings.limits.errorDelay > 0
-                    ):
-                        slot.penalized = True
-                        self._penalty = self.settings.clock.callLater(
-                            self.settings.limits.errorDelay, self._penaltyServed
-                        )
-                        break
-                    self._errors += 1
-                self._slots.popleft()
-                self._send(answer)
-                if slot.then is not None:
-                    slot.then(answer)
-                if answer.close:
-                    self._close()
-        finally:
-            self._flushing = False
-        if not self._slots and not self._closing and not self._draining:
-            self._drained()
-
-    def _penaltyServed(self) -> None:
-        self._penalty = None
-        self._flush()
-
-    def _drained(self) -> None:
-        """
-        Every reply is out: run the command that was waiting, then read on.
-        """
         line, self._stalled = self._stalled, None
         if line is not None:
-            # The command answers through _flush, which must not call back
-            # here and read on before the command has finished (a refused
+            # The command answers through the pipeline, which must not call
+            # back here and read on before the command has finished (a refused
             # DATA checks what was pipelined behind it).
             self._draining = True
             try:
                 self._dispatch(line)
             finally:
                 self._draining = False
-            if self._slots or self._closing:
+            if self.replies.pending or self.closing:
                 return
         self._unpause("stall")
 
@@ -680,7 +583,7 @@ class SMTPServerProtocol(Protocol):
         reply = verdict.reply
         if reply is None or reply.isPositive:
             if verdict.disconnect:
-                return Answer(self._closingReply(R.CLOSING), True)
+                return Answer(self.closingReply(R.CLOSING), True)
             return None
         return Answer(reply, verdict.disconnect)
 
@@ -729,14 +632,14 @@ class SMTPServerProtocol(Protocol):
             self._saslResponse(line)
             return
         if b"\r" in line or b"\n" in line:
-            self._respond(R.BARE_LINE_ENDING_COMMAND)
+            self.replies.respond(R.BARE_LINE_ENDING_COMMAND)
             return
         parsed = parseCommandLine(line)
         if isinstance(parsed, SMTPReply):
             if _HTTP_REQUEST.match(line):
                 self._notSMTP()
             else:
-                self._respond(parsed)
+                self.replies.respond(parsed)
             return
         verb, argument = parsed.verb, parsed.argument
         handler = self.commands.get(verb)
@@ -745,15 +648,15 @@ class SMTPServerProtocol(Protocol):
             return
         if self._refused:
             if verb == "QUIT":
-                self._respond(Answer(R.GOODBYE, True))
+                self.replies.respond(Answer(R.GOODBYE, True))
             else:
-                self._respond(Answer(R.BAD_SEQUENCE, plain=True))
+                self.replies.respond(Answer(R.BAD_SEQUENCE, plain=True))
             return
         if verb not in ("MAIL", "RCPT") and len(line) + 2 > self.settings.limits.maxLineLength:
-            self._respond(R.LINE_TOO_LONG)
+            self.replies.respond(R.LINE_TOO_LONG)
             return
         if handler is None:
-            self._respond(R.NOT_IMPLEMENTED if verb in NOT_IMPLEMENTED else R.COMMAND_UNRECOGNIZED)
+            self.replies.respond(R.NOT_IMPLEMENTED if verb in NOT_IMPLEMENTED else R.COMMAND_UNRECOGNIZED)
             return
         handler(self, argument)
 
@@ -765,7 +668,7 @@ class SMTPServerProtocol(Protocol):
         self.log.warn(
             "non-SMTP request from {peer} on {listener}, closing", peer=self.peer, listener=self.settings.kind
         )
-        self._respond(Answer(self._closingReply(R.NOT_AN_SMTP_CLIENT), True))
+        self.replies.respond(Answer(self.closingReply(R.NOT_AN_SMTP_CLIENT), True))
 
     def extensions(self) -> list[str]:
         """
@@ -798,7 +701,7 @@ class SMTPServerProtocol(Protocol):
     def _helo(self, argument: str, esmtp: bool) -> None:
         name = parseDomainArgument(argument)
         if isinstance(name, SMTPReply):
-            self._respond(Answer(name, plain=True))
+            self.replies.respond(Answer(name, plain=True))
             return
         session = replace(self._session, helo=name, esmtp=esmtp)
         if esmtp:
@@ -819,7 +722,7 @@ class SMTPServerProtocol(Protocol):
                 self._session = session
 
         verdict = self.settings.chain.ask(Stage.HELO, lambda p: p.checkHelo(session, name), self.peer)
-        self._respondLater(verdict.addCallback(decided), then)
+        self.replies.respondLater(verdict.addCallback(decided), then)
 
     def smtp_EHLO(self, argument: str) -> None:
         self._helo(argument, esmtp=True)
@@ -829,20 +732,20 @@ class SMTPServerProtocol(Protocol):
 
     def smtp_MAIL(self, argument: str) -> None:
         if self._session.helo is None:
-            self._respond(R.NEED_HELO)
+            self.replies.respond(R.NEED_HELO)
             return
         if self._transaction is not None:
-            self._respond(R.NESTED_MAIL)
+            self.replies.respond(R.NESTED_MAIL)
             return
         if self.settings.submission and self._session.authenticated is None:
-            self._respond(R.NEED_AUTH)
+            self.replies.respond(R.NEED_AUTH)
             return
         extra = self.mailParameters
         if self.settings.auth is not None:
             extra = extra | {"AUTH"}
         parsed = parseMailFrom(argument, esmtp=self._session.esmtp, extraParameters=extra)
         if isinstance(parsed, SMTPReply):
-            self._respond(parsed)
+            self.replies.respond(parsed)
             return
         if self.settings.auth is not None and "AUTH" in parsed.parameters:
             # RFC 4954 5: the identity a relay vouches for.  Checked for
@@ -852,7 +755,7 @@ class SMTPServerProtocol(Protocol):
                 if value is None or (value != "<>" and not decodeXtext(value)):
                     raise ValueError("empty")
             except ValueError:
-                self._respond(A.AUTH_PARAMETER_SYNTAX)
+                self.replies.respond(A.AUTH_PARAMETER_SYNTAX)
                 return
         avatar = self._avatar
         if avatar is not None and not avatar.maySend(parsed.sender):
@@ -864,10 +767,10 @@ class SMTPServerProtocol(Protocol):
                 code=A.SENDER_NOT_OWNED.code,
                 enhanced=A.SENDER_NOT_OWNED.enhanced,
             )
-            self._respond(A.SENDER_NOT_OWNED)
+            self.replies.respond(A.SENDER_NOT_OWNED)
             return
         if parsed.size is not None and parsed.size > self.settings.limits.maxMessageSize:
-            self._respond(R.MESSAGE_TOO_BIG)
+            self.replies.respond(R.MESSAGE_TOO_BIG)
             return
         session = self._session
         mail: MailFrom = parsed
@@ -881,25 +784,25 @@ class SMTPServerProtocol(Protocol):
         d = self.settings.chain.ask(
             Stage.MAIL, lambda p: p.checkSender(session, mail.sender, mail.parameters), self.peer
         ).addCallback(self._stageAnswer, Answer(R.MAIL_OK))
-        self._respondLater(d, then)
+        self.replies.respondLater(d, then)
 
     def smtp_RCPT(self, argument: str) -> None:
         tx = self._transaction
         if tx is None:
-            self._respond(R.NEED_MAIL if self._session.helo is not None else R.NEED_HELO)
+            self.replies.respond(R.NEED_MAIL if self._session.helo is not None else R.NEED_HELO)
             return
         if tx.message is not None:
-            self._respond(R.BAD_SEQUENCE)
+            self.replies.respond(R.BAD_SEQUENCE)
             return
         parsed = parseRcptTo(
             argument, self.settings.hostname, esmtp=self._session.esmtp, smtputf8=tx.mail.smtputf8
         )
         tx.attempted += 1
         if isinstance(parsed, SMTPReply):
-            self._respond(parsed)
+            self.replies.respond(parsed)
             return
         if len(tx.recipients) >= self.settings.limits.maxRecipients:
-            self._respond(R.TOO_MANY_RECIPIENTS)
+            self.replies.respond(R.TOO_MANY_RECIPIENTS)
             return
         recipient = Recipient(parsed.address, parsed.notify, parsed.orcpt)
 
@@ -913,7 +816,7 @@ class SMTPServerProtocol(Protocol):
                 self._logRefusal("RCPT", answer.reply, tx.mail, recipient)
 
         d = self._checkRecipient(parsed, recipient, tx)
-        self._respondLater(d, then, overlappable=True)
+        self.replies.respondLater(d, then, overlappable=True)
 
     def _checkRecipient(self, parsed: RcptTo, recipient: Recipient, tx: _Transaction) -> Deferred[Answer]:
         """
@@ -995,10 +898,10 @@ class SMTPServerProtocol(Protocol):
         sending them), so that is a synchronization error.
         """
         pipelined = self._offset < len(self._buffer)
-        self._respond(reply)
+        self.replies.respond(reply)
         if pipelined:
             self.log.warn("octets pipelined after refused DATA from {peer}", peer=self.peer)
-            self._respond(Answer(R.SYNCHRONIZATION, True))
+            self.replies.respond(Answer(R.SYNCHRONIZATION, True))
 
     def smtp_DATA(self, argument: str) -> None:
         tx = self._transaction
@@ -1023,7 +926,7 @@ class SMTPServerProtocol(Protocol):
             self._dot = DotReader(self.settings.limits.maxTextLine)
             self._mode = _Mode.DATA
 
-        self._respond(R.START_DATA, then)
+        self.replies.respond(R.START_DATA, then)
 
     def _dataReceived(self, data: bytes) -> None:
         dot, tx = self._dot, self._transaction
@@ -1063,13 +966,13 @@ class SMTPServerProtocol(Protocol):
             if self._transaction is tx:
                 self._transaction = None
 
-        self._respondLater(d.addCallback(logged), then, cancellable=False)
+        self.replies.respondLater(d.addCallback(logged), then, cancellable=False)
 
     def smtp_BDAT(self, argument: str) -> None:
         parsed = parseBdat(argument)
         if isinstance(parsed, SMTPReply):
             # The chunk's length is unknown, so its octets cannot be skipped.
-            self._respond(Answer(parsed, True))
+            self.replies.respond(Answer(parsed, True))
             return
         tx = self._transaction
         error: SMTPReply | None = None
@@ -1107,7 +1010,7 @@ class SMTPServerProtocol(Protocol):
         assert chunk is not None
         tx = self._transaction
         if chunk.error is not None:
-            self._respond(chunk.error)
+            self.replies.respond(chunk.error)
             return
         assert tx is not None and tx.message is not None and tx.chunks is not None
         message, reader = tx.message, tx.chunks
@@ -1127,14 +1030,14 @@ class SMTPServerProtocol(Protocol):
                 self._logRefusal("BDAT", answer.reply, tx.mail, queueID=message.queueID)
 
         d = message.check(reader.bareLineEnding, reader.lineTooLong).addCallback(checked)
-        self._respondLater(d, then, cancellable=False)
+        self.replies.respondLater(d, then, cancellable=False)
 
     def smtp_RSET(self, argument: str) -> None:
         if argument:
-            self._respond(R.NO_PARAMETERS)
+            self.replies.respond(R.NO_PARAMETERS)
             return
         self._resetTransaction()
-        self._respond(R.OK)
+        self.replies.respond(R.OK)
 
     def _resetTransaction(self) -> None:
         tx, self._transaction = self._transaction, None
@@ -1142,11 +1045,11 @@ class SMTPServerProtocol(Protocol):
             tx.message.abort()
 
     def smtp_NOOP(self, argument: str) -> None:
-        self._respond(R.OK)
+        self.replies.respond(R.OK)
 
     def smtp_HELP(self, argument: str) -> None:
         # The commands this session may use now, as EHLO would say.
-        self._respond(R.helpReply(self.extensions()))
+        self.replies.respond(R.helpReply(self.extensions()))
 
     def smtp_ETRN(self, argument: str) -> None:
         """
@@ -1154,13 +1057,13 @@ class SMTPServerProtocol(Protocol):
         docstring).
         """
         if self.settings.etrn is None:
-            self._respond(R.NOT_IMPLEMENTED)
+            self.replies.respond(R.NOT_IMPLEMENTED)
             return
         if self._session.helo is None:
-            self._respond(R.NEED_HELO)
+            self.replies.respond(R.NEED_HELO)
             return
         if self._transaction is not None:
-            self._respond(R.ETRN_IN_TRANSACTION)
+            self.replies.respond(R.ETRN_IN_TRANSACTION)
             return
         avatar = self._avatar
         userDomains = tuple(avatar.etrnDomains) if avatar is not None else None
@@ -1175,36 +1078,36 @@ class SMTPServerProtocol(Protocol):
             )
             return Answer(reply)
 
-        self._respondLater(d.addCallback(answered), cancellable=False)
+        self.replies.respondLater(d.addCallback(answered), cancellable=False)
 
     def smtp_VRFY(self, argument: str) -> None:
         if not argument:
-            self._respond(SMTPReply(501, "5.5.4", "Syntax: VRFY address"))
+            self.replies.respond(SMTPReply(501, "5.5.4", "Syntax: VRFY address"))
             return
-        self._respond(R.VRFY)
+        self.replies.respond(R.VRFY)
 
     def smtp_QUIT(self, argument: str) -> None:
         if argument:
-            self._respond(R.NO_PARAMETERS)
+            self.replies.respond(R.NO_PARAMETERS)
             return
-        self._respond(Answer(R.GOODBYE, True))
+        self.replies.respond(Answer(R.GOODBYE, True))
 
     def smtp_STARTTLS(self, argument: str) -> None:
         if argument:
-            self._respond(R.NO_PARAMETERS)
+            self.replies.respond(R.NO_PARAMETERS)
             return
         if self._session.tls:
-            self._respond(R.TLS_ACTIVE)
+            self.replies.respond(R.TLS_ACTIVE)
             return
         tls = ITLSTransport(self.transport, None)
         if self.settings.tlsOptions is None or tls is None:
-            self._respond(R.TLS_NOT_AVAILABLE)
+            self.replies.respond(R.TLS_NOT_AVAILABLE)
             return
         if self._session.helo is None:
-            self._respond(R.NEED_HELO)
+            self.replies.respond(R.NEED_HELO)
             return
         if self._transaction is not None:
-            self._respond(R.STARTTLS_IN_TRANSACTION)
+            self.replies.respond(R.STARTTLS_IN_TRANSACTION)
             return
 
         def then(answer: Answer) -> None:
@@ -1228,7 +1131,7 @@ class SMTPServerProtocol(Protocol):
             tls.startTLS(cast(Any, self.settings.tlsOptions))
             self.log.info("TLS started for {peer}", peer=self.peer)
 
-        self._respond(R.TLS_READY, then)
+        self.replies.respond(R.TLS_READY, then)
 
     # --- AUTH (RFC 4954) ------------------------------------------------------------
 
@@ -1242,19 +1145,19 @@ class SMTPServerProtocol(Protocol):
         auth = self.settings.auth
         session = self._session
         if auth is None:
-            self._respond(R.NOT_IMPLEMENTED)
+            self.replies.respond(R.NOT_IMPLEMENTED)
             return
         if session.helo is None:
-            self._respond(R.NEED_HELO)
+            self.replies.respond(R.NEED_HELO)
             return
         if not session.esmtp:
-            self._respond(A.AUTH_NEED_EHLO)
+            self.replies.respond(A.AUTH_NEED_EHLO)
             return
         if session.authenticated is not None:
-            self._respond(A.AUTH_ALREADY)
+            self.replies.respond(A.AUTH_ALREADY)
             return
         if self._transaction is not None:
-            self._respond(A.AUTH_IN_TRANSACTION)
+            self.replies.respond(A.AUTH_IN_TRANSACTION)
             return
         exchange = SASLExchange(auth, self.settings.clock, session.peerHost, self.peer)
         self._saslStep(exchange, exchange.begin(argument, session.tls))
@@ -1266,10 +1169,10 @@ class SMTPServerProtocol(Protocol):
         """
         if isinstance(step, SMTPReply):
             self._sasl = exchange if exchange.waiting else None
-            self._respond(Answer(step, plain=step.code == 334))
+            self.replies.respond(Answer(step, plain=step.code == 334))
         else:
             self._sasl = None
-            self._respondLater(step.addCallback(self._authenticated))
+            self.replies.respondLater(step.addCallback(self._authenticated))
 
     def _saslResponse(self, line: bytes) -> None:
         """
@@ -1292,7 +1195,7 @@ class SMTPServerProtocol(Protocol):
         """
         logout = outcome.logout
         if logout is not None:
-            if self._closed:
+            if self.closed:
                 logout()
             else:
                 self._endLogin()
