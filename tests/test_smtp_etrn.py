@@ -507,9 +507,9 @@ plugin = "discard"
             '[etrn]\ndomains = ["customer.example"]\nclients = ["127.0.0.1"]\nhold = ["customer.example"]\n'
         )
         factories = self.factories(reactor)
-        self.assertIsNotNone(factories[2525].settings.etrn)
-        self.assertIsNone(factories[2587].settings.etrn)
-        handler = factories[2525].settings.etrn
+        self.assertIsNotNone(factories[2525].etrn)
+        self.assertIsNone(factories[2587].etrn)
+        handler = factories[2525].etrn
         assert handler is not None
         self.assertEqual(handler.settings.domains, ("customer.example",))
         scheduler = service.getServiceNamed("scheduler")  # type: ignore[attr-defined]
@@ -521,7 +521,7 @@ plugin = "discard"
         Without C{[etrn]} nothing offers ETRN and nothing is held.
         """
         reactor, service = self.build("")
-        self.assertEqual({f.settings.etrn for f in self.factories(reactor).values()}, {None})
+        self.assertEqual({f.etrn for f in self.factories(reactor).values()}, {None})
         scheduler = service.getServiceNamed("scheduler")  # type: ignore[attr-defined]
         self.assertFalse(scheduler._holdForETRN(Address.parse("a@customer.example")))
 

@@ -110,13 +110,36 @@ class SMTPFactory(Factory):
         self.settings = SessionSettings(
             kind, hostname, queue, router, clock, policies, limits, tlsOptions, auth, etrn
         )
-        self.kind = kind
-        self.limits = limits
-        self.hostname = hostname
         if auth is None and kind != "smtp":
             self.log.warn("no [auth] configured: {kind} listeners accept no mail", kind=kind)
         self.connections = 0
         self._perClient: dict[str, int] = {}
+
+    @property
+    def kind(self) -> str:
+        return self.settings.kind
+
+    @property
+    def hostname(self) -> str:
+        return self.settings.hostname
+
+    @property
+    def limits(self) -> SMTPLimits:
+        return self.settings.limits
+
+    @property
+    def auth(self) -> SMTPAuth | None:
+        """
+        AUTH settings, or C{None} where AUTH is not offered.
+        """
+        return self.settings.auth
+
+    @property
+    def etrn(self) -> ETRNHandler | None:
+        """
+        The ETRN handler, or C{None} where ETRN is not offered.
+        """
+        return self.settings.etrn
 
     def connectionsFrom(self, address: IAddress) -> int:
         """
