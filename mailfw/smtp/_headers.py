@@ -19,22 +19,16 @@ from twisted.logger import Logger
 
 from mailfw.envelope import Envelope, Session
 
-__all__ = ["countReceived", "policyHeaders", "receivedHeader", "submissionHeaders"]
+__all__ = ["RECEIVED_FIELD", "policyHeaders", "receivedHeader", "submissionHeaders"]
 
 log = Logger()
 
-_RECEIVED = re.compile(rb"(?:^|\n)received[ \t]*:", re.IGNORECASE)
+RECEIVED_FIELD = re.compile(rb"(?:^|\n)received[ \t]*:", re.IGNORECASE)
+"""Finds each C{Received:} field of a header section (the loop check)."""
 _DATE = re.compile(rb"(?:^|\n)date[ \t]*:", re.IGNORECASE)
 _MESSAGE_ID = re.compile(rb"(?:^|\n)message-id[ \t]*:", re.IGNORECASE)
 _COMMENT_UNSAFE = re.compile(r"[^\x21-\x7e ]")
 _HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
-
-
-def countReceived(header: bytes) -> int:
-    """
-    How many C{Received:} fields a header section holds (the loop check).
-    """
-    return len(_RECEIVED.findall(header))
 
 
 def receivedHeader(

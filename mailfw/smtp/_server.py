@@ -111,6 +111,9 @@ _MAX_UNREAD = 1024 * 1024
 CLOSE_GRACE = 10.0
 
 
+_NO_VERDICT = Verdict()
+
+
 class _Mode(Enum):
     COMMAND = "command"
     DATA = "data"
@@ -597,7 +600,6 @@ class SMTPServerProtocol(Protocol):
         submission listeners and for a whole header section, C{Date:} and
         C{Message-ID:} where missing.
         """
-        session = self._session
         settings = self.settings
 
         def decided(verdict: Verdict) -> Answer | bytes:
@@ -609,6 +611,10 @@ class SMTPServerProtocol(Protocol):
                 added += submissionHeaders(settings.hostname, header, settings.clock.seconds())
             return added
 
+        if not settings.chain.policies:
+            # Nothing to ask: no Deferred callbacks on the hot path.
+            return succeed(decided(_NO_VERDICT))
+        session = self._session
         return settings.chain.ask(
             Stage.HEADERS, lambda p: p.checkMessage(session, envelope, header), self.peer
         ).addCallback(decided)

@@ -24,7 +24,7 @@ from mailfw.interfaces import IIncomingMessage
 from mailfw.queued import QueueFull
 from mailfw.reply import SMTPReply
 from mailfw.smtp import _replies as R
-from mailfw.smtp._headers import countReceived
+from mailfw.smtp._headers import RECEIVED_FIELD
 from mailfw.smtp._limits import SMTPLimits
 from mailfw.smtp._replies import Answer
 
@@ -144,7 +144,7 @@ class MessageSink:
 
     def _headerComplete(self, header: bytes, rest: bytes, whole: bool = True) -> None:
         self._head = bytearray()
-        if countReceived(header) >= self._limits.maxReceivedHeaders:
+        if len(RECEIVED_FIELD.findall(header)) >= self._limits.maxReceivedHeaders:
             self._hops = True
             self._discard()
             return
