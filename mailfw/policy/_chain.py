@@ -38,10 +38,13 @@ from twisted.python.failure import Failure
 
 from mailfw.interfaces import IPolicy
 from mailfw.reply import SMTPReply
-from mailfw.smtp._replies import LOCAL_ERROR, POLICY_TIMEOUT
 from mailfw.verdict import Verdict
 
-__all__ = ["PolicyChain", "Stage"]
+__all__ = ["POLICY_FAILED", "POLICY_TIMEOUT", "PolicyChain", "Stage"]
+
+# A policy's failure or timeout, as the client sees it: generic, transient.
+POLICY_FAILED = SMTPReply(451, "4.3.0", "Local error in processing, try again later")
+POLICY_TIMEOUT = SMTPReply(451, "4.4.3", "Temporary lookup failure, try again later")
 
 # What an empty chain says at every stage.
 _NO_VERDICT = Verdict()
@@ -103,13 +106,13 @@ class PolicyChain:
             while index < len(policies):
                 try:
                     result = call(policies[index])
+                    if isinstance(result, Deferred):
+                        if not result.called:
+                            result.addTimeout(timeout, clock)
+                        return result.addCallback(after, index)
+                    decided = _combine(result, headers)
                 except Exception:
                     return fail()
-                if isinstance(result, Deferred):
-                    if not result.called:
-                        result.addTimeout(timeout, clock)
-                    return result.addCallback(after, index)
-                decided = _combine(result, headers)
                 if decided is not None:
                     return succeed(decided)
                 index += 1
@@ -133,12 +136,12 @@ class PolicyChain:
         is not logged.
         """
         if f.check(CancelledError):
-            return LOCAL_ERROR
+            return POLICY_FAILED
         if f.check(TimeoutError):
             self.log.warn("{stage} check timed out for {peer}", stage=stage, peer=peer)
             return POLICY_TIMEOUT
         self.log.failure("{stage} check failed for {peer}", f, stage=stage, peer=peer)
-        return LOCAL_ERROR
+        return POLICY_FAILED
 
 
 def _combine(verdict: object, headers: list[tuple[str, str]]) -> Verdict | None:

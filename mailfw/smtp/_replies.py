@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from mailfw.policy._chain import POLICY_FAILED, POLICY_TIMEOUT
 from mailfw.reply import SMTPReply
 
 __all__ = [
@@ -137,8 +138,7 @@ TOO_MANY_CONNECTIONS = SMTPReply(421, "4.7.0", "Too many connections, try again 
 TOO_MANY_CONNECTIONS_FROM_CLIENT = SMTPReply(
     421, "4.7.0", "Too many connections from your address, try again later"
 )
-LOCAL_ERROR = SMTPReply(451, "4.3.0", "Local error in processing, try again later")
-POLICY_TIMEOUT = SMTPReply(451, "4.4.3", "Temporary lookup failure, try again later")
+LOCAL_ERROR = POLICY_FAILED  # the one generic 451: nothing internal is shown
 QUEUE_FULL = SMTPReply(452, "4.3.1", "Insufficient system storage, try again later")
 TLS_NOT_AVAILABLE = SMTPReply(454, "4.7.0", "TLS not available")
 NEED_AUTH = SMTPReply(530, "5.7.0", "Authentication required")
