@@ -24,8 +24,10 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from mailfw.auth import MailRealm
+from mailfw.auth import AuthLockout, MailRealm
+from mailfw.queue._memory import MemoryQueue
 from mailfw.reply import SMTPReply
+from mailfw.sharedstate import sharedStateFor
 from mailfw.smtp import SMTPFactory, SMTPLimits, SMTPServerProtocol
 from mailfw.smtp._auth import AUTH_LOCKED, AuthThrottle, SMTPAuth
 from mailfw.smtp._settings import SessionSettings
@@ -891,9 +893,9 @@ class ThrottleTests(SynchronousTestCase):
 
 class FakeLockout:
     """
-    The API of C{mailfw.auth._lockout.AuthLockout}, scripted: the calls in
-    order, a lock per (host, user) in C{locked}, and a delay per host that
-    grows by C{step} seconds with each failure, as Dovecot's penalty does.
+    The API of L{mailfw.auth.AuthLockout}, scripted: the calls in order, a
+    lock per (host, user) in C{locked}, and a delay per host that grows by
+    C{step} seconds with each failure and is cleared by a success.
     """
 
     def __init__(self, step: float = 2.0) -> None:
@@ -903,9 +905,11 @@ class FakeLockout:
         self.locked: set[tuple[str, str]] = set()
         self.checkError: BaseException | None = None
 
+    floor = 0.0
+
     def delay(self, host: str) -> Deferred[float]:
         self.calls.append(("delay", host))
-        return succeed(self.step * self.failures.get(host, 0))
+        return succeed(max(self.floor, self.step * self.failures.get(host, 0)))
 
     def check(self, host: str, user: str) -> Deferred[SMTPReply | None]:
         self.calls.append(("check", host, user))
@@ -920,6 +924,7 @@ class FakeLockout:
 
     def succeeded(self, host: str, user: str) -> Deferred[None]:
         self.calls.append(("succeeded", host, user))
+        self.failures.pop(host, None)
         return succeed(None)
 
 
@@ -939,7 +944,8 @@ class LockoutTests(SynchronousTestCase):
         """
         A wrong password and then the right one from the same address: the
         failure is answered after the delay, and the right password
-        succeeds (after the delay the failure earned).
+        succeeds, answered at once (the success is recorded before the
+        delay is asked, as the lockout documents).
         """
         conn = secure(clock=self.clock, auth=self.auth)
         conn.send(b"AUTH PLAIN " + plain(password="wrong") + b"\r\n")
@@ -949,9 +955,6 @@ class LockoutTests(SynchronousTestCase):
         self.clock.advance(0.01)
         self.assertEqual(conn.replies(), [b"535 5.7.8 Authentication credentials invalid"])
         conn.send(b"AUTH PLAIN " + plain() + b"\r\n")
-        self.clock.advance(1.99)
-        self.assertEqual(conn.codes(), [b"535"])
-        self.clock.advance(0.01)
         self.assertEqual(conn.codes(), [b"535", b"235"])
         self.assertEqual(conn.proto.session.authenticated, "alice@example.org")
         host, user = "192.0.2.1", "alice@example.org"
@@ -962,8 +965,8 @@ class LockoutTests(SynchronousTestCase):
                 ("failed", host, user),
                 ("delay", host),
                 ("check", host, user),
-                ("delay", host),
                 ("succeeded", host, user),
+                ("delay", host),
             ],
         )
 
@@ -1069,9 +1072,8 @@ class LockoutTests(SynchronousTestCase):
         logged out, and no timer is left behind.
         """
         logouts: list[bool] = []
+        self.lockout.floor = 1.0
         conn = secure(clock=self.clock, auth=self.auth)
-        conn.send(b"AUTH PLAIN " + plain(password="wrong") + b"\r\n")
-        self.clock.advance(2)
         realm = self.auth.portal.realm
         original = realm.requestAvatar
 
@@ -1086,10 +1088,58 @@ class LockoutTests(SynchronousTestCase):
 
         realm.requestAvatar = requestAvatar  # type: ignore[method-assign]
         conn.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        self.assertEqual((conn.replies(), logouts), ([], []))
         conn.proto.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(logouts, [True])
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertIsNone(conn.proto.avatar)
+
+
+class RealLockoutTests(SynchronousTestCase):
+    """
+    The session with the real L{AuthLockout} over the shared state of a
+    memory queue, on a L{Clock}.
+    """
+
+    def test_wrongThenRightSucceeds(self) -> None:
+        """
+        One wrong password and then the right one from one address: 535
+        after the first failure's delay, then 235 at once; another user at
+        the same address is not locked out by the first one's failures.
+        """
+        clock = Clock()
+        lockout = AuthLockout(sharedStateFor(MemoryQueue(clock)), clock)
+        auth = makeAuth(clock, lockout=lockout)
+        conn = secure(clock=clock, auth=auth)
+        conn.send(b"AUTH PLAIN " + plain(password="wrong") + b"\r\n")
+        self.assertEqual(conn.codes(), [])
+        clock.advance(lockout.settings.penaltyDelay)
+        self.assertEqual(conn.codes(), [b"535"])
+        conn.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        self.assertEqual(conn.codes(), [b"535", b"235"])
+        other = secure(clock=clock, auth=auth)
+        other.send(b"AUTH PLAIN " + plain("bob", "hunter2") + b"\r\n")
+        self.assertEqual(other.codes(), [b"235"])
+
+    def test_lockedPairOthersGoOn(self) -> None:
+        """
+        Once one user name is locked for the client's network, it gets 454
+        without a password check, while another user at the same address
+        still logs in.
+        """
+        clock = Clock()
+        lockout = AuthLockout(sharedStateFor(MemoryQueue(clock)), clock)
+        conn = secure(clock=clock, auth=makeAuth(clock, lockout=lockout))
+        for _ in range(lockout.settings.userFailures):
+            conn.send(b"AUTH PLAIN " + plain(password="wrong") + b"\r\n")
+            clock.advance(lockout.settings.maxPenaltyDelay)
+        conn.transport.clear()
+        conn.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        clock.advance(lockout.settings.maxPenaltyDelay)
+        self.assertEqual(conn.codes(), [b"454"])
+        conn.send(b"AUTH PLAIN " + plain("bob", "hunter2") + b"\r\n")
+        clock.advance(lockout.settings.maxPenaltyDelay)
+        self.assertEqual(conn.codes(), [b"454", b"235"])
 
 
 class RecordingClient(Protocol):

@@ -294,9 +294,9 @@ class AuthThrottle:
 class Lockout(Protocol):
     """
     The brute-force defence the SASL exchange asks (the API of
-    C{mailfw.auth._lockout.AuthLockout}): C{check} once the user name is
-    known and before the password is checked, C{failed} or C{succeeded}
-    after, and every AUTH reply waits C{delay} first.
+    L{mailfw.auth.AuthLockout}): C{check} once the user name is known and
+    before the password is checked, C{failed} or C{succeeded} after, then
+    the reply waits C{delay}.
     """
 
     def delay(self, host: str) -> Deferred[float]:

@@ -9,10 +9,14 @@ client, or a refusal that ends it) or a L{Deferred} firing with the
 L{AuthOutcome}.  The protocol keeps the order of replies and applies a
 successful outcome to its session.
 
-The defence is the L{mailfw.smtp._auth.Lockout} in L{SMTPAuth.lockout}:
-C{check} once the user name is known and before the password is checked,
-C{failed} or C{succeeded} after the check, and each final reply waits
-C{delay} on the reactor's clock (a timer, so other connections go on).
+The defence is the L{mailfw.smtp._auth.Lockout} in L{SMTPAuth.lockout}
+(L{mailfw.auth.AuthLockout} when configured), called in the order it
+documents: C{check} once the user name is known and before the password is
+checked (a refusal is sent without C{failed}); C{failed} or C{succeeded}
+after the check; then C{delay}, and the final reply waits that long on the
+reactor's clock (a timer, so other connections go on).  So a failure's own
+reply waits, refusals wait the client's penalty, and the right password
+after a typo (C{succeeded} clears the penalty) is answered at once.
 """
 
 from __future__ import annotations
@@ -187,8 +191,8 @@ class SASLExchange:
             self.log.failure("AUTH check failed for {peer}", peer=self._peer)
             return AuthOutcome(A.AUTH_TEMPORARY)
         try:
-            await self._wait()
             await lockout.succeeded(self._host, user)
+            await self._wait()
         except BaseException:
             logout()
             raise
