@@ -71,6 +71,7 @@ from mailfw.reply import SMTPReply
 from mailfw.smtp import _auth as A
 from mailfw.smtp import _replies as R
 from mailfw.smtp._body import ChunkReader, DotReader
+from mailfw.smtp._framing import InputFramer
 from mailfw.smtp._headers import policyHeaders, receivedHeader, submissionHeaders
 from mailfw.smtp._parser import (
     MailFrom,
@@ -103,9 +104,6 @@ FORBIDDEN = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELE
 # Any line shaped like an HTTP request line ("M-SEARCH * HTTP/1.1").
 _HTTP_REQUEST = re.compile(rb"[!-~]+ [!-~]+ HTTP/[0-9]")
 
-# How much unprocessed input is held while processing is paused and the
-# transport keeps reading (TLS with a full write buffer).
-_MAX_UNREAD = 1024 * 1024
 # Seconds a closing connection may wait for the peer (TLS close_notify, a
 # full write buffer) before it is aborted.
 CLOSE_GRACE = 10.0
@@ -174,8 +172,6 @@ class SMTPServerProtocol(Protocol):
     """
 
     log = Logger()
-    _receiving = False
-    _paused = False
     commands: ClassVar[Mapping[str, Callable[[SMTPServerProtocol, str], None]]]
     mailParameters: ClassVar[frozenset[str]] = frozenset()
     """MAIL parameters an extension checks itself (AUTH= with issue 7)."""
@@ -193,13 +189,9 @@ class SMTPServerProtocol(Protocol):
         self._session = Session(listener=settings.kind, peerHost="")
         self._transaction: _Transaction | None = None
         self._mode = _Mode.COMMAND
-        self._buffer = b""
-        self._offset = 0
-        self._discardingLine = False
+        self._input = InputFramer(self, settings.limits.maxCommandLine)
         self.replies = ReplyPipeline(self, settings.limits, settings.clock)
         self._stalled: bytes | None = None
-        self._pauseReasons: set[str] = set()
-        self._transportPaused = False
         self._idle: IDelayedCall | None = None
         self._abortLater: IDelayedCall | None = None
         self._draining = False
@@ -251,6 +243,7 @@ class SMTPServerProtocol(Protocol):
         # transport's write buffer is full: a client that pipelines without
         # reading the replies cannot make the server buffer them all.
         transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        self._input.attach(transport)
         self._lastActivity = self.settings.clock.seconds()
         self._idle = self.settings.clock.callLater(self.settings.limits.idleTimeout, self._idleTimedOut)
         session = self._session
@@ -308,16 +301,11 @@ class SMTPServerProtocol(Protocol):
         if self.closing:
             return
         self.closing = True
-        self._paused = True
+        self._input.stop()
         tx, self._transaction = self._transaction, None
         if tx is not None and tx.message is not None:
             tx.message.abort()
         if self.transport is not None:
-            if self._transportPaused:
-                # A TLS transport must read to see the peer's close_notify
-                # or EOF; what it reads now is dropped (we are closing).
-                self._transportPaused = False
-                self.transport.resumeProducing()  # type: ignore[attr-defined]
             self.transport.loseConnection()
             # A TLS close waits for the peer, and a peer that never reads
             # keeps our write buffer full: neither may hold the slot.
@@ -345,13 +333,13 @@ class SMTPServerProtocol(Protocol):
             # timer is moved lazily, not reset on every line.)
             self._idle = self.settings.clock.callLater(remaining, self._idleTimedOut)
             return
-        if self.replies.pending or "verdict" in self._pauseReasons:
+        if self.replies.pending or "verdict" in self._input.reasons:
             # We are the slow party (a policy or the queue); not the client.
             self._idle = self.settings.clock.callLater(self.settings.limits.idleTimeout, self._idleTimedOut)
             return
         self.log.info("idle timeout for {peer}", peer=self.peer)
         self.sendAnswer(Answer(self.closingReply(R.TIMEOUT)))
-        if "write" in self._pauseReasons and self.transport is not None:
+        if "write" in self._input.reasons and self.transport is not None:
             # The client does not read: waiting for the buffer to drain
             # would keep the connection forever.
             self.closing = True
@@ -368,87 +356,37 @@ class SMTPServerProtocol(Protocol):
         """
         Drop and return everything received but not yet processed.
         """
-        data = self._buffer[self._offset :]
-        self._buffer, self._offset = b"", 0
-        return data
+        return self._input.clear()
 
     def dataReceived(self, data: bytes) -> None:
         """
-        Split input into command lines or hand it to the DATA/BDAT reader.
-
-        Walks the buffer with an offset (no copy of the rest per line),
-        answers an over-long line with 500 and skips it to its CRLF instead
-        of hanging up, and never lets a command line's tail be read as a
-        new command.  Called again from inside the loop (input resumed by a
-        reply), it only buffers: the running loop reads on.
+        Hand input to the L{InputFramer}, which cuts command lines or passes
+        DATA and BDAT octets on.
         """
         if self.closing:
             return
         if data:
             self._activity()
-        if self._receiving:
-            self._buffer += data
-            return
-        if self._paused and len(self._buffer) - self._offset + len(data) > _MAX_UNREAD:
-            # Sending on and on without reading our replies (see
-            # _syncTransport): no more buffering.
-            self.log.warn("{peer} sends without reading replies, aborting", peer=self.peer)
-            self.closing = True
-            self.transport.abortConnection()  # type: ignore[union-attr]
-            return
-        self._receiving = True
-        try:
-            if self._offset:
-                self._buffer = self._buffer[self._offset :]
-                self._offset = 0
-            if data:
-                self._buffer += data
-            while not self._paused and not self.closing and self._offset < len(self._buffer):
-                if self._mode is _Mode.COMMAND:
-                    if not self._nextLine():
-                        break
-                else:
-                    chunk = self._buffer[self._offset :] if self._offset else self._buffer
-                    self._buffer, self._offset = b"", 0
-                    self.rawDataReceived(chunk)
-        finally:
-            self._receiving = False
-            if self._offset:
-                self._buffer = self._buffer[self._offset :]
-                self._offset = 0
+        self._input.feed(data)
 
-    def _nextLine(self) -> bool:
+    def overrun(self) -> None:
         """
-        Take one command line from the buffer, if there is a whole one.
+        L{FramingOwner.overrun}: the client sends on and on without
+        reading our replies.
         """
-        buf, start = self._buffer, self._offset
-        inSASL = self._sasl is not None
-        limit = (A.SASL_LINE_LIMIT if inSASL else self.settings.limits.maxCommandLine) - 2
-        if self._discardingLine:
-            end = buf.find(b"\r\n", start)
-            if end < 0:
-                # Keep a final CR: it may begin the CRLF that ends the line.
-                self._buffer = b"\r" if buf.endswith(b"\r") else b""
-                self._offset = 0
-                return False
-            self._discardingLine = False
-            self._offset = end + 2
-            return True
-        end = buf.find(b"\r\n", start, start + limit + 2)
-        if end < 0:
-            if len(buf) - start > limit + 1:
-                # No CRLF within the limit: refuse now, skip to the CRLF.
-                self._discardingLine = True
-                if inSASL:
-                    self._sasl = None
-                    self.replies.respond(A.AUTH_LINE_TOO_LONG)
-                else:
-                    self.replies.respond(R.LINE_TOO_LONG)
-                return True
-            return False
-        self._offset = end + 2
-        self.lineReceived(buf[start:end])
-        return True
+        self.log.warn("{peer} sends without reading replies, aborting", peer=self.peer)
+        self.closing = True
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def lineTooLong(self) -> None:
+        """
+        L{FramingOwner.lineTooLong}: 500, and a SASL exchange ends.
+        """
+        if self._sasl is not None:
+            self._setSASL(None)
+            self.replies.respond(A.AUTH_LINE_TOO_LONG)
+        else:
+            self.replies.respond(R.LINE_TOO_LONG)
 
     def lineReceived(self, line: bytes) -> None:
         if self.replies.pending and not self._canOverlap(line):
@@ -503,42 +441,10 @@ class SMTPServerProtocol(Protocol):
         self._pause("stopped")
 
     def _pause(self, reason: str) -> None:
-        self._pauseReasons.add(reason)
-        self._paused = True
-        self._syncTransport()
+        self._input.pause(reason)
 
     def _unpause(self, reason: str) -> None:
-        if reason not in self._pauseReasons:
-            return
-        self._pauseReasons.discard(reason)
-        if self._pauseReasons or self.closing:
-            self._syncTransport()
-            return
-        self._paused = False
-        self._syncTransport()
-        self.dataReceived(b"")
-
-    def _syncTransport(self) -> None:
-        """
-        Stop or resume reading from the transport to match the pause
-        reasons.  A full write buffer of a TLS transport does not stop
-        reading: TLS may need to read before it can write (the handshake of
-        an implicit-TLS session starts with the greeting buffered), so
-        stopping would deadlock.  Input is then held in our buffer instead,
-        up to L{_MAX_UNREAD} octets.
-        """
-        if self.closing or self.transport is None:
-            return
-        reasons = self._pauseReasons
-        if "write" in reasons and ISSLTransport.providedBy(self.transport):
-            reasons = reasons - {"write"}
-        want = bool(reasons)
-        if want != self._transportPaused:
-            self._transportPaused = want
-            if want:
-                self.transport.pauseProducing()  # type: ignore[attr-defined]
-            else:
-                self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self._input.unpause(reason)
 
     # --- output ---------------------------------------------------------------
 
@@ -903,7 +809,7 @@ class SMTPServerProtocol(Protocol):
         commands, but they are probably the body (RFC 2920 3.1 forbids
         sending them), so that is a synchronization error.
         """
-        pipelined = self._offset < len(self._buffer)
+        pipelined = self._input.hasUnread()
         self.replies.respond(reply)
         if pipelined:
             self.log.warn("octets pipelined after refused DATA from {peer}", peer=self.peer)
@@ -931,6 +837,7 @@ class SMTPServerProtocol(Protocol):
         def then(answer: Answer) -> None:
             self._dot = DotReader(self.settings.limits.maxTextLine)
             self._mode = _Mode.DATA
+            self._input.raw = True
 
         self.replies.respond(R.START_DATA, then)
 
@@ -942,9 +849,9 @@ class SMTPServerProtocol(Protocol):
         if rest is None:
             return
         self._mode = _Mode.COMMAND
+        self._input.raw = False
         self._dot = None
-        self._buffer = rest + self._buffer
-        self._offset = 0
+        self._input.unread(rest)
         self._endMessage(tx, tx.message.finish(dot.bareLineEnding, dot.lineTooLong))
 
     def _endMessage(self, tx: _Transaction, d: Deferred[Answer]) -> None:
@@ -994,6 +901,7 @@ class SMTPServerProtocol(Protocol):
         self._chunk = _Chunk(parsed.size, parsed.last, parsed.size, error)
         if parsed.size:
             self._mode = _Mode.BDAT
+            self._input.raw = True
         else:
             self._endChunk()
 
@@ -1007,8 +915,8 @@ class SMTPServerProtocol(Protocol):
             tx.message.write(tx.chunks.feed(take))
         if chunk.remaining == 0:
             self._mode = _Mode.COMMAND
-            self._buffer = data[len(take) :] + self._buffer
-            self._offset = 0
+            self._input.raw = False
+            self._input.unread(data[len(take) :])
             self._endChunk()
 
     def _endChunk(self) -> None:
@@ -1174,11 +1082,21 @@ class SMTPServerProtocol(Protocol):
         next input line is that response.
         """
         if isinstance(step, SMTPReply):
-            self._sasl = exchange if exchange.waiting else None
+            self._setSASL(exchange if exchange.waiting else None)
             self.replies.respond(Answer(step, plain=step.code == 334))
         else:
-            self._sasl = None
+            self._setSASL(None)
             self.replies.respondLater(step.addCallback(self._authenticated))
+
+    def _setSASL(self, exchange: SASLExchange | None) -> None:
+        """
+        Inside a SASL exchange input lines are responses, up to 12288
+        octets (RFC 4954 4).
+        """
+        self._sasl = exchange
+        self._input.lineLimit = (
+            A.SASL_LINE_LIMIT if exchange is not None else self.settings.limits.maxCommandLine
+        )
 
     def _saslResponse(self, line: bytes) -> None:
         """
@@ -1186,7 +1104,7 @@ class SMTPServerProtocol(Protocol):
         """
         exchange = self._sasl
         assert exchange is not None
-        self._sasl = None
+        self._setSASL(None)
         if b" " in line and (
             _HTTP_REQUEST.match(line) or line.partition(b" ")[0].upper().decode("latin-1") in FORBIDDEN
         ):
