@@ -392,7 +392,7 @@ class SMTPServerProtocol(Protocol):
         if self.replies.pending and not self._canOverlap(line):
             # An earlier reply is pending and this command depends on it.
             self._stalled = line
-            self._pause("stall")
+            self._input.pause("stall")
             return
         self._dispatch(line)
 
@@ -426,25 +426,19 @@ class SMTPServerProtocol(Protocol):
         """
         The transport's write buffer is full: stop reading commands.
         """
-        self._pause("write")
+        self._input.pause("write")
 
     def resumeProducing(self) -> None:
         """
         The transport's write buffer has drained: read on.
         """
-        self._unpause("write")
+        self._input.unpause("write")
 
     def stopProducing(self) -> None:
         """
         The transport is going away; L{connectionLost} cleans up.
         """
-        self._pause("stopped")
-
-    def _pause(self, reason: str) -> None:
-        self._input.pause(reason)
-
-    def _unpause(self, reason: str) -> None:
-        self._input.unpause(reason)
+        self._input.pause("stopped")
 
     # --- output ---------------------------------------------------------------
 
@@ -481,7 +475,7 @@ class SMTPServerProtocol(Protocol):
                 self._draining = False
             if self.replies.pending or self.closing:
                 return
-        self._unpause("stall")
+        self._input.unpause("stall")
 
     # --- policies ---------------------------------------------------------------
 
@@ -529,13 +523,13 @@ class SMTPServerProtocol(Protocol):
         """
         L{SinkOwner.holdInput}.
         """
-        self._pause("verdict")
+        self._input.pause("verdict")
 
     def releaseInput(self) -> None:
         """
         L{SinkOwner.releaseInput}.
         """
-        self._unpause("verdict")
+        self._input.unpause("verdict")
 
     # --- commands -------------------------------------------------------------------
 
