@@ -38,6 +38,15 @@ authenticated user's ETRN domains) and records the flush; the reply
 (250-253, 458, 459, 501) goes out once the queue has recorded it, and the
 scheduler delivers over new connections.  TURN is never offered (502).
 
+The session's parts, each in its own module and each talking back to the
+protocol through a small explicit interface: the input framer
+(L{mailfw.smtp._framing}), the reply pipeline with the error limits
+(L{mailfw.smtp._pipeline}), the policy chain (L{mailfw.policy._chain}),
+the AUTH exchange with the brute-force lockout (L{mailfw.smtp._sasl}), the
+message sink (L{mailfw.smtp._sink}) and the header fields the server
+writes (L{mailfw.smtp._headers}).  What every session of a listener shares
+is one L{SessionSettings}.
+
 Message text is decoded on whole chunks (L{mailfw.smtp._body}) and streamed
 to L{IIncomingMessage.write} as it arrives.  The header section is held
 (up to L{SMTPLimits.maxHeaderBytes}) until it is complete: then the loop
@@ -52,7 +61,6 @@ import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from typing import Any, ClassVar, cast
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -108,14 +116,8 @@ _HTTP_REQUEST = re.compile(rb"[!-~]+ [!-~]+ HTTP/[0-9]")
 # full write buffer) before it is aborted.
 CLOSE_GRACE = 10.0
 
-
+# What an empty policy chain says.
 _NO_VERDICT = Verdict()
-
-
-class _Mode(Enum):
-    COMMAND = "command"
-    DATA = "data"
-    BDAT = "bdat"
 
 
 @functools.lru_cache(maxsize=512)
@@ -188,7 +190,6 @@ class SMTPServerProtocol(Protocol):
         self.peer = ""
         self._session = Session(listener=settings.kind, peerHost="")
         self._transaction: _Transaction | None = None
-        self._mode = _Mode.COMMAND
         self._input = InputFramer(self, settings.limits.maxCommandLine)
         self.replies = ReplyPipeline(self, settings.limits, settings.clock)
         self._stalled: bytes | None = None
@@ -397,7 +398,7 @@ class SMTPServerProtocol(Protocol):
         self._dispatch(line)
 
     def rawDataReceived(self, data: bytes) -> None:
-        if self._mode is _Mode.DATA:
+        if self._dot is not None:
             self._dataReceived(data)
         else:
             self._bdatReceived(data)
@@ -830,7 +831,6 @@ class SMTPServerProtocol(Protocol):
 
         def then(answer: Answer) -> None:
             self._dot = DotReader(self.settings.limits.maxTextLine)
-            self._mode = _Mode.DATA
             self._input.raw = True
 
         self.replies.respond(R.START_DATA, then)
@@ -842,7 +842,6 @@ class SMTPServerProtocol(Protocol):
         tx.message.write(text)
         if rest is None:
             return
-        self._mode = _Mode.COMMAND
         self._input.raw = False
         self._dot = None
         self._input.unread(rest)
@@ -894,7 +893,6 @@ class SMTPServerProtocol(Protocol):
                 tx.chunks = ChunkReader(self.settings.limits.maxTextLine)
         self._chunk = _Chunk(parsed.size, parsed.last, parsed.size, error)
         if parsed.size:
-            self._mode = _Mode.BDAT
             self._input.raw = True
         else:
             self._endChunk()
@@ -908,7 +906,6 @@ class SMTPServerProtocol(Protocol):
             assert tx.chunks is not None
             tx.message.write(tx.chunks.feed(take))
         if chunk.remaining == 0:
-            self._mode = _Mode.COMMAND
             self._input.raw = False
             self._input.unread(data[len(take) :])
             self._endChunk()
