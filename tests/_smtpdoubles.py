@@ -27,6 +27,7 @@ from mailfw.interfaces import IIncomingMessage, IPolicy
 from mailfw.policy import CONTINUE, Policy, Verdict
 from mailfw.reply import SMTPReply
 from mailfw.smtp import SMTPLimits, SMTPServerProtocol
+from mailfw.smtp._settings import SessionSettings
 
 HOSTNAME = "mx.example.org"
 LOCAL = "example.org"
@@ -305,17 +306,18 @@ def connect(
     clock = clock or Clock()
     router = router or DictRouter()
     queue = queue or RecordingQueue()
-    proto = SMTPServerProtocol(
+    settings = SessionSettings(
         kind,
         HOSTNAME,
-        queue,
-        router,
+        queue,  # type: ignore[arg-type]
+        router,  # type: ignore[arg-type]
         clock,
         policies,
         limits,
         tlsOptions,
-        auth=auth,  # type: ignore[arg-type]
+        auth=auth,
     )
+    proto = SMTPServerProtocol(settings)
     address = IPv6Address("TCP", peer, 40000) if ":" in peer else IPv4Address("TCP", peer, 40000)
     transport = transportFactory(peerAddress=address)
     proto.makeConnection(transport)

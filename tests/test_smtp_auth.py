@@ -14,7 +14,8 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
@@ -23,9 +24,13 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from mailfw.auth import MailRealm
+from mailfw.auth import AuthLockout, MailRealm
+from mailfw.queue._memory import MemoryQueue
+from mailfw.reply import SMTPReply
+from mailfw.sharedstate import sharedStateFor
 from mailfw.smtp import SMTPFactory, SMTPLimits, SMTPServerProtocol
-from mailfw.smtp._auth import AuthThrottle, SMTPAuth
+from mailfw.smtp._auth import AUTH_LOCKED, AuthThrottle, SMTPAuth
+from mailfw.smtp._settings import SessionSettings
 from tests._smtpdoubles import (
     EHLO,
     HOSTNAME,
@@ -788,8 +793,9 @@ class ThrottleTests(SynchronousTestCase):
 
     def test_lockout(self) -> None:
         """
-        After five failures from one address, AUTH gets 454 4.7.0 without a
-        check, also with the right password and on a new connection, until
+        With the default L{ThrottleLockout}, after five failures from one
+        address AUTH gets 454 4.7.0 without a check (once the user name is
+        known), also with the right password and on a new connection, until
         the lockout ends; other addresses are not affected.
         """
         clock = Clock()
@@ -804,9 +810,9 @@ class ThrottleTests(SynchronousTestCase):
             conn.replies(), [b"454 4.7.0 Too many failed authentication attempts, try again later"]
         )
         other = secure(clock=clock, auth=auth)
-        other.send(b"AUTH LOGIN\r\n")
+        other.send(b"AUTH LOGIN\r\n" + b64(b"alice@example.org") + b"\r\n" + b64(PASSWORD.encode()) + b"\r\n")
         clock.advance(2)
-        self.assertEqual(other.codes(), [b"454"])
+        self.assertEqual(other.codes(), [b"334", b"334", b"454"])
         elsewhere = secure(clock=clock, auth=auth, peer="192.0.2.99")
         elsewhere.send(b"AUTH PLAIN " + plain() + b"\r\n")
         self.assertEqual(elsewhere.codes(), [b"235"])
@@ -885,6 +891,257 @@ class ThrottleTests(SynchronousTestCase):
         self.assertRaises(ValueError, AuthThrottle, Clock(), maxClients=0)
 
 
+class FakeLockout:
+    """
+    The API of L{mailfw.auth.AuthLockout}, scripted: the calls in order, a
+    lock per (host, user) in C{locked}, and a delay per host that grows by
+    C{step} seconds with each failure and is cleared by a success.
+    """
+
+    def __init__(self, step: float = 2.0) -> None:
+        self.step = step
+        self.calls: list[tuple[str, ...]] = []
+        self.failures: dict[str, int] = {}
+        self.locked: set[tuple[str, str]] = set()
+        self.checkError: BaseException | None = None
+
+    floor = 0.0
+
+    def delay(self, host: str) -> Deferred[float]:
+        self.calls.append(("delay", host))
+        return succeed(max(self.floor, self.step * self.failures.get(host, 0)))
+
+    def check(self, host: str, user: str) -> Deferred[SMTPReply | None]:
+        self.calls.append(("check", host, user))
+        if self.checkError is not None:
+            return fail(self.checkError)
+        return succeed(AUTH_LOCKED if (host, user) in self.locked else None)
+
+    def failed(self, host: str, user: str) -> Deferred[None]:
+        self.calls.append(("failed", host, user))
+        self.failures[host] = self.failures.get(host, 0) + 1
+        return succeed(None)
+
+    def succeeded(self, host: str, user: str) -> Deferred[None]:
+        self.calls.append(("succeeded", host, user))
+        self.failures.pop(host, None)
+        return succeed(None)
+
+
+class LockoutTests(SynchronousTestCase):
+    """
+    The SASL exchange asks the L{mailfw.smtp._auth.Lockout} in
+    L{SMTPAuth.lockout}: check before the password, failed or succeeded
+    after, and each reply waits its delay on the clock.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.lockout = FakeLockout()
+        self.auth = makeAuth(self.clock, lockout=self.lockout)
+
+    def test_wrongThenRightSucceeds(self) -> None:
+        """
+        A wrong password and then the right one from the same address: the
+        failure is answered after the delay, and the right password
+        succeeds, answered at once (the success is recorded before the
+        delay is asked, as the lockout documents).
+        """
+        conn = secure(clock=self.clock, auth=self.auth)
+        conn.send(b"AUTH PLAIN " + plain(password="wrong") + b"\r\n")
+        self.assertEqual(conn.replies(), [])
+        self.clock.advance(1.99)
+        self.assertEqual(conn.replies(), [])
+        self.clock.advance(0.01)
+        self.assertEqual(conn.replies(), [b"535 5.7.8 Authentication credentials invalid"])
+        conn.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        self.assertEqual(conn.codes(), [b"535", b"235"])
+        self.assertEqual(conn.proto.session.authenticated, "alice@example.org")
+        host, user = "192.0.2.1", "alice@example.org"
+        self.assertEqual(
+            self.lockout.calls,
+            [
+                ("check", host, user),
+                ("failed", host, user),
+                ("delay", host),
+                ("check", host, user),
+                ("succeeded", host, user),
+                ("delay", host),
+            ],
+        )
+
+    def test_wrongThenRightWithDefaultThrottle(self) -> None:
+        """
+        Without a shared lockout (the default L{ThrottleLockout}), a wrong
+        password and then the right one from one address also succeeds.
+        """
+        clock = Clock()
+        conn = secure(clock=clock, auth=makeAuth(clock, failureDelay=2.0, maxFailures=2))
+        conn.send(b"AUTH PLAIN " + plain(password="wrong") + b"\r\n")
+        clock.advance(2)
+        conn.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        clock.advance(2)
+        self.assertEqual(conn.codes(), [b"535", b"235"])
+
+    def test_checkedBeforePassword(self) -> None:
+        """
+        A locked (address, user) pair gets the lockout's refusal without a
+        password check; another user from the same address is checked.
+        """
+        scripted = ScriptedChecker(error=UnauthorizedLogin())
+        auth = makeAuth(self.clock, scripted, lockout=self.lockout)
+        self.lockout.locked.add(("192.0.2.1", "alice@example.org"))
+        conn = secure(clock=self.clock, auth=auth)
+        with capturedLogs() as events:
+            conn.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        self.assertEqual(
+            conn.replies(), [b"454 4.7.0 Too many failed authentication attempts, try again later"]
+        )
+        self.assertEqual(scripted.calls, [])
+        [event] = [e for e in events if "throttled" in e["log_format"]]
+        self.assertEqual((event["peer"], event["user"]), ("192.0.2.1:40000", "alice@example.org"))
+        conn.send(b"AUTH PLAIN " + plain("bob", "x") + b"\r\n")
+        self.clock.advance(2)
+        self.assertEqual(conn.codes(), [b"454", b"535"])
+        self.assertEqual(len(scripted.calls), 1)
+
+    def test_loginChecksOnceUserKnown(self) -> None:
+        """
+        With LOGIN the lockout is asked once the user name and password
+        have arrived, before the password is checked.
+        """
+        conn = secure(clock=self.clock, auth=self.auth)
+        conn.send(b"AUTH LOGIN\r\n" + b64(b"bob") + b"\r\n")
+        self.assertEqual(self.lockout.calls, [])
+        conn.send(b64(b"hunter2") + b"\r\n")
+        self.assertEqual(conn.codes(), [b"334", b"334", b"235"])
+        self.assertEqual(self.lockout.calls[0], ("check", "192.0.2.1", "bob"))
+
+    def test_delayDoesNotBlockOthers(self) -> None:
+        """
+        While one client's failure reply waits its delay, another client is
+        answered at once.
+        """
+        slow = secure(clock=self.clock, auth=self.auth)
+        slow.send(b"AUTH PLAIN " + plain(password="wrong") + b"\r\n")
+        other = secure(clock=self.clock, auth=self.auth, peer="198.51.100.7")
+        other.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        self.assertEqual((slow.codes(), other.codes()), ([], [b"235"]))
+        self.clock.advance(2)
+        self.assertEqual(slow.codes(), [b"535"])
+
+    def test_growingDelay(self) -> None:
+        """
+        Each reply waits the delay the lockout gives at that moment.
+        """
+        conn = secure(clock=self.clock, auth=self.auth)
+        for failures in range(1, 4):
+            conn.send(b"AUTH PLAIN " + plain(password="wrong") + b"\r\n")
+            self.clock.advance(2.0 * failures - 0.01)
+            self.assertEqual(len(conn.codes()), failures - 1)
+            self.clock.advance(0.01)
+            self.assertEqual(len(conn.codes()), failures)
+
+    def test_malformedCounts(self) -> None:
+        """
+        A malformed PLAIN message is a failure with an empty user name.
+        """
+        conn = secure(clock=self.clock, auth=self.auth)
+        conn.send(b"AUTH PLAIN =\r\n")
+        self.clock.advance(2)
+        self.assertEqual(conn.codes(), [b"535"])
+        self.assertEqual(self.lockout.calls, [("failed", "192.0.2.1", ""), ("delay", "192.0.2.1")])
+
+    def test_lockoutFailureIs454(self) -> None:
+        """
+        A lockout that cannot answer (its database is down) gets 454, is
+        logged, and the password is not checked.
+        """
+        scripted = ScriptedChecker(error=UnauthorizedLogin())
+        auth = makeAuth(self.clock, scripted, lockout=self.lockout)
+        self.lockout.checkError = OSError("database gone")
+        conn = secure(clock=self.clock, auth=auth)
+        conn.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        self.assertEqual(conn.replies(), [b"454 4.7.0 Temporary authentication failure"])
+        self.assertEqual(scripted.calls, [])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_connectionLostDuringDelay(self) -> None:
+        """
+        A client that hangs up while its successful AUTH waits the delay is
+        logged out, and no timer is left behind.
+        """
+        logouts: list[bool] = []
+        self.lockout.floor = 1.0
+        conn = secure(clock=self.clock, auth=self.auth)
+        realm = self.auth.portal.realm
+        original = realm.requestAvatar
+
+        def requestAvatar(*args: Any) -> Any:
+            interface, avatar, logout = original(*args)
+
+            def recorded() -> None:
+                logouts.append(True)
+                logout()
+
+            return interface, avatar, recorded
+
+        realm.requestAvatar = requestAvatar  # type: ignore[method-assign]
+        conn.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        self.assertEqual((conn.replies(), logouts), ([], []))
+        conn.proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(logouts, [True])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertIsNone(conn.proto.avatar)
+
+
+class RealLockoutTests(SynchronousTestCase):
+    """
+    The session with the real L{AuthLockout} over the shared state of a
+    memory queue, on a L{Clock}.
+    """
+
+    def test_wrongThenRightSucceeds(self) -> None:
+        """
+        One wrong password and then the right one from one address: 535
+        after the first failure's delay, then 235 at once; another user at
+        the same address is not locked out by the first one's failures.
+        """
+        clock = Clock()
+        lockout = AuthLockout(sharedStateFor(MemoryQueue(clock)), clock)
+        auth = makeAuth(clock, lockout=lockout)
+        conn = secure(clock=clock, auth=auth)
+        conn.send(b"AUTH PLAIN " + plain(password="wrong") + b"\r\n")
+        self.assertEqual(conn.codes(), [])
+        clock.advance(lockout.settings.penaltyDelay)
+        self.assertEqual(conn.codes(), [b"535"])
+        conn.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        self.assertEqual(conn.codes(), [b"535", b"235"])
+        other = secure(clock=clock, auth=auth)
+        other.send(b"AUTH PLAIN " + plain("bob", "hunter2") + b"\r\n")
+        self.assertEqual(other.codes(), [b"235"])
+
+    def test_lockedPairOthersGoOn(self) -> None:
+        """
+        Once one user name is locked for the client's network, it gets 454
+        without a password check, while another user at the same address
+        still logs in.
+        """
+        clock = Clock()
+        lockout = AuthLockout(sharedStateFor(MemoryQueue(clock)), clock)
+        conn = secure(clock=clock, auth=makeAuth(clock, lockout=lockout))
+        for _ in range(lockout.settings.userFailures):
+            conn.send(b"AUTH PLAIN " + plain(password="wrong") + b"\r\n")
+            clock.advance(lockout.settings.maxPenaltyDelay)
+        conn.transport.clear()
+        conn.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        clock.advance(lockout.settings.maxPenaltyDelay)
+        self.assertEqual(conn.codes(), [b"454"])
+        conn.send(b"AUTH PLAIN " + plain("bob", "hunter2") + b"\r\n")
+        clock.advance(lockout.settings.maxPenaltyDelay)
+        self.assertEqual(conn.codes(), [b"454", b"235"])
+
+
 class RecordingClient(Protocol):
     def __init__(self) -> None:
         self.received = b""
@@ -907,15 +1164,17 @@ class IosimTests(SynchronousTestCase):
         queue = RecordingQueue()
         context = FakeTLSContext()
         server = SMTPServerProtocol(
-            "submission",
-            HOSTNAME,
-            queue,
-            DictRouter(),
-            clock,
-            (),
-            SMTPLimits(),
-            context,  # type: ignore[arg-type]
-            auth=makeAuth(clock),
+            SessionSettings(
+                "submission",
+                HOSTNAME,
+                queue,  # type: ignore[arg-type]
+                DictRouter(),  # type: ignore[arg-type]
+                clock,
+                (),
+                SMTPLimits(),
+                context,
+                auth=makeAuth(clock),
+            )
         )
         client = RecordingClient()
         serverTransport = iosim.FakeTransport(
@@ -952,7 +1211,7 @@ class FactoryTests(SynchronousTestCase):
         auth = makeAuth(Clock())
         factory = SMTPFactory("submission", HOSTNAME, RecordingQueue(), DictRouter(), Clock(), auth=auth)  # type: ignore[arg-type]
         proto = factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1))
-        self.assertIs(proto.auth, auth)  # type: ignore[union-attr]
+        self.assertIs(proto.settings.auth, auth)  # type: ignore[union-attr]
 
     def test_mechanismsChecked(self) -> None:
         """

@@ -1,8 +1,9 @@
 """
 Tests for the per-client connection limit's exceptions
 (L{mailfw.smtp.SMTPLimits.connectionLimitExceptions}, honoured by
-L{mailfw.smtp.SMTPFactory}) and for the HELP reply
-(L{mailfw.smtp._replies.helpReply}).
+L{mailfw.smtp.SMTPFactory}), for the HELP reply
+(L{mailfw.smtp._replies.helpReply}), and for the session limits every
+listener kind keeps alike (foreign requests, error limits).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailfw.config import ConfigError, Section
 from mailfw.smtp import SMTPFactory, SMTPLimits
 from mailfw.smtp import _replies as R
-from tests._smtpdoubles import HOSTNAME, DictRouter, RecordingQueue
+from tests._smtpdoubles import HOSTNAME, Connection, DictRouter, RecordingQueue, connect
+from tests.test_smtp_auth import login, makeAuth, secure
 
 TURNED_AWAY = b"421 mx.example.org Too many connections from your address, try again later\r\n"
 
@@ -179,3 +182,125 @@ class HelpReplyTests(SynchronousTestCase):
         )
         reply = R.helpReply(plain)
         self.assertEqual((reply.code, reply.enhanced), (214, "2.0.0"))
+
+
+LISTENERS = ("smtp", "submission", "submissions")
+HTTP_REQUESTS = (
+    b"GET / HTTP/1.1",
+    b"POST /login HTTP/1.1",
+    b"CONNECT mx.example.org:443 HTTP/1.1",
+    b"HEAD / HTTP/1.0",
+    b"PUT /x HTTP/1.1",
+    b"OPTIONS * HTTP/1.1",
+    b"DELETE /x HTTP/1.1",
+    b"PATCH /x HTTP/1.1",
+    b"TRACE / HTTP/1.1",
+    b"M-SEARCH * HTTP/1.1",
+    b"PROPFIND /dav HTTP/1.1",
+    b"GET /",
+)
+"""Foreign requests: the verbs of HTTP, and any line shaped like an HTTP
+request line (M-SEARCH is not even a valid SMTP verb)."""
+
+
+def session(kind: str, phase: str) -> Connection:
+    """
+    A C{kind} session with C{phase} done: C{"greeted"} (only the greeting),
+    C{"ehlo"} (inside TLS where the listener has it, not authenticated),
+    C{"sasl"} (inside an AUTH LOGIN exchange) or C{"authenticated"}.  The
+    transport holds no replies yet.
+    """
+    if phase == "greeted":
+        return connect(kind, auth=makeAuth(Clock()))
+    conn = secure(kind)
+    if phase == "sasl":
+        conn.send(b"AUTH LOGIN\r\n")
+        assert conn.replies() == [b"334 VXNlcm5hbWU6"], conn.replies()
+        conn.transport.clear()
+    elif phase == "authenticated":
+        login(conn)
+    return conn
+
+
+class ForeignRequestTests(SynchronousTestCase):
+    """
+    An HTTP request gets one 221 2.7.0 and an immediate close on every
+    listener kind, before EHLO, before and during AUTH and after it.
+    """
+
+    def test_everyListenerAndPhase(self) -> None:
+        """
+        Each foreign request, with the rest of an HTTP request pipelined
+        behind it, gets exactly one reply and the connection is closed;
+        nothing behind it is read.
+        """
+        for kind in LISTENERS:
+            for phase in ("greeted", "ehlo", "sasl", "authenticated"):
+                for request in HTTP_REQUESTS:
+                    conn = session(kind, phase)
+                    with capturedLogs() as events:
+                        conn.send(request + b"\r\nHost: mx.example.org\r\nQUIT\r\n\r\n")
+                    where = (kind, phase, request)
+                    [reply] = conn.replies()
+                    self.assertEqual(reply[:4], b"221 ", where)
+                    self.assertIn(b"Not an SMTP client", reply, where)
+                    if phase != "greeted":
+                        self.assertEqual(reply[4:10], b"2.7.0 ", where)
+                    self.assertTrue(conn.closed, where)
+                    logged = [e for e in events if "non-SMTP" in e["log_format"]]
+                    self.assertEqual(len(logged), 1, where)
+                    self.assertEqual(logged[0]["peer"], "192.0.2.1:40000", where)
+                    self.assertEqual(logged[0]["listener"], kind, where)
+
+    def test_smtpLookalikesAreNotForeign(self) -> None:
+        """
+        A command that merely mentions HTTP, or an unknown verb without a
+        request-line shape, is an ordinary error, not a reason to close.
+        """
+        conn = connect()
+        conn.send(b"EHLO http.example\r\nXGET / x\r\nNOOP GET / HTTP/1.1\r\n")
+        self.assertEqual(conn.codes(), [b"250", b"500", b"250"])
+        self.assertFalse(conn.closed)
+
+
+class ErrorLimitTests(SynchronousTestCase):
+    """
+    The error limits hold on every listener kind, before and after AUTH.
+    """
+
+    def test_hardLimitEveryListenerAndPhase(self) -> None:
+        """
+        At C{hardErrorLimit} errors the session gets 421 4.7.0 instead of
+        the error and is closed.
+        """
+        for kind in LISTENERS:
+            for phase in ("greeted", "ehlo", "authenticated"):
+                conn = session(kind, phase)
+                for _ in range(SMTPLimits().hardErrorLimit - 1):
+                    conn.send(b"XYZZY\r\n")
+                    conn.clock.advance(SMTPLimits().errorDelay)
+                where = (kind, phase)
+                self.assertEqual(set(conn.codes()), {b"500"}, where)
+                self.assertFalse(conn.closed, where)
+                conn.send(b"XYZZY\r\n")
+                conn.clock.advance(SMTPLimits().errorDelay)
+                self.assertEqual(conn.codes()[-1], b"421", where)
+                self.assertIn(b"Too many errors", conn.replies()[-1], where)
+                self.assertTrue(conn.closed, where)
+
+    def test_softLimitDelaysEveryListener(self) -> None:
+        """
+        Past C{softErrorLimit} each error reply waits C{errorDelay} on the
+        clock, on every listener kind and after AUTH too.
+        """
+        for kind in LISTENERS:
+            conn = session(kind, "authenticated")
+            for _ in range(SMTPLimits().softErrorLimit):
+                conn.send(b"XYZZY\r\n")
+            self.assertEqual(len(conn.codes()), SMTPLimits().softErrorLimit, kind)
+            conn.send(b"XYZZY\r\n")
+            self.assertEqual(len(conn.codes()), SMTPLimits().softErrorLimit, kind)
+            conn.clock.advance(SMTPLimits().errorDelay - 0.01)
+            self.assertEqual(len(conn.codes()), SMTPLimits().softErrorLimit, kind)
+            conn.clock.advance(0.01)
+            self.assertEqual(conn.codes()[-1], b"500", kind)

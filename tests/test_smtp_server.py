@@ -29,6 +29,7 @@ from mailfw.queued import QueueFull
 from mailfw.reply import SMTPReply
 from mailfw.smtp import SMTPFactory, SMTPLimits, SMTPServerProtocol
 from mailfw.smtp._server import CLOSE_GRACE
+from mailfw.smtp._settings import SessionSettings
 from tests._smtpdoubles import (
     EHLO,
     HOSTNAME,
@@ -360,11 +361,11 @@ class CommandTests(SynchronousTestCase):
 
     def test_forbiddenCommand(self) -> None:
         """
-        An HTTP request on the SMTP port is answered with 421 and closed.
+        An HTTP request on the SMTP port is answered with 221 and closed.
         """
         conn = connect()
         conn.send(b"GET / HTTP/1.1\r\nHost: mx.example.org\r\n\r\n")
-        self.assertEqual(conn.replies(), [b"421 mx.example.org Not an SMTP client, closing"])
+        self.assertEqual(conn.replies(), [b"221 mx.example.org Not an SMTP client, closing"])
         self.assertTrue(conn.closed)
 
     def test_invalidCharacters(self) -> None:
@@ -1433,13 +1434,13 @@ class ExtensionSeamTests(SynchronousTestCase):
             mailParameters = frozenset({"AUTH"})
 
             def smtp_ETRN(self, argument: str) -> None:
-                self._respond(SMTPReply(250, "2.0.0", f"Queuing for {argument} started"))
+                self.replies.respond(SMTPReply(250, "2.0.0", f"Queuing for {argument} started"))
 
             def extensions(self) -> list[str]:
                 return [*super().extensions(), "ETRN"]
 
         WithETRN.commands = {**SMTPServerProtocol.commands, "ETRN": WithETRN.smtp_ETRN}  # type: ignore[dict-item]
-        proto = WithETRN("smtp", HOSTNAME, RecordingQueue(), DictRouter(), Clock())  # type: ignore[arg-type]
+        proto = WithETRN(SessionSettings("smtp", HOSTNAME, RecordingQueue(), DictRouter(), Clock()))  # type: ignore[arg-type]
         transport = StringTransport()
         proto.makeConnection(transport)
         proto.dataReceived(EHLO + b"ETRN example.org\r\nMAIL FROM:<a@example.net> AUTH=<>\r\n")

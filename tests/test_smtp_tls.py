@@ -13,6 +13,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailfw.smtp import SMTPLimits, SMTPServerProtocol
+from mailfw.smtp._settings import SessionSettings
 from tests._smtpdoubles import (
     EHLO,
     HOSTNAME,
@@ -51,14 +52,16 @@ class Pair:
         self.policy = StagePolicy()
         self.queue = RecordingQueue()
         self.server = SMTPServerProtocol(
-            "smtp",
-            HOSTNAME,
-            self.queue,  # type: ignore[arg-type]
-            DictRouter(),
-            Clock(),
-            (self.policy,),
-            SMTPLimits(),
-            tls,
+            SessionSettings(
+                "smtp",
+                HOSTNAME,
+                self.queue,  # type: ignore[arg-type]
+                DictRouter(),  # type: ignore[arg-type]
+                Clock(),
+                (self.policy,),
+                SMTPLimits(),
+                tls,
+            )
         )
         self.client = RecordingClient()
         serverTransport = iosim.FakeTransport(

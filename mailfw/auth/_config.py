@@ -209,12 +209,13 @@ def authFromConfig(
         failureDelay=delay,
         maxClients=maxClients,
     )
+    authLockout = AuthLockout(sharedStateFor(context.queue), context.reactor, lockoutSettings)
     auth = SMTPAuth(
         Portal(realm, [checker]),
         throttle,
         mechanisms=mechanisms,
         receivedIdentity=receivedIdentity,
         timeout=timeout,
+        lockout=authLockout,
     )
-    lockout = AuthLockout(sharedStateFor(context.queue), context.reactor, lockoutSettings)
-    return AuthSetup(auth, offerOnSMTP, service, lockout)
+    return AuthSetup(auth, offerOnSMTP, service, authLockout)

@@ -26,7 +26,9 @@ from typing import Protocol
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from mailfw.reply import SMTPReply
 
@@ -35,7 +37,9 @@ __all__ = [
     "SASL_LINE_LIMIT",
     "AuthThrottle",
     "Challenge",
+    "Lockout",
     "SMTPAuth",
+    "ThrottleLockout",
     "decodeResponse",
     "makeMechanism",
 ]
@@ -250,6 +254,16 @@ class AuthThrottle:
         record = self._records.get(self.key(host))
         return record is not None and record.lockedUntil > self.clock.seconds()
 
+    def penalized(self, host: str) -> bool:
+        """
+        Whether C{host} has failures in the window, or is locked out.
+        """
+        record = self._records.get(self.key(host))
+        if record is None:
+            return False
+        now = self.clock.seconds()
+        return record.lockedUntil > now or any(t > now - self.window for t in record.failures)
+
     def failed(self, host: str) -> bool:
         """
         Count a failed attempt from C{host}.
@@ -277,6 +291,68 @@ class AuthThrottle:
         return False
 
 
+class Lockout(Protocol):
+    """
+    The brute-force defence the SASL exchange asks (the API of
+    L{mailfw.auth.AuthLockout}): C{check} once the user name is known and
+    before the password is checked, C{failed} or C{succeeded} after, then
+    the reply waits C{delay}.
+    """
+
+    def delay(self, host: str) -> Deferred[float]:
+        """
+        Seconds the next AUTH reply to C{host} waits (0 without failures).
+        """
+
+    def check(self, host: str, user: str) -> Deferred[SMTPReply | None]:
+        """
+        A refusal (454) if C{user} from C{host} is locked out now, else
+        C{None}.
+        """
+
+    def failed(self, host: str, user: str) -> Deferred[None]:
+        """
+        Count a failed attempt.
+        """
+
+    def succeeded(self, host: str, user: str) -> Deferred[None]:
+        """
+        Note a successful attempt.
+        """
+
+
+class ThrottleLockout:
+    """
+    L{Lockout} over an L{AuthThrottle}: per address only, for
+    configurations that have no shared lockout.  Replies to an address with
+    failures in the throttle's window wait the throttle's failure delay.
+    """
+
+    log = Logger()
+
+    def __init__(self, throttle: AuthThrottle) -> None:
+        self.throttle = throttle
+
+    def delay(self, host: str) -> Deferred[float]:
+        return succeed(self.throttle.failureDelay if self.throttle.penalized(host) else 0.0)
+
+    def check(self, host: str, user: str) -> Deferred[SMTPReply | None]:
+        return succeed(AUTH_LOCKED if self.throttle.lockedOut(host) else None)
+
+    def failed(self, host: str, user: str) -> Deferred[None]:
+        if self.throttle.failed(host):
+            self.log.warn(
+                "too many failed AUTH attempts from {host} (last user {user}): locked out",
+                host=host,
+                user=user,
+            )
+        return succeed(None)
+
+    def succeeded(self, host: str, user: str) -> Deferred[None]:
+        # An attacker with one valid account must not reset the count.
+        return succeed(None)
+
+
 @dataclass
 class SMTPAuth:
     """
@@ -289,6 +365,8 @@ class SMTPAuth:
     @ivar receivedIdentity: name the authenticated user in the
         C{Received:} header (by default it goes only to the log).
     @ivar timeout: seconds the portal may take before AUTH gets 454.
+    @ivar lockout: the brute-force defence the SASL exchange asks; by
+        default a L{ThrottleLockout} over C{throttle}.
     """
 
     portal: Portal
@@ -296,8 +374,11 @@ class SMTPAuth:
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     receivedIdentity: bool = False
     timeout: float = 30.0
+    lockout: Lockout | None = None
 
     def __post_init__(self) -> None:
+        if self.lockout is None:
+            self.lockout = ThrottleLockout(self.throttle)
         unknown = [m for m in self.mechanisms if m not in MECHANISMS]
         if unknown or not self.mechanisms:
             raise ValueError(f"mechanisms must be a non-empty subset of {', '.join(MECHANISMS)}")

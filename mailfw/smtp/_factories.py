@@ -33,7 +33,8 @@ from mailfw.reply import SMTPReply
 from mailfw.smtp import _replies as R
 from mailfw.smtp._auth import SMTPAuth
 from mailfw.smtp._limits import SMTPLimits
-from mailfw.smtp._server import LISTENER_KINDS, SMTPServerProtocol
+from mailfw.smtp._server import SMTPServerProtocol
+from mailfw.smtp._settings import SessionSettings
 
 __all__ = ["SMTPFactory"]
 
@@ -81,9 +82,8 @@ class SMTPFactory(Factory):
     """
     Builds an L{SMTPServerProtocol} for each connection of one listener kind.
 
+    @ivar settings: the L{SessionSettings} every connection shares.
     @ivar kind: C{"smtp"}, C{"submission"} or C{"submissions"}.
-    @ivar auth: AUTH settings, or C{None} where AUTH is not offered.
-    @ivar etrn: the ETRN handler, or C{None} where ETRN is not offered.
     @ivar connections: how many connections are open now.
     """
 
@@ -102,23 +102,44 @@ class SMTPFactory(Factory):
         auth: SMTPAuth | None = None,
         etrn: ETRNHandler | None = None,
     ) -> None:
-        if kind not in LISTENER_KINDS:
-            raise ValueError(f"unknown listener kind {kind!r}; use one of {', '.join(LISTENER_KINDS)}")
-        self.kind = kind
-        self.hostname = hostname
-        self.queue = queue
-        self.router = router
-        self.clock = clock
-        self.policies = tuple(policies)
-        self.limits = limits
         # Implicit TLS has no STARTTLS to offer.
-        self.tlsOptions = None if kind == "submissions" else tlsOptions
-        self.auth = auth
-        self.etrn = etrn if etrn is not None and (kind == "smtp" or etrn.settings.submission) else None
+        if kind == "submissions":
+            tlsOptions = None
+        if etrn is not None and kind != "smtp" and not etrn.settings.submission:
+            etrn = None
+        self.settings = SessionSettings(
+            kind, hostname, queue, router, clock, policies, limits, tlsOptions, auth, etrn
+        )
         if auth is None and kind != "smtp":
             self.log.warn("no [auth] configured: {kind} listeners accept no mail", kind=kind)
         self.connections = 0
         self._perClient: dict[str, int] = {}
+
+    @property
+    def kind(self) -> str:
+        return self.settings.kind
+
+    @property
+    def hostname(self) -> str:
+        return self.settings.hostname
+
+    @property
+    def limits(self) -> SMTPLimits:
+        return self.settings.limits
+
+    @property
+    def auth(self) -> SMTPAuth | None:
+        """
+        AUTH settings, or C{None} where AUTH is not offered.
+        """
+        return self.settings.auth
+
+    @property
+    def etrn(self) -> ETRNHandler | None:
+        """
+        The ETRN handler, or C{None} where ETRN is not offered.
+        """
+        return self.settings.etrn
 
     def connectionsFrom(self, address: IAddress) -> int:
         """
@@ -148,19 +169,6 @@ class SMTPFactory(Factory):
             else:
                 self._perClient.pop(key, None)
 
-        protocol = SMTPServerProtocol(
-            self.kind,
-            self.hostname,
-            self.queue,
-            self.router,
-            self.clock,
-            self.policies,
-            self.limits,
-            self.tlsOptions,
-            onOpen=opened,
-            onClose=closed,
-            auth=self.auth,
-            etrn=self.etrn,
-        )
+        protocol = SMTPServerProtocol(self.settings, onOpen=opened, onClose=closed)
         protocol.factory = self
         return protocol

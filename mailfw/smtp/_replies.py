@@ -11,7 +11,9 @@ when it must.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
+from mailfw.policy._chain import POLICY_FAILED, POLICY_TIMEOUT
 from mailfw.reply import SMTPReply
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "TOO_MANY_HOPS",
     "TOO_MANY_RECIPIENTS",
     "VRFY",
+    "Answer",
     "helpReply",
 ]
 
@@ -115,7 +118,8 @@ BARE_LINE_ENDING_COMMAND = SMTPReply(500, "5.5.2", "Commands must end with CRLF"
 NO_PARAMETERS = SMTPReply(501, "5.5.4", "Syntax error: no parameters allowed")
 HELO_SYNTAX = SMTPReply(501, "5.5.4", "Syntax: EHLO domain or address literal")
 SYNCHRONIZATION = SMTPReply(554, "5.5.0", "SMTP protocol synchronization error")
-NOT_AN_SMTP_CLIENT = SMTPReply(421, "4.7.0", "Not an SMTP client, closing")
+# Postfix answers a cross-protocol request with 221 2.7.0 and hangs up.
+NOT_AN_SMTP_CLIENT = SMTPReply(221, "2.7.0", "Not an SMTP client, closing")
 
 # --- message content (after the real end of data) ---------------------------
 
@@ -134,8 +138,20 @@ TOO_MANY_CONNECTIONS = SMTPReply(421, "4.7.0", "Too many connections, try again 
 TOO_MANY_CONNECTIONS_FROM_CLIENT = SMTPReply(
     421, "4.7.0", "Too many connections from your address, try again later"
 )
-LOCAL_ERROR = SMTPReply(451, "4.3.0", "Local error in processing, try again later")
-POLICY_TIMEOUT = SMTPReply(451, "4.4.3", "Temporary lookup failure, try again later")
+LOCAL_ERROR = POLICY_FAILED  # the one generic 451: nothing internal is shown
 QUEUE_FULL = SMTPReply(452, "4.3.1", "Insufficient system storage, try again later")
 TLS_NOT_AVAILABLE = SMTPReply(454, "4.7.0", "TLS not available")
 NEED_AUTH = SMTPReply(530, "5.7.0", "Authentication required")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """
+    What a command gets: a reply, whether to close the connection after it,
+    and further text lines for a multi-line reply.
+    """
+
+    reply: SMTPReply
+    close: bool = False
+    more: tuple[str, ...] = ()
+    plain: bool = False  # never carry the enhanced status code (RFC 2034)
