@@ -503,6 +503,19 @@ class ConnectionTests(SynchronousTestCase):
         self.assertEqual(events, [])
         self.assertEqual(h.clock.getDelayedCalls(), [])
 
+    def test_handshakeAfterStop(self) -> None:
+        """
+        A handshake that completes after the service stopped does not
+        bring the connection back.
+        """
+        h = Harness()
+        h.client.startService()
+        protocol, transport = h.endpoint.accept()
+        h.client.stopService()
+        protocol.dataReceived(HANDSHAKE)
+        self.assertTrue(transport.disconnecting)
+        self.failureResultOf(h.client.authenticate("PLAIN", b"x"), DovecotUnavailable)
+
     def test_startServiceConnects(self) -> None:
         """
         Starting the service connects at once, so that an unreachable

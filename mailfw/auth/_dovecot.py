@@ -128,6 +128,7 @@ class DovecotReply:
     Dovecot's answer to one request.
 
     @ivar kind: C{"OK"}, C{"FAIL"} or C{"CONT"}.
+    @ivar requestID: the ID of the request it answers.
     @ivar parameters: the optional parameters (C{user}, C{reason},
         C{code}, ...); a flag without a value (C{temp}) maps to C{""}.
     @ivar challenge: for C{CONT}, the decoded challenge.
@@ -506,6 +507,11 @@ class DovecotAuthClient(Service):
         """
         Called by C{protocol} on C{DONE}: send what was waiting.
         """
+        if protocol is not self._handshaking:
+            # The service stopped meanwhile.
+            if protocol.transport is not None:
+                protocol.transport.loseConnection()
+            return
         self._handshaking = None
         self._cancelHandshakeTimer()
         self._protocol = protocol
