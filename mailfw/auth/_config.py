@@ -2,8 +2,8 @@
 The C{[auth]} section: which credentials checker, which mechanisms, the
 sender rules and the brute-force limits.
 
-Keys (all optional, but one of C{passwords} and C{checker} is needed for
-AUTH to be offered at all):
+Keys (all optional, but one of C{passwords}, C{checker} and C{backend =
+"dovecot"} is needed for AUTH to be offered at all):
 
   - C{passwords}: the password file written by C{mailfw passwd}, relative
     to the data directory.
