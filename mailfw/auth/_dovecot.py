@@ -33,9 +33,9 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, TimeoutError, fail
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
@@ -258,6 +258,21 @@ class DovecotAuthProtocol(LineOnlyReceiver):
         self.transport.write(line + self.delimiter)
 
 
+class _OneConnection(Factory):
+    """
+    Hands out one protocol, without logging each start and stop (as
+    C{connectProtocol}'s factory does) for every reconnection.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: DovecotAuthProtocol) -> None:
+        self.connection = protocol
+
+    def buildProtocol(self, addr: object) -> DovecotAuthProtocol:
+        return self.connection
+
+
 @dataclass(eq=False)
 class _Request:
     requestID: int
@@ -319,7 +334,7 @@ class DovecotAuthClient(Service):
         self._pid = os.getpid()
         self._nextID = 0
         self._protocol: DovecotAuthProtocol | None = None
-        self._connecting: Deferred[DovecotAuthProtocol] | None = None
+        self._connecting: Deferred[Any] | None = None
         self._handshaking: DovecotAuthProtocol | None = None
         self._handshakeTimer: IDelayedCall | None = None
         self._stopped = False
@@ -454,7 +469,7 @@ class DovecotAuthClient(Service):
         # Bounds connecting and the handshake together: a Dovecot that
         # accepts but never says DONE must not hold requests forever.
         self._handshakeTimer = self.clock.callLater(self.timeout, self._handshakeTimedOut, protocol)
-        self._connecting = d = connectProtocol(self.endpoint, protocol)
+        self._connecting = d = self.endpoint.connect(_OneConnection(protocol))
 
         def connected(p: DovecotAuthProtocol) -> None:
             self._connecting = None
