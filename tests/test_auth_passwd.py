@@ -31,6 +31,7 @@ from mailfw.auth import (
     verifyPassword,
 )
 from mailfw.auth._passwd import checkHash, formatEntry, parseLine
+from mailfw.auth._scram import ScramKeys
 
 # Cheap parameters keep the tests fast; the format is the same.
 CHEAP = {"logN": 4, "r": 1, "p": 1}
@@ -94,6 +95,44 @@ class FileFormatTests(SynchronousTestCase):
         self.assertEqual(formatEntry(PasswordEntry("bob", encoded)), f"bob:{encoded}")
         self.assertEqual(
             parseLine(f"bob:{encoded}::example.org"), PasswordEntry("bob", encoded, (), ("example.org",))
+        )
+
+    def test_scramKeys(self) -> None:
+        """
+        SCRAM keys are an optional fifth field: they read back, empty
+        sender and ETRN fields are kept in front of them, and a line
+        without them (the old format) has none.
+        """
+        encoded = hashPassword("x", **CHEAP)
+        keys = ScramKeys.fromPassword("x")
+        entry = PasswordEntry("alice", encoded, scram=keys)
+        self.assertEqual(formatEntry(entry), f"alice:{encoded}:::{keys.format()}")
+        self.assertEqual(parseLine(formatEntry(entry)), entry)
+        full = PasswordEntry("bob", encoded, ("@example.org",), ("example.org",), keys)
+        self.assertEqual(formatEntry(full), f"bob:{encoded}:@example.org:example.org:{keys.format()}")
+        self.assertEqual(parseLine(formatEntry(full)), full)
+        old = parseLine(f"carol:{encoded}:@example.org:example.org")
+        assert old is not None
+        self.assertIsNone(old.scram)
+        self.assertEqual(formatEntry(old), f"carol:{encoded}:@example.org:example.org")
+
+    def test_badScramKeys(self) -> None:
+        """
+        A line with malformed SCRAM keys is reported and skipped like any
+        other bad line.
+        """
+        encoded = hashPassword("x", **CHEAP)
+        keys = ScramKeys.fromPassword("x").format()
+        entries, problems = parsePasswordFile(
+            f"a:{encoded}:::{keys.replace('i=4096', 'i=1')}\nb:{encoded}:::{keys[:-3]}\nc:{encoded}:::{keys}\n"
+        )
+        self.assertEqual(sorted(entries), ["c"])
+        self.assertEqual(
+            problems,
+            [
+                "line 1: SCRAM iteration count must be 4096 to 10000000",
+                "line 2: SCRAM salt or key of the wrong length",
+            ],
         )
 
     def test_badLinesSkipped(self) -> None:

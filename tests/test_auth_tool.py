@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailfw.admin._main import main
 from mailfw.auth import parsePasswordFile, verifyPassword
+from mailfw.auth._scram import ScramKeys
 
 
 class TerminalInput(io.StringIO):
@@ -52,6 +53,37 @@ class PasswdToolTests(SynchronousTestCase):
         self.assertTrue(entry.hash.startswith("$scrypt$ln=15,r=8,p=1$"))
         self.assertTrue(verifyPassword(entry.hash, b"s3cret pass"))
         self.assertNotIn("s3cret", self.file.read_text())
+        assert entry.scram is not None
+        self.assertEqual(entry.scram.iterations, 4096)
+        self.assertEqual(entry.scram, ScramKeys.fromPassword("s3cret pass", entry.scram.salt, 4096))
+
+    def test_scramIterations(self) -> None:
+        """
+        C{--scram-iterations} sets the SCRAM count within 4096 to 10**7; a
+        value outside that is refused before anything is written.
+        """
+        self.assertEqual(
+            self.passwd("add", "ann", "-f", str(self.file), "--scram-iterations", "5000", stdin="pw\n"), 0
+        )
+        entry = parsePasswordFile(self.file.read_text())[0]["ann"]
+        assert entry.scram is not None
+        self.assertEqual(entry.scram, ScramKeys.fromPassword("pw", entry.scram.salt, 5000))
+        for bad in ("100", "lots"):
+            with self.assertRaises(SystemExit):
+                self.passwd("add", "ben", "-f", str(self.file), "--scram-iterations", bad, stdin="pw\n")
+        self.assertNotIn("ben", self.entries())
+
+    def test_passwordSASLprepRefuses(self) -> None:
+        """
+        A password that SASLprep refuses (no SCRAM client could send it)
+        gets a scrypt hash only, with a warning: that user has PLAIN and
+        LOGIN but not SCRAM.
+        """
+        self.assertEqual(self.passwd("add", "cy", "-f", str(self.file), stdin="pass\x07word\n"), 0)
+        entry = parsePasswordFile(self.file.read_text())[0]["cy"]
+        self.assertIsNone(entry.scram)
+        self.assertTrue(verifyPassword(entry.hash, b"pass\x07word"))
+        self.assertIn("no SCRAM keys for cy", self.err.getvalue())
 
     def test_sendersAndETRN(self) -> None:
         """
@@ -87,7 +119,7 @@ class PasswdToolTests(SynchronousTestCase):
         self.assertEqual(self.passwd("check", "dave", "-f", str(self.file), stdin="pw\n"), 1)
         self.out.truncate(0)
         self.passwd("list", "-f", str(self.file))
-        self.assertIn("carol\tsenders=(user name)\tetrn=-", self.out.getvalue())
+        self.assertIn("carol\tsenders=(user name)\tetrn=-\tscram=yes", self.out.getvalue())
         self.assertEqual(self.passwd("delete", "carol", "-f", str(self.file)), 0)
         self.assertEqual(self.entries(), {})
         self.assertEqual(self.passwd("delete", "carol", "-f", str(self.file)), 1)

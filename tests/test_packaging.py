@@ -180,7 +180,7 @@ class WheelMetadataTests(SynchronousTestCase):
         metadata = email.parser.Parser().parsestr(_distInfo("METADATA"))
         self.assertEqual(metadata["Name"], "mailfw")
         self.assertEqual(metadata["Requires-Python"], ">=3.11")
-        requirements = [r.split()[0].split("[")[0].lower() for r in metadata.get_all("Requires-Dist")]
+        requirements = [r.split()[0].split("[")[0].lower() for r in metadata.get_all("Requires-Dist", [])]
         self.assertIn("twisted", requirements)
 
     def test_consoleScript(self) -> None:
@@ -202,6 +202,7 @@ class WheelMetadataTests(SynchronousTestCase):
             raise SkipTest("readme_renderer (from twine, in the dev extra) is not installed") from None
         metadata = email.parser.Parser().parsestr(_distInfo("METADATA"))
         description = metadata.get_payload()
+        assert isinstance(description, str)
         self.assertTrue(description.strip())
         warnings = io.StringIO()
         self.assertIsNotNone(render(description, stream=warnings), warnings.getvalue())

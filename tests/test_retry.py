@@ -95,13 +95,14 @@ class RetryScheduleTests(SynchronousTestCase):
         Bad values and unknown keys in a domain table are configuration
         errors naming the section.
         """
-        for options in (
+        bad: tuple[dict[str, object], ...] = (
             {"first_retry": "soon"},
             {"jitter": 1.5},
             {"first_retry": 100, "max_retry": 50},
             {"domains": {"example.com": {"frist_retry": 5}}},
             {"domains": {"example.com": 5}},
             {"domains": {"bad domain!": {}}},
-        ):
+        )
+        for options in bad:
             e = self.assertRaises(ConfigError, RetrySchedule.fromSection, Section("[scheduler]", options))
             self.assertIn("[scheduler", str(e))

@@ -466,7 +466,7 @@ class ShutdownTests(SynchronousTestCase):
         from mailfw.reply import SMTPReply
         from mailfw.testing import makeEnvelope
 
-        pending: list[tuple[object, Deferred[object]]] = []
+        pending: list[tuple[Any, Deferred[object]]] = []
 
         @implementer(IDeliveryAgent)
         class SlowAgent:

@@ -23,7 +23,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, formatEventAsClassicLogText
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.scripts.twistd import ServerOptions
+from twisted.scripts.twistd import ServerOptions  # type: ignore[attr-defined]
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -313,7 +313,7 @@ class LineObserverTests(SynchronousTestCase):
         except ZeroDivisionError:
             failure = Failure()
         base = {"log_time": 1_790_000_000.25, "log_level": LogLevel.info, "log_namespace": "ns"}
-        events = [
+        events: list[dict[str, Any]] = [
             {
                 "log_format": "accepted {queueID} ({size} octets) in {t:.1f}s",
                 "queueID": "Q",

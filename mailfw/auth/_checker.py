@@ -6,6 +6,7 @@ and what every checker may raise or receive.
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailfw.auth._passwd import PasswordEntry, PasswordFileError, burnTime, readPasswordFile, verifyPassword
+from mailfw.auth._scram import IScramCredentials, ScramKeys
 from mailfw.envelope import Session
 from mailfw.interfaces import ISessionCredentials
 
@@ -60,19 +62,32 @@ class PasswordFileChecker:
 
     A file that cannot be read fails the check with the L{OSError} (a
     temporary failure, 454), not with L{UnauthorizedLogin}.
+
+    SCRAM (L{mailfw.auth._scram}) needs the user's keys in the middle of
+    the exchange, from L{scramKeys}; once the exchange has succeeded the
+    session logs in with its L{IScramCredentials}, which this checker
+    accepts if the keys are still the user's.
     """
 
-    credentialInterfaces = (IUsernamePassword,)
+    credentialInterfaces = (IUsernamePassword, IScramCredentials)
     log = Logger()
 
-    def __init__(self, path: Path, runInThread: RunInThread) -> None:
+    def __init__(self, path: Path, runInThread: RunInThread, scramSecret: bytes | None = None) -> None:
+        """
+        @param scramSecret: makes the decoy SCRAM salts of unknown users;
+            a random one per process by default (so a client that compares
+            salts across a restart could tell unknown users apart).
+        """
         self.path = path
         self._runInThread = runInThread
+        self._scramSecret = secrets.token_bytes(32) if scramSecret is None else scramSecret
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._entries: dict[str, PasswordEntry] = {}
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        if IScramCredentials.providedBy(credentials):
+            return self._scramLogin(credentials)
         username, password = credentials.username, credentials.password
         if isinstance(username, str):
             username = username.encode("utf-8")
@@ -86,6 +101,30 @@ class PasswordFileChecker:
 
         d = self._runInThread(self._check, bytes(username), bytes(password))
         return d.addCallback(checked)
+
+    def scramKeys(self, user: str) -> Deferred[ScramKeys]:
+        """
+        C{user}'s SCRAM-SHA-256 keys, read off the reactor thread; decoy
+        keys (L{ScramKeys.decoyFor}) when the user is unknown or has none,
+        so that the exchange goes on and fails like a wrong password.
+
+        @return: fails with L{OSError} if the file cannot be read (454).
+        """
+        return self._runInThread(self._scramKeys, user)
+
+    def _scramKeys(self, user: str) -> ScramKeys:
+        entry = self._load().get(user)
+        if entry is None or entry.scram is None:
+            return ScramKeys.decoyFor(user, self._scramSecret)
+        return entry.scram
+
+    def _scramLogin(self, credentials: Any) -> Deferred[Any]:
+        def checked(keys: ScramKeys) -> str:
+            if not credentials.checkKeys(keys):
+                raise UnauthorizedLogin()
+            return str(credentials.username)
+
+        return self.scramKeys(credentials.username).addCallback(checked)
 
     def entry(self, user: str) -> PasswordEntry | None:
         """

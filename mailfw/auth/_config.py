@@ -23,6 +23,11 @@ Keys (all optional, but one of C{passwords}, C{checker} and C{backend =
   - C{max_failures} (5), C{failure_window} (600 s), C{lockout} (600 s),
     C{failure_delay} (2 s), C{max_tracked_clients} (10000): see
     L{mailfw.smtp._auth.AuthThrottle}.
+  - C{penalty_delay}, C{max_penalty_delay}, C{penalty_window},
+    C{user_failures}, C{user_failure_window}, C{user_lockout},
+    C{address_failures}, C{address_failure_window}, C{address_block},
+    C{network_prefix_v4}, C{network_prefix_v6}, C{exempt_networks}: the
+    brute-force defence, see L{mailfw.auth._lockout.LockoutSettings}.
   - C{timeout}: seconds a check may take before AUTH gets 454 (30).
   - C{threads}: threads that check passwords (4).
   - C{backend}: C{"passwords"} (default: C{passwords} or C{checker}) or
@@ -33,6 +38,7 @@ Keys (all optional, but one of C{passwords}, C{checker} and C{backend =
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,9 +50,11 @@ from twisted.python.threadpool import ThreadPool
 
 from mailfw.auth._checker import PasswordFileChecker, RunInThread
 from mailfw.auth._dovecot import DEFAULT_SOCKET, DovecotAuthClient, DovecotChecker, dovecotEndpoint
+from mailfw.auth._lockout import AuthLockout, LockoutSettings
 from mailfw.auth._passwd import PasswordFileError, normaliseETRNDomain, normaliseSenderPattern
 from mailfw.auth._realm import SENDER_CHECKS, MailRealm
 from mailfw.config import ComponentContext, ConfigError, Section
+from mailfw.sharedstate import sharedStateFor
 from mailfw.smtp._auth import MECHANISMS, AuthThrottle, SMTPAuth
 
 __all__ = ["AuthSetup", "authFromConfig"]
@@ -78,11 +86,14 @@ class AuthSetup:
     @ivar offerOnSMTP: whether the C{smtp} listeners offer it too.
     @ivar service: runs the password-checking threads; a child of the
         server's service tree.
+    @ivar lockout: the brute-force defence, one for all listeners, its
+        counters in the queue's shared state when the queue keeps one.
     """
 
     auth: SMTPAuth
     offerOnSMTP: bool
     service: IService
+    lockout: AuthLockout
 
 
 def _table(section: Section, key: str, normalise: Any) -> dict[str, tuple[str, ...]]:
@@ -96,6 +107,38 @@ def _table(section: Section, key: str, normalise: Any) -> dict[str, tuple[str, .
         except PasswordFileError as e:
             raise ConfigError(f"{section.title} {key}.{user}: {e}") from None
     return out
+
+
+def _lockoutSettings(section: Section) -> LockoutSettings:
+    default = LockoutSettings()
+    prefixes = {}
+    for key, bits, fallback in (
+        ("network_prefix_v4", 32, default.networkPrefixV4),
+        ("network_prefix_v6", 128, default.networkPrefixV6),
+    ):
+        prefixes[key] = section.integer(key, fallback, minimum=0)
+        if prefixes[key] > bits:
+            raise ConfigError(f"{section.title} {key}: must be at most {bits}")
+    exempt = tuple(section.strings("exempt_networks", list(default.exemptNetworks)))
+    for text in exempt:
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ConfigError(f"{section.title} exempt_networks: not a network: {text!r}") from None
+    return LockoutSettings(
+        penaltyDelay=section.number("penalty_delay", default.penaltyDelay, minimum=0),
+        maxPenaltyDelay=section.number("max_penalty_delay", default.maxPenaltyDelay, minimum=0),
+        penaltyWindow=section.number("penalty_window", default.penaltyWindow, minimum=0),
+        userFailures=section.integer("user_failures", default.userFailures, minimum=1),
+        userWindow=section.number("user_failure_window", default.userWindow, minimum=0),
+        userLockout=section.number("user_lockout", default.userLockout, minimum=0),
+        addressFailures=section.integer("address_failures", default.addressFailures, minimum=1),
+        addressWindow=section.number("address_failure_window", default.addressWindow, minimum=0),
+        addressBlock=section.number("address_block", default.addressBlock, minimum=0),
+        networkPrefixV4=prefixes["network_prefix_v4"],
+        networkPrefixV6=prefixes["network_prefix_v6"],
+        exemptNetworks=exempt,
+    )
 
 
 def authFromConfig(
@@ -128,6 +171,7 @@ def authFromConfig(
     threads = section.integer("threads", 4, minimum=1)
     backend = section.choice("backend", ("passwords", "dovecot"), "passwords")
     dovecotSocket = section.text("socket", None)
+    lockoutSettings = _lockoutSettings(section)
     section.finish()
     if not mechanisms or any(m not in MECHANISMS for m in mechanisms):
         raise ConfigError(f"{section.title} mechanisms: choose from {', '.join(MECHANISMS)}")
@@ -192,4 +236,5 @@ def authFromConfig(
         receivedIdentity=receivedIdentity,
         timeout=timeout,
     )
-    return AuthSetup(auth, offerOnSMTP, service)
+    lockout = AuthLockout(sharedStateFor(context.queue), context.reactor, lockoutSettings)
+    return AuthSetup(auth, offerOnSMTP, service, lockout)

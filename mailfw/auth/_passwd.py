@@ -3,7 +3,7 @@ The password file: salted scrypt hashes, one user per line.
 
 Format (UTF-8 text; blank lines and lines starting with C{#} are ignored)::
 
-    USER:HASH[:SENDERS[:ETRN]]
+    USER:HASH[:SENDERS[:ETRN[:SCRAM]]]
 
   - C{USER}: the name the client gives to AUTH; no C{:}, white space or
     control characters, at most 255 octets.
@@ -17,6 +17,13 @@ Format (UTF-8 text; blank lines and lines starting with C{#} are ignored)::
     it is an address.
   - C{ETRN}: comma-separated domains the user may flush with ETRN
     (C{example.org}, C{.example.org} for its subdomains, or C{*}).
+  - C{SCRAM}: the user's SCRAM-SHA-256 keys,
+    C{$scram-sha-256$i=ITERATIONS$SALT$STOREDKEY$SERVERKEY} (base64
+    without padding; see L{mailfw.auth._scram.ScramKeys}).  They are
+    derived from the password as the scrypt hash is, but SCRAM needs its
+    own: the client proves it knows the password without sending it.  A
+    line without them (every line written before SCRAM existed) offers
+    PLAIN and LOGIN only.
 
 scrypt is memory-hard (C{ln=15, r=8} needs 32 MiB and about 0.1 s per
 check), so verifying runs in a thread, never on the reactor.
@@ -39,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailfw.address import Address, AddressError, normaliseDomain
+from mailfw.auth._scram import ScramKeys
 
 __all__ = [
     "PasswordEntry",
@@ -228,12 +236,14 @@ class PasswordEntry:
 
     @ivar senders: normalised sender patterns (see the module docstring).
     @ivar etrn: normalised ETRN domain patterns.
+    @ivar scram: the SCRAM-SHA-256 keys, if the line has them.
     """
 
     user: str
     hash: str
     senders: tuple[str, ...] = ()
     etrn: tuple[str, ...] = ()
+    scram: ScramKeys | None = None
 
 
 def _list(text: str, normalise: Callable[[str], str]) -> tuple[str, ...]:
@@ -250,27 +260,33 @@ def parseLine(line: str) -> PasswordEntry | None:
     if not line.strip() or line.lstrip().startswith("#"):
         return None
     fields = line.split(":")
-    if len(fields) < 2 or len(fields) > 4:
-        raise PasswordFileError("expected USER:HASH[:SENDERS[:ETRN]]")
+    if len(fields) < 2 or len(fields) > 5:
+        raise PasswordFileError("expected USER:HASH[:SENDERS[:ETRN[:SCRAM]]]")
     user, encoded = fields[0], fields[1]
     if not validUsername(user):
         raise PasswordFileError("bad user name")
     checkHash(encoded)
     senders = _list(fields[2], normaliseSenderPattern) if len(fields) > 2 else ()
     etrn = _list(fields[3], normaliseETRNDomain) if len(fields) > 3 else ()
-    return PasswordEntry(user, encoded, senders, etrn)
+    scram = None
+    if len(fields) > 4:
+        try:
+            scram = ScramKeys.parse(fields[4])
+        except ValueError as e:
+            raise PasswordFileError(str(e)) from None
+    return PasswordEntry(user, encoded, senders, etrn, scram)
 
 
 def formatEntry(entry: PasswordEntry) -> str:
     """
     The line for C{entry}, without a line ending.
     """
-    line = f"{entry.user}:{entry.hash}"
-    if entry.senders or entry.etrn:
-        line += ":" + ",".join(entry.senders)
-    if entry.etrn:
-        line += ":" + ",".join(entry.etrn)
-    return line
+    fields = [entry.user, entry.hash, ",".join(entry.senders), ",".join(entry.etrn)]
+    if entry.scram is not None:
+        fields.append(entry.scram.format())
+    while fields[-1] == "":
+        fields.pop()
+    return ":".join(fields)
 
 
 def parsePasswordFile(text: str) -> tuple[dict[str, PasswordEntry], list[str]]:

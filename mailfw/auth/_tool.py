@@ -2,10 +2,12 @@
 C{mailfw passwd}: manage the password file.
 
   - C{mailfw passwd add USER [--sender PATTERN]... [--etrn DOMAIN]...}
-    sets USER's password (adding the user if new).  Sender patterns and
-    ETRN domains replace the old ones when given and are kept otherwise.
+    sets USER's password (adding the user if new): its scrypt hash and its
+    SCRAM-SHA-256 keys.  Sender patterns and ETRN domains replace the old
+    ones when given and are kept otherwise.
   - C{mailfw passwd delete USER}
-  - C{mailfw passwd list}: users with their senders and ETRN domains.
+  - C{mailfw passwd list}: users with their senders, ETRN domains and
+    whether they can use SCRAM.
   - C{mailfw passwd check USER}: exit status 0 if the password is right.
 
 The file is C{--file PATH}, or the C{[auth] passwords} file of the
@@ -26,6 +28,7 @@ from mailfw.auth._passwd import (
     DEFAULT_LOG_N,
     PasswordEntry,
     PasswordFileError,
+    formatEntry,
     hashPassword,
     normaliseETRNDomain,
     normaliseSenderPattern,
@@ -35,6 +38,7 @@ from mailfw.auth._passwd import (
     validUsername,
     verifyPassword,
 )
+from mailfw.auth._scram import DEFAULT_ITERATIONS, MAX_ITERATIONS, MIN_ITERATIONS, ScramKeys
 from mailfw.config import ConfigError, Section, loadConfig
 
 __all__ = ["addPasswdParser", "passwdCommand", "readPassword"]
@@ -116,6 +120,7 @@ def _run(args: argparse.Namespace, stdin: TextIO) -> int:
             print(
                 f"{entry.user}\tsenders={','.join(entry.senders) or '(user name)'}"
                 f"\tetrn={','.join(entry.etrn) or '-'}"
+                f"\tscram={'yes' if entry.scram is not None else 'no'}"
             )
         return 0
     user = args.user
@@ -148,14 +153,31 @@ def _run(args: argparse.Namespace, stdin: TextIO) -> int:
         senders = senders if args.sender is not None else old.senders
         etrn = etrn if args.etrn is not None else old.etrn
     password = readPassword(stdin, confirm=True)
-    entry = PasswordEntry(user, hashPassword(password, logN=args.cost), senders, etrn)
-    parseLine(f"{entry.user}:{entry.hash}")  # the line must read back
+    try:
+        scram: ScramKeys | None = ScramKeys.fromPassword(password, iterations=args.scram_iterations)
+    except ValueError as e:
+        # No SCRAM client could send this password either (RFC 4013).
+        print(f"mailfw: warning: no SCRAM keys for {user}: the password {e}", file=sys.stderr)
+        scram = None
+    entry = PasswordEntry(user, hashPassword(password, logN=args.cost), senders, etrn, scram)
+    if parseLine(formatEntry(entry)) != entry:  # the line must read back
+        raise PasswdError(f"internal error: the line for {user!r} does not read back")
     try:
         updatePasswordFile(path, user, entry)
     except OSError as e:
         raise PasswdError(f"cannot update {path}: {e.strerror}") from None
     print(f"{'updated' if old is not None else 'added'} {user} in {path}")
     return 0
+
+
+def _iterations(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not MIN_ITERATIONS <= count <= MAX_ITERATIONS:
+        raise argparse.ArgumentTypeError(f"must be a number from {MIN_ITERATIONS} to {MAX_ITERATIONS}")
+    return count
 
 
 def addPasswdParser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -184,6 +206,13 @@ def addPasswdParser(commands: argparse._SubParsersAction[argparse.ArgumentParser
         choices=range(14, 21),
         metavar="LOG2N",
         help=f"scrypt cost as log2(N), 14 to 20 (default {DEFAULT_LOG_N})",
+    )
+    add.add_argument(
+        "--scram-iterations",
+        type=_iterations,
+        default=DEFAULT_ITERATIONS,
+        metavar="COUNT",
+        help=f"SCRAM-SHA-256 iteration count, {MIN_ITERATIONS} to {MAX_ITERATIONS} (default {DEFAULT_ITERATIONS})",
     )
     delete = actions.add_parser("delete", help="remove a user", parents=[where])
     delete.add_argument("user")

@@ -104,12 +104,12 @@ def test_queueCommands(deferring: MailfwProcess) -> None:
     assert bounced.stdout.strip() == "bounce: 1 recipients", bounced.stderr
     waitFor(lambda: deferring.delivered("alice"), what="the bounce in alice's Maildir")
     [dsn] = deferring.delivered("alice")
-    text = dsn.read_bytes()
-    assert b'multipart/report; report-type="delivery-status"' in text
-    assert b"Final-Recipient: rfc822; carol@example.net" in text
-    assert b"Status: 5.0.0" in text
-    assert b"Message returned by the mail system administrator" in text
-    assert b"Subject: return me" in text
+    returned = dsn.read_bytes()
+    assert b'multipart/report; report-type="delivery-status"' in returned
+    assert b"Final-Recipient: rfc822; carol@example.net" in returned
+    assert b"Status: 5.0.0" in returned
+    assert b"Message returned by the mail system administrator" in returned
+    assert b"Subject: return me" in returned
     waitFor(lambda: listed(deferring) == [], what="the bounced message to leave the queue")
 
 

@@ -15,14 +15,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
-from twisted.internet import reactor
+from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import PrivateCertificate
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.names import authority, common, dns, server
 from twisted.protocols.basic import LineReceiver
 
@@ -34,6 +34,9 @@ from mailfw.envelope import Envelope, Recipient, RecipientOutcome
 from mailfw.routing._mx import MailHost, MXResolver
 from tests.integration._peers import DEAD, PEER, Sink, freePortOn, startSink, stopSink
 from tests.integration._server import requireTool, waitFor
+
+#: The global reactor, untyped: its interfaces are provided dynamically.
+reactor: Any = _reactor
 
 # --- DNS -----------------------------------------------------------------
 
@@ -78,12 +81,10 @@ def dnsPort() -> Iterator[int]:
     """
     factory = server.DNSServerFactory(authorities=[MemoryAuthority(ZONE)])
     for _ in range(20):
-        tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
         port = tcp.getHost().port
         try:
-            udp = reactor.listenUDP(  # type: ignore[attr-defined]
-                port, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1"
-            )
+            udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1")
         except Exception:
             tcp.stopListening()
             continue
@@ -132,6 +133,7 @@ class TLSPeerFactory(Factory):
 
 class TLSPeer(LineReceiver):
     delimiter = b"\r\n"
+    transport: Any
 
     def __init__(self, factory: TLSPeerFactory) -> None:
         self.peerFactory = factory
@@ -212,7 +214,7 @@ def startTLSPeer(certificate: tuple[Path, Path], breakTLS: bool = False) -> tupl
     cert, key = certificate
     options = PrivateCertificate.loadPEM(cert.read_bytes() + key.read_bytes()).options()
     factory = TLSPeerFactory(options, breakTLS)
-    port = reactor.listenTCP(freePortOn(PEER), factory, interface=PEER)  # type: ignore[attr-defined]
+    port = reactor.listenTCP(freePortOn(PEER), factory, interface=PEER)
     return factory, port
 
 
@@ -257,11 +259,11 @@ class LogCapture:
         self.events: list[dict[str, Any]] = []
 
     def __enter__(self) -> LogCapture:
-        globalLogPublisher.addObserver(self.events.append)
+        globalLogPublisher.addObserver(cast(ILogObserver, self.events.append))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        globalLogPublisher.removeObserver(self.events.append)
+        globalLogPublisher.removeObserver(cast(ILogObserver, self.events.append))
 
 
 # --- DNS tests ---------------------------------------------------------------

@@ -42,7 +42,7 @@ def readReply(sock: socket.socket | ssl.SSLSocket) -> bytes:
     Read one (possibly multi-line) reply, octet by octet so that nothing
     past it is consumed before the TLS handshake.
     """
-    lines = []
+    lines: list[bytes] = []
     line = b""
     while True:
         octet = sock.recv(1)
