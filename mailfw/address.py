@@ -89,7 +89,7 @@ class Address:
     A mailbox: C{localpart@domain}.
 
     C{localpart} is kept as written (quotes removed only for comparison by
-    L{Address.mailbox}); C{domain} is normalised (see L{normaliseDomain}).
+    L{Address.unquotedLocalpart}); C{domain} is normalised (see L{normaliseDomain}).
     """
 
     localpart: str

@@ -175,7 +175,7 @@ class ComponentContext:
 class ServerConfig:
     """
     The whole configuration, read and checked but not yet built into
-    components (that is L{mailfw.tap.buildServer}'s job).
+    components (that is L{mailfw.tap.buildService}'s job).
 
     @ivar components: C{{kind: {instanceName: options}}} for the plugin
         sections: C{queue}, C{routing}, C{delivery}, C{policy}.

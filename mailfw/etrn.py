@@ -26,8 +26,8 @@ Rights
 
 C{ETRN node} is carried out only when the node is covered by C{domains}
 I{and} the client either connects from one of the C{clients} networks or
-has authenticated as a user whose ETRN domains cover the node.  C{ETRN
-@example.com} (the domain and all its subdomains) needs both
+has authenticated as a user whose ETRN domains cover the node.
+C{ETRN @example.com} (the domain and all its subdomains) needs both
 C{example.com} and its subdomains covered.  C{ETRN #name} needs C{"#name"}
 in C{domains}; users may ask for it only with C{"*"}.  Everyone else gets
 C{459} whatever is queued, so a refusal says nothing about waiting mail.

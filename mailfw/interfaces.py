@@ -22,6 +22,7 @@ from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IConsumer
 
     from mailfw.address import Address
     from mailfw.config import ComponentContext
@@ -61,8 +62,32 @@ class IMessageBody(Interface):
     def open() -> BinaryIO:
         """
         Open the message for reading from the start.  Each call returns a
-        new reader; the caller closes it.  Reading may touch the disk, so
-        delivery agents read in a thread or in small pieces.
+        new reader; the caller closes it.
+
+        Opening and reading block (they touch the disk or the database), so
+        only code that already runs in a thread calls this, such as the
+        Maildir agent's writes in its thread pool.  Code on the reactor
+        thread calls L{produce} instead.
+        """
+
+    def produce(consumer: IConsumer) -> Deferred[None]:
+        """
+        Write the whole message, from the start, to C{consumer}.
+
+        The body registers a streaming producer on C{consumer} and honours
+        its C{pauseProducing}, C{resumeProducing} and C{stopProducing}: a
+        paused producer writes nothing until resumed.  Reads happen off the
+        reactor thread (a body held in memory may write from it), a bounded
+        piece at a time, so neither a slow consumer nor a large message
+        grows the process.  Writes happen on the reactor thread.  The
+        producer is unregistered before the result fires, unless the
+        consumer stopped it.
+
+        @return: fires with L{None} once every octet was written; fails
+            with L{mailfw.queue._produce.ProducerStopped} if the consumer
+            stopped the producer first, and with the reader's exception
+            (usually L{OSError}) if the message cannot be read.  A caller
+            must treat the latter as a local, transient fault.
         """
 
 

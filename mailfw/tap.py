@@ -3,7 +3,8 @@ C{twistd mailfw}: command-line options and the service tree.
 
 L{Options} only records and checks what the user typed; L{makeService} is
 the only place that touches the global reactor, and hands it to
-L{buildService}, which tests call with a L{MemoryReactorClock}.
+L{buildService}, which tests call with a
+L{twisted.internet.testing.MemoryReactorClock}.
 """
 
 from __future__ import annotations

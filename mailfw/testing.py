@@ -15,6 +15,10 @@ Everything here is public and stable: use it in your plugin's tests.
  - L{connectedServer}: drive mailfw's SMTP server over a
    L{StringTransport} with a L{Clock}, to test a policy or router plugin
    as the server calls it.
+ - L{FullTransport}, L{runInOtherThread}: a transport with flow control,
+   to check that a body's producer stops writing while paused, and a
+   thread runner whose result is ready at once although the work ran on
+   another thread (L{TrackingBody} refuses reads on the test's thread).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from twisted.internet.testing import StringTransport
 from twisted.names import dns, error
 from twisted.names.common import ResolverBase
 
-from mailfw.delivery._contract import DeliveryAgentContractTests
+from mailfw.delivery._contract import DeliveryAgentContractTests, runInOtherThread
 from mailfw.delivery._memory import BytesBody, MemoryDeliveryAgent
 from mailfw.interfaces import IMessageQueue, IPolicy, IRouter
 from mailfw.policy._contract import PolicyContractTests
@@ -47,6 +51,7 @@ __all__ = [
     "BytesBody",
     "DeliveryAgentContractTests",
     "FakeResolver",
+    "FullTransport",
     "MemoryDeliveryAgent",
     "MemoryQueue",
     "PolicyContractTests",
@@ -55,7 +60,37 @@ __all__ = [
     "ServerConnection",
     "connectedServer",
     "makeEnvelope",
+    "runInOtherThread",
 ]
+
+
+class FullTransport(StringTransport):
+    """
+    A L{StringTransport} that behaves like a real transport whose send
+    buffer is full: while C{full} is set, each write pauses the registered
+    streaming producer, which must then write nothing until resumed.
+    L{drain} resumes it until it unregisters.
+    """
+
+    full = True
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.full and self.producer is not None and self.streaming:
+            self.producer.pauseProducing()
+
+    def drain(self, limit: int = 100_000) -> None:
+        """
+        Resume the producer until it unregisters (the body was sent).
+
+        @raise AssertionError: if it is still registered after C{limit}
+            resumptions.
+        """
+        for _ in range(limit):
+            if self.producer is None:
+                return
+            self.producer.resumeProducing()
+        raise AssertionError("the producer never finished")
 
 
 def MX(preference: int, name: str) -> dns.Record_MX:

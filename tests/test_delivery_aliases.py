@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -27,7 +27,7 @@ from mailfw.delivery._aliases import (
     loadTable,
     parseAliases,
 )
-from mailfw.delivery._contract import SAMPLE, DeliveryAgentContractTests
+from mailfw.delivery._contract import SAMPLE, DeliveryAgentContractTests, runInOtherThread
 from mailfw.delivery._memory import BytesBody, MemoryDeliveryAgent
 from mailfw.delivery._pipe import PipeDeliveryAgent
 from mailfw.envelope import Envelope, Recipient, RecipientOutcome
@@ -61,7 +61,9 @@ def tableOf(text: str, maxTargets: int = 1000) -> AliasTable:
 
 class SyncRunner:
     """
-    Runs "thread" work at once, counting the calls.
+    Runs thread work in another thread and waits for it, counting the
+    calls: the result is ready at once, and reads on the test's thread
+    (the reactor's, in production) are caught by L{TrackingBody}.
     """
 
     def __init__(self) -> None:
@@ -69,7 +71,7 @@ class SyncRunner:
 
     def __call__(self, work: Callable[[], _T]) -> Deferred[_T]:
         self.calls += 1
-        return maybeDeferred(work)
+        return runInOtherThread(work)
 
 
 class FakePipes:

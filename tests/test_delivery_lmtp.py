@@ -27,11 +27,12 @@ from mailfw.config import ComponentContext, ConfigError
 from mailfw.delivery._contract import DeliveryAgentContractTests, UnreadableBody
 from mailfw.delivery._lmtp import LMTPDeliveryAgent, ProtocolViolation, fromConfig, parseReplyLine
 from mailfw.delivery._memory import BytesBody
-from mailfw.delivery._stream import BodyProducer, DotStuffer, ProducerStopped
+from mailfw.delivery._stream import DotStuffer
 from mailfw.envelope import Envelope, Recipient, RecipientOutcome
 from mailfw.interfaces import IDeliveryAgent, IDeliveryAgentFactory
 from mailfw.plugin import findPlugin
 from mailfw.reply import replyFromPeer as makeReply
+from mailfw.testing import FullTransport
 
 ALICE = Address("alice", "example.org")
 BOB = Address("bob", "example.org")
@@ -48,6 +49,17 @@ def envelopeTo(*addresses: Address, **kwargs: Any) -> Envelope:
     )
 
 
+class LMTPTransport(FullTransport):
+    """
+    A transport with flow control that records C{setTcpNoDelay}.
+    """
+
+    noDelay: bool | None = None
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.noDelay = enabled
+
+
 @implementer(IStreamClientEndpoint)
 class FakeEndpoint:
     """
@@ -55,7 +67,7 @@ class FakeEndpoint:
     """
 
     def __init__(self) -> None:
-        self.transports: list[StringTransport] = []
+        self.transports: list[LMTPTransport] = []
         self.protocols: list[Any] = []
         self.error: Exception | None = None
         self.hang = False
@@ -67,7 +79,7 @@ class FakeEndpoint:
             return Deferred()
         protocol = factory.buildProtocol(None)  # type: ignore[arg-type]
         assert protocol is not None
-        transport = StringTransport()
+        transport = LMTPTransport()
         protocol.makeConnection(transport)
         self.transports.append(transport)
         self.protocols.append(protocol)
@@ -138,6 +150,33 @@ class TransactionTests(Session):
     """
     Whole LMTP transactions.
     """
+
+    def test_noDelayAndEndWithLastChunk(self) -> None:
+        """
+        The connection turns off Nagle's algorithm, and the final dot goes
+        out in the same write as the end of the body.
+        """
+        body = b"Subject: big\r\n\r\n" + b"x" * 200_000 + b"\r\nlast\r\n"
+        d, peer = self.start(ALICE, body=BytesBody(body))
+        self.assertIs(peer.transport.noDelay, True)
+        self.toMail(peer)
+        peer.say(b"250 OK", b"250 OK")
+        peer.heard()
+        writes: list[bytes] = []
+        write = peer.transport.write
+
+        def recording(data: bytes) -> None:
+            writes.append(data)
+            write(data)
+
+        peer.transport.write = recording  # type: ignore[method-assign]
+        peer.say(b"354 go")
+        peer.pump()
+        self.assertGreater(len(writes), 1)
+        self.assertTrue(writes[-1].endswith(b"x\r\nlast\r\n.\r\n"), writes[-1][-20:])
+        self.assertEqual(peer.heard(), body + b".\r\n")
+        peer.say(b"250 2.0.0 ok")
+        self.assertEqual(self.codes(d), [(250, "2.0.0")])
 
     def test_perRecipientReplies(self) -> None:
         """
@@ -245,8 +284,9 @@ class TransactionTests(Session):
         for body, sent in [(b"", b".\r\n"), (b"x\r\n.", b"x\r\n..\r\n.\r\n")]:
             d, peer = self.start(ALICE, body=BytesBody(body))
             self.toMail(peer)
-            peer.say(b"250 OK", b"250 OK", b"354 go")
+            peer.say(b"250 OK", b"250 OK")
             peer.heard()
+            peer.say(b"354 go")
             peer.pump()
             self.assertEqual(peer.heard(), sent)
             peer.say(b"250 2.0.0 ok")
@@ -322,7 +362,7 @@ class FailureTests(Session):
         """
         A connection lost in the middle of the body defers every recipient.
         """
-        d, peer = self.start(ALICE, body=BytesBody(b"x" * 100_000))
+        d, peer = self.start(ALICE, body=BytesBody(b"x" * 1_000_000))
         self.toMail(peer)
         peer.say(b"250 OK", b"250 OK", b"354 go")
         producer: Any = peer.transport.producer
@@ -345,7 +385,7 @@ class FailureTests(Session):
         """
         A reply arriving while the body is still being sent is a violation.
         """
-        d, peer = self.start(ALICE, body=BytesBody(b"x" * 100_000))
+        d, peer = self.start(ALICE, body=BytesBody(b"x" * 1_000_000))
         self.toMail(peer)
         peer.say(b"250 OK", b"250 OK", b"354 go")
         peer.say(b"421 4.3.2 shutting down")
@@ -407,7 +447,7 @@ class FailureTests(Session):
         While the body is sent, each chunk restarts the command timeout, and
         a stalled consumer ends the session at the timeout.
         """
-        d, peer = self.start(ALICE, body=BytesBody(b"x" * 100_000))
+        d, peer = self.start(ALICE, body=BytesBody(b"x" * 1_000_000))
         self.toMail(peer)
         peer.say(b"250 OK", b"250 OK", b"354 go")
         producer: Any = peer.transport.producer
@@ -501,30 +541,6 @@ class StreamTests(SynchronousTestCase):
         positions = sorted({min(c, len(message)) for c in cuts} | {0, len(message)})
         out = b"".join(stuffer(message[a:b]) for a, b in itertools.pairwise(positions))
         self.assertEqual(out + stuffer.end(), referenceStuffing(message))
-
-    def test_producerFinishes(self) -> None:
-        """
-        The producer writes everything, unregisters and reports the size.
-        """
-        transport = StringTransport()
-        producer = BodyProducer(BytesBody(b"abc" * 10).open(), transport, chunkSize=7)
-        d = producer.start()
-        drain(transport)
-        self.assertEqual((transport.value(), self.successResultOf(d)), (b"abc" * 10, 30))
-
-    def test_producerStopped(self) -> None:
-        """
-        A consumer stopping the producer fails its Deferred with
-        L{ProducerStopped}, once.
-        """
-        transport = StringTransport()
-        producer = BodyProducer(BytesBody(b"abc").open(), transport)
-        d = producer.start()
-        producer.stopProducing()
-        producer.stopProducing()
-        producer.resumeProducing()
-        self.failureResultOf(d, ProducerStopped)
-        self.assertEqual(transport.value(), b"")
 
 
 class LMTPContractTests(DeliveryAgentContractTests, SynchronousTestCase):

@@ -17,14 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from mailfw.address import Address
 from mailfw.config import ComponentContext, ConfigError
 from mailfw.delivery import _maildir
-from mailfw.delivery._contract import DeliveryAgentContractTests
+from mailfw.delivery._contract import DeliveryAgentContractTests, runInOtherThread
 from mailfw.delivery._maildir import (
     MaildirDeliveryAgent,
     ThreadPoolRunner,
@@ -44,9 +44,11 @@ SENDER = Address("sender", "example.net")
 
 def synchronously(work: Callable[[], _T]) -> Deferred[_T]:
     """
-    A thread runner that runs the work at once, in the test's thread.
+    A thread runner whose result is ready at once: the work runs in another
+    thread, waited for, so that reads on the test's thread (the reactor's,
+    in production) are caught by L{TrackingBody}.
     """
-    return maybeDeferred(work)
+    return runInOtherThread(work)
 
 
 def temporaryDirectory(case: SynchronousTestCase) -> Path:

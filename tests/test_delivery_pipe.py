@@ -19,7 +19,7 @@ from zope.interface.verify import verifyObject
 
 from mailfw.address import Address
 from mailfw.config import ComponentContext, ConfigError
-from mailfw.delivery._contract import UnreadableBody
+from mailfw.delivery._contract import TrackingBody, UnreadableBody
 from mailfw.delivery._memory import BytesBody
 from mailfw.delivery._pipe import (
     PipeDeliveryAgent,
@@ -34,7 +34,7 @@ from mailfw.plugin import findPlugin
 
 ALICE = Address("Alice+Box", "example.org")
 BOB = Address("bob", "example.org")
-MESSAGE = b"Subject: x\r\n\r\n" + b"0123456789abcdef" * 3000  # several chunks
+MESSAGE = b"Subject: x\r\n\r\n" + b"0123456789abcdef" * 30000  # several chunks
 
 
 class FakeProcess:
@@ -57,9 +57,12 @@ class FakeProcess:
 
     def write(self, data: bytes) -> None:
         self.stdin += data
+        if self.producer is not None:
+            # A pipe whose buffer is full: no more until it drains.
+            self.producer.pauseProducing()
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
-        assert not streaming
+        assert streaming
         self.producer = producer
 
     def unregisterProducer(self) -> None:
@@ -364,11 +367,31 @@ class PipeAgentTests(SynchronousTestCase):
 
     def test_unreadableBody(self) -> None:
         """
-        A body that cannot be opened defers without starting the command.
+        A body that cannot be opened (found out in the reader thread, once
+        the command runs) kills the command and defers, whatever its exit.
         """
-        [outcome] = self.successResultOf(self.agent.deliver(envelopeTo(BOB), UnreadableBody(), None))
+        d = self.agent.deliver(envelopeTo(BOB), UnreadableBody(), None)
+        [process] = self.reactor.processes
+        self.assertEqual((process.signals, process.stdin), (["KILL"], b""))
+        process.end(0)
+        [outcome] = self.successResultOf(d)
         self.assertEqual(outcome.reply.code, 451)
-        self.assertEqual(self.reactor.processes, [])
+
+    def test_pausedGetsNoWrites(self) -> None:
+        """
+        While the pipe is full (the producer paused) nothing more is
+        written; each drain lets exactly one more chunk through.
+        """
+        d = self.agent.deliver(envelopeTo(BOB), TrackingBody(MESSAGE), None)
+        [process] = self.reactor.processes
+        written = len(process.stdin)
+        self.assertTrue(0 < written < len(MESSAGE))
+        process.producer.resumeProducing()
+        self.assertEqual(len(process.stdin), 2 * written)
+        process.pump()
+        self.assertEqual(process.stdin, MESSAGE)
+        process.end(0)
+        self.assertEqual(self.successResultOf(d)[0].reply.code, 250)
 
     def test_readFailsMidway(self) -> None:
         """
@@ -378,18 +401,23 @@ class PipeAgentTests(SynchronousTestCase):
 
         class Broken:
             closed = False
+            reads = 0
 
             def read(self, size: int) -> bytes:
-                raise OSError(5, "Input/output error")
+                self.reads += 1
+                if self.reads > 1:
+                    raise OSError(5, "Input/output error")
+                return b"x" * size
 
             def close(self) -> None:
                 self.closed = True
 
-        body = BytesBody(b"")
+        body = TrackingBody(MESSAGE)
         reader = Broken()
         body.open = lambda: reader  # type: ignore[method-assign,assignment,return-value]
         d = self.agent.deliver(envelopeTo(BOB), body, None)
         [process] = self.reactor.processes
+        self.assertEqual(process.signals, [])
         process.pump()
         self.assertEqual(process.signals, ["KILL"])
         self.assertTrue(reader.closed)

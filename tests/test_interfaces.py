@@ -7,12 +7,11 @@ suites (L{mailfw.testing}).
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import IRealm
-from twisted.internet.interfaces import IPullProducer, IResolver
+from twisted.internet.interfaces import IConsumer, IPushProducer, IResolver
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -23,7 +22,7 @@ from mailfw.auth._realm import MailRealm, MailUser
 from mailfw.config import ComponentContext
 from mailfw.delivery import BytesBody, TrackingBody, UnreadableBody
 from mailfw.delivery._pipe import PipeDeliveryAgent
-from mailfw.delivery._stream import BodyProducer
+from mailfw.delivery._stream import DotStuffingConsumer
 from mailfw.interfaces import (
     IDeliveryAgent,
     IDestinationSlots,
@@ -65,12 +64,25 @@ class ProvidesTests(SynchronousTestCase):
         agent = PipeDeliveryAgent(MemoryReactorClock(), "pipe", ["/bin/cat"])
         self.assertTrue(verifyObject(IDeliveryAgent, agent))
 
-    def test_bodyProducer(self) -> None:
+    def test_bodyProducers(self) -> None:
         """
-        The producer that streams bodies to LMTP and SMTP peers.
+        The producers that stream bodies to LMTP and SMTP peers and to
+        processes, and the consumer that dot-stuffs them.
         """
-        producer = BodyProducer(io.BytesIO(b"x"), StringTransport())
-        self.assertTrue(verifyObject(IPullProducer, producer))
+        registered: list[tuple[object, bool]] = []
+
+        class Recording(StringTransport):
+            def registerProducer(self, producer: object, streaming: bool) -> None:
+                registered.append((producer, streaming))
+                super().registerProducer(producer, streaming)
+
+        consumer = DotStuffingConsumer(Recording())
+        self.assertTrue(verifyObject(IConsumer, consumer))
+        for body in (BytesBody(b"x" * 10), TrackingBody()):
+            self.successResultOf(body.produce(consumer))
+        self.assertEqual([streaming for _, streaming in registered], [True, True])
+        for producer, _ in registered:
+            self.assertTrue(verifyObject(IPushProducer, producer))
 
     def test_policyAndRouter(self) -> None:
         """

@@ -31,14 +31,21 @@ from mailfw.smtp._client import (
     TLSFailure,
     xtext,
 )
+from mailfw.testing import FullTransport
 
 
-class TLSStringTransport(StringTransport):
+class TLSStringTransport(FullTransport):
     """
-    A L{StringTransport} that records C{startTLS}.
+    A L{StringTransport} that records C{startTLS} and C{setTcpNoDelay}, and
+    has flow control when C{full} is set.
     """
 
+    full = False
     tlsContext: Any = None
+    noDelay: bool | None = None
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.noDelay = enabled
 
     def startTLS(self, contextFactory: Any) -> None:
         self.tlsContext = contextFactory
@@ -618,6 +625,7 @@ class TransactionTests(SynchronousTestCase):
         aborts the connection and defers the recipients.
         """
         proto, transport, clock = ready(timeouts=Timeouts(transfer=180))
+        transport.full = True
         d = proto.transaction(envelope("a@example.net"), TrackingBody(SAMPLE * 5000))
         serve(proto, "250 ok", "250 ok", "354 go")
         assert transport.producer is not None
@@ -655,6 +663,56 @@ class TransactionTests(SynchronousTestCase):
         serve(proto, "250 ok", "250 ok", "354 go")
         drain(transport)
         self.assertEqual([r.closed for r in body.readers], [True])
+
+    def test_endOfDataWithLastChunk(self) -> None:
+        """
+        The final dot goes out in the same write as the end of the body, so
+        it never waits alone for the peer's delayed ACK; earlier chunks go
+        out as they are read.
+        """
+        proto, transport, _ = ready()
+        message = SAMPLE * 2000
+        d = proto.transaction(envelope("a@example.net"), TrackingBody(message))
+        serve(proto, "250 ok", "250 ok")
+        self.assertEqual(sent(transport)[-1:], [b"DATA"])
+        bodyWrites: list[bytes] = []
+        transport.write = bodyWrites.append  # type: ignore[method-assign]
+        serve(proto, "354 go")
+        self.assertGreater(len(bodyWrites), 1)
+        self.assertTrue(bodyWrites[-1].endswith(b"last line\r\n.\r\n"), bodyWrites[-1][-40:])
+        self.assertGreater(len(bodyWrites[-1]), len(b".\r\n"))
+        stuffed = message.replace(b"\r\n.", b"\r\n..")
+        self.assertEqual(b"".join(bodyWrites), stuffed + b".\r\n")
+        serve(proto, "250 ok")
+        self.assertEqual(codes(self.successResultOf(d)), [(250, "2.0.0")])
+
+    def test_noDelay(self) -> None:
+        """
+        The connection turns off Nagle's algorithm as soon as it is made.
+        """
+        _, transport, _ = connect()
+        self.assertIs(transport.noDelay, True)
+
+    def test_pausedGetsNoWrites(self) -> None:
+        """
+        While the transport has paused the body's producer, nothing more of
+        the body is written; resuming lets it go on to the end.
+        """
+        proto, transport, _ = ready()
+        transport.full = True
+        message = SAMPLE * 5000
+        d = proto.transaction(envelope("a@example.net"), TrackingBody(message))
+        serve(proto, "250 ok", "250 ok", "354 go")
+        before = len(transport.value())
+        self.assertIsNotNone(transport.producer)
+        self.assertLess(before, len(message))
+        transport.producer.resumeProducing()
+        # One more chunk (64 KiB, a little more once dot-stuffed), no more.
+        self.assertTrue(before < len(transport.value()) <= before + 66 * 1024)
+        transport.drain()
+        serve(proto, "250 ok")
+        self.assertEqual(codes(self.successResultOf(d)), [(250, "2.0.0")])
+        self.assertTrue(transport.value().endswith(b"last line\r\n.\r\n"))
 
     def test_twoTransactions(self) -> None:
         """

@@ -86,6 +86,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -420,6 +421,10 @@ class _PrefixedBody:
     def open(self) -> BinaryIO:
         reader = self._body.open()
         return cast(BinaryIO, io.BufferedReader(_PrefixedReader(self._prefix, reader)))
+
+    def produce(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._prefix)
+        return self._body.produce(consumer)
 
 
 @dataclass(frozen=True)

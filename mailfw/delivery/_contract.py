@@ -20,30 +20,49 @@ Decisions the contract pins, beyond the interface's docstring:
 
   - An envelope without recipients gives an empty sequence (not a
     failure), and a delivery may be requested with the same body again:
-    an agent must call C{body.open()} for each delivery and read from the
-    start, never keep a reader between calls.
-  - A body that cannot be read (C{open} raises L{OSError}) is the local
-    system's fault: no recipient may get a 5xx for it, and the
-    L{Deferred} must not fail.
+    an agent must read the body afresh (C{body.produce(consumer)}, or
+    C{body.open()} in a thread) for each delivery, never keep a reader
+    between calls.
+  - No agent reads a body on the thread that called C{deliver} (the
+    reactor thread): L{TrackingBody} refuses to be opened or read there,
+    and records the attempt.  Its C{produce} reads in another thread
+    (L{runInOtherThread}); an agent that reads in a thread pool of its own
+    must be given a runner like L{runInOtherThread} in these tests.
+  - A body that cannot be read (C{open} raises L{OSError}, C{produce}
+    fails) is the local system's fault: no recipient may get a 5xx for it,
+    and the L{Deferred} must not fail.
   - Every reader the agent opened is closed when the result fires.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IConsumer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailfw.address import Address
 from mailfw.envelope import Envelope, Recipient, RecipientOutcome
 from mailfw.interfaces import IDeliveryAgent, IMessageBody
+from mailfw.queue._produce import produceFromFile
 from mailfw.reply import SMTPReply
 
-__all__ = ["SAMPLE", "DeliveryAgentContractTests", "TrackingBody", "UnreadableBody"]
+__all__ = [
+    "SAMPLE",
+    "DeliveryAgentContractTests",
+    "ReadOnCallingThread",
+    "TrackingBody",
+    "UnreadableBody",
+    "runInOtherThread",
+]
+
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:
     from twisted.trial.unittest import SynchronousTestCase
@@ -64,12 +83,43 @@ SAMPLE = (
 )
 
 
+def runInOtherThread(work: Callable[[], _T]) -> Deferred[_T]:
+    """
+    A L{mailfw.queue._produce.ThreadRunner} for tests: run C{work} in a new
+    thread and wait for it, so the result is ready when this returns (no
+    reactor needed) yet C{work} never ran on the caller's thread.
+    """
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(succeed(work()))
+        except BaseException:
+            outcome.append(fail(Failure()))
+
+    thread = threading.Thread(target=run, name="mailfw-test-reader")
+    thread.start()
+    thread.join()
+    result: Deferred[_T] = outcome[0]
+    return result
+
+
+class ReadOnCallingThread(Exception):
+    """
+    A L{TrackingBody} was opened or read on the thread that must not read
+    (the one that made it: the test's, standing in for the reactor).
+    Deliberately not an L{OSError}, which agents turn into a 4xx.
+    """
+
+
 class _TrackingReader(io.BytesIO):
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, body: TrackingBody) -> None:
         super().__init__(data)
+        self._body = body
         self.bytesRead = 0
 
     def read(self, size: int | None = -1) -> bytes:
+        self._body.checkThread("read")
         data = super().read(size)
         self.bytesRead += len(data)
         return data
@@ -79,30 +129,52 @@ class _TrackingReader(io.BytesIO):
 class TrackingBody:
     """
     An L{IMessageBody} that remembers the readers it handed out, so a test
-    can tell whether they were closed and how much of each was read.
+    can tell whether they were closed and how much of each was read, and
+    that refuses to be opened or read on the thread that made it.
+
+    @ivar readThreads: the thread ident of every open and read.
+    @ivar violations: what was attempted on the forbidden thread.
     """
 
-    def __init__(self, data: bytes = SAMPLE) -> None:
+    def __init__(self, data: bytes = SAMPLE, forbiddenThread: int | None = None) -> None:
         self.data = data
         self.size = len(data)
         self.readers: list[_TrackingReader] = []
+        self.forbiddenThread = threading.get_ident() if forbiddenThread is None else forbiddenThread
+        self.readThreads: list[int] = []
+        self.violations: list[str] = []
+
+    def checkThread(self, what: str) -> None:
+        ident = threading.get_ident()
+        self.readThreads.append(ident)
+        if ident == self.forbiddenThread:
+            self.violations.append(what)
+            raise ReadOnCallingThread(f"{what} on the reactor thread")
 
     def open(self) -> BinaryIO:
-        reader = _TrackingReader(self.data)
+        self.checkThread("open")
+        reader = _TrackingReader(self.data, self)
         self.readers.append(reader)
         return reader
+
+    def produce(self, consumer: IConsumer) -> Deferred[None]:
+        return produceFromFile(self.open, consumer, runInOtherThread)
 
 
 @implementer(IMessageBody)
 class UnreadableBody:
     """
-    An L{IMessageBody} whose storage has gone: C{open} raises L{OSError}.
+    An L{IMessageBody} whose storage has gone: C{open} raises L{OSError},
+    and so C{produce} fails with it.
     """
 
     size = 100
 
     def open(self) -> BinaryIO:
         raise OSError(5, "Input/output error")
+
+    def produce(self, consumer: IConsumer) -> Deferred[None]:
+        return produceFromFile(self.open, consumer, runInOtherThread)
 
 
 class DeliveryAgentContractTests(_Base):
@@ -251,6 +323,16 @@ class DeliveryAgentContractTests(_Base):
         for reader in body.readers:
             if reader.bytesRead:
                 self.assertEqual(reader.bytesRead, len(SAMPLE))
+
+    def test_noReadOnTheCallingThread(self) -> None:
+        """
+        The agent never opens or reads the body on the thread that called
+        C{deliver} (in production, the reactor thread).
+        """
+        agent = self.makeAgent()
+        body = TrackingBody()
+        self.deliverTo(agent, self.recipientAddresses(), body)
+        self.assertEqual(body.violations, [], "the body was read on the calling (reactor) thread")
 
     def test_unreadableBodyIsNotPermanent(self) -> None:
         """

@@ -25,7 +25,7 @@ connection after the final dot can duplicate a message, never lose it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol
@@ -37,9 +37,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailfw.config import ConfigError, Section
-from mailfw.delivery._stream import BodyProducer, DotStuffer
+from mailfw.delivery._stream import DotStuffingConsumer, setNoDelay
 from mailfw.envelope import Envelope, Recipient, RecipientOutcome
 from mailfw.interfaces import IDeliveryAgent, IMessageBody
+from mailfw.queue._produce import ProducerStopped
 from mailfw.reply import SMTPReply, replyFromPeer
 
 if TYPE_CHECKING:
@@ -115,8 +116,8 @@ class LMTPClient(LineReceiver):
         self._timer: IDelayedCall | None = None
         self._rcptIndex = 0
         self._accepted: list[int] = []
-        self._reader: BinaryIO | None = None
-        self._producer: BodyProducer | None = None
+        self._sending: Deferred[None] | None = None
+        self._consumer: DotStuffingConsumer | None = None
 
     # -- plumbing -------------------------------------------------------------
 
@@ -151,7 +152,6 @@ class LMTPClient(LineReceiver):
             return
         self._cancelTimer()
         self._handler = None
-        self._closeReader()
         if self.transport is not None and self.connected:
             if polite:
                 self.sendLine(b"QUIT")
@@ -168,8 +168,11 @@ class LMTPClient(LineReceiver):
             why=why,
         )
         self._handler = None
-        if self._producer is not None:
-            self._producer.stopProducing()
+        if self._sending is not None:
+            # Stop reading the body; the failure that causes is ignored.
+            self._sending = None
+            if self._consumer is not None:
+                self._consumer.stopProducer()
         for i, existing in enumerate(self.replies):
             if existing is None:
                 self.replies[i] = reply
@@ -179,17 +182,12 @@ class LMTPClient(LineReceiver):
         self._timer = None
         self._abort(TIMED_OUT, "timed out")
 
-    def _closeReader(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-
     def connectionMade(self) -> None:
+        setNoDelay(self.transport)
         self._wait(self.commandTimeout)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancelTimer()
-        self._closeReader()
         if not self.result.called:
             self.log.warn(
                 "{agent}: lost the LMTP connection to {nexthop}: {why}",
@@ -270,35 +268,31 @@ class LMTPClient(LineReceiver):
             reply = replyFromPeer(code, lines[0]) if code >= 400 else PROTOCOL_ERROR
             self._finishAll(reply, self._accepted)
             return
-        try:
-            self._reader = self.body.open()
-        except OSError as e:
-            self._abort(LOCAL_ERROR, f"cannot read the message: {e}")
-            return
-        stuffer = DotStuffer()
         self._handler = None  # no reply is due while the body is sent
         self._wait(self.commandTimeout)
-        self._producer = BodyProducer(
-            self._reader,
+        consumer = self._consumer = DotStuffingConsumer(
             self.transport,  # type: ignore[arg-type]
-            transform=stuffer,
             onProgress=lambda: self._wait(self.commandTimeout),
         )
+        sending = self._sending = self.body.produce(consumer)
 
-        def sent(octets: int) -> None:
-            self._producer = None
-            self._closeReader()
+        def sent(_: None) -> None:
+            if self._sending is not sending:
+                return
+            self._sending = None
             self._handler = self._final
             self._wait(self.dataTimeout)
-            self.transport.write(stuffer.end())  # type: ignore[union-attr]
+            consumer.finish()
 
         def failed(failure: Failure) -> None:
-            self._producer = None
-            if isinstance(failure.value, OSError):
-                self._abort(LOCAL_ERROR, f"cannot read the message: {failure.value}")
+            if self._sending is not sending:
+                return
+            self._sending = None
+            if not failure.check(ProducerStopped):
+                self._abort(LOCAL_ERROR, f"cannot read the message: {failure.getErrorMessage()}")
             # Otherwise the connection went; connectionLost settles it.
 
-        self._producer.start().addCallbacks(sent, failed)
+        sending.addCallbacks(sent, failed)
 
     def _final(self, code: int, lines: list[str]) -> None:
         index = self._accepted.pop(0)

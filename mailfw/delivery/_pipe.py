@@ -36,7 +36,7 @@ import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from string import Formatter
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
@@ -48,9 +48,9 @@ from zope.interface import implementer
 
 from mailfw.address import Address
 from mailfw.config import ConfigError, Section
-from mailfw.delivery._stream import BodyProducer, ProducerStopped
 from mailfw.envelope import Envelope, Recipient, RecipientOutcome
 from mailfw.interfaces import IDeliveryAgent, IMessageBody
+from mailfw.queue._produce import ProducerStopped
 from mailfw.reply import SMTPReply
 
 if TYPE_CHECKING:
@@ -103,8 +103,8 @@ class _CommandProtocol(ProcessProtocol):
     error and reports how it ended.
     """
 
-    def __init__(self, reader: BinaryIO, clock: Any, timeout: float) -> None:
-        self._reader = reader
+    def __init__(self, body: IMessageBody, clock: Any, timeout: float) -> None:
+        self._body = body
         self._clock = clock
         self._timeout = timeout
         self._timer: IDelayedCall | None = None
@@ -115,11 +115,12 @@ class _CommandProtocol(ProcessProtocol):
 
     def connectionMade(self) -> None:
         self._timer = self._clock.callLater(self._timeout, self._kill)
-        sending = BodyProducer(self._reader, self.transport).start()  # type: ignore[arg-type]
+        # The body's producer reads off the reactor thread and writes to
+        # the child's standard input as the pipe drains.
+        sending = self._body.produce(self.transport)  # type: ignore[arg-type]
         sending.addBoth(self._bodySent)
 
     def _bodySent(self, result: object) -> None:
-        self._reader.close()
         if isinstance(result, Failure) and not result.check(ProducerStopped):
             # The message could not be read: the command saw only part of
             # it, so whatever it did must not count as delivered.
@@ -153,8 +154,6 @@ class _CommandProtocol(ProcessProtocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if not self._reader.closed:
-            self._reader.close()
         exitCode: int | None = None
         signal: int | None = None
         if isinstance(reason.value, ProcessDone):
@@ -291,18 +290,12 @@ class PipeDeliveryAgent:
         """
         addresses = [r.address for r in recipients]
         arguments = self.argumentsFor(envelope.senderText, addresses)
-        try:
-            reader = body.open()
-        except OSError as e:
-            self.log.error("{agent}: cannot read the message: {error}", agent=self.name, error=str(e))
-            return succeed(LOCAL_ERROR)
-        protocol = _CommandProtocol(reader, self.reactor, self.timeout)
+        protocol = _CommandProtocol(body, self.reactor, self.timeout)
         try:
             self.reactor.spawnProcess(
                 protocol, arguments[0], arguments, env=self.env, childFDs={0: "w", 1: "r", 2: "r"}
             )
         except OSError as e:
-            reader.close()
             self.log.error(
                 "{agent}: cannot start {program}: {error}",
                 agent=self.name,

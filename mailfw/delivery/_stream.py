@@ -1,96 +1,18 @@
 """
-Streaming a message body to a consumer (a process's standard input, an
-LMTP connection) in small pieces, with flow control and without holding
-the whole message in memory.
+Sending a message body as SMTP or LMTP DATA: the dot-stuffing transform
+and a consumer that applies it between a body's producer
+(L{IMessageBody.produce}) and the connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from typing import BinaryIO
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IPullProducer
+from twisted.internet.interfaces import IConsumer, IProducer
 from zope.interface import implementer
 
-__all__ = ["BodyProducer", "DotStuffer"]
-
-CHUNK_SIZE = 16 * 1024
-
-
-class ProducerStopped(Exception):
-    """
-    The consumer went away (the peer closed the connection or the pipe)
-    before the whole body was written.
-    """
-
-
-@implementer(IPullProducer)
-class BodyProducer:
-    """
-    Writes C{reader} to C{consumer} one chunk per C{resumeProducing}, the
-    consumer asking for more as its buffer drains.
-
-    Reads are small and touch a local file, which the L{IMessageBody}
-    contract allows on the reactor thread.
-
-    @ivar done: fires with the number of octets read when the reader is
-        exhausted; fails with L{ProducerStopped} if the consumer stopped
-        us, or with the L{OSError} a read raised.  The producer is
-        unregistered in every case; the reader is not closed (its owner
-        closes it).
-    """
-
-    def __init__(
-        self,
-        reader: BinaryIO,
-        consumer: IConsumer,
-        transform: Callable[[bytes], bytes] = bytes,
-        onProgress: Callable[[], None] = lambda: None,
-        chunkSize: int = CHUNK_SIZE,
-    ) -> None:
-        self._reader = reader
-        self._consumer = consumer
-        self._transform = transform
-        self._onProgress = onProgress
-        self._chunkSize = chunkSize
-        self._octets = 0
-        self._finished = False
-        self.done: Deferred[int] = Deferred()
-
-    def start(self) -> Deferred[int]:
-        self._consumer.registerProducer(self, False)
-        return self.done
-
-    def _finish(self, result: object) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        self._consumer.unregisterProducer()
-        if isinstance(result, BaseException):
-            self.done.errback(result)
-        else:
-            self.done.callback(self._octets)
-
-    def resumeProducing(self) -> None:
-        if self._finished:
-            return
-        try:
-            chunk = self._reader.read(self._chunkSize)
-        except OSError as e:
-            self._finish(e)
-            return
-        if not chunk:
-            self._finish(None)
-            return
-        self._octets += len(chunk)
-        self._onProgress()
-        self._consumer.write(self._transform(chunk))
-
-    def stopProducing(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self.done.errback(ProducerStopped())
+__all__ = ["DotStuffer", "DotStuffingConsumer", "setNoDelay"]
 
 
 class DotStuffer:
@@ -120,3 +42,69 @@ class DotStuffer:
 
     def end(self) -> bytes:
         return (b"" if self._tail == b"\r\n" else b"\r\n") + b".\r\n"
+
+
+@implementer(IConsumer)
+class DotStuffingConsumer:
+    """
+    Passes what a body's producer writes to C{transport} dot-stuffed, and
+    holds the last chunk back so that L{finish} sends it together with the
+    end of data in one write: a lone C{.CRLF} segment after the body would
+    wait for the peer's delayed ACK under Nagle's algorithm.  At most one
+    chunk is held.
+
+    Producers register directly on C{transport}, so its flow control
+    reaches the body's producer unchanged.
+    """
+
+    def __init__(self, transport: IConsumer, onProgress: Callable[[], None] = lambda: None) -> None:
+        self._transport = transport
+        self._onProgress = onProgress
+        self._stuffer = DotStuffer()
+        self._held = b""
+        self._producer: IProducer | None = None
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        self._producer = producer
+        self._transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._producer = None
+        self._transport.unregisterProducer()
+
+    def stopProducer(self) -> None:
+        """
+        Stop the registered producer, if any (the protocol gives up on the
+        transfer); it writes nothing more.
+        """
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            self._transport.unregisterProducer()
+            producer.stopProducing()
+
+    def write(self, data: bytes) -> None:
+        self._onProgress()
+        held, self._held = self._held, self._stuffer(data)
+        if held:
+            self._transport.write(held)
+
+    def finish(self) -> None:
+        """
+        Write the held chunk and the end of data (C{CRLF.CRLF} or C{.CRLF}).
+        """
+        held, self._held = self._held, b""
+        self._transport.write(held + self._stuffer.end())
+
+
+def setNoDelay(transport: object) -> None:
+    """
+    Turn off Nagle's algorithm on C{transport} if it is a TCP connection:
+    a command or the end of data written after a body segment the peer
+    has not acknowledged would otherwise wait for its delayed ACK (about
+    40 ms per message).  Other transports (UNIX sockets, test doubles)
+    are left alone.
+    """
+    setTcpNoDelay = getattr(transport, "setTcpNoDelay", None)
+    if setTcpNoDelay is not None:
+        with contextlib.suppress(OSError):
+            setTcpNoDelay(True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import BinaryIO
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -25,6 +25,7 @@ from zope.interface import implementer
 from mailfw.config import ComponentContext, Section
 from mailfw.envelope import Envelope, Recipient
 from mailfw.interfaces import IIncomingMessage, IMessageBody, IMessageQueue
+from mailfw.queue._produce import produceBytes
 from mailfw.queue._schema import selectorMatches
 from mailfw.queued import (
     Disposition,
@@ -54,6 +55,9 @@ class MemoryBody:
 
     def open(self) -> BinaryIO:
         return io.BytesIO(self._data)
+
+    def produce(self, consumer: IConsumer) -> Deferred[None]:
+        return produceBytes(self._data, consumer)
 
 
 @dataclass

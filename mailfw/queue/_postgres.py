@@ -81,6 +81,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -96,6 +97,7 @@ from mailfw.interfaces import (
     IMessageQueue,
 )
 from mailfw.queue._memory import MemoryBody
+from mailfw.queue._produce import ExecutorRunner, ThreadRunner, produceFromFile
 from mailfw.queue._schema import (
     INSERT_LEASED_RECIPIENT,
     INSERT_MESSAGE,
@@ -329,12 +331,17 @@ class _FileBody:
     body and every reader are gone.
     """
 
-    def __init__(self, file: IO[bytes], size: int) -> None:
+    def __init__(self, file: IO[bytes], size: int, reader: ThreadRunner) -> None:
         self._file = file
         self.size = size
+        self._inReader = reader
 
     def open(self) -> BinaryIO:
         return io.BufferedReader(_FileReader(self._file, self.size), CHUNK)
+
+    def produce(self, consumer: IConsumer) -> Deferred[None]:
+        # Read in the queue's spool thread, never on the reactor thread.
+        return produceFromFile(self.open, consumer, self._inReader)
 
 
 def _copyBody(cursor: Cursor[Any], queueID: str, spooled: IO[bytes], size: int) -> None:
@@ -356,7 +363,9 @@ def _copyBody(cursor: Cursor[Any], queueID: str, spooled: IO[bytes], size: int) 
         copy.write(_COPY_TRAILER)
 
 
-def _readBody(cursor: Cursor[Any], queueID: str, threshold: int, directory: Path | None) -> IMessageBody:
+def _readBody(
+    cursor: Cursor[Any], queueID: str, threshold: int, directory: Path | None, reader: ThreadRunner
+) -> IMessageBody:
     cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
     row = cursor.execute("SELECT size FROM messages WHERE id = %s", (queueID,)).fetchone()
     if row is None:
@@ -388,7 +397,7 @@ def _readBody(cursor: Cursor[Any], queueID: str, threshold: int, directory: Path
     except BaseException:
         file.close()
         raise
-    return _FileBody(file, size)
+    return _FileBody(file, size, reader)
 
 
 # --- receiving ---------------------------------------------------------------------
@@ -874,7 +883,8 @@ class PostgresQueue:
 
     def openBody(self, queueID: str) -> Deferred[IMessageBody]:
         threshold, directory = self.spillThreshold, self.spoolDirectory
-        return self._transact(lambda cursor: _readBody(cursor, queueID, threshold, directory))
+        reader = ExecutorRunner(self._spool, self._deliver)
+        return self._transact(lambda cursor: _readBody(cursor, queueID, threshold, directory, reader))
 
     def nextDue(self) -> Deferred[float | None]:
         def nextDue(cursor: Cursor[Any]) -> float | None:

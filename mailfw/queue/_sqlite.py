@@ -17,8 +17,8 @@ threads do, each owning its own work:
     while a commit runs wait for the next one: that is group commit, and it
     is what lets a hundred sessions share one fsync.  Each operation's
     L{Deferred} fires on the reactor thread (C{callFromThread}) only after
-    the transaction holding it committed; only then may the server answer
-    250.
+    the transaction holding it committed; only then may the server
+    answer 250.
   - the B{reader} thread owns a read connection for C{list}, C{nextDue}
     and C{openBody}, so that an operator listing a big queue never delays
     commits.
@@ -83,7 +83,7 @@ from typing import (
 )
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import IConsumer, IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -93,6 +93,7 @@ from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.envelope import Envelope
 from mailfw.interfaces import IDescribed, IIncomingMessage, ILeaseOffers, IMessageBody, IMessageQueue
 from mailfw.queue._memory import MemoryBody
+from mailfw.queue._produce import ExecutorRunner, ThreadRunner, produceFromFile
 from mailfw.queue._schema import (
     INSERT_LEASED_RECIPIENT,
     INSERT_MESSAGE,
@@ -344,10 +345,16 @@ class _BlobBody:
     database in pieces.
     """
 
-    def __init__(self, path: Path, queueID: str, size: int) -> None:
+    def __init__(self, path: Path, queueID: str, size: int, reader: ThreadRunner) -> None:
         self._path = path
         self._queueID = queueID
         self.size = size
+        self._inReader = reader
+
+    def produce(self, consumer: IConsumer) -> Deferred[None]:
+        # The connection is opened, read and closed in the queue's reader
+        # thread, never on the reactor thread.
+        return produceFromFile(self.open, consumer, self._inReader)
 
     def open(self) -> BinaryIO:
         connection = connect(self._path)
@@ -934,13 +941,14 @@ class SQLiteQueue:
             return succeed(MemoryBody(cached[1]))
         threshold = self.spillThreshold
         path = self._path
+        inReader = ExecutorRunner(self._reader, self._deliver)
 
         def find(connection: sqlite3.Connection) -> IMessageBody:
             row = connection.execute("SELECT size FROM messages WHERE id = ?", (queueID,)).fetchone()
             if row is None:
                 raise KeyError(queueID)
             if row[0] > threshold:
-                return _BlobBody(path, queueID, row[0])
+                return _BlobBody(path, queueID, row[0], inReader)
             body = connection.execute(
                 "SELECT body FROM message_bodies WHERE message_id = ?", (queueID,)
             ).fetchone()

@@ -128,7 +128,7 @@ class MXResolver:
 
     @ivar resolver: the DNS resolver.
     @ivar random: shuffles MX hosts of equal preference; tests pass a
-        seeded L{random.Random}.
+        seeded C{random.Random}.
     @ivar families: which address families to use, in order of
         preference for the addresses of one host: C{"ipv6"} and/or
         C{"ipv4"}.

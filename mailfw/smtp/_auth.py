@@ -283,7 +283,7 @@ class SMTPAuth:
     What the server needs to offer AUTH on a listener.
 
     @ivar portal: checks credentials and gives an
-        L{mailfw.auth.IMailUser} avatar.
+        L{mailfw.interfaces.IMailUser} avatar.
     @ivar mechanisms: the mechanisms offered, in order.
     @ivar throttle: the brute-force counters, shared by all listeners.
     @ivar receivedIdentity: name the authenticated user in the

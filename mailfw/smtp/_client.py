@@ -35,8 +35,10 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from mailfw.address import Address
+from mailfw.delivery._stream import DotStuffingConsumer, setNoDelay
 from mailfw.envelope import Envelope
 from mailfw.interfaces import IMessageBody
+from mailfw.queue._produce import ProducerStopped
 from mailfw.reply import SMTPReply, replyFromPeer
 
 __all__ = [
@@ -54,7 +56,6 @@ __all__ = [
 TLS_LEVELS = ("none", "may", "encrypt", "verify")
 
 MAX_REPLY_LINES = 200
-CHUNK_SIZE = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,7 @@ class SMTPClient(LineReceiver):
 
     def connectionMade(self) -> None:
         self.connected = True
+        setNoDelay(self.transport)
         self.greeting = self._expect(self.options.timeouts.command)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -719,36 +721,28 @@ class SMTPClient(LineReceiver):
 
     @inlineCallbacks
     def _sendBody(self, body: IMessageBody) -> Generator[Deferred[Any], Any, None]:
-        from mailfw.delivery._stream import BodyProducer, DotStuffer
-
-        try:
-            reader = body.open()
-        except OSError as e:
-            self.log.info("Cannot open the queued message: {why}", why=str(e))
-            raise _BodyUnreadable() from None
-        stuffer = DotStuffer()
+        """
+        Stream C{body} dot-stuffed from its producer (which reads off the
+        reactor thread), then the end of data in the same write as the
+        body's last chunk.
+        """
         assert self.transport is not None
-        producer = BodyProducer(
-            reader,
-            self.transport,  # type: ignore[arg-type]
-            stuffer,
-            onProgress=self._progress,
-        )
+        consumer = DotStuffingConsumer(self.transport, onProgress=self._progress)  # type: ignore[arg-type]
         self._progress()
         try:
-            yield producer.start()
-        except OSError:
-            raise _BodyUnreadable() from None
-        except Exception:
-            # The consumer stopped us: the connection is going away (the
-            # transport tells the producer before the protocol).
+            yield body.produce(consumer)
+        except ProducerStopped:
+            # The connection is going away (the transport tells the
+            # producer before the protocol).
             raise _Lost(self._lostReason or Failure(ConnectionLost())) from None
+        except Exception as e:
+            self.log.info("Cannot read the queued message: {why}", why=str(e))
+            raise _BodyUnreadable() from None
         finally:
             self._stopTransferTimer()
-            reader.close()
         if not self.connected:
             raise _Lost(self._lostReason or Failure(ConnectionDone()))
-        self.transport.write(stuffer.end())
+        consumer.finish()
 
     def _progress(self) -> None:
         self._stopTransferTimer()

@@ -24,7 +24,7 @@ inside TLS: PLAIN and LOGIN send passwords in the clear.  While a SASL
 exchange runs, input lines are client responses, not commands (up to
 12288 octets each).  After a successful AUTH the session is
 C{authenticated} and a C{relayClient}, and MAIL FROM must be an address
-the user owns (L{mailfw.auth.IMailUser.maySend}).  The submission
+the user owns (L{mailfw.interfaces.IMailUser.maySend}).  The submission
 listeners require AUTH before MAIL and add C{Date:} and C{Message-ID:} to
 messages that lack them (RFC 6409 8).
 
@@ -450,7 +450,6 @@ class SMTPServerProtocol(LineReceiver):
     delimiter = b"\r\n"
     commands: ClassVar[Mapping[str, Callable[[SMTPServerProtocol, str], None]]]
     mailParameters: ClassVar[frozenset[str]] = frozenset()
-    """MAIL parameters an extension checks itself (AUTH= with issue 7)."""
 
     def __init__(
         self,
@@ -514,7 +513,7 @@ class SMTPServerProtocol(LineReceiver):
     @property
     def avatar(self) -> Any:
         """
-        The L{mailfw.auth.IMailUser} after a successful AUTH, else C{None}.
+        The L{mailfw.interfaces.IMailUser} after a successful AUTH, else C{None}.
         """
         return self._avatar
 

@@ -45,10 +45,10 @@ one bounces the message to its sender:
     or no answer within C{timeout} seconds: C{451 4.4.2}.
   - The queued message cannot be read: C{451 4.3.0}, a local fault.
 
-The body is streamed with L{FileBodyProducer}, which reads 64 KiB at a time
-on the reactor thread, paced by a L{Cooperator}.  The L{IMessageBody}
-contract allows reads in small pieces; an agent for a spool on slow or
-network storage should read in a thread instead.
+The body is streamed with L{IMessageBody.produce}, which reads it off the
+reactor thread a piece at a time and stops while the connection is
+paused; L{_MessageProducer} adapts it to what
+L{twisted.web.client.Agent} expects of a request body.
 
 The URL is never logged, since its query may hold an access token.
 """
@@ -56,26 +56,24 @@ The URL is never logged, since its query may hold an access token.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IConsumer, IProducer, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
-    FileBodyProducer,
     RequestGenerationFailed,
     RequestTransmissionFailed,
     ResponseFailed,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent
+from twisted.web.iweb import IAgent, IBodyProducer
 from zope.interface import implementer
 
 from mailfw.config import ConfigError, Section
@@ -127,6 +125,68 @@ class _Discard(Protocol):
         pass
 
 
+@implementer(IBodyProducer, IConsumer)
+class _MessageProducer:
+    """
+    A request body from L{IMessageBody.produce}.  The HTTP client registers
+    this object on the connection and gives it a consumer that only takes
+    writes; the body's own producer registers here instead, and gets the
+    connection's pause, resume and stop passed on.
+    """
+
+    def __init__(self, body: IMessageBody) -> None:
+        self.length = body.size
+        self._body = body
+        self._consumer: IConsumer | None = None
+        self._producer: IPushProducer | None = None
+        self._paused = False
+        self._stopped = False
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self._consumer = consumer
+
+        def failed(failure: Failure) -> Failure | Deferred[None]:
+            if self._stopped:
+                # Like FileBodyProducer: once stopped by the client, the
+                # result never fires (the request fails on its own).
+                return Deferred()
+            return failure
+
+        return self._body.produce(self).addErrback(failed)
+
+    # IConsumer, for the body's producer.
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        # IMessageBody.produce registers a streaming (push) producer.
+        pushing = self._producer = IPushProducer(producer)
+        if self._stopped:
+            pushing.stopProducing()
+        elif self._paused:
+            pushing.pauseProducing()
+
+    def unregisterProducer(self) -> None:
+        self._producer = None
+
+    def write(self, data: bytes) -> None:
+        assert self._consumer is not None
+        self._consumer.write(data)
+
+    # IPushProducer, for the connection.
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self._producer is not None:
+            self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._producer is not None:
+            self._producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        if self._producer is not None:
+            self._producer.stopProducing()
+
+
 @implementer(IDeliveryAgent)
 class WebhookAgent:
     """
@@ -144,7 +204,6 @@ class WebhookAgent:
         http: IAgent,
         clock: IReactorTime,
         timeout: float = DEFAULT_TIMEOUT,
-        cooperator: Cooperator | None = None,
     ) -> None:
         """
         @param url: an absolute C{http} or C{https} URL in ASCII, already
@@ -153,8 +212,6 @@ class WebhookAgent:
             L{twisted.web.client.Agent}, tests a fake.
         @param clock: times out requests that take longer than C{timeout}
             seconds, connecting included.
-        @param cooperator: paces the reads of the message; by default one
-            scheduled on C{clock}.
         """
         self.name = name
         self._uri = url.encode("ascii")
@@ -162,9 +219,6 @@ class WebhookAgent:
         self._http = http
         self._clock = clock
         self._timeout = timeout
-        if cooperator is None:
-            cooperator = Cooperator(scheduler=lambda work: clock.callLater(0, work))
-        self._cooperator = cooperator
 
     def deliver(
         self, envelope: Envelope, body: IMessageBody, nexthop: str | None
@@ -180,31 +234,16 @@ class WebhookAgent:
     ) -> Sequence[RecipientOutcome]:
         if not envelope.recipients:
             return []
-        try:
-            reader = body.open()
-        except OSError as e:
-            self._warn(envelope, "cannot open the queued message", e)
-            return self._outcomes(envelope, nexthop, NOT_READABLE, None, None)
-        try:
-            reply, status = await self._post(envelope, reader)
-        finally:
-            # The producer closes the reader when it reaches the end, but
-            # not when a read fails or the request fails first.
-            reader.close()
+        reply, status = await self._post(envelope, body)
         remote = self._host if status is not None else None
         return self._outcomes(envelope, nexthop, reply, status, remote)
 
-    async def _post(self, envelope: Envelope, reader: BinaryIO) -> tuple[SMTPReply, int | None]:
+    async def _post(self, envelope: Envelope, body: IMessageBody) -> tuple[SMTPReply, int | None]:
         """
         Send one request; return the reply for its recipients and the HTTP
         status, or C{None} for the status when no answer came.
         """
-        try:
-            producer = FileBodyProducer(reader, cooperator=self._cooperator)
-        except OSError as e:
-            # Finding the length seeks in the file, which can fail too.
-            self._warn(envelope, "cannot read the queued message", e)
-            return NOT_READABLE, None
+        producer = _MessageProducer(body)
         requested = self._http.request(b"POST", self._uri, self._headers(envelope), producer)
         requested.addTimeout(self._timeout, self._clock)
         try:

@@ -28,7 +28,7 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamClientEndpoint,
 )
-from twisted.internet.task import Clock, Cooperator
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
@@ -58,31 +58,6 @@ from mailfw.plugin import findPlugin
 
 URL = "http://hooks.example.org:8080/inbox?token=s3cret"
 MESSAGE = b"From: alice@example.org\r\nSubject: hi\r\n\r\nHello.\r\n.dot\r\n"
-
-
-def stepCooperator(clock: Clock) -> Cooperator:
-    """
-    A cooperator that runs one step per C{clock.advance(0)}, so tests do
-    not depend on how fast the machine is.
-    """
-    return Cooperator(
-        terminationPredicateFactory=lambda: lambda: True,
-        scheduler=lambda work: clock.callLater(0, work),
-    )
-
-
-def runSteps(clock: Clock, done: Deferred[Any] | None = None, limit: int = 1000) -> None:
-    """
-    Run the work due now on C{clock} (cooperator steps, not timeouts)
-    until C{done} has fired, or until nothing is due.
-    """
-    for _ in range(limit):
-        if done is not None and done.called:
-            return
-        if not any(call.getTime() <= clock.seconds() for call in clock.getDelayedCalls()):
-            return
-        clock.advance(0)
-    raise AssertionError("the work did not finish")
 
 
 @implementer(IConsumer)
@@ -190,16 +165,21 @@ class FakeHTTP:
         sink = Sink()
         sent.producing = True
         producing = sent.producer.startProducing(sink)
-        runSteps(self.clock, producing)
         outcome: list[Failure | None] = []
         producing.addCallbacks(lambda _: outcome.append(None), outcome.append)
         sent.body = bytes(sink.data)
         assert outcome, "the producer did not finish"
         return outcome[0]
 
-    def respond(self, sent: SentRequest, code: int) -> FakeResponse:
+    def respond(self, sent: SentRequest, code: int) -> FakeResponse | None:
+        """
+        Send the body and answer C{code}; if producing the body failed,
+        fail the request instead, as L{twisted.web.client.Agent} does.
+        """
         failure = self.send(sent)
-        assert failure is None, failure
+        if failure is not None:
+            sent.deferred.errback(RequestGenerationFailed([failure]))
+            return None
         response = FakeResponse(code)
         sent.deferred.callback(response)
         return response
@@ -224,20 +204,20 @@ class BrokenReader(io.BytesIO):
         return super().read(1)
 
 
-@implementer(IMessageBody)
-class BrokenBody:
+class BrokenBody(TrackingBody):
     """
-    An L{IMessageBody} whose reads fail part-way.
+    An L{IMessageBody} whose reads fail part-way (in the reader thread of
+    L{TrackingBody.produce}).
     """
-
-    size = len(MESSAGE)
 
     def __init__(self) -> None:
-        self.readers: list[BrokenReader] = []
+        super().__init__(MESSAGE)
+        self.brokenReaders: list[BrokenReader] = []
 
     def open(self) -> BinaryIO:
+        self.checkThread("open")
         reader = BrokenReader(MESSAGE)
-        self.readers.append(reader)
+        self.brokenReaders.append(reader)
         return reader
 
 
@@ -257,7 +237,7 @@ class AgentTestMixin(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.http = FakeHTTP(self.clock)
-        self.agent = WebhookAgent("hook", URL, self.http, self.clock, cooperator=stepCooperator(self.clock))
+        self.agent = WebhookAgent("hook", URL, self.http, self.clock)
 
     def start(
         self, env: Envelope, body: IMessageBody | None = None
@@ -455,7 +435,7 @@ class FailureTests(AgentTestMixin):
     def test_timeout(self) -> None:
         """
         Without an answer within 30 seconds the request is cancelled and
-        every recipient deferred with 451 4.4.2; the reader is closed.
+        every recipient deferred with 451 4.4.2; no reader is left open.
         """
         body = TrackingBody(MESSAGE)
         d, sent = self.start(envelope("bob", "carol"), body)
@@ -464,15 +444,13 @@ class FailureTests(AgentTestMixin):
         self.clock.advance(0.1)
         self.assertTrue(sent.cancelled)
         self.assertEqual(self.replies(self.successResultOf(d)), [(451, "4.4.2")] * 2)
-        self.assertEqual([r.closed for r in body.readers], [True])
+        self.assertEqual([r for r in body.readers if not r.closed], [])
 
     def test_configuredTimeout(self) -> None:
         """
         The timeout is the agent's C{timeout}.
         """
-        agent = WebhookAgent(
-            "hook", URL, self.http, self.clock, timeout=5, cooperator=stepCooperator(self.clock)
-        )
+        agent = WebhookAgent("hook", URL, self.http, self.clock, timeout=5)
         d = agent.deliver(envelope("bob"), TrackingBody(MESSAGE), None)
         self.clock.advance(4.9)
         self.assertNoResult(d)
@@ -520,19 +498,19 @@ class FailureTests(AgentTestMixin):
         # What twisted.web.client.Agent does when the producer fails:
         sent.deferred.errback(RequestGenerationFailed([failure]))
         self.assertEqual(self.replies(self.successResultOf(d)), [(451, "4.3.0")])
-        self.assertTrue(body.readers[0].closed)
+        self.assertTrue(body.brokenReaders[0].closed)
 
     def test_unexpectedErrorIsABug(self) -> None:
         """
         An exception the agent does not expect fails the result (the
-        scheduler then defers the recipients and logs the bug), and the
-        reader is still closed.
+        scheduler then defers the recipients and logs the bug), and no
+        reader is left open.
         """
         body = TrackingBody(MESSAGE)
         d, sent = self.start(envelope("bob"), body)
         sent.deferred.errback(ZeroDivisionError())
         self.failureResultOf(d, ZeroDivisionError)
-        self.assertEqual([r.closed for r in body.readers], [True])
+        self.assertEqual([r for r in body.readers if not r.closed], [])
 
     def test_urlNotLogged(self) -> None:
         """
@@ -764,7 +742,7 @@ class WebhookAgentContractTests(DeliveryAgentContractTests, SynchronousTestCase)
     def makeAgent(self) -> IDeliveryAgent:
         self.clock = Clock()
         self.http = FakeHTTP(self.clock)
-        return WebhookAgent("hook", URL, self.http, self.clock, cooperator=stepCooperator(self.clock))
+        return WebhookAgent("hook", URL, self.http, self.clock)
 
     def resultOf(
         self, agent: IDeliveryAgent, deferred: Deferred[Sequence[RecipientOutcome]]
