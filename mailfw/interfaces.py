@@ -533,6 +533,19 @@ class IMailUser(Interface):
         """
 
 
+class ISessionCredentials(Interface):
+    """
+    Credentials that also say which SMTP session presents them.
+
+    A checker that asks another service (Dovecot) passes the client's
+    address and the session's encryption on, for that service's logs,
+    brute-force penalties and plaintext rules.  Checkers must also accept
+    credentials without it.
+    """
+
+    session = Attribute("L{mailfw.envelope.Session}: the session at the time of AUTH.")
+
+
 class IPolicyFactory(INamedPlugin):
     """
     A plugin that builds L{IPolicy}s from C{[policy.NAME]}.

@@ -1,5 +1,6 @@
 """
-The credentials checker for the password file (L{mailfw.auth._passwd}).
+The credentials checker for the password file (L{mailfw.auth._passwd}),
+and what every checker may raise or receive.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -20,11 +21,33 @@ from zope.interface import implementer
 
 from mailfw.auth._passwd import PasswordEntry, PasswordFileError, burnTime, readPasswordFile, verifyPassword
 from mailfw.auth._scram import IScramCredentials, ScramKeys
+from mailfw.envelope import Session
+from mailfw.interfaces import ISessionCredentials
 
-__all__ = ["PasswordFileChecker", "RunInThread"]
+__all__ = ["PasswordFileChecker", "RunInThread", "SessionCredentials", "TemporaryAuthFailure"]
 
 RunInThread = Callable[..., "Deferred[Any]"]
 """Runs C{f(*args)} off the reactor thread and fires with its result."""
+
+
+class TemporaryAuthFailure(Exception):
+    """
+    A checker could not decide (its backend is down or too slow): AUTH
+    should get C{454 4.7.0}, and the failure should not count against the
+    client as a wrong password would.  The message says why, for the log.
+    """
+
+
+@implementer(IUsernamePassword, ISessionCredentials)
+class SessionCredentials(UsernamePassword):
+    """
+    A user name and password together with the session that sent them
+    (L{ISessionCredentials}).
+    """
+
+    def __init__(self, username: bytes, password: bytes, session: Session) -> None:
+        super().__init__(username, password)
+        self.session = session
 
 
 @implementer(ICredentialsChecker)

@@ -2,8 +2,8 @@
 The C{[auth]} section: which credentials checker, which mechanisms, the
 sender rules and the brute-force limits.
 
-Keys (all optional, but one of C{passwords} and C{checker} is needed for
-AUTH to be offered at all):
+Keys (all optional, but one of C{passwords}, C{checker} and C{backend =
+"dovecot"} is needed for AUTH to be offered at all):
 
   - C{passwords}: the password file written by C{mailfw passwd}, relative
     to the data directory.
@@ -30,6 +30,10 @@ AUTH to be offered at all):
     brute-force defence, see L{mailfw.auth._lockout.LockoutSettings}.
   - C{timeout}: seconds a check may take before AUTH gets 454 (30).
   - C{threads}: threads that check passwords (4).
+  - C{backend}: C{"passwords"} (default: C{passwords} or C{checker}) or
+    C{"dovecot"}: Dovecot's authentication service at C{socket} (a unix
+    socket path, default C{/run/dovecot/auth-client}, or
+    C{"inet:HOST:PORT"}); C{timeout} then also bounds each request.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from mailfw.auth._checker import PasswordFileChecker, RunInThread
+from mailfw.auth._dovecot import DEFAULT_SOCKET, DovecotAuthClient, DovecotChecker, dovecotEndpoint
 from mailfw.auth._lockout import AuthLockout, LockoutSettings
 from mailfw.auth._passwd import PasswordFileError, normaliseETRNDomain, normaliseSenderPattern
 from mailfw.auth._realm import SENDER_CHECKS, MailRealm
@@ -164,26 +169,41 @@ def authFromConfig(
     maxClients = section.integer("max_tracked_clients", 10000, minimum=1)
     timeout = section.number("timeout", 30.0, minimum=1)
     threads = section.integer("threads", 4, minimum=1)
+    backend = section.choice("backend", ("passwords", "dovecot"), "passwords")
+    dovecotSocket = section.text("socket", None)
     lockoutSettings = _lockoutSettings(section)
     section.finish()
     if not mechanisms or any(m not in MECHANISMS for m in mechanisms):
         raise ConfigError(f"{section.title} mechanisms: choose from {', '.join(MECHANISMS)}")
     if passwords is not None and checkerText is not None:
         raise ConfigError(f"{section.title}: give 'passwords' or 'checker', not both")
-    if passwords is None and checkerText is None:
+    if backend == "dovecot" and (passwords is not None or checkerText is not None):
+        raise ConfigError(f"{section.title}: backend 'dovecot' takes 'socket', not 'passwords' or 'checker'")
+    if backend != "dovecot" and dovecotSocket is not None:
+        raise ConfigError(f"{section.title} socket: only for backend = 'dovecot'")
+    if passwords is None and checkerText is None and backend != "dovecot":
         if section.has("smtp") and offerOnSMTP:
             raise ConfigError(f"{section.title} smtp: needs 'passwords' or 'checker'")
         return None
 
     pool = ThreadPool(minthreads=0, maxthreads=threads, name="mailfw-auth")
-    service = ThreadPoolService(pool)
+    service: IService = ThreadPoolService(pool)
     if runInThread is None:
 
         def runInThread(f: Any, *args: Any) -> Any:
             return deferToThreadPool(context.reactor, pool, f, *args)
 
     checker: Any
-    if passwords is not None:
+    if backend == "dovecot":
+        try:
+            endpoint = dovecotEndpoint(context.reactor, dovecotSocket or DEFAULT_SOCKET, context.path)
+        except ValueError as e:
+            raise ConfigError(f"{section.title} socket: {e}") from None
+        client = DovecotAuthClient(
+            endpoint, context.reactor, timeout=timeout, description=dovecotSocket or DEFAULT_SOCKET
+        )
+        checker, lookup, service = DovecotChecker(client), None, client
+    elif passwords is not None:
         fileChecker = PasswordFileChecker(context.path(passwords), runInThread)
         checker, lookup = fileChecker, fileChecker.rights
     else:

@@ -6,14 +6,6 @@ own configuration, listening on a unix socket and on 127.0.0.1.
 
 from __future__ import annotations
 
-import os
-import pwd
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,139 +19,20 @@ from mailfw.config import ComponentContext
 from mailfw.delivery._lmtp import LMTPDeliveryAgent, fromConfig
 from mailfw.delivery._memory import BytesBody
 from mailfw.envelope import Envelope, Recipient
+from tests.integration._peers import Dovecot, requireDovecot
 
 pytestmark = pytest.mark.integration
-
-DOVECOT = "/usr/sbin/dovecot"
-USERS = ("alice", "bob")
-
-CONFIG = """\
-base_dir = {root}/run
-state_dir = {root}/state
-log_path = {root}/dovecot.log
-instance_name = mailfw-test-{port}
-protocols = lmtp
-listen = 127.0.0.1
-ssl = no
-{users}
-auth_username_format = %Ln
-first_valid_uid = {uid}
-mail_location = maildir:~/Maildir
-passdb {{
-  driver = passwd-file
-  args = {root}/passwd
-}}
-userdb {{
-  driver = passwd-file
-  args = {root}/passwd
-}}
-service lmtp {{
-  unix_listener lmtp-mailfw {{
-    mode = 0666
-  }}
-  inet_listener lmtp {{
-    address = 127.0.0.1
-    port = {port}
-  }}
-}}
-"""
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Dovecot:
-    """
-    A throwaway Dovecot serving LMTP for the users in L{USERS}.
-    """
-
-    def __init__(self) -> None:
-        # Short path: unix socket names are limited to about 100 octets.
-        self.root = Path(tempfile.mkdtemp(prefix="mfdv"))
-        self.port = freePort()
-        self.socket = self.root / "run" / "lmtp-mailfw"
-        uid, gid = os.getuid(), os.getgid()
-        if uid == 0:
-            # Dovecot will not deliver as root; mail belongs to nobody.
-            mailUID, mailGID = 65534, 65534
-            users = ""
-        else:
-            mailUID, mailGID = uid, gid
-            name = pwd.getpwuid(uid).pw_name
-            users = f"default_internal_user = {name}\ndefault_login_user = {name}"
-        for sub in ("run", "state", "mail"):
-            (self.root / sub).mkdir()
-        os.chmod(self.root, 0o755)
-        os.chmod(self.root / "mail", 0o777)
-        (self.root / "passwd").write_text(
-            "".join(f"{user}:{{PLAIN}}x:{mailUID}:{mailGID}::{self.root}/mail/{user}::\n" for user in USERS)
-        )
-        (self.root / "dovecot.conf").write_text(
-            CONFIG.format(root=self.root, port=self.port, users=users, uid=min(mailUID, 500))
-        )
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [DOVECOT, "-c", str(self.root / "dovecot.conf"), "-F"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"dovecot exited: {self.output()}")
-            if self.socket.exists() and self._listening():
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"dovecot did not start: {self.output()}")
-
-    def _listening(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return True
-        except OSError:
-            return False
-
-    def output(self) -> str:
-        log = self.root / "dovecot.log"
-        return log.read_text(errors="replace") if log.exists() else ""
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=15)
-        if self.process is not None and self.process.stdout is not None:
-            self.process.stdout.close()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def messages(self, user: str) -> list[bytes]:
-        new = self.root / "mail" / user / "Maildir" / "new"
-        if not new.is_dir():
-            return []
-        return [p.read_bytes() for p in sorted(new.iterdir())]
 
 
 @pytest.fixture
 def dovecot() -> Iterator[Dovecot]:
-    if not os.access(DOVECOT, os.X_OK):
-        # A failure, not a skip: CI installs it (.ci/run), and a silently
-        # skipped real-server test would hide a broken LMTP client.
-        pytest.fail("Dovecot is not installed (Debian: dovecot-lmtpd)")
+    requireDovecot()
     server = Dovecot()
     try:
         server.start()
         yield server
     finally:
-        server.stop()
+        server.remove()
 
 
 def reactor() -> Any:
