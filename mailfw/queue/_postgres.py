@@ -95,6 +95,7 @@ from mailfw.interfaces import (
     ILeaseOffers,
     IMessageBody,
     IMessageQueue,
+    ISelectiveClaim,
 )
 from mailfw.queue._memory import MemoryBody
 from mailfw.queue._produce import ExecutorRunner, ThreadRunner, produceFromFile
@@ -106,6 +107,7 @@ from mailfw.queue._schema import (
     createStatements,
     envelopeFromJSON,
     envelopeToJSON,
+    matchingClaim,
     newQueueID,
     pyformat,
     recipientRows,
@@ -421,7 +423,7 @@ def _selected(selector: Selector) -> tuple[str, list[Any]]:
     )
 
 
-@implementer(IMessageQueue, IDestinationSlots, ILeaseOffers)
+@implementer(IMessageQueue, IDestinationSlots, ILeaseOffers, ISelectiveClaim)
 class PostgresQueue:
     """
     An L{IMessageQueue} in a PostgreSQL database that several nodes share;
@@ -759,19 +761,26 @@ class PostgresQueue:
 
     # --- the scheduler's side -----------------------------------------------------
 
-    def claim(self, now: float, limit: int) -> Deferred[Sequence[Lease]]:
+    def claimMatching(self, selector: Selector, now: float, limit: int) -> Deferred[Sequence[Lease]]:
+        return self.claim(now, limit, selector)
+
+    def claim(self, now: float, limit: int, selector: Selector | None = None) -> Deferred[Sequence[Lease]]:
         expires = now + self.leaseSeconds
         node, interval = self.node, self.heartbeatSeconds
 
         def claim(cursor: Cursor[Any]) -> Sequence[Lease]:
             _touchNode(cursor, node, now, interval)
-            rows = cursor.execute(
-                "SELECT message_id, idx FROM recipients WHERE state IN (%s, %s)"
-                " AND next_attempt_at <= %s ORDER BY next_attempt_at, message_id, idx"
-                " LIMIT %s FOR UPDATE SKIP LOCKED",
-                (_READY, _ETRN, now, max(limit, 0)),
-            ).fetchall()
-            if len(rows) < limit:
+            if selector is not None:
+                query, params = matchingClaim("message_id, idx", selector, limit)
+                rows = cursor.execute(pyformat(query) + " FOR UPDATE SKIP LOCKED", params).fetchall()
+            else:
+                rows = cursor.execute(
+                    "SELECT message_id, idx FROM recipients WHERE state IN (%s, %s)"
+                    " AND next_attempt_at <= %s ORDER BY next_attempt_at, message_id, idx"
+                    " LIMIT %s FOR UPDATE SKIP LOCKED",
+                    (_READY, _ETRN, now, max(limit, 0)),
+                ).fetchall()
+            if len(rows) < limit and selector is None:
                 rows += cursor.execute(
                     "SELECT message_id, idx FROM recipients WHERE state = %s AND lease_expires <= %s"
                     " ORDER BY lease_expires, message_id, idx LIMIT %s FOR UPDATE SKIP LOCKED",

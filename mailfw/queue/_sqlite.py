@@ -91,7 +91,14 @@ from zope.interface import implementer
 
 from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.envelope import Envelope
-from mailfw.interfaces import IDescribed, IIncomingMessage, ILeaseOffers, IMessageBody, IMessageQueue
+from mailfw.interfaces import (
+    IDescribed,
+    IIncomingMessage,
+    ILeaseOffers,
+    IMessageBody,
+    IMessageQueue,
+    ISelectiveClaim,
+)
 from mailfw.queue._memory import MemoryBody
 from mailfw.queue._produce import ExecutorRunner, ThreadRunner, produceFromFile
 from mailfw.queue._schema import (
@@ -102,6 +109,7 @@ from mailfw.queue._schema import (
     createStatements,
     envelopeFromJSON,
     envelopeToJSON,
+    matchingClaim,
     newQueueID,
     recipientRows,
     replyColumns,
@@ -464,7 +472,7 @@ def _selected(selector: Selector) -> tuple[str, list[Any]]:
     )
 
 
-@implementer(IMessageQueue, ILeaseOffers, IDescribed)
+@implementer(IMessageQueue, ILeaseOffers, IDescribed, ISelectiveClaim)
 class SQLiteQueue:
     """
     An L{IMessageQueue} in one SQLite database file; see the module
@@ -811,17 +819,23 @@ class SQLiteQueue:
 
     # --- the scheduler's side -------------------------------------------------
 
-    def claim(self, now: float, limit: int) -> Deferred[Sequence[Lease]]:
+    def claimMatching(self, selector: Selector, now: float, limit: int) -> Deferred[Sequence[Lease]]:
+        return self.claim(now, limit, selector)
+
+    def claim(self, now: float, limit: int, selector: Selector | None = None) -> Deferred[Sequence[Lease]]:
         expires = now + self.leaseSeconds
         owner = self._owner
 
         def claim(connection: sqlite3.Connection) -> Sequence[Lease]:
-            rows = connection.execute(
-                f"SELECT {_CLAIM_COLUMNS} FROM recipients WHERE state IN (?, ?)"
-                " AND next_attempt_at <= ? ORDER BY next_attempt_at, message_id, idx LIMIT ?",
-                (_READY, _ETRN, now, max(limit, 0)),
-            ).fetchall()
-            if len(rows) < limit:
+            if selector is not None:
+                rows = connection.execute(*matchingClaim(_CLAIM_COLUMNS, selector, limit)).fetchall()
+            else:
+                rows = connection.execute(
+                    f"SELECT {_CLAIM_COLUMNS} FROM recipients WHERE state IN (?, ?)"
+                    " AND next_attempt_at <= ? ORDER BY next_attempt_at, message_id, idx LIMIT ?",
+                    (_READY, _ETRN, now, max(limit, 0)),
+                ).fetchall()
+            if len(rows) < limit and selector is None:
                 rows += connection.execute(
                     f"SELECT {_CLAIM_COLUMNS} FROM recipients WHERE state = ? AND lease_expires <= ?"
                     " ORDER BY lease_expires, message_id, idx LIMIT ?",
