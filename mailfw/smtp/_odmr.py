@@ -198,7 +198,7 @@ class ODMRHandler:
             raise ConfigError("[odmr] needs a queue that can lease by domain (memory, sqlite, postgresql)")
         self.settings = settings
         self._queue = queue
-        self._claimer: Any = queue
+        self._claimer = ISelectiveClaim(queue)
         self.settle = settle
         self.clock = clock
         self.hostname = hostname

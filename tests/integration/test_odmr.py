@@ -15,6 +15,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,7 @@ domains = ["customer.test", "elsewhere.test"]
 """
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[MailfwProcess]:
+def startServer(tmp_path: Path, extra: str = "", workers: int = 1) -> MailfwProcess:
     data = tmp_path / "data"
     data.mkdir()
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -64,11 +64,20 @@ def server(tmp_path: Path) -> Iterator[MailfwProcess]:
     )
     assert made.returncode == 0, made.stderr
     config = tmp_path / "mailfw.toml"
-    config.write_text(CONFIG.format(cert=cert, key=key))
+    config.write_text(CONFIG.format(cert=cert, key=key) + extra)
     odmr = freePort()
-    process = MailfwProcess(data, config=config, extraArgs=(f"--odmr=tcp:{odmr}:interface=127.0.0.1",))
+    process = MailfwProcess(
+        data,
+        config=config,
+        extraArgs=(f"--odmr=tcp:{odmr}:interface=127.0.0.1", "--workers", str(workers)),
+    )
     process.odmrPort = odmr  # type: ignore[attr-defined]
-    process.start()
+    return process.start()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[MailfwProcess]:
+    process = startServer(tmp_path)
     try:
         yield process
     finally:
@@ -224,3 +233,56 @@ def test_collect(server: MailfwProcess) -> None:
         assert again.ask(b"QUIT")[0] == 221
     finally:
         again.close()
+
+
+def atrn(port: int) -> list[tuple[bytes, list[bytes], bytes]]:
+    """
+    One customer session: ATRN customer.test, and what it collected
+    (nothing after a 453).
+    """
+    customer = Customer(port)
+    try:
+        customer.secure()
+        customer.login()
+        code, text = customer.ask(b"ATRN customer.test")
+        if code == 453:
+            customer.ask(b"QUIT")
+            return []
+        assert code == 250, text
+        return customer.collect()
+    finally:
+        customer.close()
+
+
+def test_workersShareNothing(tmp_path: Path) -> None:
+    """
+    With two worker processes and a batch of 3, four customers that ATRN
+    at once each collect different mail (the process that received the
+    ATRN leases it; the other leaves it alone), and ATRN again until 453
+    collects the rest: every message arrives exactly once.
+    """
+    server = startServer(tmp_path, extra="batch = 3\n", workers=2)
+    try:
+        subjects = [f"worker message {n}" for n in range(20)]
+        with server.smtp() as client:
+            for n, subject in enumerate(subjects):
+                client.sendmail(
+                    "alice@localhost", ["a@customer.test"], f"Subject: {subject}\r\n\r\n{n}\r\n".encode()
+                )
+        waitFor(lambda: [state for _, state in states(server)] == ["etrn"] * 20, what="20 held recipients")
+        port = server.odmrPort  # type: ignore[attr-defined]
+        with ThreadPoolExecutor(4) as pool:
+            batches = list(pool.map(lambda _: atrn(port), range(4)))
+        for _ in range(10):
+            collected = atrn(port)
+            if not collected:
+                break
+            batches.append(collected)
+        taken = [
+            data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode() for b in batches for _, _, data in b
+        ]
+        assert sorted(taken) == sorted(subjects)
+        assert all(len(b) <= 3 for b in batches)
+        waitFor(lambda: states(server) == [], what="the queue to empty")
+    finally:
+        server.stop()
