@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
@@ -80,7 +80,7 @@ class ScriptedEndpoint:
 
     def accept(self) -> tuple[DovecotAuthProtocol, StringTransport]:
         factory, d = self.attempts.pop(0)
-        protocol = factory.buildProtocol(None)
+        protocol: object = factory.buildProtocol(cast(Any, None))
         assert isinstance(protocol, DovecotAuthProtocol)
         transport = StringTransport()
         protocol.makeConnection(transport)
@@ -114,7 +114,7 @@ class Harness:
         return protocol, transport
 
     def sent(self, transport: StringTransport) -> list[bytes]:
-        lines = transport.value().split(b"\n")
+        lines: list[bytes] = transport.value().split(b"\n")
         transport.clear()
         assert lines[-1] == b""
         return lines[:-1]
@@ -646,8 +646,8 @@ class CheckerTests(SynchronousTestCase):
         d = portal.login(UsernamePassword(b"alice@example.org", b"pw"), None, IMailUser)
         self.protocol.dataReceived(b"OK\t1\tuser=alice@example.org\n")
         _, avatar, _ = self.successResultOf(d)
-        self.assertEqual(avatar.identity, "alice@example.org")
-        self.assertEqual(avatar.senders, ("alice@example.org",))
+        self.assertEqual(IMailUser(avatar).identity, "alice@example.org")
+        self.assertEqual(IMailUser(avatar).senders, ("alice@example.org",))
 
 
 class SessionTests(SynchronousTestCase):
@@ -774,7 +774,7 @@ class ConfigTests(SynchronousTestCase):
         assert isinstance(checker, DovecotChecker)
         self.assertIs(setup.service, checker.client)
         self.assertEqual(checker.client.timeout, 5)
-        self.assertEqual(checker.client.endpoint._path, "/run/dovecot/auth-client")
+        self.assertEqual(cast(Any, checker.client.endpoint)._path, "/run/dovecot/auth-client")
         setup = self.build(backend="dovecot", socket="inet:192.0.2.5:9999")
         [checker] = setup.auth.portal.checkers.values()
         self.assertIsInstance(checker.client.endpoint, HostnameEndpoint)

@@ -113,5 +113,5 @@ class ProvidesTests(SynchronousTestCase):
             self.assertTrue(verifyClass(IMessageQueue, cls))
         self.assertTrue(verifyClass(IDestinationSlots, PostgresQueue))
         self.assertTrue(verifyClass(IIncomingMessage, SpoolingIncoming))
-        for cls in (_BlobBody, _FileBody):
-            self.assertTrue(verifyClass(IMessageBody, cls))
+        for body in (_BlobBody, _FileBody):
+            self.assertTrue(verifyClass(IMessageBody, body))

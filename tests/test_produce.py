@@ -301,7 +301,7 @@ class CollectTests(SynchronousTestCase):
         A failing body fails the collection.
         """
         body = TrackingBody(DATA, forbiddenThread=-1)
-        body.open = lambda: Reader(DATA, failAfter=0)  # type: ignore[method-assign,assignment,return-value]
+        body.open = lambda: Reader(DATA, failAfter=0)  # type: ignore[method-assign]
         self.failureResultOf(collect(body.produce), OSError)
 
 
@@ -332,7 +332,7 @@ class DotStuffingConsumerTests(SynchronousTestCase):
         transport = FullTransport()
         transport.full = False
         writes: list[bytes] = []
-        transport.write = writes.append  # type: ignore[method-assign]
+        transport.write = writes.append  # type: ignore[method-assign, assignment]
         consumer = DotStuffingConsumer(transport)
         consumer.write(b"a\r\n.b\r\n")
         self.assertEqual(writes, [])
