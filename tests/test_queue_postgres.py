@@ -412,6 +412,36 @@ class PostgresNodeTests(SynchronousTestCase):
         self.helpers.waitUntil(lambda: b.lastNotification == "probe", "the probe")
         self.assertEqual((b.notificationsReceived, len(woken)), (3, 3))
 
+    def test_notifyBurstEndingWithOwn(self) -> None:
+        """
+        In a burst of notifications whose last is the node's own, every
+        earlier one still wakes the node: each wake-up handed to the
+        reactor carries its own payload.  The results are run only after
+        the listener thread handed over the whole burst, as a busy reactor
+        would (regression: a lambda bound to the loop's variable made every
+        call see the last payload, the node's own, and wake nobody).
+        """
+        b = self.node("b")
+        self.wait(b.listening)
+        self.helpers.waitUntil(lambda: not b._inFlight, "b's first heartbeat")
+        woken: list[None] = []
+        b.notifyDue(lambda: woken.append(None))
+        calls = self.helpers.calls
+        self.assertEqual(calls.qsize(), 0)
+        # One transaction: the three arrive together, in this order.
+        self.helpers.sql(
+            "SELECT pg_notify('mailfw_due', 'n1'), pg_notify('mailfw_due', 'n2'), pg_notify('mailfw_due', 'b')"
+        )
+        deadline = time.monotonic() + TIMEOUT
+        while calls.qsize() < 3:
+            if time.monotonic() > deadline:
+                self.fail(f"the listener handed over {calls.qsize()} of 3 notifications in {TIMEOUT} s")
+            time.sleep(0.01)
+        for _ in range(3):
+            calls.get_nowait()()
+        self.assertEqual((b.notificationsReceived, b.lastNotification), (3, "b"))
+        self.assertEqual(len(woken), 2, "the wake-ups of the other nodes' notifications were lost")
+
     def test_idempotentInsert(self) -> None:
         """
         Committing the same queue ID twice (a retried commit) stores the

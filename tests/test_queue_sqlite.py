@@ -367,6 +367,45 @@ class SQLiteQueueTests(SynchronousTestCase):
         self.successResultOf(other)
         self.assertEqual(freshCount(self.path, "messages"), 2)
 
+    def test_diskFullTwiceInBatchDeferredDelivery(self) -> None:
+        """
+        Two messages that do not fit, in one group commit whose results
+        reach the reactor only after the batch (as C{callFromThread} does):
+        each gets its own L{QueueFull}, the others commit, and delivering
+        the results raises nothing.  A result callable that looked up the
+        failed operation when it ran, not when it was made, would fire the
+        wrong one (regression: a late-bound lambda in the retry loop).
+        """
+        writer = ManualExecutor()
+        delivered: list[Callable[[], None]] = []
+        q = synchronousQueue(
+            self.path,
+            self.clock,
+            writer=writer,
+            deliver=delivered.append,
+            configureConnection=lambda c: c.execute("PRAGMA max_page_count = 40"),
+            spillThreshold=1 << 30,
+        )
+        small = self.enqueueStart(q)
+        big1 = self.enqueueStart(q, b"x" * 400_000)
+        big2 = self.enqueueStart(q, b"y" * 400_000)
+        other = self.enqueueStart(q)
+        writer.run()
+        self.assertEqual(q.transactions, 1)
+        self.assertEqual(len(delivered), 3, "one result call per aborted message and one for the commit")
+        errors: list[str] = []
+        for f in delivered:
+            try:
+                f()
+            except Exception as e:
+                errors.append(f"{type(e).__name__}: {e}")
+        self.assertEqual(errors, [], "delivering the batch's results raised on the reactor thread")
+        self.failureResultOf(big1, QueueFull)
+        self.failureResultOf(big2, QueueFull)
+        self.successResultOf(small)
+        self.successResultOf(other)
+        self.assertEqual(freshCount(self.path, "messages"), 2)
+
     def test_spoolFull(self) -> None:
         """
         A spool file that cannot be written (no space) fails the commit with
