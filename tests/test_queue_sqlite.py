@@ -613,6 +613,18 @@ class SQLiteQueueTests(SynchronousTestCase):
         finally:
             connection.close()
 
+    def test_oldSQLiteRefused(self) -> None:
+        """
+        An SQLite library older than 3.35 (no C{RETURNING}) is refused with
+        a message that says so, and configuration turns it into a
+        L{ConfigError}.
+        """
+        self.patch(sqlite3, "sqlite_version_info", (3, 34, 1))
+        self.patch(sqlite3, "sqlite_version", "3.34.1")
+        error = self.assertRaises(sqlite3.NotSupportedError, synchronousQueue, self.path, self.clock)
+        self.assertIn("3.35", str(error))
+        self.assertFalse(self.path.exists())
+
     def test_walAndFullSync(self) -> None:
         """
         The database is in WAL mode, and queue connections fsync fully.

@@ -594,12 +594,13 @@ class SQLQueue:
         def delete(db: Database) -> int:
             affected = [
                 row[0]
-                for row in db.execute(f"SELECT DISTINCT message_id FROM recipients WHERE {condition}", params)
+                for row in db.execute(
+                    f"DELETE FROM recipients WHERE {condition} RETURNING message_id", params
+                )
             ]
-            count = db.execute(f"DELETE FROM recipients WHERE {condition}", params).rowcount
             if affected:
-                self._dropIfDone(db, sorted(affected))
-            return count
+                self._dropIfDone(db, sorted(set(affected)))
+            return len(affected)
 
         return self._transact(delete)
 

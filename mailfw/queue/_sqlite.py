@@ -146,6 +146,11 @@ def initialiseDatabase(path: Path) -> None:
     @raise sqlite3.Error: if the file cannot be opened or was made by a
         newer mailfw.
     """
+    if sqlite3.sqlite_version_info < (3, 35):
+        # RETURNING (the queue engine) and upserts need it.
+        raise sqlite3.NotSupportedError(
+            f"the SQLite queue needs SQLite 3.35 or later, not {sqlite3.sqlite_version}"
+        )
     connection = connect(path)
     try:
         mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
