@@ -73,7 +73,7 @@ from mailfw.queued import (
     Selector,
 )
 
-__all__ = ["PURGE_BATCH", "PURGE_SECONDS", "Database", "Dialect", "Rows", "SQLQueue"]
+__all__ = ["PURGE_BATCH", "PURGE_SECONDS", "Database", "Dialect", "Rows", "SQLQueue", "marks", "returnLeases"]
 
 _T = TypeVar("_T")
 
@@ -139,6 +139,17 @@ def marks(values: Sequence[object]) -> str:
     One C{?} per value, for C{IN (...)}.
     """
     return ", ".join("?" for _ in values)
+
+
+def returnLeases(db: Database, condition: str, params: Sequence[Any]) -> int:
+    """
+    Return the leased recipients that match C{condition} (with C{params})
+    to ready, clearing their leases; how many.
+    """
+    return db.execute(
+        f"UPDATE recipients SET state = ?, {CLEAR_LEASE} WHERE state = ? AND {condition}",
+        (READY, LEASED, *params),
+    ).rowcount
 
 
 def _selected(selector: Selector) -> tuple[str, list[Any]]:

@@ -94,7 +94,7 @@ from mailfw.interfaces import (
     IMessageQueue,
     ISharedState,
 )
-from mailfw.queue._engine import CLEAR_LEASE, LEASED, READY, Database, Dialect, SQLQueue
+from mailfw.queue._engine import Database, Dialect, SQLQueue, returnLeases
 from mailfw.queue._io import CHUNK, Executor, FileBody, MemoryBody, ThreadExecutor, copySpooled
 from mailfw.queue._schema import (
     INSERT_MESSAGE,
@@ -695,12 +695,9 @@ class PostgresQueue(SQLQueue):
         node, lease, interval = self.node, self.leaseSeconds, self.heartbeatSeconds
 
         def recover(cursor: _Cursor) -> int:
-            cursor.execute(
-                f"UPDATE recipients SET state = %s, {CLEAR_LEASE} WHERE state = %s"
-                " AND lease_expires <= %s AND (lease_owner = %s OR lease_expires <= %s)",
-                (READY, LEASED, now, node, realNow),
+            count = returnLeases(
+                cursor, "lease_expires <= ? AND (lease_owner = ? OR lease_expires <= ?)", (now, node, realNow)
             )
-            count = cursor.rowcount
             dead = [
                 row[0]
                 for row in cursor.execute(
@@ -780,10 +777,7 @@ class PostgresQueue(SQLQueue):
         node = self.node
 
         def leave(cursor: _Cursor) -> None:
-            cursor.execute(
-                f"UPDATE recipients SET state = %s, {CLEAR_LEASE} WHERE state = %s AND lease_owner = %s",
-                (READY, LEASED, node),
-            )
+            returnLeases(cursor, "lease_owner = ?", (node,))
             cursor.execute("DELETE FROM destination_leases WHERE node = %s", (node,))
             cursor.execute("DELETE FROM mailfw_nodes WHERE node = %s", (node,))
             # Wakes the other nodes (they may claim what we handed back) and
@@ -835,13 +829,12 @@ def _reapOrphans(cursor: _Cursor, dead: Sequence[str], grantedBefore: float) -> 
         reaped, so that a node's very first claim, whose node row this
         statement's snapshot may not see yet, is left alone.
     """
-    cursor.execute(
-        f"UPDATE recipients SET state = %s, {CLEAR_LEASE} WHERE state = %s AND"
-        " (lease_owner = ANY(%s) OR (lease_expires < %s AND NOT EXISTS"
+    return returnLeases(
+        cursor,
+        "(lease_owner = ANY(?) OR (lease_expires < ? AND NOT EXISTS"
         " (SELECT 1 FROM mailfw_nodes n WHERE n.node = recipients.lease_owner)))",
-        (READY, LEASED, list(dead), grantedBefore),
+        (list(dead), grantedBefore),
     )
-    return cursor.rowcount
 
 
 class QueueIDTaken(Exception):
@@ -854,11 +847,7 @@ def _releaseLease(cursor: _Cursor, lease: Lease) -> None:
     """
     Return C{lease}'s recipients to ready, if they are still under it.
     """
-    cursor.execute(
-        f"UPDATE recipients SET state = %s, {CLEAR_LEASE}"
-        " WHERE message_id = %s AND state = %s AND lease_token = %s",
-        (READY, lease.queueID, LEASED, lease.token),
-    )
+    returnLeases(cursor, "message_id = ? AND lease_token = ?", (lease.queueID, lease.token))
 
 
 def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[str, object]) -> PostgresQueue:

@@ -83,7 +83,7 @@ from zope.interface import implementer
 from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.envelope import Envelope
 from mailfw.interfaces import IDescribed, ILeaseOffers, IMessageBody, IMessageQueue, ISharedState
-from mailfw.queue._engine import CLEAR_LEASE, LEASED, READY, Database, SQLQueue, marks
+from mailfw.queue._engine import LEASED, Database, SQLQueue, marks, returnLeases
 from mailfw.queue._io import CHUNK, Executor, MemoryBody, SynchronousExecutor, ThreadExecutor, copySpooled
 from mailfw.queue._schema import SCHEMA_VERSION, createStatements, newQueueID
 from mailfw.queue._spool import NewMessage
@@ -701,12 +701,11 @@ class SQLiteQueue(SQLQueue):
                 )
             ]
             spared = [owner for owner in owners if self._liveSibling(owner)]
-            return connection.execute(
-                f"UPDATE recipients SET state = ?, {CLEAR_LEASE}"
-                " WHERE state = ? AND lease_expires <= ?"
-                f" AND NOT (lease_expires > ? AND lease_owner IN ({marks(spared)}))",
-                (READY, LEASED, now, clockNow, *spared),
-            ).rowcount
+            return returnLeases(
+                connection,
+                f"lease_expires <= ? AND NOT (lease_expires > ? AND lease_owner IN ({marks(spared)}))",
+                (now, clockNow, *spared),
+            )
 
         if self._reaper is None and not self._closed:
             # From the first recovery (the scheduler's start) on.
@@ -744,12 +743,7 @@ class SQLiteQueue(SQLQueue):
             ]
             if not dead:
                 return 0
-            count = connection.execute(
-                f"UPDATE recipients SET state = ?, {CLEAR_LEASE}"
-                f" WHERE state = ? AND lease_owner IN ({marks(dead)})",
-                (READY, LEASED, *dead),
-            ).rowcount
-            return int(count)
+            return returnLeases(connection, f"lease_owner IN ({marks(dead)})", dead)
 
         def reaped(count: int) -> int:
             if count:
