@@ -16,7 +16,8 @@ placeholders.  A store subclasses it and supplies the seam:
   - C{openBody}, C{recover} and C{close}, which are each store's own
     (threads, heartbeats), and a few optional hooks (L{SQLQueue._touch},
     L{SQLQueue._wakeOthers}, L{SQLQueue._cachedEnvelope},
-    L{SQLQueue._dropped}, L{SQLQueue._insertMessageRow}).
+    L{SQLQueue._dropped}, L{SQLQueue._insertMessageRow}), and how a
+    large body is read (C{_largeBody}).
 
 The differences between the two SQL dialects that the transitions see are
 the row locks (L{Dialect}); a PostgreSQL handle rewrites the placeholders.
@@ -44,12 +45,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from mailfw.envelope import Envelope
-from mailfw.interfaces import IIncomingMessage
-from mailfw.queue._io import Executor
+from mailfw.interfaces import IIncomingMessage, IMessageBody
+from mailfw.queue._io import Executor, MemoryBody
 from mailfw.queue._schema import (
     INSERT_LEASED_RECIPIENT,
     INSERT_MESSAGE,
@@ -277,6 +278,25 @@ class SQLQueue:
         The envelope and size of a message known without reading them back.
         """
         return None
+
+    def _cachedBody(self, queueID: str) -> bytes | None:
+        """
+        The body of a message known without reading it back.
+        """
+        return None
+
+    def _largeBody(self, db: Database, queueID: str, size: int) -> IMessageBody:
+        """
+        A body larger than C{spillThreshold}, read in pieces (in the read
+        transaction of L{openBody}).
+        """
+        raise NotImplementedError()
+
+    def _beginSnapshot(self, db: Database) -> None:
+        """
+        Called first in L{openBody}'s read transaction: make it see one
+        snapshot throughout (where that is not the default).
+        """
 
     def _dropped(self, queueIDs: Sequence[str]) -> None:
         """
@@ -516,6 +536,25 @@ class SQLQueue:
         ).fetchall()
         if gone:
             self._dropped([row[0] for row in gone])
+
+    def openBody(self, queueID: str) -> Deferred[IMessageBody]:
+        cached = self._cachedBody(queueID)
+        if cached is not None:
+            return succeed(MemoryBody(cached))
+
+        def find(db: Database) -> IMessageBody:
+            self._beginSnapshot(db)
+            row = db.execute("SELECT size FROM messages WHERE id = ?", (queueID,)).fetchone()
+            if row is None:
+                raise KeyError(queueID)
+            if row[0] > self.spillThreshold:
+                return self._largeBody(db, queueID, row[0])
+            body = db.execute("SELECT body FROM message_bodies WHERE message_id = ?", (queueID,)).fetchone()
+            if body is None:
+                raise KeyError(queueID)
+            return MemoryBody(bytes(body[0]))
+
+        return self._read(find)
 
     def nextDue(self) -> Deferred[float | None]:
         def nextDue(db: Database) -> float | None:

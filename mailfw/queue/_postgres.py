@@ -95,7 +95,7 @@ from mailfw.interfaces import (
     ISharedState,
 )
 from mailfw.queue._engine import Database, Dialect, SQLQueue, returnLeases
-from mailfw.queue._io import CHUNK, Executor, FileBody, MemoryBody, ThreadExecutor, copySpooled
+from mailfw.queue._io import CHUNK, Executor, FileBody, ThreadExecutor, copySpooled
 from mailfw.queue._schema import (
     INSERT_MESSAGE,
     SCHEMA_VERSION,
@@ -265,16 +265,12 @@ def _copyBody(cursor: Cursor[Any], queueID: str, spooled: IO[bytes], size: int) 
         copy.write(_COPY_TRAILER)
 
 
-def _readBody(cursor: _Cursor, queueID: str, threshold: int, directory: Path | None) -> IMessageBody:
-    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-    row = cursor.execute("SELECT size FROM messages WHERE id = %s", (queueID,)).fetchone()
-    if row is None:
-        raise KeyError(queueID)
-    if row[0] <= threshold:
-        body = cursor.execute("SELECT body FROM message_bodies WHERE message_id = %s", (queueID,)).fetchone()
-        if body is None:
-            raise KeyError(queueID)
-        return MemoryBody(bytes(body[0]))
+def _readBody(cursor: Database, queueID: str, directory: Path | None) -> IMessageBody:
+    """
+    Copy a large body out in slices into an unlinked temporary file, so
+    that it is never in memory whole and the connection is not held while
+    it is delivered.
+    """
     length = cursor.execute(
         "SELECT octet_length(body) FROM message_bodies WHERE message_id = %s", (queueID,)
     ).fetchone()
@@ -679,9 +675,11 @@ class PostgresQueue(SQLQueue):
     def _wakeOthers(self, db: Database) -> None:
         db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.node))
 
-    def openBody(self, queueID: str) -> Deferred[IMessageBody]:
-        threshold, directory = self.spillThreshold, self.spoolDirectory
-        return self._transact(lambda cursor: _readBody(cursor, queueID, threshold, directory))
+    def _largeBody(self, db: Database, queueID: str, size: int) -> IMessageBody:
+        return _readBody(db, queueID, self.spoolDirectory)
+
+    def _beginSnapshot(self, db: Database) -> None:
+        db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
 
     def recover(self, now: float) -> Deferred[int]:
         """

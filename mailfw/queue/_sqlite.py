@@ -73,7 +73,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Generic, TypeVar
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -84,7 +84,7 @@ from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.envelope import Envelope
 from mailfw.interfaces import IDescribed, ILeaseOffers, IMessageBody, IMessageQueue, ISharedState
 from mailfw.queue._engine import LEASED, Database, SQLQueue, marks, returnLeases
-from mailfw.queue._io import CHUNK, Executor, MemoryBody, SynchronousExecutor, ThreadExecutor, copySpooled
+from mailfw.queue._io import CHUNK, Executor, SynchronousExecutor, ThreadExecutor, copySpooled
 from mailfw.queue._schema import SCHEMA_VERSION, createStatements, newQueueID
 from mailfw.queue._spool import NewMessage
 from mailfw.queued import Lease, QueueFull
@@ -649,6 +649,13 @@ class SQLiteQueue(SQLQueue):
         cached = self._recent.get(queueID)
         return None if cached is None else (cached[0], len(cached[1]))
 
+    def _cachedBody(self, queueID: str) -> bytes | None:
+        cached = self._recent.get(queueID)
+        return None if cached is None else cached[1]
+
+    def _largeBody(self, db: Database, queueID: str, size: int) -> IMessageBody:
+        return _BlobBody(self._path, queueID, size)
+
     def _dropped(self, queueIDs: Sequence[str]) -> None:
         for queueID in queueIDs:
             self._recent.discard(queueID)
@@ -656,28 +663,6 @@ class SQLiteQueue(SQLQueue):
     def _newToken(self) -> str:
         # Unique: a random prefix per queue object, a counter within it.
         return f"{self._tokenPrefix}.{next(self._tokens)}"
-
-    def openBody(self, queueID: str) -> Deferred[IMessageBody]:
-        cached = self._recent.get(queueID)
-        if cached is not None:
-            return succeed(MemoryBody(cached[1]))
-        threshold = self.spillThreshold
-        path = self._path
-
-        def find(connection: sqlite3.Connection) -> IMessageBody:
-            row = connection.execute("SELECT size FROM messages WHERE id = ?", (queueID,)).fetchone()
-            if row is None:
-                raise KeyError(queueID)
-            if row[0] > threshold:
-                return _BlobBody(path, queueID, row[0])
-            body = connection.execute(
-                "SELECT body FROM message_bodies WHERE message_id = ?", (queueID,)
-            ).fetchone()
-            if body is None:
-                raise KeyError(queueID)
-            return MemoryBody(bytes(body[0]))
-
-        return self._read(find)
 
     def recover(self, now: float) -> Deferred[int]:
         """
