@@ -31,7 +31,9 @@ One table, C{shared_state(name, value, started, expires)}: a counter's
 value or a mark's first time, and when the entry ends.  A count or mark
 is one C{INSERT ... ON CONFLICT DO UPDATE ... RETURNING} (an expired entry
 starts again in the same statement); reading a counter (C{amount} 0) is a
-read.  They are not mail: the store commits them without waiting for the
+read, which sees the counts committed before it began (chain it on a
+count's L{Deferred} to see that count), so that the frequent reads of a
+greylist or quota never queue behind the SQLite writer.  They are not mail: the store commits them without waiting for the
 disk (C{durable=False}).  Expired rows are purged in batches of
 L{PURGE_BATCH} with the next write, at most once per L{PURGE_SECONDS}
 unless the last purge found a full batch.
@@ -233,12 +235,23 @@ class SQLQueue:
     # --- the seam -----------------------------------------------------------
 
     def _transact(self, function: Callable[[Database], _T], durable: bool = True) -> Deferred[_T]:
+        """
+        Run C{function} in a write transaction; fire with its result on the
+        reactor thread after the C{COMMIT} (on disk first if C{durable}).
+        """
         raise NotImplementedError()
 
     def _read(self, function: Callable[[Database], _T]) -> Deferred[_T]:
+        """
+        Run C{function} in a read transaction off the reactor thread; it
+        sees what was committed before it began.
+        """
         raise NotImplementedError()
 
     def _copyBody(self, db: Database, queueID: str, spooled: IO[bytes], size: int) -> None:
+        """
+        Store a spilled body of C{size} octets without holding it in memory.
+        """
         raise NotImplementedError()
 
     def _store(
@@ -260,6 +273,9 @@ class SQLQueue:
         return error
 
     def _newToken(self) -> str:
+        """
+        A lease token no other lease of this queue has.
+        """
         raise NotImplementedError()
 
     def _touch(self, db: Database, now: float) -> None:
