@@ -469,7 +469,7 @@ class PostgresBodyThreadTests(SynchronousTestCase):
     """
 
     def test_readsInTheSpoolThread(self) -> None:
-        from mailfw.queue import _postgres
+        from mailfw.queue import _io
         from tests.test_queue_postgres import PostgresHelpers
 
         helpers = PostgresHelpers()
@@ -480,16 +480,16 @@ class PostgresBodyThreadTests(SynchronousTestCase):
         incoming.write(message)
         queueID = helpers.wait(incoming.commit())
         body = helpers.wait(q.openBody(queueID))
-        self.assertIsInstance(body, _postgres._FileBody)
+        self.assertIsInstance(body, _io.FileBody)
 
         threads: list[int] = []
-        readinto = _postgres._FileReader.readinto
+        readinto = _io._FileReader.readinto
 
         def recordingReadinto(reader: Any, buffer: Any) -> int:
             threads.append(threading.get_ident())
             return readinto(reader, buffer)
 
-        self.patch(_postgres._FileReader, "readinto", recordingReadinto)
+        self.patch(_io._FileReader, "readinto", recordingReadinto)
         transport = FullTransport()
         transport.full = False
         helpers.wait(body.produce(transport))
