@@ -17,8 +17,8 @@ threads do, each owning its own work:
     while a commit runs wait for the next one: that is group commit, and it
     is what lets a hundred sessions share one fsync.  Each operation's
     L{Deferred} fires on the reactor thread (C{callFromThread}) only after
-    the transaction holding it committed; only then may the server answer
-    250.
+    the transaction holding it committed; only then may the server
+    answer 250.
   - the B{reader} thread owns a read connection for C{list}, C{nextDue}
     and C{openBody}, so that an operator listing a big queue never delays
     commits.
