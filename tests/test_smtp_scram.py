@@ -26,6 +26,7 @@ from mailfw.auth import MailRealm, PasswordFileChecker, hashPassword
 from mailfw.auth._checker import TemporaryAuthFailure
 from mailfw.auth._dovecot import DovecotAuthClient, DovecotChecker
 from mailfw.auth._scram import SCRAM, SCRAM_PLUS, ChannelBinding, ScramKeys, channelBindingFor
+from mailfw.config import ConfigError
 from mailfw.reply import SMTPReply
 from mailfw.smtp import SMTPLimits, SMTPServerProtocol
 from mailfw.smtp._auth import AUTH_LOCKED, AuthThrottle, SMTPAuth, scramKeySource
@@ -40,6 +41,7 @@ from tests._smtpdoubles import (
     connect,
 )
 from tests._tlspair import tlsPair
+from tests.test_auth_config import build
 from tests.test_auth_scram import allowExporter
 from tests.test_smtp_auth import RecordingClient
 
@@ -505,3 +507,30 @@ def tlsExchange(recorder: RecordingClient, clientTLS: Any, pump: Any, scram: Any
         return reply
     scram.set_server_final(unb64(reply))
     return send(recorder, clientTLS, pump, b"")
+
+
+class ConfigTests(SynchronousTestCase):
+    def test_defaultList(self) -> None:
+        """
+        By default C{[auth]} lists both SCRAMs before PLAIN and LOGIN; with
+        the password file they are offered, with a C{strcred} checker not.
+        """
+        setup = build(self, passwords="p")
+        self.assertEqual(setup.auth.mechanisms, (SCRAM_PLUS, SCRAM, "PLAIN", "LOGIN"))
+        self.assertEqual(setup.auth.offered(None), (SCRAM, "PLAIN", "LOGIN"))
+        setup = build(self, checker="memory:a:b")
+        self.assertEqual(setup.auth.offered(ChannelBinding("tls-unique", b"x")), ("PLAIN", "LOGIN"))
+        setup = build(self, passwords="p", mechanisms=["scram-sha-256", "plain"])
+        self.assertEqual(setup.auth.mechanisms, (SCRAM, "PLAIN"))
+
+    def test_scramWithoutKeys(self) -> None:
+        """
+        Listing a SCRAM mechanism for a backend without SCRAM keys is a
+        configuration error naming the key.
+        """
+        for options in (
+            {"checker": "memory:a:b", "mechanisms": ["PLAIN", "SCRAM-SHA-256"]},
+            {"backend": "dovecot", "mechanisms": ["SCRAM-SHA-256-PLUS"]},
+        ):
+            error = self.assertRaises(ConfigError, build, self, **options)
+            self.assertIn("[auth] mechanisms: SCRAM-SHA-256", str(error))
