@@ -26,10 +26,11 @@ from a L{Deferred}, and the exchange is still L{waiting
 <SASLExchange.waiting>} when it fires); the client-final message, answered
 with the server-final message as a C{334} challenge; and the client's
 empty response to that, which logs in through the portal and gets C{235}.
-RFC 4954 section 4 has no "additional data with success" in C{235}:
-RFC 4422 section 5 then sends the data as a challenge that the client
-answers empty, which every SCRAM client for SMTP (Cyrus SASL, gsasl,
-Thunderbird, Python's C{smtplib} with an C{authobject}) does.  Every
+The server-final message is not put in the C{235} ("additional data with
+success"): a client that does not look there would miss it.  Sent as a
+challenge that the client answers empty (RFC 4422 section 5's way for
+protocols without such data), it reaches every SASL client, Python's
+C{smtplib} with an C{authobject} too (the integration test).  Every
 L{ScramError} is a counted failure with C{535 5.7.8}; its reason goes only
 to the log.
 """
