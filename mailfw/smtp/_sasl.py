@@ -62,7 +62,9 @@ __all__ = ["AuthOutcome", "SASLExchange"]
 class AuthOutcome:
     """
     How an exchange ended: the reply, and after a success the avatar, its
-    logout and the identity it authenticated as.
+    logout and the identity it authenticated as.  Or, while the exchange
+    is still L{waiting <SASLExchange.waiting>}, the C{334} challenge that
+    needed a lookup (SCRAM's server-first message).
     """
 
     reply: SMTPReply
