@@ -587,3 +587,30 @@ plugin = "discard"
         options = Options()
         options.parseOptions(["--odmr", "tcp:2366"])
         self.assertEqual(options.serverConfig.listen["odmr"], ["tcp:2366"])
+
+
+class BodyFailureTests(SynchronousTestCase):
+    """
+    A body the queue cannot open is not lost: its lease is given back and
+    the next message is delivered.
+    """
+
+    def test_unreadable(self) -> None:
+        session = Session()
+        first = session.enqueue("a@customer.test")
+        session.enqueue("b@customer.test")
+        openBody = session.queue.openBody
+
+        def failing(queueID: str) -> Deferred[Any]:
+            return fail(OSError("disk gone")) if queueID == first else openBody(queueID)
+
+        session.queue.openBody = failing  # type: ignore[method-assign]
+        customer = Customer(session)
+        session.login()
+        session.ask(b"ATRN customer.test")
+        customer.start()
+        self.assertEqual([rcpts for _, rcpts, _ in customer.received], [[b"b@customer.test"]])
+        self.assertEqual(session.queue.queueIDs(), [first])
+        [r] = session.queue.recipients(first)
+        self.assertEqual((r.state, r.attempts), (RecipientState.READY, 0))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)

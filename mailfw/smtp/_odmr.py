@@ -280,6 +280,10 @@ class ODMRHandler:
         except KeyError:
             self.log.info("{queueID} left the queue before ODMR delivery", queueID=lease.queueID)
             return None
+        except Exception:
+            self.log.failure("opening {queueID} for ODMR delivery failed", queueID=lease.queueID)
+            self.giveBack([lease])
+            return None
         recipients = [qr.recipient for qr in lease.recipients]
         envelope = replace(lease.envelope, recipients=tuple(recipients))
         try:
