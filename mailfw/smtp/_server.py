@@ -66,6 +66,7 @@ from typing import Any, ClassVar, cast
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IProtocol,
     ISSLTransport,
     ITLSTransport,
 )
@@ -207,6 +208,7 @@ class SMTPServerProtocol(Protocol):
         self._sasl: SASLExchange | None = None
         self._avatar: Any = None
         self._logout: Callable[[], None] | None = None
+        self._handedTo: IProtocol | None = None
 
     @property
     def avatar(self) -> Any:
@@ -294,6 +296,8 @@ class SMTPServerProtocol(Protocol):
         if self._onClose is not None:
             onClose, self._onClose = self._onClose, None
             onClose(self)
+        if self._handedTo is not None:
+            self._handedTo.connectionLost(reason)
 
     def hangUp(self) -> None:
         """
@@ -364,11 +368,34 @@ class SMTPServerProtocol(Protocol):
         Hand input to the L{InputFramer}, which cuts command lines or passes
         DATA and BDAT octets on.
         """
+        if self._handedTo is not None:
+            self._handedTo.dataReceived(data)
+            return
         if self.closing:
             return
         if data:
             self._activity()
         self._input.feed(data)
+
+    def handOver(self, protocol: IProtocol) -> None:
+        """
+        Give the connection to C{protocol} (ODMR's reversed session, RFC
+        2645): this session reads no more commands, stops its idle timer and
+        its producing, and passes on what arrives from now on (and anything
+        already received but not handled) and the connection's end.
+        """
+        self._handedTo = protocol
+        self._input.stop()
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        transport = self.transport
+        assert transport is not None
+        transport.unregisterProducer()  # type: ignore[attr-defined]
+        protocol.makeConnection(transport)
+        unread = self.clearLineBuffer()
+        if unread:
+            protocol.dataReceived(unread)
 
     def overrun(self) -> None:
         """
