@@ -759,9 +759,10 @@ class PostgresNodeTests(SynchronousTestCase):
         """
         import psycopg
 
-        from mailfw.queue._postgres import _translate
+        from mailfw.queue._postgres import PostgresQueue
         from mailfw.queued import QueueFull
 
+        _translate = PostgresQueue._translate
         self.assertIsInstance(_translate(psycopg.errors.DiskFull("no space")), QueueFull)
         self.assertIsInstance(_translate(OSError(28, "No space left on device")), QueueFull)
         error = psycopg.errors.UniqueViolation("dup")

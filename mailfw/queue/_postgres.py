@@ -68,8 +68,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
-import socket
 import struct
 import tempfile
 import threading
@@ -80,7 +78,6 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -95,7 +92,7 @@ from mailfw.interfaces import (
     ISharedState,
 )
 from mailfw.queue._engine import Database, Dialect, SQLQueue, returnLeases
-from mailfw.queue._io import CHUNK, Executor, ExecutorRunner, FileBody, ThreadExecutor, copySpooled
+from mailfw.queue._io import CHUNK, Executor, ExecutorRunner, FileBody, copySpooled
 from mailfw.queue._produce import ThreadRunner
 from mailfw.queue._schema import (
     INSERT_MESSAGE,
@@ -106,7 +103,7 @@ from mailfw.queue._schema import (
     pyformat,
 )
 from mailfw.queue._spool import NewMessage
-from mailfw.queued import Lease, QueueFull
+from mailfw.queued import Lease
 
 if TYPE_CHECKING:
     from psycopg import Connection, Cursor
@@ -166,20 +163,6 @@ def _connectionProblem(error: BaseException) -> bool:
         state = error.sqlstate
         return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
     return False
-
-
-def _translate(error: BaseException) -> BaseException:
-    """
-    Turn a full disk or exhausted resources into L{QueueFull}, so that the
-    server answers 452.
-    """
-    import psycopg
-
-    if isinstance(error, psycopg.Error) and (error.sqlstate or "").startswith("53"):
-        return QueueFull(str(error))
-    if isinstance(error, OSError) and error.errno == 28:  # ENOSPC in the spool
-        return QueueFull(str(error))
-    return error
 
 
 # --- the schema --------------------------------------------------------------------
@@ -254,18 +237,6 @@ def withConnectionDefaults(conninfo: str, connectTimeout: float = 10.0) -> str:
 # --- bodies ------------------------------------------------------------------------
 
 
-def _copyBody(cursor: Cursor[Any], queueID: str, spooled: IO[bytes], size: int) -> None:
-    """
-    Stream a spooled body into C{message_bodies} with binary C{COPY}, one
-    piece at a time, so that the whole body is never in memory.
-    """
-    key = queueID.encode("utf-8")
-    with cursor.copy("COPY message_bodies (message_id, body) FROM STDIN (FORMAT BINARY)") as copy:
-        copy.write(_COPY_HEADER + struct.pack("!hi", 2, len(key)) + key + struct.pack("!i", size))
-        copySpooled(queueID, spooled, size, copy.write)
-        copy.write(_COPY_TRAILER)
-
-
 def _readBody(cursor: Database, queueID: str, directory: Path | None, reader: ThreadRunner) -> IMessageBody:
     """
     Copy a large body out in slices into an unlinked temporary file, so
@@ -331,7 +302,6 @@ class PostgresQueue(SQLQueue):
         last one's payload: the sending node's name.
     """
 
-    log = Logger()
     _dialect = Dialect(lockRows=" FOR UPDATE", skipLocked=" FOR UPDATE SKIP LOCKED")
 
     def __init__(
@@ -367,21 +337,21 @@ class PostgresQueue(SQLQueue):
         from twisted.enterprise.adbapi import ConnectionPool
 
         self._conninfo = conninfo = withConnectionDefaults(conninfo, connectTimeout)
-        self._reactor = reactor
-        self._clock = clock if clock is not None else reactor
-        self._deliver: Callable[[Callable[[], None]], None] = reactor.callFromThread
-        self.node = self._owner = node or f"{socket.gethostname()}:{os.getpid()}"
-        self.leaseSeconds = leaseSeconds
+        self._startEngine(
+            clock if clock is not None else reactor,
+            reactor.callFromThread,
+            ids=idGenerator,
+            leaseSeconds=leaseSeconds,
+            owner=node,
+            spillThreshold=spillThreshold,
+            spoolDirectory=spoolDirectory or Path(tempfile.gettempdir()),
+            spool=spool,
+        )
+        self.node = self._owner
         self.heartbeatSeconds = heartbeatSeconds
-        self.spillThreshold = spillThreshold
-        self.spoolDirectory = spoolDirectory or Path(tempfile.gettempdir())
-        self._ids = idGenerator
-        self._spool: Executor = spool or ThreadExecutor("mailfw-queue-spool")
         self._listen = listen
         self._afterInsert = afterInsert
-        self._startEngine()
         self._inFlight: set[Deferred[Any]] = set()
-        self._closed = False
         self._heartbeat: LoopingCall | None = None
         self._stopping = threading.Event()
         self._listener: threading.Thread | None = None
@@ -453,7 +423,12 @@ class PostgresQueue(SQLQueue):
     def _read(self, function: Callable[[_Cursor], _T]) -> Deferred[_T]:
         return self._transact(function)
 
-    _translate = staticmethod(_translate)
+    @staticmethod
+    def _isFull(error: BaseException) -> bool:
+        # Class 53: insufficient resources (a full disk, out of memory).
+        import psycopg
+
+        return isinstance(error, psycopg.Error) and (error.sqlstate or "").startswith("53")
 
     def _track(self, d: Deferred[_T]) -> Deferred[_T]:
         self._inFlight.add(d)
@@ -466,7 +441,7 @@ class PostgresQueue(SQLQueue):
             self._inFlight.discard(d)
             error = failure.value
             if error is not None:
-                translated = _translate(error)
+                translated = self._translate(error)
                 if translated is not error:
                     return Failure(translated)
             return failure
@@ -664,8 +639,15 @@ class PostgresQueue(SQLQueue):
         raise QueueIDTaken(queueID)
 
     def _copyBody(self, db: Database, queueID: str, spooled: IO[bytes], size: int) -> None:
+        """
+        Stream a spooled body into C{message_bodies} with binary C{COPY}.
+        """
         assert isinstance(db, _Cursor)
-        _copyBody(db.cursor, queueID, spooled, size)
+        key = queueID.encode("utf-8")
+        with db.cursor.copy("COPY message_bodies (message_id, body) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.write(_COPY_HEADER + struct.pack("!hi", 2, len(key)) + key + struct.pack("!i", size))
+            copySpooled(queueID, spooled, size, copy.write)
+            copy.write(_COPY_TRAILER)
 
     def _newToken(self) -> str:
         return uuid.uuid4().hex

@@ -66,7 +66,6 @@ import functools
 import io
 import itertools
 import os
-import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -74,21 +73,19 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Generic, TypeVar
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IConsumer, IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailfw.config import ComponentContext, ConfigError, Section
-from mailfw.envelope import Envelope
 from mailfw.interfaces import IDescribed, ILeaseOffers, IMessageBody, IMessageQueue, ISharedState
-from mailfw.queue._engine import LEASED, Database, SQLQueue, marks, returnLeases
+from mailfw.queue._engine import LEASED, Database, RecentMessages, SQLQueue, marks, returnLeases
 from mailfw.queue._io import CHUNK, Executor, ExecutorRunner, SynchronousExecutor, ThreadExecutor, copySpooled
 from mailfw.queue._produce import ThreadRunner, produceFromFile
 from mailfw.queue._schema import SCHEMA_VERSION, createStatements, newQueueID
 from mailfw.queue._spool import NewMessage
-from mailfw.queued import Lease, QueueFull
+from mailfw.queued import Lease
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -106,24 +103,6 @@ _T = TypeVar("_T")
 
 
 # --- the database --------------------------------------------------------------
-
-
-def _isFull(error: BaseException) -> bool:
-    code = getattr(error, "sqlite_errorcode", None)
-    if code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
-        return True
-    return "database or disk is full" in str(error)
-
-
-def _translate(error: BaseException) -> BaseException:
-    """
-    Turn a full disk into L{QueueFull}, so the server answers 452.
-    """
-    if isinstance(error, sqlite3.Error) and _isFull(error):
-        return QueueFull(str(error))
-    if isinstance(error, OSError) and error.errno == 28:  # ENOSPC in the spool
-        return QueueFull(str(error))
-    return error
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -282,52 +261,6 @@ class _BlobBody:
         return io.BufferedReader(_BlobReader(connection, blob, self.size), CHUNK)
 
 
-# --- recently committed messages ------------------------------------------------
-
-
-class _Recent:
-    """
-    The envelopes and (small) bodies of recently committed messages, so
-    that the common path (accept, then deliver at once) reads nothing back
-    from the database: C{claim} takes the envelope from here and
-    C{openBody} the bytes.  Bounded in bytes and entries (oldest evicted
-    first); a miss falls back to the database.  Used from the writer and
-    the reactor thread.
-    """
-
-    def __init__(self, maxBytes: int = 16 * 1024 * 1024, maxEntries: int = 10_000) -> None:
-        self._entries: dict[str, tuple[Envelope, bytes]] = {}
-        self._bytes = 0
-        self._maxBytes = maxBytes
-        self._maxEntries = maxEntries
-        self._lock = threading.Lock()
-
-    def add(self, queueID: str, envelope: Envelope, body: bytes) -> None:
-        if len(body) > self._maxBytes:
-            return
-        with self._lock:
-            old = self._entries.pop(queueID, None)
-            if old is not None:
-                self._bytes -= len(old[1])
-            while self._entries and (
-                self._bytes + len(body) > self._maxBytes or len(self._entries) >= self._maxEntries
-            ):
-                evicted = self._entries.pop(next(iter(self._entries)))
-                self._bytes -= len(evicted[1])
-            self._entries[queueID] = (envelope, body)
-            self._bytes += len(body)
-
-    def get(self, queueID: str) -> tuple[Envelope, bytes] | None:
-        with self._lock:
-            return self._entries.get(queueID)
-
-    def discard(self, queueID: str) -> None:
-        with self._lock:
-            old = self._entries.pop(queueID, None)
-            if old is not None:
-                self._bytes -= len(old[1])
-
-
 # --- the queue -------------------------------------------------------------------
 
 
@@ -339,11 +272,7 @@ class SQLiteQueue(SQLQueue):
 
     @ivar transactions: how many write transactions committed (group commit
         makes this smaller than the number of operations).
-    @ivar spillThreshold: bodies larger than this many octets are spilled to
-        a temporary file while they arrive and read in pieces.
     """
-
-    log = Logger()
 
     def __init__(
         self,
@@ -367,15 +296,12 @@ class SQLiteQueue(SQLQueue):
         Open the queue, creating the database if needed (synchronously:
         build queues at start-up).
 
+        The other parameters are L{SQLQueue._startEngine}'s.
+
         @param clock: the time source; also the reactor whose
             C{callFromThread} delivers results, unless C{deliver} is given.
         @param writer: runs write transactions (default: a dedicated
-            thread); likewise C{reader} for reads and C{spool} for spilling
-            large bodies.
-        @param deliver: calls a function on the reactor thread (default
-            C{clock.callFromThread}).
-        @param owner: the lease owner recorded in claimed rows (default:
-            host name and process ID).
+            thread); likewise C{reader} for reads.
         @param configureConnection: called with the writer connection when
             it opens, before any transaction (tests use it to limit the size
             of the database).
@@ -386,23 +312,20 @@ class SQLiteQueue(SQLQueue):
             ready (see L{_reapDeadSiblings}).
         """
         self._path = Path(path)
-        self._clock = clock
-        if deliver is None:
-            if not IReactorFromThreads.providedBy(clock):
-                raise TypeError("deliver is required when clock has no callFromThread")
-            deliver = IReactorFromThreads(clock).callFromThread
-        self._deliver: Callable[[Callable[[], None]], None] = deliver
+        self._startEngine(
+            clock,
+            deliver,
+            ids=idGenerator,
+            leaseSeconds=leaseSeconds,
+            owner=owner,
+            spillThreshold=spillThreshold,
+            spoolDirectory=spoolDirectory or self._path.parent,
+            spool=spool,
+        )
         self._writer: Executor = writer or ThreadExecutor("mailfw-queue-writer")
         self._reader: Executor = reader or ThreadExecutor("mailfw-queue-reader")
-        self._spool: Executor = spool or ThreadExecutor("mailfw-queue-spool")
-        self._ids = idGenerator
-        self.leaseSeconds = leaseSeconds
-        self._owner = owner or f"{socket.gethostname()}:{os.getpid()}"
-        self.spillThreshold = spillThreshold
-        self.spoolDirectory = spoolDirectory or self._path.parent
         self._configure = configureConnection
         self._beforeCommit = beforeCommit
-        self._startEngine()
         self._lock = threading.Lock()
         self._pending: list[_Operation[Any]] = []
         self._batchScheduled = False
@@ -410,12 +333,11 @@ class SQLiteQueue(SQLQueue):
         self._durable = True  # the writer connection's synchronous level
         self._lockFile: int | None = None
         self._readerConnection: sqlite3.Connection | None = None
-        self._closed = False
         self._reaper: LoopingCall | None = None
         self.reapSeconds = reapSeconds
         self._tokens = itertools.count(1)
         self._tokenPrefix = os.urandom(8).hex()
-        self._recent = _Recent()
+        self._recent = RecentMessages()
         self.transactions = 0
         initialiseDatabase(self._path)
 
@@ -540,7 +462,7 @@ class SQLiteQueue(SQLQueue):
                         operation.ok = True
                     except BaseException as e:
                         operation.ok = False
-                        operation.result = _translate(e)
+                        operation.result = self._translate(e)
                         if not connection.in_transaction:
                             aborted = operation
                             break
@@ -584,7 +506,7 @@ class SQLiteQueue(SQLQueue):
         return True
 
     def _finish(self, operations: list[_Operation[Any]], error: BaseException) -> None:
-        error = _translate(error)
+        error = self._translate(error)
         for operation in operations:
             operation.ok = False
             operation.result = error
@@ -623,21 +545,18 @@ class SQLiteQueue(SQLQueue):
         self._reader.submit(job)
         return d
 
-    _translate = staticmethod(_translate)
+    @staticmethod
+    def _isFull(error: BaseException) -> bool:
+        code = getattr(error, "sqlite_errorcode", None) or 0
+        return isinstance(error, sqlite3.Error) and (
+            code & 0xFF == sqlite3.SQLITE_FULL or "database or disk is full" in str(error)
+        )
 
     def _store(
         self, message: NewMessage, lease: Lease | None, insert: Callable[[sqlite3.Connection], str]
     ) -> Deferred[str]:
-        def store(connection: sqlite3.Connection) -> str:
-            insert(connection)
-            if message.body is not None and message.envelope.recipients:
-                # Harmless if the transaction then fails: only rows that
-                # exist are ever claimed.
-                self._recent.add(message.queueID, message.envelope, message.body)
-            return message.queueID
-
         spooled = message.spooled
-        return self._transact(store, cleanup=None if spooled is None else spooled.close)
+        return self._transact(insert, cleanup=None if spooled is None else spooled.close)
 
     def _copyBody(self, db: Database, queueID: str, spooled: IO[bytes], size: int) -> None:
         """
@@ -652,20 +571,8 @@ class SQLiteQueue(SQLQueue):
         with db.blobopen("message_bodies", "body", rowid) as blob:
             copySpooled(queueID, spooled, size, blob.write)
 
-    def _cachedEnvelope(self, queueID: str) -> tuple[Envelope, int] | None:
-        cached = self._recent.get(queueID)
-        return None if cached is None else (cached[0], len(cached[1]))
-
-    def _cachedBody(self, queueID: str) -> bytes | None:
-        cached = self._recent.get(queueID)
-        return None if cached is None else cached[1]
-
     def _largeBody(self, db: Database, queueID: str, size: int) -> IMessageBody:
         return _BlobBody(self._path, queueID, size, ExecutorRunner(self._reader, self._deliver))
-
-    def _dropped(self, queueIDs: Sequence[str]) -> None:
-        for queueID in queueIDs:
-            self._recent.discard(queueID)
 
     def _newToken(self) -> str:
         # Unique: a random prefix per queue object, a counter within it.
