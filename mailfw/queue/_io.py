@@ -30,6 +30,7 @@ __all__ = [
     "Executor",
     "FileBody",
     "MemoryBody",
+    "PieceReader",
     "SynchronousExecutor",
     "ThreadExecutor",
     "copySpooled",
@@ -151,17 +152,20 @@ class MemoryBody:
         return produceBytes(self._data, consumer)
 
 
-class _FileReader(io.RawIOBase):
+class PieceReader(io.RawIOBase):
     """
-    Reads a shared temporary file with C{pread}, so that every reader has
-    its own position.  Holds the file open until closed.
+    A raw reader with its own position over a store that reads a piece at
+    any offset (L{_readAt}), so that every reader of one shared body has
+    its own position; a buffered reader goes on top.
     """
 
-    def __init__(self, file: IO[bytes], size: int) -> None:
+    def __init__(self, size: int) -> None:
         super().__init__()
-        self._file = file
         self._size = size
         self._position = 0
+
+    def _readAt(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError()
 
     def readable(self) -> bool:
         return True
@@ -174,7 +178,7 @@ class _FileReader(io.RawIOBase):
         want = min(len(view), self._size - self._position)
         if want <= 0:
             return 0
-        data = os.pread(self._file.fileno(), want, self._position)
+        data = self._readAt(self._position, want)
         view[: len(data)] = data
         self._position += len(data)
         return len(data)
@@ -190,6 +194,20 @@ class _FileReader(io.RawIOBase):
 
     def tell(self) -> int:
         return self._position
+
+
+class _FileReader(PieceReader):
+    """
+    Reads a shared temporary file with C{pread}.  Holds the file open until
+    closed.
+    """
+
+    def __init__(self, file: IO[bytes], size: int) -> None:
+        super().__init__(size)
+        self._file = file
+
+    def _readAt(self, offset: int, length: int) -> bytes:
+        return os.pread(self._file.fileno(), length, offset)
 
 
 @implementer(IMessageBody)

@@ -1,67 +1,31 @@
 """
 The queue several nodes share: PostgreSQL through psycopg 3 and
-L{twisted.enterprise.adbapi}, on Twisted's default reactor.
+L{twisted.enterprise.adbapi}, under the transitions of
+L{mailfw.queue._engine} (see docs/architecture.rst).
 
-Tables
-======
+The tables are L{mailfw.queue._schema}'s, with the body stored
+uncompressed and out of line (C{STORAGE EXTERNAL}) so that a large body is
+read in slices, plus C{mailfw_nodes} (each running node's last heartbeat)
+and C{destination_leases} (delivery slots per destination, numbered below
+its limit; the primary key keeps the limit across nodes).
+L{initialiseDatabase} creates or migrates them under an advisory lock.
 
-The tables and states of L{mailfw.queue._schema} (the same as the SQLite
-backend's), with the body column as C{BYTEA} stored uncompressed and out of
-line (C{STORAGE EXTERNAL}) so that a large body can be read in slices, plus
-two tables of its own:
+Claims take rows with C{FOR UPDATE SKIP LOCKED}, so nodes never wait for
+each other's rows.  Each node beats every C{heartbeatSeconds}; one silent
+for three intervals is dead, and the first node to notice returns its
+leases, drops its slots and its row: at least once, never lost.  Nodes
+must keep their clocks in sync (NTP) to well within a heartbeat.
 
-  - C{mailfw_nodes}: one row per running node (its name, when it last
-    beat, how often it beats).
-  - C{destination_leases}: delivery slots per destination, numbered below
-    the destination's limit, each held by one node until it releases it or
-    its expiry passes; the primary key (destination, slot) is what keeps
-    the limit across nodes.
+Commits are durable (C{synchronous_commit = on}).  Inserts are idempotent
+under an ID chosen before the body arrives, so when the connection fails
+around a commit the queue asks whether the message is stored and
+otherwise inserts it once more.  A large body is spooled to an unlinked
+file as it arrives, streamed in with binary C{COPY}, and read back in
+slices into an unlinked file.
 
-The schema is created or migrated at start-up (L{initialiseDatabase}) under
-an advisory lock, so nodes starting together do not race.
-
-Leases
-======
-
-L{PostgresQueue.claim} selects due recipients with C{FOR UPDATE SKIP
-LOCKED} (so nodes claiming at the same time never wait for or take each
-other's rows), and marks them leased with the node's name, a fresh random
-token and an expiry.  L{PostgresQueue.record} locks the rows and writes
-only if every one still carries the lease's token, else fails with
-L{LeaseLost}: a node that stalled cannot overwrite newer state.  Expired
-leases are taken over by any node's claim or L{PostgresQueue.recover}.
-
-Each node beats every C{heartbeatSeconds}.  A node that has not beaten for
-three of its intervals is dead: the first node to notice returns its
-leases to ready, drops its destination slots and its row, and wakes its own
-scheduler.  Delivery is at least once: a death can duplicate, never lose.
-A node that cannot reach the database fails its claims, so its scheduler
-stops starting deliveries and retries later.
-
-Times are each node's own clock: nodes must keep their clocks in sync (NTP)
-to well within a heartbeat interval.
-
-Durability
-==========
-
-A commit's L{Deferred} fires after C{COMMIT} returned with
-C{synchronous_commit = on}.  The queue ID is chosen before the body arrives
-and inserts are idempotent (C{ON CONFLICT DO NOTHING}); when the connection
-fails around the commit, the queue asks whether the ID is stored (then the
-commit succeeded) and otherwise tries the insert once more before failing.
-
-Bodies larger than C{spillThreshold} are spooled to an unlinked temporary
-file by a spool thread while they arrive, streamed into the database with
-binary C{COPY} in the commit's transaction, and read back in 1 MiB slices
-into a temporary file in a pool thread.
-
-Waking other nodes
-==================
-
-C{flush} and C{release} (ETRN, C{mailfw queue flush/release}) send
-C{NOTIFY mailfw_due}; every node listens on a connection of its own in a
-thread and calls its L{notifyDue} callbacks.  New mail does not notify: the
-node that received it delivers it.
+C{flush}, C{release} and C{bounce} send C{NOTIFY mailfw_due}; every node
+listens on a connection of its own in a thread.  New mail does not
+notify: the node that received it delivers it.
 """
 
 from __future__ import annotations

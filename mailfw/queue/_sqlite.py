@@ -1,61 +1,32 @@
 """
-The embedded default queue: one SQLite database in WAL mode.
-
-Threads
-=======
+The embedded default queue: one SQLite database in WAL mode, under the
+transitions of L{mailfw.queue._engine} (see docs/architecture.rst).
 
 The reactor thread never touches the database file.  Three dedicated
-threads do, each owning its own work:
+threads (L{Executor}s; tests pass L{SynchronousExecutor}s) do:
 
-  - the B{writer} thread owns the only writing connection.  Every change
-    (enqueue, claim, record, recover and the operator actions) is an
-    I{operation} appended to a pending list; the writer takes I{all}
-    pending operations at once and runs them in one transaction (if one
-    fails, the batch runs again with each operation in a savepoint, so
-    one failing operation does not spoil the others), then
-    commits with one fsync (C{synchronous=FULL}).  Operations that arrive
-    while a commit runs wait for the next one: that is group commit, and it
-    is what lets a hundred sessions share one fsync.  Each operation's
-    L{Deferred} fires on the reactor thread (C{callFromThread}) only after
-    the transaction holding it committed; only then may the server answer
-    250.
-  - the B{reader} thread owns a read connection for C{list}, C{nextDue}
-    and C{openBody}, so that an operator listing a big queue never delays
-    commits.
-  - the B{spool} thread writes bodies larger than C{spillThreshold} to an
-    unlinked temporary file while they arrive, so that a 35 MiB message is
-    never held in memory; the writer then copies that file into the body's
-    BLOB (C{zeroblob} and incremental BLOB I/O in 1 MiB pieces) inside the
-    same transaction as the rows.  Smaller bodies stay in memory and are
-    inserted as one value.  No file is created, renamed or fsynced per
-    message on the hot path.
+  - the B{writer} owns the only writing connection and commits every
+    pending operation in one transaction with one fsync: that group commit
+    lets a hundred sessions share one fsync.  A result reaches the reactor
+    only after its commit; only then may the server answer 250.  Worker
+    processes share the file and take turns on a blocking C{flock}.
+  - the B{reader} runs C{list}, C{nextDue} and C{openBody}, so that an
+    operator listing a big queue never delays commits.
+  - the B{spool} spills bodies larger than C{spillThreshold} to an unlinked
+    file as they arrive; the writer copies that file into the body's BLOB
+    (C{zeroblob}, then incremental BLOB I/O) in the rows' transaction.  No
+    file is created, renamed or fsynced per message on the hot path.
 
-Bodies are read with incremental BLOB I/O too: L{IMessageBody.open}
-returns a reader with its own connection and read transaction (a stable
-snapshot even if the message is deleted meanwhile), which may be used from
-any one thread at a time.  A long read holds back WAL checkpoints while it
-lasts; that is the price of never copying a big body out.
+A large body is read with incremental BLOB I/O on a connection and read
+transaction of its own (a stable snapshot even if the message is deleted
+meanwhile); a long read holds back WAL checkpoints while it lasts, the
+price of never copying a big body out.
 
-Each thread is an L{Executor}; tests pass L{SynchronousExecutor}s and a
-synchronous C{deliver} so that everything runs at once, deterministically,
-on the test's thread.
-
-Crash safety
-============
-
-A commit's L{Deferred} fires after C{COMMIT} returned with
-C{synchronous=FULL}, so a crash after that loses nothing.  Claims are
-leases with an expiry stored in the rows (a new message handed straight to
-the scheduler, see L{ILeaseOffers}, is stored leased the same way); a
-crash while delivering leaves the recipients leased, and
-L{SQLiteQueue.recover} (which the scheduler calls at start-up with an
-infinite time, because on one node every lease in an SQLite queue belongs
-to the process that died) returns them to ready, so they are delivered
-again: at least once, never lost.  Worker
-processes (C{--workers}) share the file; recovery spares the unexpired
-leases of a live sibling process on this host, and once a minute each
-queue returns to ready the leases of this host's processes that have
-ended meanwhile.
+On one host every lease belongs to a process of this host, so
+L{SQLiteQueue.recover} (the scheduler's start-up, with an infinite time)
+returns them all to ready except the unexpired ones of a live sibling
+worker process, and once a minute the leases of this host's processes
+that have ended are returned too.
 """
 
 from __future__ import annotations
@@ -81,14 +52,22 @@ from zope.interface import implementer
 from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.interfaces import IDescribed, ILeaseOffers, IMessageBody, IMessageQueue, ISharedState
 from mailfw.queue._engine import LEASED, Database, RecentMessages, SQLQueue, marks, returnLeases
-from mailfw.queue._io import CHUNK, Executor, ExecutorRunner, SynchronousExecutor, ThreadExecutor, copySpooled
+from mailfw.queue._io import (
+    CHUNK,
+    Executor,
+    ExecutorRunner,
+    PieceReader,
+    SynchronousExecutor,
+    ThreadExecutor,
+    copySpooled,
+)
 from mailfw.queue._produce import ThreadRunner, produceFromFile
 from mailfw.queue._schema import SCHEMA_VERSION, createStatements, newQueueID
 from mailfw.queue._spool import NewMessage
 from mailfw.queued import Lease
 
 if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
+    pass
 
 __all__ = [
     "Executor",
@@ -186,36 +165,20 @@ class _Operation(Generic[_T]):
 # --- bodies ----------------------------------------------------------------------
 
 
-class _BlobReader(io.RawIOBase):
+class _BlobReader(PieceReader):
     """
     Reads one body through incremental BLOB I/O, holding its own
     connection and read transaction (a stable snapshot) until closed.
     """
 
     def __init__(self, connection: sqlite3.Connection, blob: sqlite3.Blob, size: int) -> None:
-        super().__init__()
+        super().__init__(size)
         self._connection = connection
         self._blob = blob
-        self._size = size
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: WriteableBuffer) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self._blob.read(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._blob.seek(offset, whence)
-        return self._blob.tell()
-
-    def tell(self) -> int:
-        return self._blob.tell()
+    def _readAt(self, offset: int, length: int) -> bytes:
+        self._blob.seek(offset)
+        return self._blob.read(length)
 
     def close(self) -> None:
         if not self.closed:
