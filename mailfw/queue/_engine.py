@@ -13,10 +13,11 @@ placeholders.  A store subclasses it and supplies the seam:
   - C{_read(function)}: run C{function} in a read transaction.
   - C{_copyBody(db, queueID, spooled, size)}: store a spilled body without
     holding it in memory (SQLite's BLOB I/O, PostgreSQL's binary COPY).
-  - C{recover} and C{close}, which are each store's own (threads,
-    heartbeats), how a large body is read (C{_largeBody}), what a full
-    store looks like (C{_isFull}), and a few optional hooks
-    (L{SQLQueue._touch}, L{SQLQueue._wakeOthers},
+  - C{_shutdown}, which is each store's own (threads, connections), which
+    owners' leases recovery spares (C{_sparedOwners}), how a large body is
+    read (C{_largeBody}), what a full store looks like (C{_isFull}), and a
+    few optional hooks (L{SQLQueue._reapDead},
+    L{SQLQueue._touch}, L{SQLQueue._wakeOthers},
     L{SQLQueue._insertMessageRow}).  A store that is the only writer of its
     database sets C{_recent} (L{RecentMessages}) so that the common path
     reads nothing back.
@@ -52,8 +53,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mailfw.envelope import Envelope
@@ -280,6 +282,7 @@ class SQLQueue:
     log = Logger()
     _dialect = Dialect()
     _recent: RecentMessages | None = None
+    _reaper: LoopingCall | None = None
 
     def _startEngine(
         self,
@@ -374,6 +377,28 @@ class SQLQueue:
         """
         raise NotImplementedError()
 
+    def _sparedOwners(self, db: Database, now: float, clockNow: float) -> tuple[str, Sequence[Any]]:
+        """
+        A condition on C{lease_owner} (with its parameters) that names the
+        other live processes or nodes, whose leases unexpired by the clock
+        L{recover} leaves alone.
+        """
+        raise NotImplementedError()
+
+    def _reapDead(self, db: Database, now: float) -> int:
+        """
+        Called in L{recover}: return to ready the leases of owners known to
+        be dead; how many.
+        """
+        return 0
+
+    def _shutdown(self) -> Deferred[None]:
+        """
+        Close the store once the work under way is done (L{close} stopped
+        the reaping already).
+        """
+        raise NotImplementedError()
+
     def _touch(self, db: Database, now: float) -> None:
         """
         Called first in every claim (PostgreSQL: the node's heartbeat).
@@ -422,6 +447,46 @@ class SQLQueue:
         if count:
             self._notify(None)
         return count
+
+    # --- recovery and closing ---------------------------------------------------
+
+    def recover(self, now: float) -> Deferred[int]:
+        """
+        Return to ready the leases that expire by C{now}, except those of
+        another live owner (L{_sparedOwners}) that are unexpired by the
+        clock: the scheduler's start-up passes an infinite C{now}, and must
+        not take what a sibling process or another node is delivering.
+        """
+        clockNow = self._clock.seconds()
+
+        def recover(db: Database) -> int:
+            spared, params = self._sparedOwners(db, now, clockNow)
+            condition = f"lease_expires <= ? AND NOT (lease_expires > ? AND {spared})"
+            return returnLeases(db, condition, (now, clockNow, *params)) + self._reapDead(db, clockNow)
+
+        return self._transact(recover).addCallback(self._notifyIf)
+
+    def _startReaping(self, reap: Callable[[], Deferred[Any]], interval: float, now: bool) -> None:
+        """
+        Call C{reap} (the store's return of dead owners' leases) every
+        C{interval} seconds until L{close}.
+        """
+        self._reaper = LoopingCall(reap)
+        self._reaper.clock = self._clock
+        self._reaper.start(interval, now=now).addErrback(
+            lambda f: self.log.failure("reaping leases failed", f)
+        )
+
+    def close(self) -> Deferred[None]:
+        """
+        Stop reaping, then let the store finish the work under way and
+        close (L{_shutdown}).
+        """
+        if self._closed:
+            return fail(RuntimeError("the queue is already closed"))
+        if self._reaper is not None and self._reaper.running:
+            self._reaper.stop()
+        return self._shutdown()
 
     # --- receiving ------------------------------------------------------------
 

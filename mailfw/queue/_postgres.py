@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList, fail
-from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -316,7 +315,6 @@ class PostgresQueue(SQLQueue):
         self._listen = listen
         self._afterInsert = afterInsert
         self._inFlight: set[Deferred[Any]] = set()
-        self._heartbeat: LoopingCall | None = None
         self._stopping = threading.Event()
         self._listener: threading.Thread | None = None
         self._listenerDone: Deferred[None] = Deferred()
@@ -415,9 +413,7 @@ class PostgresQueue(SQLQueue):
     def _startBackground(self) -> None:
         if self._closed:
             return
-        self._heartbeat = LoopingCall(self._beat)
-        self._heartbeat.clock = self._clock
-        self._heartbeat.start(self.heartbeatSeconds, now=True)
+        self._startReaping(self._beat, self.heartbeatSeconds, now=True)
         if self._listen:
             self._listener = threading.Thread(
                 target=self._listenLoop, name="mailfw-queue-listen", daemon=True
@@ -629,32 +625,23 @@ class PostgresQueue(SQLQueue):
     def _beginSnapshot(self, db: Database) -> None:
         db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
 
-    def recover(self, now: float) -> Deferred[int]:
+    def _sparedOwners(self, db: Database, now: float, clockNow: float) -> tuple[str, Sequence[Any]]:
         """
-        Return to ready the leases that expired by C{now} and are this
-        node's, or that expired by this node's clock whoever holds them, and
-        the leases of nodes that stopped beating.  A scheduler that thinks
-        it owns the queue alone passes an infinite C{now}; other live nodes'
-        fresh leases are still left alone.
+        Every other node: a dead one's leases go by L{_reapDead}.
         """
-        realNow = self._clock.seconds()
-        node, lease, interval = self.node, self.leaseSeconds, self.heartbeatSeconds
+        return "lease_owner <> ?", (self.node,)
 
-        def recover(cursor: _Cursor) -> int:
-            count = returnLeases(
-                cursor, "lease_expires <= ? AND (lease_owner = ? OR lease_expires <= ?)", (now, node, realNow)
-            )
-            dead = [
-                row[0]
-                for row in cursor.execute(
-                    "SELECT node FROM mailfw_nodes WHERE last_seen < %s - %s * heartbeat AND node <> %s",
-                    (realNow, STALE_BEATS, node),
-                )
-            ]
-            grantedBefore = realNow + lease - STALE_BEATS * interval
-            return count + _reapOrphans(cursor, dead, grantedBefore)
-
-        return self._transact(recover).addCallback(self._notifyIf)
+    def _reapDead(self, db: Database, now: float) -> int:
+        """
+        Return the leases of nodes that stopped beating (their rows stay
+        for the next heartbeat to drop).
+        """
+        dead = db.execute(
+            "SELECT node FROM mailfw_nodes WHERE last_seen < ? - ? * heartbeat AND node <> ?",
+            (now, STALE_BEATS, self.node),
+        )
+        grantedBefore = now + self.leaseSeconds - STALE_BEATS * self.heartbeatSeconds
+        return _reapOrphans(db, [node for (node,) in dead], grantedBefore)
 
     def acquireDestination(self, destination: str, limit: int) -> Deferred[bool]:
         """
@@ -710,16 +697,12 @@ class PostgresQueue(SQLQueue):
 
         return self._transact(release)
 
-    def close(self) -> Deferred[None]:
+    def _shutdown(self) -> Deferred[None]:
         """
         Wait for the work under way, hand this node's remaining leases and
         slots back to the cluster, stop the heartbeat and the listener, and
         close the connections.
         """
-        if self._closed:
-            return fail(RuntimeError("the queue is already closed"))
-        if self._heartbeat is not None and self._heartbeat.running:
-            self._heartbeat.stop()
         node = self.node
 
         def leave(cursor: _Cursor) -> None:
@@ -766,7 +749,7 @@ def _touchNode(cursor: Database, node: str, now: float, interval: float) -> None
     )
 
 
-def _reapOrphans(cursor: _Cursor, dead: Sequence[str], grantedBefore: float) -> int:
+def _reapOrphans(cursor: Database, dead: Sequence[str], grantedBefore: float) -> int:
     """
     Return to ready the leases of C{dead} nodes and of nodes that have no
     row at all (they left, or were found dead before).

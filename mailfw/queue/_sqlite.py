@@ -45,7 +45,6 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO, Generic, TypeVar
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IConsumer, IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -296,7 +295,6 @@ class SQLiteQueue(SQLQueue):
         self._durable = True  # the writer connection's synchronous level
         self._lockFile: int | None = None
         self._readerConnection: sqlite3.Connection | None = None
-        self._reaper: LoopingCall | None = None
         self.reapSeconds = reapSeconds
         self._tokens = itertools.count(1)
         self._tokenPrefix = os.urandom(8).hex()
@@ -541,42 +539,25 @@ class SQLiteQueue(SQLQueue):
         # Unique: a random prefix per queue object, a counter within it.
         return f"{self._tokenPrefix}.{next(self._tokens)}"
 
+    def _sparedOwners(self, db: Database, now: float, clockNow: float) -> tuple[str, Sequence[Any]]:
+        """
+        The live sibling processes on this host (C{twistd mailfw --workers
+        N} share the database); a lease of this process's own ID, of a
+        process that no longer runs, or of another host is recovered.
+        """
+        owners = db.execute(
+            "SELECT DISTINCT lease_owner FROM recipients"
+            " WHERE state = ? AND lease_expires <= ? AND lease_expires > ?",
+            (LEASED, now, clockNow),
+        )
+        spared = [owner for (owner,) in owners if self._liveSibling(owner)]
+        return f"lease_owner IN ({marks(spared)})", spared
+
     def recover(self, now: float) -> Deferred[int]:
-        """
-        Return leases that expire by C{now} to ready, except the unexpired
-        leases (by the clock) of another live process on this host: with
-        C{twistd mailfw --workers N} the processes share the database, and
-        the scheduler's start-up C{recover(inf)} in one of them must not
-        take the deliveries a sibling is making.  A lease of this process's
-        own ID, of a process that no longer runs, or of another host is
-        recovered as before.
-        """
-        clockNow = self._clock.seconds()
-
-        def recover(connection: sqlite3.Connection) -> int:
-            owners = [
-                row[0]
-                for row in connection.execute(
-                    "SELECT DISTINCT lease_owner FROM recipients"
-                    " WHERE state = ? AND lease_expires <= ? AND lease_expires > ?",
-                    (LEASED, now, clockNow),
-                )
-            ]
-            spared = [owner for owner in owners if self._liveSibling(owner)]
-            return returnLeases(
-                connection,
-                f"lease_expires <= ? AND NOT (lease_expires > ? AND lease_owner IN ({marks(spared)}))",
-                (now, clockNow, *spared),
-            )
-
         if self._reaper is None and not self._closed:
             # From the first recovery (the scheduler's start) on.
-            self._reaper = LoopingCall(self._reapDeadSiblings)
-            self._reaper.clock = self._clock
-            self._reaper.start(self.reapSeconds, now=False).addErrback(
-                lambda f: self.log.failure("reaping leases failed", f)
-            )
-        return self._transact(recover).addCallback(self._notifyIf)
+            self._startReaping(self._reapDeadSiblings, self.reapSeconds, now=False)
+        return super().recover(now)
 
     def _reapDeadSiblings(self) -> Deferred[int]:
         """
@@ -589,15 +570,12 @@ class SQLiteQueue(SQLQueue):
         host = self._owner.rpartition(":")[0]
 
         def reap(connection: sqlite3.Connection) -> int:
-            owners = [
-                row[0]
-                for row in connection.execute(
-                    "SELECT DISTINCT lease_owner FROM recipients WHERE state = ?", (LEASED,)
-                )
-            ]
+            owners = connection.execute(
+                "SELECT DISTINCT lease_owner FROM recipients WHERE state = ?", (LEASED,)
+            )
             dead = [
                 owner
-                for owner in owners
+                for (owner,) in owners
                 if isinstance(owner, str)
                 and owner != self._owner
                 and owner.rpartition(":")[0] == host
@@ -652,17 +630,13 @@ class SQLiteQueue(SQLQueue):
             for suffix in ("", "-wal", "-shm", "-journal", ".writer-lock")
         ]
 
-    def close(self) -> Deferred[None]:
+    def _shutdown(self) -> Deferred[None]:
         """
         Let pending operations commit, then close the connections and end
         the threads.
         """
-        if self._closed:
-            return fail(RuntimeError("the queue is already closed"))
         d: Deferred[None] = self._transact(lambda connection: None)
         self._closed = True
-        if self._reaper is not None and self._reaper.running:
-            self._reaper.stop()
 
         def closeWriter(_: None) -> Deferred[None]:
             done: Deferred[None] = Deferred()
