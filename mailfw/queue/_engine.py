@@ -58,6 +58,7 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from mailfw.config import Section
 from mailfw.envelope import Envelope
 from mailfw.interfaces import IIncomingMessage, IMessageBody
 from mailfw.queue._io import Executor, MemoryBody, ThreadExecutor
@@ -65,6 +66,7 @@ from mailfw.queue._schema import (
     INSERT_LEASED_RECIPIENT,
     INSERT_MESSAGE,
     INSERT_RECIPIENT,
+    SCHEMA_VERSION,
     envelopeFromJSON,
     envelopeToJSON,
     recipientRows,
@@ -93,8 +95,10 @@ __all__ = [
     "RecentMessages",
     "Rows",
     "SQLQueue",
+    "createSchema",
     "marks",
     "returnLeases",
+    "storeOptions",
 ]
 
 _T = TypeVar("_T")
@@ -172,6 +176,40 @@ def returnLeases(db: Database, condition: str, params: Sequence[Any]) -> int:
         f"UPDATE recipients SET state = ?, {CLEAR_LEASE} WHERE state = ? AND {condition}",
         (READY, LEASED, *params),
     ).rowcount
+
+
+def createSchema(
+    db: Database, stored: int | None, statements: Iterable[str], newer: Callable[[str], Exception]
+) -> None:
+    """
+    Bring the schema from version C{stored} (L{None}: none yet) to
+    L{SCHEMA_VERSION} with C{statements}, in the caller's transaction and
+    under its lock.  Every statement is safe to run again: creating version
+    2 from nothing and migrating version 1 (which lacks C{shared_state})
+    are the same.  A later migration that is not goes here, guarded by
+    C{stored}.
+
+    @raise Exception: C{newer(message)}, if a newer mailfw made the schema.
+    """
+    if stored is not None and stored > SCHEMA_VERSION:
+        raise newer(f"the queue schema has version {stored}; this mailfw knows {SCHEMA_VERSION}")
+    for statement in statements:
+        db.execute(statement)
+    if stored != SCHEMA_VERSION:
+        db.execute("DELETE FROM mailfw_schema")
+        db.execute("INSERT INTO mailfw_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+
+
+def storeOptions(section: Section) -> dict[str, Any]:
+    """
+    The options every SQL store's C{fromConfig} takes, as its keyword
+    arguments: C{lease_seconds} (default 7200) and C{spill_threshold}
+    (octets kept in memory per message while receiving; default 262144).
+    """
+    return {
+        "leaseSeconds": section.number("lease_seconds", 7200.0, minimum=1),
+        "spillThreshold": section.integer("spill_threshold", 256 * 1024, minimum=0),
+    }
 
 
 def _selected(selector: Selector) -> tuple[str, list[Any]]:

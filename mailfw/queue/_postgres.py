@@ -54,7 +54,7 @@ from mailfw.interfaces import (
     IMessageQueue,
     ISharedState,
 )
-from mailfw.queue._engine import Database, Dialect, SQLQueue, returnLeases
+from mailfw.queue._engine import Database, Dialect, SQLQueue, createSchema, returnLeases, storeOptions
 from mailfw.queue._io import CHUNK, Executor, ExecutorRunner, FileBody, copySpooled
 from mailfw.queue._produce import ThreadRunner
 from mailfw.queue._schema import (
@@ -150,29 +150,14 @@ def initialiseDatabase(conninfo: str, connectTimeout: float = 10.0) -> None:
         connection.transaction(),
     ):
         connection.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
-        version = 0
+        stored = None
         found = connection.execute("SELECT to_regclass('mailfw_schema')").fetchone()
         if found is not None and found[0] is not None:
-            row = connection.execute("SELECT MAX(version) FROM mailfw_schema").fetchone()
-            version = row[0] if row is not None and row[0] is not None else 0
-        if version > SCHEMA_VERSION:
-            raise psycopg.DatabaseError(
-                f"the queue schema has version {version}; this mailfw knows {SCHEMA_VERSION}"
-            )
-        if version == SCHEMA_VERSION:
-            # Nothing to do, and no DDL: DDL would lock tables that
-            # running nodes are writing.
-            return
-        # Every statement is safe to run again: creating version 2 from
-        # nothing and migrating version 1 (which lacks shared_state) are
-        # the same.  A later migration that is not goes here, guarded by
-        # the stored version.
-        for statement in createStatements("BYTEA"):
-            connection.execute(statement)
-        for statement in _POSTGRES_STATEMENTS:
-            connection.execute(statement)
-        connection.execute("DELETE FROM mailfw_schema")
-        connection.execute("INSERT INTO mailfw_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+            stored = (connection.execute("SELECT MAX(version) FROM mailfw_schema").fetchone() or (None,))[0]
+        if stored != SCHEMA_VERSION:
+            # Else no DDL: it would lock tables that running nodes write.
+            statements = [*createStatements("BYTEA"), *_POSTGRES_STATEMENTS]
+            createSchema(_Cursor(connection.cursor()), stored, statements, psycopg.DatabaseError)
 
 
 def withConnectionDefaults(conninfo: str, connectTimeout: float = 10.0) -> str:
@@ -787,22 +772,20 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
     Options: C{dsn} (a libpq connection string or C{postgresql://} URI;
     default empty, meaning the C{PG*} environment variables), C{pool_size}
     (5), C{node} (this node's lease owner name; default host name and
-    process ID), C{lease_seconds} (900), C{heartbeat_seconds} (10),
-    C{spill_threshold} (octets kept in memory per message while receiving;
-    262144) and C{connect_timeout} (10 seconds).
+    process ID), C{heartbeat_seconds} (10), C{connect_timeout} (10
+    seconds) and L{storeOptions}.
     """
     section = Section(f"[{instanceName}]", options)
     dsn = section.text("dsn", "")
     poolSize = section.integer("pool_size", 5, minimum=1)
     node = section.text("node", None)
-    leaseSeconds = section.number("lease_seconds", 7200.0, minimum=1)
+    common = storeOptions(section)
     heartbeatSeconds = section.number("heartbeat_seconds", 10.0, minimum=0.1)
-    spillThreshold = section.integer("spill_threshold", 256 * 1024, minimum=0)
     connectTimeout = section.number("connect_timeout", 10.0, minimum=1)
     section.finish()
     if node == "":
         raise ConfigError(f"[{instanceName}] node: must not be empty")
-    if leaseSeconds <= STALE_BEATS * heartbeatSeconds:
+    if common["leaseSeconds"] <= STALE_BEATS * heartbeatSeconds:
         raise ConfigError(f"[{instanceName}] lease_seconds must be longer than {STALE_BEATS} heartbeats")
     try:
         import psycopg
@@ -821,9 +804,8 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
         context.reactor,
         poolSize=poolSize,
         node=node,
-        leaseSeconds=leaseSeconds,
         heartbeatSeconds=heartbeatSeconds,
-        spillThreshold=spillThreshold,
         spoolDirectory=spool,
         connectTimeout=connectTimeout,
+        **common,
     )

@@ -50,7 +50,16 @@ from zope.interface import implementer
 
 from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.interfaces import IDescribed, ILeaseOffers, IMessageBody, IMessageQueue, ISharedState
-from mailfw.queue._engine import LEASED, Database, RecentMessages, SQLQueue, marks, returnLeases
+from mailfw.queue._engine import (
+    LEASED,
+    Database,
+    RecentMessages,
+    SQLQueue,
+    createSchema,
+    marks,
+    returnLeases,
+    storeOptions,
+)
 from mailfw.queue._io import (
     CHUNK,
     Executor,
@@ -61,7 +70,7 @@ from mailfw.queue._io import (
     copySpooled,
 )
 from mailfw.queue._produce import ThreadRunner, produceFromFile
-from mailfw.queue._schema import SCHEMA_VERSION, createStatements, newQueueID
+from mailfw.queue._schema import createStatements, newQueueID
 from mailfw.queue._spool import NewMessage
 from mailfw.queued import Lease
 
@@ -115,8 +124,10 @@ def initialiseDatabase(path: Path) -> None:
         if mode.lower() != "wal":
             raise sqlite3.OperationalError(f"cannot switch {path} to WAL mode (got {mode})")
         connection.execute("BEGIN IMMEDIATE")
-        for statement in createStatements("BLOB"):
-            connection.execute(statement)
+        statements = createStatements("BLOB")
+        connection.execute(statements[0])  # mailfw_schema, to read the version
+        stored = connection.execute("SELECT MAX(version) FROM mailfw_schema").fetchone()[0]
+        createSchema(connection, stored, statements, sqlite3.DatabaseError)
         columns = {row[1] for row in connection.execute("PRAGMA table_info(recipients)")}
         if "released" not in columns:
             # A queue made before ETRN (same schema version: never released).
@@ -124,17 +135,6 @@ def initialiseDatabase(path: Path) -> None:
         if "bounce" not in columns:
             # A queue made before C{mailfw queue bounce} (nothing requested).
             connection.execute("ALTER TABLE recipients ADD COLUMN bounce INTEGER NOT NULL DEFAULT 0")
-        row = connection.execute("SELECT version FROM mailfw_schema").fetchone()
-        if row is None:
-            connection.execute("INSERT INTO mailfw_schema (version) VALUES (?)", (SCHEMA_VERSION,))
-        elif row[0] > SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(
-                f"{path} has queue schema version {row[0]}; this mailfw knows {SCHEMA_VERSION}"
-            )
-        elif row[0] < SCHEMA_VERSION:
-            # The statements above created what the older version lacked
-            # (version 2: shared_state).
-            connection.execute("UPDATE mailfw_schema SET version = ?", (SCHEMA_VERSION,))
         connection.execute("COMMIT")
     finally:
         connection.close()
@@ -672,17 +672,14 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
     Build an L{SQLiteQueue} from C{[queue]} with C{plugin = "sqlite"}.
 
     Options: C{path} (relative to the data directory; default
-    C{"queue.sqlite"}), C{lease_seconds} (default 7200) and
-    C{spill_threshold} (octets kept in memory per message while receiving;
-    default 262144).
+    C{"queue.sqlite"}) and L{storeOptions}.
     """
     section = Section(f"[{instanceName}]", options)
     path = context.path(section.text("path", "queue.sqlite"))
-    leaseSeconds = section.number("lease_seconds", 7200.0, minimum=1)
-    spillThreshold = section.integer("spill_threshold", 256 * 1024, minimum=0)
+    common = storeOptions(section)
     section.finish()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return SQLiteQueue(path, context.reactor, leaseSeconds=leaseSeconds, spillThreshold=spillThreshold)
+        return SQLiteQueue(path, context.reactor, **common)
     except (OSError, sqlite3.Error) as e:
         raise ConfigError(f"[{instanceName}] cannot open {path}: {e}") from None
