@@ -33,6 +33,7 @@ __all__ = [
     "PieceReader",
     "SynchronousExecutor",
     "ThreadExecutor",
+    "ThreadedBody",
     "copySpooled",
 ]
 
@@ -211,7 +212,25 @@ class _FileReader(PieceReader):
 
 
 @implementer(IMessageBody)
-class FileBody:
+class ThreadedBody:
+    """
+    A body too large to hold in memory, which L{produce} reads with the
+    store's L{open} in the queue's C{reader} thread, never on the reactor
+    thread.
+    """
+
+    def __init__(self, size: int, reader: ThreadRunner) -> None:
+        self.size = size
+        self._inReader = reader
+
+    def open(self) -> BinaryIO:
+        raise NotImplementedError()
+
+    def produce(self, consumer: IConsumer) -> Deferred[None]:
+        return produceFromFile(self.open, consumer, self._inReader)
+
+
+class FileBody(ThreadedBody):
     """
     A large body copied out of the database into an unlinked temporary
     file; each L{open} reads it from the start.  The file closes when the
@@ -219,16 +238,11 @@ class FileBody:
     """
 
     def __init__(self, file: IO[bytes], size: int, reader: ThreadRunner) -> None:
+        super().__init__(size, reader)
         self._file = file
-        self.size = size
-        self._inReader = reader
 
     def open(self) -> BinaryIO:
         return io.BufferedReader(_FileReader(self._file, self.size), CHUNK)
-
-    def produce(self, consumer: IConsumer) -> Deferred[None]:
-        # Read in the queue's spool thread, never on the reactor thread.
-        return produceFromFile(self.open, consumer, self._inReader)
 
 
 _T = TypeVar("_T")

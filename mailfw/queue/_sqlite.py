@@ -41,10 +41,10 @@ import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, Generic, TypeVar
+from typing import IO, Any, BinaryIO, Generic, TypeVar
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -66,16 +66,14 @@ from mailfw.queue._io import (
     ExecutorRunner,
     PieceReader,
     SynchronousExecutor,
+    ThreadedBody,
     ThreadExecutor,
     copySpooled,
 )
-from mailfw.queue._produce import ThreadRunner, produceFromFile
+from mailfw.queue._produce import ThreadRunner
 from mailfw.queue._schema import createStatements, newQueueID
 from mailfw.queue._spool import NewMessage
 from mailfw.queued import Lease
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "Executor",
@@ -189,23 +187,16 @@ class _BlobReader(PieceReader):
         super().close()
 
 
-@implementer(IMessageBody)
-class _BlobBody:
+class _BlobBody(ThreadedBody):
     """
     A stored body too large to read at once; each L{open} reads it from the
-    database in pieces.
+    database in pieces (in the queue's reader thread when produced).
     """
 
     def __init__(self, path: Path, queueID: str, size: int, reader: ThreadRunner) -> None:
+        super().__init__(size, reader)
         self._path = path
         self._queueID = queueID
-        self.size = size
-        self._inReader = reader
-
-    def produce(self, consumer: IConsumer) -> Deferred[None]:
-        # The connection is opened, read and closed in the queue's reader
-        # thread, never on the reactor thread.
-        return produceFromFile(self.open, consumer, self._inReader)
 
     def open(self) -> BinaryIO:
         connection = connect(self._path)
@@ -286,6 +277,7 @@ class SQLiteQueue(SQLQueue):
         )
         self._writer: Executor = writer or ThreadExecutor("mailfw-queue-writer")
         self._reader: Executor = reader or ThreadExecutor("mailfw-queue-reader")
+        self._inReader = ExecutorRunner(self._reader, self._deliver)
         self._configure = configureConnection
         self._beforeCommit = beforeCommit
         self._lock = threading.Lock()
@@ -485,26 +477,17 @@ class SQLiteQueue(SQLQueue):
         """
         if self._closed:
             return fail(RuntimeError("the queue is closed"))
-        d: Deferred[_T] = Deferred()
 
-        def job() -> None:
+        def read() -> _T:
+            if self._readerConnection is None:
+                self._readerConnection = connect(self._path)
+            self._readerConnection.execute("BEGIN")
             try:
-                if self._readerConnection is None:
-                    self._readerConnection = connect(self._path)
-                connection = self._readerConnection
-                connection.execute("BEGIN")
-                try:
-                    result = function(connection)
-                finally:
-                    connection.execute("ROLLBACK")
-            except BaseException as e:
-                error = e
-                self._deliver(lambda: d.errback(Failure(error)))
-            else:
-                self._deliver(lambda: d.callback(result))
+                return function(self._readerConnection)
+            finally:
+                self._readerConnection.execute("ROLLBACK")
 
-        self._reader.submit(job)
-        return d
+        return self._inReader(read)
 
     @staticmethod
     def _isFull(error: BaseException) -> bool:
@@ -533,7 +516,7 @@ class SQLiteQueue(SQLQueue):
             copySpooled(queueID, spooled, size, blob.write)
 
     def _largeBody(self, db: Database, queueID: str, size: int) -> IMessageBody:
-        return _BlobBody(self._path, queueID, size, ExecutorRunner(self._reader, self._deliver))
+        return _BlobBody(self._path, queueID, size, self._inReader)
 
     def _newToken(self) -> str:
         # Unique: a random prefix per queue object, a counter within it.
