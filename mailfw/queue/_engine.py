@@ -387,10 +387,9 @@ class SQLQueue:
     ) -> Deferred[str]:
         """
         Run C{insert}, which stores C{message} (leased under C{lease}, if
-        given), durably; a store adds its own care around the commit, and
-        closes C{message.spooled} (if any) once it is done with it.
+        given), durably; a store may add its own care around the commit.
         """
-        raise NotImplementedError()
+        return self._transact(insert)
 
     @staticmethod
     def _isFull(error: BaseException) -> bool:
@@ -551,6 +550,14 @@ class SQLQueue:
             return message.queueID
 
         d = self._store(message, lease, insert)
+        spooled = message.spooled
+        if spooled is not None:
+            # Done with the spilled body, stored or not.
+            def closeSpool(result: _T) -> _T:
+                self._spool.submit(spooled.close)
+                return result
+
+            d.addBoth(closeSpool)
         if lease is not None:
             return d.addCallbacks(
                 self._offers.hand, self._offers.withdraw, callbackArgs=(lease,), errbackArgs=(lease,)

@@ -232,10 +232,6 @@ class _Cursor:
     def executemany(self, statement: str, rows: Iterable[Sequence[Any]], /) -> None:
         self.cursor.executemany(pyformat(statement), rows)
 
-    @property
-    def rowcount(self) -> int:
-        return self.cursor.rowcount
-
 
 @implementer(IMessageQueue, IDestinationSlots, ILeaseOffers, IDescribed, ISharedState)
 class PostgresQueue(SQLQueue):
@@ -365,7 +361,16 @@ class PostgresQueue(SQLQueue):
             return result
 
         d: Deferred[_T] = self._pool.runWithConnection(run)
-        return self._track(d)
+        self._inFlight.add(d)
+
+        def done(result: _T | Failure) -> _T | Failure:
+            self._inFlight.discard(d)
+            if isinstance(result, Failure) and result.value is not None:
+                translated = self._translate(result.value)
+                return result if translated is result.value else Failure(translated)
+            return result
+
+        return d.addBoth(done)
 
     def _read(self, function: Callable[[_Cursor], _T]) -> Deferred[_T]:
         return self._transact(function)
@@ -376,24 +381,6 @@ class PostgresQueue(SQLQueue):
         import psycopg
 
         return isinstance(error, psycopg.Error) and (error.sqlstate or "").startswith("53")
-
-    def _track(self, d: Deferred[_T]) -> Deferred[_T]:
-        self._inFlight.add(d)
-
-        def done(result: _T) -> _T:
-            self._inFlight.discard(d)
-            return result
-
-        def failed(failure: Failure) -> Failure:
-            self._inFlight.discard(d)
-            error = failure.value
-            if error is not None:
-                translated = self._translate(error)
-                if translated is not error:
-                    return Failure(translated)
-            return failure
-
-        return d.addCallbacks(done, failed)
 
     def _startBackground(self) -> None:
         if self._closed:
@@ -504,7 +491,7 @@ class PostgresQueue(SQLQueue):
         Insert a message; when the connection fails around the commit, find
         out whether it was stored, and else try once more.
         """
-        queueID, envelope, spooled = message.queueID, message.envelope, message.spooled
+        queueID, envelope = message.queueID, message.envelope
         afterInsert = self._afterInsert
 
         def insertOnce(cursor: _Cursor) -> str:
@@ -554,15 +541,7 @@ class PostgresQueue(SQLQueue):
             resolved: Deferred[str] = self._transact(exists).addCallback(checked)
             return resolved.addErrback(unresolved)
 
-        d: Deferred[str] = self._transact(insertOnce).addErrback(resolve)
-        if spooled is not None:
-            # Done with the spilled body, stored or not.
-            def closeSpool(result: _T) -> _T:
-                self._spool.submit(spooled.close)
-                return result
-
-            d.addBoth(closeSpool)
-        return d
+        return self._transact(insertOnce).addErrback(resolve)
 
     def _insertMessageRow(self, db: Database, queueID: str, envelope: Envelope, size: int) -> bool:
         """

@@ -72,8 +72,6 @@ from mailfw.queue._io import (
 )
 from mailfw.queue._produce import ThreadRunner
 from mailfw.queue._schema import createStatements, newQueueID
-from mailfw.queue._spool import NewMessage
-from mailfw.queued import Lease
 
 __all__ = [
     "Executor",
@@ -150,7 +148,6 @@ class _Operation(Generic[_T]):
         self.deferred: Deferred[_T] = Deferred()
         self.ok = False
         self.result: Any = None
-        self.cleanup: Callable[[], None] | None = None
 
     def fire(self) -> None:
         if self.ok:
@@ -298,15 +295,12 @@ class SQLiteQueue(SQLQueue):
         self,
         function: Callable[[sqlite3.Connection], _T],
         durable: bool = True,
-        cleanup: Callable[[], None] | None = None,
     ) -> Deferred[_T]:
         """
         Run C{function} in the next write transaction; the result arrives on
         the reactor thread after the commit.  C{function} may run more than
         once (see L{_transaction}), so it must depend only on the database.
 
-        @param cleanup: run on the writer thread after the transaction ended,
-            whether it committed or not.
         @param durable: the commit must be on disk before the result is
             given (C{synchronous=FULL}).  The scheduler's bookkeeping
             (claims, records) passes C{False}: its transactions are still
@@ -317,11 +311,8 @@ class SQLiteQueue(SQLQueue):
             fsync covers the batches before it too.
         """
         if self._closed:
-            if cleanup is not None:
-                self._writer.submit(cleanup)
             return fail(RuntimeError("the queue is closed"))
         operation = _Operation(function, durable)
-        operation.cleanup = cleanup
         with self._lock:
             self._pending.append(operation)
             schedule = not self._batchScheduled
@@ -339,7 +330,7 @@ class SQLiteQueue(SQLQueue):
                 if not operations:
                     self._batchScheduled = False
                     return
-            self._runBatch(operations)
+            self._transaction(operations)
 
     def _lockWriters(self) -> None:
         """
@@ -364,17 +355,6 @@ class SQLiteQueue(SQLQueue):
                 self._configure(connection)
             self._writerConnection = connection
         return self._writerConnection
-
-    def _runBatch(self, operations: list[_Operation[Any]]) -> None:
-        try:
-            self._transaction(operations)
-        finally:
-            for operation in operations:
-                if operation.cleanup is not None:
-                    try:
-                        operation.cleanup()
-                    except BaseException as e:
-                        self.log.error("queue cleanup failed: {error}", error=str(e))
 
     def _transaction(self, operations: list[_Operation[Any]]) -> None:
         """
@@ -495,12 +475,6 @@ class SQLiteQueue(SQLQueue):
         return isinstance(error, sqlite3.Error) and (
             code & 0xFF == sqlite3.SQLITE_FULL or "database or disk is full" in str(error)
         )
-
-    def _store(
-        self, message: NewMessage, lease: Lease | None, insert: Callable[[sqlite3.Connection], str]
-    ) -> Deferred[str]:
-        spooled = message.spooled
-        return self._transact(insert, cleanup=None if spooled is None else spooled.close)
 
     def _copyBody(self, db: Database, queueID: str, spooled: IO[bytes], size: int) -> None:
         """
