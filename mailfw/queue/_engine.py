@@ -13,14 +13,13 @@ placeholders.  A store subclasses it and supplies the seam:
   - C{_read(function)}: run C{function} in a read transaction.
   - C{_copyBody(db, queueID, spooled, size)}: store a spilled body without
     holding it in memory (SQLite's BLOB I/O, PostgreSQL's binary COPY).
-  - C{_shutdown}, which is each store's own (threads, connections), which
-    owners' leases recovery spares (C{_sparedOwners}), how a large body is
-    read (C{_largeBody}), what a full store looks like (C{_isFull}), and a
-    few optional hooks (L{SQLQueue._reapDead},
-    L{SQLQueue._touch}, L{SQLQueue._wakeOthers},
-    L{SQLQueue._insertMessageRow}).  A store that is the only writer of its
-    database sets C{_recent} (L{RecentMessages}) so that the common path
-    reads nothing back.
+  - C{_shutdown} (threads, connections), which owners' leases recovery
+    spares (C{_sparedOwners}), how a large body is read (C{_largeBody}),
+    what a full store looks like (C{_isFull}), and a few optional hooks
+    (L{SQLQueue._store}, L{SQLQueue._reapDead}, L{SQLQueue._touch},
+    L{SQLQueue._wakeOthers}, L{SQLQueue._insertMessageRow}).  A store that
+    is the only writer of its database sets C{_recent}
+    (L{RecentMessages}) so that the common path reads nothing back.
 
 The differences between the two SQL dialects that the transitions see are
 the row locks (L{Dialect}); a PostgreSQL handle rewrites the placeholders.

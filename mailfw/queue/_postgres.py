@@ -400,18 +400,12 @@ class PostgresQueue(SQLQueue):
         return the leases and slots of nodes that stopped beating.
         """
         now = self._clock.seconds()
-        node, interval, lease = self.node, self.heartbeatSeconds, self.leaseSeconds
+        node, lease = self.node, self.leaseSeconds
 
         def beat(cursor: _Cursor) -> tuple[int, int]:
-            _touchNode(cursor, node, now, interval)
+            self._touch(cursor, now)
             cursor.execute("UPDATE destination_leases SET expires = %s WHERE node = %s", (now + lease, node))
-            found = cursor.execute(
-                "SELECT node FROM mailfw_nodes WHERE last_seen < %s - %s * heartbeat"
-                " AND node <> %s FOR UPDATE SKIP LOCKED",
-                (now, STALE_BEATS, node),
-            )
-            dead = [name for (name,) in found.fetchall()]
-            reaped = _reapOrphans(cursor, dead, now + lease - STALE_BEATS * interval)
+            reaped, dead = self._deadNodes(cursor, now, " FOR UPDATE SKIP LOCKED")
             cursor.execute(
                 "DELETE FROM destination_leases WHERE node = ANY(%s) OR expires <= %s", (dead, now)
             )
@@ -532,8 +526,8 @@ class PostgresQueue(SQLQueue):
                 if lease is not None:
                     # It may be stored, leased to this live node, which
                     # will not deliver it: return it to ready if it is.
-                    released = lease
-                    self._transact(lambda cursor: _releaseLease(cursor, released)).addErrback(
+                    condition, params = "message_id = ? AND lease_token = ?", (queueID, lease.token)
+                    self._transact(lambda cursor: returnLeases(cursor, condition, params)).addErrback(
                         lambda f: self.log.failure("releasing {queueID} failed", f, queueID=queueID)
                     )
                 return failure
@@ -577,7 +571,12 @@ class PostgresQueue(SQLQueue):
         return uuid.uuid4().hex
 
     def _touch(self, db: Database, now: float) -> None:
-        _touchNode(db, self.node, now, self.heartbeatSeconds)
+        db.execute(
+            "INSERT INTO mailfw_nodes (node, last_seen, heartbeat) VALUES (?, ?, ?)"
+            " ON CONFLICT (node) DO UPDATE SET last_seen = EXCLUDED.last_seen,"
+            " heartbeat = EXCLUDED.heartbeat",
+            (self.node, now, self.heartbeatSeconds),
+        )
 
     def _wakeOthers(self, db: Database) -> None:
         db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.node))
@@ -600,12 +599,32 @@ class PostgresQueue(SQLQueue):
         Return the leases of nodes that stopped beating (their rows stay
         for the next heartbeat to drop).
         """
-        dead = db.execute(
-            "SELECT node FROM mailfw_nodes WHERE last_seen < ? - ? * heartbeat AND node <> ?",
-            (now, STALE_BEATS, self.node),
-        )
+        return self._deadNodes(db, now)[0]
+
+    def _deadNodes(self, db: Database, now: float, lockRows: str = "") -> tuple[int, list[str]]:
+        """
+        Return to ready the leases of the nodes that stopped beating and of
+        nodes that have no row at all (they left, or were found dead
+        before); how many, and the dead nodes.  Only ownerless leases
+        granted before this node's oldest possible row are taken, so that a
+        node's very first claim, whose row this statement's snapshot may not
+        see yet, is left alone.
+        """
+        dead = [
+            name
+            for (name,) in db.execute(
+                "SELECT node FROM mailfw_nodes WHERE last_seen < ? - ? * heartbeat AND node <> ?" + lockRows,
+                (now, STALE_BEATS, self.node),
+            ).fetchall()
+        ]
         grantedBefore = now + self.leaseSeconds - STALE_BEATS * self.heartbeatSeconds
-        return _reapOrphans(db, [node for (node,) in dead], grantedBefore)
+        reaped = returnLeases(
+            db,
+            "(lease_owner = ANY(?) OR (lease_expires < ? AND NOT EXISTS"
+            " (SELECT 1 FROM mailfw_nodes n WHERE n.node = recipients.lease_owner)))",
+            (dead, grantedBefore),
+        )
+        return reaped, dead
 
     def acquireDestination(self, destination: str, limit: int) -> Deferred[bool]:
         """
@@ -701,46 +720,13 @@ class PostgresQueue(SQLQueue):
         return pending.addCallback(sayLeft).addCallback(left).addCallback(finish)
 
 
-# --- SQL helpers (pool threads) -------------------------------------------------------
-
-
-def _touchNode(cursor: Database, node: str, now: float, interval: float) -> None:
-    cursor.execute(
-        "INSERT INTO mailfw_nodes (node, last_seen, heartbeat) VALUES (%s, %s, %s)"
-        " ON CONFLICT (node) DO UPDATE SET last_seen = EXCLUDED.last_seen,"
-        " heartbeat = EXCLUDED.heartbeat",
-        (node, now, interval),
-    )
-
-
-def _reapOrphans(cursor: Database, dead: Sequence[str], grantedBefore: float) -> int:
-    """
-    Return to ready the leases of C{dead} nodes and of nodes that have no
-    row at all (they left, or were found dead before).
-
-    @param grantedBefore: only ownerless leases expiring before this are
-        reaped, so that a node's very first claim, whose node row this
-        statement's snapshot may not see yet, is left alone.
-    """
-    return returnLeases(
-        cursor,
-        "(lease_owner = ANY(?) OR (lease_expires < ? AND NOT EXISTS"
-        " (SELECT 1 FROM mailfw_nodes n WHERE n.node = recipients.lease_owner)))",
-        (list(dead), grantedBefore),
-    )
+# --- errors and configuration -----------------------------------------------------------
 
 
 class QueueIDTaken(Exception):
     """
     A new message drew the queue ID of a message already stored.
     """
-
-
-def _releaseLease(cursor: _Cursor, lease: Lease) -> None:
-    """
-    Return C{lease}'s recipients to ready, if they are still under it.
-    """
-    returnLeases(cursor, "message_id = ? AND lease_token = ?", (lease.queueID, lease.token))
 
 
 def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[str, object]) -> PostgresQueue:
