@@ -56,7 +56,6 @@ from mailfw.interfaces import (
 )
 from mailfw.queue._engine import Database, Dialect, SQLQueue, createSchema, returnLeases, storeOptions
 from mailfw.queue._io import CHUNK, Executor, ExecutorRunner, FileBody, copySpooled
-from mailfw.queue._produce import ThreadRunner
 from mailfw.queue._schema import (
     INSERT_MESSAGE,
     SCHEMA_VERSION,
@@ -180,40 +179,6 @@ def withConnectionDefaults(conninfo: str, connectTimeout: float = 10.0) -> str:
     }
     extra = {key: value for key, value in defaults.items() if key not in given}
     return make_conninfo(conninfo, **extra)
-
-
-# --- bodies ------------------------------------------------------------------------
-
-
-def _readBody(cursor: Database, queueID: str, directory: Path | None, reader: ThreadRunner) -> IMessageBody:
-    """
-    Copy a large body out in slices into an unlinked temporary file, so
-    that it is never in memory whole and the connection is not held while
-    it is delivered.
-    """
-    length = cursor.execute(
-        "SELECT octet_length(body) FROM message_bodies WHERE message_id = %s", (queueID,)
-    ).fetchone()
-    if length is None:
-        raise KeyError(queueID)
-    size = int(length[0])
-    file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (returned to the caller)
-    try:
-        offset = 0
-        while offset < size:
-            piece = cursor.execute(
-                "SELECT substring(body FROM %s FOR %s) FROM message_bodies WHERE message_id = %s",
-                (offset + 1, CHUNK, queueID),
-            ).fetchone()
-            if piece is None or not piece[0]:
-                raise KeyError(queueID)
-            file.write(piece[0])
-            offset += len(piece[0])
-        file.flush()
-    except BaseException:
-        file.close()
-        raise
-    return FileBody(file, size, reader)
 
 
 class _Cursor:
@@ -582,8 +547,28 @@ class PostgresQueue(SQLQueue):
         db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.node))
 
     def _largeBody(self, db: Database, queueID: str, size: int) -> IMessageBody:
-        # Delivery reads the copy in the queue's spool thread.
-        return _readBody(db, queueID, self.spoolDirectory, ExecutorRunner(self._spool, self._deliver))
+        """
+        Copy a large body out in slices into an unlinked temporary file, so
+        that it is never in memory whole and the connection is not held
+        while it is delivered (read in the queue's spool thread).
+        """
+        file = tempfile.TemporaryFile(dir=self.spoolDirectory)  # noqa: SIM115 (returned to the caller)
+        try:
+            offset = 0
+            while offset < size:
+                piece = db.execute(
+                    "SELECT substring(body FROM ? FOR ?) FROM message_bodies WHERE message_id = ?",
+                    (offset + 1, CHUNK, queueID),
+                ).fetchone()
+                if piece is None or not piece[0]:
+                    raise KeyError(queueID)
+                file.write(piece[0])
+                offset += len(piece[0])
+            file.flush()
+        except BaseException:
+            file.close()
+            raise
+        return FileBody(file, size, ExecutorRunner(self._spool, self._deliver))
 
     def _beginSnapshot(self, db: Database) -> None:
         db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
