@@ -464,13 +464,10 @@ class PostgresQueue(SQLQueue):
 
         def exists(cursor: _Cursor) -> bool:
             # This message, not another that drew the same ID.
-            return (
-                cursor.execute(
-                    "SELECT 1 FROM messages WHERE id = %s AND envelope = %s",
-                    (queueID, envelopeText),
-                ).fetchone()
-                is not None
+            found = cursor.execute(
+                "SELECT 1 FROM messages WHERE id = ? AND envelope = ?", (queueID, envelopeText)
             )
+            return found.fetchone() is not None
 
         def resolve(failure: Failure) -> Deferred[str]:
             if failure.value is None or not _connectionProblem(failure.value):
@@ -695,12 +692,9 @@ class PostgresQueue(SQLQueue):
             self._spool.stop()
 
         def sayLeft(_: object) -> Deferred[None]:
-            d = self._transact(leave)
-
-            def failed(failure: Failure) -> None:
-                self.log.warn("could not hand back this node's leases: {error}", error=str(failure.value))
-
-            return d.addErrback(failed)
+            return self._transact(leave).addErrback(
+                lambda f: self.log.warn("could not hand back this node's leases: {error}", error=str(f.value))
+            )
 
         return pending.addCallback(sayLeft).addCallback(left).addCallback(finish)
 

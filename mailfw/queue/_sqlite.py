@@ -237,7 +237,6 @@ class SQLiteQueue(SQLQueue):
         leaseSeconds: float = 7200.0,
         owner: str | None = None,
         spillThreshold: int = 256 * 1024,
-        spoolDirectory: Path | None = None,
         configureConnection: Callable[[sqlite3.Connection], None] | None = None,
         beforeCommit: Callable[[], None] | None = None,
         reapSeconds: float = 60.0,
@@ -269,7 +268,7 @@ class SQLiteQueue(SQLQueue):
             leaseSeconds=leaseSeconds,
             owner=owner,
             spillThreshold=spillThreshold,
-            spoolDirectory=spoolDirectory or self._path.parent,
+            spoolDirectory=self._path.parent,
             spool=spool,
         )
         self._writer: Executor = writer or ThreadExecutor("mailfw-queue-writer")
@@ -297,18 +296,13 @@ class SQLiteQueue(SQLQueue):
         durable: bool = True,
     ) -> Deferred[_T]:
         """
-        Run C{function} in the next write transaction; the result arrives on
-        the reactor thread after the commit.  C{function} may run more than
-        once (see L{_transaction}), so it must depend only on the database.
+        Queue C{function} for the writer's next batch (L{_transaction}).
 
-        @param durable: the commit must be on disk before the result is
-            given (C{synchronous=FULL}).  The scheduler's bookkeeping
-            (claims, records) passes C{False}: its transactions are still
-            atomic and ordered, and after a power loss the last of them may
-            be rolled back, which means a recipient is delivered again
-            (delivery is at least once anyway), never lost.  Any batch that
-            holds one durable operation is committed durably, and that
-            fsync covers the batches before it too.
+        @param durable: commit with C{synchronous=FULL} before the result is
+            given.  A batch of only C{False} ones (the scheduler's claims and
+            records) commits with C{NORMAL}: a power loss may roll back the
+            last of them, so a recipient is delivered again, never lost; the
+            next durable batch's fsync covers them (docs/architecture.rst).
         """
         if self._closed:
             return fail(RuntimeError("the queue is closed"))
@@ -524,20 +518,12 @@ class SQLiteQueue(SQLQueue):
         ones recovered.  SQLite's counterpart of PostgreSQL's heartbeats:
         without it their recipients would wait for their leases to expire.
         """
-        host = self._owner.rpartition(":")[0]
 
         def reap(connection: sqlite3.Connection) -> int:
             owners = connection.execute(
                 "SELECT DISTINCT lease_owner FROM recipients WHERE state = ?", (LEASED,)
             )
-            dead = [
-                owner
-                for (owner,) in owners
-                if isinstance(owner, str)
-                and owner != self._owner
-                and owner.rpartition(":")[0] == host
-                and not self._liveSibling(owner)
-            ]
+            dead = [owner for (owner,) in owners if self._sibling(owner) and not self._liveSibling(owner)]
             if not dead:
                 return 0
             return returnLeases(connection, f"lease_owner IN ({marks(dead)})", dead)
@@ -549,17 +535,23 @@ class SQLiteQueue(SQLQueue):
 
         return self._transact(reap, durable=False).addCallback(reaped)
 
-    def _liveSibling(self, owner: object) -> bool:
+    def _sibling(self, owner: object) -> bool:
         """
         Whether C{owner} (a lease owner, C{host:pid}) names another process
-        that runs on this host now.
+        on this host.
         """
-        if not isinstance(owner, str) or owner == self._owner:
-            return False
-        host, _, pid = owner.rpartition(":")
-        if host != self._owner.rpartition(":")[0] or not pid.isdigit():
-            return False
-        return self._processAlive(int(pid))
+        return (
+            isinstance(owner, str)
+            and owner != self._owner
+            and owner.rpartition(":")[0] == self._owner.rpartition(":")[0]
+        )
+
+    def _liveSibling(self, owner: object) -> bool:
+        """
+        Whether C{owner} names another process that runs on this host now.
+        """
+        pid = owner.rpartition(":")[2] if isinstance(owner, str) else ""
+        return self._sibling(owner) and pid.isdigit() and self._processAlive(int(pid))
 
     @staticmethod
     def _processAlive(pid: int) -> bool:
