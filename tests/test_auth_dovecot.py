@@ -672,15 +672,19 @@ class SessionTests(SynchronousTestCase):
     def test_dovecotDownIs454(self) -> None:
         """
         With Dovecot down, AUTH PLAIN gets 454 4.7.0 and the session goes
-        on.  (The session logs the error with its traceback until it
-        treats L{TemporaryAuthFailure} as it treats timeouts.)
+        on; the session logs one warning with the reason, no traceback.
         """
         clock, endpoint = Clock(), ScriptedEndpoint()
         conn = self.session(endpoint, clock)
         conn.send(b"AUTH PLAIN " + plainResponse(b"alice", b"pw") + b"\r\n")
-        endpoint.refuse()
+        with capturedLogs() as events:
+            endpoint.refuse()
         self.assertEqual(conn.replies(), [b"454 4.7.0 Temporary authentication failure"])
-        self.flushLoggedErrors(DovecotUnavailable)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        [warning] = [e for e in events if e["log_format"].startswith("AUTH check for")]
+        self.assertEqual(warning["log_level"], LogLevel.warn)
+        self.assertEqual(warning["peer"], "192.0.2.1:40000")
+        self.assertIsInstance(warning["reason"], DovecotUnavailable)
         conn.send(b"NOOP\r\n")
         self.assertEqual(conn.replies()[-1], b"250 2.0.0 Ok")
 
@@ -709,6 +713,8 @@ class SessionTests(SynchronousTestCase):
             b"AUTH LOGIN\r\n" + base64.b64encode(b"alice") + b"\r\n" + base64.b64encode(b"pw") + b"\r\n"
         )
         self.assertIn(b"\tresp=" + plainResponse(b"alice", b"pw"), transport.value())
+        # The session's credentials carry the client's address and TLS.
+        self.assertIn(b"\tservice=smtp\tsecured\trip=192.0.2.1\trport=40000\tresp=", transport.value())
         protocol.dataReceived(b"OK\t2\tuser=alice\n")
         self.assertEqual(
             conn.replies(),

@@ -9,8 +9,9 @@ L{twisted.trial.unittest.SynchronousTestCase} and providing L{makeQueue}::
             return MyQueue(clock)
 
 A backend whose L{Deferred}s fire later (a real thread, a real database)
-overrides L{wait} and L{waitFailure} to drive its work to completion with
-a bounded wait, and L{assertDurable} to check, independently of the queue
+overrides L{QueueContractTests.wait} and L{QueueContractTests.waitFailure}
+to drive its work to completion with a bounded wait, and
+L{QueueContractTests.assertDurable} to check, independently of the queue
 object, that a committed message really is stored.
 """
 

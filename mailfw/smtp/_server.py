@@ -73,6 +73,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailfw.auth._scram import channelBindingFor
 from mailfw.envelope import Envelope, Recipient, RouteKind, Session
 from mailfw.policy._chain import Stage
 from mailfw.reply import SMTPReply
@@ -592,7 +593,8 @@ class SMTPServerProtocol(Protocol):
         if self._tlsAvailable():
             keywords.append("STARTTLS")
         if self.settings.auth is not None and self._session.tls:
-            keywords.append("AUTH " + " ".join(self.settings.auth.mechanisms))
+            offered = self.settings.auth.offered(channelBindingFor(self.transport))
+            keywords.append("AUTH " + " ".join(offered))
         if self.settings.etrn is not None:
             keywords.append("ETRN")
         return keywords
@@ -1063,8 +1065,10 @@ class SMTPServerProtocol(Protocol):
         if self._transaction is not None:
             self.replies.respond(A.AUTH_IN_TRANSACTION)
             return
-        exchange = SASLExchange(auth, self.settings.clock, session.peerHost, self.peer)
-        self._saslStep(exchange, exchange.begin(argument, session.tls))
+        exchange = SASLExchange(
+            auth, self.settings.clock, session, self.peer, channelBindingFor(self.transport)
+        )
+        self._saslStep(exchange, exchange.begin(argument))
 
     def _saslStep(self, exchange: SASLExchange, step: SMTPReply | Deferred[AuthOutcome]) -> None:
         """
@@ -1076,7 +1080,7 @@ class SMTPServerProtocol(Protocol):
             self.replies.respond(Answer(step, plain=step.code == 334))
         else:
             self._setSASL(None)
-            self.replies.respondLater(step.addCallback(self._authenticated))
+            self.replies.respondLater(step.addCallback(self._authenticated, exchange))
 
     def _setSASL(self, exchange: SASLExchange | None) -> None:
         """
@@ -1103,10 +1107,14 @@ class SMTPServerProtocol(Protocol):
             return
         self._saslStep(exchange, exchange.respond(line))
 
-    def _authenticated(self, outcome: AuthOutcome) -> Answer:
+    def _authenticated(self, outcome: AuthOutcome, exchange: SASLExchange) -> Answer:
         """
-        Apply a successful exchange to the session.
+        Apply a successful exchange to the session; or, when the exchange
+        still waits (a challenge that needed a lookup), take its response.
         """
+        if exchange.waiting:
+            self._setSASL(exchange)
+            return Answer(outcome.reply, plain=True)
         logout = outcome.logout
         if logout is not None:
             if self.closed:
