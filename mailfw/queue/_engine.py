@@ -17,9 +17,9 @@ placeholders.  A store subclasses it and supplies the seam:
     spares (C{_sparedOwners}), how a large body is read (C{_largeBody}),
     what a full store looks like (C{_isFull}), and a few optional hooks
     (L{SQLQueue._store}, L{SQLQueue._reapDead}, L{SQLQueue._touch},
-    L{SQLQueue._wakeOthers}, L{SQLQueue._insertMessageRow}).  A store that
-    is the only writer of its database sets C{_recent}
-    (L{RecentMessages}) so that the common path reads nothing back.
+    L{SQLQueue._wakeOthers}, L{SQLQueue._insertMessageRow}).  A store may
+    set C{_recent} (L{RecentMessages}; SQLite does) so that the common path
+    reads nothing back.
 
 The differences between the two SQL dialects that the transitions see are
 the row locks (L{Dialect}); a PostgreSQL handle rewrites the placeholders.
@@ -257,9 +257,8 @@ class RecentMessages:
     that the common path (accept, then deliver at once) reads nothing back
     from the database: C{claim} takes the envelope from here and
     C{openBody} the bytes.  Bounded in bytes and entries (oldest evicted
-    first); a miss falls back to the database.  Only for a store that is
-    its database's only writer (another node could delete a message behind
-    it).  Used from the writer and the reactor thread.
+    first); a miss falls back to the database.  Used from the writer and
+    the reactor thread.
     """
 
     def __init__(self, maxBytes: int = 16 * 1024 * 1024, maxEntries: int = 10_000) -> None:
