@@ -460,12 +460,11 @@ class PostgresQueue(SQLQueue):
                 afterInsert()
             return queueID
 
-        envelopeText = envelopeToJSON(envelope)
-
         def exists(cursor: _Cursor) -> bool:
-            # This message, not another that drew the same ID.
+            # This message, not another that drew the same ID (encoded only
+            # on this rare path).
             found = cursor.execute(
-                "SELECT 1 FROM messages WHERE id = ? AND envelope = ?", (queueID, envelopeText)
+                "SELECT 1 FROM messages WHERE id = ? AND envelope = ?", (queueID, envelopeToJSON(envelope))
             )
             return found.fetchone() is not None
 
