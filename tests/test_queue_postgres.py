@@ -372,7 +372,7 @@ class PostgresNodeTests(SynchronousTestCase):
         woken: list[None] = []
         b.notifyDue(lambda: woken.append(None))
         # A dies: its heartbeat stops; B keeps beating as the clock moves.
-        a._heartbeat.stop()
+        a._reaper.stop()
         for _ in range(4):
             self.clock.advance(5)
             self.helpers.waitUntil(lambda: not b._inFlight, "b's heartbeat")
@@ -396,7 +396,7 @@ class PostgresNodeTests(SynchronousTestCase):
         """
         a = self.node("a", heartbeatSeconds=5)
         b = self.node("b", heartbeatSeconds=5)
-        a._heartbeat.stop()
+        a._reaper.stop()
         self.enqueue(a, "x@example.com")
         self.wait(a.claim(self.clock.seconds(), 10))
         self.helpers.sql("DELETE FROM mailfw_nodes WHERE node = 'a'")
@@ -649,8 +649,8 @@ class PostgresNodeTests(SynchronousTestCase):
         """
         a = self.node("a", leaseSeconds=60)
         b = self.node("b", leaseSeconds=60)
-        a._heartbeat.stop()
-        b._heartbeat.stop()
+        a._reaper.stop()
+        b._reaper.stop()
         dest = "relay:mx.example.com"
         self.assertTrue(self.wait(a.acquireDestination(dest, 1)))
         self.assertFalse(self.wait(b.acquireDestination(dest, 1)))
@@ -759,9 +759,10 @@ class PostgresNodeTests(SynchronousTestCase):
         """
         import psycopg
 
-        from mailfw.queue._postgres import _translate
+        from mailfw.queue._postgres import PostgresQueue
         from mailfw.queued import QueueFull
 
+        _translate = PostgresQueue._translate
         self.assertIsInstance(_translate(psycopg.errors.DiskFull("no space")), QueueFull)
         self.assertIsInstance(_translate(OSError(28, "No space left on device")), QueueFull)
         error = psycopg.errors.UniqueViolation("dup")

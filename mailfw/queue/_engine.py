@@ -13,11 +13,13 @@ placeholders.  A store subclasses it and supplies the seam:
   - C{_read(function)}: run C{function} in a read transaction.
   - C{_copyBody(db, queueID, spooled, size)}: store a spilled body without
     holding it in memory (SQLite's BLOB I/O, PostgreSQL's binary COPY).
-  - C{openBody}, C{recover} and C{close}, which are each store's own
-    (threads, heartbeats), and a few optional hooks (L{SQLQueue._touch},
-    L{SQLQueue._wakeOthers}, L{SQLQueue._cachedEnvelope},
-    L{SQLQueue._dropped}, L{SQLQueue._insertMessageRow}), and how a
-    large body is read (C{_largeBody}).
+  - C{_shutdown} (threads, connections), which owners' leases recovery
+    spares (C{_sparedOwners}), how a large body is read (C{_largeBody}),
+    what a full store looks like (C{_isFull}), and a few optional hooks
+    (L{SQLQueue._store}, L{SQLQueue._reapDead}, L{SQLQueue._touch},
+    L{SQLQueue._wakeOthers}, L{SQLQueue._insertMessageRow}).  A store may
+    set C{_recent} (L{RecentMessages}; SQLite does) so that the common path
+    reads nothing back.
 
 The differences between the two SQL dialects that the transitions see are
 the row locks (L{Dialect}); a PostgreSQL handle rewrites the placeholders.
@@ -41,23 +43,30 @@ unless the last purge found a full batch.
 
 from __future__ import annotations
 
-import functools
+import errno
+import os
+import socket
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailfw.config import Section
 from mailfw.envelope import Envelope
 from mailfw.interfaces import IIncomingMessage, IMessageBody, ISelectiveClaim
-from mailfw.queue._io import Executor, MemoryBody
+from mailfw.queue._io import Executor, MemoryBody, ThreadExecutor
 from mailfw.queue._schema import (
     INSERT_LEASED_RECIPIENT,
     INSERT_MESSAGE,
     INSERT_RECIPIENT,
+    SCHEMA_VERSION,
     envelopeFromJSON,
     envelopeToJSON,
     matchingClaim,
@@ -74,11 +83,24 @@ from mailfw.queued import (
     Notice,
     QueuedMessage,
     QueuedRecipient,
+    QueueFull,
     RecipientState,
     Selector,
 )
 
-__all__ = ["PURGE_BATCH", "PURGE_SECONDS", "Database", "Dialect", "Rows", "SQLQueue", "marks", "returnLeases"]
+__all__ = [
+    "PURGE_BATCH",
+    "PURGE_SECONDS",
+    "Database",
+    "Dialect",
+    "RecentMessages",
+    "Rows",
+    "SQLQueue",
+    "createSchema",
+    "marks",
+    "returnLeases",
+    "storeOptions",
+]
 
 _T = TypeVar("_T")
 
@@ -157,6 +179,40 @@ def returnLeases(db: Database, condition: str, params: Sequence[Any]) -> int:
     ).rowcount
 
 
+def createSchema(
+    db: Database, stored: int | None, statements: Iterable[str], newer: Callable[[str], Exception]
+) -> None:
+    """
+    Bring the schema from version C{stored} (L{None}: none yet) to
+    L{SCHEMA_VERSION} with C{statements}, in the caller's transaction and
+    under its lock.  Every statement is safe to run again: creating version
+    2 from nothing and migrating version 1 (which lacks C{shared_state})
+    are the same.  A later migration that is not goes here, guarded by
+    C{stored}.
+
+    @raise Exception: C{newer(message)}, if a newer mailfw made the schema.
+    """
+    if stored is not None and stored > SCHEMA_VERSION:
+        raise newer(f"the queue schema has version {stored}; this mailfw knows {SCHEMA_VERSION}")
+    for statement in statements:
+        db.execute(statement)
+    if stored != SCHEMA_VERSION:
+        db.execute("DELETE FROM mailfw_schema")
+        db.execute("INSERT INTO mailfw_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+
+
+def storeOptions(section: Section) -> dict[str, Any]:
+    """
+    The options every SQL store's C{fromConfig} takes, as its keyword
+    arguments: C{lease_seconds} (default 7200) and C{spill_threshold}
+    (octets kept in memory per message while receiving; default 262144).
+    """
+    return {
+        "leaseSeconds": section.number("lease_seconds", 7200.0, minimum=1),
+        "spillThreshold": section.integer("spill_threshold", 256 * 1024, minimum=0),
+    }
+
+
 def _selected(selector: Selector) -> tuple[str, list[Any]]:
     """
     A condition selecting C{recipients} rows (unaliased, for UPDATE and
@@ -197,6 +253,49 @@ def _allFinal(dispositions: Sequence[Disposition], claimed: Sequence[int]) -> bo
     )
 
 
+class RecentMessages:
+    """
+    The envelopes and (small) bodies of recently committed messages, so
+    that the common path (accept, then deliver at once) reads nothing back
+    from the database: C{claim} takes the envelope from here and
+    C{openBody} the bytes.  Bounded in bytes and entries (oldest evicted
+    first); a miss falls back to the database.  Used from the writer and
+    the reactor thread.
+    """
+
+    def __init__(self, maxBytes: int = 16 * 1024 * 1024, maxEntries: int = 10_000) -> None:
+        self._entries: dict[str, tuple[Envelope, bytes]] = {}
+        self._bytes = 0
+        self._maxBytes = maxBytes
+        self._maxEntries = maxEntries
+        self._lock = threading.Lock()
+
+    def add(self, queueID: str, envelope: Envelope, body: bytes) -> None:
+        if len(body) > self._maxBytes:
+            return
+        with self._lock:
+            old = self._entries.pop(queueID, None)
+            if old is not None:
+                self._bytes -= len(old[1])
+            while self._entries and (
+                self._bytes + len(body) > self._maxBytes or len(self._entries) >= self._maxEntries
+            ):
+                evicted = self._entries.pop(next(iter(self._entries)))
+                self._bytes -= len(evicted[1])
+            self._entries[queueID] = (envelope, body)
+            self._bytes += len(body)
+
+    def get(self, queueID: str) -> tuple[Envelope, bytes] | None:
+        with self._lock:
+            return self._entries.get(queueID)
+
+    def discard(self, queueID: str) -> None:
+        with self._lock:
+            old = self._entries.pop(queueID, None)
+            if old is not None:
+                self._bytes -= len(old[1])
+
+
 _COUNT = (
     "INSERT INTO shared_state (name, value, started, expires) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (name) DO UPDATE SET"
@@ -215,22 +314,49 @@ class SQLQueue:
     docstring for the seam a store supplies.
 
     @ivar leaseSeconds: how long a claim lasts.
+    @ivar spillThreshold: bodies larger than this many octets are spilled to
+        a temporary file while they arrive and read in pieces.
     """
 
-    leaseSeconds: float
-    spillThreshold: int
-    spoolDirectory: Path
-    _clock: IReactorTime
-    _spool: Executor
-    _ids: Callable[[], str]
-    _owner: str
-    _deliver: Callable[[Callable[[], None]], None]
+    log = Logger()
     _dialect = Dialect()
+    _recent: RecentMessages | None = None
+    _reaper: LoopingCall | None = None
 
-    def _startEngine(self) -> None:
+    def _startEngine(
+        self,
+        clock: IReactorTime,
+        deliver: Callable[[Callable[[], None]], None] | None,
+        *,
+        ids: Callable[[], str],
+        leaseSeconds: float,
+        owner: str | None,
+        spillThreshold: int,
+        spoolDirectory: Path,
+        spool: Executor | None,
+    ) -> None:
         """
-        Set up the engine's own state; stores call it from C{__init__}.
+        Set up what every store has; stores call it from C{__init__}.
+
+        @param deliver: calls a function on the reactor thread (default
+            C{clock.callFromThread}).
+        @param owner: the lease owner recorded in claimed rows (default:
+            host name and process ID).
+        @param spool: spills large bodies (default: a dedicated thread).
         """
+        if deliver is None:
+            if not IReactorFromThreads.providedBy(clock):
+                raise TypeError("deliver is required when clock has no callFromThread")
+            deliver = IReactorFromThreads(clock).callFromThread
+        self._clock = clock
+        self._deliver: Callable[[Callable[[], None]], None] = deliver
+        self._ids = ids
+        self.leaseSeconds = leaseSeconds
+        self._owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.spillThreshold = spillThreshold
+        self.spoolDirectory = spoolDirectory
+        self._spool: Executor = spool or ThreadExecutor("mailfw-queue-spool")
+        self._closed = False
         self._callbacks: list[Callable[[], None]] = []
         self._offers = LeaseOffers()
         self._purgeAt = 0.0
@@ -262,22 +388,52 @@ class SQLQueue:
     ) -> Deferred[str]:
         """
         Run C{insert}, which stores C{message} (leased under C{lease}, if
-        given), durably; a store adds its own care around the commit, and
-        closes C{message.spooled} (if any) once it is done with it.
+        given), durably; a store may add its own care around the commit.
         """
-        raise NotImplementedError()
+        return self._transact(insert)
 
     @staticmethod
-    def _translate(error: BaseException) -> BaseException:
+    def _isFull(error: BaseException) -> bool:
         """
-        Turn a store's error into the queue's (a full disk into
-        L{mailfw.queued.QueueFull}).
+        Whether C{error} is the store's way of saying it is full.
         """
+        return False
+
+    @classmethod
+    def _translate(cls, error: BaseException) -> BaseException:
+        """
+        Turn a full store or spool disk into L{QueueFull}, so that the
+        server answers 452.
+        """
+        if cls._isFull(error) or (isinstance(error, OSError) and error.errno == errno.ENOSPC):
+            return QueueFull(str(error))
         return error
 
     def _newToken(self) -> str:
         """
         A lease token no other lease of this queue has.
+        """
+        raise NotImplementedError()
+
+    def _sparedOwners(self, db: Database, now: float, clockNow: float) -> tuple[str, Sequence[Any]]:
+        """
+        A condition on C{lease_owner} (with its parameters) that names the
+        other live processes or nodes, whose leases unexpired by the clock
+        L{recover} leaves alone.
+        """
+        raise NotImplementedError()
+
+    def _reapDead(self, db: Database, now: float) -> int:
+        """
+        Called in L{recover}: return to ready the leases of owners known to
+        be dead; how many.
+        """
+        return 0
+
+    def _shutdown(self) -> Deferred[None]:
+        """
+        Close the store once the work under way is done (L{close} stopped
+        the reaping already).
         """
         raise NotImplementedError()
 
@@ -292,18 +448,6 @@ class SQLQueue:
         other processes sharing the database (PostgreSQL: C{NOTIFY}).
         """
 
-    def _cachedEnvelope(self, queueID: str) -> tuple[Envelope, int] | None:
-        """
-        The envelope and size of a message known without reading them back.
-        """
-        return None
-
-    def _cachedBody(self, queueID: str) -> bytes | None:
-        """
-        The body of a message known without reading it back.
-        """
-        return None
-
     def _largeBody(self, db: Database, queueID: str, size: int) -> IMessageBody:
         """
         A body larger than C{spillThreshold}, read in pieces (in the read
@@ -315,11 +459,6 @@ class SQLQueue:
         """
         Called first in L{openBody}'s read transaction: make it see one
         snapshot throughout (where that is not the default).
-        """
-
-    def _dropped(self, queueIDs: Sequence[str]) -> None:
-        """
-        Called (in the transaction) with the messages that left the queue.
         """
 
     def _insertMessageRow(self, db: Database, queueID: str, envelope: Envelope, size: int) -> bool:
@@ -347,6 +486,46 @@ class SQLQueue:
             self._notify(None)
         return count
 
+    # --- recovery and closing ---------------------------------------------------
+
+    def recover(self, now: float) -> Deferred[int]:
+        """
+        Return to ready the leases that expire by C{now}, except those of
+        another live owner (L{_sparedOwners}) that are unexpired by the
+        clock: the scheduler's start-up passes an infinite C{now}, and must
+        not take what a sibling process or another node is delivering.
+        """
+        clockNow = self._clock.seconds()
+
+        def recover(db: Database) -> int:
+            spared, params = self._sparedOwners(db, now, clockNow)
+            condition = f"lease_expires <= ? AND NOT (lease_expires > ? AND {spared})"
+            return returnLeases(db, condition, (now, clockNow, *params)) + self._reapDead(db, clockNow)
+
+        return self._transact(recover).addCallback(self._notifyIf)
+
+    def _startReaping(self, reap: Callable[[], Deferred[Any]], interval: float, now: bool) -> None:
+        """
+        Call C{reap} (the store's return of dead owners' leases) every
+        C{interval} seconds until L{close}.
+        """
+        self._reaper = LoopingCall(reap)
+        self._reaper.clock = self._clock
+        self._reaper.start(interval, now=now).addErrback(
+            lambda f: self.log.failure("reaping leases failed", f)
+        )
+
+    def close(self) -> Deferred[None]:
+        """
+        Stop reaping, then let the store finish the work under way and
+        close (L{_shutdown}).
+        """
+        if self._closed:
+            return fail(RuntimeError("the queue is already closed"))
+        if self._reaper is not None and self._reaper.running:
+            self._reaper.stop()
+        return self._shutdown()
+
     # --- receiving ------------------------------------------------------------
 
     def receive(self, envelope: Envelope) -> IIncomingMessage:
@@ -361,7 +540,25 @@ class SQLQueue:
         lease = self._offers.leaseFor(
             message.queueID, envelope, message.now, message.size, self._newToken(), expires
         )
-        d = self._store(message, lease, functools.partial(self._insert, message, lease))
+        recent = self._recent
+
+        def insert(db: Database) -> str:
+            self._insert(message, lease, db)
+            if recent is not None and message.body is not None and envelope.recipients:
+                # Harmless if the transaction then fails: only rows that
+                # exist are ever claimed.
+                recent.add(message.queueID, envelope, message.body)
+            return message.queueID
+
+        d = self._store(message, lease, insert)
+        spooled = message.spooled
+        if spooled is not None:
+            # Done with the spilled body, stored or not.
+            def closeSpool(result: _T) -> _T:
+                self._spool.submit(spooled.close)
+                return result
+
+            d.addBoth(closeSpool)
         if lease is not None:
             return d.addCallbacks(
                 self._offers.hand, self._offers.withdraw, callbackArgs=(lease,), errbackArgs=(lease,)
@@ -425,9 +622,9 @@ class SQLQueue:
                 chosen.setdefault(row[0], []).append(row[1:])
             envelopes: dict[str, tuple[Envelope, int]] = {}
             for queueID in chosen:
-                cached = self._cachedEnvelope(queueID)
+                cached = None if self._recent is None else self._recent.get(queueID)
                 if cached is not None:
-                    envelopes[queueID] = cached
+                    envelopes[queueID] = (cached[0], len(cached[1]))
             missing = [queueID for queueID in chosen if queueID not in envelopes]
             if missing:
                 for queueID, text, size in db.execute(
@@ -561,13 +758,14 @@ class SQLQueue:
             " (SELECT 1 FROM recipients r WHERE r.message_id = messages.id) RETURNING id",
             queueIDs,
         ).fetchall()
-        if gone:
-            self._dropped([row[0] for row in gone])
+        if gone and self._recent is not None:
+            for (queueID,) in gone:
+                self._recent.discard(queueID)
 
     def openBody(self, queueID: str) -> Deferred[IMessageBody]:
-        cached = self._cachedBody(queueID)
+        cached = None if self._recent is None else self._recent.get(queueID)
         if cached is not None:
-            return succeed(MemoryBody(cached))
+            return succeed(MemoryBody(cached[1]))
 
         def find(db: Database) -> IMessageBody:
             self._beginSnapshot(db)

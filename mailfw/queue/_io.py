@@ -30,8 +30,10 @@ __all__ = [
     "Executor",
     "FileBody",
     "MemoryBody",
+    "PieceReader",
     "SynchronousExecutor",
     "ThreadExecutor",
+    "ThreadedBody",
     "copySpooled",
 ]
 
@@ -151,17 +153,20 @@ class MemoryBody:
         return produceBytes(self._data, consumer)
 
 
-class _FileReader(io.RawIOBase):
+class PieceReader(io.RawIOBase):
     """
-    Reads a shared temporary file with C{pread}, so that every reader has
-    its own position.  Holds the file open until closed.
+    A raw reader with its own position over a store that reads a piece at
+    any offset (L{_readAt}), so that every reader of one shared body has
+    its own position; a buffered reader goes on top.
     """
 
-    def __init__(self, file: IO[bytes], size: int) -> None:
+    def __init__(self, size: int) -> None:
         super().__init__()
-        self._file = file
         self._size = size
         self._position = 0
+
+    def _readAt(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError()
 
     def readable(self) -> bool:
         return True
@@ -174,7 +179,7 @@ class _FileReader(io.RawIOBase):
         want = min(len(view), self._size - self._position)
         if want <= 0:
             return 0
-        data = os.pread(self._file.fileno(), want, self._position)
+        data = self._readAt(self._position, want)
         view[: len(data)] = data
         self._position += len(data)
         return len(data)
@@ -192,8 +197,40 @@ class _FileReader(io.RawIOBase):
         return self._position
 
 
+class _FileReader(PieceReader):
+    """
+    Reads a shared temporary file with C{pread}.  Holds the file open until
+    closed.
+    """
+
+    def __init__(self, file: IO[bytes], size: int) -> None:
+        super().__init__(size)
+        self._file = file
+
+    def _readAt(self, offset: int, length: int) -> bytes:
+        return os.pread(self._file.fileno(), length, offset)
+
+
 @implementer(IMessageBody)
-class FileBody:
+class ThreadedBody:
+    """
+    A body too large to hold in memory, which L{produce} reads with the
+    store's L{open} in the queue's C{reader} thread, never on the reactor
+    thread.
+    """
+
+    def __init__(self, size: int, reader: ThreadRunner) -> None:
+        self.size = size
+        self._inReader = reader
+
+    def open(self) -> BinaryIO:
+        raise NotImplementedError()
+
+    def produce(self, consumer: IConsumer) -> Deferred[None]:
+        return produceFromFile(self.open, consumer, self._inReader)
+
+
+class FileBody(ThreadedBody):
     """
     A large body copied out of the database into an unlinked temporary
     file; each L{open} reads it from the start.  The file closes when the
@@ -201,16 +238,11 @@ class FileBody:
     """
 
     def __init__(self, file: IO[bytes], size: int, reader: ThreadRunner) -> None:
+        super().__init__(size, reader)
         self._file = file
-        self.size = size
-        self._inReader = reader
 
     def open(self) -> BinaryIO:
         return io.BufferedReader(_FileReader(self._file, self.size), CHUNK)
-
-    def produce(self, consumer: IConsumer) -> Deferred[None]:
-        # Read in the queue's spool thread, never on the reactor thread.
-        return produceFromFile(self.open, consumer, self._inReader)
 
 
 _T = TypeVar("_T")

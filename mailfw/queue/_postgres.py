@@ -1,75 +1,37 @@
 """
 The queue several nodes share: PostgreSQL through psycopg 3 and
-L{twisted.enterprise.adbapi}, on Twisted's default reactor.
+L{twisted.enterprise.adbapi}, under the transitions of
+L{mailfw.queue._engine} (see docs/architecture.rst).
 
-Tables
-======
+The tables are L{mailfw.queue._schema}'s, with the body stored
+uncompressed and out of line (C{STORAGE EXTERNAL}) so that a large body is
+read in slices, plus C{mailfw_nodes} (each running node's last heartbeat)
+and C{destination_leases} (delivery slots per destination, numbered below
+its limit; the primary key keeps the limit across nodes).
+L{initialiseDatabase} creates or migrates them under an advisory lock.
 
-The tables and states of L{mailfw.queue._schema} (the same as the SQLite
-backend's), with the body column as C{BYTEA} stored uncompressed and out of
-line (C{STORAGE EXTERNAL}) so that a large body can be read in slices, plus
-two tables of its own:
+Claims take rows with C{FOR UPDATE SKIP LOCKED}, so nodes never wait for
+each other's rows.  Each node beats every C{heartbeatSeconds}; one silent
+for three intervals is dead, and the first node to notice returns its
+leases, drops its slots and its row: at least once, never lost.  Nodes
+must keep their clocks in sync (NTP) to well within a heartbeat.
 
-  - C{mailfw_nodes}: one row per running node (its name, when it last
-    beat, how often it beats).
-  - C{destination_leases}: delivery slots per destination, numbered below
-    the destination's limit, each held by one node until it releases it or
-    its expiry passes; the primary key (destination, slot) is what keeps
-    the limit across nodes.
+Commits are durable (C{synchronous_commit = on}).  Inserts are idempotent
+under an ID chosen before the body arrives, so when the connection fails
+around a commit the queue asks whether the message is stored and
+otherwise inserts it once more.  A large body is spooled to an unlinked
+file as it arrives, streamed in with binary C{COPY}, and read back in
+slices into an unlinked file.
 
-The schema is created or migrated at start-up (L{initialiseDatabase}) under
-an advisory lock, so nodes starting together do not race.
-
-Leases
-======
-
-L{PostgresQueue.claim} selects due recipients with C{FOR UPDATE SKIP
-LOCKED} (so nodes claiming at the same time never wait for or take each
-other's rows), and marks them leased with the node's name, a fresh random
-token and an expiry.  L{PostgresQueue.record} locks the rows and writes
-only if every one still carries the lease's token, else fails with
-L{LeaseLost}: a node that stalled cannot overwrite newer state.  Expired
-leases are taken over by any node's claim or L{PostgresQueue.recover}.
-
-Each node beats every C{heartbeatSeconds}.  A node that has not beaten for
-three of its intervals is dead: the first node to notice returns its
-leases to ready, drops its destination slots and its row, and wakes its own
-scheduler.  Delivery is at least once: a death can duplicate, never lose.
-A node that cannot reach the database fails its claims, so its scheduler
-stops starting deliveries and retries later.
-
-Times are each node's own clock: nodes must keep their clocks in sync (NTP)
-to well within a heartbeat interval.
-
-Durability
-==========
-
-A commit's L{Deferred} fires after C{COMMIT} returned with
-C{synchronous_commit = on}.  The queue ID is chosen before the body arrives
-and inserts are idempotent (C{ON CONFLICT DO NOTHING}); when the connection
-fails around the commit, the queue asks whether the ID is stored (then the
-commit succeeded) and otherwise tries the insert once more before failing.
-
-Bodies larger than C{spillThreshold} are spooled to an unlinked temporary
-file by a spool thread while they arrive, streamed into the database with
-binary C{COPY} in the commit's transaction, and read back in 1 MiB slices
-into a temporary file in a pool thread.
-
-Waking other nodes
-==================
-
-C{flush} and C{release} (ETRN, C{mailfw queue flush/release}) send
-C{NOTIFY mailfw_due}; every node listens on a connection of its own in a
-thread and calls its L{notifyDue} callbacks.  New mail does not notify: the
-node that received it delivers it.
+C{flush}, C{release} and C{bounce} send C{NOTIFY mailfw_due}; every node
+listens on a connection of its own in a thread.  New mail does not
+notify: the node that received it delivers it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
-import socket
 import struct
 import tempfile
 import threading
@@ -79,8 +41,6 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList, fail
-from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -94,9 +54,8 @@ from mailfw.interfaces import (
     IMessageQueue,
     ISharedState,
 )
-from mailfw.queue._engine import Database, Dialect, SQLQueue, returnLeases
-from mailfw.queue._io import CHUNK, Executor, ExecutorRunner, FileBody, ThreadExecutor, copySpooled
-from mailfw.queue._produce import ThreadRunner
+from mailfw.queue._engine import Database, Dialect, SQLQueue, createSchema, returnLeases, storeOptions
+from mailfw.queue._io import CHUNK, Executor, ExecutorRunner, FileBody, copySpooled
 from mailfw.queue._schema import (
     INSERT_MESSAGE,
     SCHEMA_VERSION,
@@ -106,7 +65,7 @@ from mailfw.queue._schema import (
     pyformat,
 )
 from mailfw.queue._spool import NewMessage
-from mailfw.queued import Lease, QueueFull
+from mailfw.queued import Lease
 
 if TYPE_CHECKING:
     from psycopg import Connection, Cursor
@@ -168,20 +127,6 @@ def _connectionProblem(error: BaseException) -> bool:
     return False
 
 
-def _translate(error: BaseException) -> BaseException:
-    """
-    Turn a full disk or exhausted resources into L{QueueFull}, so that the
-    server answers 452.
-    """
-    import psycopg
-
-    if isinstance(error, psycopg.Error) and (error.sqlstate or "").startswith("53"):
-        return QueueFull(str(error))
-    if isinstance(error, OSError) and error.errno == 28:  # ENOSPC in the spool
-        return QueueFull(str(error))
-    return error
-
-
 # --- the schema --------------------------------------------------------------------
 
 
@@ -204,29 +149,14 @@ def initialiseDatabase(conninfo: str, connectTimeout: float = 10.0) -> None:
         connection.transaction(),
     ):
         connection.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
-        version = 0
+        stored = None
         found = connection.execute("SELECT to_regclass('mailfw_schema')").fetchone()
         if found is not None and found[0] is not None:
-            row = connection.execute("SELECT MAX(version) FROM mailfw_schema").fetchone()
-            version = row[0] if row is not None and row[0] is not None else 0
-        if version > SCHEMA_VERSION:
-            raise psycopg.DatabaseError(
-                f"the queue schema has version {version}; this mailfw knows {SCHEMA_VERSION}"
-            )
-        if version == SCHEMA_VERSION:
-            # Nothing to do, and no DDL: DDL would lock tables that
-            # running nodes are writing.
-            return
-        # Every statement is safe to run again: creating version 2 from
-        # nothing and migrating version 1 (which lacks shared_state) are
-        # the same.  A later migration that is not goes here, guarded by
-        # the stored version.
-        for statement in createStatements("BYTEA"):
-            connection.execute(statement)
-        for statement in _POSTGRES_STATEMENTS:
-            connection.execute(statement)
-        connection.execute("DELETE FROM mailfw_schema")
-        connection.execute("INSERT INTO mailfw_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+            stored = (connection.execute("SELECT MAX(version) FROM mailfw_schema").fetchone() or (None,))[0]
+        if stored != SCHEMA_VERSION:
+            # Else no DDL: it would lock tables that running nodes write.
+            statements = [*createStatements("BYTEA"), *_POSTGRES_STATEMENTS]
+            createSchema(_Cursor(connection.cursor()), stored, statements, psycopg.DatabaseError)
 
 
 def withConnectionDefaults(conninfo: str, connectTimeout: float = 10.0) -> str:
@@ -251,52 +181,6 @@ def withConnectionDefaults(conninfo: str, connectTimeout: float = 10.0) -> str:
     return make_conninfo(conninfo, **extra)
 
 
-# --- bodies ------------------------------------------------------------------------
-
-
-def _copyBody(cursor: Cursor[Any], queueID: str, spooled: IO[bytes], size: int) -> None:
-    """
-    Stream a spooled body into C{message_bodies} with binary C{COPY}, one
-    piece at a time, so that the whole body is never in memory.
-    """
-    key = queueID.encode("utf-8")
-    with cursor.copy("COPY message_bodies (message_id, body) FROM STDIN (FORMAT BINARY)") as copy:
-        copy.write(_COPY_HEADER + struct.pack("!hi", 2, len(key)) + key + struct.pack("!i", size))
-        copySpooled(queueID, spooled, size, copy.write)
-        copy.write(_COPY_TRAILER)
-
-
-def _readBody(cursor: Database, queueID: str, directory: Path | None, reader: ThreadRunner) -> IMessageBody:
-    """
-    Copy a large body out in slices into an unlinked temporary file, so
-    that it is never in memory whole and the connection is not held while
-    it is delivered.
-    """
-    length = cursor.execute(
-        "SELECT octet_length(body) FROM message_bodies WHERE message_id = %s", (queueID,)
-    ).fetchone()
-    if length is None:
-        raise KeyError(queueID)
-    size = int(length[0])
-    file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (returned to the caller)
-    try:
-        offset = 0
-        while offset < size:
-            piece = cursor.execute(
-                "SELECT substring(body FROM %s FOR %s) FROM message_bodies WHERE message_id = %s",
-                (offset + 1, CHUNK, queueID),
-            ).fetchone()
-            if piece is None or not piece[0]:
-                raise KeyError(queueID)
-            file.write(piece[0])
-            offset += len(piece[0])
-        file.flush()
-    except BaseException:
-        file.close()
-        raise
-    return FileBody(file, size, reader)
-
-
 class _Cursor:
     """
     A psycopg cursor that takes the engine's C{?} placeholders (C{%s} ones
@@ -313,10 +197,6 @@ class _Cursor:
     def executemany(self, statement: str, rows: Iterable[Sequence[Any]], /) -> None:
         self.cursor.executemany(pyformat(statement), rows)
 
-    @property
-    def rowcount(self) -> int:
-        return self.cursor.rowcount
-
 
 @implementer(IMessageQueue, IDestinationSlots, ILeaseOffers, IDescribed, ISharedState)
 class PostgresQueue(SQLQueue):
@@ -331,7 +211,6 @@ class PostgresQueue(SQLQueue):
         last one's payload: the sending node's name.
     """
 
-    log = Logger()
     _dialect = Dialect(lockRows=" FOR UPDATE", skipLocked=" FOR UPDATE SKIP LOCKED")
 
     def __init__(
@@ -367,22 +246,21 @@ class PostgresQueue(SQLQueue):
         from twisted.enterprise.adbapi import ConnectionPool
 
         self._conninfo = conninfo = withConnectionDefaults(conninfo, connectTimeout)
-        self._reactor = reactor
-        self._clock = clock if clock is not None else reactor
-        self._deliver: Callable[[Callable[[], None]], None] = reactor.callFromThread
-        self.node = self._owner = node or f"{socket.gethostname()}:{os.getpid()}"
-        self.leaseSeconds = leaseSeconds
+        self._startEngine(
+            clock if clock is not None else reactor,
+            reactor.callFromThread,
+            ids=idGenerator,
+            leaseSeconds=leaseSeconds,
+            owner=node,
+            spillThreshold=spillThreshold,
+            spoolDirectory=spoolDirectory or Path(tempfile.gettempdir()),
+            spool=spool,
+        )
+        self.node = self._owner
         self.heartbeatSeconds = heartbeatSeconds
-        self.spillThreshold = spillThreshold
-        self.spoolDirectory = spoolDirectory or Path(tempfile.gettempdir())
-        self._ids = idGenerator
-        self._spool: Executor = spool or ThreadExecutor("mailfw-queue-spool")
         self._listen = listen
         self._afterInsert = afterInsert
-        self._startEngine()
         self._inFlight: set[Deferred[Any]] = set()
-        self._closed = False
-        self._heartbeat: LoopingCall | None = None
         self._stopping = threading.Event()
         self._listener: threading.Thread | None = None
         self._listenerDone: Deferred[None] = Deferred()
@@ -448,37 +326,31 @@ class PostgresQueue(SQLQueue):
             return result
 
         d: Deferred[_T] = self._pool.runWithConnection(run)
-        return self._track(d)
+        self._inFlight.add(d)
+
+        def done(result: _T | Failure) -> _T | Failure:
+            self._inFlight.discard(d)
+            if isinstance(result, Failure) and result.value is not None:
+                translated = self._translate(result.value)
+                return result if translated is result.value else Failure(translated)
+            return result
+
+        return d.addBoth(done)
 
     def _read(self, function: Callable[[_Cursor], _T]) -> Deferred[_T]:
         return self._transact(function)
 
-    _translate = staticmethod(_translate)
+    @staticmethod
+    def _isFull(error: BaseException) -> bool:
+        # Class 53: insufficient resources (a full disk, out of memory).
+        import psycopg
 
-    def _track(self, d: Deferred[_T]) -> Deferred[_T]:
-        self._inFlight.add(d)
-
-        def done(result: _T) -> _T:
-            self._inFlight.discard(d)
-            return result
-
-        def failed(failure: Failure) -> Failure:
-            self._inFlight.discard(d)
-            error = failure.value
-            if error is not None:
-                translated = _translate(error)
-                if translated is not error:
-                    return Failure(translated)
-            return failure
-
-        return d.addCallbacks(done, failed)
+        return isinstance(error, psycopg.Error) and (error.sqlstate or "").startswith("53")
 
     def _startBackground(self) -> None:
         if self._closed:
             return
-        self._heartbeat = LoopingCall(self._beat)
-        self._heartbeat.clock = self._clock
-        self._heartbeat.start(self.heartbeatSeconds, now=True)
+        self._startReaping(self._beat, self.heartbeatSeconds, now=True)
         if self._listen:
             self._listener = threading.Thread(
                 target=self._listenLoop, name="mailfw-queue-listen", daemon=True
@@ -493,18 +365,12 @@ class PostgresQueue(SQLQueue):
         return the leases and slots of nodes that stopped beating.
         """
         now = self._clock.seconds()
-        node, interval, lease = self.node, self.heartbeatSeconds, self.leaseSeconds
+        node, lease = self.node, self.leaseSeconds
 
         def beat(cursor: _Cursor) -> tuple[int, int]:
-            _touchNode(cursor, node, now, interval)
+            self._touch(cursor, now)
             cursor.execute("UPDATE destination_leases SET expires = %s WHERE node = %s", (now + lease, node))
-            found = cursor.execute(
-                "SELECT node FROM mailfw_nodes WHERE last_seen < %s - %s * heartbeat"
-                " AND node <> %s FOR UPDATE SKIP LOCKED",
-                (now, STALE_BEATS, node),
-            )
-            dead = [name for (name,) in found.fetchall()]
-            reaped = _reapOrphans(cursor, dead, now + lease - STALE_BEATS * interval)
+            reaped, dead = self._deadNodes(cursor, now, " FOR UPDATE SKIP LOCKED")
             cursor.execute(
                 "DELETE FROM destination_leases WHERE node = ANY(%s) OR expires <= %s", (dead, now)
             )
@@ -584,7 +450,7 @@ class PostgresQueue(SQLQueue):
         Insert a message; when the connection fails around the commit, find
         out whether it was stored, and else try once more.
         """
-        queueID, envelope, spooled = message.queueID, message.envelope, message.spooled
+        queueID, envelope = message.queueID, message.envelope
         afterInsert = self._afterInsert
 
         def insertOnce(cursor: _Cursor) -> str:
@@ -594,17 +460,13 @@ class PostgresQueue(SQLQueue):
                 afterInsert()
             return queueID
 
-        envelopeText = envelopeToJSON(envelope)
-
         def exists(cursor: _Cursor) -> bool:
-            # This message, not another that drew the same ID.
-            return (
-                cursor.execute(
-                    "SELECT 1 FROM messages WHERE id = %s AND envelope = %s",
-                    (queueID, envelopeText),
-                ).fetchone()
-                is not None
+            # This message, not another that drew the same ID (encoded only
+            # on this rare path).
+            found = cursor.execute(
+                "SELECT 1 FROM messages WHERE id = ? AND envelope = ?", (queueID, envelopeToJSON(envelope))
             )
+            return found.fetchone() is not None
 
         def resolve(failure: Failure) -> Deferred[str]:
             if failure.value is None or not _connectionProblem(failure.value):
@@ -625,8 +487,8 @@ class PostgresQueue(SQLQueue):
                 if lease is not None:
                     # It may be stored, leased to this live node, which
                     # will not deliver it: return it to ready if it is.
-                    released = lease
-                    self._transact(lambda cursor: _releaseLease(cursor, released)).addErrback(
+                    condition, params = "message_id = ? AND lease_token = ?", (queueID, lease.token)
+                    self._transact(lambda cursor: returnLeases(cursor, condition, params)).addErrback(
                         lambda f: self.log.failure("releasing {queueID} failed", f, queueID=queueID)
                     )
                 return failure
@@ -634,15 +496,7 @@ class PostgresQueue(SQLQueue):
             resolved: Deferred[str] = self._transact(exists).addCallback(checked)
             return resolved.addErrback(unresolved)
 
-        d: Deferred[str] = self._transact(insertOnce).addErrback(resolve)
-        if spooled is not None:
-            # Done with the spilled body, stored or not.
-            def closeSpool(result: _T) -> _T:
-                self._spool.submit(spooled.close)
-                return result
-
-            d.addBoth(closeSpool)
-        return d
+        return self._transact(insertOnce).addErrback(resolve)
 
     def _insertMessageRow(self, db: Database, queueID: str, envelope: Envelope, size: int) -> bool:
         """
@@ -664,51 +518,94 @@ class PostgresQueue(SQLQueue):
         raise QueueIDTaken(queueID)
 
     def _copyBody(self, db: Database, queueID: str, spooled: IO[bytes], size: int) -> None:
+        """
+        Stream a spooled body into C{message_bodies} with binary C{COPY}.
+        """
         assert isinstance(db, _Cursor)
-        _copyBody(db.cursor, queueID, spooled, size)
+        key = queueID.encode("utf-8")
+        with db.cursor.copy("COPY message_bodies (message_id, body) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.write(_COPY_HEADER + struct.pack("!hi", 2, len(key)) + key + struct.pack("!i", size))
+            copySpooled(queueID, spooled, size, copy.write)
+            copy.write(_COPY_TRAILER)
 
     def _newToken(self) -> str:
         return uuid.uuid4().hex
 
     def _touch(self, db: Database, now: float) -> None:
-        _touchNode(db, self.node, now, self.heartbeatSeconds)
+        db.execute(
+            "INSERT INTO mailfw_nodes (node, last_seen, heartbeat) VALUES (?, ?, ?)"
+            " ON CONFLICT (node) DO UPDATE SET last_seen = EXCLUDED.last_seen,"
+            " heartbeat = EXCLUDED.heartbeat",
+            (self.node, now, self.heartbeatSeconds),
+        )
 
     def _wakeOthers(self, db: Database) -> None:
         db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.node))
 
     def _largeBody(self, db: Database, queueID: str, size: int) -> IMessageBody:
-        # Delivery reads the copy in the queue's spool thread.
-        return _readBody(db, queueID, self.spoolDirectory, ExecutorRunner(self._spool, self._deliver))
+        """
+        Copy a large body out in slices into an unlinked temporary file, so
+        that it is never in memory whole and the connection is not held
+        while it is delivered (read in the queue's spool thread).
+        """
+        file = tempfile.TemporaryFile(dir=self.spoolDirectory)  # noqa: SIM115 (returned to the caller)
+        try:
+            offset = 0
+            while offset < size:
+                piece = db.execute(
+                    "SELECT substring(body FROM ? FOR ?) FROM message_bodies WHERE message_id = ?",
+                    (offset + 1, CHUNK, queueID),
+                ).fetchone()
+                if piece is None or not piece[0]:
+                    raise KeyError(queueID)
+                file.write(piece[0])
+                offset += len(piece[0])
+            file.flush()
+        except BaseException:
+            file.close()
+            raise
+        return FileBody(file, size, ExecutorRunner(self._spool, self._deliver))
 
     def _beginSnapshot(self, db: Database) -> None:
         db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
 
-    def recover(self, now: float) -> Deferred[int]:
+    def _sparedOwners(self, db: Database, now: float, clockNow: float) -> tuple[str, Sequence[Any]]:
         """
-        Return to ready the leases that expired by C{now} and are this
-        node's, or that expired by this node's clock whoever holds them, and
-        the leases of nodes that stopped beating.  A scheduler that thinks
-        it owns the queue alone passes an infinite C{now}; other live nodes'
-        fresh leases are still left alone.
+        Every other node: a dead one's leases go by L{_reapDead}.
         """
-        realNow = self._clock.seconds()
-        node, lease, interval = self.node, self.leaseSeconds, self.heartbeatSeconds
+        return "lease_owner <> ?", (self.node,)
 
-        def recover(cursor: _Cursor) -> int:
-            count = returnLeases(
-                cursor, "lease_expires <= ? AND (lease_owner = ? OR lease_expires <= ?)", (now, node, realNow)
-            )
-            dead = [
-                row[0]
-                for row in cursor.execute(
-                    "SELECT node FROM mailfw_nodes WHERE last_seen < %s - %s * heartbeat AND node <> %s",
-                    (realNow, STALE_BEATS, node),
-                )
-            ]
-            grantedBefore = realNow + lease - STALE_BEATS * interval
-            return count + _reapOrphans(cursor, dead, grantedBefore)
+    def _reapDead(self, db: Database, now: float) -> int:
+        """
+        Return the leases of nodes that stopped beating (their rows stay
+        for the next heartbeat to drop).
+        """
+        return self._deadNodes(db, now)[0]
 
-        return self._transact(recover).addCallback(self._notifyIf)
+    def _deadNodes(self, db: Database, now: float, lockRows: str = "") -> tuple[int, list[str]]:
+        """
+        Return to ready the leases of the nodes that stopped beating and of
+        nodes that have no row at all (they left, or were found dead
+        before); how many, and the dead nodes.  Only ownerless leases
+        granted before this node's oldest possible row are taken, so that a
+        node's very first claim, whose row this statement's snapshot may not
+        see yet, is left alone.
+        """
+        dead = [
+            name
+            for (name,) in db.execute(
+                "SELECT node FROM mailfw_nodes WHERE last_seen < ? - ? * heartbeat AND node <> ?" + lockRows,
+                (now, STALE_BEATS, self.node),
+            ).fetchall()
+        ]
+        grantedBefore = now + self.leaseSeconds - STALE_BEATS * self.heartbeatSeconds
+        reaped = returnLeases(
+            db,
+            "(lease_owner = ANY(?) OR (lease_expires < ? AND NOT EXISTS"
+            " (SELECT 1 FROM mailfw_nodes n WHERE n.node = recipients.lease_owner)))",
+            (dead, grantedBefore),
+        )
+        return reaped, dead
 
     def acquireDestination(self, destination: str, limit: int) -> Deferred[bool]:
         """
@@ -764,16 +661,12 @@ class PostgresQueue(SQLQueue):
 
         return self._transact(release)
 
-    def close(self) -> Deferred[None]:
+    def _shutdown(self) -> Deferred[None]:
         """
         Wait for the work under way, hand this node's remaining leases and
         slots back to the cluster, stop the heartbeat and the listener, and
         close the connections.
         """
-        if self._closed:
-            return fail(RuntimeError("the queue is already closed"))
-        if self._heartbeat is not None and self._heartbeat.running:
-            self._heartbeat.stop()
         node = self.node
 
         def leave(cursor: _Cursor) -> None:
@@ -798,56 +691,20 @@ class PostgresQueue(SQLQueue):
             self._spool.stop()
 
         def sayLeft(_: object) -> Deferred[None]:
-            d = self._transact(leave)
-
-            def failed(failure: Failure) -> None:
-                self.log.warn("could not hand back this node's leases: {error}", error=str(failure.value))
-
-            return d.addErrback(failed)
+            return self._transact(leave).addErrback(
+                lambda f: self.log.warn("could not hand back this node's leases: {error}", error=str(f.value))
+            )
 
         return pending.addCallback(sayLeft).addCallback(left).addCallback(finish)
 
 
-# --- SQL helpers (pool threads) -------------------------------------------------------
-
-
-def _touchNode(cursor: Database, node: str, now: float, interval: float) -> None:
-    cursor.execute(
-        "INSERT INTO mailfw_nodes (node, last_seen, heartbeat) VALUES (%s, %s, %s)"
-        " ON CONFLICT (node) DO UPDATE SET last_seen = EXCLUDED.last_seen,"
-        " heartbeat = EXCLUDED.heartbeat",
-        (node, now, interval),
-    )
-
-
-def _reapOrphans(cursor: _Cursor, dead: Sequence[str], grantedBefore: float) -> int:
-    """
-    Return to ready the leases of C{dead} nodes and of nodes that have no
-    row at all (they left, or were found dead before).
-
-    @param grantedBefore: only ownerless leases expiring before this are
-        reaped, so that a node's very first claim, whose node row this
-        statement's snapshot may not see yet, is left alone.
-    """
-    return returnLeases(
-        cursor,
-        "(lease_owner = ANY(?) OR (lease_expires < ? AND NOT EXISTS"
-        " (SELECT 1 FROM mailfw_nodes n WHERE n.node = recipients.lease_owner)))",
-        (list(dead), grantedBefore),
-    )
+# --- errors and configuration -----------------------------------------------------------
 
 
 class QueueIDTaken(Exception):
     """
     A new message drew the queue ID of a message already stored.
     """
-
-
-def _releaseLease(cursor: _Cursor, lease: Lease) -> None:
-    """
-    Return C{lease}'s recipients to ready, if they are still under it.
-    """
-    returnLeases(cursor, "message_id = ? AND lease_token = ?", (lease.queueID, lease.token))
 
 
 def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[str, object]) -> PostgresQueue:
@@ -858,22 +715,20 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
     Options: C{dsn} (a libpq connection string or C{postgresql://} URI;
     default empty, meaning the C{PG*} environment variables), C{pool_size}
     (5), C{node} (this node's lease owner name; default host name and
-    process ID), C{lease_seconds} (900), C{heartbeat_seconds} (10),
-    C{spill_threshold} (octets kept in memory per message while receiving;
-    262144) and C{connect_timeout} (10 seconds).
+    process ID), C{heartbeat_seconds} (10), C{connect_timeout} (10
+    seconds) and L{storeOptions}.
     """
     section = Section(f"[{instanceName}]", options)
     dsn = section.text("dsn", "")
     poolSize = section.integer("pool_size", 5, minimum=1)
     node = section.text("node", None)
-    leaseSeconds = section.number("lease_seconds", 7200.0, minimum=1)
+    common = storeOptions(section)
     heartbeatSeconds = section.number("heartbeat_seconds", 10.0, minimum=0.1)
-    spillThreshold = section.integer("spill_threshold", 256 * 1024, minimum=0)
     connectTimeout = section.number("connect_timeout", 10.0, minimum=1)
     section.finish()
     if node == "":
         raise ConfigError(f"[{instanceName}] node: must not be empty")
-    if leaseSeconds <= STALE_BEATS * heartbeatSeconds:
+    if common["leaseSeconds"] <= STALE_BEATS * heartbeatSeconds:
         raise ConfigError(f"[{instanceName}] lease_seconds must be longer than {STALE_BEATS} heartbeats")
     try:
         import psycopg
@@ -892,9 +747,8 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
         context.reactor,
         poolSize=poolSize,
         node=node,
-        leaseSeconds=leaseSeconds,
         heartbeatSeconds=heartbeatSeconds,
-        spillThreshold=spillThreshold,
         spoolDirectory=spool,
         connectTimeout=connectTimeout,
+        **common,
     )
