@@ -174,7 +174,8 @@ class Session:
         checker = InMemoryUsernamePasswordDatabaseDontUse()
         checker.addUser(b"customer", PASSWORD.encode())
         checker.addUser(b"nobody", PASSWORD.encode())
-        realm = MailRealm(etrn={"customer": ("customer.test", "other.test")})
+        checker.addUser(b"relay", PASSWORD.encode())
+        realm = MailRealm(etrn={"customer": ("customer.test", "other.test"), "relay": ("*",)})
         auth = SMTPAuth(Portal(realm, [checker]), AuthThrottle(self.clock, failureDelay=0.0))
         factory = SMTPFactory(
             "odmr",
@@ -299,6 +300,18 @@ class ATRNReplyTests(SynchronousTestCase):
         session.enqueue("a@customer.test")
         session.login("nobody")
         self.assertEqual(session.ask(b"ATRN customer.test")[0][:4], b"450 ")
+
+    def test_wildcardIsNotACollectRight(self) -> None:
+        """
+        A user whose ETRN right is C{*} (it may ask for delivery of any
+        domain to that domain's servers) may not collect a customer's mail:
+        450, and the customer's mail stays where it is.
+        """
+        session = Session()
+        session.enqueue("a@customer.test")
+        session.login("relay")
+        self.assertEqual(session.ask(b"ATRN customer.test")[0][:4], b"450 ")
+        self.assertNotIn(RecipientState.LEASED, [state for _, state in session.waiting()])
 
     def test_noMail(self) -> None:
         """

@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from mailfw.address import Address, AddressError, normaliseDomain
+from mailfw.etrn import domainCovered
 from mailfw.interfaces import IHostingTable, IMailUser
 
 __all__ = ["SENDER_CHECKS", "IMailUser", "MailRealm", "MailUser", "useHostedSenders"]
@@ -82,12 +83,7 @@ class MailUser:
             domain = normaliseDomain(domain.rstrip("."))
         except AddressError:
             return False
-        for pattern in self.etrnDomains:
-            if pattern == "*" or pattern == domain:
-                return True
-            if pattern.startswith(".") and domain.endswith(pattern):
-                return True
-        return False
+        return domainCovered(self.etrnDomains, domain)
 
 
 def _defaultSenders(identity: str) -> tuple[str, ...]:

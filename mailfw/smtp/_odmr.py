@@ -151,9 +151,15 @@ class ODMRSettings:
     def mayCollect(self, avatar: Any, domain: str) -> bool:
         """
         Whether the user C{avatar} (an L{mailfw.interfaces.IMailUser}) may
-        collect C{domain}: an ODMR domain that is one of its ETRN domains.
+        collect C{domain}: an ODMR domain that one of its ETRN domains names.
+
+        The wildcard C{*} does not count here: it lets a user ask for
+        delivery of any domain to that domain's own servers (ETRN), which
+        is harmless, but collecting hands the mail to the user itself, so
+        it needs the domain (or a C{.parent} of it) by name.
         """
-        return domainCovered(self.domains, domain) and bool(avatar.mayFlush(domain))
+        named = tuple(pattern for pattern in avatar.etrnDomains if pattern != "*")
+        return domainCovered(self.domains, domain) and domainCovered(named, domain)
 
 
 def settingsFromConfig(options: Mapping[str, object], title: str = "[odmr]") -> ODMRSettings:
