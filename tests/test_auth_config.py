@@ -49,11 +49,7 @@ class AuthConfigTests(SynchronousTestCase):
             smtp=True,
             sender_check="domain",
             received_identity=True,
-            max_failures=3,
-            failure_window=60,
-            lockout=120,
-            failure_delay=0.5,
-            max_tracked_clients=10,
+            user_failures=3,
             timeout=5,
             threads=2,
             senders={"bob": ["@Example.org"]},
@@ -64,17 +60,7 @@ class AuthConfigTests(SynchronousTestCase):
         self.assertEqual(auth.mechanisms, ("PLAIN",))
         self.assertTrue(auth.receivedIdentity)
         self.assertEqual(auth.timeout, 5.0)
-        throttle = auth.throttle
-        self.assertEqual(
-            (
-                throttle.maxFailures,
-                throttle.window,
-                throttle.lockout,
-                throttle.failureDelay,
-                throttle.maxClients,
-            ),
-            (3, 60.0, 120.0, 0.5, 10),
-        )
+        self.assertEqual(setup.lockout.settings.userFailures, 3)
         [checker] = set(auth.portal.checkers.values())
         self.assertIsInstance(checker, PasswordFileChecker)
         self.assertEqual(checker.path.name, "passwd")
@@ -83,6 +69,21 @@ class AuthConfigTests(SynchronousTestCase):
             (avatar.senders, avatar.etrnDomains, avatar.senderCheck),
             (("@example.org",), ("example.org",), "domain"),
         )
+
+    def test_oldThrottleKeysRefused(self) -> None:
+        """
+        The per-address throttle's keys of earlier versions are refused,
+        naming what replaced them, instead of being silently ignored.
+        """
+        for key, replacement in [
+            ("max_failures", "user_failures"),
+            ("failure_window", "user_failure_window"),
+            ("lockout", "user_lockout"),
+            ("failure_delay", "penalty_delay"),
+            ("max_tracked_clients", "shared state"),
+        ]:
+            with self.assertRaisesRegex(ConfigError, rf"\[auth\] {key}: no longer used.*{replacement}"):
+                build(self, passwords="passwd", **{key: 5})
 
     def test_loginThroughFile(self) -> None:
         """

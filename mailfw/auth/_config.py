@@ -24,9 +24,11 @@ Keys (all optional, but one of C{passwords}, C{checker} and C{backend =
     or ETRN domains, added to what the password file says.
   - C{received_identity}: name the user in the C{Received:} header; false
     by default (the log always has it).
-  - C{max_failures} (5), C{failure_window} (600 s), C{lockout} (600 s),
-    C{failure_delay} (2 s), C{max_tracked_clients} (10000): see
-    L{mailfw.smtp._auth.AuthThrottle}.
+  - C{max_failures}, C{failure_window}, C{lockout}, C{failure_delay} and
+    C{max_tracked_clients}, the per-address throttle of earlier versions,
+    are refused with a message naming their replacements (see
+    L{_REPLACED_KEYS}): silently ignoring them would leave a server weaker
+    or stricter than its operator configured.
   - C{penalty_delay}, C{max_penalty_delay}, C{penalty_window},
     C{user_failures}, C{user_failure_window}, C{user_lockout},
     C{address_failures}, C{address_failure_window}, C{address_block},
@@ -100,6 +102,17 @@ class AuthSetup:
     lockout: AuthLockout
 
 
+#: The per-address throttle's keys of earlier versions, and what replaced
+#: each in the brute-force defence (L{mailfw.auth._lockout}).
+_REPLACED_KEYS = {
+    "max_failures": "user_failures (per network and user) and address_failures (per address)",
+    "failure_window": "user_failure_window and address_failure_window",
+    "lockout": "user_lockout and address_block",
+    "failure_delay": "penalty_delay and max_penalty_delay",
+    "max_tracked_clients": "the shared state's bound (the queue's database, or 100,000 keys in memory)",
+}
+
+
 def _table(section: Section, key: str, normalise: Any) -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
     for user, value in section.table(key, {}).items():
@@ -167,11 +180,9 @@ def authFromConfig(
     receivedIdentity = section.flag("received_identity", False)
     senders = _table(section, "senders", normaliseSenderPattern)
     etrn = _table(section, "etrn", normaliseETRNDomain)
-    maxFailures = section.integer("max_failures", 5, minimum=1)
-    window = section.number("failure_window", 600.0, minimum=0)
-    lockout = section.number("lockout", 600.0, minimum=0)
-    delay = section.number("failure_delay", 2.0, minimum=0)
-    maxClients = section.integer("max_tracked_clients", 10000, minimum=1)
+    for old, new in _REPLACED_KEYS.items():
+        if section.has(old):
+            raise ConfigError(f"{section.title} {old}: no longer used; the brute-force defence uses {new}")
     timeout = section.number("timeout", 30.0, minimum=1)
     threads = section.integer("threads", 4, minimum=1)
     backend = section.choice("backend", ("passwords", "dovecot"), "passwords")
@@ -226,14 +237,7 @@ def authFromConfig(
             )
         lookup = None
     realm = MailRealm(lookup, senders, etrn, senderCheck, allowNull)
-    throttle = AuthThrottle(
-        context.reactor,
-        maxFailures=maxFailures,
-        window=window,
-        lockout=lockout,
-        failureDelay=delay,
-        maxClients=maxClients,
-    )
+    throttle = AuthThrottle(context.reactor)
     authLockout = AuthLockout(sharedStateFor(context.queue), context.reactor, lockoutSettings)
     portal = Portal(realm, [checker])
     scram = [m for m in mechanisms if m in SCRAM_MECHANISMS]
