@@ -118,6 +118,20 @@ class ProduceFromFileTests(SynchronousTestCase):
         self.assertIsNone(self.transport.producer)
         self.assertTrue(self.reader.closed)
 
+    def test_consumerWriteFails(self) -> None:
+        """
+        A consumer whose C{write} raises ends the production: the result
+        fails with that error at once, the producer is unregistered and the
+        reader is closed, instead of the delivery hanging or succeeding
+        without the body.
+        """
+        self.transport.write = _brokenWrite  # type: ignore[method-assign]
+        d = self.produce()
+        self.runner.runAll()
+        self.failureResultOf(d, ConnectionError)
+        self.assertIsNone(self.transport.producer)
+        self.assertTrue(self.reader.closed)
+
     def test_oneReadInFlight(self) -> None:
         """
         At most one read is outstanding at any time, and each is at most
@@ -235,6 +249,10 @@ class ProduceFromFileTests(SynchronousTestCase):
         self.assertEqual(self.transport.value(), data)
 
 
+def _brokenWrite(data: bytes) -> None:
+    raise ConnectionError("the consumer is gone")
+
+
 class ProduceBytesTests(SynchronousTestCase):
     """
     L{produceBytes} writes bytes from memory, honouring pauses.
@@ -255,6 +273,17 @@ class ProduceBytesTests(SynchronousTestCase):
         transport.drain()
         self.successResultOf(d)
         self.assertEqual(transport.value(), DATA)
+
+    def test_consumerWriteFails(self) -> None:
+        """
+        A consumer whose C{write} raises fails the result; nothing is raised
+        into the caller.
+        """
+        transport = FullTransport()
+        transport.write = _brokenWrite  # type: ignore[method-assign]
+        d = produceBytes(DATA, transport)
+        self.failureResultOf(d, ConnectionError)
+        self.assertIsNone(transport.producer)
 
     def test_stopped(self) -> None:
         """

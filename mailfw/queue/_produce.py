@@ -127,7 +127,14 @@ class _ThreadedProducer:
         if not chunk:
             self._finish(None)
             return
-        self._consumer.write(chunk)
+        try:
+            self._consumer.write(chunk)
+        except Exception:
+            # A consumer that cannot take the chunk ends the production:
+            # the delivery fails now instead of hanging or reporting a
+            # body it did not send.
+            self._finish(Failure())
+            return
         self._readNext()
 
     def _readFailed(self, failure: Failure) -> None:
@@ -227,6 +234,13 @@ class _MemoryProducer:
                 chunk = bytes(self._data[self._offset : end])
                 self._offset = end
                 self._consumer.write(chunk)
+        except Exception:
+            # As in _ThreadedProducer: the caller's Deferred fails, never
+            # the caller's stack or the transport's.
+            self._finished = True
+            self._consumer.unregisterProducer()
+            self.done.errback(Failure())
+            return
         finally:
             self._writing = False
         if not self._finished and self._offset >= len(self._data):
