@@ -35,6 +35,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from mailfw.auth._lockout import AUTH_LOCKED
 from mailfw.auth._scram import MECHANISMS as SCRAM_MECHANISMS
 from mailfw.auth._scram import SCRAM_PLUS, ChannelBinding, IScramCredentials, IScramKeySource
 from mailfw.reply import SMTPReply
@@ -62,7 +63,6 @@ _BASE64 = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]
 AUTH_OK = SMTPReply(235, "2.7.0", "Authentication successful")
 AUTH_FAILED = SMTPReply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_TEMPORARY = SMTPReply(454, "4.7.0", "Temporary authentication failure")
-AUTH_LOCKED = SMTPReply(454, "4.7.0", "Too many failed authentication attempts, try again later")
 AUTH_CANCELLED = SMTPReply(501, "5.0.0", "Authentication cancelled")
 AUTH_BAD_BASE64 = SMTPReply(501, "5.5.2", "Cannot decode response as base64")
 AUTH_SYNTAX = SMTPReply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
