@@ -49,6 +49,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from mailfw.auth._checker import SessionCredentials, TemporaryAuthFailure
+from mailfw.auth._lockout import MAX_USER_OCTETS
 from mailfw.auth._realm import IMailUser
 from mailfw.auth._scram import ChannelBinding, ScramError, ScramExchange
 from mailfw.envelope import Session
@@ -356,9 +357,11 @@ class SASLExchange:
 
 def printable(name: bytes | str) -> str:
     """
-    A user name a client sent, fit for a log event: decoded leniently,
-    control characters escaped, at most 64 characters.
+    A user name a client sent, fit for a log event and for the lockout:
+    decoded leniently, control characters escaped, at most as long as the
+    lockout's own bound on names (L{MAX_USER_OCTETS}), so that two users
+    whose names share a long prefix never share a lock.
     """
     text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
     text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-    return text[:64]
+    return text[:MAX_USER_OCTETS]
