@@ -156,7 +156,7 @@ key = "{key}"
 backend = "dovecot"
 socket = "{socket}"
 timeout = 10
-failure_delay = 0.1
+penalty_delay = 0.1
 senders = {{ alice = ["alice@localhost"] }}
 """
 

@@ -37,7 +37,7 @@ certificate = "{cert}"
 key = "{key}"
 [auth]
 passwords = "passwd"
-failure_delay = 0.1
+penalty_delay = 0.1
 [routing]
 plugin = "static"
 local_domains = ["localhost"]
