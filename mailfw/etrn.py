@@ -56,7 +56,7 @@ from twisted.python.failure import Failure
 
 from mailfw.address import Address, AddressError, normaliseDomain
 from mailfw.config import ConfigError, Section
-from mailfw.interfaces import IMessageQueue
+from mailfw.interfaces import IQueueAdmin
 from mailfw.queued import Selector
 from mailfw.reply import SMTPReply
 
@@ -394,7 +394,7 @@ class ETRNHandler:
 
     log = Logger()
 
-    def __init__(self, settings: ETRNSettings, queue: IMessageQueue, clock: IReactorTime) -> None:
+    def __init__(self, settings: ETRNSettings, queue: IQueueAdmin, clock: IReactorTime) -> None:
         self.settings = settings
         self._queue = queue
         self._rate = RateLimiter(clock, settings.rate)

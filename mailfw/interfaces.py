@@ -130,9 +130,22 @@ class IIncomingMessage(Interface):
 # --- the queue -------------------------------------------------------------
 
 
-class IMessageQueue(Interface):
+class IMessageIntake(Interface):
     """
-    The durable store of accepted messages and the state of each recipient.
+    The part of a queue that the SMTP server (and anything else that
+    accepts mail) uses: storing new messages durably.
+    """
+
+    def receive(envelope: Envelope) -> IIncomingMessage:
+        """
+        Start receiving a message for C{envelope}.
+        """
+
+
+class ILeaseStore(Interface):
+    """
+    The part of a queue that the scheduler uses: leasing due recipients,
+    recording what became of them, and reading their messages.
 
     Several schedulers (on one node or on several) may claim from one queue:
     claims are exclusive leases, and records are fenced by the lease token.
@@ -143,11 +156,6 @@ class IMessageQueue(Interface):
         "may take the recipients over; start-up refuses a scheduler delivery "
         "timeout that is not shorter.  C{None} when claims never expire."
     )
-
-    def receive(envelope: Envelope) -> IIncomingMessage:
-        """
-        Start receiving a message for C{envelope}.
-        """
 
     def claim(now: float, limit: int) -> Deferred[Sequence[Lease]]:
         """
@@ -198,6 +206,13 @@ class IMessageQueue(Interface):
         @return: how many recipients were recovered.
         """
 
+
+class IQueueAdmin(Interface):
+    """
+    The part of a queue that operators use (C{mailfw queue ...}, ETRN):
+    listing recipients and acting on those a selector matches.
+    """
+
     def list(selector: Selector) -> Deferred[Sequence[QueuedMessage]]:
         """
         Messages having a recipient that matches C{selector}, oldest first,
@@ -237,6 +252,16 @@ class IMessageQueue(Interface):
         Remove matching recipients without notice (an operator's drop).
         Returns how many.
         """
+
+
+class IMessageQueue(IMessageIntake, ILeaseStore, IQueueAdmin):
+    """
+    The durable store of accepted messages and the state of each recipient:
+    what a queue plugin provides.  Its parts are separate interfaces so that
+    each caller names only the part it uses (the server
+    L{IMessageIntake}, the scheduler L{ILeaseStore}, the operator's tools
+    L{IQueueAdmin}).
+    """
 
     def close() -> Deferred[None]:
         """
@@ -283,9 +308,9 @@ class ILeaseOffers(Interface):
         its recipients fit in C{room()} less the recipients of the leased
         messages still being committed; once its commit is done,
         C{take(lease)} is called on the reactor thread, in commit order
-        (and L{IMessageQueue.notifyDue}'s callback is not).  Messages that
+        (and L{ILeaseStore.notifyDue}'s callback is not).  Messages that
         do not fit are stored ready as usual.  A lease C{take} does not act
-        on is recovered like any lost lease: by L{IMessageQueue.recover}
+        on is recovered like any lost lease: by L{ILeaseStore.recover}
         after the process ends, or when it expires.
         """
 
@@ -295,9 +320,13 @@ class ISharedState(Interface):
     Optional for a queue: small counters and marks that every process and
     every node of one server must agree on (AUTH failures, sending quotas,
     greylisting triplets), kept in the queue's database so that SQLite
-    serves one machine and PostgreSQL serves many.  Components use it when
-    the queue provides it, and a bounded in-memory store per process
-    otherwise (L{mailfw.sharedstate.MemorySharedState}).
+    serves one machine and PostgreSQL serves many (both SQL queues provide
+    it).  Components use it when the queue provides it, and a bounded
+    in-memory store per process otherwise
+    (L{mailfw.sharedstate.MemorySharedState}); get the right one with
+    L{mailfw.sharedstate.sharedStateFor}.  Stores commit these writes
+    without waiting for the disk: a crash may lose the last few counts,
+    never mail.
 
     Keys are short strings chosen by the caller, prefixed with the
     component's name (C{"auth-fail:203.0.113.0/24:alice"}); times are

@@ -8,9 +8,10 @@ Everything here is public and stable: use it in your plugin's tests.
    message body over bytes.
  - L{FakeResolver} with L{MX}, L{A}, L{AAAA}, L{CNAME}: DNS answers from a
    dictionary, for routers and relay agents.
- - L{QueueContractTests}, L{DeliveryAgentContractTests},
-   L{RouterContractTests}, L{PolicyContractTests}: mixins holding the tests
-   every queue backend, delivery agent, router or policy must pass;
+ - L{QueueContractTests}, L{SharedStateContractTests},
+   L{DeliveryAgentContractTests}, L{RouterContractTests},
+   L{PolicyContractTests}: mixins holding the tests every queue backend,
+   shared-state store, delivery agent, router or policy must pass;
    subclass one together with L{twisted.trial.unittest.SynchronousTestCase}.
  - L{connectedServer}: drive mailfw's SMTP server over a
    L{StringTransport} with a L{Clock}, to test a policy or router plugin
@@ -39,7 +40,7 @@ from mailfw.delivery._contract import DeliveryAgentContractTests, runInOtherThre
 from mailfw.delivery._memory import BytesBody, MemoryDeliveryAgent
 from mailfw.interfaces import IMessageQueue, IPolicy, IRouter
 from mailfw.policy._contract import PolicyContractTests
-from mailfw.queue._contract import QueueContractTests, makeEnvelope
+from mailfw.queue._contract import QueueContractTests, SharedStateContractTests, makeEnvelope
 from mailfw.queue._memory import MemoryQueue
 from mailfw.routing._contract import RouterContractTests
 
@@ -58,6 +59,7 @@ __all__ = [
     "QueueContractTests",
     "RouterContractTests",
     "ServerConnection",
+    "SharedStateContractTests",
     "connectedServer",
     "makeEnvelope",
     "runInOtherThread",

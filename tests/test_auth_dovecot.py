@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
@@ -80,7 +80,7 @@ class ScriptedEndpoint:
 
     def accept(self) -> tuple[DovecotAuthProtocol, StringTransport]:
         factory, d = self.attempts.pop(0)
-        protocol = factory.buildProtocol(None)
+        protocol: object = factory.buildProtocol(cast(Any, None))
         assert isinstance(protocol, DovecotAuthProtocol)
         transport = StringTransport()
         protocol.makeConnection(transport)
@@ -114,7 +114,7 @@ class Harness:
         return protocol, transport
 
     def sent(self, transport: StringTransport) -> list[bytes]:
-        lines = transport.value().split(b"\n")
+        lines: list[bytes] = transport.value().split(b"\n")
         transport.clear()
         assert lines[-1] == b""
         return lines[:-1]
@@ -646,8 +646,8 @@ class CheckerTests(SynchronousTestCase):
         d = portal.login(UsernamePassword(b"alice@example.org", b"pw"), None, IMailUser)
         self.protocol.dataReceived(b"OK\t1\tuser=alice@example.org\n")
         _, avatar, _ = self.successResultOf(d)
-        self.assertEqual(avatar.identity, "alice@example.org")
-        self.assertEqual(avatar.senders, ("alice@example.org",))
+        self.assertEqual(IMailUser(avatar).identity, "alice@example.org")
+        self.assertEqual(IMailUser(avatar).senders, ("alice@example.org",))
 
 
 class SessionTests(SynchronousTestCase):
@@ -672,15 +672,19 @@ class SessionTests(SynchronousTestCase):
     def test_dovecotDownIs454(self) -> None:
         """
         With Dovecot down, AUTH PLAIN gets 454 4.7.0 and the session goes
-        on.  (The session logs the error with its traceback until it
-        treats L{TemporaryAuthFailure} as it treats timeouts.)
+        on; the session logs one warning with the reason, no traceback.
         """
         clock, endpoint = Clock(), ScriptedEndpoint()
         conn = self.session(endpoint, clock)
         conn.send(b"AUTH PLAIN " + plainResponse(b"alice", b"pw") + b"\r\n")
-        endpoint.refuse()
+        with capturedLogs() as events:
+            endpoint.refuse()
         self.assertEqual(conn.replies(), [b"454 4.7.0 Temporary authentication failure"])
-        self.flushLoggedErrors(DovecotUnavailable)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        [warning] = [e for e in events if e["log_format"].startswith("AUTH check for")]
+        self.assertEqual(warning["log_level"], LogLevel.warn)
+        self.assertEqual(warning["peer"], "192.0.2.1:40000")
+        self.assertIsInstance(warning["reason"], DovecotUnavailable)
         conn.send(b"NOOP\r\n")
         self.assertEqual(conn.replies()[-1], b"250 2.0.0 Ok")
 
@@ -709,6 +713,8 @@ class SessionTests(SynchronousTestCase):
             b"AUTH LOGIN\r\n" + base64.b64encode(b"alice") + b"\r\n" + base64.b64encode(b"pw") + b"\r\n"
         )
         self.assertIn(b"\tresp=" + plainResponse(b"alice", b"pw"), transport.value())
+        # The session's credentials carry the client's address and TLS.
+        self.assertIn(b"\tservice=smtp\tsecured\trip=192.0.2.1\trport=40000\tresp=", transport.value())
         protocol.dataReceived(b"OK\t2\tuser=alice\n")
         self.assertEqual(
             conn.replies(),
@@ -774,7 +780,7 @@ class ConfigTests(SynchronousTestCase):
         assert isinstance(checker, DovecotChecker)
         self.assertIs(setup.service, checker.client)
         self.assertEqual(checker.client.timeout, 5)
-        self.assertEqual(checker.client.endpoint._path, "/run/dovecot/auth-client")
+        self.assertEqual(cast(Any, checker.client.endpoint)._path, "/run/dovecot/auth-client")
         setup = self.build(backend="dovecot", socket="inet:192.0.2.5:9999")
         [checker] = setup.auth.portal.checkers.values()
         self.assertIsInstance(checker.client.endpoint, HostnameEndpoint)

@@ -34,7 +34,7 @@ from mailfw.auth._passwd import checkHash, formatEntry, parseLine
 from mailfw.auth._scram import ScramKeys
 
 # Cheap parameters keep the tests fast; the format is the same.
-CHEAP = {"logN": 4, "r": 1, "p": 1}
+CHEAP: dict[str, Any] = {"logN": 4, "r": 1, "p": 1}
 
 
 def synchronous(f: Any, *args: Any) -> Deferred[Any]:
@@ -256,7 +256,7 @@ class CheckerTests(SynchronousTestCase):
             portal.login(UsernamePassword(b"bob", b"hunter2"), None, IMailUser)
         )
         self.assertEqual(
-            (avatar.identity, avatar.senders, avatar.etrnDomains),
+            (IMailUser(avatar).identity, IMailUser(avatar).senders, IMailUser(avatar).etrnDomains),
             ("bob", ("@example.org",), ("example.org",)),
         )
         logout()
@@ -300,7 +300,7 @@ class RealmTests(SynchronousTestCase):
         realm = MailRealm()
         self.assertRaises(NotImplementedError, realm.requestAvatar, "a", None, IRealm)
         iface, avatar, _ = realm.requestAvatar(b"z\xc3\xab", None, IMailUser)
-        self.assertEqual((iface, avatar.identity), (IMailUser, "zë"))
+        self.assertEqual((iface, IMailUser(avatar).identity), (IMailUser, "zë"))
         self.assertRaises(ValueError, MailRealm, senderCheck="some")
 
     def test_maySend(self) -> None:

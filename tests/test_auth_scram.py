@@ -25,7 +25,6 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -43,6 +42,7 @@ from mailfw.auth._scram import (
     saslPrep,
 )
 from mailfw.tls import selfSignedCertificate
+from tests._tlspair import NO_EXTENDED_MASTER_SECRET, tlsPair
 
 # RFC 7677 section 3.
 RFC_CLIENT_FIRST = b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO"
@@ -462,33 +462,6 @@ class KeysTests(SynchronousTestCase):
         self.assertRaises(ValueError, saslPrep, "a\u0221")
         self.assertEqual(saslPrep("a\u0221", allowUnassigned=True), "a\u0221")
         self.assertRaises(ValueError, ScramKeys.fromPassword, "pass\u0007word")
-
-
-# OpenSSL's SSL_OP_NO_EXTENDED_MASTER_SECRET.
-NO_EXTENDED_MASTER_SECRET = 1
-
-
-def tlsPair(version: TLSVersion, clientOptions: int = 0) -> tuple[Any, Any, iosim.IOPump]:
-    """
-    A client and a server TLS connection over an in-memory pipe, with
-    the handshake done, both limited to C{version}.
-
-    @param clientOptions: OpenSSL options to set on the client's context.
-    """
-    key, cert = selfSignedCertificate("mx.example", days=1)
-    serverTLS = CertificateOptions(
-        privateKey=key, certificate=cert, raiseMinimumTo=version, lowerMaximumSecurityTo=version
-    )
-    clientTLS = CertificateOptions(raiseMinimumTo=version, lowerMaximumSecurityTo=version)
-    if clientOptions:
-        clientTLS.getContext().set_options(clientOptions)
-    serverFactory = TLSMemoryBIOFactory(serverTLS, False, Factory.forProtocol(Protocol))
-    clientFactory = TLSMemoryBIOFactory(clientTLS, True, Factory.forProtocol(Protocol))
-    server = serverFactory.buildProtocol(None)
-    client = clientFactory.buildProtocol(None)
-    pump = iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client))
-    pump.flush()
-    return client, server, pump
 
 
 class ChannelBindingTests(SynchronousTestCase):

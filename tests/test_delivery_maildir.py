@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IConsumer
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -35,6 +36,7 @@ from mailfw.delivery._memory import BytesBody
 from mailfw.envelope import Envelope, Recipient, RecipientOutcome
 from mailfw.interfaces import IDeliveryAgent, IDeliveryAgentFactory, IMessageBody
 from mailfw.plugin import findPlugin
+from mailfw.queue._produce import produceBytes
 
 _T = TypeVar("_T")
 
@@ -466,6 +468,9 @@ class _WatchingBody:
         self.size = len(data)
         self.new = new
         self.seen: list[list[str]] = []
+
+    def produce(self, consumer: IConsumer) -> Deferred[None]:
+        return produceBytes(self.data, consumer)
 
     def open(self) -> BinaryIO:
         reader: Any = _WatchingReader(self.data, self.new, self.seen)

@@ -55,6 +55,8 @@ class ScriptedServer(LineReceiver):
 
     delimiter = b"\r\n"
 
+    transport: Any
+
     def __init__(self, script: dict[str, Any], log: list[dict[str, Any]], quits: list[int]) -> None:
         self.script = script
         self.log = log

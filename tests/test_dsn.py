@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import email
 from email.message import Message
+from typing import cast
 
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailfw.address import Address
@@ -22,9 +23,12 @@ REFUSED = SMTPReply(550, "5.1.1", "no such user")
 
 
 def statusBlocks(part: Message) -> list[Message]:
+    """
+    The parts of a multipart (or the blocks of a delivery-status) part.
+    """
     payload = part.get_payload()
     assert isinstance(payload, list)
-    return payload
+    return [p for p in payload if isinstance(p, Message)]
 
 
 class NoticeWriterTests(SynchronousTestCase):
@@ -56,7 +60,7 @@ class NoticeWriterTests(SynchronousTestCase):
         report = self.writer.failureReport(envelope.recipients[0], reply, "mx\u2028.example", 0.0)
         notice = self.writer.build("Q1", envelope, [report], ORIGINAL, False, 0.0)
         assert notice is not None
-        _, status, _ = email.message_from_bytes(notice.body).get_payload()  # type: ignore[misc]
+        _, status, _ = statusBlocks(email.message_from_bytes(notice.body))
         perMessage, perRecipient = statusBlocks(status)
         self.assertNotIn("X-Injected", perRecipient)
         self.assertEqual(perRecipient.get_all("Action"), ["failed"])
@@ -91,7 +95,7 @@ class NoticeWriterTests(SynchronousTestCase):
         self.assertEqual(message.get_param("report-type"), "delivery-status")
         self.assertEqual(message["To"], "<sender@example.org>")
         self.assertEqual(message["Auto-Submitted"], "auto-replied")
-        human, status, original = message.get_payload()  # type: ignore[misc]
+        human, status, original = statusBlocks(message)
         self.assertEqual(human.get_content_type(), "text/plain")
         self.assertIn("550 5.1.1 no such user", human.get_payload())
         self.assertEqual(status.get_content_type(), "message/delivery-status")
@@ -125,7 +129,7 @@ class NoticeWriterTests(SynchronousTestCase):
         report = self.writer.failureReport(envelope.recipients[0], REFUSED, None, 2000.0)
         notice = self.writer.build("Q1", envelope, [report], returned, False, 2000.0)
         assert notice is not None
-        original = email.message_from_bytes(notice.body).get_payload()[2]  # type: ignore[index]
+        original = statusBlocks(email.message_from_bytes(notice.body))[2]
         self.assertEqual(original.get_content_type(), "text/rfc822-headers")
         self.assertNotIn(b"body", notice.body)
 
@@ -159,7 +163,7 @@ class NoticeWriterTests(SynchronousTestCase):
         assert notice is not None
         message = email.message_from_bytes(notice.body)
         self.assertEqual(message["Subject"], "Delayed Mail (still being retried)")
-        [_, block] = statusBlocks(message.get_payload()[1])  # type: ignore[index]
+        [_, block] = statusBlocks(statusBlocks(message)[1])
         self.assertEqual(block["Action"], "delayed")
         self.assertEqual(block["Status"], "4.4.1")
         self.assertEqual(block["Will-Retry-Until"], "Thu, 01 Jan 1970 01:23:20 +0000")
@@ -190,8 +194,9 @@ class NoticeWriterTests(SynchronousTestCase):
         recipient is logged instead.
         """
         events: list[dict[str, object]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         envelope = makeEnvelope("a@example.com", sender=None)
         report = self.writer.failureReport(envelope.recipients[0], REFUSED, None, 0)
         self.assertIsNone(self.writer.build("Q9", envelope, [report], b"", False, 0))

@@ -105,7 +105,8 @@ class ProvidesTests(SynchronousTestCase):
         The SQL backends' classes, including the parts only big messages
         use, and PostgreSQL's cluster-wide destination slots.
         """
-        from mailfw.queue._postgres import PostgresQueue, _FileBody
+        from mailfw.queue._io import FileBody as _FileBody
+        from mailfw.queue._postgres import PostgresQueue
         from mailfw.queue._spool import SpoolingIncoming
         from mailfw.queue._sqlite import SQLiteQueue, _BlobBody
 
@@ -113,5 +114,5 @@ class ProvidesTests(SynchronousTestCase):
             self.assertTrue(verifyClass(IMessageQueue, cls))
         self.assertTrue(verifyClass(IDestinationSlots, PostgresQueue))
         self.assertTrue(verifyClass(IIncomingMessage, SpoolingIncoming))
-        for cls in (_BlobBody, _FileBody):
-            self.assertTrue(verifyClass(IMessageBody, cls))
+        for body in (_BlobBody, _FileBody):
+            self.assertTrue(verifyClass(IMessageBody, body))

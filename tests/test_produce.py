@@ -301,7 +301,7 @@ class CollectTests(SynchronousTestCase):
         A failing body fails the collection.
         """
         body = TrackingBody(DATA, forbiddenThread=-1)
-        body.open = lambda: Reader(DATA, failAfter=0)  # type: ignore[method-assign,assignment,return-value]
+        body.open = lambda: Reader(DATA, failAfter=0)  # type: ignore[method-assign]
         self.failureResultOf(collect(body.produce), OSError)
 
 
@@ -332,7 +332,7 @@ class DotStuffingConsumerTests(SynchronousTestCase):
         transport = FullTransport()
         transport.full = False
         writes: list[bytes] = []
-        transport.write = writes.append  # type: ignore[method-assign]
+        transport.write = writes.append  # type: ignore[method-assign, assignment]
         consumer = DotStuffingConsumer(transport)
         consumer.write(b"a\r\n.b\r\n")
         self.assertEqual(writes, [])
@@ -469,7 +469,7 @@ class PostgresBodyThreadTests(SynchronousTestCase):
     """
 
     def test_readsInTheSpoolThread(self) -> None:
-        from mailfw.queue import _postgres
+        from mailfw.queue import _io
         from tests.test_queue_postgres import PostgresHelpers
 
         helpers = PostgresHelpers()
@@ -480,16 +480,16 @@ class PostgresBodyThreadTests(SynchronousTestCase):
         incoming.write(message)
         queueID = helpers.wait(incoming.commit())
         body = helpers.wait(q.openBody(queueID))
-        self.assertIsInstance(body, _postgres._FileBody)
+        self.assertIsInstance(body, _io.FileBody)
 
         threads: list[int] = []
-        readinto = _postgres._FileReader.readinto
+        readinto = _io._FileReader.readinto
 
         def recordingReadinto(reader: Any, buffer: Any) -> int:
             threads.append(threading.get_ident())
             return readinto(reader, buffer)
 
-        self.patch(_postgres._FileReader, "readinto", recordingReadinto)
+        self.patch(_io._FileReader, "readinto", recordingReadinto)
         transport = FullTransport()
         transport.full = False
         helpers.wait(body.produce(transport))

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from mailfw.config import ComponentContext, ConfigError
-from mailfw.interfaces import IMessageQueue, IMessageQueueFactory
+from mailfw.interfaces import IDescribed, IMessageQueue, IMessageQueueFactory
 from mailfw.plugin import findPlugin
 from mailfw.queue._contract import QueueContractTests, makeEnvelope
 from mailfw.queue._memory import MemoryQueue, fromConfig
@@ -24,6 +25,16 @@ class MemoryQueueContractTests(QueueContractTests, SynchronousTestCase):
 
     def makeQueue(self, clock: Clock) -> IMessageQueue:
         return MemoryQueue(clock)
+
+    def test_described(self) -> None:
+        """
+        It describes itself for the start-up log, saying that it keeps
+        nothing, and owns no files.
+        """
+        self.assertTrue(verifyObject(IDescribed, self.queue))
+        assert isinstance(self.queue, MemoryQueue)
+        self.assertIn("lost when the process ends", self.queue.describe())
+        self.assertEqual(self.queue.ownedPaths(), [])
 
 
 class MemoryQueueHelperTests(SynchronousTestCase):

@@ -31,8 +31,8 @@ from zope.interface.verify import verifyObject
 
 from mailfw.config import ComponentContext, ConfigError
 from mailfw.envelope import RecipientOutcome
-from mailfw.interfaces import ILeaseOffers, IMessageQueue, IMessageQueueFactory
-from mailfw.queue._contract import QueueContractTests, makeEnvelope
+from mailfw.interfaces import IDescribed, ILeaseOffers, IMessageQueue, IMessageQueueFactory, ISharedState
+from mailfw.queue._contract import QueueContractTests, SharedStateContractTests, makeEnvelope
 from mailfw.queued import Disposition, Lease, LeaseLost, Selector
 from mailfw.reply import SMTPReply
 from tests._postgres import requirePostgres
@@ -184,6 +184,37 @@ class PostgresContractTests(QueueContractTests, SynchronousTestCase):
         self.assertEqual((rows, bodies), (1, 1))
 
 
+class PostgresSharedStateTests(SharedStateContractTests, SynchronousTestCase):
+    """
+    L{PostgresQueue} keeps the shared-state contract on a real PostgreSQL,
+    so every node of a cluster shares the counters and marks.
+    """
+
+    def makeState(self) -> ISharedState:
+        self.helpers = PostgresHelpers()
+        self.helpers.startDatabase(self)
+        self.clock = Clock()
+        state: ISharedState = self.helpers.newQueue(self.clock, node="a")
+        return state
+
+    def wait(self, d: Deferred[_T]) -> _T:
+        return self.helpers.wait(d)
+
+    def test_sharedBetweenNodes(self) -> None:
+        """
+        Two nodes count the same counter and see the same marks, and an
+        expired row is purged by a later write.
+        """
+        other = self.helpers.newQueue(self.clock, node="b")
+        self.assertEqual(self.wait(self.state.count("k", 2, 60, 0)), 2)
+        self.assertEqual(self.wait(other.count("k", 3, 60, 1)), 5)
+        self.assertEqual(self.wait(other.mark("t", 60, 7)), 7)
+        self.assertEqual(self.wait(self.state.mark("t", 60, 8)), 7)
+        self.helpers.sql("INSERT INTO shared_state (name, value, started, expires) VALUES ('old', 1, 0, 10)")
+        self.wait(self.state.count("k", 1, 60, 1000))
+        self.assertEqual(self.helpers.sql("SELECT name FROM shared_state ORDER BY name"), [("k",)])
+
+
 class PostgresNodeTests(SynchronousTestCase):
     """
     Two L{PostgresQueue}s on one database behave like two nodes sharing a
@@ -284,14 +315,14 @@ class PostgresNodeTests(SynchronousTestCase):
         inside, go = threading.Event(), threading.Event()
         real = a._transact
 
-        def transact(function: Callable[[Any], Any]) -> Deferred[Any]:
+        def transact(function: Callable[[Any], Any], durable: bool = True) -> Deferred[Any]:
             def held(cursor: Any) -> Any:
                 result = function(cursor)
                 inside.set()  # done, not yet committed
                 go.wait(TIMEOUT)
                 return result
 
-            return real(held)  # type: ignore[no-any-return]
+            return real(held, durable)  # type: ignore[no-any-return]
 
         a._transact = transact
 
@@ -411,6 +442,36 @@ class PostgresNodeTests(SynchronousTestCase):
         self.helpers.sql("NOTIFY mailfw_due, 'probe'")
         self.helpers.waitUntil(lambda: b.lastNotification == "probe", "the probe")
         self.assertEqual((b.notificationsReceived, len(woken)), (3, 3))
+
+    def test_notifyBurstEndingWithOwn(self) -> None:
+        """
+        In a burst of notifications whose last is the node's own, every
+        earlier one still wakes the node: each wake-up handed to the
+        reactor carries its own payload.  The results are run only after
+        the listener thread handed over the whole burst, as a busy reactor
+        would (regression: a lambda bound to the loop's variable made every
+        call see the last payload, the node's own, and wake nobody).
+        """
+        b = self.node("b")
+        self.wait(b.listening)
+        self.helpers.waitUntil(lambda: not b._inFlight, "b's first heartbeat")
+        woken: list[None] = []
+        b.notifyDue(lambda: woken.append(None))
+        calls = self.helpers.calls
+        self.assertEqual(calls.qsize(), 0)
+        # One transaction: the three arrive together, in this order.
+        self.helpers.sql(
+            "SELECT pg_notify('mailfw_due', 'n1'), pg_notify('mailfw_due', 'n2'), pg_notify('mailfw_due', 'b')"
+        )
+        deadline = time.monotonic() + TIMEOUT
+        while calls.qsize() < 3:
+            if time.monotonic() > deadline:
+                self.fail(f"the listener handed over {calls.qsize()} of 3 notifications in {TIMEOUT} s")
+            time.sleep(0.01)
+        for _ in range(3):
+            calls.get_nowait()()
+        self.assertEqual((b.notificationsReceived, b.lastNotification), (3, "b"))
+        self.assertEqual(len(woken), 2, "the wake-ups of the other nodes' notifications were lost")
 
     def test_idempotentInsert(self) -> None:
         """
@@ -639,6 +700,39 @@ class PostgresNodeTests(SynchronousTestCase):
 
         self.helpers.sql("UPDATE mailfw_schema SET version = version + 1")
         self.assertRaises(psycopg.DatabaseError, initialiseDatabase, self.helpers.dsn)
+
+    def test_sharedStateAddedToVersion1(self) -> None:
+        """
+        A version 1 database (before shared state) gets the C{shared_state}
+        table and version 2 at start-up, keeping its messages.
+        """
+        from mailfw.queue._postgres import initialiseDatabase
+
+        a = self.node("a")
+        self.enqueue(a, "x@example.com")
+        self.helpers.sql("DROP TABLE shared_state")
+        self.helpers.sql("UPDATE mailfw_schema SET version = 1")
+        initialiseDatabase(self.helpers.dsn)
+        self.assertEqual(self.helpers.sql("SELECT version FROM mailfw_schema"), [(2,)])
+        self.assertEqual(self.wait(a.count("k", 1, 60, 0)), 1)
+        self.assertEqual(self.helpers.sql("SELECT COUNT(*) FROM messages"), [(1,)])
+
+    def test_describedWithoutSecrets(self) -> None:
+        """
+        The start-up line names the server, database, user and node, never
+        the password; the queue writes no files of its own.
+        """
+        # The throw-away cluster trusts local connections: the password is
+        # sent and ignored.
+        self.helpers.dsn += " password=hunter2secret"
+        a = self.node("a")
+        self.assertTrue(verifyObject(IDescribed, a))
+        self.assertEqual(self.wait(a.count("k", 1, 60, 0)), 1)
+        line = a.describe()
+        self.assertNotIn("hunter2secret", line)
+        self.assertIn("dbname=", line)
+        self.assertTrue(line.startswith("postgresql ") and line.endswith(" node a"), line)
+        self.assertEqual(a.ownedPaths(), [])
 
     def test_initialiseTwice(self) -> None:
         """

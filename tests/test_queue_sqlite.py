@@ -23,9 +23,10 @@ from zope.interface.verify import verifyObject
 
 from mailfw.config import ComponentContext, ConfigError
 from mailfw.envelope import RecipientOutcome
-from mailfw.interfaces import ILeaseOffers, IMessageBody, IMessageQueue, IMessageQueueFactory
+from mailfw.interfaces import ILeaseOffers, IMessageBody, IMessageQueue, IMessageQueueFactory, ISharedState
 from mailfw.plugin import findPlugin
-from mailfw.queue._contract import QueueContractTests, makeEnvelope
+from mailfw.queue._contract import QueueContractTests, SharedStateContractTests, makeEnvelope
+from mailfw.queue._engine import PURGE_BATCH, PURGE_SECONDS
 from mailfw.queue._sqlite import SQLiteQueue, SynchronousExecutor, ThreadExecutor, fromConfig
 from mailfw.queued import Disposition, Lease, LeaseLost, QueueFull, RecipientState, Selector
 from mailfw.reply import SMTPReply
@@ -193,6 +194,80 @@ class SQLiteThreadedContractTests(SQLiteSynchronousContractTests):
         for d in ds:
             self.wait(d)
         self.assertEqual(self.queue.transactions - before, 1)  # type: ignore[attr-defined]
+
+
+class SQLiteSharedStateTests(SharedStateContractTests, SynchronousTestCase):
+    """
+    L{SQLiteQueue} keeps the shared-state contract; the state lives in the
+    database, so every process on the machine shares it.
+    """
+
+    def makeState(self) -> ISharedState:
+        self.path = Path(self.mktemp()) / "queue.sqlite"
+        self.path.parent.mkdir()
+        self.clock = Clock()
+        return synchronousQueue(self.path, self.clock)
+
+    def test_sharedBetweenQueues(self) -> None:
+        """
+        Two queue objects on one file (two worker processes) count the same
+        counter and see the same marks.
+        """
+        other = synchronousQueue(self.path, self.clock)
+        self.assertEqual(self.wait(self.state.count("k", 2, 60, 0)), 2)
+        self.assertEqual(self.wait(other.count("k", 3, 60, 1)), 5)
+        self.assertEqual(self.wait(other.mark("t", 60, 7)), 7)
+        self.assertEqual(self.wait(self.state.mark("t", 60, 8)), 7)
+
+    def test_writesOnTheWriterThread(self) -> None:
+        """
+        Counts, marks and forgets are writes: they wait for the writer (a
+        thread in production, never the caller's), are committed without
+        waiting for the disk, and share its group commit.  A read (count 0)
+        goes to the reader.
+        """
+        writer, reader = ManualExecutor(), ManualExecutor()
+        q = synchronousQueue(self.path, self.clock, writer=writer, reader=reader)
+        counted = q.count("k", 1, 60, 0)
+        marked = q.mark("t", 60, 0)
+        forgotten = q.forget("x")
+        read = q.count("k", 0, 60, 0)
+        for d in (counted, marked, forgotten, read):
+            self.assertNoResult(d)
+        self.assertEqual((len(writer.jobs), len(reader.jobs)), (1, 1))
+        writer.run()
+        self.assertEqual((self.successResultOf(counted), self.successResultOf(marked)), (1, 0))
+        self.assertEqual(q.transactions, 1)
+        reader.run()
+        self.assertEqual(self.successResultOf(read), 1)
+
+    def test_expiredPurgedInBatches(self) -> None:
+        """
+        Expired rows are deleted by later writes, at most L{PURGE_BATCH} at a
+        time; a write that found a full batch lets the next write purge
+        again at once, one that did not waits L{PURGE_SECONDS}.
+        """
+        q = self.state
+        assert isinstance(q, SQLiteQueue)
+        connection = sqlite3.connect(str(self.path))
+        connection.executemany(
+            "INSERT INTO shared_state (name, value, started, expires) VALUES (?, 1, 0, 10)",
+            [(f"old{n}",) for n in range(PURGE_BATCH + 5)],
+        )
+        connection.commit()
+        connection.close()
+        self.wait(q.count("new", 1, 1000, 100))
+        self.assertEqual(freshCount(self.path, "shared_state"), 6)
+        self.wait(q.count("new", 1, 1000, 101))
+        self.assertEqual(freshCount(self.path, "shared_state"), 1)
+        connection = sqlite3.connect(str(self.path))
+        connection.execute("INSERT INTO shared_state (name, value, started, expires) VALUES ('x', 1, 0, 10)")
+        connection.commit()
+        connection.close()
+        self.wait(q.mark("m", 1000, 102))
+        self.assertEqual(freshCount(self.path, "shared_state"), 3)
+        self.wait(q.mark("m", 1000, 102 + PURGE_SECONDS))
+        self.assertEqual(freshCount(self.path, "shared_state"), 2)
 
 
 class SQLiteQueueTests(SynchronousTestCase):
@@ -367,6 +442,45 @@ class SQLiteQueueTests(SynchronousTestCase):
         self.successResultOf(other)
         self.assertEqual(freshCount(self.path, "messages"), 2)
 
+    def test_diskFullTwiceInBatchDeferredDelivery(self) -> None:
+        """
+        Two messages that do not fit, in one group commit whose results
+        reach the reactor only after the batch (as C{callFromThread} does):
+        each gets its own L{QueueFull}, the others commit, and delivering
+        the results raises nothing.  A result callable that looked up the
+        failed operation when it ran, not when it was made, would fire the
+        wrong one (regression: a late-bound lambda in the retry loop).
+        """
+        writer = ManualExecutor()
+        delivered: list[Callable[[], None]] = []
+        q = synchronousQueue(
+            self.path,
+            self.clock,
+            writer=writer,
+            deliver=delivered.append,
+            configureConnection=lambda c: c.execute("PRAGMA max_page_count = 40"),
+            spillThreshold=1 << 30,
+        )
+        small = self.enqueueStart(q)
+        big1 = self.enqueueStart(q, b"x" * 400_000)
+        big2 = self.enqueueStart(q, b"y" * 400_000)
+        other = self.enqueueStart(q)
+        writer.run()
+        self.assertEqual(q.transactions, 1)
+        self.assertEqual(len(delivered), 3, "one result call per aborted message and one for the commit")
+        errors: list[str] = []
+        for f in delivered:
+            try:
+                f()
+            except Exception as e:
+                errors.append(f"{type(e).__name__}: {e}")
+        self.assertEqual(errors, [], "delivering the batch's results raised on the reactor thread")
+        self.failureResultOf(big1, QueueFull)
+        self.failureResultOf(big2, QueueFull)
+        self.successResultOf(small)
+        self.successResultOf(other)
+        self.assertEqual(freshCount(self.path, "messages"), 2)
+
     def test_spoolFull(self) -> None:
         """
         A spool file that cannot be written (no space) fails the commit with
@@ -476,6 +590,40 @@ class SQLiteQueueTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(again.bounce(Selector(queueIDs=(queueID,)))), 1)
         [lease] = self.successResultOf(again.claim(self.clock.seconds(), 10))
         self.assertEqual([(r.bounceRequested, r.released) for r in lease.recipients], [(True, False)])
+
+    def test_sharedStateAddedToVersion1(self) -> None:
+        """
+        A version 1 database (before shared state) gets the C{shared_state}
+        table and version 2 on open, keeping its messages.
+        """
+        q = synchronousQueue(self.path, self.clock)
+        queueID = self.successResultOf(self.enqueueStart(q))
+        self.successResultOf(q.close())
+        connection = sqlite3.connect(str(self.path))
+        connection.execute("DROP TABLE shared_state")
+        connection.execute("UPDATE mailfw_schema SET version = 1")
+        connection.commit()
+        connection.close()
+        again = synchronousQueue(self.path, self.clock)
+        self.assertEqual(self.successResultOf(again.count("k", 1, 60, 0)), 1)
+        self.assertEqual(len(self.successResultOf(again.list(Selector(queueIDs=(queueID,))))), 1)
+        connection = sqlite3.connect(str(self.path))
+        try:
+            self.assertEqual(connection.execute("SELECT version FROM mailfw_schema").fetchall(), [(2,)])
+        finally:
+            connection.close()
+
+    def test_oldSQLiteRefused(self) -> None:
+        """
+        An SQLite library older than 3.35 (no C{RETURNING}) is refused with
+        a message that says so, and configuration turns it into a
+        L{ConfigError}.
+        """
+        self.patch(sqlite3, "sqlite_version_info", (3, 34, 1))
+        self.patch(sqlite3, "sqlite_version", "3.34.1")
+        error = self.assertRaises(sqlite3.NotSupportedError, synchronousQueue, self.path, self.clock)
+        self.assertIn("3.35", str(error))
+        self.assertFalse(self.path.exists())
 
     def test_walAndFullSync(self) -> None:
         """

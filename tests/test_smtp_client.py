@@ -676,7 +676,7 @@ class TransactionTests(SynchronousTestCase):
         serve(proto, "250 ok", "250 ok")
         self.assertEqual(sent(transport)[-1:], [b"DATA"])
         bodyWrites: list[bytes] = []
-        transport.write = bodyWrites.append  # type: ignore[method-assign]
+        transport.write = bodyWrites.append  # type: ignore[method-assign, assignment]
         serve(proto, "354 go")
         self.assertGreater(len(bodyWrites), 1)
         self.assertTrue(bodyWrites[-1].endswith(b"last line\r\n.\r\n"), bodyWrites[-1][-40:])
@@ -704,9 +704,10 @@ class TransactionTests(SynchronousTestCase):
         d = proto.transaction(envelope("a@example.net"), TrackingBody(message))
         serve(proto, "250 ok", "250 ok", "354 go")
         before = len(transport.value())
-        self.assertIsNotNone(transport.producer)
+        producer = transport.producer
+        assert producer is not None
         self.assertLess(before, len(message))
-        transport.producer.resumeProducing()
+        producer.resumeProducing()
         # One more chunk (64 KiB, a little more once dot-stuffed), no more.
         self.assertTrue(before < len(transport.value()) <= before + 66 * 1024)
         transport.drain()

@@ -220,7 +220,10 @@ class StartupLogTests(SynchronousTestCase):
         )
         self.assertIn("delivery instance drop: plugin discard", messages)
         self.assertIn("routing: static, mail for example.org, mx.test is delivered locally", messages)
-        self.assertIn(f"mailfw mx.test: data in {self.dataDir}, queue plugin memory", messages)
+        self.assertIn(
+            f"mailfw mx.test: data in {self.dataDir}, queue memory (messages are lost when the process ends)",
+            messages,
+        )
         self.assertIn("mailfw smtp listener on tcp:2526:backlog=7", messages)
         self.assertEqual([m for m in messages if " object at 0x" in m], [])
 

@@ -19,7 +19,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
 from mailfw.envelope import Envelope
-from mailfw.interfaces import IMessageQueue
+from mailfw.interfaces import IMessageQueue, IQueueAdmin
 from mailfw.queued import QueuedMessage, QueuedRecipient, RecipientState, Selector
 
 __all__ = ["ControlFactory", "messageToJSON", "selectorFromJSON"]
@@ -102,7 +102,7 @@ class ControlProtocol(LineOnlyReceiver):
     delimiter = b"\n"
     log = Logger()
 
-    def __init__(self, queue: IMessageQueue, readHeaders: Callable[[str], Deferred[bytes]]) -> None:
+    def __init__(self, queue: IQueueAdmin, readHeaders: Callable[[str], Deferred[bytes]]) -> None:
         self.queue = queue
         self.readHeaders = readHeaders
         self.answered = False

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailfw.auth._passwd import PasswordEntry, PasswordFileError, burnTime, readPasswordFile, verifyPassword
-from mailfw.auth._scram import IScramCredentials, ScramKeys
+from mailfw.auth._scram import IScramCredentials, IScramKeySource, ScramKeys
 from mailfw.envelope import Session
 from mailfw.interfaces import ISessionCredentials
 
@@ -50,7 +50,7 @@ class SessionCredentials(UsernamePassword):
         self.session = session
 
 
-@implementer(ICredentialsChecker)
+@implementer(ICredentialsChecker, IScramKeySource)
 class PasswordFileChecker:
     """
     Checks user names and passwords against the password file.

@@ -9,7 +9,11 @@ Keys (all optional, but one of C{passwords}, C{checker} and C{backend =
     to the data directory.
   - C{checker}: instead, a C{twisted.cred.strcred} checker description,
     e.g. C{"unix"}; it must check user names and passwords.
-  - C{mechanisms}: C{["PLAIN", "LOGIN"]} by default.
+  - C{mechanisms}: by default C{["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256",
+    "PLAIN", "LOGIN"]}, of which the SCRAM ones are offered only with a
+    checker that has SCRAM keys (the password file), and C{-PLUS} only on
+    a TLS connection with a channel binding.  Listing a SCRAM mechanism
+    with a backend that has no keys is an error.
   - C{smtp}: also offer AUTH (after STARTTLS) on the C{smtp} listeners, so
     that users can relay through port 25; false by default.
   - C{sender_check}: C{"exact"} (default), C{"domain"} or C{"any"}; see
@@ -55,7 +59,7 @@ from mailfw.auth._passwd import PasswordFileError, normaliseETRNDomain, normalis
 from mailfw.auth._realm import SENDER_CHECKS, MailRealm
 from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.sharedstate import sharedStateFor
-from mailfw.smtp._auth import MECHANISMS, AuthThrottle, SMTPAuth
+from mailfw.smtp._auth import MECHANISMS, SCRAM_MECHANISMS, AuthThrottle, SMTPAuth, scramKeySource
 
 __all__ = ["AuthSetup", "authFromConfig"]
 
@@ -155,7 +159,8 @@ def authFromConfig(
     """
     passwords = section.text("passwords", None)
     checkerText = section.text("checker", None)
-    mechanisms = tuple(m.upper() for m in section.strings("mechanisms", ["PLAIN", "LOGIN"]))
+    explicitMechanisms = section.has("mechanisms")
+    mechanisms = tuple(m.upper() for m in section.strings("mechanisms", list(MECHANISMS)))
     offerOnSMTP = section.flag("smtp", False)
     senderCheck = section.choice("sender_check", SENDER_CHECKS, "exact")
     allowNull = section.flag("allow_null_sender", True)
@@ -230,8 +235,15 @@ def authFromConfig(
         maxClients=maxClients,
     )
     authLockout = AuthLockout(sharedStateFor(context.queue), context.reactor, lockoutSettings)
+    portal = Portal(realm, [checker])
+    scram = [m for m in mechanisms if m in SCRAM_MECHANISMS]
+    if explicitMechanisms and scram and scramKeySource(portal) is None:
+        raise ConfigError(
+            f"{section.title} mechanisms: {scram[0]} needs SCRAM keys, which only "
+            "'passwords' (the password file) has"
+        )
     auth = SMTPAuth(
-        Portal(realm, [checker]),
+        portal,
         throttle,
         mechanisms=mechanisms,
         receivedIdentity=receivedIdentity,

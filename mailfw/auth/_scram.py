@@ -39,13 +39,15 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.cred.credentials import ICredentials
-from zope.interface import Attribute, implementer
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface, implementer
 
 __all__ = [
     "DEFAULT_ITERATIONS",
     "MECHANISMS",
     "ChannelBinding",
     "IScramCredentials",
+    "IScramKeySource",
     "ScramCredentials",
     "ScramError",
     "ScramExchange",
@@ -323,6 +325,24 @@ class IScramCredentials(ICredentials):
     def checkKeys(keys: ScramKeys) -> bool:
         """
         Whether the exchange succeeded with exactly C{keys}.
+        """
+
+
+class IScramKeySource(Interface):
+    """
+    A credentials checker that can run SCRAM: it gives a user's keys in
+    the middle of the exchange, and accepts the L{IScramCredentials} the
+    exchange ends with.  The session offers SCRAM exactly when the
+    portal's checker for L{IScramCredentials} provides this (a checker
+    that only sees passwords, such as Dovecot's or a C{strcred} one,
+    cannot).
+    """
+
+    def scramKeys(user: str) -> Deferred[ScramKeys]:
+        """
+        C{user}'s keys, or decoy keys (L{ScramKeys.decoyFor}) when the
+        user is unknown or has none, so that the exchange goes on and fails
+        like a wrong password.  Fails (454) if they cannot be read now.
         """
 
 

@@ -137,6 +137,7 @@ def _passwd(args: argparse.Namespace, action: str, user: str, stdin: TextIO) -> 
     the one place that hashes and writes passwords.
     """
     from mailfw.auth._passwd import DEFAULT_LOG_N
+    from mailfw.auth._scram import DEFAULT_ITERATIONS
     from mailfw.auth._tool import passwdCommand
 
     config = loadConfig(args.config, dataDir=args.data_dir)
@@ -151,6 +152,7 @@ def _passwd(args: argparse.Namespace, action: str, user: str, stdin: TextIO) -> 
         sender=None,
         etrn=None,
         cost=getattr(args, "cost", DEFAULT_LOG_N),
+        scram_iterations=getattr(args, "scram_iterations", DEFAULT_ITERATIONS),
     )
     return passwdCommand(namespace, stdin)
 

@@ -9,8 +9,9 @@ L{twisted.trial.unittest.SynchronousTestCase} and providing L{makeQueue}::
             return MyQueue(clock)
 
 A backend whose L{Deferred}s fire later (a real thread, a real database)
-overrides L{wait} and L{waitFailure} to drive its work to completion with
-a bounded wait, and L{assertDurable} to check, independently of the queue
+overrides L{QueueContractTests.wait} and L{QueueContractTests.waitFailure}
+to drive its work to completion with a bounded wait, and
+L{QueueContractTests.assertDurable} to check, independently of the queue
 object, that a committed message really is stored.
 """
 
@@ -28,7 +29,15 @@ from zope.interface.verify import verifyObject
 
 from mailfw.address import Address
 from mailfw.envelope import Envelope, Recipient, RecipientOutcome
-from mailfw.interfaces import IIncomingMessage, IMessageBody, IMessageQueue
+from mailfw.interfaces import (
+    IIncomingMessage,
+    ILeaseStore,
+    IMessageBody,
+    IMessageIntake,
+    IMessageQueue,
+    IQueueAdmin,
+    ISharedState,
+)
 from mailfw.queued import (
     Disposition,
     Lease,
@@ -46,7 +55,7 @@ if TYPE_CHECKING:
 else:
     _Base = object
 
-__all__ = ["QueueContractTests", "makeEnvelope"]
+__all__ = ["QueueContractTests", "SharedStateContractTests", "makeEnvelope"]
 
 _T = TypeVar("_T")
 
@@ -146,10 +155,12 @@ class QueueContractTests(_Base):
 
     def test_providesInterfaces(self) -> None:
         """
-        The queue provides L{IMessageQueue} and its incoming messages
-        provide L{IIncomingMessage}.
+        The queue provides L{IMessageQueue}, and so each of its parts, and
+        its incoming messages provide L{IIncomingMessage}.
         """
         self.assertTrue(verifyObject(IMessageQueue, self.queue))
+        for part in (IMessageIntake, ILeaseStore, IQueueAdmin):
+            self.assertTrue(part.providedBy(self.queue), part)
         incoming = self.queue.receive(makeEnvelope("a@example.com"))
         self.assertTrue(verifyObject(IIncomingMessage, incoming))
         incoming.abort()
@@ -885,3 +896,85 @@ class QueueContractTests(_Base):
         """
         self.enqueue(makeEnvelope("a@example.com"))
         self.assertIsNone(self.wait(self.queue.close()))
+
+
+class SharedStateContractTests(_Base):
+    """
+    Tests that any L{ISharedState} must pass (the in-memory store and the
+    SQL queues alike).  Mix into a L{SynchronousTestCase} and define
+    L{makeState}; a store whose L{Deferred}s fire later overrides L{wait}.
+    """
+
+    state: ISharedState
+
+    def makeState(self) -> ISharedState:
+        """
+        Build an empty store.  Subclasses must override this.
+        """
+        raise NotImplementedError("subclasses of SharedStateContractTests define makeState")
+
+    def wait(self, d: Deferred[_T]) -> _T:
+        """
+        The result of C{d}, running whatever background work it needs.
+        """
+        return self.successResultOf(d)
+
+    def setUp(self) -> None:
+        self.state = self.makeState()
+
+    def test_interface(self) -> None:
+        """
+        It provides L{ISharedState}.
+        """
+        self.assertTrue(verifyObject(ISharedState, self.state))
+
+    def test_countWithinWindow(self) -> None:
+        """
+        Counts add up within the window and start again from zero after it.
+        """
+        self.assertEqual(self.wait(self.state.count("k", 1, 60, 1000)), 1)
+        self.assertEqual(self.wait(self.state.count("k", 2, 60, 1030)), 3)
+        self.assertEqual(self.wait(self.state.count("k", 0, 60, 1059)), 3)
+        self.assertEqual(self.wait(self.state.count("k", 1, 60, 1060)), 1)
+        self.assertEqual(self.wait(self.state.count("k", 0, 60, 1119)), 1)
+
+    def test_readDoesNotStart(self) -> None:
+        """
+        Counting 0 of an unknown key reads 0 and starts no window: the
+        window starts at the first real count.
+        """
+        self.assertEqual(self.wait(self.state.count("k", 0, 60, 0)), 0)
+        self.assertEqual(self.wait(self.state.count("k", 1, 60, 100)), 1)
+        self.assertEqual(self.wait(self.state.count("k", 0, 60, 159)), 1)
+        self.assertEqual(self.wait(self.state.count("k", 0, 60, 160)), 0)
+
+    def test_keysApart(self) -> None:
+        """
+        Each key counts on its own.
+        """
+        self.wait(self.state.count("a", 5, 60, 0))
+        self.assertEqual(self.wait(self.state.count("b", 1, 60, 0)), 1)
+        self.assertEqual(self.wait(self.state.count("a", 0, 60, 0)), 5)
+
+    def test_mark(self) -> None:
+        """
+        A mark answers with its first time while it lives, and a new time
+        after it expired.
+        """
+        self.assertEqual(self.wait(self.state.mark("t", 100, 5)), 5)
+        self.assertEqual(self.wait(self.state.mark("t", 100, 50)), 5)
+        self.assertEqual(self.wait(self.state.mark("t", 100, 105)), 105)
+        self.assertEqual(self.wait(self.state.mark("t", 100, 204)), 105)
+
+    def test_forget(self) -> None:
+        """
+        A forgotten counter starts again from zero, a forgotten mark anew;
+        forgetting an unknown key does nothing.
+        """
+        self.wait(self.state.count("k", 5, 60, 0))
+        self.wait(self.state.mark("t", 100, 0))
+        self.assertIsNone(self.wait(self.state.forget("k")))
+        self.wait(self.state.forget("t"))
+        self.wait(self.state.forget("unknown"))
+        self.assertEqual(self.wait(self.state.count("k", 1, 60, 1)), 1)
+        self.assertEqual(self.wait(self.state.mark("t", 100, 2)), 2)

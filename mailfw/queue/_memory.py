@@ -10,22 +10,20 @@ survives the process.
 
 from __future__ import annotations
 
-import io
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import BinaryIO
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailfw.config import ComponentContext, Section
 from mailfw.envelope import Envelope, Recipient
-from mailfw.interfaces import IIncomingMessage, IMessageBody, IMessageQueue
-from mailfw.queue._produce import produceBytes
+from mailfw.interfaces import IDescribed, IIncomingMessage, IMessageBody, IMessageQueue
+from mailfw.queue._io import MemoryBody
 from mailfw.queue._schema import selectorMatches
 from mailfw.queued import (
     Disposition,
@@ -41,23 +39,6 @@ from mailfw.queued import (
 from mailfw.reply import SMTPReply
 
 __all__ = ["MemoryBody", "MemoryQueue", "fromConfig"]
-
-
-@implementer(IMessageBody)
-class MemoryBody:
-    """
-    An L{IMessageBody} held in memory.
-    """
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.size = len(data)
-
-    def open(self) -> BinaryIO:
-        return io.BytesIO(self._data)
-
-    def produce(self, consumer: IConsumer) -> Deferred[None]:
-        return produceBytes(self._data, consumer)
 
 
 @dataclass
@@ -124,7 +105,7 @@ class _MemoryIncoming:
         self._chunks = []
 
 
-@implementer(IMessageQueue)
+@implementer(IMessageQueue, IDescribed)
 class MemoryQueue:
     """
     An L{IMessageQueue} in memory.
@@ -441,6 +422,15 @@ class MemoryQueue:
             if not m.recipients:
                 del self._messages[m.queueID]
         return succeed(count)
+
+    def describe(self) -> str:
+        return "memory (messages are lost when the process ends)"
+
+    def ownedPaths(self) -> Sequence[str]:
+        """
+        None: nothing is written.
+        """
+        return []
 
     def close(self) -> Deferred[None]:
         self.closed = True

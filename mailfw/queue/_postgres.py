@@ -68,20 +68,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import os
 import socket
 import struct
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList, fail
-from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -90,67 +87,40 @@ from zope.interface import implementer
 from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.envelope import Envelope
 from mailfw.interfaces import (
+    IDescribed,
     IDestinationSlots,
-    IIncomingMessage,
     ILeaseOffers,
     IMessageBody,
     IMessageQueue,
+    ISharedState,
 )
-from mailfw.queue._memory import MemoryBody
-from mailfw.queue._produce import ExecutorRunner, ThreadRunner, produceFromFile
+from mailfw.queue._engine import Database, Dialect, SQLQueue, returnLeases
+from mailfw.queue._io import CHUNK, Executor, ExecutorRunner, FileBody, ThreadExecutor, copySpooled
+from mailfw.queue._produce import ThreadRunner
 from mailfw.queue._schema import (
-    INSERT_LEASED_RECIPIENT,
     INSERT_MESSAGE,
-    INSERT_RECIPIENT,
     SCHEMA_VERSION,
     createStatements,
-    envelopeFromJSON,
     envelopeToJSON,
     newQueueID,
     pyformat,
-    recipientRows,
-    replyColumns,
-    replyFromColumns,
-    selectorWhere,
 )
-from mailfw.queue._spool import Executor, LeaseOffers, SpoolingIncoming
-from mailfw.queue._sqlite import ThreadExecutor
-from mailfw.queued import (
-    Disposition,
-    Lease,
-    LeaseLost,
-    Notice,
-    QueuedMessage,
-    QueuedRecipient,
-    QueueFull,
-    RecipientState,
-    Selector,
-)
+from mailfw.queue._spool import NewMessage
+from mailfw.queued import Lease, QueueFull
 
 if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
     from psycopg import Connection, Cursor
 
 __all__ = ["CHANNEL", "PostgresQueue", "fromConfig", "initialiseDatabase", "withConnectionDefaults"]
 
 _T = TypeVar("_T")
 
-CHUNK = 1 << 20
-"""How much body one COPY write sends and one slice reads."""
-"""How much received body collects in memory before the spool thread
-writes it out, once a message is being spilled."""
 CHANNEL = "mailfw_due"
 """The NOTIFY channel for flushes and releases."""
 LOCK_KEY = 0x6D61696C6677
 """The advisory lock held while the schema is created or migrated."""
 STALE_BEATS = 3
 """A node is dead after this many heartbeat intervals without a beat."""
-
-_READY = RecipientState.READY.value
-_LEASED = RecipientState.LEASED.value
-_HOLD = RecipientState.HOLD.value
-_ETRN = RecipientState.ETRN.value
-_CLEAR_LEASE = "lease_token = NULL, lease_owner = NULL, lease_expires = NULL"
 
 _POSTGRES_STATEMENTS = [
     """CREATE TABLE IF NOT EXISTS mailfw_nodes (
@@ -247,8 +217,10 @@ def initialiseDatabase(conninfo: str, connectTimeout: float = 10.0) -> None:
             # Nothing to do, and no DDL: DDL would lock tables that
             # running nodes are writing.
             return
-        # Version 1 is the only one so far: create everything.  Later
-        # migrations go here, each guarded by the stored version.
+        # Every statement is safe to run again: creating version 2 from
+        # nothing and migrating version 1 (which lacks shared_state) are
+        # the same.  A later migration that is not goes here, guarded by
+        # the stored version.
         for statement in createStatements("BYTEA"):
             connection.execute(statement)
         for statement in _POSTGRES_STATEMENTS:
@@ -282,99 +254,24 @@ def withConnectionDefaults(conninfo: str, connectTimeout: float = 10.0) -> str:
 # --- bodies ------------------------------------------------------------------------
 
 
-class _FileReader(io.RawIOBase):
-    """
-    Reads a shared temporary file with C{pread}, so that every reader has
-    its own position.  Holds the file open until closed.
-    """
-
-    def __init__(self, file: IO[bytes], size: int) -> None:
-        super().__init__()
-        self._file = file
-        self._size = size
-        self._position = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: WriteableBuffer) -> int:
-        view = memoryview(buffer).cast("B")
-        want = min(len(view), self._size - self._position)
-        if want <= 0:
-            return 0
-        data = os.pread(self._file.fileno(), want, self._position)
-        view[: len(data)] = data
-        self._position += len(data)
-        return len(data)
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            self._position = offset
-        elif whence == io.SEEK_CUR:
-            self._position += offset
-        else:
-            self._position = self._size + offset
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
-
-
-@implementer(IMessageBody)
-class _FileBody:
-    """
-    A large body copied out of the database into an unlinked temporary
-    file; each L{open} reads it from the start.  The file closes when the
-    body and every reader are gone.
-    """
-
-    def __init__(self, file: IO[bytes], size: int, reader: ThreadRunner) -> None:
-        self._file = file
-        self.size = size
-        self._inReader = reader
-
-    def open(self) -> BinaryIO:
-        return io.BufferedReader(_FileReader(self._file, self.size), CHUNK)
-
-    def produce(self, consumer: IConsumer) -> Deferred[None]:
-        # Read in the queue's spool thread, never on the reactor thread.
-        return produceFromFile(self.open, consumer, self._inReader)
-
-
 def _copyBody(cursor: Cursor[Any], queueID: str, spooled: IO[bytes], size: int) -> None:
     """
     Stream a spooled body into C{message_bodies} with binary C{COPY}, one
     piece at a time, so that the whole body is never in memory.
     """
     key = queueID.encode("utf-8")
-    spooled.seek(0)
     with cursor.copy("COPY message_bodies (message_id, body) FROM STDIN (FORMAT BINARY)") as copy:
         copy.write(_COPY_HEADER + struct.pack("!hi", 2, len(key)) + key + struct.pack("!i", size))
-        copied = 0
-        while copied < size:
-            chunk = spooled.read(min(CHUNK, size - copied))
-            if not chunk:
-                raise OSError(f"spool file for {queueID} is short: {copied} of {size}")
-            copy.write(chunk)
-            copied += len(chunk)
+        copySpooled(queueID, spooled, size, copy.write)
         copy.write(_COPY_TRAILER)
 
 
-def _readBody(
-    cursor: Cursor[Any], queueID: str, threshold: int, directory: Path | None, reader: ThreadRunner
-) -> IMessageBody:
-    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-    row = cursor.execute("SELECT size FROM messages WHERE id = %s", (queueID,)).fetchone()
-    if row is None:
-        raise KeyError(queueID)
-    if row[0] <= threshold:
-        body = cursor.execute("SELECT body FROM message_bodies WHERE message_id = %s", (queueID,)).fetchone()
-        if body is None:
-            raise KeyError(queueID)
-        return MemoryBody(bytes(body[0]))
+def _readBody(cursor: Database, queueID: str, directory: Path | None, reader: ThreadRunner) -> IMessageBody:
+    """
+    Copy a large body out in slices into an unlinked temporary file, so
+    that it is never in memory whole and the connection is not held while
+    it is delivered.
+    """
     length = cursor.execute(
         "SELECT octet_length(body) FROM message_bodies WHERE message_id = %s", (queueID,)
     ).fetchone()
@@ -397,32 +294,32 @@ def _readBody(
     except BaseException:
         file.close()
         raise
-    return _FileBody(file, size, reader)
+    return FileBody(file, size, reader)
 
 
-# --- receiving ---------------------------------------------------------------------
-
-
-# --- the queue ---------------------------------------------------------------------
-
-
-def _selected(selector: Selector) -> tuple[str, list[Any]]:
+class _Cursor:
     """
-    A condition selecting C{recipients} rows (unaliased, for UPDATE and
-    DELETE) that match C{selector}, with C{%s} placeholders.
+    A psycopg cursor that takes the engine's C{?} placeholders (C{%s} ones
+    pass through unchanged).
     """
-    where, params = selectorWhere(selector)
-    return (
-        pyformat(
-            "(message_id, idx) IN (SELECT r.message_id, r.idx FROM recipients r"
-            f" JOIN messages m ON m.id = r.message_id WHERE {where})"
-        ),
-        params,
-    )
+
+    def __init__(self, cursor: Cursor[Any]) -> None:
+        self.cursor = cursor
+        self.connection: Connection[Any] = cursor.connection
+
+    def execute(self, statement: str, params: Sequence[Any] = (), /) -> Cursor[Any]:
+        return self.cursor.execute(pyformat(statement), params)
+
+    def executemany(self, statement: str, rows: Iterable[Sequence[Any]], /) -> None:
+        self.cursor.executemany(pyformat(statement), rows)
+
+    @property
+    def rowcount(self) -> int:
+        return self.cursor.rowcount
 
 
-@implementer(IMessageQueue, IDestinationSlots, ILeaseOffers)
-class PostgresQueue:
+@implementer(IMessageQueue, IDestinationSlots, ILeaseOffers, IDescribed, ISharedState)
+class PostgresQueue(SQLQueue):
     """
     An L{IMessageQueue} in a PostgreSQL database that several nodes share;
     see the module docstring.
@@ -435,6 +332,7 @@ class PostgresQueue:
     """
 
     log = Logger()
+    _dialect = Dialect(lockRows=" FOR UPDATE", skipLocked=" FOR UPDATE SKIP LOCKED")
 
     def __init__(
         self,
@@ -472,7 +370,7 @@ class PostgresQueue:
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
         self._deliver: Callable[[Callable[[], None]], None] = reactor.callFromThread
-        self.node = node or f"{socket.gethostname()}:{os.getpid()}"
+        self.node = self._owner = node or f"{socket.gethostname()}:{os.getpid()}"
         self.leaseSeconds = leaseSeconds
         self.heartbeatSeconds = heartbeatSeconds
         self.spillThreshold = spillThreshold
@@ -481,8 +379,7 @@ class PostgresQueue:
         self._spool: Executor = spool or ThreadExecutor("mailfw-queue-spool")
         self._listen = listen
         self._afterInsert = afterInsert
-        self._callbacks: list[Callable[[], None]] = []
-        self._offers = LeaseOffers()
+        self._startEngine()
         self._inFlight: set[Deferred[Any]] = set()
         self._closed = False
         self._heartbeat: LoopingCall | None = None
@@ -508,30 +405,55 @@ class PostgresQueue:
         # Never the connection string: it may hold a password.
         return f"<PostgresQueue node={self.node!r}>"
 
+    def describe(self) -> str:
+        """
+        The server, database and user, and this node's name; never the
+        password, nor any other part of the connection string.
+        """
+        from psycopg.conninfo import conninfo_to_dict
+
+        given = conninfo_to_dict(self._conninfo)
+        shown = " ".join(
+            f"{key}={given[key]}" for key in ("host", "port", "dbname", "user") if given.get(key)
+        )
+        return f"postgresql {shown or '(PG* environment)'} node {self.node}"
+
+    def ownedPaths(self) -> Sequence[str]:
+        """
+        None: the database is the server's, and spooled bodies are unlinked
+        temporary files.
+        """
+        return []
+
     @staticmethod
     def _configureConnection(connection: Connection[Any]) -> None:
         connection.execute("SET synchronous_commit TO on")
         connection.execute("SET application_name TO 'mailfw'")
         connection.commit()
 
-    # --- running work in the pool -------------------------------------------
-
-    def _transact(self, function: Callable[[Cursor[Any]], _T]) -> Deferred[_T]:
+    def _transact(self, function: Callable[[_Cursor], _T], durable: bool = True) -> Deferred[_T]:
         """
         Run C{function} with a cursor in one transaction in a pool thread;
-        the result arrives on the reactor thread after the C{COMMIT}.
+        the result arrives on the reactor thread after the C{COMMIT}.  Every
+        commit is durable (C{synchronous_commit} is on for the pool's
+        connections).
         """
         if self._closed:
             return fail(RuntimeError("the queue is closed"))
 
         def run(connection: Any) -> _T:
             with connection.cursor() as cursor:
-                result = function(cursor)
+                result = function(_Cursor(cursor))
             connection.commit()
             return result
 
         d: Deferred[_T] = self._pool.runWithConnection(run)
         return self._track(d)
+
+    def _read(self, function: Callable[[_Cursor], _T]) -> Deferred[_T]:
+        return self._transact(function)
+
+    _translate = staticmethod(_translate)
 
     def _track(self, d: Deferred[_T]) -> Deferred[_T]:
         self._inFlight.add(d)
@@ -550,18 +472,6 @@ class PostgresQueue:
             return failure
 
         return d.addCallbacks(done, failed)
-
-    def _notify(self, result: _T) -> _T:
-        for callback in list(self._callbacks):
-            callback()
-        return result
-
-    def _notifyIf(self, count: int) -> int:
-        if count:
-            self._notify(None)
-        return count
-
-    # --- background: heartbeat and listener -------------------------------------
 
     def _startBackground(self) -> None:
         if self._closed:
@@ -585,17 +495,15 @@ class PostgresQueue:
         now = self._clock.seconds()
         node, interval, lease = self.node, self.heartbeatSeconds, self.leaseSeconds
 
-        def beat(cursor: Cursor[Any]) -> tuple[int, int]:
+        def beat(cursor: _Cursor) -> tuple[int, int]:
             _touchNode(cursor, node, now, interval)
             cursor.execute("UPDATE destination_leases SET expires = %s WHERE node = %s", (now + lease, node))
-            dead = [
-                row[0]
-                for row in cursor.execute(
-                    "SELECT node FROM mailfw_nodes WHERE last_seen < %s - %s * heartbeat"
-                    " AND node <> %s FOR UPDATE SKIP LOCKED",
-                    (now, STALE_BEATS, node),
-                )
-            ]
+            found = cursor.execute(
+                "SELECT node FROM mailfw_nodes WHERE last_seen < %s - %s * heartbeat"
+                " AND node <> %s FOR UPDATE SKIP LOCKED",
+                (now, STALE_BEATS, node),
+            )
+            dead = [name for (name,) in found.fetchall()]
             reaped = _reapOrphans(cursor, dead, now + lease - STALE_BEATS * interval)
             cursor.execute(
                 "DELETE FROM destination_leases WHERE node = ANY(%s) OR expires <= %s", (dead, now)
@@ -669,30 +577,18 @@ class PostgresQueue:
         if payload != self.node:
             self._notify(None)
 
-    # --- receiving ------------------------------------------------------------------
-
-    def receive(self, envelope: Envelope) -> IIncomingMessage:
-        return SpoolingIncoming(self, self._ids(), envelope, _translate)
-
-    def _insertMessage(
-        self,
-        queueID: str,
-        envelope: Envelope,
-        now: float,
-        body: bytes | None,
-        spooled: IO[bytes] | None,
-        size: int,
+    def _store(
+        self, message: NewMessage, lease: Lease | None, insert: Callable[[_Cursor], str]
     ) -> Deferred[str]:
         """
         Insert a message; when the connection fails around the commit, find
         out whether it was stored, and else try once more.
         """
+        queueID, envelope, spooled = message.queueID, message.envelope, message.spooled
         afterInsert = self._afterInsert
-        lease = self._offers.leaseFor(queueID, envelope, now, size, uuid.uuid4().hex, now + self.leaseSeconds)
-        node = self.node
 
-        def insert(cursor: Cursor[Any]) -> str:
-            _insert(cursor, queueID, envelope, now, body, spooled, size, lease, node)
+        def insertOnce(cursor: _Cursor) -> str:
+            insert(cursor)
             if afterInsert is not None:
                 cursor.connection.commit()
                 afterInsert()
@@ -700,7 +596,7 @@ class PostgresQueue:
 
         envelopeText = envelopeToJSON(envelope)
 
-        def exists(cursor: Cursor[Any]) -> bool:
+        def exists(cursor: _Cursor) -> bool:
             # This message, not another that drew the same ID.
             return (
                 cursor.execute(
@@ -723,7 +619,7 @@ class PostgresQueue:
             def checked(stored: bool) -> Deferred[str] | str:
                 if stored:
                     return queueID
-                return self._transact(insert)
+                return self._transact(insertOnce)
 
             def unresolved(_: Failure) -> Failure:
                 if lease is not None:
@@ -738,7 +634,7 @@ class PostgresQueue:
             resolved: Deferred[str] = self._transact(exists).addCallback(checked)
             return resolved.addErrback(unresolved)
 
-        d: Deferred[str] = self._transact(insert).addErrback(resolve)
+        d: Deferred[str] = self._transact(insertOnce).addErrback(resolve)
         if spooled is not None:
             # Done with the spilled body, stored or not.
             def closeSpool(result: _T) -> _T:
@@ -746,161 +642,46 @@ class PostgresQueue:
                 return result
 
             d.addBoth(closeSpool)
-        if lease is not None:
-            d.addCallbacks(
-                self._offers.hand, self._offers.withdraw, callbackArgs=(lease,), errbackArgs=(lease,)
-            )
-        elif envelope.recipients:
-            d.addCallback(self._notify)
         return d
 
-    def offerNew(self, room: Callable[[], int], take: Callable[[Lease], None]) -> None:
-        self._offers.register(room, take)
+    def _insertMessageRow(self, db: Database, queueID: str, envelope: Envelope, size: int) -> bool:
+        """
+        Insert the message row; inserting this message again does nothing
+        (a retried commit); another message with its ID fails with
+        L{QueueIDTaken}.
+        """
+        envelopeText = envelopeToJSON(envelope)
+        row = db.execute(
+            INSERT_MESSAGE + " ON CONFLICT (id) DO NOTHING RETURNING id",
+            (queueID, envelope.senderText, envelopeText, size, envelope.arrival),
+        ).fetchone()
+        if row is not None:
+            return True
+        stored = db.execute("SELECT envelope FROM messages WHERE id = %s", (queueID,)).fetchone()
+        if stored is not None and stored[0] == envelopeText:
+            return False  # this very message: a retried commit
+        # Another message drew this ID: fail, and the client tries again.
+        raise QueueIDTaken(queueID)
 
-    # --- the scheduler's side -----------------------------------------------------
+    def _copyBody(self, db: Database, queueID: str, spooled: IO[bytes], size: int) -> None:
+        assert isinstance(db, _Cursor)
+        _copyBody(db.cursor, queueID, spooled, size)
 
-    def claim(self, now: float, limit: int) -> Deferred[Sequence[Lease]]:
-        expires = now + self.leaseSeconds
-        node, interval = self.node, self.heartbeatSeconds
+    def _newToken(self) -> str:
+        return uuid.uuid4().hex
 
-        def claim(cursor: Cursor[Any]) -> Sequence[Lease]:
-            _touchNode(cursor, node, now, interval)
-            rows = cursor.execute(
-                "SELECT message_id, idx FROM recipients WHERE state IN (%s, %s)"
-                " AND next_attempt_at <= %s ORDER BY next_attempt_at, message_id, idx"
-                " LIMIT %s FOR UPDATE SKIP LOCKED",
-                (_READY, _ETRN, now, max(limit, 0)),
-            ).fetchall()
-            if len(rows) < limit:
-                rows += cursor.execute(
-                    "SELECT message_id, idx FROM recipients WHERE state = %s AND lease_expires <= %s"
-                    " ORDER BY lease_expires, message_id, idx LIMIT %s FOR UPDATE SKIP LOCKED",
-                    (_LEASED, now, limit - len(rows)),
-                ).fetchall()
-            chosen: dict[str, list[int]] = {}
-            for queueID, index in rows:
-                chosen.setdefault(queueID, []).append(index)
-            if not chosen:
-                return []
-            envelopes = {
-                row[0]: (envelopeFromJSON(row[1]), row[2])
-                for row in cursor.execute(
-                    "SELECT id, envelope, size FROM messages WHERE id = ANY(%s)", (list(chosen),)
-                )
-            }
-            leases = []
-            for queueID, indexes in chosen.items():
-                token = uuid.uuid4().hex
-                cursor.execute(
-                    "UPDATE recipients SET state = %s, lease_token = %s, lease_owner = %s,"
-                    " lease_expires = %s WHERE message_id = %s AND idx = ANY(%s)",
-                    (_LEASED, token, node, expires, queueID, indexes),
-                )
-                envelope, size = envelopes[queueID]
-                recipients = _recipients(cursor, envelope, queueID, indexes)
-                leases.append(Lease(queueID, envelope, recipients, token, expires, size))
-            return leases
+    def _touch(self, db: Database, now: float) -> None:
+        _touchNode(db, self.node, now, self.heartbeatSeconds)
 
-        return self._transact(claim)
+    def _wakeOthers(self, db: Database) -> None:
+        db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.node))
 
-    def record(
-        self, lease: Lease, dispositions: Sequence[Disposition], notices: Sequence[Notice] = ()
-    ) -> Deferred[None]:
-        now = self._clock.seconds()
-        noticeIDs = [self._ids() for _ in notices]
+    def _largeBody(self, db: Database, queueID: str, size: int) -> IMessageBody:
+        # Delivery reads the copy in the queue's spool thread.
+        return _readBody(db, queueID, self.spoolDirectory, ExecutorRunner(self._spool, self._deliver))
 
-        def record(cursor: Cursor[Any]) -> bool:
-            queueID = lease.queueID
-            claimed = [r.index for r in lease.recipients]
-            # Locking the message row too makes records of one message
-            # take turns: two nodes recording its last recipients at once
-            # would otherwise each see the other's row in _dropIfDone and
-            # leave the message behind with none.
-            rows = cursor.execute(
-                "SELECT r.idx, r.state, r.lease_token FROM recipients r"
-                " JOIN messages m ON m.id = r.message_id"
-                " WHERE r.message_id = %s AND r.idx = ANY(%s) FOR UPDATE",
-                (queueID, claimed),
-            ).fetchall()
-            if len(rows) != len(claimed) or any(
-                state != _LEASED or token != lease.token for _, state, token in rows
-            ):
-                raise LeaseLost(queueID)
-            decided = {d.index: d for d in dispositions}
-            unknown = set(decided) - set(claimed)
-            if unknown:
-                raise ValueError(f"recipients {sorted(unknown)} are not in the lease")
-            undecided = [index for index in claimed if index not in decided]
-            if undecided:
-                cursor.execute(
-                    f"UPDATE recipients SET state = %s, {_CLEAR_LEASE}"
-                    " WHERE message_id = %s AND idx = ANY(%s)",
-                    (_READY, queueID, undecided),
-                )
-            gone = []
-            for index, disposition in decided.items():
-                if disposition.hold or disposition.outcome.deferred:
-                    cursor.execute(
-                        "UPDATE recipients SET state = %s, attempts = attempts + %s,"
-                        " next_attempt_at = COALESCE(%s, next_attempt_at),"
-                        " warned = CASE WHEN %s THEN 1 ELSE warned END,"
-                        " reply_code = %s, reply_enhanced = %s, reply_text = %s,"
-                        f" route = COALESCE(%s, route), released = 0, {_CLEAR_LEASE}"
-                        " WHERE message_id = %s AND idx = %s",
-                        (
-                            _ETRN if disposition.hold else _READY,
-                            int(disposition.counted),
-                            disposition.nextAttempt,
-                            disposition.warned,
-                            *replyColumns(disposition.outcome.reply),
-                            disposition.route,
-                            queueID,
-                            index,
-                        ),
-                    )
-                else:
-                    gone.append(index)
-            if gone:
-                cursor.execute(
-                    "DELETE FROM recipients WHERE message_id = %s AND idx = ANY(%s)",
-                    (queueID, gone),
-                )
-            _dropIfDone(cursor, [queueID])
-            for noticeID, notice in zip(noticeIDs, notices, strict=False):
-                envelope = notice.envelope
-                if not envelope.arrival:
-                    envelope = replace(envelope, arrival=now)
-                if envelope.size is None:
-                    envelope = replace(envelope, size=len(notice.body))
-                _insert(cursor, noticeID, envelope, now, notice.body, None, len(notice.body))
-            return bool(notices) or bool(undecided)
-
-        def done(wake: bool) -> None:
-            if wake:
-                self._notify(None)
-
-        return self._transact(record).addCallback(done)
-
-    def openBody(self, queueID: str) -> Deferred[IMessageBody]:
-        threshold, directory = self.spillThreshold, self.spoolDirectory
-        reader = ExecutorRunner(self._spool, self._deliver)
-        return self._transact(lambda cursor: _readBody(cursor, queueID, threshold, directory, reader))
-
-    def nextDue(self) -> Deferred[float | None]:
-        def nextDue(cursor: Cursor[Any]) -> float | None:
-            row = cursor.execute(
-                "SELECT (SELECT MIN(next_attempt_at) FROM recipients WHERE state IN (%s, %s)),"
-                " (SELECT MIN(lease_expires) FROM recipients WHERE state = %s)",
-                (_READY, _ETRN, _LEASED),
-            ).fetchone()
-            assert row is not None
-            times = [t for t in row if t is not None]
-            return min(times) if times else None
-
-        return self._transact(nextDue)
-
-    def notifyDue(self, callback: Callable[[], None]) -> None:
-        self._callbacks.append(callback)
+    def _beginSnapshot(self, db: Database) -> None:
+        db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
 
     def recover(self, now: float) -> Deferred[int]:
         """
@@ -913,13 +694,10 @@ class PostgresQueue:
         realNow = self._clock.seconds()
         node, lease, interval = self.node, self.leaseSeconds, self.heartbeatSeconds
 
-        def recover(cursor: Cursor[Any]) -> int:
-            cursor.execute(
-                f"UPDATE recipients SET state = %s, {_CLEAR_LEASE} WHERE state = %s"
-                " AND lease_expires <= %s AND (lease_owner = %s OR lease_expires <= %s)",
-                (_READY, _LEASED, now, node, realNow),
+        def recover(cursor: _Cursor) -> int:
+            count = returnLeases(
+                cursor, "lease_expires <= ? AND (lease_owner = ? OR lease_expires <= ?)", (now, node, realNow)
             )
-            count = cursor.rowcount
             dead = [
                 row[0]
                 for row in cursor.execute(
@@ -932,8 +710,6 @@ class PostgresQueue:
 
         return self._transact(recover).addCallback(self._notifyIf)
 
-    # --- per-destination limits across nodes ----------------------------------------
-
     def acquireDestination(self, destination: str, limit: int) -> Deferred[bool]:
         """
         Take one of the C{limit} cluster-wide delivery slots of
@@ -945,7 +721,7 @@ class PostgresQueue:
         now = self._clock.seconds()
         node, expires = self.node, now + self.leaseSeconds
 
-        def acquire(cursor: Cursor[Any]) -> int | None:
+        def acquire(cursor: _Cursor) -> int | None:
             cursor.execute(
                 "DELETE FROM destination_leases WHERE destination = %s AND expires <= %s",
                 (destination, now),
@@ -980,103 +756,13 @@ class PostgresQueue:
             del self._slots[destination]
         node = self.node
 
-        def release(cursor: Cursor[Any]) -> None:
+        def release(cursor: _Cursor) -> None:
             cursor.execute(
                 "DELETE FROM destination_leases WHERE destination = %s AND slot = %s AND node = %s",
                 (destination, slot, node),
             )
 
         return self._transact(release)
-
-    # --- the operator's side: these act on the whole cluster --------------------------
-
-    def list(self, selector: Selector) -> Deferred[Sequence[QueuedMessage]]:
-        where, params = selectorWhere(selector)
-
-        def list_(cursor: Cursor[Any]) -> Sequence[QueuedMessage]:
-            rows = cursor.execute(
-                pyformat(
-                    "SELECT m.id, m.envelope, m.size, r.idx, r.state, r.attempts,"
-                    " r.next_attempt_at, r.warned, r.reply_code, r.reply_enhanced, r.reply_text,"
-                    " r.released, r.bounce FROM recipients r JOIN messages m ON m.id = r.message_id"
-                    f" WHERE {where} ORDER BY m.arrival, m.id, r.idx"
-                ),
-                params,
-            ).fetchall()
-            found: list[tuple[str, Envelope, int, list[QueuedRecipient]]] = []
-            for row in rows:
-                queueID, envelopeText, size = row[:3]
-                if not found or found[-1][0] != queueID:
-                    found.append((queueID, envelopeFromJSON(envelopeText), size, []))
-                found[-1][3].append(_queuedRecipient(found[-1][1], row[3:]))
-            return [QueuedMessage(q, e, s, tuple(r)) for q, e, s, r in found]
-
-        return self._transact(list_)
-
-    def _update(self, statement: str, params: Sequence[Any], wakeOthers: bool) -> Deferred[int]:
-        node = self.node
-
-        def update(cursor: Cursor[Any]) -> int:
-            cursor.execute(statement, params)
-            count = cursor.rowcount
-            if count and wakeOthers:
-                cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, node))
-            return count
-
-        return self._transact(update)
-
-    def hold(self, selector: Selector) -> Deferred[int]:
-        condition, params = _selected(selector)
-        return self._update(
-            f"UPDATE recipients SET state = %s WHERE state IN (%s, %s) AND {condition}",
-            (_HOLD, _READY, _ETRN, *params),
-            False,
-        )
-
-    def release(self, selector: Selector) -> Deferred[int]:
-        condition, params = _selected(selector)
-        return self._update(
-            f"UPDATE recipients SET state = %s, next_attempt_at = %s WHERE state = %s AND {condition}",
-            (_READY, self._clock.seconds(), _HOLD, *params),
-            True,
-        ).addCallback(self._notifyIf)
-
-    def flush(self, selector: Selector) -> Deferred[int]:
-        condition, params = _selected(selector)
-        now = self._clock.seconds()
-        return self._update(
-            "UPDATE recipients SET state = %s, released = 1, next_attempt_at ="
-            " LEAST(next_attempt_at, %s) WHERE state IN (%s, %s) AND " + condition,
-            (_READY, now, _READY, _ETRN, *params),
-            True,
-        ).addCallback(self._notifyIf)
-
-    def bounce(self, selector: Selector) -> Deferred[int]:
-        condition, params = _selected(selector)
-        return self._update(
-            "UPDATE recipients SET state = %s, bounce = 1, next_attempt_at = %s"
-            f" WHERE state IN (%s, %s, %s) AND {condition}",
-            (_READY, self._clock.seconds(), _READY, _HOLD, _ETRN, *params),
-            True,
-        ).addCallback(self._notifyIf)
-
-    def delete(self, selector: Selector) -> Deferred[int]:
-        condition, params = _selected(selector)
-
-        def delete(cursor: Cursor[Any]) -> int:
-            affected = [
-                row[0]
-                for row in cursor.execute(
-                    f"DELETE FROM recipients WHERE {condition} RETURNING message_id",
-                    params,
-                )
-            ]
-            _dropIfDone(cursor, sorted(set(affected)))
-            return len(affected)
-
-        return self._transact(delete)
-
-    # --- stopping -------------------------------------------------------------------
 
     def close(self) -> Deferred[None]:
         """
@@ -1090,11 +776,8 @@ class PostgresQueue:
             self._heartbeat.stop()
         node = self.node
 
-        def leave(cursor: Cursor[Any]) -> None:
-            cursor.execute(
-                f"UPDATE recipients SET state = %s, {_CLEAR_LEASE} WHERE state = %s AND lease_owner = %s",
-                (_READY, _LEASED, node),
-            )
+        def leave(cursor: _Cursor) -> None:
+            returnLeases(cursor, "lease_owner = ?", (node,))
             cursor.execute("DELETE FROM destination_leases WHERE node = %s", (node,))
             cursor.execute("DELETE FROM mailfw_nodes WHERE node = %s", (node,))
             # Wakes the other nodes (they may claim what we handed back) and
@@ -1128,7 +811,7 @@ class PostgresQueue:
 # --- SQL helpers (pool threads) -------------------------------------------------------
 
 
-def _touchNode(cursor: Cursor[Any], node: str, now: float, interval: float) -> None:
+def _touchNode(cursor: Database, node: str, now: float, interval: float) -> None:
     cursor.execute(
         "INSERT INTO mailfw_nodes (node, last_seen, heartbeat) VALUES (%s, %s, %s)"
         " ON CONFLICT (node) DO UPDATE SET last_seen = EXCLUDED.last_seen,"
@@ -1137,7 +820,7 @@ def _touchNode(cursor: Cursor[Any], node: str, now: float, interval: float) -> N
     )
 
 
-def _reapOrphans(cursor: Cursor[Any], dead: Sequence[str], grantedBefore: float) -> int:
+def _reapOrphans(cursor: _Cursor, dead: Sequence[str], grantedBefore: float) -> int:
     """
     Return to ready the leases of C{dead} nodes and of nodes that have no
     row at all (they left, or were found dead before).
@@ -1146,61 +829,12 @@ def _reapOrphans(cursor: Cursor[Any], dead: Sequence[str], grantedBefore: float)
         reaped, so that a node's very first claim, whose node row this
         statement's snapshot may not see yet, is left alone.
     """
-    cursor.execute(
-        f"UPDATE recipients SET state = %s, {_CLEAR_LEASE} WHERE state = %s AND"
-        " (lease_owner = ANY(%s) OR (lease_expires < %s AND NOT EXISTS"
+    return returnLeases(
+        cursor,
+        "(lease_owner = ANY(?) OR (lease_expires < ? AND NOT EXISTS"
         " (SELECT 1 FROM mailfw_nodes n WHERE n.node = recipients.lease_owner)))",
-        (_READY, _LEASED, list(dead), grantedBefore),
+        (list(dead), grantedBefore),
     )
-    return cursor.rowcount
-
-
-def _insert(
-    cursor: Cursor[Any],
-    queueID: str,
-    envelope: Envelope,
-    now: float,
-    body: bytes | None,
-    spooled: IO[bytes] | None,
-    size: int,
-    lease: Lease | None = None,
-    owner: str = "",
-) -> None:
-    """
-    Insert one message: its row, its body and its recipient rows (leased
-    to C{owner} under C{lease}, if given).  Inserting this message again
-    does nothing (a retried commit); another message with its ID fails
-    with L{QueueIDTaken}.
-    """
-    if not envelope.recipients:
-        return
-    envelopeText = envelopeToJSON(envelope)
-    row = cursor.execute(
-        pyformat(INSERT_MESSAGE) + " ON CONFLICT (id) DO NOTHING RETURNING id",
-        (queueID, envelope.senderText, envelopeText, size, envelope.arrival),
-    ).fetchone()
-    if row is None:
-        stored = cursor.execute("SELECT envelope FROM messages WHERE id = %s", (queueID,)).fetchone()
-        if stored is not None and stored[0] == envelopeText:
-            return  # this very message: a retried commit
-        # Another message drew this ID: fail, and the client tries again.
-        raise QueueIDTaken(queueID)
-    if spooled is None:
-        cursor.execute(
-            "INSERT INTO message_bodies (message_id, body) VALUES (%s, %s)", (queueID, body or b"")
-        )
-    else:
-        _copyBody(cursor, queueID, spooled, size)
-    if lease is None:
-        cursor.executemany(pyformat(INSERT_RECIPIENT), list(recipientRows(queueID, envelope, now)))
-    else:
-        cursor.executemany(
-            pyformat(INSERT_LEASED_RECIPIENT),
-            [
-                (*row, lease.token, owner, lease.expires)
-                for row in recipientRows(queueID, envelope, now, RecipientState.LEASED)
-            ],
-        )
 
 
 class QueueIDTaken(Exception):
@@ -1209,60 +843,11 @@ class QueueIDTaken(Exception):
     """
 
 
-def _releaseLease(cursor: Cursor[Any], lease: Lease) -> None:
+def _releaseLease(cursor: _Cursor, lease: Lease) -> None:
     """
     Return C{lease}'s recipients to ready, if they are still under it.
     """
-    cursor.execute(
-        f"UPDATE recipients SET state = %s, {_CLEAR_LEASE}"
-        " WHERE message_id = %s AND state = %s AND lease_token = %s",
-        (_READY, lease.queueID, _LEASED, lease.token),
-    )
-
-
-def _dropIfDone(cursor: Cursor[Any], queueIDs: Sequence[str]) -> None:
-    """
-    Delete the messages among C{queueIDs} that have no recipients left.
-    """
-    if not queueIDs:
-        return
-    cursor.execute(
-        "DELETE FROM message_bodies WHERE message_id = ANY(%s) AND NOT EXISTS"
-        " (SELECT 1 FROM recipients r WHERE r.message_id = message_bodies.message_id)",
-        (list(queueIDs),),
-    )
-    cursor.execute(
-        "DELETE FROM messages WHERE id = ANY(%s) AND NOT EXISTS"
-        " (SELECT 1 FROM recipients r WHERE r.message_id = messages.id)",
-        (list(queueIDs),),
-    )
-
-
-def _queuedRecipient(envelope: Envelope, row: Sequence[Any]) -> QueuedRecipient:
-    index, state, attempts, nextAttempt, warned, code, enhanced, text, released, bounce = row
-    return QueuedRecipient(
-        index=index,
-        recipient=envelope.recipients[index],
-        state=RecipientState(state),
-        attempts=attempts,
-        nextAttempt=nextAttempt,
-        warned=bool(warned),
-        lastReply=replyFromColumns(code, enhanced, text),
-        released=bool(released),
-        bounceRequested=bool(bounce),
-    )
-
-
-def _recipients(
-    cursor: Cursor[Any], envelope: Envelope, queueID: str, indexes: Sequence[int]
-) -> tuple[QueuedRecipient, ...]:
-    rows = cursor.execute(
-        "SELECT idx, state, attempts, next_attempt_at, warned, reply_code, reply_enhanced,"
-        " reply_text, released, bounce FROM recipients WHERE message_id = %s AND idx = ANY(%s)"
-        " ORDER BY idx",
-        (queueID, list(indexes)),
-    ).fetchall()
-    return tuple(_queuedRecipient(envelope, row) for row in rows)
+    returnLeases(cursor, "message_id = ? AND lease_token = ?", (lease.queueID, lease.token))
 
 
 def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[str, object]) -> PostgresQueue:

@@ -25,11 +25,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailfw.queue._spool import Executor
-
 __all__ = [
     "CHUNK_SIZE",
-    "ExecutorRunner",
     "ProducerStopped",
     "ThreadRunner",
     "collect",
@@ -58,33 +55,6 @@ class ThreadRunner(Protocol):
     """
 
     def __call__(self, work: Callable[[], _T]) -> Deferred[_T]: ...
-
-
-class ExecutorRunner:
-    """
-    A L{ThreadRunner} over a queue's L{Executor} (one thread, jobs in
-    order), handing results back with C{deliver} (C{callFromThread}).
-    """
-
-    def __init__(self, executor: Executor, deliver: Callable[[Callable[[], None]], None]) -> None:
-        self._executor = executor
-        self._deliver = deliver
-
-    def __call__(self, work: Callable[[], _T]) -> Deferred[_T]:
-        d: Deferred[_T] = Deferred()
-        deliver = self._deliver
-
-        def job() -> None:
-            try:
-                result = work()
-            except BaseException:
-                failure = Failure()
-                deliver(lambda: d.errback(failure))
-            else:
-                deliver(lambda: d.callback(result))
-
-        self._executor.submit(job)
-        return d
 
 
 @implementer(IPushProducer)

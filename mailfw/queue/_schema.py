@@ -32,6 +32,11 @@ Tables
     C{next_attempt_at} at their next housekeeping time (delay notice or
     expiry), so the due index serves them too.
 
+  - C{shared_state}: counters and marks that every process and node
+    shares (L{mailfw.interfaces.ISharedState}): a counter's value, or a
+    mark's first time in C{started}, and when the entry ends
+    (C{expires}).  Added in version 2.
+
 A message row is deleted in the same transaction as its last recipient row.
 """
 
@@ -60,7 +65,7 @@ __all__ = [
     "selectorWhere",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS mailfw_schema (
@@ -105,6 +110,13 @@ CREATE INDEX IF NOT EXISTS recipients_lease ON recipients (state, lease_expires)
 CREATE INDEX IF NOT EXISTS recipients_domain ON recipients (domain);
 CREATE INDEX IF NOT EXISTS recipients_rdomain ON recipients (rdomain);
 CREATE INDEX IF NOT EXISTS messages_arrival ON messages (arrival);
+CREATE TABLE IF NOT EXISTS shared_state (
+    name TEXT PRIMARY KEY,
+    value BIGINT NOT NULL,
+    started DOUBLE PRECISION NOT NULL,
+    expires DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS shared_state_expires ON shared_state (expires);
 """
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -20,29 +20,13 @@ from zope.interface import implementer
 
 from mailfw.envelope import Envelope
 from mailfw.interfaces import IIncomingMessage
+from mailfw.queue._io import Executor
 from mailfw.queued import Lease, QueuedRecipient, RecipientState
 
-__all__ = ["SPOOL_BATCH", "Executor", "LeaseOffers", "SpoolingIncoming", "SpoolingQueue"]
+__all__ = ["SPOOL_BATCH", "Executor", "LeaseOffers", "NewMessage", "SpoolingIncoming", "SpoolingQueue"]
 
 # Spilled bodies are handed to the spool thread in batches of this size.
 SPOOL_BATCH = 256 * 1024
-
-
-class Executor(Protocol):
-    """
-    Runs jobs one after another, in the order submitted, on one thread.
-    """
-
-    def submit(self, job: Callable[[], None]) -> None:
-        """
-        Run C{job} after the jobs submitted before it.  C{job} must not
-        raise.
-        """
-
-    def stop(self) -> None:
-        """
-        Run the jobs already submitted, then stop.
-        """
 
 
 class LeaseOffers:
@@ -105,6 +89,21 @@ class LeaseOffers:
         return failure
 
 
+@dataclass(frozen=True)
+class NewMessage:
+    """
+    A received message on its way into an SQL store: its body is in
+    memory (C{body}) or spilled to an unlinked file (C{spooled}).
+    """
+
+    queueID: str
+    envelope: Envelope
+    now: float
+    body: bytes | None
+    spooled: IO[bytes] | None
+    size: int
+
+
 class SpoolingQueue(Protocol):
     """
     What L{SpoolingIncoming} needs from its queue.
@@ -120,18 +119,10 @@ class SpoolingQueue(Protocol):
         Call C{call} on the reactor thread.
         """
 
-    def _insertMessage(
-        self,
-        queueID: str,
-        envelope: Envelope,
-        now: float,
-        body: bytes | None,
-        spooled: IO[bytes] | None,
-        size: int,
-    ) -> Deferred[str]:
+    def _insertMessage(self, message: NewMessage) -> Deferred[str]:
         """
-        Store the message durably: C{body} in memory, or C{spooled}, a file
-        the queue closes once it no longer needs it.
+        Store C{message} durably; if it was spilled, close its file once
+        it is no longer needed.
         """
 
 
@@ -209,7 +200,7 @@ class SpoolingIncoming:
         if not self._spilling:
             body = b"".join(self._chunks)
             self._chunks = []
-            return self._queue._insertMessage(self.queueID, envelope, now, body, None, len(body))
+            return self._queue._insertMessage(NewMessage(self.queueID, envelope, now, body, None, len(body)))
         self._spill()
         ready: Deferred[IO[bytes]] = Deferred()
 
@@ -230,7 +221,9 @@ class SpoolingIncoming:
         self._queue._spool.submit(handOver)
         size = self._size
         return ready.addCallback(
-            lambda spooled: self._queue._insertMessage(self.queueID, envelope, now, None, spooled, size)
+            lambda spooled: self._queue._insertMessage(
+                NewMessage(self.queueID, envelope, now, None, spooled, size)
+            )
         )
 
     def _closeFile(self) -> None:

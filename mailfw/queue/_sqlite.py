@@ -66,23 +66,14 @@ import functools
 import io
 import itertools
 import os
-import queue as _queue
 import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
-from typing import (
-    IO,
-    TYPE_CHECKING,
-    Any,
-    BinaryIO,
-    Generic,
-    TypeVar,
-)
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, Generic, TypeVar
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IConsumer, IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -91,35 +82,13 @@ from zope.interface import implementer
 
 from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.envelope import Envelope
-from mailfw.interfaces import IDescribed, IIncomingMessage, ILeaseOffers, IMessageBody, IMessageQueue
-from mailfw.queue._memory import MemoryBody
-from mailfw.queue._produce import ExecutorRunner, ThreadRunner, produceFromFile
-from mailfw.queue._schema import (
-    INSERT_LEASED_RECIPIENT,
-    INSERT_MESSAGE,
-    INSERT_RECIPIENT,
-    SCHEMA_VERSION,
-    createStatements,
-    envelopeFromJSON,
-    envelopeToJSON,
-    newQueueID,
-    recipientRows,
-    replyColumns,
-    replyFromColumns,
-    selectorWhere,
-)
-from mailfw.queue._spool import Executor, LeaseOffers, SpoolingIncoming
-from mailfw.queued import (
-    Disposition,
-    Lease,
-    LeaseLost,
-    Notice,
-    QueuedMessage,
-    QueuedRecipient,
-    QueueFull,
-    RecipientState,
-    Selector,
-)
+from mailfw.interfaces import IDescribed, ILeaseOffers, IMessageBody, IMessageQueue, ISharedState
+from mailfw.queue._engine import LEASED, Database, SQLQueue, marks, returnLeases
+from mailfw.queue._io import CHUNK, Executor, ExecutorRunner, SynchronousExecutor, ThreadExecutor, copySpooled
+from mailfw.queue._produce import ThreadRunner, produceFromFile
+from mailfw.queue._schema import SCHEMA_VERSION, createStatements, newQueueID
+from mailfw.queue._spool import NewMessage
+from mailfw.queued import Lease, QueueFull
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -134,74 +103,6 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
-
-CHUNK = 1 << 20
-"""How much body the writer copies per BLOB write, and readers read."""
-"""How much received body collects in memory before the spool thread
-writes it out, once a message is being spilled."""
-
-
-# --- threads -------------------------------------------------------------------
-
-
-class SynchronousExecutor:
-    """
-    An L{Executor} that runs each job at once on the caller's thread: for
-    deterministic tests.
-    """
-
-    def submit(self, job: Callable[[], None]) -> None:
-        job()
-
-    def stop(self) -> None:
-        pass
-
-
-class ThreadExecutor:
-    """
-    An L{Executor} with one dedicated daemon thread, started on first use.
-    """
-
-    log = Logger()
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._jobs: _queue.SimpleQueue[Callable[[], None] | None] = _queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
-        self._jobs.put(job)
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            try:
-                job()
-            except BaseException:
-                # Jobs report their own errors; this is a last resort so
-                # that one bug does not silently stop the queue.
-                self.log.failure("job on {thread} raised", thread=self._name)
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-
-    def join(self, timeout: float) -> bool:
-        """
-        Wait up to C{timeout} seconds for the thread to end after L{stop};
-        for tests and shutdown.  Returns whether it ended.
-        """
-        thread = self._thread
-        if thread is None:
-            return True
-        thread.join(timeout)
-        return not thread.is_alive()
 
 
 # --- the database --------------------------------------------------------------
@@ -246,6 +147,11 @@ def initialiseDatabase(path: Path) -> None:
     @raise sqlite3.Error: if the file cannot be opened or was made by a
         newer mailfw.
     """
+    if sqlite3.sqlite_version_info < (3, 35):
+        # RETURNING (the queue engine) and upserts need it.
+        raise sqlite3.NotSupportedError(
+            f"the SQLite queue needs SQLite 3.35 or later, not {sqlite3.sqlite_version}"
+        )
     connection = connect(path)
     try:
         mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -268,6 +174,10 @@ def initialiseDatabase(path: Path) -> None:
             raise sqlite3.DatabaseError(
                 f"{path} has queue schema version {row[0]}; this mailfw knows {SCHEMA_VERSION}"
             )
+        elif row[0] < SCHEMA_VERSION:
+            # The statements above created what the older version lacked
+            # (version 2: shared_state).
+            connection.execute("UPDATE mailfw_schema SET version = ?", (SCHEMA_VERSION,))
         connection.execute("COMMIT")
     finally:
         connection.close()
@@ -372,9 +282,6 @@ class _BlobBody:
         return io.BufferedReader(_BlobReader(connection, blob, self.size), CHUNK)
 
 
-# --- receiving -------------------------------------------------------------------
-
-
 # --- recently committed messages ------------------------------------------------
 
 
@@ -424,48 +331,8 @@ class _Recent:
 # --- the queue -------------------------------------------------------------------
 
 
-_READY = RecipientState.READY.value
-_LEASED = RecipientState.LEASED.value
-_HOLD = RecipientState.HOLD.value
-_ETRN = RecipientState.ETRN.value
-_CLEAR_LEASE = "lease_token = NULL, lease_owner = NULL, lease_expires = NULL"
-_CLAIM_COLUMNS = (
-    "message_id, idx, attempts, next_attempt_at, warned,"
-    " reply_code, reply_enhanced, reply_text, released, bounce"
-)
-
-
-def _allFinal(dispositions: Sequence[Disposition], claimed: Sequence[int]) -> bool:
-    """
-    Whether C{dispositions} take every claimed recipient out of the queue
-    (delivered or failed).
-    """
-    return (
-        len(dispositions) == len(claimed)
-        and all(not d.hold and not d.outcome.deferred for d in dispositions)
-        and {d.index for d in dispositions} == set(claimed)
-    )
-
-
-def _marks(values: Sequence[object]) -> str:
-    return ", ".join("?" for _ in values)
-
-
-def _selected(selector: Selector) -> tuple[str, list[Any]]:
-    """
-    A condition selecting C{recipients} rows (unaliased, for UPDATE and
-    DELETE) that match C{selector}.
-    """
-    where, params = selectorWhere(selector)
-    return (
-        "(message_id, idx) IN (SELECT r.message_id, r.idx FROM recipients r"
-        f" JOIN messages m ON m.id = r.message_id WHERE {where})",
-        params,
-    )
-
-
-@implementer(IMessageQueue, ILeaseOffers, IDescribed)
-class SQLiteQueue:
+@implementer(IMessageQueue, ILeaseOffers, IDescribed, ISharedState)
+class SQLiteQueue(SQLQueue):
     """
     An L{IMessageQueue} in one SQLite database file; see the module
     docstring for the threads and the crash safety.
@@ -535,8 +402,7 @@ class SQLiteQueue:
         self.spoolDirectory = spoolDirectory or self._path.parent
         self._configure = configureConnection
         self._beforeCommit = beforeCommit
-        self._callbacks: list[Callable[[], None]] = []
-        self._offers = LeaseOffers()
+        self._startEngine()
         self._lock = threading.Lock()
         self._pending: list[_Operation[Any]] = []
         self._batchScheduled = False
@@ -553,13 +419,11 @@ class SQLiteQueue:
         self.transactions = 0
         initialiseDatabase(self._path)
 
-    # --- the writer -------------------------------------------------------
-
-    def _write(
+    def _transact(
         self,
         function: Callable[[sqlite3.Connection], _T],
-        cleanup: Callable[[], None] | None = None,
         durable: bool = True,
+        cleanup: Callable[[], None] | None = None,
     ) -> Deferred[_T]:
         """
         Run C{function} in the next write transaction; the result arrives on
@@ -732,8 +596,6 @@ class SQLiteQueue:
         for operation in operations:
             operation.fire()
 
-    # --- the reader -------------------------------------------------------
-
     def _read(self, function: Callable[[sqlite3.Connection], _T]) -> Deferred[_T]:
         """
         Run C{function} in a read transaction on the reader thread.
@@ -761,219 +623,53 @@ class SQLiteQueue:
         self._reader.submit(job)
         return d
 
-    def _notify(self, result: _T) -> _T:
-        for callback in list(self._callbacks):
-            callback()
-        return result
+    _translate = staticmethod(_translate)
 
-    def _notifyIf(self, count: int) -> int:
-        if count:
-            self._notify(None)
-        return count
-
-    # --- receiving ----------------------------------------------------------
-
-    def receive(self, envelope: Envelope) -> IIncomingMessage:
-        return SpoolingIncoming(self, self._ids(), envelope, _translate)
-
-    def _insertMessage(
-        self,
-        queueID: str,
-        envelope: Envelope,
-        now: float,
-        body: bytes | None,
-        spooled: IO[bytes] | None,
-        size: int,
+    def _store(
+        self, message: NewMessage, lease: Lease | None, insert: Callable[[sqlite3.Connection], str]
     ) -> Deferred[str]:
-        lease = self._offers.leaseFor(queueID, envelope, now, size, self._newToken(), now + self.leaseSeconds)
-
-        def insert(connection: sqlite3.Connection) -> str:
-            _insert(connection, queueID, envelope, now, body, spooled, size, lease, self._owner)
-            if body is not None and envelope.recipients:
+        def store(connection: sqlite3.Connection) -> str:
+            insert(connection)
+            if message.body is not None and message.envelope.recipients:
                 # Harmless if the transaction then fails: only rows that
                 # exist are ever claimed.
-                self._recent.add(queueID, envelope, body)
-            return queueID
+                self._recent.add(message.queueID, message.envelope, message.body)
+            return message.queueID
 
-        d = self._write(insert, None if spooled is None else spooled.close)
-        if lease is not None:
-            return d.addCallbacks(
-                self._offers.hand, self._offers.withdraw, callbackArgs=(lease,), errbackArgs=(lease,)
-            )
-        return d.addCallback(self._notify) if envelope.recipients else d
+        spooled = message.spooled
+        return self._transact(store, cleanup=None if spooled is None else spooled.close)
 
-    def offerNew(self, room: Callable[[], int], take: Callable[[Lease], None]) -> None:
-        self._offers.register(room, take)
+    def _copyBody(self, db: Database, queueID: str, spooled: IO[bytes], size: int) -> None:
+        """
+        Copy a spilled body into its BLOB in pieces (C{zeroblob}, then
+        incremental BLOB I/O).
+        """
+        assert isinstance(db, sqlite3.Connection)
+        rowid = db.execute(
+            "INSERT INTO message_bodies (message_id, body) VALUES (?, zeroblob(?))", (queueID, size)
+        ).lastrowid
+        assert rowid is not None
+        with db.blobopen("message_bodies", "body", rowid) as blob:
+            copySpooled(queueID, spooled, size, blob.write)
+
+    def _cachedEnvelope(self, queueID: str) -> tuple[Envelope, int] | None:
+        cached = self._recent.get(queueID)
+        return None if cached is None else (cached[0], len(cached[1]))
+
+    def _cachedBody(self, queueID: str) -> bytes | None:
+        cached = self._recent.get(queueID)
+        return None if cached is None else cached[1]
+
+    def _largeBody(self, db: Database, queueID: str, size: int) -> IMessageBody:
+        return _BlobBody(self._path, queueID, size, ExecutorRunner(self._reader, self._deliver))
+
+    def _dropped(self, queueIDs: Sequence[str]) -> None:
+        for queueID in queueIDs:
+            self._recent.discard(queueID)
 
     def _newToken(self) -> str:
         # Unique: a random prefix per queue object, a counter within it.
         return f"{self._tokenPrefix}.{next(self._tokens)}"
-
-    # --- the scheduler's side -------------------------------------------------
-
-    def claim(self, now: float, limit: int) -> Deferred[Sequence[Lease]]:
-        expires = now + self.leaseSeconds
-        owner = self._owner
-
-        def claim(connection: sqlite3.Connection) -> Sequence[Lease]:
-            rows = connection.execute(
-                f"SELECT {_CLAIM_COLUMNS} FROM recipients WHERE state IN (?, ?)"
-                " AND next_attempt_at <= ? ORDER BY next_attempt_at, message_id, idx LIMIT ?",
-                (_READY, _ETRN, now, max(limit, 0)),
-            ).fetchall()
-            if len(rows) < limit:
-                rows += connection.execute(
-                    f"SELECT {_CLAIM_COLUMNS} FROM recipients WHERE state = ? AND lease_expires <= ?"
-                    " ORDER BY lease_expires, message_id, idx LIMIT ?",
-                    (_LEASED, now, limit - len(rows)),
-                ).fetchall()
-            chosen: dict[str, list[Sequence[Any]]] = {}
-            for row in rows:
-                chosen.setdefault(row[0], []).append(row)
-            leases = []
-            for queueID, group in chosen.items():
-                group.sort(key=lambda row: row[1])
-                indexes = [row[1] for row in group]
-                token = self._newToken()
-                connection.execute(
-                    "UPDATE recipients SET state = ?, lease_token = ?, lease_owner = ?,"
-                    f" lease_expires = ? WHERE message_id = ? AND idx IN ({_marks(indexes)})",
-                    (_LEASED, token, owner, expires, queueID, *indexes),
-                )
-                cached = self._recent.get(queueID)
-                if cached is not None:
-                    envelope, size = cached[0], len(cached[1])
-                else:
-                    envelopeText, size = connection.execute(
-                        "SELECT envelope, size FROM messages WHERE id = ?", (queueID,)
-                    ).fetchone()
-                    envelope = envelopeFromJSON(envelopeText)
-                recipients = tuple(_queuedRecipient(envelope, (row[1], _LEASED, *row[2:])) for row in group)
-                leases.append(Lease(queueID, envelope, recipients, token, expires, size))
-            return leases
-
-        return self._write(claim, durable=False)
-
-    def record(
-        self, lease: Lease, dispositions: Sequence[Disposition], notices: Sequence[Notice] = ()
-    ) -> Deferred[None]:
-        now = self._clock.seconds()
-        noticeIDs = [self._ids() for _ in notices]
-
-        def record(connection: sqlite3.Connection) -> bool:
-            queueID = lease.queueID
-            claimed = [r.index for r in lease.recipients]
-            if not notices and _allFinal(dispositions, claimed):
-                # The common case, in one statement: the lease token fences
-                # it, and a short count means the lease was lost (the
-                # savepoint then undoes the partial delete).
-                deleted = connection.execute(
-                    "DELETE FROM recipients WHERE message_id = ? AND state = ?"
-                    f" AND lease_token = ? AND idx IN ({_marks(claimed)})",
-                    (queueID, _LEASED, lease.token, *claimed),
-                ).rowcount
-                if deleted != len(claimed):
-                    raise LeaseLost(queueID)
-                self._dropIfDone(connection, [queueID])
-                return False
-            rows = connection.execute(
-                f"SELECT idx, state, lease_token FROM recipients WHERE message_id = ?"
-                f" AND idx IN ({_marks(claimed)})",
-                (queueID, *claimed),
-            ).fetchall()
-            if len(rows) != len(claimed) or any(
-                state != _LEASED or token != lease.token for _, state, token in rows
-            ):
-                raise LeaseLost(queueID)
-            decided = {d.index: d for d in dispositions}
-            unknown = set(decided) - set(claimed)
-            if unknown:
-                raise ValueError(f"recipients {sorted(unknown)} are not in the lease")
-            for index in claimed:
-                disposition = decided.get(index)
-                if disposition is None:
-                    connection.execute(
-                        f"UPDATE recipients SET state = ?, {_CLEAR_LEASE} WHERE message_id = ? AND idx = ?",
-                        (_READY, queueID, index),
-                    )
-                elif disposition.hold or disposition.outcome.deferred:
-                    connection.execute(
-                        "UPDATE recipients SET state = ?, attempts = attempts + ?,"
-                        " next_attempt_at = COALESCE(?, next_attempt_at),"
-                        " warned = CASE WHEN ? = 1 THEN 1 ELSE warned END,"
-                        " reply_code = ?, reply_enhanced = ?, reply_text = ?,"
-                        f" route = COALESCE(?, route), released = 0, {_CLEAR_LEASE}"
-                        " WHERE message_id = ? AND idx = ?",
-                        (
-                            _ETRN if disposition.hold else _READY,
-                            int(disposition.counted),
-                            disposition.nextAttempt,
-                            int(disposition.warned),
-                            *replyColumns(disposition.outcome.reply),
-                            disposition.route,
-                            queueID,
-                            index,
-                        ),
-                    )
-                else:
-                    connection.execute(
-                        "DELETE FROM recipients WHERE message_id = ? AND idx = ?", (queueID, index)
-                    )
-            self._dropIfDone(connection, [queueID])
-            for noticeID, notice in zip(noticeIDs, notices, strict=False):
-                envelope = notice.envelope
-                if not envelope.arrival:
-                    envelope = replace(envelope, arrival=now)
-                if envelope.size is None:
-                    envelope = replace(envelope, size=len(notice.body))
-                _insert(connection, noticeID, envelope, now, notice.body, None, len(notice.body))
-            return bool(notices) or len(decided) < len(claimed)
-
-        def done(wake: bool) -> None:
-            if wake:
-                self._notify(None)
-
-        return self._write(record, durable=False).addCallback(done)
-
-    def openBody(self, queueID: str) -> Deferred[IMessageBody]:
-        cached = self._recent.get(queueID)
-        if cached is not None:
-            return succeed(MemoryBody(cached[1]))
-        threshold = self.spillThreshold
-        path = self._path
-        inReader = ExecutorRunner(self._reader, self._deliver)
-
-        def find(connection: sqlite3.Connection) -> IMessageBody:
-            row = connection.execute("SELECT size FROM messages WHERE id = ?", (queueID,)).fetchone()
-            if row is None:
-                raise KeyError(queueID)
-            if row[0] > threshold:
-                return _BlobBody(path, queueID, row[0], inReader)
-            body = connection.execute(
-                "SELECT body FROM message_bodies WHERE message_id = ?", (queueID,)
-            ).fetchone()
-            if body is None:
-                raise KeyError(queueID)
-            return MemoryBody(bytes(body[0]))
-
-        return self._read(find)
-
-    def nextDue(self) -> Deferred[float | None]:
-        def nextDue(connection: sqlite3.Connection) -> float | None:
-            ready = connection.execute(
-                "SELECT MIN(next_attempt_at) FROM recipients WHERE state IN (?, ?)",
-                (_READY, _ETRN),
-            ).fetchone()[0]
-            leased = connection.execute(
-                "SELECT MIN(lease_expires) FROM recipients WHERE state = ?", (_LEASED,)
-            ).fetchone()[0]
-            times = [t for t in (ready, leased) if t is not None]
-            return min(times) if times else None
-
-        return self._read(nextDue)
-
-    def notifyDue(self, callback: Callable[[], None]) -> None:
-        self._callbacks.append(callback)
 
     def recover(self, now: float) -> Deferred[int]:
         """
@@ -993,16 +689,15 @@ class SQLiteQueue:
                 for row in connection.execute(
                     "SELECT DISTINCT lease_owner FROM recipients"
                     " WHERE state = ? AND lease_expires <= ? AND lease_expires > ?",
-                    (_LEASED, now, clockNow),
+                    (LEASED, now, clockNow),
                 )
             ]
             spared = [owner for owner in owners if self._liveSibling(owner)]
-            return connection.execute(
-                f"UPDATE recipients SET state = ?, {_CLEAR_LEASE}"
-                " WHERE state = ? AND lease_expires <= ?"
-                f" AND NOT (lease_expires > ? AND lease_owner IN ({_marks(spared)}))",
-                (_READY, _LEASED, now, clockNow, *spared),
-            ).rowcount
+            return returnLeases(
+                connection,
+                f"lease_expires <= ? AND NOT (lease_expires > ? AND lease_owner IN ({marks(spared)}))",
+                (now, clockNow, *spared),
+            )
 
         if self._reaper is None and not self._closed:
             # From the first recovery (the scheduler's start) on.
@@ -1011,7 +706,7 @@ class SQLiteQueue:
             self._reaper.start(self.reapSeconds, now=False).addErrback(
                 lambda f: self.log.failure("reaping leases failed", f)
             )
-        return self._write(recover).addCallback(self._notifyIf)
+        return self._transact(recover).addCallback(self._notifyIf)
 
     def _reapDeadSiblings(self) -> Deferred[int]:
         """
@@ -1027,7 +722,7 @@ class SQLiteQueue:
             owners = [
                 row[0]
                 for row in connection.execute(
-                    "SELECT DISTINCT lease_owner FROM recipients WHERE state = ?", (_LEASED,)
+                    "SELECT DISTINCT lease_owner FROM recipients WHERE state = ?", (LEASED,)
                 )
             ]
             dead = [
@@ -1040,19 +735,14 @@ class SQLiteQueue:
             ]
             if not dead:
                 return 0
-            count = connection.execute(
-                f"UPDATE recipients SET state = ?, {_CLEAR_LEASE}"
-                f" WHERE state = ? AND lease_owner IN ({_marks(dead)})",
-                (_READY, _LEASED, *dead),
-            ).rowcount
-            return int(count)
+            return returnLeases(connection, f"lease_owner IN ({marks(dead)})", dead)
 
         def reaped(count: int) -> int:
             if count:
                 self.log.info("returned {count} recipients leased by processes that ended", count=count)
             return self._notifyIf(count)
 
-        return self._write(reap, durable=False).addCallback(reaped)
+        return self._transact(reap, durable=False).addCallback(reaped)
 
     def _liveSibling(self, owner: object) -> bool:
         """
@@ -1080,108 +770,6 @@ class SQLiteQueue:
             return False
         return True
 
-    # --- the operator's side ----------------------------------------------------
-
-    def list(self, selector: Selector) -> Deferred[Sequence[QueuedMessage]]:
-        where, params = selectorWhere(selector)
-
-        def list_(connection: sqlite3.Connection) -> Sequence[QueuedMessage]:
-            rows = connection.execute(
-                "SELECT m.id, m.envelope, m.size, r.idx, r.state, r.attempts,"
-                " r.next_attempt_at, r.warned, r.reply_code, r.reply_enhanced, r.reply_text,"
-                " r.released, r.bounce FROM recipients r JOIN messages m ON m.id = r.message_id"
-                f" WHERE {where} ORDER BY m.arrival, m.id, r.idx",
-                params,
-            ).fetchall()
-            found: list[tuple[str, Envelope, int, list[QueuedRecipient]]] = []
-            for row in rows:
-                queueID, envelopeText, size = row[:3]
-                if not found or found[-1][0] != queueID:
-                    found.append((queueID, envelopeFromJSON(envelopeText), size, []))
-                found[-1][3].append(_queuedRecipient(found[-1][1], row[3:]))
-            return [QueuedMessage(q, e, s, tuple(r)) for q, e, s, r in found]
-
-        return self._read(list_)
-
-    def hold(self, selector: Selector) -> Deferred[int]:
-        condition, params = _selected(selector)
-
-        def hold(connection: sqlite3.Connection) -> int:
-            return connection.execute(
-                f"UPDATE recipients SET state = ? WHERE state IN (?, ?) AND {condition}",
-                (_HOLD, _READY, _ETRN, *params),
-            ).rowcount
-
-        return self._write(hold)
-
-    def release(self, selector: Selector) -> Deferred[int]:
-        condition, params = _selected(selector)
-        now = self._clock.seconds()
-
-        def release(connection: sqlite3.Connection) -> int:
-            return connection.execute(
-                f"UPDATE recipients SET state = ?, next_attempt_at = ? WHERE state = ? AND {condition}",
-                (_READY, now, _HOLD, *params),
-            ).rowcount
-
-        return self._write(release).addCallback(self._notifyIf)
-
-    def flush(self, selector: Selector) -> Deferred[int]:
-        condition, params = _selected(selector)
-        now = self._clock.seconds()
-
-        def flush(connection: sqlite3.Connection) -> int:
-            return connection.execute(
-                "UPDATE recipients SET state = ?, released = 1, next_attempt_at ="
-                " CASE WHEN next_attempt_at > ? THEN ? ELSE next_attempt_at END"
-                f" WHERE state IN (?, ?) AND {condition}",
-                (_READY, now, now, _READY, _ETRN, *params),
-            ).rowcount
-
-        return self._write(flush).addCallback(self._notifyIf)
-
-    def bounce(self, selector: Selector) -> Deferred[int]:
-        condition, params = _selected(selector)
-        now = self._clock.seconds()
-
-        def bounce(connection: sqlite3.Connection) -> int:
-            return connection.execute(
-                "UPDATE recipients SET state = ?, bounce = 1, next_attempt_at = ?"
-                f" WHERE state IN (?, ?, ?) AND {condition}",
-                (_READY, now, _READY, _HOLD, _ETRN, *params),
-            ).rowcount
-
-        return self._write(bounce).addCallback(self._notifyIf)
-
-    def delete(self, selector: Selector) -> Deferred[int]:
-        condition, params = _selected(selector)
-
-        def delete(connection: sqlite3.Connection) -> int:
-            affected = [
-                row[0]
-                for row in connection.execute(
-                    f"SELECT DISTINCT message_id FROM recipients WHERE {condition}", params
-                )
-            ]
-            count = connection.execute(f"DELETE FROM recipients WHERE {condition}", params).rowcount
-            self._dropIfDone(connection, affected)
-            return count
-
-        return self._write(delete)
-
-    def _dropIfDone(self, connection: sqlite3.Connection, queueIDs: Sequence[str]) -> None:
-        """
-        Delete the messages among C{queueIDs} that have no recipients left.
-        """
-        for queueID in queueIDs:
-            left = connection.execute(
-                "SELECT 1 FROM recipients WHERE message_id = ? LIMIT 1", (queueID,)
-            ).fetchone()
-            if left is None:
-                connection.execute("DELETE FROM message_bodies WHERE message_id = ?", (queueID,))
-                connection.execute("DELETE FROM messages WHERE id = ?", (queueID,))
-                self._recent.discard(queueID)
-
     def describe(self) -> str:
         return f"sqlite {self._path.absolute()}"
 
@@ -1201,7 +789,7 @@ class SQLiteQueue:
         """
         if self._closed:
             return fail(RuntimeError("the queue is already closed"))
-        d: Deferred[None] = self._write(lambda connection: None)
+        d: Deferred[None] = self._transact(lambda connection: None)
         self._closed = True
         if self._reaper is not None and self._reaper.running:
             self._reaper.stop()
@@ -1233,74 +821,6 @@ class SQLiteQueue:
                 executor.stop()
 
         return d.addCallback(closeWriter).addCallback(stopThreads)
-
-
-# --- SQL helpers (writer or reader thread) ----------------------------------------
-
-
-def _insert(
-    connection: sqlite3.Connection,
-    queueID: str,
-    envelope: Envelope,
-    now: float,
-    body: bytes | None,
-    spooled: IO[bytes] | None,
-    size: int,
-    lease: Lease | None = None,
-    owner: str = "",
-) -> None:
-    """
-    Insert one message: its row, its body and its recipient rows (leased
-    to C{owner} under C{lease}, if given).
-    """
-    if not envelope.recipients:
-        return
-    connection.execute(
-        INSERT_MESSAGE, (queueID, envelope.senderText, envelopeToJSON(envelope), size, envelope.arrival)
-    )
-    if spooled is None:
-        connection.execute(
-            "INSERT INTO message_bodies (message_id, body) VALUES (?, ?)", (queueID, body or b"")
-        )
-    else:
-        rowid = connection.execute(
-            "INSERT INTO message_bodies (message_id, body) VALUES (?, zeroblob(?))", (queueID, size)
-        ).lastrowid
-        assert rowid is not None
-        spooled.seek(0)
-        with connection.blobopen("message_bodies", "body", rowid) as blob:
-            copied = 0
-            while copied < size:
-                chunk = spooled.read(min(CHUNK, size - copied))
-                if not chunk:
-                    raise OSError(f"spool file for {queueID} is short: {copied} of {size}")
-                blob.write(chunk)
-                copied += len(chunk)
-    if lease is None:
-        connection.executemany(INSERT_RECIPIENT, recipientRows(queueID, envelope, now))
-    else:
-        connection.executemany(
-            INSERT_LEASED_RECIPIENT,
-            [
-                (*row, lease.token, owner, lease.expires)
-                for row in recipientRows(queueID, envelope, now, RecipientState.LEASED)
-            ],
-        )
-
-
-def _queuedRecipient(envelope: Envelope, row: Sequence[Any]) -> QueuedRecipient:
-    index, state, attempts, nextAttempt, warned, code, enhanced, text, released, bounce = row
-    return QueuedRecipient(
-        index=index,
-        recipient=envelope.recipients[index],
-        state=RecipientState(state),
-        attempts=attempts,
-        nextAttempt=nextAttempt,
-        warned=bool(warned),
-        lastReply=replyFromColumns(code, enhanced, text),
-        released=bool(released),
-        bounceRequested=bool(bounce),
-    )
 
 
 def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[str, object]) -> SQLiteQueue:

@@ -129,8 +129,8 @@ from mailfw.interfaces import (
     IDeliveryAgent,
     IDestinationSlots,
     ILeaseOffers,
+    ILeaseStore,
     IMessageBody,
-    IMessageQueue,
     IRouter,
 )
 from mailfw.queued import Disposition, Lease, LeaseLost, Notice, QueuedRecipient
@@ -192,7 +192,7 @@ def _inline(function: Callable[..., _T], *args: Any) -> Deferred[_T]:
 
 class Scheduler(Service):
     """
-    Delivers due mail from an L{IMessageQueue}; see the module docstring.
+    Delivers due mail from a queue's L{ILeaseStore}; see the module docstring.
     Its service name is C{"scheduler"}.
 
     @ivar agents: the delivery agents by instance name.
@@ -205,7 +205,7 @@ class Scheduler(Service):
     def __init__(
         self,
         clock: IReactorTime,
-        queue: IMessageQueue,
+        queue: ILeaseStore,
         router: IRouter,
         agents: Mapping[str, IDeliveryAgent],
         hostname: str,
@@ -951,7 +951,7 @@ async def _settle(deferreds: Sequence[Deferred[_T]]) -> list[tuple[bool, Any]]:
 def schedulerFromConfig(
     section: Section,
     clock: IReactorTime,
-    queue: IMessageQueue,
+    queue: ILeaseStore,
     router: IRouter,
     agents: Mapping[str, IDeliveryAgent],
     hostname: str,

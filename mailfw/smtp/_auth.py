@@ -9,8 +9,13 @@ C{IUsernamePassword} works (the password file, the C{twisted.cred.strcred}
 checkers).  Both mechanisms send the password in the clear, so the server
 offers and accepts them only inside TLS.
 
-SCRAM-SHA-256 is not offered: it needs keys derived with PBKDF2 stored per
-user, which the scrypt password file does not have.
+SCRAM-SHA-256 and SCRAM-SHA-256-PLUS (L{mailfw.auth._scram}) never send
+the password, but need the user's stored keys in the middle of the
+exchange: they are offered, also only inside TLS, when the portal's
+checker for SCRAM credentials provides
+L{mailfw.auth._scram.IScramKeySource} (the password file does), and
+C{-PLUS} only on a connection with a channel binding
+(L{SMTPAuth.offered}).  The exchange itself is in L{mailfw.smtp._sasl}.
 """
 
 from __future__ import annotations
@@ -30,11 +35,14 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from mailfw.auth._scram import MECHANISMS as SCRAM_MECHANISMS
+from mailfw.auth._scram import SCRAM_PLUS, ChannelBinding, IScramCredentials, IScramKeySource
 from mailfw.reply import SMTPReply
 
 __all__ = [
     "MECHANISMS",
     "SASL_LINE_LIMIT",
+    "SCRAM_MECHANISMS",
     "AuthThrottle",
     "Challenge",
     "Lockout",
@@ -42,6 +50,7 @@ __all__ = [
     "ThrottleLockout",
     "decodeResponse",
     "makeMechanism",
+    "scramKeySource",
 ]
 
 # RFC 4954 4: a SASL response line may be 12288 octets long.
@@ -151,16 +160,31 @@ class Login:
         return UsernamePassword(self._username, data)
 
 
-MECHANISMS: dict[str, Callable[[], Mechanism]] = {"PLAIN": Plain, "LOGIN": Login}
-"""The mechanisms this server implements, by name."""
+_PASSWORD_MECHANISMS: dict[str, Callable[[], Mechanism]] = {"PLAIN": Plain, "LOGIN": Login}
+
+MECHANISMS: tuple[str, ...] = (*SCRAM_MECHANISMS, *_PASSWORD_MECHANISMS)
+"""The mechanisms this server implements, strongest first: the default
+list, of which L{SMTPAuth.offered} drops those the connection or the
+checker cannot do."""
 
 
 def makeMechanism(name: str) -> Mechanism | None:
     """
-    A new exchange for mechanism C{name} (upper case), or C{None}.
+    A new exchange for the password mechanism C{name} (upper case), or
+    C{None} (SCRAM runs in L{mailfw.smtp._sasl}, since it waits for the
+    user's keys).
     """
-    factory = MECHANISMS.get(name)
+    factory = _PASSWORD_MECHANISMS.get(name)
     return None if factory is None else factory()
+
+
+def scramKeySource(portal: Portal) -> IScramKeySource | None:
+    """
+    The checker that can run SCRAM in C{portal}, if any: the one the
+    portal gives SCRAM credentials to, if it also gives out keys.
+    """
+    checker = portal.checkers.get(IScramCredentials)
+    return checker if IScramKeySource.providedBy(checker) else None
 
 
 def validMechanismName(name: str) -> bool:
@@ -360,21 +384,26 @@ class SMTPAuth:
 
     @ivar portal: checks credentials and gives an
         L{mailfw.interfaces.IMailUser} avatar.
-    @ivar mechanisms: the mechanisms offered, in order.
+    @ivar mechanisms: the mechanisms offered, in order, where the
+        connection and the checker can do them (L{offered}); all of
+        L{MECHANISMS} by default.
     @ivar throttle: the brute-force counters, shared by all listeners.
     @ivar receivedIdentity: name the authenticated user in the
         C{Received:} header (by default it goes only to the log).
     @ivar timeout: seconds the portal may take before AUTH gets 454.
     @ivar lockout: the brute-force defence the SASL exchange asks; by
         default a L{ThrottleLockout} over C{throttle}.
+    @ivar scram: the portal's checker that gives SCRAM keys, if any
+        (L{scramKeySource}).
     """
 
     portal: Portal
     throttle: AuthThrottle
-    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    mechanisms: tuple[str, ...] = MECHANISMS
     receivedIdentity: bool = False
     timeout: float = 30.0
     lockout: Lockout | None = None
+    scram: IScramKeySource | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.lockout is None:
@@ -382,3 +411,20 @@ class SMTPAuth:
         unknown = [m for m in self.mechanisms if m not in MECHANISMS]
         if unknown or not self.mechanisms:
             raise ValueError(f"mechanisms must be a non-empty subset of {', '.join(MECHANISMS)}")
+        self.scram = scramKeySource(self.portal)
+        if not self.offered(ChannelBinding("", b"")):
+            raise ValueError("SCRAM mechanisms need a checker with SCRAM keys")
+
+    def offered(self, channelBinding: ChannelBinding | None) -> tuple[str, ...]:
+        """
+        The mechanisms to offer on a connection with C{channelBinding}
+        (L{mailfw.auth._scram.channelBindingFor}): SCRAM only with a checker
+        that has keys, C{-PLUS} only with a binding, since a client told of
+        C{-PLUS} must be able to use it.
+        """
+        return tuple(
+            m
+            for m in self.mechanisms
+            if m not in SCRAM_MECHANISMS
+            or (self.scram is not None and (m != SCRAM_PLUS or channelBinding is not None))
+        )

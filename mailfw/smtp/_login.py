@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from mailfw.auth._scram import ChannelBinding
 from mailfw.envelope import Session
 from mailfw.reply import SMTPReply
 from mailfw.smtp import _auth as A
@@ -79,7 +80,7 @@ class Login:
         self._logout: Callable[[], None] | None = None
         self.avatar: Any = None
 
-    def command(self, argument: str, inTransaction: bool) -> None:
+    def command(self, argument: str, inTransaction: bool, channelBinding: ChannelBinding | None) -> None:
         """
         C{AUTH mechanism [initial-response]}.  The sequence is checked here
         (503); the exchange (L{SASLExchange}) checks the rest in the order
@@ -99,8 +100,8 @@ class Login:
         elif inTransaction:
             replies.respond(A.AUTH_IN_TRANSACTION)
         else:
-            exchange = SASLExchange(auth, self._settings.clock, session.peerHost, self._owner.peer)
-            self._step(exchange, exchange.begin(argument, session.tls))
+            exchange = SASLExchange(auth, self._settings.clock, session, self._owner.peer, channelBinding)
+            self._step(exchange, exchange.begin(argument))
 
     def respond(self, line: bytes) -> None:
         """
@@ -134,7 +135,7 @@ class Login:
             self._replies.respond(Answer(step, plain=step.code == 334))
         else:
             self._setExchange(None)
-            self._replies.respondLater(step.addCallback(self._authenticated))
+            self._replies.respondLater(step.addCallback(self._authenticated, exchange))
 
     def _setExchange(self, exchange: SASLExchange | None) -> None:
         """
@@ -146,10 +147,14 @@ class Login:
             A.SASL_LINE_LIMIT if exchange is not None else self._settings.limits.maxCommandLine
         )
 
-    def _authenticated(self, outcome: AuthOutcome) -> Answer:
+    def _authenticated(self, outcome: AuthOutcome, exchange: SASLExchange) -> Answer:
         """
-        Apply a successful exchange to the session.
+        Apply a successful exchange to the session; or, when the exchange
+        still waits (a challenge that needed a lookup), take its response.
         """
+        if exchange.waiting:
+            self._setExchange(exchange)
+            return Answer(outcome.reply, plain=True)
         logout = outcome.logout
         if logout is not None:
             if self._owner.state.closed:

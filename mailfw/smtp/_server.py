@@ -43,6 +43,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailfw.auth._scram import channelBindingFor
 from mailfw.envelope import Session
 from mailfw.policy._chain import Stage
 from mailfw.reply import SMTPReply
@@ -442,7 +443,7 @@ class SMTPServerProtocol(Protocol):
         ):
             keywords.append("STARTTLS")
         if settings.auth is not None and self.session.tls:
-            keywords.append("AUTH " + " ".join(settings.auth.mechanisms))
+            keywords.append("AUTH " + " ".join(settings.auth.offered(channelBindingFor(self.transport))))
         if settings.etrn is not None:
             keywords.append("ETRN")
         return keywords
@@ -488,7 +489,7 @@ class SMTPServerProtocol(Protocol):
         self.transactions.bdat(argument)
 
     def smtp_AUTH(self, argument: str) -> None:
-        self._login.command(argument, self.transactions.active)
+        self._login.command(argument, self.transactions.active, channelBindingFor(self.transport))
 
     def smtp_RSET(self, argument: str) -> None:
         if argument:

@@ -190,10 +190,12 @@ def submission(server: MailfwProcess) -> smtplib.SMTP:
 def authenticate(client: smtplib.SMTP, mechanism: str, user: str, password: str) -> tuple[int, bytes]:
     client.user, client.password = user, password
     method = {"PLAIN": client.auth_plain, "LOGIN": client.auth_login}[mechanism]
+    text: bytes | str
     try:
-        return client.auth(mechanism, method)
+        code, text = client.auth(mechanism, method)
     except smtplib.SMTPAuthenticationError as e:
-        return e.smtp_code, e.smtp_error
+        code, text = e.smtp_code, e.smtp_error
+    return code, text if isinstance(text, bytes) else text.encode()
 
 
 def test_submissionEndToEnd(mailfw: MailfwProcess, dovecot: Dovecot) -> None:

@@ -125,7 +125,7 @@ def test_starttlsThenLogin(server: MailfwProcess, sink: Sink) -> None:
         client.starttls(context=tlsContext())
         client.ehlo()
         assert client.has_extn("auth")
-        assert client.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
+        assert client.esmtp_features["auth"].split()[-2:] == ["PLAIN", "LOGIN"]
         assert client.login(USER, PASSWORD)[0] == 235
         assert client.mail(USER)[0] == 250
         assert client.rcpt("bob@remote.test")[0] == 250
