@@ -170,7 +170,8 @@ class HeloTests(SynchronousTestCase):
                 b"250-ENHANCEDSTATUSCODES",
                 b"250-SMTPUTF8",
                 b"250-CHUNKING",
-                b"250 DSN",
+                b"250-DSN",
+                b"250 LIMITS RCPTMAX=1000 MAILMAX=1000",
             ],
         )
 
@@ -198,7 +199,13 @@ class HeloTests(SynchronousTestCase):
         conn.send(b"NOOP\r\nHELO client.example.net\r\nNOOP\r\n" + EHLO + b"NOOP\r\n")
         self.assertEqual(
             conn.replies(),
-            [b"250 Ok", b"250 mx.example.org", b"250 Ok", b"250 DSN", b"250 2.0.0 Ok"],
+            [
+                b"250 Ok",
+                b"250 mx.example.org",
+                b"250 Ok",
+                b"250 LIMITS RCPTMAX=1000 MAILMAX=1000",
+                b"250 2.0.0 Ok",
+            ],
         )
 
     def test_syntax(self) -> None:

@@ -426,15 +426,17 @@ class SMTPServerProtocol(Protocol):
         """
         The EHLO keywords offered now.  Extensions add theirs here.
         """
-        settings = self.settings
+        settings, limits = self.settings, self.settings.limits
         keywords = [
             "PIPELINING",
-            f"SIZE {settings.limits.maxMessageSize}",
+            f"SIZE {limits.maxMessageSize}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
             "CHUNKING",
             "DSN",
+            # RFC 9422: the limits this session enforces.
+            f"LIMITS RCPTMAX={limits.maxRecipients} MAILMAX={limits.maxTransactions}",
         ]
         if (
             settings.tlsOptions is not None

@@ -89,6 +89,7 @@ class _Transaction:
     bdat: bool = False
     message: MessageSink | None = None
     chunks: ChunkReader | None = None
+    checking: int = 0
 
 
 @dataclass(eq=False)
@@ -109,6 +110,8 @@ class MailTransactions:
     The mail transactions of one session, one at a time.
 
     @ivar accepted: how many messages the session has had accepted.
+    @ivar started: how many transactions the session has started (MAIL
+        accepted), held to L{SMTPLimits.maxTransactions}.
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class MailTransactions:
         self._dot: DotReader | None = None
         self._chunk: _Chunk | None = None
         self.accepted = 0
+        self.started = 0
 
     @property
     def peer(self) -> str:
@@ -220,18 +224,31 @@ class MailTransactions:
         if parsed.size is not None and parsed.size > settings.limits.maxMessageSize:
             replies.respond(R.MESSAGE_TOO_BIG)
             return
+        if self.started >= settings.limits.maxTransactions:
+            replies.respond(R.TOO_MANY_TRANSACTIONS)
+            return
         mail: MailFrom = parsed
+
+        def ask() -> Deferred[Answer]:
+            return settings.chain.ask(
+                Stage.MAIL, lambda p: p.checkSender(session, mail.sender, mail.parameters), self._owner.peer
+            ).addCallback(self._stageAnswer, Answer(R.MAIL_OK))
+
+        def quotaChecked(overQuota: SMTPReply | None) -> Deferred[Answer] | Answer:
+            return ask() if overQuota is None else Answer(overQuota)
 
         def then(answer: Answer) -> None:
             if answer.reply.isPositive:
+                self.started += 1
                 self._current = _Transaction(mail)
             else:
                 self._logRefusal("MAIL", answer.reply, mail)
 
-        d = settings.chain.ask(
-            Stage.MAIL, lambda p: p.checkSender(session, mail.sender, mail.parameters), self._owner.peer
-        ).addCallback(self._stageAnswer, Answer(R.MAIL_OK))
-        replies.respondLater(d, then)
+        quotas, user = settings.quotas, session.authenticated
+        if quotas is None or user is None:
+            replies.respondLater(ask(), then)
+        else:
+            replies.respondLater(quotas.checkMessage(user).addCallback(quotaChecked), then)
 
     def rcpt(self, argument: str) -> None:
         """
@@ -258,6 +275,7 @@ class MailTransactions:
         recipient = Recipient(parsed.address, parsed.notify, parsed.orcpt)
 
         def then(answer: Answer) -> None:
+            tx.checking -= 1
             if self._current is not tx:
                 return
             if answer.reply.isPositive:
@@ -266,7 +284,18 @@ class MailTransactions:
             else:
                 self._logRefusal("RCPT", answer.reply, tx.mail, recipient)
 
-        d = self._checkRecipient(parsed, recipient, tx)
+        quotas, user = self._settings.quotas, self._owner.session.authenticated
+        if quotas is not None and user is not None:
+            # Recipients whose checks are still running count as added.
+            pending = len(tx.recipients) + tx.checking
+
+            def quotaChecked(overQuota: SMTPReply | None) -> Deferred[Answer] | Answer:
+                return self._checkRecipient(parsed, recipient, tx) if overQuota is None else Answer(overQuota)
+
+            d: Deferred[Answer] = quotas.checkRecipient(user, pending).addCallback(quotaChecked)
+        else:
+            d = self._checkRecipient(parsed, recipient, tx)
+        tx.checking += 1
         replies.respondLater(d, then, overlappable=True)
 
     def _checkRecipient(self, parsed: RcptTo, recipient: Recipient, tx: _Transaction) -> Deferred[Answer]:
@@ -420,6 +449,7 @@ class MailTransactions:
             reply = answer.reply
             if reply.code == 250:
                 self.accepted += 1
+                self._charge(message.envelope)
                 _log.info(
                     "accepted {queueID} from {sender} for {count} recipients ({size} octets) from {peer}",
                     queueID=message.queueID,
@@ -437,6 +467,17 @@ class MailTransactions:
                 self._current = None
 
         self._replies.respondLater(d.addCallback(logged), then, cancellable=False)
+
+    def _charge(self, envelope: Envelope) -> None:
+        """
+        Count an accepted message against its user's sending quota (only
+        now: a refused or abandoned message costs nothing).
+        """
+        quotas, user = self._settings.quotas, envelope.authenticated
+        if quotas is not None and user is not None:
+            quotas.charge(user, len(envelope.recipients)).addErrback(
+                lambda f: _log.failure("charging the sending quota of {user} failed", f, user=user)
+            )
 
     def bdat(self, argument: str) -> None:
         """
