@@ -236,9 +236,13 @@ class LimitsTests(SynchronousTestCase):
             conn.replies()[-1], b"452 4.5.3 Too many transactions in this session, start a new one"
         )
 
-    def test_atLeastOne(self) -> None:
+    def test_range(self) -> None:
         """
-        RFC 9422 limits are positive: 0 is refused at configuration time.
+        RFC 9422 limits are 1 to 6 digits: 0 and 1000000 are refused at
+        configuration time.
         """
         self.assertRaises(ValueError, SMTPLimits, maxTransactions=0)
         self.assertRaises(ValueError, SMTPLimits, maxRecipients=0)
+        self.assertRaises(ValueError, SMTPLimits, maxTransactions=1_000_000)
+        self.assertRaises(ValueError, SMTPLimits, maxRecipients=1_000_000)
+        self.assertEqual(SMTPLimits(maxTransactions=999_999).maxTransactions, 999_999)

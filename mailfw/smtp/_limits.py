@@ -103,8 +103,9 @@ class SMTPLimits:
             raise ValueError("maxLineLength must be at least 512 (RFC 5321 4.5.3.1.4)")
         if self.maxTextLine and self.maxTextLine < 1000:
             raise ValueError("maxTextLine must be 0 or at least 1000 (RFC 5321 4.5.3.1.6)")
-        if self.maxRecipients < 1 or self.maxTransactions < 1:
-            raise ValueError("maxRecipients and maxTransactions must be at least 1 (RFC 9422 limits)")
+        if not (1 <= self.maxRecipients <= 999999 and 1 <= self.maxTransactions <= 999999):
+            # Advertised as RCPTMAX and MAILMAX: 1 to 6 digits (RFC 9422).
+            raise ValueError("maxRecipients and maxTransactions must be from 1 to 999999 (RFC 9422)")
         if self.hardErrorLimit < 1 or self.softErrorLimit < 0:
             raise ValueError("error limits must be positive")
         for f in fields(self):
