@@ -24,13 +24,14 @@ __all__ = [
     "loadConfig",
 ]
 
-LISTENER_KINDS = ("smtp", "submission", "submissions")
+LISTENER_KINDS = ("smtp", "submission", "submissions", "odmr")
 
 # The embedded default: unprivileged loopback ports, nothing else needed.
 DEFAULT_LISTEN = {
     "smtp": ["tcp:2525:interface=127.0.0.1"],
     "submission": ["tcp:2587:interface=127.0.0.1"],
     "submissions": [],
+    "odmr": [],
 }
 DEFAULT_DATA_DIR = "mailfw-data"
 
@@ -230,6 +231,7 @@ _KNOWN_SECTIONS = {
     "scheduler",
     "auth",
     "etrn",
+    "odmr",
 }
 
 

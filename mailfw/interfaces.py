@@ -315,6 +315,23 @@ class ILeaseOffers(Interface):
         """
 
 
+class ISelectiveClaim(Interface):
+    """
+    Optional for a queue: lease the waiting recipients that match a
+    selector now, whatever their due time (ODMR, RFC 2645: the customer
+    is connected and asks for its domains' mail).  The lease fences them
+    as L{ILeaseStore.claim}'s does, so no scheduler of any process takes
+    them while they are delivered over the customer's connection.
+    """
+
+    def claimMatching(selector: Selector, now: float, limit: int) -> Deferred[Sequence[Lease]]:
+        """
+        Lease up to C{limit} recipients in state ready or etrn that match
+        C{selector}, grouped by message, oldest due first.  Held (operator)
+        and leased recipients are left alone.
+        """
+
+
 class ISharedState(Interface):
     """
     Optional for a queue: small counters and marks that every process and

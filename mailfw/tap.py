@@ -118,6 +118,13 @@ class Options(usage.Options):
         """
         self["submissions"].append(description)
 
+    def opt_odmr(self, description: str) -> None:
+        """
+        Listen for On-Demand Mail Relay (RFC 2645: STARTTLS, AUTH, ATRN;
+        port 366).
+        """
+        self["odmr"].append(description)
+
     def postOptions(self) -> None:
         try:
             self.serverConfig = loadConfig(
@@ -505,6 +512,8 @@ def buildService(
     from mailfw.etrn import ETRNHandler, settingsFromConfig
     from mailfw.scheduling._scheduler import schedulerFromConfig
     from mailfw.smtp import SMTPFactory, SMTPLimits
+    from mailfw.smtp._odmr import ODMRHandler
+    from mailfw.smtp._odmr import settingsFromConfig as odmrFromConfig
     from mailfw.tls import serverTLSOptions
 
     config.dataDir.mkdir(parents=True, exist_ok=True)
@@ -530,6 +539,7 @@ def buildService(
             if authSetup.quotas is not None:
                 useHostedQuotas(authSetup.quotas, router)
         etrnSettings = settingsFromConfig(config.raw.get("etrn", {}))
+        odmrSettings = odmrFromConfig(config.raw.get("odmr", {}))
         scheduler = schedulerFromConfig(
             Section("[scheduler]", config.scheduler),
             reactor,
@@ -537,7 +547,7 @@ def buildService(
             router,
             agents,
             config.hostname,
-            holdForETRN=etrnSettings.holds,
+            holdForETRN=lambda address: etrnSettings.holds(address) or odmrSettings.holds(address),
         )
         lease = queue.leaseSeconds
         if lease is not None and scheduler.leaseSeconds >= lease:
@@ -555,6 +565,11 @@ def buildService(
         raise
 
     etrn = ETRNHandler(etrnSettings, queue, reactor) if etrnSettings.enabled else None
+    odmr = (
+        ODMRHandler(odmrSettings, queue, scheduler.settle, reactor, config.hostname, scheduler.leaseSeconds)
+        if odmrSettings.enabled
+        else None
+    )
     top = MailfwService(queue)
     scheduler.setServiceParent(top)
     if authSetup is not None:
@@ -581,6 +596,7 @@ def buildService(
             ),
             etrn=etrn,
             quotas=authSetup.quotas if authSetup is not None else None,
+            odmr=odmr,
         )
         if worker is not None:
             for inherited in worker:

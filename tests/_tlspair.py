@@ -31,7 +31,7 @@ class _One(Factory):
     def __init__(self, protocol: Protocol) -> None:
         self.protocol = protocol  # type: ignore[assignment]
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
         return self.protocol  # type: ignore[return-value]
 
 

@@ -106,7 +106,7 @@ class LoadConfigTests(SynchronousTestCase):
         c = loadConfig(path)
         self.assertEqual(c.hostname, "mx.example.org")
         self.assertEqual(c.dataDir, Path(path).parent / "data")
-        self.assertEqual(c.listen, {"smtp": ["tcp:25"], "submission": [], "submissions": []})
+        self.assertEqual(c.listen, {"smtp": ["tcp:25"], "submission": [], "submissions": [], "odmr": []})
         self.assertEqual(c.certificate, Path(path).parent / "data" / "c.pem")
         self.assertEqual(c.nameservers, (("127.0.0.1", 5353), ("::1", 53)))
         self.assertEqual(c.delivery, {"box": {"plugin": "maildir"}})

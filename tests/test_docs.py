@@ -643,6 +643,16 @@ class ReferenceTests(SynchronousTestCase):
             settingsFromConfig({})
         self.assertDocumented("[etrn]", asked["[etrn]"])
 
+    def test_odmr(self) -> None:
+        """
+        C{[odmr]} lists every key its C{settingsFromConfig} reads.
+        """
+        from mailfw.smtp._odmr import settingsFromConfig as odmrFromConfig
+
+        with recordingKeys() as asked:
+            odmrFromConfig({})
+        self.assertDocumented("[odmr]", asked["[odmr]"])
+
     def test_bundledPlugins(self) -> None:
         """
         Every bundled queue, router and delivery plugin has a key list, and

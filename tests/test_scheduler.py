@@ -8,11 +8,12 @@ from __future__ import annotations
 import email
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from email.message import Message
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -35,6 +36,19 @@ UNREACHABLE = SMTPReply(451, "4.4.1", "connection refused")
 UNKNOWN = SMTPReply(550, "5.1.1", "no such user")
 START = 1000.0
 DAY = 86400.0
+
+
+def subpart(message: Message, *indices: int) -> Message:
+    """
+    The part of a multipart C{message} at C{indices}, one index per level.
+    """
+    for index in indices:
+        payload = message.get_payload()
+        assert isinstance(payload, list)
+        part = payload[index]
+        assert isinstance(part, Message)
+        message = part
+    return message
 
 
 @implementer(IRouter)
@@ -137,8 +151,9 @@ class SchedulerTestsMixin(SynchronousTestCase):
         self.queue = MemoryQueue(self.clock, leaseSeconds=900)
         self.router = FakeRouter()
         self.events: list[dict[str, object]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def makeScheduler(self, *agents: FakeAgent, **kw: object) -> Scheduler:
         options: dict[str, object] = {"schedule": RetrySchedule(jitter=0)}
@@ -207,7 +222,13 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         self.clock.advance(0)
         [event] = [e for e in self.events if e.get("queueID") == queueID and "code" in e]
         self.assertEqual(
-            (event["log_level"].name, event["recipient"], event["agent"], event["code"], event["enhanced"]),
+            (
+                cast(LogLevel, event["log_level"]).name,
+                event["recipient"],
+                event["agent"],
+                event["code"],
+                event["enhanced"],
+            ),
             ("info", "a@example.com", "sink", 250, "2.0.0"),
         )
 
@@ -301,7 +322,7 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         [delayAt] = [d.at for d in agent.deliveries if d.envelope.sender is None][:1]
         self.assertEqual(delayAt, min(t for t in expected if t >= START + 4 * 3600))
         self.assertEqual(bounce["Subject"], "Undelivered Mail Returned to Sender")
-        status = bounce.get_payload()[1].get_payload()[1]  # type: ignore[index, union-attr]
+        status = subpart(bounce, 1, 1)
         self.assertEqual((status["Action"], status["Status"]), ("failed", "4.4.7"))
         self.assertEqual(status["Diagnostic-Code"], "smtp; 451 4.7.1 greylisted")
         self.assertEqual(self.queue.queueIDs(), [])
@@ -373,7 +394,7 @@ class SchedulerDeliveryTests(SchedulerTestsMixin):
         """
 
         class BrokenNotices(NoticeWriter):
-            def build(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+            def build(self, *args: object, **kwargs: object) -> None:
                 raise UnicodeEncodeError("ascii", "\u00fc", 0, 1, "test")
 
         agent = FakeAgent(self.clock, reply=lambda a: UNKNOWN if a == "bad@example.com" else OK)
@@ -775,7 +796,7 @@ class SchedulerETRNTests(SchedulerTestsMixin):
         delayNotice, bounce = self.notices(agent)
         self.assertEqual(delayNotice["Subject"], "Delayed Mail (still being retried)")
         self.assertEqual(bounce["Subject"], "Undelivered Mail Returned to Sender")
-        status = bounce.get_payload()[1].get_payload()[1]  # type: ignore[index, union-attr]
+        status = subpart(bounce, 1, 1)
         self.assertEqual((status["Action"], status["Status"]), ("failed", "4.4.7"))
         self.assertIn("ETRN", status["Diagnostic-Code"])
         self.assertEqual(self.queue.queueIDs(), [])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import scramp
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
@@ -320,7 +320,7 @@ class SessionTests(SessionMixin, SynchronousTestCase):
         self.assertEqual(conn.replies()[-1], temporary)
         self.assertEqual(
             [(e["log_level"], e.get("reason")) for e in events if "reason" in e],
-            [(LogLevel.warn, self.checker.answer.result.value)],
+            [(LogLevel.warn, cast(Any, self.checker.answer).result.value)],
         )
         self.checker.answer = fail(OSError("unreadable"))
         conn = self.secure()

@@ -49,9 +49,10 @@ from typing import IO, Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
 
 from mailfw.envelope import Envelope
-from mailfw.interfaces import IIncomingMessage, IMessageBody
+from mailfw.interfaces import IIncomingMessage, IMessageBody, ISelectiveClaim
 from mailfw.queue._io import Executor, MemoryBody
 from mailfw.queue._schema import (
     INSERT_LEASED_RECIPIENT,
@@ -59,6 +60,7 @@ from mailfw.queue._schema import (
     INSERT_RECIPIENT,
     envelopeFromJSON,
     envelopeToJSON,
+    matchingClaim,
     recipientRows,
     replyColumns,
     replyFromColumns,
@@ -205,6 +207,7 @@ _COUNT = (
 )
 
 
+@implementer(ISelectiveClaim)
 class SQLQueue:
     """
     The transitions of L{mailfw.interfaces.IMessageQueue} and the whole of
@@ -392,18 +395,26 @@ class SQLQueue:
 
     # --- the scheduler's side ---------------------------------------------------
 
-    def claim(self, now: float, limit: int) -> Deferred[Sequence[Lease]]:
+    def claimMatching(self, selector: Selector, now: float, limit: int) -> Deferred[Sequence[Lease]]:
+        return self.claim(now, limit, selector)
+
+    def claim(self, now: float, limit: int, selector: Selector | None = None) -> Deferred[Sequence[Lease]]:
         expires = now + self.leaseSeconds
         owner, skipLocked = self._owner, self._dialect.skipLocked
 
         def claim(db: Database) -> Sequence[Lease]:
             self._touch(db, now)
-            rows = db.execute(
-                f"SELECT message_id, {_RECIPIENT_COLUMNS} FROM recipients WHERE state IN (?, ?)"
-                " AND next_attempt_at <= ? ORDER BY next_attempt_at, message_id, idx LIMIT ?" + skipLocked,
-                (READY, ETRN, now, max(limit, 0)),
-            ).fetchall()
-            if len(rows) < limit:
+            if selector is not None:
+                query, params = matchingClaim(f"message_id, {_RECIPIENT_COLUMNS}", selector, limit)
+                rows = db.execute(query + skipLocked, params).fetchall()
+            else:
+                rows = db.execute(
+                    f"SELECT message_id, {_RECIPIENT_COLUMNS} FROM recipients WHERE state IN (?, ?)"
+                    " AND next_attempt_at <= ? ORDER BY next_attempt_at, message_id, idx LIMIT ?"
+                    + skipLocked,
+                    (READY, ETRN, now, max(limit, 0)),
+                ).fetchall()
+            if len(rows) < limit and selector is None:
                 rows += db.execute(
                     f"SELECT message_id, {_RECIPIENT_COLUMNS} FROM recipients WHERE state = ?"
                     " AND lease_expires <= ? ORDER BY lease_expires, message_id, idx LIMIT ?" + skipLocked,

@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from mailfw.config import ComponentContext, Section
 from mailfw.envelope import Envelope, Recipient
-from mailfw.interfaces import IDescribed, IIncomingMessage, IMessageBody, IMessageQueue
+from mailfw.interfaces import IDescribed, IIncomingMessage, IMessageBody, IMessageQueue, ISelectiveClaim
 from mailfw.queue._io import MemoryBody
 from mailfw.queue._schema import selectorMatches
 from mailfw.queued import (
@@ -105,7 +105,7 @@ class _MemoryIncoming:
         self._chunks = []
 
 
-@implementer(IMessageQueue, IDescribed)
+@implementer(IMessageQueue, IDescribed, ISelectiveClaim)
 class MemoryQueue:
     """
     An L{IMessageQueue} in memory.
@@ -231,8 +231,21 @@ class MemoryQueue:
                 elif r.state is RecipientState.LEASED and r.leaseExpires <= now:
                     due.append((r.leaseExpires, order, message, r))
         due.sort(key=lambda item: (item[0], item[1], item[3].index))
+        return succeed(self._lease(due[: max(limit, 0)], now))
+
+    def claimMatching(self, selector: Selector, now: float, limit: int) -> Deferred[Sequence[Lease]]:
+        order = {queueID: n for n, queueID in enumerate(self._messages)}
+        due = [
+            (r.nextAttempt, order[m.queueID], m, r)
+            for m, r in self._matching(selector)
+            if r.state in (RecipientState.READY, RecipientState.ETRN)
+        ]
+        due.sort(key=lambda item: (item[0], item[1], item[3].index))
+        return succeed(self._lease(due[: max(limit, 0)], now))
+
+    def _lease(self, due: Sequence[tuple[float, int, _Message, _Recipient]], now: float) -> list[Lease]:
         chosen: dict[str, list[_Recipient]] = {}
-        for _, _, message, r in due[: max(limit, 0)]:
+        for _, _, message, r in due:
             chosen.setdefault(message.queueID, []).append(r)
         leases = []
         expires = now + self.leaseSeconds
@@ -254,7 +267,7 @@ class MemoryQueue:
                     size=len(message.body),
                 )
             )
-        return succeed(leases)
+        return leases
 
     def record(
         self, lease: Lease, dispositions: Sequence[Disposition], notices: Sequence[Notice] = ()

@@ -59,6 +59,7 @@ __all__ = [
     "domainMatches",
     "envelopeFromJSON",
     "envelopeToJSON",
+    "matchingClaim",
     "newQueueID",
     "pyformat",
     "reversedDomain",
@@ -251,6 +252,22 @@ def selectorWhere(selector: Selector, alias: str = "r") -> tuple[str, list[Any]]
         clauses.append(f"{alias}.route = ?")
         params.append(selector.route)
     return (" AND ".join(clauses) or "1 = 1"), params
+
+
+def matchingClaim(columns: str, selector: Selector, limit: int) -> tuple[str, list[Any]]:
+    """
+    The query of L{mailfw.interfaces.ISelectiveClaim.claimMatching}: the
+    unaliased C{columns} of up to C{limit} C{recipients} rows in state
+    ready or etrn matching C{selector}, whatever their due time, oldest due
+    first.  A backend appends its row locking (C{FOR UPDATE SKIP LOCKED}).
+    """
+    where, params = selectorWhere(selector)
+    return (
+        f"SELECT {columns} FROM recipients WHERE state IN (?, ?) AND (message_id, idx) IN"
+        f" (SELECT r.message_id, r.idx FROM recipients r JOIN messages m ON m.id = r.message_id WHERE {where})"
+        " ORDER BY next_attempt_at, message_id, idx LIMIT ?",
+        [RecipientState.READY.value, RecipientState.ETRN.value, *params, max(limit, 0)],
+    )
 
 
 # --- envelopes as JSON --------------------------------------------------------

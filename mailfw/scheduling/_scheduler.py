@@ -593,6 +593,25 @@ class Scheduler(Service):
             queueID=lease.queueID,
         )
 
+    def settle(self, lease: Lease, outcomes: Sequence[RecipientOutcome]) -> Deferred[None]:
+        """
+        Record outcomes of C{lease} that were decided elsewhere (ODMR
+        delivers over the customer's own connection) exactly as a
+        delivery's: a deferral waits again (held for ETRN or ATRN in such
+        a domain) or expires, a failure bounces, with the same notices.
+        C{outcomes} are in the order of C{lease.recipients}.
+        """
+
+        async def settle() -> None:
+            now = self._clock.seconds()
+            decided = _Decided()
+            for qr, outcome in zip(lease.recipients, outcomes, strict=True):
+                self._decide(lease, qr, None, outcome, now, decided)
+            notices = await self._makeNotices(lease, None, decided)
+            await self._queue.record(lease, decided.dispositions, notices)
+
+        return Deferred.fromCoroutine(settle())
+
     async def _deliverGroup(
         self,
         lease: Lease,

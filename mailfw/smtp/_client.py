@@ -263,14 +263,21 @@ class SMTPClient(LineReceiver):
         hostname: str,
         address: str = "",
         useTLS: bool = True,
+        encrypted: bool = False,
     ) -> None:
+        """
+        @param encrypted: the connection is encrypted already: one that was
+            taken over rather than opened (ODMR, RFC 2645: the customer
+            connected and did STARTTLS, then the roles reversed), which the
+            client may be given with C{makeConnection} at any time.
+        """
         self.options = options
         self.clock = clock
         self.hostname = hostname
         self.address = address
         self.useTLS = useTLS
         self.capabilities = Capabilities(False)
-        self.tls = False
+        self.tls = encrypted
         self.tlsInfo: str | None = None
         self.connected = False
         self._partial: list[str] = []

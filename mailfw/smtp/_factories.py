@@ -13,6 +13,9 @@ With an L{SMTPAuth} the factory's sessions offer AUTH once they are
 encrypted; the submission kinds need it before MAIL, so without one they
 accept no mail at all.
 
+The C{odmr} kind (RFC 2645, port 366) builds L{ODMRServerProtocol}
+sessions with the factory's L{ODMRHandler}: STARTTLS, AUTH and ATRN only.
+
 With an L{ETRNHandler} the C{smtp} factory's sessions offer ETRN; the
 submission kinds offer it only when the C{[etrn] submission} setting says
 so.
@@ -34,6 +37,7 @@ from mailfw.reply import SMTPReply
 from mailfw.smtp import _replies as R
 from mailfw.smtp._auth import SMTPAuth
 from mailfw.smtp._limits import SMTPLimits
+from mailfw.smtp._odmr import ODMRHandler, ODMRServerProtocol
 from mailfw.smtp._server import SMTPServerProtocol
 from mailfw.smtp._settings import SessionSettings
 
@@ -84,7 +88,8 @@ class SMTPFactory(Factory):
     Builds an L{SMTPServerProtocol} for each connection of one listener kind.
 
     @ivar settings: the L{SessionSettings} every connection shares.
-    @ivar kind: C{"smtp"}, C{"submission"} or C{"submissions"}.
+    @ivar kind: C{"smtp"}, C{"submission"}, C{"submissions"} or C{"odmr"}.
+    @ivar odmr: the L{ODMRHandler} of an C{odmr} listener.
     @ivar connections: how many connections are open now.
     """
 
@@ -103,6 +108,7 @@ class SMTPFactory(Factory):
         auth: SMTPAuth | None = None,
         etrn: ETRNHandler | None = None,
         quotas: SendingQuotas | None = None,
+        odmr: ODMRHandler | None = None,
     ) -> None:
         # Implicit TLS has no STARTTLS to offer.
         if kind == "submissions":
@@ -114,6 +120,9 @@ class SMTPFactory(Factory):
         )
         if auth is None and kind != "smtp":
             self.log.warn("no [auth] configured: {kind} listeners accept no mail", kind=kind)
+        self.odmr = odmr if kind == "odmr" else None
+        if kind == "odmr" and odmr is None:
+            self.log.warn("no [odmr] domains configured: odmr listeners refuse ATRN")
         self.connections = 0
         self._perClient: dict[str, int] = {}
 
@@ -171,6 +180,12 @@ class SMTPFactory(Factory):
             else:
                 self._perClient.pop(key, None)
 
-        protocol = SMTPServerProtocol(self.settings, onOpen=opened, onClose=closed)
+        protocol: SMTPServerProtocol
+        if self.kind == "odmr":
+            odmrProtocol = ODMRServerProtocol(self.settings, onOpen=opened, onClose=closed)
+            odmrProtocol.odmr = self.odmr
+            protocol = odmrProtocol
+        else:
+            protocol = SMTPServerProtocol(self.settings, onOpen=opened, onClose=closed)
         protocol.factory = self
         return protocol

@@ -24,10 +24,8 @@ C{twisted.mail.smtp} does not keep:
     dropped and the session reset when TLS starts (RFC 3207 4.2).
 
 The submission listeners require AUTH before MAIL.  ETRN (RFC 1985) is
-offered when the factory gives an L{ETRNHandler}: after HELO/EHLO and
-outside a mail transaction (else 503 5.5.1) the handler checks the
-argument, the client's rate and rights and records the flush; the reply
-goes out once the queue has recorded it.  TURN is never offered (502).
+answered by L{mailfw.smtp._etrn} where the factory gives an
+L{ETRNHandler}.  TURN is never offered (502).
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, ClassVar, cast
 
-from twisted.internet.interfaces import IDelayedCall, ISSLTransport, ITLSTransport
+from twisted.internet.interfaces import IDelayedCall, IProtocol, ISSLTransport, ITLSTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -48,6 +46,7 @@ from mailfw.envelope import Session
 from mailfw.policy._chain import Stage
 from mailfw.reply import SMTPReply
 from mailfw.smtp import _replies as R
+from mailfw.smtp._etrn import etrnCommand
 from mailfw.smtp._framing import InputFramer
 from mailfw.smtp._login import Login
 from mailfw.smtp._parser import parseCommandLine, parseDomainArgument
@@ -128,12 +127,11 @@ class SMTPServerProtocol(Protocol):
         self._abortLater: IDelayedCall | None = None
         self._connectedAt = 0.0
         self._lastActivity = 0.0
+        self._handedTo: IProtocol | None = None
 
     @property
     def avatar(self) -> Any:
-        """
-        The L{mailfw.interfaces.IMailUser} after a successful AUTH, else C{None}.
-        """
+        """The L{mailfw.interfaces.IMailUser} after a successful AUTH, else C{None}."""
         return self._login.avatar
 
     # --- connection ---------------------------------------------------------
@@ -202,6 +200,8 @@ class SMTPServerProtocol(Protocol):
         if self._onClose is not None:
             onClose, self._onClose = self._onClose, None
             onClose(self)
+        if self._handedTo is not None:
+            self._handedTo.connectionLost(reason)
 
     def hangUp(self) -> None:
         """
@@ -216,11 +216,6 @@ class SMTPServerProtocol(Protocol):
             # A TLS close waits for the peer, and a peer that never reads
             # keeps our write buffer full: neither may hold the slot.
             self._abortLater = self.settings.clock.callLater(CLOSE_GRACE, self._abortClose)
-
-    def _abort(self) -> None:
-        # Drop the connection now, without waiting for the peer.
-        self.state.hangUp()
-        self.transport.abortConnection()  # type: ignore[union-attr]
 
     def _abortClose(self) -> None:
         self._abortLater = None
@@ -254,7 +249,8 @@ class SMTPServerProtocol(Protocol):
         if "write" in self._input.reasons and self.transport is not None:
             # The client does not read: waiting for the buffer to drain
             # would keep the connection forever.
-            self._abort()
+            self.state.hangUp()
+            self.transport.abortConnection()  # type: ignore[attr-defined]
             return
         self.hangUp()
 
@@ -265,11 +261,34 @@ class SMTPServerProtocol(Protocol):
         Hand input to the L{InputFramer}, which cuts command lines or passes
         DATA and BDAT octets on.
         """
+        if self._handedTo is not None:
+            self._handedTo.dataReceived(data)
+            return
         if self.state.closing:
             return
         if data:
             self._lastActivity = self.settings.clock.seconds()
         self._input.feed(data)
+
+    def handOver(self, protocol: IProtocol) -> None:
+        """
+        Give the connection to C{protocol} (ODMR's reversed session, RFC
+        2645): this session reads no more commands, stops its idle timer and
+        its producing, and passes on what arrives from now on (and anything
+        already received but not handled) and the connection's end.
+        """
+        self._handedTo = protocol
+        self._input.stop()
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        transport = self.transport
+        assert transport is not None
+        transport.unregisterProducer()  # type: ignore[attr-defined]
+        protocol.makeConnection(transport)
+        unread = self._input.clear()
+        if unread:
+            protocol.dataReceived(unread)
 
     def overrun(self) -> None:
         """
@@ -277,7 +296,8 @@ class SMTPServerProtocol(Protocol):
         reading our replies.
         """
         self.log.warn("{peer} sends without reading replies, aborting", peer=self.peer)
-        self._abort()
+        self.state.hangUp()
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
     def lineTooLong(self) -> None:
         """
@@ -520,34 +540,9 @@ class SMTPServerProtocol(Protocol):
         self.replies.respond(Answer(R.GOODBYE, True))
 
     def smtp_ETRN(self, argument: str) -> None:
-        """
-        RFC 1985: start delivering the queue for a node (see the module
-        docstring).
-        """
-        etrn, session = self.settings.etrn, self.session
-        if etrn is None:
-            self.replies.respond(R.NOT_IMPLEMENTED)
-            return
-        if session.helo is None:
-            self.replies.respond(R.NEED_HELO)
-            return
-        if self.transactions.active:
-            self.replies.respond(R.ETRN_IN_TRANSACTION)
-            return
-        avatar = self.avatar
-        userDomains = tuple(avatar.etrnDomains) if avatar is not None else None
-
-        def answered(reply: SMTPReply) -> Answer:
-            self.log.info(
-                "ETRN from {peer}: {code} {enhanced}",
-                peer=self.peer,
-                code=reply.code,
-                enhanced=reply.enhanced,
-            )
-            return Answer(reply)
-
-        d = etrn.request(argument, session.peerHost, userDomains)
-        self.replies.respondLater(d.addCallback(answered), cancellable=False)
+        """RFC 1985: start delivering the queue for a node (L{etrnCommand})."""
+        settings, active = self.settings, self.transactions.active
+        etrnCommand(settings.etrn, self.replies, self.session, self.peer, self.avatar, active, argument)
 
     def smtp_STARTTLS(self, argument: str) -> None:
         if argument:
