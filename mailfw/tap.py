@@ -507,6 +507,7 @@ def buildService(
     @raise ConfigError: naming the section that is wrong.
     """
     from mailfw.auth._config import authFromConfig
+    from mailfw.auth._quota import useHostedQuotas
     from mailfw.auth._realm import useHostedSenders
     from mailfw.etrn import ETRNHandler, settingsFromConfig
     from mailfw.scheduling._scheduler import schedulerFromConfig
@@ -535,6 +536,8 @@ def buildService(
         authSetup = authFromConfig(Section("[auth]", config.auth), context)
         if authSetup is not None:
             useHostedSenders(authSetup.auth.portal, router)
+            if authSetup.quotas is not None:
+                useHostedQuotas(authSetup.quotas, router)
         etrnSettings = settingsFromConfig(config.raw.get("etrn", {}))
         odmrSettings = odmrFromConfig(config.raw.get("odmr", {}))
         scheduler = schedulerFromConfig(
@@ -592,6 +595,7 @@ def buildService(
                 else None
             ),
             etrn=etrn,
+            quotas=authSetup.quotas if authSetup is not None else None,
             odmr=odmr,
         )
         if worker is not None:
@@ -622,7 +626,7 @@ def buildService(
     # control socket's lock file stops it.
     control = ListeningService(
         serverFromString(reactor, f"unix:{quoteStringArgument(str(controlPath))}:mode=600:lockfile=1"),
-        ControlFactory(queue, reactor),
+        ControlFactory(queue, reactor, quotas=authSetup.quotas if authSetup is not None else None),
     )
     control.setName("control")
     control.setServiceParent(top)

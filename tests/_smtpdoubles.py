@@ -298,6 +298,7 @@ def connect(
     greet: bool = True,
     transportFactory: Callable[..., StringTransport] = StringTransport,
     auth: Any = None,
+    quotas: Any = None,
 ) -> Connection:
     """
     Connect a new protocol; with C{greet}, drop the greeting from the
@@ -316,6 +317,7 @@ def connect(
         limits,
         tlsOptions,
         auth=auth,
+        quotas=quotas,
     )
     proto = SMTPServerProtocol(settings)
     address = IPv6Address("TCP", peer, 40000) if ":" in peer else IPv4Address("TCP", peer, 40000)

@@ -4,10 +4,20 @@ Tests for L{mailfw.auth._quota}: sending quotas per authenticated user.
 
 from __future__ import annotations
 
-from twisted.internet.defer import succeed
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+import json
+from pathlib import Path
+from typing import Any
 
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from mailfw.address import Address
+from mailfw.admin._control import ControlProtocol
+from mailfw.admin._main import formatQuota, makeParser, quotaCommand
+from mailfw.auth._config import authFromConfig
 from mailfw.auth._quota import (
     DAY,
     HOUR,
@@ -16,8 +26,12 @@ from mailfw.auth._quota import (
     SendingQuotas,
     quotaFromOptions,
     quotasFromSection,
+    useHostedQuotas,
 )
-from mailfw.config import ConfigError
+from mailfw.config import ComponentContext, ConfigError, Section
+from mailfw.hosting._values import Mailbox
+from mailfw.interfaces import IHostingTable
+from mailfw.queue._memory import MemoryQueue
 from mailfw.sharedstate import MemorySharedState
 
 
@@ -166,3 +180,143 @@ class ConfigTests(SynchronousTestCase):
             quotasFromSection({"users": {"bob": 5}}, MemorySharedState(), Clock())
         with self.assertRaisesRegex(ConfigError, "expected an integer"):
             quotaFromOptions("[x]", {"messages_per_hour": "5"})
+
+
+@implementer(IHostingTable)
+class OneMailboxTable:
+    """
+    The part of L{IHostingTable} the quotas read: C{mailbox}.
+    """
+
+    def __init__(self, box: Mailbox) -> None:
+        self.box = box
+
+    def mailbox(self, address: Address) -> Deferred[Mailbox | None]:
+        return succeed(self.box if str(address) == self.box.address else None)
+
+
+class HostedQuotaTests(SynchronousTestCase):
+    def test_mailboxColumns(self) -> None:
+        """
+        With a router that reads a hosting table, a mailbox's
+        C{messagesPerHour} replaces the configured message limit of the
+        user authenticated as that address; other users and the other
+        limits keep the configuration's.
+        """
+        clock = Clock()
+        quotas = SendingQuotas(MemorySharedState(), clock, Quota(messagesPerHour=5, messagesPerDay=50))
+        router = type(
+            "Router", (), {"hosting": OneMailboxTable(Mailbox("a@example.org", messagesPerHour=1))}
+        )()
+        self.assertTrue(useHostedQuotas(quotas, router))
+        self.assertEqual(
+            self.successResultOf(quotas.quotaFor("a@example.org")),
+            Quota(messagesPerHour=1, messagesPerDay=50),
+        )
+        self.assertEqual(self.successResultOf(quotas.quotaFor("b@example.org")), quotas.default)
+        self.assertEqual(self.successResultOf(quotas.quotaFor("not an address")), quotas.default)
+
+    def test_noTable(self) -> None:
+        """
+        A router without a hosting table leaves the quotas alone.
+        """
+        quotas = SendingQuotas(MemorySharedState(), Clock(), Quota(messagesPerHour=5))
+        self.assertFalse(useHostedQuotas(quotas, object()))
+        self.assertIsNone(quotas.lookup)
+
+
+class QuotaConfigTests(SynchronousTestCase):
+    def build(self, **options: Any) -> Any:
+        path = Path(self.mktemp())
+        path.mkdir()
+        (path / "passwd").write_text("")
+        context = ComponentContext(reactor=MemoryReactorClock(), hostname="mx.test", dataDir=path)
+        return authFromConfig(
+            Section("[auth]", {"passwords": "passwd", **options}), context, lambda f, *a: maybeDeferred(f, *a)
+        )
+
+    def test_quotasTable(self) -> None:
+        """
+        C{[auth.quotas]} builds the L{SendingQuotas} of the AUTH setup, with
+        the queue's shared state (here, without a queue, an in-memory one).
+        """
+        setup = self.build(quotas={"messages_per_hour": 5, "users": {"bob": {"messages_per_hour": 50}}})
+        self.assertIsInstance(setup.quotas, SendingQuotas)
+        self.assertEqual(setup.quotas.default, Quota(messagesPerHour=5))
+        self.assertEqual(setup.quotas.users["bob"], Quota(messagesPerHour=50))
+        self.assertIsInstance(setup.quotas.state, MemorySharedState)
+
+    def test_none(self) -> None:
+        """
+        Without C{[auth.quotas]} (or with no limit in it) nobody is held to
+        a quota.
+        """
+        self.assertIsNone(self.build().quotas)
+        self.assertIsNone(self.build(quotas={}).quotas)
+
+    def test_errors(self) -> None:
+        """
+        An unknown key or a bad value in C{[auth.quotas]} is a configuration
+        error naming the section.
+        """
+        e = self.assertRaises(ConfigError, self.build, quotas={"messages_per_minute": 5})
+        self.assertIn("[auth.quotas]", str(e))
+        self.assertRaises(ConfigError, self.build, quotas={"messages_per_hour": -1})
+
+
+class ControlQuotaTests(SynchronousTestCase):
+    def ask(self, quotas: SendingQuotas | None, request: dict[str, Any]) -> dict[str, Any]:
+        protocol = ControlProtocol(MemoryQueue(Clock()), lambda queueID: succeed(b""), quotas)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(json.dumps(request).encode() + b"\n")
+        answer: dict[str, Any] = json.loads(transport.value())
+        return answer
+
+    def test_usage(self) -> None:
+        """
+        The control socket's C{quota} command answers a user's counters
+        and limits from the server's shared state.
+        """
+        clock = Clock()
+        quotas = SendingQuotas(MemorySharedState(), clock, Quota(messagesPerHour=5))
+        self.successResultOf(quotas.charge("alice", 3))
+        answer = self.ask(quotas, {"command": "quota", "user": "alice"})
+        self.assertEqual(
+            answer,
+            {
+                "ok": True,
+                "result": {
+                    "messages_per_hour": {"used": 1, "limit": 5},
+                    "messages_per_day": {"used": 1, "limit": None},
+                    "recipients_per_hour": {"used": 3, "limit": None},
+                    "recipients_per_day": {"used": 3, "limit": None},
+                },
+            },
+        )
+        self.assertEqual(
+            formatQuota("alice", answer["result"]).splitlines()[:2],
+            ["sending quota of alice:", "  messages_per_hour    1/5"],
+        )
+
+    def test_refusals(self) -> None:
+        """
+        Without quotas, or without a user name, the answer says why.
+        """
+        self.assertEqual(
+            self.ask(None, {"command": "quota", "user": "alice"}),
+            {"ok": False, "error": "no sending quotas are configured ([auth.quotas])"},
+        )
+        quotas = SendingQuotas(MemorySharedState(), Clock(), Quota(messagesPerHour=5))
+        self.assertEqual(
+            self.ask(quotas, {"command": "quota"}), {"ok": False, "error": "quota needs a user name"}
+        )
+
+    def test_command(self) -> None:
+        """
+        C{mailfw user quota USER} sends the C{quota} request to the control
+        socket.
+        """
+        args = makeParser().parse_args(["user", "quota", "alice", "--socket", "/x.sock"])
+        self.assertIs(args.run, quotaCommand)
+        self.assertEqual(args.user, "alice")

@@ -110,6 +110,7 @@ def secure(
     peer: str = "192.0.2.1",
     clock: Clock | None = None,
     auth: SMTPAuth | None = None,
+    quotas: Any = None,
     **authOptions: Any,
 ) -> Connection:
     """
@@ -125,6 +126,7 @@ def secure(
         auth=auth,
         peer=peer,
         clock=clock,
+        quotas=quotas,
     )
     if kind != "submissions":
         conn.send(EHLO + b"STARTTLS\r\n")

@@ -186,7 +186,7 @@ class AdvertisingTests(SynchronousTestCase):
         session.hold("a@customer.example")
         self.assertEqual(
             session.ask(b"EHLO x.example", b"ETRN customer.example"),
-            [b"250 DSN", b"502 5.5.1 Command not implemented"],
+            [b"250 LIMITS RCPTMAX=1000 MAILMAX=1000", b"502 5.5.1 Command not implemented"],
         )
         self.assertEqual(session.waiting(), ["a@customer.example"])
 

@@ -18,6 +18,7 @@ from mailfw.smtp import _replies as R
 from mailfw.smtp._framing import MAX_UNREAD, InputFramer
 from mailfw.smtp._pipeline import ReplyPipeline
 from mailfw.smtp._replies import Answer
+from mailfw.smtp._state import ConnectionState
 
 OK = SMTPReply(250, "2.0.0", "Ok")
 BAD = SMTPReply(500, "5.5.2", "Command unrecognized")
@@ -29,9 +30,8 @@ class FramingOwner:
     raw octets for C{n} octets, a line C{b"PAUSE"} pauses.
     """
 
-    closing = False
-
     def __init__(self) -> None:
+        self.state = ConnectionState()
         self.events: list[tuple[str, bytes]] = []
         self.framer = InputFramer(self, 20)
         self.rawLeft = 0
@@ -60,7 +60,7 @@ class FramingOwner:
 
     def overrun(self) -> None:
         self.events.append(("overrun", b""))
-        self.closing = True
+        self.state.hangUp()
 
 
 class InputFramerTests(SynchronousTestCase):
@@ -144,10 +144,9 @@ class PipelineOwner:
     """
 
     peer = "192.0.2.1:25"
-    closing = False
-    closed = False
 
     def __init__(self, limits: SMTPLimits = SMTPLimits()) -> None:
+        self.state = ConnectionState()
         self.clock = Clock()
         self.sent: list[bytes] = []
         self.drained = 0
@@ -157,7 +156,7 @@ class PipelineOwner:
         self.sent.append(answer.reply.lines(enhanced=True)[0])
 
     def hangUp(self) -> None:
-        self.closing = True
+        self.state.hangUp()
 
     def closingReply(self, reply: SMTPReply) -> SMTPReply:
         return reply
@@ -196,7 +195,7 @@ class ReplyPipelineTests(SynchronousTestCase):
         owner.pipeline.respond(BAD)
         owner.clock.advance(2)
         self.assertEqual(owner.sent[-1], b"421 4.7.0 Too many errors, closing connection")
-        self.assertTrue(owner.closing)
+        self.assertTrue(owner.state.closing)
 
     def test_failureIs451(self) -> None:
         """
@@ -219,7 +218,7 @@ class ReplyPipelineTests(SynchronousTestCase):
         kept: Deferred[Answer] = Deferred(lambda d: cancelled.append("kept"))
         owner.pipeline.respondLater(cancellable)
         owner.pipeline.respondLater(kept, cancellable=False)
-        owner.closed = owner.closing = True
+        owner.state.lost()
         owner.pipeline.stop()
         self.assertEqual(cancelled, ["cancellable"])
         self.assertNoResult(kept)

@@ -11,7 +11,7 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import ISSLTransport, ITLSTransport
+from twisted.internet.interfaces import IPushProducer, ISSLTransport, ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
@@ -28,6 +28,7 @@ from mailfw.policy import CONTINUE, Verdict
 from mailfw.queued import QueueFull
 from mailfw.reply import SMTPReply
 from mailfw.smtp import SMTPFactory, SMTPLimits, SMTPServerProtocol
+from mailfw.smtp._framing import InputFramer
 from mailfw.smtp._server import CLOSE_GRACE
 from mailfw.smtp._settings import SessionSettings
 from tests._smtpdoubles import (
@@ -169,7 +170,8 @@ class HeloTests(SynchronousTestCase):
                 b"250-ENHANCEDSTATUSCODES",
                 b"250-SMTPUTF8",
                 b"250-CHUNKING",
-                b"250 DSN",
+                b"250-DSN",
+                b"250 LIMITS RCPTMAX=1000 MAILMAX=1000",
             ],
         )
 
@@ -197,7 +199,13 @@ class HeloTests(SynchronousTestCase):
         conn.send(b"NOOP\r\nHELO client.example.net\r\nNOOP\r\n" + EHLO + b"NOOP\r\n")
         self.assertEqual(
             conn.replies(),
-            [b"250 Ok", b"250 mx.example.org", b"250 Ok", b"250 DSN", b"250 2.0.0 Ok"],
+            [
+                b"250 Ok",
+                b"250 mx.example.org",
+                b"250 Ok",
+                b"250 LIMITS RCPTMAX=1000 MAILMAX=1000",
+                b"250 2.0.0 Ok",
+            ],
         )
 
     def test_syntax(self) -> None:
@@ -641,17 +649,18 @@ class RcptTests(SynchronousTestCase):
 class BackpressureTests(SynchronousTestCase):
     def test_registeredAsProducer(self) -> None:
         """
-        The protocol is the transport's streaming producer; while the
-        transport's write buffer is full no further command is run.
+        The session's input framer is the transport's streaming producer;
+        while the transport's write buffer is full no further command is run.
         """
         conn = connect()
-        self.assertIs(conn.transport.producer, conn.proto)
+        self.assertIsInstance(conn.transport.producer, InputFramer)
+        self.assertTrue(verifyObject(IPushProducer, conn.transport.producer))
         self.assertTrue(conn.transport.streaming)
-        conn.proto.pauseProducing()
+        conn.transport.producer.pauseProducing()
         self.assertEqual(conn.transport.producerState, "paused")
         conn.send(EHLO + b"NOOP\r\n")
         self.assertEqual(conn.codes(), [])
-        conn.proto.resumeProducing()
+        conn.transport.producer.resumeProducing()
         self.assertEqual(conn.codes(), [b"250", b"250"])
         self.assertEqual(conn.transport.producerState, "producing")
 
@@ -661,7 +670,7 @@ class BackpressureTests(SynchronousTestCase):
         aborted, not left waiting for its buffer to drain.
         """
         conn = connect()
-        conn.proto.pauseProducing()
+        conn.transport.producer.pauseProducing()
         conn.clock.advance(300)
         self.assertTrue(conn.transport.disconnected)
 
@@ -674,11 +683,11 @@ class BackpressureTests(SynchronousTestCase):
         """
         conn = connect("submissions", transportFactory=SSLStringTransport)
         self.assertTrue(verifyObject(ISSLTransport, conn.transport))
-        conn.proto.pauseProducing()
+        conn.transport.producer.pauseProducing()
         self.assertEqual(conn.transport.producerState, "producing")
         conn.send(EHLO + b"NOOP\r\n")
         self.assertEqual(conn.codes(), [])
-        conn.proto.resumeProducing()
+        conn.transport.producer.resumeProducing()
         self.assertEqual(conn.codes(), [b"250", b"250"])
 
     def test_tlsUnreadInputBounded(self) -> None:
@@ -687,7 +696,7 @@ class BackpressureTests(SynchronousTestCase):
         a megabyte of its input waits unprocessed.
         """
         conn = connect("submissions", transportFactory=SSLStringTransport)
-        conn.proto.pauseProducing()
+        conn.transport.producer.pauseProducing()
         with capturedLogs() as events:
             for _ in range(300):
                 conn.send(b"NOOP " + b"x" * 4000 + b"\r\n")

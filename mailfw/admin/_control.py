@@ -1,5 +1,6 @@
 """
-The local control socket: how C{mailfw queue ...} steers a running server.
+The local control socket: how C{mailfw queue ...} steers a running server
+(and C{mailfw user quota} reads its sending-quota counters).
 
 One JSON request line in, one JSON document out, then the server closes the
 connection.  The socket lives in the data directory with mode 0600, so only
@@ -18,6 +19,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
+from mailfw.auth._quota import SendingQuotas
 from mailfw.envelope import Envelope
 from mailfw.interfaces import IMessageQueue, IQueueAdmin
 from mailfw.queued import QueuedMessage, QueuedRecipient, RecipientState, Selector
@@ -102,9 +104,15 @@ class ControlProtocol(LineOnlyReceiver):
     delimiter = b"\n"
     log = Logger()
 
-    def __init__(self, queue: IQueueAdmin, readHeaders: Callable[[str], Deferred[bytes]]) -> None:
+    def __init__(
+        self,
+        queue: IQueueAdmin,
+        readHeaders: Callable[[str], Deferred[bytes]],
+        quotas: SendingQuotas | None = None,
+    ) -> None:
         self.queue = queue
         self.readHeaders = readHeaders
+        self.quotas = quotas
         self.answered = False
 
     def lineReceived(self, line: bytes) -> None:
@@ -126,6 +134,8 @@ class ControlProtocol(LineOnlyReceiver):
 
     def dispatch(self, request: dict[str, Any]) -> Deferred[Any]:
         command = request.get("command")
+        if command == "quota":
+            return self.quota(request.get("user"))
         selector = selectorFromJSON(request.get("selector", {}))
         if command == "list":
             return self.queue.list(selector).addCallback(
@@ -164,6 +174,20 @@ class ControlProtocol(LineOnlyReceiver):
 
         return self.queue.list(selector).addCallback(withHeaders)
 
+    def quota(self, user: object) -> Deferred[Any]:
+        """
+        What C{user} has used of each sending quota, as counted in the
+        server's shared state: limit name to C{{"used": n, "limit": m}}
+        (C{m} null for no limit).
+        """
+        if self.quotas is None:
+            raise ControlError("no sending quotas are configured ([auth.quotas])")
+        if not isinstance(user, str) or not user:
+            raise ControlError("quota needs a user name")
+        return self.quotas.usage(user).addCallback(
+            lambda usage: {key: {"used": used, "limit": limit} for key, (used, limit) in usage.items()}
+        )
+
     def failed(self, failure: Failure) -> None:
         if failure.check(ControlError):
             self.answer({"ok": False, "error": str(failure.value)})
@@ -183,14 +207,16 @@ class ControlFactory(Factory):
 
     @param readHeaders: returns a message's header section (for C{show});
         by default read from the queue's stored body in a thread.
+    @param quotas: the server's sending quotas, for C{quota} requests.
     """
 
-    def __init__(self, queue: IMessageQueue, reactor: Any) -> None:
+    def __init__(self, queue: IMessageQueue, reactor: Any, quotas: SendingQuotas | None = None) -> None:
         self.queue = queue
         self.reactor = reactor
+        self.quotas = quotas
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
-        return ControlProtocol(self.queue, self.readHeaders)
+        return ControlProtocol(self.queue, self.readHeaders, self.quotas)
 
     def readHeaders(self, queueID: str) -> Deferred[bytes]:
         from twisted.internet.threads import deferToThreadPool

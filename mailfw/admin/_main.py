@@ -4,7 +4,9 @@ The C{mailfw} command: operator tools for a mailfw server.
 C{mailfw queue ...} talks to the running server over its control socket
 (C{DATA_DIR/control.sock}); C{mailfw config check} reads a configuration
 without starting anything; C{mailfw passwd} manages the AUTH password file;
-C{mailfw domain|user|alias|sender} edit the virtual domains' hosting table.
+C{mailfw domain|user|alias|sender} edit the virtual domains' hosting table;
+C{mailfw user quota USER} shows a user's sending-quota counters (from the
+running server).
 """
 
 from __future__ import annotations
@@ -133,6 +135,27 @@ def queueCommand(args: argparse.Namespace) -> int:
     return 0
 
 
+def formatQuota(user: str, usage: dict[str, dict[str, Any]]) -> str:
+    """
+    One line per limit: C{messages_per_hour  3/5} (C{3/-} for no limit).
+    """
+    lines = [f"sending quota of {user}:"]
+    for key, entry in usage.items():
+        limit = "-" if entry["limit"] is None else str(entry["limit"])
+        lines.append(f"  {key:<20} {entry['used']}/{limit}")
+    return "\n".join(lines)
+
+
+def quotaCommand(args: argparse.Namespace) -> int:
+    """
+    C{mailfw user quota USER}: used/limit per window, from the running
+    server.
+    """
+    result = request(_socketPath(args), {"command": "quota", "user": args.user})
+    print(json.dumps(result, indent=2) if args.json else formatQuota(args.user, result))
+    return 0
+
+
 def configCommand(args: argparse.Namespace) -> int:
     try:
         config = loadConfig(args.config)
@@ -209,6 +232,16 @@ def makeParser() -> argparse.ArgumentParser:
     from mailfw.hosting._tool import addHostingParsers
 
     addHostingParsers(commands)
+    # "mailfw user quota USER" asks the running server (its counters live in
+    # the server's shared state), unlike the other "user" actions, which
+    # edit the hosting table.
+    userActions = next(
+        a for a in commands.choices["user"]._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    quota = userActions.add_parser("quota", help="show a user's sending-quota counters", parents=[where])
+    quota.add_argument("user", help="the AUTH user name")
+    quota.add_argument("--json", action="store_true", help="print JSON")
+    quota.set_defaults(run=quotaCommand)
     return parser
 
 

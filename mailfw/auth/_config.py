@@ -34,6 +34,8 @@ Keys (all optional, but one of C{passwords}, C{checker} and C{backend =
     C{address_failures}, C{address_failure_window}, C{address_block},
     C{network_prefix_v4}, C{network_prefix_v6}, C{exempt_networks}: the
     brute-force defence, see L{mailfw.auth._lockout.LockoutSettings}.
+  - C{quotas}: the sending quotas, C{[auth.quotas]}; see
+    L{mailfw.auth._quota.quotasFromSection}.
   - C{timeout}: seconds a check may take before AUTH gets 454 (30).
   - C{threads}: threads that check passwords (4).
   - C{backend}: C{"passwords"} (default: C{passwords} or C{checker}) or
@@ -58,6 +60,7 @@ from mailfw.auth._checker import PasswordFileChecker, RunInThread
 from mailfw.auth._dovecot import DEFAULT_SOCKET, DovecotAuthClient, DovecotChecker, dovecotEndpoint
 from mailfw.auth._lockout import AuthLockout, LockoutSettings
 from mailfw.auth._passwd import PasswordFileError, normaliseETRNDomain, normaliseSenderPattern
+from mailfw.auth._quota import SendingQuotas, quotasFromSection
 from mailfw.auth._realm import SENDER_CHECKS, MailRealm
 from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.sharedstate import sharedStateFor
@@ -94,12 +97,15 @@ class AuthSetup:
         server's service tree.
     @ivar lockout: the brute-force defence, one for all listeners, its
         counters in the queue's shared state when the queue keeps one.
+    @ivar quotas: the sending quotas of C{[auth.quotas]}, counted in the
+        queue's shared state, or C{None} when no limit is set.
     """
 
     auth: SMTPAuth
     offerOnSMTP: bool
     service: IService
     lockout: AuthLockout
+    quotas: SendingQuotas | None = None
 
 
 #: The per-address throttle's keys of earlier versions, and what replaced
@@ -188,6 +194,7 @@ def authFromConfig(
     backend = section.choice("backend", ("passwords", "dovecot"), "passwords")
     dovecotSocket = section.text("socket", None)
     lockoutSettings = _lockoutSettings(section)
+    quotas = quotasFromSection(section.table("quotas", {}), sharedStateFor(context.queue), context.reactor)
     section.finish()
     if not mechanisms or any(m not in MECHANISMS for m in mechanisms):
         raise ConfigError(f"{section.title} mechanisms: choose from {', '.join(MECHANISMS)}")
@@ -254,4 +261,4 @@ def authFromConfig(
         timeout=timeout,
         lockout=authLockout,
     )
-    return AuthSetup(auth, offerOnSMTP, service, authLockout)
+    return AuthSetup(auth, offerOnSMTP, service, authLockout, quotas)

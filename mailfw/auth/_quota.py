@@ -20,17 +20,26 @@ message counted in it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from mailfw.address import Address, AddressError
 from mailfw.config import ConfigError, Section
-from mailfw.interfaces import ISharedState
+from mailfw.interfaces import IHostingTable, ISharedState
 from mailfw.reply import SMTPReply
 
-__all__ = ["OVER_QUOTA", "Quota", "SendingQuotas", "quotaFromOptions", "quotasFromSection"]
+__all__ = [
+    "OVER_QUOTA",
+    "Quota",
+    "SendingQuotas",
+    "quotaFromOptions",
+    "quotasFromSection",
+    "useHostedQuotas",
+]
 
 HOUR = 3600.0
 DAY = 86400.0
@@ -218,3 +227,42 @@ def quotasFromSection(
     if default.unlimited and all(q.unlimited for q in perUser.values()):
         return None
     return SendingQuotas(state, clock, default, perUser)
+
+
+def useHostedQuotas(quotas: SendingQuotas, router: object) -> bool:
+    """
+    Let C{quotas} read a user's message limits from the hosting table that
+    C{router} reads (C{[routing] virtual}): a mailbox's C{messagesPerHour}
+    and C{messagesPerDay} columns, where set, replace the configured
+    message limits of the user authenticated as that address (the
+    recipient limits stay the default's).  As
+    L{mailfw.auth._realm.useHostedSenders} does for sender rights.
+
+    @return: whether the quotas now consult a table.
+    """
+    hosting = getattr(router, "hosting", None)
+    if hosting is None or not IHostingTable.providedBy(hosting):
+        return False
+    table: IHostingTable = hosting
+
+    def lookup(user: str) -> Deferred[Quota | None]:
+        try:
+            address = Address.parse(user, utf8=True)
+        except AddressError:
+            return succeed(None)
+
+        def found(box: Any) -> Quota | None:
+            if box is None or (box.messagesPerHour is None and box.messagesPerDay is None):
+                return None
+            base = quotas.users.get(user.lower(), quotas.default)
+            hour, day = box.messagesPerHour, box.messagesPerDay
+            return replace(
+                base,
+                messagesPerHour=base.messagesPerHour if hour is None else hour,
+                messagesPerDay=base.messagesPerDay if day is None else day,
+            )
+
+        return table.mailbox(address).addCallback(found)
+
+    quotas.lookup = lookup
+    return True

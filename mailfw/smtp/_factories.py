@@ -30,6 +30,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from mailfw.auth._quota import SendingQuotas
 from mailfw.etrn import ETRNHandler
 from mailfw.interfaces import IMessageQueue, IPolicy, IRouter
 from mailfw.reply import SMTPReply
@@ -106,6 +107,7 @@ class SMTPFactory(Factory):
         tlsOptions: object | None = None,
         auth: SMTPAuth | None = None,
         etrn: ETRNHandler | None = None,
+        quotas: SendingQuotas | None = None,
         odmr: ODMRHandler | None = None,
     ) -> None:
         # Implicit TLS has no STARTTLS to offer.
@@ -114,7 +116,7 @@ class SMTPFactory(Factory):
         if etrn is not None and kind != "smtp" and not etrn.settings.submission:
             etrn = None
         self.settings = SessionSettings(
-            kind, hostname, queue, router, clock, policies, limits, tlsOptions, auth, etrn
+            kind, hostname, queue, router, clock, policies, limits, tlsOptions, auth, etrn, quotas
         )
         if auth is None and kind != "smtp":
             self.log.warn("no [auth] configured: {kind} listeners accept no mail", kind=kind)

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from zope.interface import implementer
+
+from mailfw.smtp._state import ConnectionState
 
 __all__ = ["MAX_UNREAD", "FramingOwner", "InputFramer"]
 
@@ -30,8 +33,8 @@ class FramingOwner(Protocol):
     What an L{InputFramer} needs from its session.
     """
 
-    closing: bool
-    """Set once the session hangs up: input is dropped."""
+    state: ConnectionState
+    """The connection's lifecycle: once C{state.closing} is set input is dropped."""
 
     def lineReceived(self, line: bytes) -> None:
         """
@@ -57,6 +60,7 @@ class FramingOwner(Protocol):
         """
 
 
+@implementer(IPushProducer)
 class InputFramer:
     """
     The input state of one session.
@@ -106,7 +110,7 @@ class InputFramer:
                 self._offset = 0
             if data:
                 self._buffer += data
-            while not self._paused and not owner.closing and self._offset < len(self._buffer):
+            while not self._paused and not owner.state.closing and self._offset < len(self._buffer):
                 if not self.raw:
                     if not self._nextLine():
                         break
@@ -184,12 +188,32 @@ class InputFramer:
         if reason not in self.reasons:
             return
         self.reasons.discard(reason)
-        if self.reasons or self._owner.closing:
+        if self.reasons or self._owner.state.closing:
             self._syncTransport()
             return
         self._paused = False
         self._syncTransport()
         self.feed(b"")
+
+    def pauseProducing(self) -> None:
+        """
+        C{IPushProducer}: the transport's write buffer is full, so stop
+        reading commands.
+        """
+        self.pause("write")
+
+    def resumeProducing(self) -> None:
+        """
+        C{IPushProducer}: the write buffer has drained; read on.
+        """
+        self.unpause("write")
+
+    def stopProducing(self) -> None:
+        """
+        C{IPushProducer}: the transport is going away (the session's
+        C{connectionLost} cleans up).
+        """
+        self.pause("stopped")
 
     def stop(self) -> None:
         """
@@ -212,7 +236,7 @@ class InputFramer:
         up to L{MAX_UNREAD} octets.
         """
         transport = self._transport
-        if self._owner.closing or transport is None:
+        if self._owner.state.closing or transport is None:
             return
         reasons = self.reasons
         if "write" in reasons and ISSLTransport.providedBy(transport):

@@ -48,7 +48,12 @@ class SMTPLimits:
         SIZE (RFC 1870) and enforced both on the declared size (at MAIL) and
         the actual one (at the end of data).
     @ivar maxRecipients: recipients per transaction (RFC 5321 4.5.3.1.8
-        asks for at least 100); further ones get 452 4.5.3.
+        asks for at least 100); further ones get 452 4.5.3.  Advertised as
+        C{RCPTMAX} (RFC 9422).
+    @ivar maxTransactions: mail transactions (accepted C{MAIL} commands)
+        per session, advertised as C{MAILMAX} (RFC 9422); a further MAIL
+        gets 452 4.5.3, and the client should start a new session.  Exim's
+        C{smtp_accept_max_per_connection} is 1000 too.
     @ivar idleTimeout: seconds of client silence before 421 4.4.2 and close
         (RFC 5321 4.5.3.2.7 suggests 5 minutes).
     @ivar softErrorLimit: after this many error replies (5xx), each further
@@ -80,6 +85,7 @@ class SMTPLimits:
     maxTextLine: int = 1000
     maxMessageSize: int = 35 * 1024 * 1024
     maxRecipients: int = 1000
+    maxTransactions: int = 1000
     idleTimeout: float = 300.0
     softErrorLimit: int = 10
     hardErrorLimit: int = 20
@@ -97,6 +103,9 @@ class SMTPLimits:
             raise ValueError("maxLineLength must be at least 512 (RFC 5321 4.5.3.1.4)")
         if self.maxTextLine and self.maxTextLine < 1000:
             raise ValueError("maxTextLine must be 0 or at least 1000 (RFC 5321 4.5.3.1.6)")
+        if not (1 <= self.maxRecipients <= 999999 and 1 <= self.maxTransactions <= 999999):
+            # Advertised as RCPTMAX and MAILMAX: 1 to 6 digits (RFC 9422).
+            raise ValueError("maxRecipients and maxTransactions must be from 1 to 999999 (RFC 9422)")
         if self.hardErrorLimit < 1 or self.softErrorLimit < 0:
             raise ValueError("error limits must be positive")
         for f in fields(self):

@@ -359,7 +359,7 @@ class ODMRServerProtocol(SMTPServerProtocol):
         leased: list[Lease] = []
 
         def claimed(leases: list[Lease]) -> Answer:
-            if self.closed:
+            if self.state.closed:
                 odmr.giveBack(leases)
                 return Answer(TRY_LATER)
             leased.extend(leases)

@@ -29,6 +29,7 @@ from mailfw.reply import SMTPReply
 from mailfw.smtp import _replies as R
 from mailfw.smtp._limits import SMTPLimits
 from mailfw.smtp._replies import Answer
+from mailfw.smtp._state import ConnectionState
 
 __all__ = ["PipelineOwner", "ReplyPipeline"]
 
@@ -42,10 +43,9 @@ class PipelineOwner(Protocol):
 
     peer: str
     """The client, for log events."""
-    closing: bool
-    """Set once the session hangs up: nothing more is sent."""
-    closed: bool
-    """Set once the connection is gone."""
+
+    state: ConnectionState
+    """The connection's lifecycle: once C{state.closing} is set nothing more is sent."""
 
     def sendAnswer(self, answer: Answer) -> None:
         """
@@ -156,7 +156,7 @@ class ReplyPipeline:
             self.flush()
 
         def failed(f: Failure) -> None:
-            if not self._owner.closed:
+            if not self._owner.state.closed:
                 self.log.failure("unexpected failure answering {peer}", f, peer=self._owner.peer)
                 slot.answer = Answer(R.LOCAL_ERROR)
                 slot.deferred = None
@@ -171,12 +171,12 @@ class ReplyPipeline:
         the server says 421 and hangs up instead.
         """
         owner = self._owner
-        if self._flushing or owner.closing:
+        if self._flushing or owner.state.closing:
             return
         self._flushing = True
         slots, limits = self.pending, self._limits
         try:
-            while slots and not owner.closing:
+            while slots and not owner.state.closing:
                 slot = slots[0]
                 answer = slot.answer
                 if answer is None or (slot.penalized and self._penalty is not None):
@@ -202,7 +202,7 @@ class ReplyPipeline:
                     owner.hangUp()
         finally:
             self._flushing = False
-        if not slots and not owner.closing:
+        if not slots and not owner.state.closing:
             owner.repliesDrained()
 
     def _penaltyServed(self) -> None:

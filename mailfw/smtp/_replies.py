@@ -58,6 +58,7 @@ __all__ = [
     "TOO_MANY_ERRORS",
     "TOO_MANY_HOPS",
     "TOO_MANY_RECIPIENTS",
+    "TOO_MANY_TRANSACTIONS",
     "VRFY",
     "Answer",
     "helpReply",
@@ -131,6 +132,7 @@ TOO_MANY_HOPS = SMTPReply(554, "5.4.6", "Too many Received headers: mail loop?")
 # --- limits, timeouts, local trouble -----------------------------------------
 
 TOO_MANY_RECIPIENTS = SMTPReply(452, "4.5.3", "Too many recipients")
+TOO_MANY_TRANSACTIONS = SMTPReply(452, "4.5.3", "Too many transactions in this session, start a new one")
 TOO_MANY_ERRORS = SMTPReply(421, "4.7.0", "Too many errors, closing connection")
 TIMEOUT = SMTPReply(421, "4.4.2", "Timeout exceeded, closing connection")
 CLOSING = SMTPReply(421, "4.3.2", "Service shutting down, closing connection")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IReactorTime
 
+from mailfw.auth._quota import SendingQuotas
 from mailfw.config import LISTENER_KINDS
 from mailfw.etrn import ETRNHandler
 from mailfw.interfaces import IMessageQueue, IPolicy, IRouter
@@ -38,6 +39,8 @@ class SessionSettings:
     @ivar tlsOptions: the context factory for STARTTLS, or C{None}.
     @ivar auth: the L{SMTPAuth} settings when AUTH is offered.
     @ivar etrn: the L{ETRNHandler} when ETRN is offered.
+    @ivar quotas: the L{SendingQuotas} that authenticated sessions are held
+        to, if any (C{[auth.quotas]}).
     @ivar chain: the L{PolicyChain} over C{policies}.
     @ivar submission: whether C{kind} is a submission kind (AUTH before
         MAIL, C{Date:} and C{Message-ID:} fixups).
@@ -53,6 +56,7 @@ class SessionSettings:
     tlsOptions: object | None = None
     auth: SMTPAuth | None = None
     etrn: ETRNHandler | None = None
+    quotas: SendingQuotas | None = None
     chain: PolicyChain = field(init=False, repr=False)
     submission: bool = field(init=False, repr=False)
 

@@ -43,8 +43,9 @@ class SinkOwner(Protocol):
     What a L{MessageSink} needs from its session: no more than this.
     """
 
-    peer: str
-    """The client, for log events."""
+    @property
+    def peer(self) -> str:
+        """The client, for log events."""
 
     def decideHeader(self, envelope: Envelope, header: bytes, whole: bool) -> Deferred[Answer | bytes]:
         """
