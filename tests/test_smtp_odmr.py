@@ -313,6 +313,32 @@ class ATRNReplyTests(SynchronousTestCase):
         self.assertEqual(session.ask(b"ATRN customer.test")[0][:4], b"450 ")
         self.assertNotIn(RecipientState.LEASED, [state for _, state in session.waiting()])
 
+    def test_pipelinedBehindATRN(self) -> None:
+        """
+        A line the customer pipelines right behind ATRN (its 220 greeting),
+        held while the mail is leased, goes to the reversed session, not to
+        the command parser: the provider's EHLO follows.
+        """
+        session = Session()
+        session.enqueue("a@customer.test")
+        session.login()
+        claim = session.handler.claim
+        gate: Deferred[None] = Deferred()
+
+        async def slowClaim(domains: Any) -> Any:
+            await gate
+            return await claim(domains)
+
+        session.handler.claim = slowClaim  # type: ignore[method-assign]
+        session.transport.clear()
+        session.proto.dataReceived(b"ATRN customer.test\r\n220 customer.test ready\r\n")
+        self.assertEqual(session.transport.value(), b"")
+        gate.callback(None)
+        written = session.transport.value()
+        self.assertIn(b"250 ", written)
+        self.assertNotIn(b"500 ", written)
+        self.assertIn(b"EHLO ", written)
+
     def test_noMail(self) -> None:
         """
         Nothing waiting: 453, and the session goes on.

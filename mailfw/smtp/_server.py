@@ -286,7 +286,12 @@ class SMTPServerProtocol(Protocol):
         assert transport is not None
         transport.unregisterProducer()  # type: ignore[attr-defined]
         protocol.makeConnection(transport)
+        # A line pipelined behind the command that handed over (held until
+        # that command's reply was out) belongs to the new protocol too.
+        held, self.state.stalled = self.state.stalled, None
         unread = self._input.clear()
+        if held is not None:
+            unread = held + b"\r\n" + unread
         if unread:
             protocol.dataReceived(unread)
 
@@ -357,7 +362,7 @@ class SMTPServerProtocol(Protocol):
         command that was waiting, then read on.
         """
         state = self.state
-        if state.draining:
+        if state.draining or self._handedTo is not None:
             return
         line, state.stalled = state.stalled, None
         if line is not None:
