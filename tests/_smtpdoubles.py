@@ -3,8 +3,10 @@ Small doubles for the SMTP server tests: a queue that records what the
 server writes, a dict-based router, policies whose answers the test
 controls, and helpers to drive a protocol over a L{StringTransport}.
 
-The queue and router implement only what the server calls, so they do not
-claim the full interfaces (see L{mailfw.queue._memory} and
+The router implements L{IRouter}.  The queue implements only what the
+server calls, L{IMessageIntake}, not the whole L{IMessageQueue} the
+settings and factory are typed with, so passing it there keeps a
+C{type: ignore[arg-type]} (see L{mailfw.queue._memory} and
 L{mailfw.routing._static} for the real ones).
 """
 
@@ -23,7 +25,7 @@ from zope.interface import implementer
 
 from mailfw.address import Address
 from mailfw.envelope import Envelope, Recipient, Route, RouteKind, Session
-from mailfw.interfaces import IIncomingMessage, IPolicy
+from mailfw.interfaces import IIncomingMessage, IMessageIntake, IPolicy, IRouter
 from mailfw.policy import CONTINUE, Policy, Verdict
 from mailfw.reply import SMTPReply
 from mailfw.smtp import SMTPLimits, SMTPServerProtocol
@@ -77,6 +79,7 @@ class RecordingIncoming:
         self.aborted = True
 
 
+@implementer(IMessageIntake)
 class RecordingQueue:
     """
     The part of L{IMessageQueue} the server uses: C{receive}.
@@ -103,6 +106,7 @@ class RecordingQueue:
         return [(e, i) for e, i in self.messages if i.committed]
 
 
+@implementer(IRouter)
 class DictRouter:
     """
     Routes by domain: C{local} domains are local (with C{users}, only those
@@ -182,25 +186,21 @@ class StagePolicy(Policy):
             return verdict(*args)
         return verdict
 
-    def checkConnection(self, session: Session) -> Any:  # type: ignore[override]
+    def checkConnection(self, session: Session) -> Any:
         return self._answer("connection", session)
 
-    def checkHelo(self, session: Session, name: str) -> Any:  # type: ignore[override]
+    def checkHelo(self, session: Session, name: str) -> Any:
         return self._answer("helo", session, name)
 
-    def checkSender(  # type: ignore[override]
+    def checkSender(
         self, session: Session, sender: Address | None, parameters: Mapping[str, str | None]
     ) -> Any:
         return self._answer("sender", session, sender, parameters)
 
-    def checkRecipient(  # type: ignore[override]
-        self, session: Session, envelope: Envelope, recipient: Recipient
-    ) -> Any:
+    def checkRecipient(self, session: Session, envelope: Envelope, recipient: Recipient) -> Any:
         return self._answer("recipient", session, envelope, recipient)
 
-    def checkMessage(  # type: ignore[override]
-        self, session: Session, envelope: Envelope, headers: bytes
-    ) -> Any:
+    def checkMessage(self, session: Session, envelope: Envelope, headers: bytes) -> Any:
         return self._answer("message", session, envelope, headers)
 
 
@@ -262,7 +262,8 @@ class Connection:
         """
         Every reply line sent so far.
         """
-        return self.transport.value().split(b"\r\n")[:-1]
+        value: bytes = self.transport.value()
+        return value.split(b"\r\n")[:-1]
 
     def replies(self) -> list[bytes]:
         """
@@ -311,7 +312,7 @@ def connect(
         kind,
         HOSTNAME,
         queue,  # type: ignore[arg-type]
-        router,  # type: ignore[arg-type]
+        router,
         clock,
         policies,
         limits,

@@ -98,7 +98,7 @@ class AuthConfigTests(SynchronousTestCase):
         _, avatar, _ = self.successResultOf(
             setup.auth.portal.login(UsernamePassword(b"alice", b"pw"), None, IMailUser)
         )
-        self.assertEqual(avatar.identity, "alice")
+        self.assertEqual(IMailUser(avatar).identity, "alice")
 
     def test_strcredChecker(self) -> None:
         """
@@ -116,13 +116,13 @@ class AuthConfigTests(SynchronousTestCase):
         _, avatar, _ = self.successResultOf(
             setup.auth.portal.login(UsernamePassword(b"carol", b"pw"), None, IMailUser)
         )
-        self.assertEqual(avatar.identity, "carol")
+        self.assertEqual(IMailUser(avatar).identity, "carol")
 
     def test_errors(self) -> None:
         """
         Mistakes are configuration errors naming C{[auth]}.
         """
-        for options in [
+        cases: list[dict[str, object]] = [
             {"passwords": "p", "checker": "memory:a:b"},
             {"passwords": "p", "mechanisms": ["CRAM-MD5"]},
             {"passwords": "p", "mechanisms": []},
@@ -135,7 +135,8 @@ class AuthConfigTests(SynchronousTestCase):
             {"checker": "nosuchchecker:x"},
             {"checker": "anonymous"},
             {"smtp": True},
-        ]:
+        ]
+        for options in cases:
             error = self.assertRaises(ConfigError, build, self, **options)
             self.assertIn("[auth]", str(error), options)
 

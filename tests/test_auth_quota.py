@@ -5,8 +5,9 @@ Tests for L{mailfw.auth._quota}: sending quotas per authenticated user.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
@@ -29,7 +30,7 @@ from mailfw.auth._quota import (
     useHostedQuotas,
 )
 from mailfw.config import ComponentContext, ConfigError, Section
-from mailfw.hosting._values import Mailbox
+from mailfw.hosting._values import AliasEntry, Mailbox, SenderRight
 from mailfw.interfaces import IHostingTable
 from mailfw.queue._memory import MemoryQueue
 from mailfw.sharedstate import MemorySharedState
@@ -185,7 +186,10 @@ class ConfigTests(SynchronousTestCase):
 @implementer(IHostingTable)
 class OneMailboxTable:
     """
-    The part of L{IHostingTable} the quotas read: C{mailbox}.
+    A hosting table holding one mailbox.  The quotas read only C{mailbox};
+    it must still provide all of L{IHostingTable}, since
+    L{useHostedQuotas} checks C{providedBy}, so the other methods, which
+    the tests never call, raise.
     """
 
     def __init__(self, box: Mailbox) -> None:
@@ -193,6 +197,60 @@ class OneMailboxTable:
 
     def mailbox(self, address: Address) -> Deferred[Mailbox | None]:
         return succeed(self.box if str(address) == self.box.address else None)
+
+    def _unused(self) -> NoReturn:
+        raise NotImplementedError("not read by the quotas")
+
+    def domain(self, name: str) -> Deferred[bool]:
+        self._unused()
+
+    def aliases(self, address: Address) -> Deferred[tuple[str, ...]]:
+        self._unused()
+
+    def maySendAs(self, user: str, address: Address) -> Deferred[bool]:
+        self._unused()
+
+    def sendersFor(self, user: str) -> Deferred[tuple[str, ...]]:
+        self._unused()
+
+    def addDomain(self, name: str) -> Deferred[bool]:
+        self._unused()
+
+    def deleteDomain(self, name: str) -> Deferred[bool]:
+        self._unused()
+
+    def listDomains(self) -> Deferred[tuple[str, ...]]:
+        self._unused()
+
+    def addMailbox(self, mailbox: Mailbox) -> Deferred[bool]:
+        self._unused()
+
+    def deleteMailbox(self, address: str) -> Deferred[bool]:
+        self._unused()
+
+    def listMailboxes(self, domain: str | None) -> Deferred[tuple[Mailbox, ...]]:
+        self._unused()
+
+    def addAlias(self, address: str, targets: Sequence[str]) -> Deferred[int]:
+        self._unused()
+
+    def deleteAlias(self, address: str, target: str | None) -> Deferred[int]:
+        self._unused()
+
+    def listAliases(self, domain: str | None) -> Deferred[tuple[AliasEntry, ...]]:
+        self._unused()
+
+    def allowSender(self, user: str, address: str) -> Deferred[bool]:
+        self._unused()
+
+    def denySender(self, user: str, address: str) -> Deferred[bool]:
+        self._unused()
+
+    def listSenders(self, user: str | None) -> Deferred[tuple[SenderRight, ...]]:
+        self._unused()
+
+    def close(self) -> Deferred[None]:
+        self._unused()
 
 
 class HostedQuotaTests(SynchronousTestCase):

@@ -459,7 +459,9 @@ class SQLiteBodyThreadTests(SynchronousTestCase):
         incoming.write(message)
         queueID = self.wait(incoming.commit())
         # Not from the cache of recent small bodies: from the database.
-        self.queue._recent.discard(queueID)
+        recent = self.queue._recent
+        assert recent is not None
+        recent.discard(queueID)
         body = self.wait(self.queue.openBody(queueID))
         self.assertIsInstance(body, _sqlite._BlobBody)
 

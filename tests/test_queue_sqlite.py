@@ -59,8 +59,8 @@ class ThreadedClock(Clock):
     A clock that also offers C{callFromThread}, like a reactor.
     """
 
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        f(*args, **kwargs)
+    def callFromThread(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> None:
+        callable(*args, **kwargs)
 
 
 def call(f: Callable[[], None]) -> None:

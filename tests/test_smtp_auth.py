@@ -7,6 +7,7 @@ TLS handshake, L{twisted.test.iosim}.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
@@ -22,14 +23,15 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from mailfw.auth import AuthLockout, MailRealm
+from mailfw.auth._lockout import AUTH_LOCKED
 from mailfw.queue._memory import MemoryQueue
 from mailfw.reply import SMTPReply
 from mailfw.sharedstate import sharedStateFor
 from mailfw.smtp import SMTPFactory, SMTPLimits, SMTPServerProtocol
-from mailfw.smtp._auth import AUTH_LOCKED, AuthThrottle, SMTPAuth
+from mailfw.smtp._auth import AuthThrottle, SMTPAuth
 from mailfw.smtp._settings import SessionSettings
 from tests._smtpdoubles import (
     EHLO,
@@ -1079,8 +1081,13 @@ class LockoutTests(SynchronousTestCase):
         realm = self.auth.portal.realm
         original = realm.requestAvatar
 
-        def requestAvatar(*args: Any) -> Any:
-            interface, avatar, logout = original(*args)
+        def requestAvatar(
+            avatarId: bytes | tuple[()], mind: object, *interfaces: type[Interface]
+        ) -> tuple[type[Interface], object, Callable[[], None]]:
+            answer = original(avatarId, mind, *interfaces)
+            # A MailRealm without a hosting table answers at once.
+            assert not isinstance(answer, Deferred)
+            interface, avatar, logout = answer
 
             def recorded() -> None:
                 logouts.append(True)
@@ -1170,7 +1177,7 @@ class IosimTests(SynchronousTestCase):
                 "submission",
                 HOSTNAME,
                 queue,  # type: ignore[arg-type]
-                DictRouter(),  # type: ignore[arg-type]
+                DictRouter(),
                 clock,
                 (),
                 SMTPLimits(),

@@ -53,6 +53,17 @@ def fired(d: Deferred[_T]) -> _T:
     return result  # type: ignore[return-value]
 
 
+def smtpFactories(reactor: MemoryReactorClock) -> dict[int, SMTPFactory]:
+    """
+    The listening factories of C{reactor} by port; all are SMTP.
+    """
+    factories: dict[int, SMTPFactory] = {}
+    for port, factory, _, _ in reactor.tcpServers:
+        assert isinstance(factory, SMTPFactory)
+        factories[port] = factory
+    return factories
+
+
 @implementer(ISSLTransport)
 class SecureTransport(StringTransport):
     """
@@ -61,6 +72,24 @@ class SecureTransport(StringTransport):
 
     def abortConnection(self) -> None:
         self.loseConnection()
+
+    def loseWriteConnection(self) -> None:
+        self.loseConnection()
+
+    def getTcpNoDelay(self) -> bool:
+        return False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def getTcpKeepAlive(self) -> bool:
+        return False
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        pass
+
+    def getPeerCertificate(self) -> None:
+        return None
 
 
 class Customer:
@@ -164,7 +193,7 @@ class Session:
         self.scheduler = Scheduler(
             self.clock,
             self.queue,
-            DictRouter(),  # type: ignore[arg-type]
+            DictRouter(),
             {},
             HOSTNAME,
             schedule=RetrySchedule(jitter=0),
@@ -181,7 +210,7 @@ class Session:
             "odmr",
             HOSTNAME,
             self.queue,
-            DictRouter(),  # type: ignore[arg-type]
+            DictRouter(),
             self.clock,
             auth=auth,
             odmr=self.handler,
@@ -596,7 +625,7 @@ plugin = "discard"
         scheduler holds the ODMR domains.
         """
         reactor, service = self.build('[odmr]\ndomains = ["customer.test"]\n')
-        factories = {port: factory for port, factory, _, _ in reactor.tcpServers}
+        factories = smtpFactories(reactor)
         self.assertIsNone(factories[2525].odmr)
         handler = factories[2366].odmr
         assert handler is not None
@@ -615,7 +644,7 @@ plugin = "discard"
         nothing is held.
         """
         reactor, service = self.build("")
-        factories = {port: factory for port, factory, _, _ in reactor.tcpServers}
+        factories = smtpFactories(reactor)
         self.assertIsNone(factories[2366].odmr)
         self.assertFalse(service.getServiceNamed("scheduler")._holdForETRN(Address.parse("a@customer.test")))
 

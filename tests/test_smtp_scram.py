@@ -25,11 +25,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailfw.auth import MailRealm, PasswordFileChecker, hashPassword
 from mailfw.auth._checker import TemporaryAuthFailure
 from mailfw.auth._dovecot import DovecotAuthClient, DovecotChecker
+from mailfw.auth._lockout import AUTH_LOCKED
 from mailfw.auth._scram import SCRAM, SCRAM_PLUS, ChannelBinding, ScramKeys, channelBindingFor
 from mailfw.config import ConfigError
 from mailfw.reply import SMTPReply
 from mailfw.smtp import SMTPLimits, SMTPServerProtocol
-from mailfw.smtp._auth import AUTH_LOCKED, AuthThrottle, SMTPAuth, scramKeySource
+from mailfw.smtp._auth import AuthThrottle, SMTPAuth, scramKeySource
 from mailfw.smtp._settings import SessionSettings
 from tests._smtpdoubles import (
     EHLO,
@@ -408,7 +409,7 @@ class TLSTests(SessionMixin, SynchronousTestCase):
                 "submissions",
                 HOSTNAME,
                 RecordingQueue(),  # type: ignore[arg-type]
-                DictRouter(),  # type: ignore[arg-type]
+                DictRouter(),
                 self.clock,
                 (),
                 SMTPLimits(),

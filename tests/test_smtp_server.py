@@ -656,11 +656,13 @@ class BackpressureTests(SynchronousTestCase):
         self.assertIsInstance(conn.transport.producer, InputFramer)
         self.assertTrue(verifyObject(IPushProducer, conn.transport.producer))
         self.assertTrue(conn.transport.streaming)
-        conn.transport.producer.pauseProducing()
+        producer = conn.transport.producer
+        assert producer is not None
+        producer.pauseProducing()
         self.assertEqual(conn.transport.producerState, "paused")
         conn.send(EHLO + b"NOOP\r\n")
         self.assertEqual(conn.codes(), [])
-        conn.transport.producer.resumeProducing()
+        producer.resumeProducing()
         self.assertEqual(conn.codes(), [b"250", b"250"])
         self.assertEqual(conn.transport.producerState, "producing")
 
@@ -670,7 +672,9 @@ class BackpressureTests(SynchronousTestCase):
         aborted, not left waiting for its buffer to drain.
         """
         conn = connect()
-        conn.transport.producer.pauseProducing()
+        producer = conn.transport.producer
+        assert producer is not None
+        producer.pauseProducing()
         conn.clock.advance(300)
         self.assertTrue(conn.transport.disconnected)
 
@@ -683,11 +687,13 @@ class BackpressureTests(SynchronousTestCase):
         """
         conn = connect("submissions", transportFactory=SSLStringTransport)
         self.assertTrue(verifyObject(ISSLTransport, conn.transport))
-        conn.transport.producer.pauseProducing()
+        producer = conn.transport.producer
+        assert producer is not None
+        producer.pauseProducing()
         self.assertEqual(conn.transport.producerState, "producing")
         conn.send(EHLO + b"NOOP\r\n")
         self.assertEqual(conn.codes(), [])
-        conn.transport.producer.resumeProducing()
+        producer.resumeProducing()
         self.assertEqual(conn.codes(), [b"250", b"250"])
 
     def test_tlsUnreadInputBounded(self) -> None:
@@ -696,7 +702,9 @@ class BackpressureTests(SynchronousTestCase):
         a megabyte of its input waits unprocessed.
         """
         conn = connect("submissions", transportFactory=SSLStringTransport)
-        conn.transport.producer.pauseProducing()
+        producer = conn.transport.producer
+        assert producer is not None
+        producer.pauseProducing()
         with capturedLogs() as events:
             for _ in range(300):
                 conn.send(b"NOOP " + b"x" * 4000 + b"\r\n")
@@ -1419,10 +1427,10 @@ class FactoryTests(SynchronousTestCase):
         factory = SMTPFactory(
             "submissions",
             HOSTNAME,
-            RecordingQueue(),
+            RecordingQueue(),  # type: ignore[arg-type]
             DictRouter(),
             Clock(),
-            tlsOptions=object(),  # type: ignore[arg-type]
+            tlsOptions=object(),
         )
         proto, transport = self.open(factory)
         self.assertTrue(proto.session.tls)

@@ -56,7 +56,7 @@ class Pair:
                 "smtp",
                 HOSTNAME,
                 self.queue,  # type: ignore[arg-type]
-                DictRouter(),  # type: ignore[arg-type]
+                DictRouter(),
                 Clock(),
                 (self.policy,),
                 SMTPLimits(),

@@ -158,7 +158,8 @@ class Customer:
         """
         self.sock.sendall(b"220 customer.test ODMR client ready\r\n")
         messages: list[tuple[bytes, list[bytes], bytes]] = []
-        mail, rcpts = b"", []
+        mail = b""
+        rcpts: list[bytes] = []
         while True:
             command = self.line()
             verb = command[:4].upper()

@@ -97,10 +97,10 @@ async def serve(queue: RecordingQueue, call: Any) -> Any:
     factory = SMTPFactory(
         "smtp",
         HOSTNAME,
-        queue,
+        queue,  # type: ignore[arg-type]
         DictRouter(),
         cast(Any, reactor),
-        tlsOptions=selfSignedOptions(),  # type: ignore[arg-type]
+        tlsOptions=selfSignedOptions(),
     )
     port = cast(Any, reactor).listenTCP(0, factory, interface="127.0.0.1")
     try:
