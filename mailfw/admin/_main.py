@@ -137,7 +137,8 @@ def queueCommand(args: argparse.Namespace) -> int:
 
 def formatQuota(user: str, usage: dict[str, dict[str, Any]]) -> str:
     """
-    One line per limit: C{messages_per_hour  3/5} (C{3/-} for no limit).
+    One line per limit with what was used and the limit, for example
+    C{messages_per_hour 3/5}; a dash stands for no limit.
     """
     lines = [f"sending quota of {user}:"]
     for key, entry in usage.items():
