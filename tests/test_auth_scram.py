@@ -564,6 +564,19 @@ class CheckerTests(SynchronousTestCase):
             self.assertEqual(keys, ScramKeys.decoyFor(name, b"secret"))
             self.assertTrue(keys.decoy)
 
+    def test_decoysLookLikeTheFile(self) -> None:
+        """
+        Decoys copy the iteration count and salt length of the file's real
+        keys, so a file written with other C{--scram-iterations} does not
+        tell real users from unknown ones.
+        """
+        real = ScramKeys.fromPassword("pencil", salt=b"s" * 24, iterations=8192)
+        cheap = hashPassword("pencil", logN=4, r=1, p=1)
+        self.path.write_text(f"alice:{cheap}:::{real.format()}\n")
+        decoy = self.successResultOf(self.checker.scramKeys("nobody"))
+        self.assertTrue(decoy.decoy)
+        self.assertEqual((decoy.iterations, len(decoy.salt)), (8192, 24))
+
     def test_unreadable(self) -> None:
         """
         A file that cannot be read fails the lookup with L{OSError} (454).

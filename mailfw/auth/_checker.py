@@ -113,9 +113,13 @@ class PasswordFileChecker:
         return self._runInThread(self._scramKeys, user)
 
     def _scramKeys(self, user: str) -> ScramKeys:
-        entry = self._load().get(user)
+        entries = self._load()
+        entry = entries.get(user)
         if entry is None or entry.scram is None:
-            return ScramKeys.decoyFor(user, self._scramSecret)
+            # Shaped like the file's real keys, so that the count and the
+            # salt length do not tell which users exist.
+            like = next((e.scram for e in entries.values() if e.scram is not None), None)
+            return ScramKeys.decoyFor(user, self._scramSecret, like)
         return entry.scram
 
     def _scramLogin(self, credentials: Any) -> Deferred[Any]:

@@ -204,15 +204,21 @@ class ScramKeys:
         return cls(salt, iterations, hashlib.sha256(clientKey).digest(), _hmac(salted, b"Server Key"))
 
     @classmethod
-    def decoyFor(cls, user: str, secret: bytes) -> ScramKeys:
+    def decoyFor(cls, user: str, secret: bytes, like: ScramKeys | None = None) -> ScramKeys:
         """
         Keys for a user without any: the salt depends only on the name and
         C{secret}, so asking twice gives the same answer, as for a real
         user; no proof matches them.
+
+        @param like: real keys whose iteration count and salt length the
+            decoy copies (a file written with C{--scram-iterations} would
+            otherwise tell real users from unknown ones by the count).
         """
-        salt = _hmac(secret, b"mailfw scram salt\0" + user.encode("utf-8"))[:SALT_OCTETS]
+        saltOctets = SALT_OCTETS if like is None else len(like.salt)
+        iterations = DEFAULT_ITERATIONS if like is None else like.iterations
+        salt = _hmac(secret, b"mailfw scram salt\0" + user.encode("utf-8"))[:saltOctets]
         stored = _hmac(secret, b"mailfw scram key\0" + user.encode("utf-8"))
-        return cls(salt, DEFAULT_ITERATIONS, stored, stored, decoy=True)
+        return cls(salt, iterations, stored, stored, decoy=True)
 
     @classmethod
     def parse(cls, text: str) -> ScramKeys:
