@@ -17,9 +17,11 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.ssl import TLSVersion
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailfw.auth import MailRealm, PasswordFileChecker, hashPassword
@@ -295,6 +297,27 @@ class SessionTests(SessionMixin, SynchronousTestCase):
         conn.send(b"AUTH SCRAM-SHA-256 " + b64(scram.get_client_first().encode()) + b"\r\n*\r\n")
         self.assertEqual(conn.replies()[-1], b"501 5.0.0 Authentication cancelled")
         self.assertEqual(self.lockout.calls, [("check", "user"), ("failed", "user")])
+
+    def test_droppedAfterServerFirst(self) -> None:
+        """
+        An exchange that ends without the client's final message once the
+        server-first (the user's salt) is out counts as a failure: a
+        hang-up, an undecodable response or one over the line limit.
+        Before the server-first, a hang-up costs nothing.
+        """
+        conn = self.secure()
+        conn.send(b"AUTH SCRAM-SHA-256\r\n")
+        conn.proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.lockout.calls, [])
+        for ending in (b"not base64!\r\n", b"A" * 20_000 + b"\r\n", None):
+            self.lockout.calls.clear()
+            conn = self.secure()
+            conn.send(b"AUTH SCRAM-SHA-256 " + b64(client([SCRAM]).get_client_first().encode()) + b"\r\n")
+            if ending is None:
+                conn.proto.connectionLost(Failure(ConnectionDone()))
+            else:
+                conn.send(ending)
+            self.assertEqual(self.lockout.calls, [("check", "user"), ("failed", "user")], ending)
 
     def test_lockedOut(self) -> None:
         """

@@ -122,6 +122,8 @@ class Login:
         """
         A response over the limit ends the exchange.
         """
+        if self.exchange is not None:
+            self.exchange.dropped("a response over the line limit")
         self.abandon()
         self._replies.respond(A.AUTH_LINE_TOO_LONG)
 
@@ -170,6 +172,8 @@ class Login:
         Forget the authenticated user and any exchange (the connection
         ends, or TLS starts).
         """
+        if self.exchange is not None:
+            self.exchange.dropped("the connection ended")
         self.exchange = None
         logout, self._logout = self._logout, None
         self.avatar = None

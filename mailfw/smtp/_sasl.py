@@ -164,6 +164,7 @@ class SASLExchange:
             return self._cancelled()
         data = A.decodeResponse(line)
         if data is None:
+            self.dropped("a response that is not base64")
             return A.AUTH_BAD_BASE64
         if self._scram is not None:
             return self._scramStep(data)
@@ -184,6 +185,26 @@ class SASLExchange:
         if self._scram is not None and self._scramNext == "client-final":
             return Deferred.fromCoroutine(self._refuse(self._name, self._user, "cancelled", A.AUTH_CANCELLED))
         return A.AUTH_CANCELLED
+
+    def dropped(self, reason: str) -> None:
+        """
+        The exchange ended without the client's answer (a hang-up, a
+        response too long or not base64).  After the server-first message
+        (which tells the client the user's salt) that counts as a failure,
+        as a cancel does, so that asking for salts is not free.
+        """
+        if self._scram is None or self._scramNext != "client-final":
+            return
+        self._scramNext = "dropped"
+        self.log.info(
+            "AUTH {mechanism} from {peer} for user {user} ended: {reason}",
+            mechanism=self._name,
+            peer=self._peer,
+            user=self._user,
+            reason=reason,
+        )
+        # The lockout never fails (it logs its own trouble); nobody waits.
+        self._lockout.failed(self._host, self._user)  # type: ignore[union-attr]
 
     def _step(self, step: A.Step) -> Step:
         if isinstance(step, A.Challenge):
