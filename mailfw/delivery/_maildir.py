@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Formatter
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -54,6 +54,7 @@ from mailfw.address import Address
 from mailfw.config import ConfigError, Section
 from mailfw.envelope import Envelope, Recipient, RecipientOutcome
 from mailfw.interfaces import IDeliveryAgent, IDescribed, IMessageBody
+from mailfw.queue._produce import ThreadRunner
 from mailfw.reply import SMTPReply
 
 if TYPE_CHECKING:
@@ -106,15 +107,6 @@ def safeName(text: str) -> str:
 def _encodeHostname(hostname: str) -> str:
     # The specification's own encoding: "/" and ":" would break the name.
     return hostname.replace("/", "\\057").replace(":", "\\072")
-
-
-class ThreadRunner(Protocol):
-    """
-    Runs a blocking callable off the reactor thread.  Tests pass a runner
-    that calls it synchronously.
-    """
-
-    def __call__(self, work: Callable[[], _T]) -> Deferred[_T]: ...
 
 
 class ThreadPoolRunner:
