@@ -36,6 +36,9 @@ class Session:
     @ivar authenticated: the authenticated identity, or C{None}.
     @ivar relayClient: the client may relay to any domain (a permitted
         network or an authenticated user).
+    @ivar id: names the connection among all of this process's, for a
+        policy that keeps state per session (a milter connection) and for
+        log events; forgotten at L{mailfw.interfaces.IPolicy.sessionEnded}.
     """
 
     listener: str
@@ -46,6 +49,7 @@ class Session:
     tls: bool = False
     authenticated: str | None = None
     relayClient: bool = False
+    id: str = ""
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
         QueuedMessage,
         Selector,
     )
-    from mailfw.verdict import Verdict
+    from mailfw.verdict import AuthResult, Verdict
 
 
 class INamedPlugin(IPlugin):
@@ -508,6 +508,10 @@ class IPolicy(Interface):
     L{mailfw.policy.Verdict} or a L{Deferred} firing with one; the server
     gives each call a timeout and answers 451 4.4.3 when it expires.
     Subclass L{mailfw.policy.Policy} to implement only the stages you need.
+
+    Each C{[policy.NAME]} section also takes C{listeners} (default
+    C{["smtp"]}), C{timeout} and C{on_error} (C{"defer"} or C{"accept"}):
+    the chain applies them, so a policy never parses them itself.
     """
 
     name = Attribute("C{str}: the instance name, for logs.")
@@ -545,6 +549,56 @@ class IPolicy(Interface):
         into the queue: headers in the verdict can still go above it.  A
         refusal is answered after the real end of data, and the message is
         not queued.
+        """
+
+    def openMessage(session: Session, envelope: Envelope, header: bytes) -> IMessageCheck | None:
+        """
+        The end-of-data stage: the message's header section is complete and
+        accepted by every C{checkMessage}.  Return C{None} to skip this
+        message, or an L{IMessageCheck} that is fed the body as it streams
+        into the queue and answers at the end of data, before the 250.
+
+        @param envelope: the envelope, with its C{queueID}.
+        @param header: the header section as it will be queued (the
+            server's C{Received:} field and the fields policies added on
+            top), ending with the empty line.  Indexes in L{AddHeader
+            <mailfw.verdict.AddHeader>} edits count its fields.
+        """
+
+    def sessionEnded(session: Session) -> None:
+        """
+        The connection C{session} (by L{Session.id}) is closed: forget what
+        was kept for it.
+        """
+
+
+class IMessageCheck(Interface):
+    """
+    One policy's look at one message at the end-of-data stage.  It sees the
+    body in the chunks it arrives in (decoded, dot-unstuffed, CRLF lines;
+    chunk boundaries fall anywhere) and must not keep it all: hash it or
+    forward it.
+    """
+
+    def write(data: bytes) -> Deferred[None] | None:
+        """
+        More of the body.  A L{Deferred} asks the session to stop reading
+        from the client until it fires (a filter that cannot keep up); it
+        must not fail.
+        """
+
+    def end(results: tuple[AuthResult, ...]) -> Verdict | Deferred[Verdict]:
+        """
+        The body is complete.  C{results} are the authentication results of
+        the transaction so far (from earlier stages and from the checks
+        before this one in the chain), so that DMARC can combine SPF's and
+        DKIM's.  The verdict's C{edits} are applied to the queued copy.
+        """
+
+    def abort() -> None:
+        """
+        The message will not be queued (refused, or the client left):
+        release what the check holds.  Not called after L{end}.
         """
 
 

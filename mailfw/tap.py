@@ -47,7 +47,6 @@ from mailfw.interfaces import (
     IMessageQueue,
     IMessageQueueFactory,
     INamedPlugin,
-    IPolicy,
     IPolicyFactory,
     IRouter,
     IRouterFactory,
@@ -510,6 +509,7 @@ def buildService(
     from mailfw.auth._quota import useHostedQuotas
     from mailfw.auth._realm import useHostedSenders
     from mailfw.etrn import ETRNHandler, settingsFromConfig
+    from mailfw.policy._chain import linkFromSection
     from mailfw.scheduling._scheduler import schedulerFromConfig
     from mailfw.smtp import SMTPFactory, SMTPLimits
     from mailfw.smtp._odmr import ODMRHandler
@@ -527,8 +527,14 @@ def buildService(
             for name, section in config.delivery.items()
         }
         router: IRouter = _build(IRouterFactory, "[routing]", context, "routing", config.routing, plugins)
-        policies: list[IPolicy] = [
-            _build(IPolicyFactory, f"[policy.{name}]", context, name, section, plugins)
+        links = [
+            linkFromSection(
+                f"[policy.{name}]",
+                section,
+                lambda options, name=name: _build(  # type: ignore[misc]
+                    IPolicyFactory, f"[policy.{name}]", context, name, options, plugins
+                ),
+            )
             for name, section in config.policy.items()
         ]
         limits = SMTPLimits.fromSection(Section("[smtp]", config.smtp))
@@ -586,7 +592,7 @@ def buildService(
             queue,
             router,
             reactor,
-            policies=policies,
+            policies=[link for link in links if link.listeners is None or kind in link.listeners],
             limits=limits,
             tlsOptions=tlsOptions,
             auth=(

@@ -11,10 +11,37 @@ from zope.interface import implementer
 
 from mailfw.address import Address
 from mailfw.envelope import Envelope, Recipient, Session
-from mailfw.interfaces import IPolicy
-from mailfw.verdict import CONTINUE, Verdict
+from mailfw.interfaces import IMessageCheck, IPolicy
+from mailfw.verdict import (
+    CONTINUE,
+    AddHeader,
+    AddRecipient,
+    AuthResult,
+    ChangeHeader,
+    ChangeSender,
+    DeleteRecipient,
+    Discard,
+    MessageEdit,
+    Quarantine,
+    ReplaceBody,
+    Verdict,
+)
 
-__all__ = ["CONTINUE", "Policy", "Verdict"]
+__all__ = [
+    "CONTINUE",
+    "AddHeader",
+    "AddRecipient",
+    "AuthResult",
+    "ChangeHeader",
+    "ChangeSender",
+    "DeleteRecipient",
+    "Discard",
+    "MessageEdit",
+    "Policy",
+    "Quarantine",
+    "ReplaceBody",
+    "Verdict",
+]
 
 
 @implementer(IPolicy)
@@ -42,3 +69,9 @@ class Policy:
 
     def checkMessage(self, session: Session, envelope: Envelope, headers: bytes) -> Verdict:
         return CONTINUE
+
+    def openMessage(self, session: Session, envelope: Envelope, header: bytes) -> IMessageCheck | None:
+        return None
+
+    def sessionEnded(self, session: Session) -> None:
+        pass

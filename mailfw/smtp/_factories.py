@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from mailfw.auth._quota import SendingQuotas
 from mailfw.etrn import ETRNHandler
 from mailfw.interfaces import IMessageQueue, IPolicy, IRouter
+from mailfw.policy._chain import ChainLink
 from mailfw.reply import SMTPReply
 from mailfw.smtp import _replies as R
 from mailfw.smtp._auth import SMTPAuth
@@ -102,7 +103,7 @@ class SMTPFactory(Factory):
         queue: IMessageQueue,
         router: IRouter,
         clock: IReactorTime,
-        policies: Sequence[IPolicy] = (),
+        policies: Sequence[IPolicy | ChainLink] = (),
         limits: SMTPLimits = SMTPLimits(),
         tlsOptions: object | None = None,
         auth: SMTPAuth | None = None,

@@ -31,6 +31,7 @@ L{ETRNHandler}.  TURN is never offered (502).
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -56,6 +57,9 @@ from mailfw.smtp._settings import SessionSettings
 from mailfw.smtp._state import ConnectionState, Phase
 from mailfw.smtp._transaction import MailTransactions
 from mailfw.verdict import Verdict
+
+# Session.id: unique among this process's connections.
+_sessionIDs = itertools.count(1)
 
 __all__ = ["SMTPServerProtocol"]
 
@@ -145,7 +149,9 @@ class SMTPServerProtocol(Protocol):
         port = port if isinstance(port, int) else 0
         self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         tls = self.settings.kind == "submissions" or ISSLTransport.providedBy(transport)
-        self.session = Session(listener=self.settings.kind, peerHost=host, peerPort=port, tls=tls)
+        self.session = Session(
+            listener=self.settings.kind, peerHost=host, peerPort=port, tls=tls, id=f"{next(_sessionIDs):x}"
+        )
         # The connection is logged once, when it ends (with what happened):
         # twistd writes every event, debug ones too, and a line per event is
         # a measurable share of the cost of a message.
@@ -187,6 +193,8 @@ class SMTPServerProtocol(Protocol):
         self.replies.stop()
         self.transactions.cancel()
         self._login.end()
+        if self.settings.chain and self.session.id:
+            self.settings.chain.sessionEnded(self.session)
         self.log.info(
             "connection from {peer} on {listener} closed after {duration:.1f}s:"
             " {accepted} messages accepted, {errors} errors",

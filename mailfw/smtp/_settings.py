@@ -15,7 +15,7 @@ from mailfw.auth._quota import SendingQuotas
 from mailfw.config import LISTENER_KINDS
 from mailfw.etrn import ETRNHandler
 from mailfw.interfaces import IMessageQueue, IPolicy, IRouter
-from mailfw.policy._chain import PolicyChain
+from mailfw.policy._chain import ChainLink, PolicyChain
 from mailfw.smtp._auth import SMTPAuth
 from mailfw.smtp._limits import SMTPLimits
 
@@ -34,7 +34,8 @@ class SessionSettings:
     @ivar queue: where accepted messages go.
     @ivar router: asked at RCPT time.
     @ivar clock: timers (idle timeout, error delay, policy timeouts).
-    @ivar policies: asked at each stage, through C{chain}.
+    @ivar policies: asked at each stage, through C{chain} (a bare policy
+        is a L{ChainLink} with the defaults).
     @ivar limits: the L{SMTPLimits} in force.
     @ivar tlsOptions: the context factory for STARTTLS, or C{None}.
     @ivar auth: the L{SMTPAuth} settings when AUTH is offered.
@@ -51,7 +52,7 @@ class SessionSettings:
     queue: IMessageQueue
     router: IRouter
     clock: IReactorTime
-    policies: Sequence[IPolicy] = ()
+    policies: Sequence[IPolicy | ChainLink] = ()
     limits: SMTPLimits = SMTPLimits()
     tlsOptions: object | None = None
     auth: SMTPAuth | None = None
