@@ -73,7 +73,9 @@ class RecordingIncoming:
         assert not self.aborted and not self.committed, "rewind after end"
         self.chunks = []
 
-    def commit(self, header: bytes = b"", envelope: Envelope | None = None, hold: bool = False) -> Deferred[str]:
+    def commit(
+        self, header: bytes = b"", envelope: Envelope | None = None, hold: bool = False
+    ) -> Deferred[str]:
         assert not self.aborted, "commit after abort"
         self.header, self.envelope, self.hold = header, envelope, hold
         result = self.commitResult
