@@ -674,6 +674,7 @@ class ReferenceTests(SynchronousTestCase):
             ("[queue]", IMessageQueueFactory, "queue"),
             ("[routing]", IRouterFactory, "routing"),
             ("[delivery]", IDeliveryAgentFactory, "instance"),
+            ("[policy]", IPolicyFactory, "instance"),
         ]
         checked = []
         for kind, interface, instanceName in kinds:
@@ -706,5 +707,7 @@ class ReferenceTests(SynchronousTestCase):
                 self.assertLessEqual(len(titles), 1, f"{label}: {dict(asked)}")
                 self.assertDocumented(label, set().union(*(asked[t] for t in titles)))
         kindNames = {kind for kind, _, _ in kinds}
-        documentedPlugins = [label for label in self.documented if label.split()[0] in kindNames]
+        documentedPlugins = [
+            label for label in self.documented if label.split()[0] in kindNames and len(label.split()) == 2
+        ]
         self.assertEqual(sorted(documentedPlugins), sorted(checked))
