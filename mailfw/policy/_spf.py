@@ -148,7 +148,9 @@ class SPFPolicy(Policy):
             result, explanation = outcome
             if result == "ambiguous":
                 result = "permerror"
-            found = AuthResult("spf", result, reason=explanation or None, properties=(identity,))
+            # pyspf explains every result; only a failure needs it.
+            reason = explanation or None if result not in ("pass", "none", "neutral") else None
+            found = AuthResult("spf", result, reason=reason, properties=(identity,))
             if result == "fail" and self.fail == "reject":
                 self.log.info(
                     "spf {policy}: {result} for {identity} from {host}",
