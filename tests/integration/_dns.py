@@ -82,16 +82,12 @@ def _serve(portFile: Path, zoneFile: Path) -> None:
             self.soa = (b"", dns.Record_SOA(b"ns.test", b"root.test", 1, 60, 60, 60, 1))  # type: ignore[assignment]
             self.records = records  # type: ignore[assignment]
 
-        def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> Any:
-            # Authoritative for every name: unknown ones are NXDOMAIN.
-            return super()._lookup(name, cls, type, timeout)
-
     zone = json.loads(zoneFile.read_text())
     records = {name.lower().encode("ascii"): [record(*r) for r in rs] for name, rs in zone.items()}
     factory = server.DNSServerFactory(authorities=[Zone(records)])
     for _ in range(50):
-        tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
-        port = tcp.getHost().port
+        tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        port: int = tcp.getHost().port  # type: ignore[attr-defined]
         try:
             reactor.listenUDP(port, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1")  # type: ignore[attr-defined]
         except Exception:
@@ -101,7 +97,7 @@ def _serve(portFile: Path, zoneFile: Path) -> None:
     else:
         raise SystemExit("no port free for both UDP and TCP")
     portFile.write_text(str(port))
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def test_passingMessageMarked(tmp_path: Path, dnsPort: int) -> None:
         code, _ = send(server, "bob@good.example", "good")
         assert code == 250
         [copy] = delivered(server, 1)
-        [results] = message_from_bytes(copy).get_all("Authentication-Results")
+        [results] = message_from_bytes(copy).get_all("Authentication-Results", [])
         text = " ".join(results.split())
         assert text.startswith("mx.test;"), text
         assert "spf=pass smtp.mailfrom=bob@good.example" in text, text
