@@ -79,6 +79,7 @@ from mailfw.interfaces import (
     IRouterFactory,
 )
 from mailfw.plugin import LazyComponent, MissingPlugin, findPlugin
+from mailfw.policy._chain import LINK_OPTIONS
 from mailfw.scheduling._scheduler import schedulerFromConfig
 from mailfw.smtp import SMTPLimits
 from mailfw.tap import checkComponents
@@ -104,6 +105,7 @@ HOST_FILE_ERRORS = re.compile(
 REQUIRED_OPTIONS: dict[str, dict[str, object]] = {
     "lmtp": {"endpoint": "unix:/nonexistent/lmtp"},
     "pipe": {"command": ["/bin/sh"]},
+    "milter": {"address": "inet:127.0.0.1:8891"},
     # Refused after its keys are read and before any connection is made,
     # so that the test never touches a database.
     "postgresql": {"node": ""},
@@ -330,8 +332,15 @@ def sectionsOf(config: ServerConfig) -> list[tuple[str, str, str, Mapping[str, o
         (f"[delivery.{name}]", name, options, IDeliveryAgentFactory)
         for name, options in config.delivery.items()
     ]
+    # The policy chain reads listeners, timeout and on_error; the plugin the rest.
     sections += [
-        (f"[policy.{name}]", name, options, IPolicyFactory) for name, options in config.policy.items()
+        (
+            f"[policy.{name}]",
+            name,
+            {k: v for k, v in options.items() if k not in LINK_OPTIONS},
+            IPolicyFactory,
+        )
+        for name, options in config.policy.items()
     ]
     return [
         (title, name, str(options.get("plugin")), options, interface)

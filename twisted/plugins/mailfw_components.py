@@ -27,3 +27,4 @@ virtualAliasesAgent = LazyComponent(
 
 spfPolicy = LazyComponent(IPolicyFactory, "spf", "mailfw.policy._spf:fromConfig")
 dmarcPolicy = LazyComponent(IPolicyFactory, "dmarc", "mailfw.policy._dmarc:fromConfig")
+milterPolicy = LazyComponent(IPolicyFactory, "milter", "mailfw.policy._milter:fromConfig")
