@@ -11,15 +11,18 @@ from collections.abc import Sequence
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from mailfw.config import ConfigError, Section
 from mailfw.envelope import Route, RouteKind
+from mailfw.interfaces import IConnectionGate, IConnectionShaping, IDeliveryAgent
 from mailfw.queue._contract import makeEnvelope
 from mailfw.queue._memory import MemoryQueue
 from mailfw.queued import Lease
 from mailfw.scheduling._retry import RetrySchedule
 from mailfw.scheduling._scheduler import THROTTLED, schedulerFromConfig
-from mailfw.scheduling._shaping import Pace, Shape, ShapingTable, shapingFromConfig
+from mailfw.scheduling._shaping import ConnectionGate, Pace, Shape, ShapingTable, shapingFromConfig
 from tests.test_scheduler import START, FakeAgent, FakeRouter, SchedulerTestsMixin, runUntilIdle
 
 RELAY = Route(RouteKind.RELAY, agent="relay", name="relay")
@@ -267,10 +270,13 @@ class ShapingConfigTests(SynchronousTestCase):
         configured means no shaping at all.
         """
         table = self.build(
-            {"GMail.com": {"max_messages_per_minute": 60, "max_recipients_per_message": 50}},
+            {
+                "GMail.com": {"max_messages_per_minute": 60, "max_recipients_per_message": 50},
+                "example.net": {"max_connections_per_minute": 5, "max_messages_per_connection": 100},
+            },
         )
         assert table is not None
-        self.assertEqual(table.shapes, (Shape("gmail.com", 60, 50),))
+        self.assertEqual(table.shapes, (Shape("gmail.com", 60, 50), Shape("example.net", None, None, 5, 100)))
         self.assertIsNone(self.build({}))
 
     def test_errors(self) -> None:
@@ -313,3 +319,86 @@ class ShapingConfigTests(SynchronousTestCase):
         assert table is not None
         self.assertEqual((table.wait, table.hostPatterns), (5, (Shape("*.google.com", 10),)))
         self.assertEqual(calls, [])
+
+
+@implementer(IDeliveryAgent, IConnectionShaping)
+class ConnectingAgent(FakeAgent):
+    """
+    A L{FakeAgent} that would open connections, and so takes a gate.
+    """
+
+    gate: IConnectionGate | None = None
+
+    def shapeConnections(self, gate: IConnectionGate) -> None:
+        self.gate = gate
+
+
+class ConnectionGateTests(SynchronousTestCase):
+    """
+    L{ConnectionGate} paces new connections and limits their transactions.
+    """
+
+    def test_verify(self) -> None:
+        """
+        L{ConnectionGate} provides L{IConnectionGate}.
+        """
+        clock = Clock()
+        self.assertTrue(verifyObject(IConnectionGate, ConnectionGate(clock, ShapingTable(clock, []))))
+
+    def test_matchAndPace(self) -> None:
+        """
+        The recipient's domain decides first, then the host's name; a
+        paced destination's connections are spaced evenly; the answer is
+        the destination's transactions per connection.
+        """
+        clock = Clock()
+        table = ShapingTable(
+            clock,
+            [
+                Shape("*.google.com", maxConnectionsPerMinute=4, maxMessagesPerConnection=10),
+                Shape("customer.example", maxMessagesPerConnection=3),
+            ],
+        )
+        gate = ConnectionGate(clock, table)
+        self.assertEqual(self.successResultOf(gate.connect("customer.example", "aspmx.l.google.com")), 3)
+        self.assertEqual(self.successResultOf(gate.connect("other.example", "mx.other.example")), None)
+        self.assertEqual(
+            self.successResultOf(gate.connect("gmail.com", "alt1.gmail-smtp-in.l.google.com")), 10
+        )
+        second = gate.connect("gmail.com", "gmail-smtp-in.l.google.com")
+        third = gate.connect("googlemail.com", "gmail-smtp-in.l.google.com")
+        clock.advance(14.9)
+        self.assertNoResult(second)
+        clock.advance(0.1)
+        self.assertEqual(self.successResultOf(second), 10)
+        self.assertNoResult(third)
+        clock.advance(15)
+        self.assertEqual(self.successResultOf(third), 10)
+
+
+class SchedulerGateTests(SchedulerTestsMixin):
+    """
+    The scheduler gives its connection gate to the agents that open
+    connections, only when some destination limits connections.
+    """
+
+    def test_handedOver(self) -> None:
+        """
+        An agent providing L{IConnectionShaping} gets a gate; others are
+        left alone.
+        """
+        relay = ConnectingAgent(self.clock, "relay")
+        local = FakeAgent(self.clock)
+        table = ShapingTable(self.clock, [Shape("gmail.com", maxConnectionsPerMinute=5)])
+        self.makeScheduler(relay, local, shaping=table)
+        self.assertIsInstance(relay.gate, ConnectionGate)
+
+    def test_notWithoutConnectionLimits(self) -> None:
+        """
+        With message limits only, no gate is handed over.
+        """
+        relay = ConnectingAgent(self.clock, "relay")
+        self.makeScheduler(
+            relay, shaping=ShapingTable(self.clock, [Shape("gmail.com", maxMessagesPerMinute=5)])
+        )
+        self.assertIsNone(relay.gate)

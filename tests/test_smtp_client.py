@@ -1032,3 +1032,21 @@ class LimitsTests(SynchronousTestCase):
         d = proto.transaction(envelope(*[f"r{n}@example.net" for n in range(5)]), TrackingBody())
         self.assertEqual(len(answerAll(proto, transport)), 1)
         self.assertEqual(codes(self.successResultOf(d)), [(250, "2.0.0")] * 5)
+
+    def test_ownTransactionLimit(self) -> None:
+        """
+        Our own C{maxTransactions} (traffic shaping's messages per
+        connection) caps the connection like C{MAILMAX}, whichever is lower.
+        """
+        proto, transport, _ = ready(EHLO_LIMITS)
+        self.assertEqual(proto.transactionsLeft, 3)
+        proto.maxTransactions = 1
+        self.assertEqual(proto.transactionsLeft, 1)
+        d = proto.transaction(envelope("a@example.net"), TrackingBody())
+        answerAll(proto, transport)
+        self.successResultOf(d)
+        self.assertEqual(proto.transactionsLeft, 0)
+        proto, _, _ = ready(EHLO_FULL)
+        self.assertIsNone(proto.transactionsLeft)
+        proto.maxTransactions = 5
+        self.assertEqual(proto.transactionsLeft, 5)

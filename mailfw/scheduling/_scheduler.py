@@ -126,6 +126,7 @@ from mailfw.address import Address
 from mailfw.config import Section
 from mailfw.envelope import RecipientOutcome, Route, RouteKind
 from mailfw.interfaces import (
+    IConnectionShaping,
     IDeliveryAgent,
     IDestinationSlots,
     ILeaseOffers,
@@ -138,7 +139,14 @@ from mailfw.reply import SMTPReply
 from mailfw.routing._mx import MXResolver, Resolution
 from mailfw.scheduling._dsn import NoticeWriter, RecipientReport, readReturned
 from mailfw.scheduling._retry import RetrySchedule
-from mailfw.scheduling._shaping import HostLookup, Pace, Shape, ShapingTable, shapingFromConfig
+from mailfw.scheduling._shaping import (
+    ConnectionGate,
+    HostLookup,
+    Pace,
+    Shape,
+    ShapingTable,
+    shapingFromConfig,
+)
 
 __all__ = ["Scheduler", "schedulerFromConfig"]
 
@@ -269,6 +277,11 @@ class Scheduler(Service):
         self._runInThread: Callable[..., Deferred[Any]] = runInThread
         self._holdForETRN = holdForETRN
         self._shaping = shaping
+        if shaping is not None and shaping.limitsConnections:
+            gate = ConnectionGate(clock, shaping)
+            for agent in agents.values():
+                if IConnectionShaping.providedBy(agent):
+                    IConnectionShaping(agent).shapeConnections(gate)
         self._destinations: dict[tuple[str, str | None], _Destination] = {}
         self.deliveries = 0
         self._outstanding = 0

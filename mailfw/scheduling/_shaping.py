@@ -40,6 +40,21 @@ C{max_recipients_per_message} splits a message's recipients for the
 destination into several deliveries (several transactions), each paced
 as one message.
 
+Connections
+===========
+
+C{max_connections_per_minute} and C{max_messages_per_connection} are
+about connections, which the delivery agent opens, not the scheduler: an
+agent that provides L{mailfw.interfaces.IConnectionShaping} (the SMTP
+relay) is given a
+L{ConnectionGate} and asks it before each new connection, for the host it
+connects to.  The gate matches like the rest (the recipient's domain
+first, then the host's name against the host patterns), spaces new
+connections evenly like messages (the delivery waits for its turn), and
+tells the agent how many transactions the connection may carry; the agent
+then closes it rather than reuse it for more.  Agents that do not open
+connections (Maildir, pipes) are not affected.
+
 Several nodes
 =============
 
@@ -52,6 +67,7 @@ give only fixed windows, which allow twice the rate across a window's edge.)
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -59,12 +75,15 @@ from typing import TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailfw.config import ConfigError, Section
+from mailfw.interfaces import IConnectionGate
 
-__all__ = ["Pace", "Shape", "ShapingTable", "shapingFromConfig"]
+__all__ = ["ConnectionGate", "Pace", "Shape", "ShapingTable", "shapingFromConfig"]
 
 _T = TypeVar("_T")
 
@@ -87,11 +106,17 @@ class Shape:
     @ivar maxMessagesPerMinute: deliveries (transactions) started per
         minute, or C{None} for no limit.
     @ivar maxRecipientsPerMessage: recipients per delivery, or C{None}.
+    @ivar maxConnectionsPerMinute: new connections opened per minute, or
+        C{None}.
+    @ivar maxMessagesPerConnection: transactions over one connection, or
+        C{None}.
     """
 
     name: str
     maxMessagesPerMinute: int | None = None
     maxRecipientsPerMessage: int | None = None
+    maxConnectionsPerMinute: int | None = None
+    maxMessagesPerConnection: int | None = None
 
     @property
     def interval(self) -> float | None:
@@ -189,6 +214,40 @@ class ShapingTable:
         self._cache: OrderedDict[str, tuple[float, tuple[str, ...]]] = OrderedDict()
         self._pending: dict[str, list[Deferred[tuple[str, ...]]]] = {}
         self._paces: dict[str, Pace] = {}
+        self._connectionPaces: dict[str, Pace] = {}
+
+    @property
+    def limitsConnections(self) -> bool:
+        """
+        Whether any destination limits connections (see L{ConnectionGate}).
+        """
+        return any(
+            s.maxConnectionsPerMinute is not None or s.maxMessagesPerConnection is not None
+            for s in self.shapes
+        )
+
+    def connectionPace(self, shape: Shape) -> Pace | None:
+        """
+        The pace of new connections for C{shape}, or C{None}.  A
+        connection always waits for its turn in memory.
+        """
+        if shape.maxConnectionsPerMinute is None:
+            return None
+        pace = self._connectionPaces.get(shape.name)
+        if pace is None:
+            pace = Pace(60.0 / shape.maxConnectionsPerMinute, math.inf)
+            self._connectionPaces[shape.name] = pace
+        return pace
+
+    def shapeForHost(self, domain: str, host: str) -> Shape | None:
+        """
+        The section for mail to C{domain} over a connection to C{host}: the
+        domain's own section, else the first host pattern C{host} matches.
+        """
+        shape = self.domains.get(domain.lower())
+        if shape is None:
+            shape = self._matchHosts((host.lower().rstrip("."),))
+        return shape
 
     def pace(self, shape: Shape) -> Pace | None:
         """
@@ -260,6 +319,40 @@ class ShapingTable:
             d.callback(hosts)
 
 
+@implementer(IConnectionGate)
+class ConnectionGate:
+    """
+    The connection limits of a L{ShapingTable}, for delivery agents (see
+    I{Connections} in the module docstring).
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, table: ShapingTable) -> None:
+        self._clock = clock
+        self._table = table
+
+    def connect(self, domain: str, host: str) -> Deferred[int | None]:
+        shape = self._table.shapeForHost(domain, host)
+        if shape is None:
+            return succeed(None)
+        limit = shape.maxMessagesPerConnection
+        pace = self._table.connectionPace(shape)
+        if pace is None:
+            return succeed(limit)
+        now = self._clock.seconds()
+        when, _ = pace.turn(now)
+        if when <= now:
+            return succeed(limit)
+        self.log.debug(
+            "Waiting {delay:.1f}s to connect to {host} ({shape} connections are paced)",
+            delay=when - now,
+            host=host,
+            shape=shape.name,
+        )
+        return deferLater(self._clock, when - now, lambda: limit)
+
+
 def _shapeFromSection(name: str, options: Mapping[str, object]) -> Shape:
     title = f'[scheduler.destinations."{name}"]'
     if not isinstance(options, Mapping):
@@ -273,6 +366,8 @@ def _shapeFromSection(name: str, options: Mapping[str, object]) -> Shape:
         key,
         maxMessagesPerMinute=section.integer("max_messages_per_minute", None, minimum=1),
         maxRecipientsPerMessage=section.integer("max_recipients_per_message", None, minimum=1),
+        maxConnectionsPerMinute=section.integer("max_connections_per_minute", None, minimum=1),
+        maxMessagesPerConnection=section.integer("max_messages_per_connection", None, minimum=1),
     )
     section.finish()
     return shape

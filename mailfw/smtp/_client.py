@@ -267,6 +267,10 @@ class SMTPClient(LineReceiver):
     @ivar capabilities: the latest EHLO answer.
     @ivar tls: whether the connection is encrypted now.
     @ivar tlsInfo: the TLS version and cipher, once encrypted.
+    @ivar transactions: how many transactions were started on this
+        connection.
+    @ivar maxTransactions: the most transactions this connection may
+        carry by our own choice (the caller sets it), or C{None}.
     """
 
     delimiter = b"\r\n"
@@ -306,6 +310,7 @@ class SMTPClient(LineReceiver):
         self._closeWaiters: list[Deferred[None]] = []
         self._transferTimer: IDelayedCall | None = None
         self.transactions = 0
+        self.maxTransactions: int | None = None
 
     # --- transport events ------------------------------------------------
 
@@ -579,11 +584,12 @@ class SMTPClient(LineReceiver):
     @property
     def transactionsLeft(self) -> int | None:
         """
-        How many more transactions the server's C{MAILMAX} allows on this
-        connection, or C{None} when it announced no limit.
+        How many more transactions this connection may carry: within the
+        server's C{MAILMAX} and our own C{maxTransactions} (traffic
+        shaping's C{max_messages_per_connection}), or C{None} for no limit.
         """
-        mailMax = self.capabilities.limits[1]
-        return None if mailMax is None else max(0, mailMax - self.transactions)
+        limits = [n for n in (self.capabilities.limits[1], self.maxTransactions) if n is not None]
+        return max(0, min(limits) - self.transactions) if limits else None
 
     def transaction(self, envelope: Envelope, body: IMessageBody) -> Deferred[list[SMTPReply]]:
         """
@@ -870,7 +876,7 @@ class _BodyUnreadable(Exception):
     pass
 
 
-SESSION_FULL = SMTPReply(452, "4.5.3", "Too many transactions for one session (the server's MAILMAX)")
+SESSION_FULL = SMTPReply(452, "4.5.3", "Too many transactions for one session")
 
 _NEEDS_UTF8 = SMTPReply(553, "5.6.7", "The recipient's server does not support SMTPUTF8 (non-ASCII address)")
 
