@@ -147,6 +147,28 @@ class ShapedSchedulerTests(SchedulerTestsMixin):
         self.assertEqual(len(relay.deliveries), 50)
         self.assertLessEqual(sum(claims), 2 * 50)
 
+    def test_stopWhileWaiting(self) -> None:
+        """
+        A delivery waiting in memory for its turn when the scheduler stops
+        is not started: it goes back to the queue, due, uncounted.
+        """
+        self.router.table = {"gmail.com": RELAY}
+        relay = FakeAgent(self.clock, "relay")
+        scheduler = self.makeScheduler(
+            relay, shaping=self.shaping(Shape("gmail.com", maxMessagesPerMinute=60))
+        )
+        self.enqueue(makeEnvelope("a@gmail.com"))
+        second = self.enqueue(makeEnvelope("b@gmail.com"))
+        self.clock.advance(0)
+        self.assertEqual(len(relay.deliveries), 1)
+        stopped = scheduler.stopService()
+        self.assertNoResult(stopped)
+        self.clock.advance(1)
+        self.successResultOf(stopped)
+        self.assertEqual(len(relay.deliveries), 1)
+        [waiting] = self.queue.recipients(second)
+        self.assertEqual((waiting.attempts, waiting.state.name, waiting.nextAttempt), (0, "READY", START + 1))
+
     def test_recipientsPerMessage(self) -> None:
         """
         C{max_recipients_per_message = 2} delivers a 5-recipient message in

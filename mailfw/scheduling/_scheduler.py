@@ -685,6 +685,11 @@ class Scheduler(Service):
             if pace is not None:
                 now = self._clock.seconds()
                 when, inMemory = pace.turn(now)
+                if inMemory and when > now:
+                    await task.deferLater(self._clock, when - now)
+                if not self.running:
+                    # Stopped while waiting: due again at the next start.
+                    when, inMemory = self._clock.seconds(), False
                 if not inMemory:
                     self.log.debug(
                         "{queueID}: {shape} is paced; waiting in the queue until {when}",
@@ -696,8 +701,6 @@ class Scheduler(Service):
                         throttled[qr.index] = when
                         results.append((qr, route, RecipientOutcome(qr.recipient, THROTTLED)))
                     continue
-                if when > now:
-                    await task.deferLater(self._clock, when - now)
             results.extend(await self._deliverWindowed(lease, key, list(piece), body, pace))
         return results
 
