@@ -618,3 +618,31 @@ class ConnectionShapingTests(SynchronousTestCase):
         for to in ("a@example.com", "b@example.com"):
             deliver(agent, network, envelope(to))
         self.assertEqual((len(network.attempts), network.clock.seconds()), (2, 0))
+
+
+class ServerLimitsTests(SynchronousTestCase):
+    """
+    The relay agent keeps within the limits a server announces (RFC 9422).
+    """
+
+    def test_serverLimitsSplit(self) -> None:
+        """
+        A host announcing C{LIMITS RCPTMAX=2} gets a 5-recipient message in
+        three transactions over one connection, and each recipient the
+        reply of its own transaction.
+        """
+        agent, network = makeAgent(
+            {
+                "192.0.2.1": {
+                    "ehlo": ["250-fake", "250-PIPELINING", "250 LIMITS RCPTMAX=2"],
+                    "rcpt": {"r3@example.net": "550 5.1.1 no such user"},
+                }
+            }
+        )
+        outcomes = deliver(agent, network, envelope(*[f"r{n}@example.net" for n in range(5)]))
+        self.assertEqual(
+            [m["rcpts"] for m in network.messages["192.0.2.1"]],
+            [["r0@example.net", "r1@example.net"], ["r2@example.net"], ["r4@example.net"]],
+        )
+        self.assertEqual([o.reply.code for o in outcomes], [250, 250, 250, 550, 250])
+        self.assertEqual(network.attempts, [("192.0.2.1", 25)])
