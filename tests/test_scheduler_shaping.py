@@ -234,6 +234,26 @@ class ShapedSchedulerTests(SchedulerTestsMixin):
         )
         self.assertEqual(sorted(looked), ["broken.example", "customer.example", "gmail.com"])
 
+    def test_localMailNotLookedUp(self) -> None:
+        """
+        Mail for a local mailbox (no next hop) is matched by its domain
+        only: its mail hosts are not looked up.
+        """
+        looked: list[str] = []
+
+        def lookup(domain: str) -> Deferred[Sequence[str]]:
+            looked.append(domain)
+            return succeed(["mx.google.com"])
+
+        local = FakeAgent(self.clock)
+        self.makeScheduler(
+            local, shaping=self.shaping(Shape("*.google.com", maxMessagesPerMinute=1), lookup=lookup)
+        )
+        self.enqueue(makeEnvelope("a@example.org"))
+        self.enqueue(makeEnvelope("b@example.org"))
+        runUntilIdle(self.clock)
+        self.assertEqual(([d.at for d in local.deliveries], looked), ([START, START], []))
+
     def test_fixedNexthopHost(self) -> None:
         """
         A route to a fixed C{[host]:port} is matched by its host name,

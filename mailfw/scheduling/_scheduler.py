@@ -39,6 +39,16 @@ connection failure (Postfix's feedback, simplified).  The scheduler leases
 at most C{claimAhead} recipients beyond those it has finished, so a large
 queue is not leased all at once.
 
+Traffic shaping
+===============
+
+Destinations configured in C{[scheduler.destinations]} are shaped beside
+the window: a group's recipients are split to the destination's
+recipients per message, and each piece waits for its turn in the
+destination's pace, in memory when it is near, else in the queue
+(recorded uncounted, without a delay notice, due at its turn).  See
+L{mailfw.scheduling._shaping}.
+
 Unreachable destinations
 ========================
 
@@ -648,15 +658,19 @@ class Scheduler(Service):
         Group routed recipients by (agent, next hop) and, with traffic
         shaping, by the destination section that applies to each.
         """
-        shapes: dict[tuple[str, str | None], Shape | None] = {}
+        shapes: dict[tuple[str, str | None, bool], Shape | None] = {}
         if self._shaping is not None:
-            wanted = list({(qr.recipient.address.domain, route.nexthop) for qr, route in deliverable})
-            found = await _settle([self._shaping.shapeFor(domain, nexthop) for domain, nexthop in wanted])
+            # Mail hosts matter only where mail leaves over the network:
+            # not for a local mailbox (no next hop).
+            wanted = list(
+                {(qr.recipient.address.domain, route.nexthop, _leaves(route)) for qr, route in deliverable}
+            )
+            found = await _settle([self._shaping.shapeFor(*where) for where in wanted])
             for where, (ok, shape) in zip(wanted, found, strict=True):
                 shapes[where] = shape if ok else None
         groups: dict[tuple[str, str | None, Shape | None], list[tuple[QueuedRecipient, Route]]] = {}
         for qr, route in deliverable:
-            shape = shapes.get((qr.recipient.address.domain, route.nexthop))
+            shape = shapes.get((qr.recipient.address.domain, route.nexthop, _leaves(route)))
             groups.setdefault((route.agent, route.nexthop, shape), []).append((qr, route))
         return groups
 
@@ -1068,6 +1082,13 @@ class Scheduler(Service):
         if destination.successes >= destination.window:
             destination.successes = 0
             destination.window = min(destination.window + 1, self.maxPerDestination)
+
+
+def _leaves(route: Route) -> bool:
+    """
+    Whether a route's mail goes to other hosts (relayed, or to a next hop).
+    """
+    return route.kind is RouteKind.RELAY or route.nexthop is not None
 
 
 def _housekeeping(schedule: RetrySchedule, arrival: float, warned: bool) -> float:

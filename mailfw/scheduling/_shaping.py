@@ -10,7 +10,8 @@ a leading C{*.}, a pattern over the names of the hosts the mail goes to
 (C{"*.google.com"}).  For each recipient:
 
   1. a section named exactly like the recipient's domain wins;
-  2. otherwise the names of the hosts the mail would go to are looked up
+  2. otherwise, for mail that leaves the server (relayed, or routed to a
+     next hop), the names of the hosts the mail would go to are looked up
      (the MX hosts of the route's next hop, or of the recipient's domain
      when the route has none; the host itself for a C{[host]:port} next
      hop) and the first host pattern, in file order, that matches one of
@@ -261,13 +262,16 @@ class ShapingTable:
             pace = self._paces[shape.name] = Pace(interval, self.wait)
         return pace
 
-    def shapeFor(self, domain: str, nexthop: str | None) -> Deferred[Shape | None]:
+    def shapeFor(self, domain: str, nexthop: str | None, remote: bool = True) -> Deferred[Shape | None]:
         """
         The section that applies to a recipient in C{domain} routed to
         C{nexthop} (see the module docstring), or C{None}.  Never fails.
+
+        @param remote: whether the mail goes to other hosts; if not (a
+            local mailbox), only a section named after C{domain} applies.
         """
         shape = self.domains.get(domain.lower())
-        if shape is not None or not self.hostPatterns:
+        if shape is not None or not self.hostPatterns or not remote:
             return succeed(shape)
         if nexthop is not None and nexthop.startswith("["):
             host = nexthop[1:].partition("]")[0].lower()
