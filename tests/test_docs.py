@@ -416,6 +416,7 @@ class DocsTestCase(SynchronousTestCase):
                     router,
                     {name: MemoryDeliveryAgent(name) for name in config.delivery},
                     config.hostname,
+                    resolver=context.resolver,
                 )
             except ConfigError as e:
                 self.fail(f"{block}: {e}")
@@ -625,6 +626,22 @@ class ReferenceTests(SynchronousTestCase):
         perDomain = asked['[scheduler.domains."example.com"]']
         self.assertTrue(perDomain)
         self.assertLessEqual(perDomain, self.documented["[scheduler]"])
+
+    def test_schedulerDestinations(self) -> None:
+        """
+        C{[scheduler.destinations]} lists every key a destination table
+        takes.
+        """
+        with recordingKeys() as asked:
+            schedulerFromConfig(
+                Section("[scheduler]", {"destinations": {"gmail.com": {}}}),
+                MemoryReactorClock(),
+                MemoryQueue(),
+                None,  # type: ignore[arg-type]
+                {},
+                "mx.example.org",
+            )
+        self.assertDocumented("[scheduler.destinations]", asked['[scheduler.destinations."gmail.com"]'])
 
     def test_auth(self) -> None:
         """
