@@ -7,6 +7,7 @@ connects a policy to it in memory (every write is delivered at once).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,17 +143,18 @@ class _Pipe(StringTransport):
 
 
 @implementer(IStreamClientEndpoint)
-class MilterEndpoint:
+class InMemoryEndpoint:
     """
-    Connects each session to a new L{ScriptedMilter}; with C{refuse}, every
-    connection fails; with C{hang}, it never completes.
+    Connects each client to a new server protocol from C{makeServer} in
+    memory; with C{refuse}, every connection fails; with C{hang}, it never
+    completes.  C{servers} lists the server protocols made.
     """
 
-    def __init__(self, script: MilterScript, refuse: bool = False, hang: bool = False) -> None:
-        self.script = script
+    def __init__(self, makeServer: Callable[[], Protocol], refuse: bool = False, hang: bool = False) -> None:
+        self.makeServer = makeServer
         self.refuse = refuse
         self.hang = hang
-        self.filters: list[ScriptedMilter] = []
+        self.servers: list[Any] = []
 
     def connect(self, factory: Any) -> Deferred[Any]:
         if self.refuse:
@@ -160,11 +162,25 @@ class MilterEndpoint:
         if self.hang:
             return Deferred()
         client = factory.buildProtocol(None)
-        server = ScriptedMilter(self.script)
-        self.filters.append(server)
+        server = self.makeServer()
+        self.servers.append(server)
         toServer, toClient = _Pipe(), _Pipe()
         toServer.peer, toClient.peer = server, client
         toServer.other, toClient.other = toClient, toServer
         client.makeConnection(toServer)
         server.makeConnection(toClient)
         return succeed(client)
+
+
+class MilterEndpoint(InMemoryEndpoint):
+    """
+    Connects each session to a new L{ScriptedMilter}.
+    """
+
+    def __init__(self, script: MilterScript, refuse: bool = False, hang: bool = False) -> None:
+        super().__init__(lambda: ScriptedMilter(script), refuse, hang)
+        self.script = script
+
+    @property
+    def filters(self) -> list[ScriptedMilter]:
+        return self.servers

@@ -106,6 +106,7 @@ REQUIRED_OPTIONS: dict[str, dict[str, object]] = {
     "lmtp": {"endpoint": "unix:/nonexistent/lmtp"},
     "pipe": {"command": ["/bin/sh"]},
     "milter": {"address": "inet:127.0.0.1:8891"},
+    "policy-server": {"address": "inet:127.0.0.1:10023"},
     # Refused after its keys are read and before any connection is made,
     # so that the test never touches a database.
     "postgresql": {"node": ""},

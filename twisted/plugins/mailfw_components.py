@@ -28,3 +28,4 @@ virtualAliasesAgent = LazyComponent(
 spfPolicy = LazyComponent(IPolicyFactory, "spf", "mailfw.policy._spf:fromConfig")
 dmarcPolicy = LazyComponent(IPolicyFactory, "dmarc", "mailfw.policy._dmarc:fromConfig")
 milterPolicy = LazyComponent(IPolicyFactory, "milter", "mailfw.policy._milter:fromConfig")
+policyServerPolicy = LazyComponent(IPolicyFactory, "policy-server", "mailfw.policy._policyserver:fromConfig")
