@@ -9,6 +9,8 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
@@ -314,3 +316,26 @@ class MilterTests(SynchronousTestCase):
 class MilterContractTests(PolicyContractTests, SynchronousTestCase):
     def makePolicy(self) -> MilterPolicy:
         return milter(MilterScript(), Clock())[0]
+
+
+class MilterReaderPropertyTests(SynchronousTestCase):
+    """
+    Whatever a filter sends, the reader either hands the session a reply,
+    or fails the filter with one reason: never an exception, never a hang.
+    """
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.binary(max_size=40), max_size=8), st.sampled_from([b"M", b"E", b"B"]))
+    def test_anyBytes(self, pieces: list[bytes], stage: bytes) -> None:
+        clock = Clock()
+        policy, endpoint = milter(MilterScript(replies={stage: "hold"}), clock)
+        conn = connect(policies=(policy,), clock=clock)
+        conn.send(PROLOGUE + BODY + b".\r\n")
+        [peer] = endpoint.filters
+        assert peer.transport is not None
+        for piece in pieces:
+            peer.transport.write(piece)
+        clock.advance(60)
+        # Every command got an answer: the session ended its transaction.
+        self.assertIn(conn.lines()[-1][:1], (b"2", b"4", b"5"))
+        self.assertEqual(self.flushLoggedErrors(), [])
