@@ -4,6 +4,7 @@
 from mailfw.interfaces import (
     IDeliveryAgentFactory,
     IMessageQueueFactory,
+    IPolicyFactory,
     IRouterFactory,
 )
 from mailfw.plugin import LazyComponent
@@ -23,3 +24,8 @@ relayAgent = LazyComponent(IDeliveryAgentFactory, "smtp-relay", "mailfw.delivery
 virtualAliasesAgent = LazyComponent(
     IDeliveryAgentFactory, "virtual-aliases", "mailfw.hosting._agent:fromConfig"
 )
+
+limitsPolicy = LazyComponent(IPolicyFactory, "limits", "mailfw.policy._limits:fromConfig")
+dnsblPolicy = LazyComponent(IPolicyFactory, "dnsbl", "mailfw.policy._dnsbl:fromConfig")
+greylistPolicy = LazyComponent(IPolicyFactory, "greylist", "mailfw.policy._greylist:fromConfig")
+basicChecksPolicy = LazyComponent(IPolicyFactory, "basic-checks", "mailfw.policy._basic:fromConfig")
