@@ -169,6 +169,30 @@ class BasicChecksTests(SynchronousTestCase):
             verdict = self.sender(domain)
             self.assertEqual((verdict.reply.code, verdict.reply.enhanced), (451, "4.4.3"))  # type: ignore[union-attr]
 
+    def test_senderAnswersCached(self) -> None:
+        """
+        With a clock, a domain's answer is reused for C{senderCacheTTL}
+        seconds, refusals too; a DNS failure is asked again next time.
+        """
+        from twisted.names import dns
+
+        clock = Clock()
+        self.policy = BasicChecksPolicy(
+            "basic", resolver=MXResolver(self.resolver), clock=clock, senderCacheTTL=60
+        )
+        self.resolver.errors[("broken.example", dns.MX)] = error.DNSServerError("SERVFAIL")
+        for domain in ("mx.example", "nowhere.example", "broken.example"):
+            self.sender(domain)
+        asked = len(self.resolver.queries)
+        self.assertEqual(self.sender("mx.example"), CONTINUE)
+        self.assertEqual(self.sender("nowhere.example").reply, self.policy.unknownSender)
+        self.assertEqual(len(self.resolver.queries), asked, "a cached answer was asked again")
+        self.sender("broken.example")
+        self.assertEqual(len(self.resolver.queries), asked + 1)
+        clock.advance(60)
+        self.sender("mx.example")
+        self.assertGreater(len(self.resolver.queries), asked + 1, "an expired answer was not asked again")
+
     def test_nullSenderAndLiteralsNotLookedUp(self) -> None:
         """
         The null sender and address literals need no lookup.
@@ -255,6 +279,7 @@ class FromConfigTests(SynchronousTestCase):
         self.assertEqual(built.ownNames, frozenset({"mx.example.org"}))
         self.assertIsNotNone(built.resolver)
         self.assertEqual(built.unknownSender.code, 450)
+        self.assertIsNotNone(built.senderCache)
 
     def test_options(self) -> None:
         """
@@ -276,6 +301,7 @@ class FromConfigTests(SynchronousTestCase):
                 "routing_tricks": False,
                 "allow_recipients": ["x%y@example.org"],
                 "alias_file": "aliases",
+                "sender_cache_ttl": 0,
             },
         )
         self.assertEqual(
@@ -283,6 +309,7 @@ class FromConfigTests(SynchronousTestCase):
             (False, False, None, False, 550),
         )
         self.assertEqual(built.ownAddresses, frozenset({"192.0.2.1"}))
+        self.assertIsNone(built.senderCache)
         assert built.aliases is not None
         self.assertIsNotNone(built.aliases.table.lookup(Address("a%b", "example.org")))
 

@@ -13,12 +13,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailfw.address import Address
 from mailfw.config import ComponentContext, ConfigError
 from mailfw.envelope import Envelope, Recipient, Session
-from mailfw.interfaces import IPolicy, IPolicyFactory
+from mailfw.interfaces import IPolicy, IPolicyFactory, ISharedState
 from mailfw.plugin import findPlugin
 from mailfw.policy import CONTINUE, Verdict
 from mailfw.policy._limits import (
@@ -223,6 +224,44 @@ class LimitsTests(SynchronousTestCase):
         for i in range(1000):
             self.answer(policy.checkSender(session(f"10.0.{i // 250}.{i % 250}"), None, {}))
         self.assertEqual(len(policy.rates), 100)
+
+    def test_sharedStoreAnsweringLater(self) -> None:
+        """
+        With a store that answers later (the queue's database), the verdict
+        waits for the count; a store that fails fails the call, for the
+        link's C{on_error}.
+        """
+        pending: list[Deferred[int]] = []
+
+        @implementer(ISharedState)
+        class Later:
+            def count(self, key: str, amount: int, window: float, now: float) -> Deferred[int]:
+                d: Deferred[int] = Deferred()
+                pending.append(d)
+                return d
+
+            def mark(self, key: str, lifetime: float, now: float) -> Deferred[float]:
+                raise NotImplementedError()
+
+            def forget(self, key: str) -> Deferred[None]:
+                raise NotImplementedError()
+
+        policy = self.make(messageRate=1)
+        policy.rates = Later()
+        s = session()
+        first = policy.checkSender(s, None, {})
+        assert isinstance(first, Deferred)
+        self.assertNoResult(first)
+        pending[0].callback(1)
+        self.assertEqual(self.successResultOf(first), CONTINUE)
+        second = policy.checkSender(s, None, {})
+        assert isinstance(second, Deferred)
+        pending[1].callback(2)
+        self.assertEqual(self.successResultOf(second).reply, MESSAGE_RATE)
+        third = policy.checkSender(s, None, {})
+        assert isinstance(third, Deferred)
+        pending[2].errback(OSError("database is locked"))
+        self.failureResultOf(third, OSError)
 
     def test_throughServer(self) -> None:
         """

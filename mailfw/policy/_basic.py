@@ -12,7 +12,8 @@ spending anything on a message.
     C{unknown_sender_code} (450 4.1.8 by default, as Postfix's
     C{unknown_address_reject_code}; 550 5.1.8 when set to 550); a null MX
     (RFC 7505) gets 550 5.7.27.  A DNS timeout or SERVFAIL is temporary:
-    451 4.4.3, never a refusal.
+    451 4.4.3, never a refusal.  Answers are kept for C{sender_cache_ttl}
+    seconds (failures are not), since most mail comes from few domains.
   - Routing tricks in a recipient's local part, from clients without relay
     rights: C{user%other@ours}, C{other!user@ours} and
     C{"user@other"@ours} get 550 5.1.3 (once, mail servers forwarded such
@@ -30,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailfw.address import Address
@@ -38,6 +40,7 @@ from mailfw.delivery._aliases import AliasSyntaxError, AliasTable, loadTable
 from mailfw.delivery._maildir import ThreadPoolRunner
 from mailfw.envelope import Envelope, Recipient, Session
 from mailfw.policy import CONTINUE, Policy, Verdict
+from mailfw.policy._cache import TTLCache
 from mailfw.reply import SMTPReply
 from mailfw.routing._mx import DNS_FAILURE, NO_MAIL_HOST, NO_SUCH_DOMAIN, NULL_MX, MXResolver
 
@@ -126,6 +129,9 @@ class BasicChecksPolicy(Policy):
         routingTricks: bool = True,
         allowRecipients: Sequence[str] = (),
         aliases: _AliasFile | None = None,
+        clock: IReactorTime | None = None,
+        senderCacheTTL: float = 300.0,
+        senderCacheSize: int = 10_000,
     ) -> None:
         self.name = name
         self.ownNames = frozenset(n.lower().rstrip(".") for n in ownNames)
@@ -140,6 +146,10 @@ class BasicChecksPolicy(Policy):
         self.routingTricks = routingTricks
         self.allowRecipients = frozenset(a.lower() for a in allowRecipients)
         self.aliases = aliases
+        self.senderCacheTTL = senderCacheTTL
+        self.senderCache: TTLCache[Verdict] | None = None
+        if clock is not None and senderCacheTTL > 0:
+            self.senderCache = TTLCache(clock, senderCacheSize)
 
     def checkHelo(self, session: Session, name: str) -> Verdict:
         if self.heloSyntax:
@@ -166,19 +176,29 @@ class BasicChecksPolicy(Policy):
     ) -> Verdict | Deferred[Verdict]:
         if self.resolver is None or sender is None or sender.domain.startswith("["):
             return CONTINUE
-        return self.resolver.resolveDomain(sender.domain).addCallback(self._judgeDomain, sender)
+        domain = sender.domain
+        if self.senderCache is not None:
+            cached = self.senderCache.get(domain)
+            if cached is not None:
+                return cached
+        return self.resolver.resolveDomain(domain).addCallback(self._judgeDomain, domain)
 
-    def _judgeDomain(self, resolution: object, sender: Address) -> Verdict:
+    def _judgeDomain(self, resolution: object, domain: str) -> Verdict:
         failure = getattr(resolution, "failure", None)
-        if failure is NO_SUCH_DOMAIN or failure is NO_MAIL_HOST:
-            return Verdict(self.unknownSender)
-        if failure is NULL_MX:
-            return Verdict(NULL_MX_SENDER)
         if failure is DNS_FAILURE:
+            # Temporary: not cached, the next message asks again.
             return Verdict(SENDER_DNS_FAILURE)
-        # Hosts found, or MX hosts without addresses (a broken zone its
-        # owner will fix; Postfix accepts these too).
-        return CONTINUE
+        if failure is NO_SUCH_DOMAIN or failure is NO_MAIL_HOST:
+            verdict = Verdict(self.unknownSender)
+        elif failure is NULL_MX:
+            verdict = Verdict(NULL_MX_SENDER)
+        else:
+            # Hosts found, or MX hosts without addresses (a broken zone its
+            # owner will fix; Postfix accepts these too).
+            verdict = CONTINUE
+        if self.senderCache is not None:
+            self.senderCache.put(domain, verdict, self.senderCacheTTL)
+        return verdict
 
     def checkRecipient(
         self, session: Session, envelope: Envelope, recipient: Recipient
@@ -258,6 +278,7 @@ def fromConfig(
     ownAddresses = section.strings("own_addresses", [])
     senderDomain = section.flag("sender_domain", True)
     unknownCode = section.integer("unknown_sender_code", 450)
+    senderCacheTTL = section.number("sender_cache_ttl", 300.0, minimum=0)
     routingTricks = section.flag("routing_tricks", True)
     allowRecipients = section.strings("allow_recipients", [])
     aliasFile = section.text("alias_file", None)
@@ -296,4 +317,6 @@ def fromConfig(
         routingTricks,
         allowRecipients,
         aliases,
+        context.reactor,
+        senderCacheTTL,
     )

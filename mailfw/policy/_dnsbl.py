@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,10 +45,11 @@ from twisted.python.failure import Failure
 from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.envelope import Session
 from mailfw.policy import CONTINUE, AuthResult, Policy, Verdict
+from mailfw.policy._cache import TTLCache
 from mailfw.policy._clients import Network, clientAddress, inNetworks, networks
 from mailfw.reply import SMTPReply
 
-__all__ = ["DNSBLPolicy", "Zone", "ZoneCache", "fromConfig", "queryName"]
+__all__ = ["DNSBLPolicy", "Zone", "fromConfig", "queryName"]
 
 _LOOPBACK_NET = ipaddress.ip_network("127.0.0.0/8")
 _REFUSED_NET = ipaddress.ip_network("127.255.255.0/24")
@@ -131,39 +131,6 @@ class Zone:
         return all(int(o) in allowed for o, allowed in zip(answer.split("."), self.pattern, strict=True))
 
 
-class ZoneCache:
-    """
-    DNS list answers by query name, each until its TTL ends; at most
-    C{size} names, the least recently used forgotten first.
-    """
-
-    def __init__(self, clock: IReactorTime, size: int) -> None:
-        self._clock = clock
-        self.size = size
-        self._entries: OrderedDict[str, tuple[float, tuple[str, ...]]] = OrderedDict()
-
-    def get(self, name: str) -> tuple[str, ...] | None:
-        entry = self._entries.get(name)
-        if entry is None:
-            return None
-        if entry[0] <= self._clock.seconds():
-            del self._entries[name]
-            return None
-        self._entries.move_to_end(name)
-        return entry[1]
-
-    def put(self, name: str, answers: tuple[str, ...], ttl: float) -> None:
-        if ttl <= 0:
-            return
-        self._entries[name] = (self._clock.seconds() + ttl, answers)
-        self._entries.move_to_end(name)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
 class _Unusable(Exception):
     """
     A lookup failed in a way that says nothing about the client.
@@ -198,7 +165,7 @@ class DNSBLPolicy(Policy):
         self.allowZones = tuple(allowZones)
         self.threshold = threshold
         self.exempt = tuple(exempt)
-        self.cache = ZoneCache(clock, cacheSize)
+        self.cache: TTLCache[tuple[str, ...]] = TTLCache(clock, cacheSize)
         self.maxCacheTTL = maxCacheTTL
         self.negativeTTL = negativeTTL
         # One retransmission: a lost UDP packet is not a failure.

@@ -29,7 +29,7 @@ soft_error_limit}/C{hard_error_limit} and the AUTH lockout handle those.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
@@ -151,8 +151,7 @@ class LimitsPolicy(Policy):
         self._admit(key, (client, network))
         if not settings.connectionRate:
             return CONTINUE
-        counted = self.rates.count(f"limits:conn:{client}", 1, settings.rateWindow, self.clock.seconds())
-        return counted.addCallback(self._connectionRate, key, session)
+        return self._count(f"limits:conn:{client}", lambda count: self._connectionRate(count, key, session))
 
     def _connectionRate(self, count: int, key: str, session: Session) -> Verdict:
         if count <= self.settings.connectionRate:
@@ -178,12 +177,21 @@ class LimitsPolicy(Policy):
         if inNetworks(session.peerHost, self.exempt):
             return CONTINUE
         client = self._client(session.peerHost)
-        counted = self.rates.count(
-            f"limits:{kind}:{client}", 1, self.settings.rateWindow, self.clock.seconds()
+        return self._count(
+            f"limits:{kind}:{client}",
+            lambda count: CONTINUE if count <= limit else self._refuse(reply, session, what),
         )
-        return counted.addCallback(
-            lambda count: CONTINUE if count <= limit else self._refuse(reply, session, what)
-        )
+
+    def _count(self, key: str, decide: Callable[[int], Verdict]) -> Verdict | Deferred[Verdict]:
+        """
+        Count one more for C{key} and C{decide} on the new count: at once
+        with the in-memory store, so that a message does not pay for
+        Deferreds it does not need; else when the shared store answers.
+        """
+        rates, window, now = self.rates, self.settings.rateWindow, self.clock.seconds()
+        if isinstance(rates, MemorySharedState):
+            return decide(rates.countNow(key, 1, window, now))
+        return rates.count(key, 1, window, now).addCallback(decide)
 
     def sessionEnded(self, session: Session) -> None:
         self._release(_sessionKey(session))
