@@ -17,7 +17,8 @@ Each policy gets the options in L{POLICY_OPTIONS}: its checks run for
 every message but refuse none (the limits are high, greylisting has no
 delay), since a refused message would end the run.
 
-Runs alternate between the two servers and are repeated; the table shows
+Runs alternate between the two servers (the order flips on every
+repetition) and are repeated; the table shows
 medians, and the last line the chain's cost in throughput against the
 issue's target (at most 25% at 100 sessions).  A policy named in
 C{--policies} but not installed is left out, and said so (C{--strict}
@@ -270,7 +271,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # Warm up: imports, the SQLite file, DNS caches.
                 measure(server, min(arguments.sessions, 10), 200, arguments.size, False, arguments.timeout)
             for attempt in range(arguments.repeat):
-                for name, server in servers.items():
+                # The order flips on every repetition: the machine's load
+                # changes, and neither server should always go first.
+                order = list(servers.items())
+                for name, server in order if attempt % 2 == 0 else reversed(order):
                     try:
                         run = measure(
                             server, arguments.sessions, messages, arguments.size, False, arguments.timeout
