@@ -108,9 +108,23 @@ class IIncomingMessage(Interface):
         spooled off the reactor thread.
         """
 
-    def commit() -> Deferred[str]:
+    def rewind() -> None:
+        """
+        Forget everything written so far, to write a replacement body (a
+        filter replaced it).
+        """
+
+    def commit(header: bytes = b"", envelope: Envelope | None = None, hold: bool = False) -> Deferred[str]:
         """
         Make the message and the state of each of its recipients durable.
+
+        @param header: stored above everything written: the session keeps
+            the header section until the end of data, so that the
+            end-of-data policies can still edit it.
+        @param envelope: replaces the envelope given to C{receive} (a
+            filter changed the sender or the recipients).
+        @param hold: store the recipients held for an operator
+            (quarantine) instead of ready.
 
         @return: fires with the queue ID only when the message would survive
             a crash; only then may the server answer 250.  Fails with
@@ -474,6 +488,36 @@ class IDeliveryAgent(Interface):
             outcome asks the queue to retry that recipient later; a 5xx
             outcome produces a bounce.  The L{Deferred} fails only for
             bugs, and the scheduler then defers every recipient.
+        """
+
+
+class IConnectionGate(Interface):
+    """
+    The connection limits of traffic shaping (C{[scheduler.destinations]}):
+    how often a delivery agent may open a connection for a destination,
+    and how many messages each connection may carry.
+    """
+
+    def connect(domain: str, host: str) -> Deferred[int | None]:
+        """
+        Wait for the turn to open a new connection to the mail host C{host}
+        for mail to C{domain}.
+
+        @return: fires when the connection may be opened, with the most
+            transactions it may carry (C{None}: no limit); never fails.
+        """
+
+
+class IConnectionShaping(Interface):
+    """
+    Optional for a delivery agent that opens connections itself (the SMTP
+    relay): the scheduler hands it the destinations' connection limits.
+    """
+
+    def shapeConnections(gate: IConnectionGate) -> None:
+        """
+        From now on ask C{gate} before each new connection, and send no
+        more transactions over one connection than it allows.
         """
 
 

@@ -8,7 +8,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailfw.envelope import Envelope, Recipient, Session
-from mailfw.policy import Policy, Verdict
+from mailfw.policy import CONTINUE, Policy, Verdict
 from mailfw.queued import Selector
 from mailfw.testing import connectedServer
 
@@ -24,7 +24,7 @@ class RejectNet(Policy):
     ) -> Verdict | Deferred[Verdict]:
         if recipient.address.domain == "example.net":
             return Verdict.reject(550, "5.7.1", "not here")
-        return super().checkRecipient(session, envelope, recipient)
+        return CONTINUE
 
 
 class ConnectedServerTests(SynchronousTestCase):

@@ -25,6 +25,10 @@ virtualAliasesAgent = LazyComponent(
     IDeliveryAgentFactory, "virtual-aliases", "mailfw.hosting._agent:fromConfig"
 )
 
+spfPolicy = LazyComponent(IPolicyFactory, "spf", "mailfw.policy._spf:fromConfig")
+dmarcPolicy = LazyComponent(IPolicyFactory, "dmarc", "mailfw.policy._dmarc:fromConfig")
+milterPolicy = LazyComponent(IPolicyFactory, "milter", "mailfw.policy._milter:fromConfig")
+policyServerPolicy = LazyComponent(IPolicyFactory, "policy-server", "mailfw.policy._policyserver:fromConfig")
 limitsPolicy = LazyComponent(IPolicyFactory, "limits", "mailfw.policy._limits:fromConfig")
 dnsblPolicy = LazyComponent(IPolicyFactory, "dnsbl", "mailfw.policy._dnsbl:fromConfig")
 greylistPolicy = LazyComponent(IPolicyFactory, "greylist", "mailfw.policy._greylist:fromConfig")
