@@ -11,7 +11,7 @@ Both servers are C{twistd mailfw} with the SQLite queue and a discarding
 delivery agent, loaded by Postfix's C{smtp-source} from 127.0.0.1 as in
 C{accept.py} (one connection per message, as between MTAs).  The policy
 server asks its DNS questions to a L{twisted.names} server on loopback
-(C{tests/integration/_dnsserver.py}, a subprocess) that serves the
+(C{tests/integration/_dns.py}, a subprocess) that serves the
 sender domain's MX, SPF and DMARC records; the DNSBL zone is empty.
 Each policy gets the options in L{POLICY_OPTIONS}: its checks run for
 every message but refuse none (the limits are high, greylisting has no
@@ -53,7 +53,7 @@ from accept import (
     treeTicks,
 )
 
-from tests.integration._dnsserver import LoopbackDNS
+from tests.integration._dns import dnsServer
 
 DEFAULT_POLICIES = ("limits", "spf", "dkim", "dmarc")
 
@@ -75,15 +75,11 @@ POLICY_OPTIONS: dict[str, dict[str, object]] = {
 
 # What the loopback DNS server answers: the sender domain (smtp-source
 # sends from sender@bench.test, HELO client.bench.test, from 127.0.0.1).
-ZONE = {
-    DOMAIN: [
-        ["MX", f"10 mx.{DOMAIN}", 3600],
-        ["A", "127.0.0.1", 3600],
-        ["TXT", "v=spf1 ip4:127.0.0.0/8 -all", 3600],
-    ],
-    f"mx.{DOMAIN}": [["A", "127.0.0.1", 3600]],
-    f"client.{DOMAIN}": [["A", "127.0.0.1", 3600], ["TXT", "v=spf1 ip4:127.0.0.0/8 -all", 3600]],
-    f"_dmarc.{DOMAIN}": [["TXT", "v=DMARC1; p=none", 3600]],
+ZONE: dict[str, list[list[object]]] = {
+    DOMAIN: [["MX", 10, f"mx.{DOMAIN}"], ["A", "127.0.0.1"], ["TXT", "v=spf1 ip4:127.0.0.0/8 -all"]],
+    f"mx.{DOMAIN}": [["A", "127.0.0.1"]],
+    f"client.{DOMAIN}": [["A", "127.0.0.1"], ["TXT", "v=spf1 ip4:127.0.0.0/8 -all"]],
+    f"_dmarc.{DOMAIN}": [["TXT", "v=DMARC1; p=none"]],
 }
 
 CONFIG = """\
@@ -262,11 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="mailfw-bench-dns-"))
     runs: list[Run] = []
     failed = False
-    with LoopbackDNS(scratch, ZONE) as dns:
+    with dnsServer(ZONE, scratch) as dnsPort:
         servers: dict[str, ConfiguredMailfw] = {}
         try:
             servers["none"] = ConfiguredMailfw("none", configFor((), None), freePort())
-            servers["chain"] = ConfiguredMailfw("chain", configFor(chain, dns.nameserver), freePort())
+            servers["chain"] = ConfiguredMailfw("chain", configFor(chain, f"127.0.0.1:{dnsPort}"), freePort())
             for server in servers.values():
                 # Warm up: imports, the SQLite file, DNS caches.
                 measure(server, min(arguments.sessions, 10), 200, arguments.size, False, arguments.timeout)
