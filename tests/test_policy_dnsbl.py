@@ -175,12 +175,18 @@ class DNSBLPolicyTests(SynchronousTestCase):
     def test_refusedQueryIsNoListing(self) -> None:
         """
         Spamhaus's "query refused" answers (127.255.255.254: public
-        resolver) are not a listing, and are logged as a warning.
+        resolver) are not a listing, and are logged as a warning, once an
+        hour per zone.
         """
-        p = policy(ZoneResolver(listed("bl.example", "127.255.255.254")))
+        clock = Clock()
+        p = policy(ZoneResolver(listed("bl.example", "127.255.255.254")), clock)
         with capturedLogs() as events:
             self.assertEqual(verdictOf(p), CONTINUE)
-        self.assertTrue(any("refused the query" in e.get("log_format", "") for e in events))
+            self.assertEqual(verdictOf(p), CONTINUE)
+            clock.advance(3600)
+            self.assertEqual(verdictOf(p), CONTINUE)
+        warnings = [e for e in events if "refused the query" in e.get("log_format", "")]
+        self.assertEqual(len(warnings), 2, "expected one warning per zone and hour")
 
     def test_dnsFailureIsNoListing(self) -> None:
         """

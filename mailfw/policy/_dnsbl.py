@@ -17,7 +17,8 @@ Decisions worth knowing:
     the zone's pattern, if one is given (C{zen.spamhaus.org=127.0.0.[2..11]}).
     127.255.255.x is never a listing: Spamhaus and others answer that when
     they refuse the query (a public resolver, too many queries); it is
-    logged as a warning, because every client then looks unlisted.
+    logged as a warning (once an hour per zone), because every client
+    then looks unlisted.
   - A DNS timeout, SERVFAIL or any other failure of a zone is a temporary
     result: that zone counts as not listing the client (logged), never as a
     listing, and is not cached.
@@ -53,6 +54,7 @@ __all__ = ["DNSBLPolicy", "Zone", "fromConfig", "queryName"]
 
 _LOOPBACK_NET = ipaddress.ip_network("127.0.0.0/8")
 _REFUSED_NET = ipaddress.ip_network("127.255.255.0/24")
+_WARN_INTERVAL = 3600.0
 _OCTETS = re.compile(r"\[[^\]]*\]|[^.\[]+")
 _OCTET = re.compile(r"^(?:(\d{1,3})|\[(\d{1,3})\.\.(\d{1,3})\]|\[(\d{1,3}(?:;\d{1,3})*)\])$")
 
@@ -168,6 +170,9 @@ class DNSBLPolicy(Policy):
         self.cache: TTLCache[tuple[str, ...]] = TTLCache(clock, cacheSize)
         self.maxCacheTTL = maxCacheTTL
         self.negativeTTL = negativeTTL
+        self._clock = clock
+        # Zone -> when its refused queries were last logged (once an hour).
+        self._warned: dict[str, float] = {}
         # One retransmission: a lost UDP packet is not a failure.
         self._timeout = (1, max(1, int(dnsTimeout) - 1)) if dnsTimeout > 1 else (1,)
 
@@ -199,13 +204,9 @@ class DNSBLPolicy(Policy):
                 )
                 continue
             counted = [a for a in result if zone.counts(a)]
-            for refused in (a for a in result if ipaddress.IPv4Address(a) in _REFUSED_NET):
-                self.log.warn(
-                    "dnsbl {policy}: {zone} refused the query ({answer}): every client looks unlisted",
-                    policy=self.name,
-                    zone=zone.name,
-                    answer=refused,
-                )
+            refused = [a for a in result if ipaddress.IPv4Address(a) in _REFUSED_NET]
+            if refused:
+                self._refusedQuery(zone, refused[0])
             if counted and index < len(self.allowZones):
                 allowed = allowed or (zone, counted[0])
             elif counted:
@@ -228,6 +229,20 @@ class DNSBLPolicy(Policy):
         )
         return Verdict(
             SMTPReply(554, "5.7.1", f"Service unavailable; client [{session.peerHost}] blocked using {names}")
+        )
+
+    def _refusedQuery(self, zone: Zone, answer: str) -> None:
+        # Logged once an hour per zone: with a public resolver every query
+        # is refused, and a line per connection would flood the log.
+        now = self._clock.seconds()
+        if now - self._warned.get(zone.name, -_WARN_INTERVAL) < _WARN_INTERVAL:
+            return
+        self._warned[zone.name] = now
+        self.log.warn(
+            "dnsbl {policy}: {zone} refused the query ({answer}): every client looks unlisted",
+            policy=self.name,
+            zone=zone.name,
+            answer=answer,
         )
 
     def _answers(self, name: str, zone: Zone) -> Deferred[tuple[str, ...]]:
