@@ -29,3 +29,7 @@ spfPolicy = LazyComponent(IPolicyFactory, "spf", "mailfw.policy._spf:fromConfig"
 dmarcPolicy = LazyComponent(IPolicyFactory, "dmarc", "mailfw.policy._dmarc:fromConfig")
 milterPolicy = LazyComponent(IPolicyFactory, "milter", "mailfw.policy._milter:fromConfig")
 policyServerPolicy = LazyComponent(IPolicyFactory, "policy-server", "mailfw.policy._policyserver:fromConfig")
+limitsPolicy = LazyComponent(IPolicyFactory, "limits", "mailfw.policy._limits:fromConfig")
+dnsblPolicy = LazyComponent(IPolicyFactory, "dnsbl", "mailfw.policy._dnsbl:fromConfig")
+greylistPolicy = LazyComponent(IPolicyFactory, "greylist", "mailfw.policy._greylist:fromConfig")
+basicChecksPolicy = LazyComponent(IPolicyFactory, "basic-checks", "mailfw.policy._basic:fromConfig")
