@@ -195,6 +195,8 @@ class MailTransactions:
         extra = self._owner.mailParameters
         if settings.auth is not None:
             extra = extra | {"AUTH"}
+        if session.tls:
+            extra = extra | {"REQUIRETLS"}
         parsed = parseMailFrom(argument, esmtp=session.esmtp, extraParameters=extra)
         if isinstance(parsed, SMTPReply):
             replies.respond(parsed)
@@ -348,6 +350,7 @@ class MailTransactions:
             peerHost=session.peerHost,
             authenticated=session.authenticated,
             arrival=self._settings.clock.seconds(),
+            requireTLS=mail.requireTLS,
         )
 
     # --- the message --------------------------------------------------------------
