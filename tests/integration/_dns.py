@@ -26,7 +26,7 @@ class TLSARecord(dns.UnknownRecord):
     A TLSA record (type 52) that the authority below can serve.
     """
 
-    TYPE = 52
+    TYPE = 52  # type: ignore[assignment]
 
     @classmethod
     def make(cls, usage: int, selector: int, matching: int, data: bytes) -> TLSARecord:
@@ -58,8 +58,15 @@ class ADServerFactory(server.DNSServerFactory):
 
     authenticated = True
 
-    def _responseFromMessage(self, message: Any, rCode: int = dns.OK, **kw: Any) -> Any:
-        response = super()._responseFromMessage(message, rCode, **kw)
+    def _responseFromMessage(
+        self,
+        message: Any,
+        rCode: Any = dns.OK,
+        answers: Any = None,
+        authority: Any = None,
+        additional: Any = None,
+    ) -> Any:
+        response = super()._responseFromMessage(message, rCode, answers, authority, additional)
         response.authenticData = self.authenticated
         return response
 
@@ -122,7 +129,7 @@ def main(argv: list[str]) -> None:
     zone = zoneFromJSON(json.loads(Path(argv[0]).read_text()))
     port, _factory, _stop = startDNS(reactor, zone, "--ad" in argv)
     Path(argv[1]).write_text(str(port))
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 if __name__ == "__main__":
