@@ -353,3 +353,33 @@ class TLSReportTests(SynchronousTestCase):
         self.assertEqual(parseTLSRPTRecord(["v=spf1"]), [])
         report = reportJSON("2026-01-01", "example.net", {("tlsa", "success"): 3}, "mx.example.org", "pm")
         self.assertEqual(report["date-range"]["start-datetime"], "2026-01-01T00:00:00Z")
+
+    def test_daily(self) -> None:
+        """
+        After the first count, the previous day's reports go out five
+        minutes after midnight UTC, and again every day; from the null
+        sender.
+        """
+        from mailfw.outbound._tlsrpt import DailyReports
+        from mailfw.queue._memory import MemoryQueue
+
+        clock = Clock()
+        clock.advance(86400 * 10 + 3600)
+        results = TLSResults(MemorySharedState(), clock)
+        queue = MemoryQueue(clock)
+        txt = {"_smtp._tls.example.net": ["v=TLSRPTv1; rua=mailto:tlsrpt@example.net"]}
+        daily = DailyReports(
+            TLSReporter(results, queue, lambda name: succeed(txt[name]), "mx.example.org"), clock
+        )
+        results.record("example.net", "tlsa", None)
+        daily.ensureStarted()
+        daily.ensureStarted()
+        clock.advance(86400 - 3600 + 299)
+        self.assertEqual(queue.queueIDs(), [])
+        clock.advance(1)
+        [queueID] = queue.queueIDs()
+        self.assertIsNone(queue.envelope(queueID).sender)
+        self.assertIn(b"1970-01-11", queue.body(queueID))
+        results.record("example.net", "tlsa", "validation-failure")
+        clock.advance(86400)
+        self.assertEqual(len(queue.queueIDs()), 2)

@@ -57,7 +57,7 @@ from mailfw.envelope import Envelope, RecipientOutcome
 from mailfw.interfaces import IDeliveryAgent, IMessageBody
 from mailfw.outbound._dane import verifyDANE
 from mailfw.outbound._policy import POLICY_LEVELS, REQUIRETLS_FAILED, HostTLS, TLSPolicy, TLSPolicyResolver
-from mailfw.outbound._tlsrpt import TLSResults
+from mailfw.outbound._tlsrpt import DailyReports, TLSReporter, TLSResults
 from mailfw.queue._produce import ThreadRunner
 from mailfw.reply import SMTPReply
 from mailfw.routing._mx import MailHost, MXResolver, Resolution
@@ -114,6 +114,8 @@ class SMTPRelayAgent:
         C{TLS-Required: No}) off the reactor thread.
     @ivar tlsResults: where TLS successes and failures are counted for
         TLS reporting (RFC 8460), or C{None}.
+    @ivar tlsReports: mails the daily reports (started by the first
+        count), or C{None}.
     """
 
     log = Logger()
@@ -132,8 +134,10 @@ class SMTPRelayAgent:
         tlsPolicy: TLSPolicyResolver | None = None,
         runInThread: ThreadRunner | None = None,
         tlsResults: TLSResults | None = None,
+        tlsReports: DailyReports | None = None,
     ) -> None:
         self.name = name
+        self.tlsReports = tlsReports
         self.tlsPolicy = tlsPolicy
         self.runInThread = runInThread
         self.tlsResults = tlsResults
@@ -457,6 +461,8 @@ class SMTPRelayAgent:
         if self.tlsResults is None or nexthop.startswith("["):
             return
         self.tlsResults.record(nexthop, host.policyType, failure)
+        if self.tlsReports is not None:
+            self.tlsReports.ensureStarted()
 
     def _relayed(
         self,
@@ -575,7 +581,8 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
     C{may}), C{none}, C{may}, C{encrypt}, C{verify}, C{dane}, C{mta-sts}),
     C{tls_policy} (a table of next hop to one of those levels),
     C{mta_sts} (default true), C{mta_sts_cache} (default C{"mta-sts"},
-    under the data directory), C{ca_file} (PEM
+    under the data directory), C{tls_reports} (default true: mail daily
+    RFC 8460 reports to domains that ask for them), C{ca_file} (PEM
     bundle for C{verify}; default the platform's), C{helo} (default the
     server's host name), C{auth_user} and C{auth_password} (for a smart
     host; sent only over TLS), C{source_address}, C{max_addresses}
@@ -608,6 +615,7 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
         table[hop] = value
     useSTS = section.flag("mta_sts", True)
     stsCache = section.text("mta_sts_cache", "mta-sts")
+    tlsReports = section.flag("tls_reports", True)
     caFile = section.text("ca_file", None)
     helo = section.text("helo", context.hostname)
     if not helo or not helo.isascii() or any(c.isspace() for c in helo):
@@ -650,6 +658,13 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
     )
     resolver = MXResolver(context.resolver(), families=families, maxAddresses=maxAddresses)
     runInThread = ThreadPoolRunner(context.reactor, f"mailfw-relay-{instanceName}", 2)
+    results = TLSResults(sharedStateFor(context.queue), context.reactor)
+    reports = None
+    if tlsReports and context.queue is not None:
+        from mailfw.outbound._mtasts import txtLookup
+
+        reporter = TLSReporter(results, context.queue, txtLookup(context.resolver()), context.hostname)
+        reports = DailyReports(reporter, context.reactor)
     return SMTPRelayAgent(
         instanceName,
         context.reactor,
@@ -660,7 +675,8 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
         cacheTime,
         tlsPolicy=policyResolver(context, level, table, useSTS, stsCache, runInThread),
         runInThread=runInThread,
-        tlsResults=TLSResults(sharedStateFor(context.queue), context.reactor),
+        tlsResults=results,
+        tlsReports=reports,
     )
 
 

@@ -24,6 +24,7 @@ from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -32,7 +33,7 @@ from mailfw.envelope import Envelope, Recipient
 from mailfw.interfaces import IMessageQueue, ISharedState
 from mailfw.outbound._mtasts import TXTLookup
 
-__all__ = ["TLSReporter", "TLSResults", "parseTLSRPTRecord"]
+__all__ = ["DailyReports", "TLSReporter", "TLSResults", "parseTLSRPTRecord"]
 
 _WINDOW = 3 * 86400.0
 
@@ -142,6 +143,9 @@ def reportJSON(
 class TLSReporter:
     """
     Sends the day's reports by mail through the queue.
+
+    @ivar sender: the envelope sender; C{None} (the default) for the null
+        reverse-path, so that an undeliverable report does not bounce.
     """
 
     log = Logger()
@@ -152,7 +156,7 @@ class TLSReporter:
         queue: IMessageQueue,
         lookupTXT: TXTLookup,
         hostname: str,
-        sender: Address,
+        sender: Address | None = None,
     ) -> None:
         self.results = results
         self.queue = queue
@@ -198,7 +202,7 @@ class TLSReporter:
 
     def _message(self, day: str, domain: str, report: dict[str, Any], recipients: list[Recipient]) -> bytes:
         message = EmailMessage()
-        message["From"] = str(self.sender)
+        message["From"] = f"TLS reports <postmaster@{self.hostname}>"
         message["To"] = ", ".join(str(r.address) for r in recipients)
         message["Subject"] = (
             f"Report Domain: {domain} Submitter: {self.hostname} Report-ID: <{report['report-id']}>"
@@ -217,3 +221,39 @@ class TLSReporter:
         message.set_type("multipart/report")
         message.set_param("report-type", "tlsrpt")
         return message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+
+
+class DailyReports:
+    """
+    Sends yesterday's reports a few minutes after each midnight (UTC).
+
+    Started by the first recorded result rather than by a service, so an
+    agent that never relays never schedules anything; the timer is a
+    plain C{callLater} on the agent's clock.
+    """
+
+    log = Logger()
+    delay = 300.0
+
+    def __init__(self, reporter: TLSReporter, clock: IReactorTime) -> None:
+        self.reporter = reporter
+        self.clock = clock
+        self._timer: Any = None
+
+    def ensureStarted(self) -> None:
+        if self._timer is None:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        now = self.clock.seconds()
+        nextMidnight = (int(now) // 86400 + 1) * 86400
+        self._timer = self.clock.callLater(nextMidnight + self.delay - now, self._fire)
+
+    def _fire(self) -> None:
+        day = _day(self.clock.seconds() - 86400)
+
+        def failed(failure: Any) -> None:
+            self.log.failure("Sending the TLS reports for {day} failed", failure, day=day)
+
+        Deferred.fromCoroutine(self.reporter.sendReports(day)).addErrback(failed)
+        self._schedule()
