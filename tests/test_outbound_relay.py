@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
@@ -199,6 +199,36 @@ class PolicyRelayTests(SynchronousTestCase):
         [outcome] = deliver(agent, network, envelope())
         self.assertTrue(outcome.reply.isTransient)
         self.assertEqual(network.messages.get("192.0.2.1", []), [])
+
+    def test_mtaSTSTestingOnlyLogs(self) -> None:
+        """
+        Under a C{testing} policy a certificate that C{enforce} would
+        refuse (here: none at all) is logged and counted for TLS
+        reporting, and the message is delivered.
+        """
+        from cryptography.x509.verification import Store
+        from twisted.logger import ILogObserver, globalLogPublisher
+
+        from tests._certs import makeCA
+
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        results = TLSResults(MemorySharedState(), Clock())
+        policy = STSPolicy("testing", ("mx1.example.net", "mx2.example.net"), 86400, "one")
+        agent, network = makeAgent(
+            {"192.0.2.1": TLS_REQUIRETLS},
+            sts={"example.net": policy},
+            tlsResults=results,
+            pkixStore=Store([makeCA().certificate]),
+        )
+        [outcome] = deliver(agent, network, envelope())
+        self.assertEqual(outcome.reply.code, 250)
+        warned = [e for e in events if "would be refused under enforce" in e.get("log_format", "")]
+        self.assertEqual([e["host"] for e in warned], ["mx1.example.net"])
+        counts = self.successResultOf(Deferred.fromCoroutine(results.counts("1970-01-01", "example.net")))
+        self.assertEqual(counts, {("sts", "validation-failure"): 1})
 
     def test_optOutHeader(self) -> None:
         """

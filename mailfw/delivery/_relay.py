@@ -56,6 +56,7 @@ from mailfw.delivery._maildir import ThreadPoolRunner
 from mailfw.envelope import Envelope, RecipientOutcome
 from mailfw.interfaces import IDeliveryAgent, IMessageBody
 from mailfw.outbound._dane import verifyDANE
+from mailfw.outbound._mtasts import loadTrustStore, pkixProblem
 from mailfw.outbound._policy import POLICY_LEVELS, REQUIRETLS_FAILED, HostTLS, TLSPolicy, TLSPolicyResolver
 from mailfw.outbound._tlsrpt import DailyReports, TLSReporter, TLSResults
 from mailfw.queue._produce import ThreadRunner
@@ -116,6 +117,9 @@ class SMTPRelayAgent:
         TLS reporting (RFC 8460), or C{None}.
     @ivar tlsReports: mails the daily reports (started by the first
         count), or C{None}.
+    @ivar pkixStore: CA certificates (a C{cryptography} C{Store}) to check
+        peers under MTA-STS C{testing} policies, only to log; C{None}: no
+        such check.
     """
 
     log = Logger()
@@ -135,8 +139,10 @@ class SMTPRelayAgent:
         runInThread: ThreadRunner | None = None,
         tlsResults: TLSResults | None = None,
         tlsReports: DailyReports | None = None,
+        pkixStore: Any = None,
     ) -> None:
         self.name = name
+        self.pkixStore = pkixStore
         self.tlsReports = tlsReports
         self.tlsPolicy = tlsPolicy
         self.runInThread = runInThread
@@ -308,7 +314,8 @@ class SMTPRelayAgent:
                     self._recordTLS(nexthop, hostTLS, "validation-failure")
                 lastReply, lastHost = hostTLS.refusal, host.name
                 continue
-            options = self._optionsFor(hostTLS)
+            testing: list[str] = []
+            options = self._optionsFor(hostTLS, testing)
             useTLS = True
             for _attempt in range(2):
                 client = SMTPClient(options, self.clock, host.name, host.address, useTLS)
@@ -338,7 +345,7 @@ class SMTPRelayAgent:
                         lastReply = REQUIRETLS_FAILED
                         break
                     if client.tls:
-                        self._recordTLS(nexthop, hostTLS, None)
+                        self._recordTLS(nexthop, hostTLS, "validation-failure" if testing else None)
                     replies: list[SMTPReply] = yield client.transaction(envelope, body)
                 except TLSFailure as f:
                     lastReply = f.reply
@@ -422,18 +429,38 @@ class SMTPRelayAgent:
                 policy = await self.tlsPolicy.policyFor(nexthop, resolution.hosts, port, False, True)
         return policy
 
-    def _optionsFor(self, host: HostTLS) -> ClientOptions:
+    def _optionsFor(self, host: HostTLS, testing: list[str]) -> ClientOptions:
         """
         The client options for one host under its TLS requirement.
+
+        @param testing: under an MTA-STS C{testing} policy, what C{enforce}
+            would have refused about the peer's certificate is appended
+            here (and logged), and the delivery goes on.
         """
-        if host.level == self.options.tls and not host.tlsa:
+        if host.level == self.options.tls and not host.tlsa and host.policyType != "sts":
             return self.options
-        peerCheck = None
+        peerCheck: Callable[[list[Any]], str | None] | None = None
+        clock = self.clock
         if host.level == "dane":
-            records, names, clock = host.tlsa, host.names, self.clock
+            records, names = host.tlsa, host.names
 
             def peerCheck(chain: list[Any]) -> str | None:
                 return verifyDANE(records, chain, names, clock.seconds())
+
+        elif host.policyType == "sts" and not host.verified and self.pkixStore is not None:
+            store, name = self.pkixStore, host.names[0]
+
+            def peerCheck(chain: list[Any]) -> str | None:
+                problem = pkixProblem(chain, name, clock.seconds(), store)
+                if problem is not None:
+                    self.log.warn(
+                        "MTA-STS (testing): {host} would be refused under enforce: {why}",
+                        agent=self.name,
+                        host=name,
+                        why=problem,
+                    )
+                    testing.append(problem)
+                return None
 
         return replace(self.options, tls=host.level, peerCheck=peerCheck)
 
@@ -677,6 +704,7 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
         runInThread=runInThread,
         tlsResults=results,
         tlsReports=reports,
+        pkixStore=loadTrustStore(caFile) if useSTS else None,
     )
 
 

@@ -489,3 +489,52 @@ def _applies(policy: STSPolicy | None) -> STSPolicy | None:
     if policy is None or policy.mode == "none":
         return None
     return policy
+
+
+def loadTrustStore(caFile: str | None = None) -> Any:
+    """
+    The CA certificates that MTA-STS C{testing} mode checks certificates
+    against (only to log what C{enforce} would refuse): C{caFile}, else
+    the system's bundle.  C{None} when none can be read.  Blocking: for
+    start-up.
+    """
+    import ssl
+
+    from cryptography import x509
+    from cryptography.x509.verification import Store
+
+    paths = (
+        [caFile] if caFile else [ssl.get_default_verify_paths().cafile, "/etc/ssl/certs/ca-certificates.crt"]
+    )
+    for path in paths:
+        if not path:
+            continue
+        try:
+            with open(path, "rb") as f:
+                certificates = x509.load_pem_x509_certificates(f.read())
+        except (OSError, ValueError):
+            continue
+        if certificates:
+            return Store(certificates)
+    return None
+
+
+def pkixProblem(chain: Sequence[Any], name: str, now: float, store: Any) -> str | None:
+    """
+    Why the chain (the peer's certificate first) is not valid for C{name}
+    under the web PKI, or C{None} when it is.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.x509.verification import PolicyBuilder, VerificationError
+
+    if not chain:
+        return "the server presented no certificate"
+    when = datetime.datetime.fromtimestamp(now, datetime.UTC)
+    try:
+        verifier = PolicyBuilder().store(store).time(when).build_server_verifier(x509.DNSName(name))
+        verifier.verify(chain[0], list(chain[1:]))
+    except (VerificationError, ValueError) as e:
+        return f"certificate not valid for {name}: {e}"[:300]
+    return None

@@ -172,13 +172,15 @@ def ca() -> Issued:
     return makeCA()
 
 
-def stsSetup(tmp: Path, ca: Issued, mxName: str) -> tuple[Any, Any, int, Any, PolicyFile]:
+def stsSetup(
+    tmp: Path, ca: Issued, mxName: str, mode: str = "enforce"
+) -> tuple[Any, Any, int, Any, PolicyFile]:
     """
     An HTTPS policy server for C{sts.test} (certificate from C{ca}), a
     STARTTLS peer whose certificate is for C{mxName}, and DNS.
     """
     web = issue(ca, "mta-sts.sts.test")
-    policy = PolicyFile(b"version: STSv1\r\nmode: enforce\r\nmx: mx.sts.test\r\nmax_age: 86400\r\n")
+    policy = PolicyFile(f"version: STSv1\r\nmode: {mode}\r\nmx: mx.sts.test\r\nmax_age: 86400\r\n".encode())
     options = ssl.CertificateOptions(privateKey=web.key, certificate=web.certificate)  # type: ignore[arg-type]
     https = reactor.listenSSL(0, server.Site(policy), options, interface="127.0.0.1")
     factory, listening = startTLSPeer(issue(ca, mxName).write(tmp, "mx"))
@@ -227,6 +229,27 @@ async def test_mtaSTSEnforceMismatchDefers(tmp_path: Path, ca: Issued) -> None:
         assert warnings and "MTA-STS enforce" in warnings[0]["tlsPolicy"], warnings
         assert "mismatch" in warnings[0]["text"].lower(), warnings  # the name check failed
         assert (tmp_path / "mta-sts" / "sts.test.json").exists()
+    finally:
+        stop()
+        await listening.stopListening()
+        await https.stopListening()
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_mtaSTSTestingLogsOnly(tmp_path: Path, ca: Issued) -> None:
+    """
+    The same mismatch under a C{testing} policy: delivered, and the log
+    says what C{enforce} would have refused.
+    """
+    https, (factory, listening), dnsPort, stop, _policy = stsSetup(tmp_path, ca, "wrong.test", "testing")
+    try:
+        agent = stsAgent(tmp_path, ca, dnsPort, listening.getHost().port, https.getHost().port)
+        with LogCapture() as logs:
+            [outcome] = await deliver(agent, envelope("sam@sts.test"))
+        assert outcome.reply.code == 250, outcome
+        assert [tls for tls, _ in factory.messages] == [True]
+        why = [str(e.get("why")) for e in logs.events if "would be refused" in str(e.get("log_format"))]
+        assert why and "mx.sts.test" in why[0], why
     finally:
         stop()
         await listening.stopListening()
