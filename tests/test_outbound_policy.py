@@ -5,6 +5,7 @@ REQUIRETLS, with an in-memory validating resolver and MTA-STS source.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -187,3 +188,48 @@ class PolicyTests(SynchronousTestCase):
         self.assertEqual(self.resolve(table={"example.net": "none"}, optOut=True).level, "none")
         both = self.resolve(sts={"example.net": ENFORCE}, optOut=True, requireTLS=True)
         self.assertEqual(both.source, "mta-sts")
+
+
+class ConfigTests(SynchronousTestCase):
+    def load(self, text: str) -> Any:
+        from mailfw.config import loadConfig
+
+        path = Path(self.mktemp())
+        path.write_text(text)
+        return loadConfig(str(path))
+
+    def test_dnssec(self) -> None:
+        """
+        C{[dns] dnssec = "trust-ad"} reaches the components' context; it
+        needs the (local validating) name servers named.
+        """
+        from mailfw.config import ConfigError
+
+        config = self.load('[dns]\nnameservers = ["127.0.0.1"]\ndnssec = "trust-ad"\n')
+        self.assertEqual(config.context(None).dnssec, "trust-ad")
+        self.assertEqual(self.load("").context(None).dnssec, "off")
+        with self.assertRaises(ConfigError) as raised:
+            self.load('[dns]\ndnssec = "trust-ad"\n')
+        self.assertIn("needs nameservers", str(raised.exception))
+        self.assertRaises(ConfigError, self.load, '[dns]\ndnssec = "yes"\n')
+
+    def test_relayOptions(self) -> None:
+        """
+        The agent's C{tls} defaults to C{auto}; C{tls_policy} entries are
+        checked (next hop syntax, level) and reach the resolver.
+        """
+        from mailfw.config import ComponentContext, ConfigError
+        from mailfw.delivery._relay import fromConfig
+
+        context = ComponentContext(
+            Clock(), "relay.example", Path(self.mktemp()), nameservers=(("127.0.0.1", 53),)
+        )
+        agent = fromConfig(context, "out", {"plugin": "smtp-relay", "tls_policy": {"Example.NET": "dane"}})
+        assert agent.tlsPolicy is not None
+        self.assertEqual(agent.tlsPolicy.level, "auto")
+        self.assertEqual(agent.tlsPolicy.table, {"example.net": "dane"})
+        self.assertIsNone(agent.tlsPolicy.dnssec)
+        for bad in ({"example.net": "strict"}, {"[bad": "may"}):
+            self.assertRaises(
+                ConfigError, fromConfig, context, "out", {"plugin": "smtp-relay", "tls_policy": bad}
+            )

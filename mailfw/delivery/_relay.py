@@ -163,14 +163,12 @@ class SMTPRelayAgent:
         key = (address, port)
         idle = self._idle.get(key, [])
         found = None
-        while idle and found is None:
-            entry = idle.pop()
-            if entry.tls != tls:
-                idle.insert(0, entry)
-                break
+        for entry in reversed([e for e in idle if e.tls == tls]):
+            idle.remove(entry)
             entry.expiry.cancel()
             if entry.client.connected:
                 found = entry
+                break
         if not idle:
             # Hosts come and go: no empty entry is kept for each one seen.
             self._idle.pop(key, None)

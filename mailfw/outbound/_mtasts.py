@@ -491,14 +491,24 @@ def _applies(policy: STSPolicy | None) -> STSPolicy | None:
     return policy
 
 
+_stores: dict[str | None, Any] = {}
+
+
 def loadTrustStore(caFile: str | None = None) -> Any:
     """
     The CA certificates that MTA-STS C{testing} mode checks certificates
     against (only to log what C{enforce} would refuse): C{caFile}, else
-    the system's bundle.  C{None} when none can be read.  Blocking: for
-    start-up.
+    the system's bundle; read once per process.  C{None} when none can
+    be read.  Blocking: for start-up.
     """
+    if caFile not in _stores:
+        _stores[caFile] = _readStore(caFile)
+    return _stores[caFile]
+
+
+def _readStore(caFile: str | None) -> Any:
     import ssl
+    import warnings
 
     from cryptography import x509
     from cryptography.x509.verification import Store
@@ -510,7 +520,10 @@ def loadTrustStore(caFile: str | None = None) -> Any:
         if not path:
             continue
         try:
-            with open(path, "rb") as f:
+            with open(path, "rb") as f, warnings.catch_warnings():
+                # Old roots in system bundles have serial numbers that
+                # newer cryptography releases warn about.
+                warnings.simplefilter("ignore")
                 certificates = x509.load_pem_x509_certificates(f.read())
         except (OSError, ValueError):
             continue
