@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from typing import Any, cast
 
 from cryptography.hazmat.primitives import serialization
@@ -413,3 +414,29 @@ class TLSReportTests(SynchronousTestCase):
         results.record("example.net", "tlsa", "validation-failure")
         clock.advance(86400)
         self.assertEqual(len(queue.queueIDs()), 2)
+
+
+class ServerTests(SynchronousTestCase):
+    def test_offeredOnlyOverTLS(self) -> None:
+        """
+        Over TLS (port 465's implicit TLS here) EHLO offers REQUIRETLS and
+        a MAIL with it is taken and the flag queued; in plaintext it is
+        neither offered nor accepted.
+        """
+        from mailfw.testing import connectedServer
+
+        plain = connectedServer("smtp")
+        plain.send(b"EHLO client.example\r\n")
+        self.assertNotIn(b"REQUIRETLS", plain.transport.value())
+        plain.send(b"MAIL FROM:<a@example.net> REQUIRETLS\r\n")
+        self.assertEqual(plain.replies()[-1], b"555 5.5.4 Unsupported parameter REQUIRETLS")
+
+        tls = connectedServer("smtp")
+        tls.protocol.session = replace(tls.protocol.session, tls=True)
+        tls.send(b"EHLO client.example\r\n")
+        self.assertIn(b"REQUIRETLS", tls.replies()[-1])
+        tls.send(b"MAIL FROM:<a@example.net> REQUIRETLS\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+        tls.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        self.assertEqual(tls.codes()[-4:], [250, 250, 354, 250])
+        [queueID] = tls.queue.queueIDs()  # type: ignore[attr-defined]
+        self.assertTrue(tls.queue.envelope(queueID).requireTLS)  # type: ignore[attr-defined]
