@@ -7,12 +7,23 @@ from __future__ import annotations
 
 import hashlib
 import time
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
+from twisted.internet.task import Clock
 from twisted.names import dns
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailfw.outbound._dane import TLSA, SecureAnswer, parseTLSA, tlsaRecords, verifyDANE
+from mailfw.outbound._dane import (
+    TLSA,
+    TLSA_TYPE,
+    DNSFailure,
+    DNSSECResolver,
+    SecureAnswer,
+    parseTLSA,
+    tlsaRecords,
+    verifyDANE,
+)
 from tests._certs import issue, makeCA, selfSigned
 
 
@@ -137,3 +148,122 @@ class MatchTests(SynchronousTestCase):
         anchor = TLSA(2, 1, 1, hashlib.sha256(spki(ca.certificate)).digest())
         later = time.time() + 365 * 86400
         self.assertIsNotNone(verifyDANE([anchor], [leaf, ca.certificate], ["mx.example.net"], later))
+
+
+class _UDPPort:
+    def __init__(self, reactor: FakeUDPReactor, protocol: Any) -> None:
+        self.reactor = reactor
+        self.protocol = protocol
+        self.open = True
+
+    def write(self, data: bytes, address: tuple[str, int]) -> None:
+        self.reactor.sent.append((self.protocol, data, address))
+
+    def stopListening(self) -> None:
+        self.open = False
+
+
+class FakeUDPReactor(Clock):
+    """
+    A clock that can also "listen" on UDP: what is written is kept, and
+    the test answers by calling the protocol.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[Any, bytes, tuple[str, int]]] = []
+        self.ports: list[_UDPPort] = []
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> _UDPPort:
+        udp = _UDPPort(self, protocol)
+        protocol.transport = udp
+        self.ports.append(udp)
+        return udp
+
+
+def answer(
+    query: bytes, rCode: int = dns.OK, ad: bool = True, records: Any = (), trunc: bool = False
+) -> bytes:
+    request = dns.Message()
+    request.fromStr(query)
+    response = dns.Message(request.id, answer=1, rCode=rCode, trunc=trunc, authenticData=int(ad))
+    response.queries = request.queries
+    response.answers = [
+        dns.RRHeader(request.queries[0].name.name, TLSA_TYPE, payload=dns.UnknownRecord(r)) for r in records
+    ]
+    return response.toStr()
+
+
+class DNSSECResolverTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = FakeUDPReactor()
+
+    def ask(self, trustAD: bool = True, servers: Any = (("127.0.0.1", 53),)) -> Any:
+        resolver = DNSSECResolver(self.reactor, servers, trustAD)
+        return resolver.query("_25._tcp.mx.example.net", TLSA_TYPE)
+
+    def reply(self, **kw: Any) -> None:
+        protocol, data, _ = self.reactor.sent[-1]
+        protocol.datagramReceived(answer(data, **kw), ("127.0.0.1", 53))
+
+    def test_asksWithAD(self) -> None:
+        """
+        The query asks for the AD bit (RFC 6840 5.7); an answer with it is
+        authenticated when trusted, and its records come back raw.
+        """
+        d = self.ask()
+        [(_, data, address)] = self.reactor.sent
+        query = dns.Message()
+        query.fromStr(data)
+        self.assertTrue(query.authenticData)
+        self.assertEqual(address, ("127.0.0.1", 53))
+        self.reply(records=[b"\x03\x01\x01" + b"a" * 32])
+        result = self.successResultOf(d)
+        self.assertTrue(result.authenticated)
+        self.assertEqual(tlsaRecords(result)[0], [TLSA(3, 1, 1, b"a" * 32)])
+        self.assertFalse(self.reactor.ports[0].open)
+
+    def test_adNotTrusted(self) -> None:
+        d = self.ask(trustAD=False)
+        self.reply(records=[b"\x03\x01\x01" + b"a" * 32])
+        self.assertFalse(self.successResultOf(d).authenticated)
+
+    def test_nxdomainAndFailures(self) -> None:
+        """
+        NXDOMAIN is an answer (the name does not exist); SERVFAIL (what a
+        validator says for bogus data) and truncation are failures.
+        """
+        d = self.ask()
+        self.reply(rCode=dns.ENAME)
+        self.assertFalse(self.successResultOf(d).exists)
+        d = self.ask()
+        self.reply(rCode=dns.ESERVER)
+        self.assertIn("rcode 2", str(self.failureResultOf(d, DNSFailure).value))
+        d = self.ask()
+        self.reply(trunc=True)
+        self.failureResultOf(d, DNSFailure)
+
+    def test_timeoutsAndNextServer(self) -> None:
+        """
+        A server that does not answer is asked again after the timeout,
+        rotating through the servers; after the last timeout the query
+        fails, and every port is closed.
+        """
+        d = self.ask(servers=(("127.0.0.1", 53), ("127.0.0.2", 53)))
+        self.reactor.advance(1)
+        self.assertEqual([a for _, _, a in self.reactor.sent], [("127.0.0.1", 53), ("127.0.0.2", 53)])
+        self.reactor.advance(3)
+        self.reactor.advance(11)
+        self.assertIn("no answer", str(self.failureResultOf(d, DNSFailure).value))
+        self.assertEqual([p.open for p in self.reactor.ports], [False, False, False])
+
+    def test_foreignAnswerIgnored(self) -> None:
+        d = self.ask()
+        protocol, data, _ = self.reactor.sent[-1]
+        request = dns.Message()
+        request.fromStr(data)
+        protocol.datagramReceived(dns.Message((request.id + 1) % 65536, answer=1).toStr(), ("127.0.0.9", 53))
+        protocol.datagramReceived(b"garbage", ("127.0.0.9", 53))
+        self.assertNoResult(d)
+        self.reply()
+        self.assertEqual(self.successResultOf(d).records, ())
