@@ -118,6 +118,16 @@ class PolicyTests(SynchronousTestCase):
         zone[("_25._tcp.mx1.example.net", TLSA_TYPE)] = ([b"\x01\x01\x01" + b"a" * 32], True)
         self.assertEqual(self.resolve(MemoryDNSSEC(zone)).forHost("mx1.example.net").level, "encrypt")
 
+    def test_addressLiteralHasNoTLSA(self) -> None:
+        """
+        A fixed next hop given as an IP address is never looked up.
+        """
+        dnssec = MemoryDNSSEC({})
+        resolver = TLSPolicyResolver(Clock(), "auto", None, dnssec, None)
+        d = resolver.policyFor("[192.0.2.7]:2525", (MailHost("192.0.2.7", "192.0.2.7"),), 2525)
+        self.assertEqual(self.successResultOf(d).source, "table")
+        self.assertEqual(dnssec.asked, [])
+
     def test_tlsaLookupFailureSkipsHost(self) -> None:
         zone = dict(SECURE_MX)
         zone[("_25._tcp.mx2.example.net", TLSA_TYPE)] = ([EE], True)

@@ -251,6 +251,8 @@ class TLSPolicyResolver:
         perHost: dict[str, HostTLS] = {}
         anyDANE = False
         for name in dict.fromkeys(h.name for h in hosts):
+            if _isAddress(name):
+                continue  # no TLSA names under an address literal
             lookup = await self._tlsa(name, port, domain)
             names = (name,) if fixed or name == domain else (name, domain)
             if lookup.failure is not None:
@@ -324,3 +326,13 @@ def _forRequireTLS(policy: TLSPolicy) -> TLSPolicy:
     if not verified:
         return replace(policy, why=policy.why + "; REQUIRETLS needs verified TLS", failure=REQUIRETLS_FAILED)
     return policy
+
+
+def _isAddress(name: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
