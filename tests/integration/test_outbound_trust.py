@@ -302,3 +302,56 @@ async def test_mtaSTSFetchRefusesUntrusted(tmp_path: Path, ca: Issued) -> None:
         stop()
         await listening.stopListening()
         await https.stopListening()
+
+
+class Misbehaving(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def render_GET(self, request: Any) -> bytes:
+        if self.kind == "redirect":
+            request.setResponseCode(301)
+            request.setHeader(b"location", b"https://elsewhere.test/")
+            return b""
+        if self.kind == "html":
+            request.setHeader(b"content-type", b"text/html")
+            return b"<p>no</p>"
+        request.setHeader(b"content-type", b"text/plain")
+        if self.kind == "chunked-huge":
+            # No Content-Length: the limit must hold while streaming.
+            request.write(b"x" * 40_000)
+            request.write(b"x" * 40_000)
+            request.finish()
+            return server.NOT_DONE_YET  # type: ignore[return-value]
+        return b"x" * 70_000
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_fetchLimits(ca: Issued) -> None:
+    """
+    The fetcher refuses redirects, other content types and bodies over
+    64 KiB (announced or streamed), each with a reason naming the URL.
+    """
+    from mailfw.outbound._mtasts import PolicyError
+
+    web = issue(ca, "mta-sts.bad.test")
+    options = ssl.CertificateOptions(privateKey=web.key, certificate=web.certificate)  # type: ignore[arg-type]
+    trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(ca.certPEM())])
+    for kind, expected in [
+        ("redirect", "answered HTTP 301"),
+        ("html", "not text/plain"),
+        ("huge", "70000 octets (limit 65536)"),
+        ("chunked-huge", "longer than 65536 octets"),
+    ]:
+        https = reactor.listenSSL(0, server.Site(Misbehaving(kind)), options, interface="127.0.0.1")
+        try:
+            fetch = treqFetcher(reactor, trust, lambda host: "127.0.0.1", https.getHost().port)
+            with pytest.raises(PolicyError) as raised:
+                await fetch("bad.test")
+            assert expected in str(raised.value), (kind, str(raised.value))
+            assert "mta-sts.bad.test" in str(raised.value)
+        finally:
+            await https.stopListening()
