@@ -93,6 +93,8 @@ class Envelope:
     @ivar arrival: POSIX time the message was accepted.
     @ivar queueID: the queue's ID for the message once it is queued (for
         log events); empty before.
+    @ivar requireTLS: the sender asked for REQUIRETLS (RFC 8689): the
+        message leaves only over verified TLS to hosts that offer it too.
     """
 
     sender: Address | None
@@ -107,6 +109,7 @@ class Envelope:
     authenticated: str | None = None
     arrival: float = 0.0
     queueID: str = ""
+    requireTLS: bool = False
 
     @property
     def senderText(self) -> str:

@@ -6,7 +6,8 @@ C{mailfw queue ...} talks to the running server over its control socket
 without starting anything; C{mailfw passwd} manages the AUTH password file;
 C{mailfw domain|user|alias|sender} edit the virtual domains' hosting table;
 C{mailfw user quota USER} shows a user's sending-quota counters (from the
-running server).
+running server); C{mailfw route DOMAIN} shows where relayed mail for a
+domain goes and with which TLS, and why.
 """
 
 from __future__ import annotations
@@ -191,6 +192,150 @@ def configCommand(args: argparse.Namespace) -> int:
     return 0
 
 
+def routeFor(config: Any, domain: str, agentName: str | None) -> tuple[str, str]:
+    """
+    The C{smtp-relay} instance and next hop for relayed mail to C{domain}:
+    C{agentName}, else the static router's C{transport} entry or smart
+    host, else the C{outbound} (or only) C{smtp-relay} instance and the
+    domain itself.
+
+    @raise CommandError: if no C{smtp-relay} instance fits.
+    """
+    from mailfw.routing._static import Transport, _lookupTransport
+
+    relays = [name for name, section in config.delivery.items() if section.get("plugin") == "smtp-relay"]
+    transport: Transport | None = None
+    routing = config.routing
+    if routing.get("plugin", "static") == "static":
+        table = {str(k).lower(): str(v) for k, v in dict(routing.get("transport", {})).items()}
+        entries = {}
+        for key, value in table.items():
+            agent, sep, hop = value.partition(":")
+            entries[key] = Transport(agent, hop if sep else None)
+        transport = _lookupTransport(entries, domain)
+        smarthost = routing.get("smarthost")
+        if transport is None and isinstance(smarthost, str):
+            if not smarthost.startswith("[") and ":" in smarthost:
+                agent, _, hop = smarthost.partition(":")
+                transport = Transport(agent, hop)
+            else:
+                transport = Transport(str(routing.get("relay_agent", "outbound")), smarthost)
+    name = agentName or (transport.agent if transport else None)
+    if name is None:
+        name = "outbound" if "outbound" in relays else (relays[0] if len(relays) == 1 else None)
+    if name is None or name not in relays:
+        known = ", ".join(relays) or "none"
+        raise CommandError(
+            f"no smtp-relay instance {name or ''} for {domain} (smtp-relay instances: {known})"
+        )
+    nexthop = transport.nexthop if transport and transport.agent == name and transport.nexthop else domain
+    return name, nexthop
+
+
+async def describeRoute(agent: Any, nexthop: str) -> dict[str, Any]:
+    """
+    Resolve C{nexthop} as the agent would and ask its TLS policy: the hosts
+    in order with their addresses and TLS requirement, and why.
+    """
+    from mailfw.routing._nexthop import parseNexthop
+
+    port = parseNexthop(nexthop).port or agent.port
+    resolution = await agent.resolver.resolve(nexthop)
+    result: dict[str, Any] = {"agent": agent.name, "nexthop": nexthop, "port": port, "hosts": []}
+    if resolution.failure is not None:
+        failure = resolution.failure
+        result["failure"] = f"{failure.code} {failure.enhanced} {failure.text}"
+        return result
+    if agent.tlsPolicy is None:
+        from mailfw.outbound._policy import TLSPolicy
+
+        policy = TLSPolicy("table", f"{agent.options.tls} (the agent's tls setting)", agent.options.tls)
+    else:
+        policy = await agent.tlsPolicy.policyFor(nexthop, resolution.hosts, port)
+    result["tls"] = {"source": policy.source, "why": policy.why}
+    if policy.failure is not None:
+        result["tls"]["failure"] = f"{policy.failure.code} {policy.failure.enhanced} {policy.failure.text}"
+    for host in resolution.hosts:
+        tls = policy.forHost(host.name)
+        entry: dict[str, Any] = {
+            "name": host.name,
+            "address": host.address,
+            "preference": host.preference,
+            "tls": tls.level,
+        }
+        if tls.tlsa:
+            entry["tlsa"] = [str(r) for r in tls.tlsa]
+        if tls.refusal is not None:
+            entry["refused"] = f"{tls.refusal.code} {tls.refusal.enhanced} {tls.refusal.text}"
+        result["hosts"].append(entry)
+    return result
+
+
+def formatRoute(route: dict[str, Any]) -> str:
+    """
+    The text form of C{mailfw route}.
+    """
+    lines = [f"next hop {route['nexthop']} via smtp-relay instance {route['agent']!r}, port {route['port']}"]
+    if "failure" in route:
+        lines.append(f"no hosts: {route['failure']}")
+        return "\n".join(lines)
+    tls = route["tls"]
+    lines.append(f"TLS policy: {tls['why']}")
+    if "failure" in tls:
+        lines.append(f"  nothing is sent: {tls['failure']}")
+    lines.append("hosts, in order:")
+    for host in route["hosts"]:
+        lines.append(f"  {host['preference']:>5} {host['name']} [{host['address']}]  tls: {host['tls']}")
+        for record in host.get("tlsa", []):
+            lines.append(f"        TLSA {record}")
+        if "refused" in host:
+            lines.append(f"        not used: {host['refused']}")
+    return "\n".join(lines)
+
+
+def routeCommand(args: argparse.Namespace) -> int:
+    """
+    C{mailfw route DOMAIN}: MX hosts, addresses, TLS policy and why, looked
+    up now the way the configured C{smtp-relay} agent would.
+    """
+    try:
+        config = loadConfig(args.config, dataDir=args.data_dir)
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
+    from mailfw.address import AddressError, normaliseDomain
+
+    try:
+        domain = normaliseDomain(args.domain.rstrip("."))
+    except AddressError as e:
+        raise CommandError(f"bad domain {args.domain!r}: {e}") from None
+    name, nexthop = routeFor(config, domain, args.agent)
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import react
+
+    from mailfw.delivery._relay import fromConfig
+
+    found: list[dict[str, Any]] = []
+
+    def run(reactor: Any) -> Deferred[None]:
+        try:
+            agent = fromConfig(config.context(reactor), name, config.delivery[name])
+        except ConfigError as e:
+            raise CommandError(str(e)) from None
+
+        async def go() -> None:
+            found.append(await describeRoute(agent, nexthop))
+
+        return Deferred.fromCoroutine(go())
+
+    try:
+        react(run)
+    except SystemExit as e:
+        if e.code:
+            raise CommandError("looking up the route failed; see the messages above") from None
+    print(json.dumps(found[0], indent=2) if args.json else formatRoute(found[0]))
+    return 0
+
+
 def makeParser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailfw", description=__doc__.strip().splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -225,6 +370,14 @@ def makeParser() -> argparse.ArgumentParser:
     check = configActions.add_parser("check", help="check a configuration file")
     check.add_argument("config", nargs="?", help="the file (default: the embedded default)")
     config.set_defaults(run=configCommand)
+
+    route = commands.add_parser("route", help="show a domain's mail hosts and outbound TLS policy, and why")
+    route.add_argument("domain", help="the recipient domain")
+    route.add_argument("-c", "--config", help="the server's configuration file")
+    route.add_argument("-d", "--data-dir", help="the server's data directory")
+    route.add_argument("--agent", help="the smtp-relay instance (default: as the router would choose)")
+    route.add_argument("--json", action="store_true", help="print JSON")
+    route.set_defaults(run=routeCommand)
 
     from mailfw.auth._tool import addPasswdParser
 

@@ -487,6 +487,9 @@ class SMTPServerProtocol(Protocol):
             and ITLSTransport.providedBy(self.transport)
         ):
             keywords.append("STARTTLS")
+        if self.session.tls:
+            # RFC 8689: only over TLS, on every listener.
+            keywords.append("REQUIRETLS")
         if settings.auth is not None and self.session.tls:
             keywords.append("AUTH " + " ".join(settings.auth.offered(channelBindingFor(self.transport))))
         if settings.etrn is not None:

@@ -209,6 +209,8 @@ class MailTransactions:
         extra = self._owner.mailParameters
         if settings.auth is not None:
             extra = extra | {"AUTH"}
+        if session.tls:
+            extra = extra | {"REQUIRETLS"}
         parsed = parseMailFrom(argument, esmtp=session.esmtp, extraParameters=extra)
         if isinstance(parsed, SMTPReply):
             replies.respond(parsed)
@@ -381,6 +383,7 @@ class MailTransactions:
             peerHost=session.peerHost,
             authenticated=session.authenticated,
             arrival=self._settings.clock.seconds(),
+            requireTLS=mail.requireTLS,
         )
 
     # --- the message --------------------------------------------------------------
