@@ -232,6 +232,7 @@ _KNOWN_SECTIONS = {
     "auth",
     "etrn",
     "odmr",
+    "metrics",
 }
 
 

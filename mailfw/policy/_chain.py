@@ -114,17 +114,35 @@ class PolicyChain:
                 except Exception:
                     return fail()
                 if decided is not None:
-                    return succeed(decided)
+                    return succeed(self._decided(decided, policies[index], stage, peer))
                 index += 1
             return succeed(Verdict(headers=tuple(headers)))
 
         def after(verdict: Verdict, index: int) -> Verdict | Deferred[Verdict]:
             decided = _combine(verdict, headers)
             if decided is not None:
-                return decided
+                return self._decided(decided, policies[index], stage, peer)
             return step(index + 1)
 
         return step(0).addErrback(self._failed, stage, peer)
+
+    def _decided(self, verdict: Verdict, policy: IPolicy, stage: Stage, peer: str) -> Verdict:
+        """
+        Emit the C{policy.verdict} event for a deciding verdict: without a
+        format, so text logs skip it, while the metrics count verdicts by
+        policy and the status page names the refusing policy.
+        """
+        reply = verdict.reply
+        self.log.info(
+            event="policy.verdict",
+            peer=peer,
+            stage=stage.value,
+            policy=str(getattr(policy, "name", type(policy).__name__)),
+            verdict=_verdictName(verdict),
+            code=0 if reply is None else reply.code,
+            enhanced="" if reply is None else reply.enhanced,
+        )
+        return verdict
 
     def _failed(self, f: Failure, stage: Stage, peer: str) -> Verdict:
         return Verdict(self.failureReply(f, stage.value, peer))
@@ -155,3 +173,16 @@ def _combine(verdict: object, headers: list[tuple[str, str]]) -> Verdict | None:
     if verdict.reply is not None or verdict.disconnect:
         return replace(verdict, headers=tuple(headers))
     return None
+
+
+def _verdictName(verdict: Verdict) -> str:
+    """
+    The C{verdict} field of a C{policy.verdict} event: C{accept},
+    C{reject}, C{defer} or C{disconnect}.
+    """
+    reply = verdict.reply
+    if reply is None:
+        return "disconnect"
+    if reply.isPositive:
+        return "accept"
+    return "reject" if reply.isPermanent else "defer"
