@@ -76,7 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--scrape", type=float, default=1.0, help="seconds between scrapes (default 1; 0: none)")
+    parser.add_argument(
+        "--scrape", type=float, default=1.0, help="seconds between scrapes (default 1; 0: none)"
+    )
     parser.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args(argv)
     rates: dict[bool, list[float]] = {False: [], True: []}
