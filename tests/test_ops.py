@@ -700,3 +700,30 @@ class InterfaceTests(SynchronousTestCase):
 
         self.assertTrue(verifyObject(ILogObserver, Metrics()))
         self.assertTrue(verifyObject(ILogObserver, StatusBoard(Clock().seconds)))
+
+
+class SlowQueueWatchTests(SynchronousTestCase):
+    def test_slowReadsAreSpacedOut(self) -> None:
+        """
+        After a read that took 2 seconds, the next waits 40 seconds even
+        with a 10-second interval.
+        """
+        clock = Clock()
+        reads: list[Deferred[Any]] = []
+
+        class SlowQueue:
+            def list(self, selector: Any) -> Deferred[Any]:
+                d: Deferred[Any] = Deferred()
+                reads.append(d)
+                return d
+
+        watch = QueueWatch(cast(Any, SlowQueue()), clock, 10.0, 10, [])
+        watch.current()
+        clock.advance(2)
+        reads[0].callback([])
+        clock.advance(30)
+        watch.current()
+        self.assertEqual(len(reads), 1)
+        clock.advance(11)
+        watch.current()
+        self.assertEqual(len(reads), 2)
