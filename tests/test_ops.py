@@ -727,3 +727,32 @@ class SlowQueueWatchTests(SynchronousTestCase):
         clock.advance(11)
         watch.current()
         self.assertEqual(len(reads), 2)
+
+
+class DashboardTests(SynchronousTestCase):
+    def test_dashboardNamesRealMetrics(self) -> None:
+        """
+        Every metric the Grafana dashboard queries is one the server
+        exposes (a renamed metric must not leave an empty panel).
+        """
+        from mailfw.ops._metrics import _COUNTERS, _HISTOGRAMS
+
+        dashboard = json.loads((DOCS / "grafana-mailfw.json").read_text())
+        exposed = (
+            {f"{name}_total" for name in _COUNTERS}
+            | {f"{name}_bucket" for name in _HISTOGRAMS}
+            | {
+                "mailfw_connections_open",
+                "mailfw_queue_recipients",
+                "mailfw_queue_recipients_by_domain",
+                "mailfw_queue_oldest_age_seconds",
+            }
+        )
+        used = {
+            name
+            for panel in dashboard["panels"]
+            for target in panel["targets"]
+            for name in re.findall(r"mailfw_[a-z_]+", target["expr"])
+        }
+        self.assertTrue(used)
+        self.assertEqual(used - exposed, set())
