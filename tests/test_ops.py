@@ -756,3 +756,33 @@ class DashboardTests(SynchronousTestCase):
         }
         self.assertTrue(used)
         self.assertEqual(used - exposed, set())
+
+
+class EndpointTests(SynchronousTestCase):
+    def test_badListen(self) -> None:
+        """
+        A bad C{listen} description is a configuration error naming it,
+        found when the server is built (also by C{mailfw config check}).
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        reactor = MemoryReactorClock()
+        with self.assertRaises(ConfigError) as caught:
+            OpsService(OpsSettings(listen="nonsense:1"), reactor, MemoryQueue(reactor), FakeScheduler())
+        self.assertIn("[metrics] listen = 'nonsense:1'", str(caught.exception))
+
+    def test_listens(self) -> None:
+        """
+        Started, the service listens on its endpoint; stopped, it stops.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        reactor = MemoryReactorClock()
+        service = OpsService(
+            OpsSettings(listen="tcp:9125:interface=127.0.0.1"), reactor, MemoryQueue(reactor), FakeScheduler()
+        )
+        service.startService()
+        [(port, factory, _backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface, factory), (9125, "127.0.0.1", service.site))
+        service.stopService()
+        self.assertFalse(service.running)

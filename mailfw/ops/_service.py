@@ -22,6 +22,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -236,6 +237,16 @@ class MetricsPage(Resource):
         return NOT_DONE_YET
 
 
+class _QuietSite(Site):
+    """
+    A site that writes no access log line: a scrape every few seconds
+    would fill the mail log.
+    """
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+
 class _Guard(Resource):
     """
     Basic auth (when configured) and the loopback rule in front of the
@@ -345,11 +356,17 @@ class OpsService(Service):
             b"status.json": StatusJSON(self.board, self.watch.current),
             b"status.js": StatusScript(int(settings.refresh * 1000)),
         }
-        self.site = Site(_Guard(settings, children, {b"status", b"status.json", b"status.js"}))
+        self.site = _QuietSite(_Guard(settings, children, {b"status", b"status.json", b"status.js"}))
         self.site.displayTracebacks = False
         self.site.noisy = False
         self._observers: tuple[ILogObserver, ...] = (self.metrics, self.board)
         self._port: IListeningPort | None = None
+        self._endpoint = None
+        if settings.listen is not None:
+            try:
+                self._endpoint = serverFromString(reactor, settings.listen)
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"[metrics] listen = {settings.listen!r}: {e}") from None
 
     def _setQueue(self, snapshot: QueueSnapshot) -> None:
         self.metrics.queue = snapshot
@@ -360,9 +377,9 @@ class OpsService(Service):
         # Started before the listeners: observes from the first connection.
         for observer in self._observers:
             self._publisher.addObserver(observer)
-        if self.settings.listen is None:
+        endpoint = self._endpoint
+        if endpoint is None:
             return
-        endpoint = serverFromString(self._reactor, self.settings.listen)
 
         def listening(port: IListeningPort) -> None:
             self._port = port
