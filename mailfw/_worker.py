@@ -40,6 +40,9 @@ def main(argv: Sequence[str]) -> int:
     options = Options()
     try:
         options.parseOptions(rest)
+        if isinstance(observer, LineObserver) and "metrics" in options.serverConfig.raw:
+            # The parent's metrics and status page need the named events.
+            observer.eventsFD = sys.stderr.fileno()
         service = buildService(options.serverConfig, reactor, worker=sockets)
     except (usage.UsageError, ConfigError) as e:
         sys.stderr.write(f"mailfw worker {number}: {e}\n")

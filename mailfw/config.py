@@ -238,6 +238,7 @@ _KNOWN_SECTIONS = {
     "auth",
     "etrn",
     "odmr",
+    "metrics",
 }
 
 

@@ -564,6 +564,13 @@ def buildService(
                 f"[scheduler] delivery_timeout ({scheduler.leaseSeconds:g}) must be shorter"
                 f" than [queue] lease_seconds ({lease:g})"
             )
+        # [metrics]: the operations endpoint, in the parent process only
+        # (workers forward their events to it); see mailfw.ops.
+        ops = None
+        if worker is None and "metrics" in config.raw:
+            from mailfw.ops import OpsService, OpsSettings
+
+            ops = OpsService(OpsSettings.fromSection(config.raw["metrics"]), reactor, queue, scheduler)
     except BaseException as e:
         closing = queue.close()
         closing.addErrback(lambda f: log.failure("closing the queue failed", f))
@@ -579,6 +586,8 @@ def buildService(
     )
     top = MailfwService(queue)
     scheduler.setServiceParent(top)
+    if ops is not None:
+        ops.setServiceParent(top)
     if authSetup is not None:
         authSetup.service.setName("auth-threads")
         authSetup.service.setServiceParent(top)

@@ -7,13 +7,15 @@ without starting anything; C{mailfw passwd} manages the AUTH password file;
 C{mailfw domain|user|alias|sender} edit the virtual domains' hosting table;
 C{mailfw user quota USER} shows a user's sending-quota counters (from the
 running server); C{mailfw route DOMAIN} shows where relayed mail for a
-domain goes and with which TLS, and why.
+domain goes and with which TLS, and why; C{mailfw log QUEUEID} prints one
+message's history from the JSON log.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import time
@@ -336,6 +338,55 @@ def routeCommand(args: argparse.Namespace) -> int:
     return 0
 
 
+def formatHistory(queueID: str, lines: Any) -> list[str]:
+    """
+    The events of the JSON log C{lines} about C{queueID}, one line each:
+    time, event name, then the event's text (or, for events without a
+    format, its fields).
+    """
+    from twisted.logger import formatEvent
+
+    from mailfw.ops import readEvents
+
+    history = []
+    # Most lines are about other messages: skip them before parsing.
+    for event in readEvents(line for line in lines if queueID in line):
+        if event.get("queueID") != queueID or "event" not in event:
+            continue
+        when = event.get("log_time")
+        stamp = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if isinstance(when, int | float) else "-"
+        )
+        text = formatEvent(event) if event.get("log_format") else ""
+        if not text:
+            # An event without a format (or a worker's, relayed without one).
+            text = " ".join(
+                f"{k}={v}"
+                for k, v in sorted(event.items())
+                if not k.startswith("log_") and k not in ("event", "queueID", "worker", "workerLine")
+            )
+        worker = f" [worker {event['worker']}]" if event.get("worker") else ""
+        history.append(f"{stamp} {event['event']}{worker}: {text}")
+    return history
+
+
+def logCommand(args: argparse.Namespace) -> int:
+    path = args.log or os.environ.get("MAILFW_JSON_LOG") or "-"
+    try:
+        if path == "-":
+            history = formatHistory(args.id, sys.stdin)
+        else:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                history = formatHistory(args.id, f)
+    except OSError as e:
+        raise CommandError(f"cannot read {path}: {e.strerror}") from None
+    if not history:
+        raise CommandError(f"no events about {args.id} in {'standard input' if path == '-' else path}")
+    for line in history:
+        print(line)
+    return 0
+
+
 def makeParser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailfw", description=__doc__.strip().splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -396,6 +447,16 @@ def makeParser() -> argparse.ArgumentParser:
     quota.add_argument("user", help="the AUTH user name")
     quota.add_argument("--json", action="store_true", help="print JSON")
     quota.set_defaults(run=quotaCommand)
+
+    history = commands.add_parser(
+        "log", help="print one message's history (received, attempts, replies, outcome) from the JSON log"
+    )
+    history.add_argument("id", metavar="QUEUE_ID")
+    history.add_argument(
+        "--log",
+        help="the JSON log (twistd --logger=mailfw.ops.jsonLogger); default $MAILFW_JSON_LOG, else stdin",
+    )
+    history.set_defaults(run=logCommand)
     return parser
 
 

@@ -220,6 +220,9 @@ class Scheduler(Service):
 
     @ivar agents: the delivery agents by instance name.
     @ivar deliveries: how many agent deliveries run now.
+    @ivar lastClaimed: when a claim from the queue last succeeded (C{None}
+        before the first): C{/healthz} fails when mail is overdue and this
+        is older than a minute.
     """
 
     log = Logger()
@@ -294,6 +297,7 @@ class Scheduler(Service):
                     IConnectionShaping(agent).shapeConnections(gate)
         self._destinations: dict[tuple[str, str | None], _Destination] = {}
         self.deliveries = 0
+        self.lastClaimed: float | None = None
         self._outstanding = 0
         self._backlog = False
         self._claiming = False
@@ -457,6 +461,7 @@ class Scheduler(Service):
 
     def _claimed(self, leases: Sequence[Lease], room: int) -> None:
         self._claiming = False
+        self.lastClaimed = self._clock.seconds()
         self._claimRoom = 0
         count = sum(len(lease.recipients) for lease in leases)
         self._backlog = count >= room
@@ -769,6 +774,8 @@ class Scheduler(Service):
         reply = destination.deadReply or AGENT_TIMEOUT
         self.log.info(
             "{queueID}: not trying {agent} {nexthop} again yet: {code} {enhanced}",
+            event="delivery.postponed",
+            until=destination.deadUntil,
             queueID=lease.queueID,
             agent=agentName,
             nexthop=nexthop or "",
@@ -810,6 +817,7 @@ class Scheduler(Service):
             queueID=lease.queueID,
         )
         agent = self._agents[agentName]
+        started = self._clock.seconds()
         try:
             d = maybeDeferred(agent.deliver, envelope, body, nexthop)
             d.addTimeout(self.leaseSeconds, self._clock)
@@ -834,6 +842,15 @@ class Scheduler(Service):
             outcomes = [RecipientOutcome(qr.recipient, AGENT_FAILED) for qr, _ in members]
         else:
             self._feedback(key, destination, outcomes)
+        # No format: the outcomes are logged one per recipient (_decide).
+        self.log.info(
+            event="delivery.attempt",
+            queueID=lease.queueID,
+            agent=agentName,
+            nexthop=nexthop or "",
+            count=len(members),
+            duration=self._clock.seconds() - started,
+        )
         return [(qr, route, outcome) for (qr, route), outcome in zip(members, outcomes, strict=False)]
 
     # --- deciding ------------------------------------------------------------------
@@ -849,18 +866,25 @@ class Scheduler(Service):
     ) -> None:
         recipient = qr.recipient
         reply = outcome.reply
-        self.log.info(
-            "{queueID} to {recipient} via {agent}: {code} {enhanced} {text}",
-            queueID=lease.queueID,
-            recipient=str(recipient.address),
-            code=reply.code,
-            enhanced=reply.enhanced,
-            text=reply.text,
-            agent=route.agent if route else "",
-            nexthop=(route.nexthop or "") if route else "",
-        )
+
+        def logged(event: str) -> None:
+            self.log.info(
+                "{queueID} to {recipient} via {agent}: {code} {enhanced} {text}",
+                event=event,
+                queueID=lease.queueID,
+                recipient=str(recipient.address),
+                code=reply.code,
+                enhanced=reply.enhanced,
+                text=reply.text,
+                agent=route.agent if route else "",
+                nexthop=(route.nexthop or "") if route else "",
+                attempts=qr.attempts + 1,
+                arrival=lease.envelope.arrival,
+            )
+
         routeName = (route.name or route.agent or None) if route is not None else None
         if outcome.delivered:
+            logged("delivery.delivered")
             decided.dispositions.append(Disposition(qr.index, outcome))
             if route is not None and route.kind is RouteKind.LOCAL and "SUCCESS" in recipient.notify:
                 decided.delivered.append(
@@ -868,6 +892,7 @@ class Scheduler(Service):
                 )
             return
         if outcome.failed:
+            logged("delivery.bounced")
             decided.dispositions.append(Disposition(qr.index, outcome))
             decided.failed.append(self._notices.failureReport(recipient, reply, outcome.remoteMTA, now))
             return
@@ -875,12 +900,14 @@ class Scheduler(Service):
         arrival = lease.envelope.arrival
         nextAttempt = schedule.nextAttempt(now, arrival, qr.attempts + 1)
         if nextAttempt is None:
+            logged("delivery.expired")
             expired = RecipientOutcome(recipient, EXPIRED, outcome.remoteMTA)
             decided.dispositions.append(Disposition(qr.index, expired))
             decided.failed.append(
                 RecipientReport(recipient, "failed", "4.4.7", reply, outcome.remoteMTA, now)
             )
             return
+        logged("delivery.deferred")
         warn = not qr.warned and schedule.shouldWarn(now, arrival)
         if warn:
             decided.delayed.append(
@@ -943,6 +970,7 @@ class Scheduler(Service):
         if now >= expires:
             self.log.info(
                 "{queueID} to {recipient}: held for ETRN until it expired",
+                event="delivery.expired",
                 queueID=lease.queueID,
                 recipient=str(recipient.address),
                 code=EXPIRED.code,
@@ -1071,6 +1099,8 @@ class Scheduler(Service):
             destination.successes = 0
             self.log.warn(
                 "{agent} cannot reach {nexthop}: {code} {enhanced}; not trying again for {seconds} seconds",
+                event="destination.backoff",
+                until=destination.deadUntil,
                 agent=key[0],
                 nexthop=key[1] or "",
                 code=outcomes[0].reply.code,

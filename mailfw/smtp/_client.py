@@ -322,6 +322,8 @@ class SMTPClient(LineReceiver):
 
     def connectionMade(self) -> None:
         self.connected = True
+        # No format: counts outbound sessions (the TLS share's denominator).
+        self.log.info(event="client.connected", host=self.hostname)
         setNoDelay(self.transport)
         self.greeting = self._expect(self.options.timeouts.command)
 
@@ -546,7 +548,9 @@ class SMTPClient(LineReceiver):
             raise HostFailure(_asFailure(response, "EHLO after STARTTLS"), "ehlo")
         self.capabilities = Capabilities.fromEHLO(response)
         self.tlsInfo = _describeTLS(self.transport)
-        self.log.info("TLS with {host}: {tlsInfo}", host=self.hostname, tlsInfo=self.tlsInfo)
+        self.log.info(
+            "TLS with {host}: {tlsInfo}", event="client.tls", host=self.hostname, tlsInfo=self.tlsInfo
+        )
         self._checkPeer()
 
     def _checkPeer(self) -> None:

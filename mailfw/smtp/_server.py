@@ -154,6 +154,9 @@ class SMTPServerProtocol(Protocol):
         self.session = Session(
             listener=self.settings.kind, peerHost=host, peerPort=port, tls=tls, id=f"{next(_sessionIDs):x}"
         )
+        # No format: a structured event for the operations observers (the
+        # status page, metrics), which text logs skip (see docs/logging.rst).
+        self.log.info(event="connection.opened", peer=self.peer, listener=self.settings.kind, tls=tls)
         # The connection is logged once, when it ends (with what happened):
         # twistd writes every event, debug ones too, and a line per event is
         # a measurable share of the cost of a message.
@@ -179,7 +182,12 @@ class SMTPServerProtocol(Protocol):
         reply = refusal.reply
         code, enhanced = reply.code, reply.enhanced
         self.log.info(
-            "connection from {peer} refused: {code} {enhanced}", peer=self.peer, code=code, enhanced=enhanced
+            "connection from {peer} refused: {code} {enhanced}",
+            event="connection.refused",
+            peer=self.peer,
+            listener=self.settings.kind,
+            code=code,
+            enhanced=enhanced,
         )
         if reply.isPermanent and not refusal.close:
             # RFC 5321 3.1: 554 instead of the greeting, then only QUIT.
@@ -201,9 +209,11 @@ class SMTPServerProtocol(Protocol):
         self.log.info(
             "connection from {peer} on {listener} closed after {duration:.1f}s:"
             " {accepted} messages accepted, {errors} errors",
+            event="connection.closed",
             peer=self.peer,
             listener=self.settings.kind,
             helo=self.session.helo or "",
+            tls=self.session.tls,
             duration=self.settings.clock.seconds() - self._connectedAt,
             accepted=self.transactions.accepted,
             errors=self.replies.errors,
@@ -518,6 +528,7 @@ class SMTPServerProtocol(Protocol):
                 self.transactions.reset()
                 self.session = session
                 self._heloResults = tuple(results)
+                self.log.info(event="session.helo", peer=self.peer, helo=name)
 
         verdict = self.settings.chain.ask(Stage.HELO, lambda p: p.checkHelo(session, name), self.peer)
         self.replies.respondLater(verdict.addCallback(decided), then)
@@ -606,7 +617,7 @@ class SMTPServerProtocol(Protocol):
             self._login.end()
             self.transactions.reset()
             tls.startTLS(cast(Any, self.settings.tlsOptions))
-            self.log.info("TLS started for {peer}", peer=self.peer)
+            self.log.info("TLS started for {peer}", event="session.tls", peer=self.peer)
 
         self.replies.respond(R.TLS_READY, then)
 

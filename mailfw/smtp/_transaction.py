@@ -229,6 +229,8 @@ class MailTransactions:
         if avatar is not None and not avatar.maySend(parsed.sender):
             _log.info(
                 "refused MAIL from {peer}: {sender} not allowed for {user}",
+                event="transaction.refused",
+                stage="MAIL",
                 peer=self._owner.peer,
                 sender="" if parsed.sender is None else str(parsed.sender),
                 user=session.authenticated,
@@ -480,6 +482,8 @@ class MailTransactions:
     def _endMessage(self, tx: _Transaction, d: Deferred[Answer]) -> None:
         message = tx.message
         assert message is not None
+        clock = self._settings.clock
+        ended = clock.seconds()
 
         def logged(answer: Answer) -> Answer:
             # Logged as soon as known, also if the client has gone meanwhile.
@@ -489,11 +493,15 @@ class MailTransactions:
                 self._charge(message.envelope)
                 _log.info(
                     "accepted {queueID} from {sender} for {count} recipients ({size} octets) from {peer}",
+                    event="message.received",
                     queueID=message.queueID,
                     sender="" if tx.mail.sender is None else str(tx.mail.sender),
                     count=len(message.envelope.recipients),
                     size=message.size,
                     peer=self._owner.peer,
+                    listener=self._owner.session.listener,
+                    # End of data to the 250: the queue's commit.
+                    latency=clock.seconds() - ended,
                 )
             else:
                 self._logRefusal("DATA", reply, tx.mail, queueID=message.queueID)
@@ -658,6 +666,7 @@ class MailTransactions:
         _log.info(
             "refused {stage} from {peer}: {code} {enhanced} "
             "sender=<{sender}> recipient=<{recipient}> queueID={queueID}",
+            event="transaction.refused",
             stage=stage,
             peer=self._owner.peer,
             code=reply.code,
