@@ -517,6 +517,7 @@ def buildService(
     from mailfw.tls import serverTLSOptions
 
     config.dataDir.mkdir(parents=True, exist_ok=True)
+    tracingService = _tracingService(reactor)
     context = config.context(reactor)
 
     queue: IMessageQueue = _build(IMessageQueueFactory, "[queue]", context, "queue", config.queue, plugins)
@@ -571,6 +572,9 @@ def buildService(
         else None
     )
     top = MailfwService(queue)
+    if tracingService is not None:
+        # First child: stopped last, after every span is ended.
+        tracingService.setServiceParent(top)
     scheduler.setServiceParent(top)
     if authSetup is not None:
         authSetup.service.setName("auth-threads")
@@ -651,6 +655,46 @@ def buildService(
         queue=_describe(queue, config.queue.get("plugin")),
     )
     return top
+
+
+class _TracingService(Service):
+    """
+    Exports the spans left when the server stops (L{mailfw.tracing}); the
+    exporter may wait for its collector, so that runs in a thread.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def stopService(self) -> Deferred[None]:
+        from twisted.internet.threads import deferToThreadPool
+
+        from mailfw import tracing
+
+        super().stopService()
+        d: Deferred[None] = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), tracing.shutdown)
+        d.addErrback(lambda f: log.failure("exporting the last spans failed", f))
+        return d
+
+
+def _tracingService(reactor: Any) -> Service | None:
+    """
+    Turn tracing on if the C{OTEL_*} environment asks for it (see
+    L{mailfw.tracing}), and return the service that ends it.
+
+    @raise ConfigError: if traces are asked for but cannot be made.
+    """
+    from mailfw import tracing
+
+    try:
+        if not tracing.configureFromEnvironment():
+            return None
+    except tracing.TracingUnavailable as e:
+        raise ConfigError(f"tracing: {e}") from None
+    log.info("tracing: spans exported as OTEL_TRACES_EXPORTER says")
+    service = _TracingService(reactor)
+    service.setName("tracing")
+    return service
 
 
 def _adopt(

@@ -313,6 +313,7 @@ def envelopeToJSON(envelope: Envelope) -> str:
             "peerHost": envelope.peerHost,
             "authenticated": envelope.authenticated,
             "arrival": envelope.arrival,
+            "traceparent": envelope.traceparent,
         },
         ensure_ascii=False,
         separators=(",", ":"),
@@ -337,6 +338,7 @@ def envelopeFromJSON(text: str) -> Envelope:
         peerHost=data["peerHost"],
         authenticated=data["authenticated"],
         arrival=data["arrival"],
+        traceparent=data.get("traceparent", ""),
     )
 
 

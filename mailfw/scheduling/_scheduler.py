@@ -122,6 +122,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailfw import tracing
 from mailfw.address import Address
 from mailfw.config import Section
 from mailfw.envelope import RecipientOutcome, Route, RouteKind
@@ -693,6 +694,25 @@ class Scheduler(Service):
             recipients=tuple(qr.recipient for qr, _ in members),
             queueID=lease.queueID,
         )
+        # Each attempt is a span of the message's trace (stored with it);
+        # the agent's own spans hang below it (Envelope.traceparent).
+        span = (
+            tracing.startSpan(
+                "delivery",
+                traceparent=envelope.traceparent,
+                attributes={
+                    "mailfw.queue_id": lease.queueID,
+                    "mailfw.agent": agentName,
+                    "mailfw.nexthop": nexthop or "",
+                    "mailfw.attempt": 1 + max(qr.attempts for qr, _ in members),
+                    "smtp.recipients": len(members),
+                },
+            )
+            if tracing.enabled()
+            else None
+        )
+        if span is not None:
+            envelope = replace(envelope, traceparent=tracing.traceparentOf(span))
         agent = self._agents[agentName]
         try:
             d = maybeDeferred(agent.deliver, envelope, body, nexthop)
@@ -718,6 +738,8 @@ class Scheduler(Service):
             outcomes = [RecipientOutcome(qr.recipient, AGENT_FAILED) for qr, _ in members]
         else:
             self._feedback(key, destination, outcomes)
+        if span is not None:
+            _endAttempt(span, outcomes)
         return [(qr, route, outcome) for (qr, route), outcome in zip(members, outcomes, strict=False)]
 
     # --- deciding ------------------------------------------------------------------
@@ -939,6 +961,25 @@ class Scheduler(Service):
         if destination.successes >= destination.window:
             destination.successes = 0
             destination.window = min(destination.window + 1, self.maxPerDestination)
+
+
+def _endAttempt(span: Any, outcomes: Sequence[RecipientOutcome]) -> None:
+    """
+    End a delivery attempt's span with how its recipients fared; the
+    first reply that was not a success marks it failed.
+    """
+    worst = next((o.reply for o in outcomes if not o.delivered), None)
+    reply = worst if worst is not None else (outcomes[0].reply if outcomes else None)
+    tracing.endSpan(
+        span,
+        None if reply is None else reply.code,
+        "" if reply is None else reply.enhanced,
+        attributes={
+            "mailfw.delivered": sum(o.delivered for o in outcomes),
+            "mailfw.deferred": sum(o.deferred for o in outcomes),
+            "mailfw.failed": sum(o.failed for o in outcomes),
+        },
+    )
 
 
 def _housekeeping(schedule: RetrySchedule, arrival: float, warned: bool) -> float:
