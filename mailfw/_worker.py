@@ -40,7 +40,7 @@ def main(argv: Sequence[str]) -> int:
     options = Options()
     try:
         options.parseOptions(rest)
-        service = buildService(options.serverConfig, reactor, worker=sockets)
+        service = buildService(options.serverConfig, reactor, worker=sockets, reloadArguments=rest)
     except (usage.UsageError, ConfigError) as e:
         sys.stderr.write(f"mailfw worker {number}: {e}\n")
         return 1

@@ -280,6 +280,21 @@ class Scheduler(Service):
         if ILeaseOffers.providedBy(queue):
             ILeaseOffers(queue).offerNew(self._room, self._take)
 
+    def useRouting(
+        self,
+        router: IRouter,
+        agents: Mapping[str, IDeliveryAgent],
+        holdForETRN: Callable[[Address], bool],
+    ) -> None:
+        """
+        A configuration reload: recipients claimed from now on are routed
+        by C{router} and delivered by C{agents}; deliveries under way
+        finish with the agents they have.
+        """
+        self._router = router
+        self.agents = self._agents = agents
+        self._holdForETRN = holdForETRN
+
     # --- the service ----------------------------------------------------------
 
     def startService(self) -> None:
@@ -713,7 +728,12 @@ class Scheduler(Service):
         )
         if span is not None:
             envelope = replace(envelope, traceparent=tracing.traceparentOf(span))
-        agent = self._agents[agentName]
+        agent = self._agents.get(agentName)
+        if agent is None:
+            # A reload removed it since this lease was routed.
+            outcomes = [RecipientOutcome(qr.recipient, UNKNOWN_AGENT) for qr, _ in members]
+            tracing.endSpan(span, UNKNOWN_AGENT.code, UNKNOWN_AGENT.enhanced)
+            return [(qr, route, o) for (qr, route), o in zip(members, outcomes, strict=True)]
         try:
             d = maybeDeferred(agent.deliver, envelope, body, nexthop)
             d.addTimeout(self.leaseSeconds, self._clock)
