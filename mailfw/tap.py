@@ -610,6 +610,7 @@ class Lifecycle(Service):
         self.workers: WorkerPool | None = None
         self.control: Any = None
         self._retired: list[tuple[IService, list[Any]]] = []
+        self._retireLater: Any = None
         self._previousHandler: Any = None
         self._handling = False
 
@@ -759,17 +760,11 @@ class Lifecycle(Service):
         if self.control is not None:
             self.control.quotas = components.authSetup.quotas if components.authSetup is not None else None
         parent = self.parent
-        if old.authSetup is not None and parent is not None:
+        if old.authSetup is not None:
             # Sessions connected before the reload may still ask the old
-            # password checker: it stops once they are all gone.
-            oldService = old.authSetup.service
-            if oldService.name == "auth-threads":
-                oldService.disownServiceParent()
-                oldService.setName(f"auth-threads-{id(oldService)}")
-                oldService.setServiceParent(parent)
-            self._retired.append((oldService, openSessions))
+            # password checker: its threads stop once they are all gone.
+            self._retired.append((old.authSetup.service, openSessions))
         if components.authSetup is not None and parent is not None:
-            components.authSetup.service.setName("auth-threads")
             components.authSetup.service.setServiceParent(parent)
         self._retire()
 
@@ -785,8 +780,12 @@ class Lifecycle(Service):
             elif service.parent is not None:
                 service.disownServiceParent()
         self._retired = still
-        if still and self.running:
-            self._reactor.callLater(60, self._retire)
+        if still and self.running and self._retireLater is None:
+            self._retireLater = self._reactor.callLater(60, self._retireAgain)
+
+    def _retireAgain(self) -> None:
+        self._retireLater = None
+        self._retire()
 
     # --- stop ---------------------------------------------------------------------
 
@@ -796,6 +795,9 @@ class Lifecycle(Service):
         C{[server] shutdown_grace} seconds.
         """
         super().stopService()
+        if self._retireLater is not None and self._retireLater.active():
+            self._retireLater.cancel()
+        self._retireLater = None
         if self._handling:
             signal.signal(signal.SIGHUP, self._previousHandler or signal.SIG_DFL)
             self._handling = False
