@@ -299,11 +299,15 @@ class MailfwService(MultiService):
     The whole server: every service that uses the queue is a child, and the
     queue is closed only after all of them have stopped (the scheduler
     waits for deliveries in flight to be recorded, listeners for commits).
+
+    @ivar afterClose: called, in order, once the queue is closed (the last
+        spans are exported then, when every span has ended).
     """
 
     def __init__(self, queue: IMessageQueue) -> None:
         super().__init__()
         self.queue = queue
+        self.afterClose: list[Callable[[], object]] = []
 
     def stopService(self) -> Deferred[None]:
         d: Deferred[None] = maybeDeferred(super().stopService)
@@ -311,7 +315,14 @@ class MailfwService(MultiService):
         def close(result: object) -> Deferred[None]:
             return self.queue.close()
 
-        return d.addBoth(close)
+        d.addBoth(close)
+
+        def then(result: object, call: Callable[[], object]) -> object:
+            return call()
+
+        for call in self.afterClose:
+            d.addBoth(then, call)
+        return d
 
 
 def _targetOwner(options: usage.Options) -> tuple[int, int] | None:
@@ -687,11 +698,12 @@ class Lifecycle(Service):
             options = Options()
             options.parseOptions(self._reloadArguments or [])
             config = options.serverConfig
-        except usage.UsageError as e:
+        except Exception as e:
+            reason = str(e) if isinstance(e, usage.UsageError) else f"{type(e).__name__}: {e}"
             self.log.error(
                 "configuration reload from {path} failed, keeping the running configuration: {reason}",
                 path=path,
-                reason=str(e),
+                reason=reason,
             )
         else:
             self.reload(config, path)
@@ -867,7 +879,7 @@ def buildService(
     from mailfw.scheduling._scheduler import schedulerFromConfig
 
     config.dataDir.mkdir(parents=True, exist_ok=True)
-    tracingService = _tracingService(reactor)
+    exportLastSpans = _startTracing(reactor)
     context = config.context(reactor)
 
     queue: IMessageQueue = _build(IMessageQueueFactory, "[queue]", context, "queue", config.queue, plugins)
@@ -900,9 +912,8 @@ def buildService(
         raise
 
     top = MailfwService(queue)
-    if tracingService is not None:
-        # First child: stopped last, after every span is ended.
-        tracingService.setServiceParent(top)
+    if exportLastSpans is not None:
+        top.afterClose.append(exportLastSpans)
     scheduler.setServiceParent(top)
     if authSetup is not None:
         authSetup.service.setName("auth-threads")
@@ -976,33 +987,19 @@ def buildService(
     return top
 
 
-class _TracingService(Service):
-    """
-    Exports the spans left when the server stops (L{mailfw.tracing}); the
-    exporter may wait for its collector, so that runs in a thread.
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
-
-    def stopService(self) -> Deferred[None]:
-        from twisted.internet.threads import deferToThreadPool
-
-        from mailfw import tracing
-
-        super().stopService()
-        d: Deferred[None] = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), tracing.shutdown)
-        d.addErrback(lambda f: log.failure("exporting the last spans failed", f))
-        return d
-
-
-def _tracingService(reactor: Any) -> Service | None:
+def _startTracing(reactor: Any) -> Callable[[], Deferred[None]] | None:
     """
     Turn tracing on if the C{OTEL_*} environment asks for it (see
-    L{mailfw.tracing}), and return the service that ends it.
+    L{mailfw.tracing}).
 
+    @return: what exports the last spans when the server has stopped (the
+        exporter may wait for its collector, so that runs in a thread), or
+        C{None} when tracing is off.
     @raise ConfigError: if traces are asked for but cannot be made.
     """
+    from twisted.internet.interfaces import IReactorThreads
+    from twisted.internet.threads import deferToThreadPool
+
     from mailfw import tracing
 
     try:
@@ -1011,9 +1008,15 @@ def _tracingService(reactor: Any) -> Service | None:
     except tracing.TracingUnavailable as e:
         raise ConfigError(f"tracing: {e}") from None
     log.info("tracing: spans exported as OTEL_TRACES_EXPORTER says")
-    service = _TracingService(reactor)
-    service.setName("tracing")
-    return service
+
+    def exportLastSpans() -> Deferred[None]:
+        if IReactorThreads.providedBy(reactor):
+            d: Deferred[None] = deferToThreadPool(reactor, reactor.getThreadPool(), tracing.shutdown)
+        else:
+            d = maybeDeferred(tracing.shutdown)
+        return d.addErrback(lambda f: log.failure("exporting the last spans failed", f))
+
+    return exportLastSpans
 
 
 def _adopt(

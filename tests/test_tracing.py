@@ -391,3 +391,58 @@ class EnvironmentTests(SynchronousTestCase):
         self.addCleanup(lambda: sys.modules.__setitem__(name, saved) if saved else sys.modules.pop(name))
         e = self.assertRaises(tracing.TracingUnavailable, tracing.configureFromEnvironment)
         self.assertIn("mailfw[otel]", str(e))
+
+    @NEEDS_OTEL
+    def test_server(self) -> None:
+        """
+        The server turns tracing on when the environment asks, and exports
+        the spans left only once it has stopped and closed its queue; then
+        tracing is off.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        from mailfw.tap import buildService
+
+        _Environment(self, OTEL_TRACES_EXPORTER="console", OTEL_SDK_DISABLED="")
+        service = buildService(_memoryConfig(self), MemoryReactorClock())
+        self.assertTrue(tracing.enabled())
+        service.startService()
+        closed: list[bool] = []
+        service.afterClose.insert(0, lambda: closed.append(tracing.enabled()))
+        self.successResultOf(service.stopService())
+        self.assertEqual(closed, [True])
+        self.assertFalse(tracing.enabled())
+
+    def test_serverRefusesToStart(self) -> None:
+        """
+        Traces asked for but impossible (here: the SDK missing) stop the
+        server at start-up with a configuration error naming tracing.
+        """
+        import sys
+
+        from twisted.internet.testing import MemoryReactorClock
+
+        from mailfw.config import ConfigError
+        from mailfw.tap import buildService
+
+        _Environment(self, OTEL_TRACES_EXPORTER="console", OTEL_SDK_DISABLED="")
+        name = "opentelemetry.sdk._configuration"
+        saved = sys.modules.get(name)
+        sys.modules[name] = None  # type: ignore[assignment]
+        self.addCleanup(lambda: sys.modules.__setitem__(name, saved) if saved else sys.modules.pop(name))
+        e = self.assertRaises(ConfigError, buildService, _memoryConfig(self), MemoryReactorClock())
+        self.assertTrue(str(e).startswith("tracing: OTEL_TRACES_EXPORTER=console"), str(e))
+
+
+def _memoryConfig(case: SynchronousTestCase) -> Any:
+    from pathlib import Path
+
+    from mailfw.config import loadConfig
+
+    path = Path(case.mktemp())
+    path.mkdir(parents=True)
+    (path / "mailfw.toml").write_text(
+        '[listen]\nsmtp = ["tcp:2525"]\n[queue]\nplugin = "memory"\n'
+        '[routing]\nplugin = "static"\n[delivery.local]\nplugin = "discard"\n'
+    )
+    return loadConfig(str(path / "mailfw.toml"), hostname="mx.test")
