@@ -317,8 +317,9 @@ class MailfwService(MultiService):
 
         d.addBoth(close)
 
-        def then(result: object, call: Callable[[], object]) -> object:
-            return call()
+        def then(result: object, call: Callable[[], object]) -> Deferred[object]:
+            # A failure to close stays the result.
+            return maybeDeferred(call).addBoth(lambda _: result)
 
         for call in self.afterClose:
             d.addBoth(then, call)

@@ -14,6 +14,7 @@ Reload and stop against a real C{twistd -n mailfw} on loopback.
 
 from __future__ import annotations
 
+import re
 import signal
 import smtplib
 import socket
@@ -202,7 +203,8 @@ def test_termFinishesTransaction(tmp_path: Path) -> None:
     assert time.monotonic() - started < grace
     # twistd ends itself with the signal that stopped it.
     assert server.process.returncode == -signal.SIGTERM
-    assert "stopping: waiting up to 10s for 1 sessions" in _log(server)
+    # (The start-up check's own connection may still count.)
+    assert re.search(r"stopping: waiting up to 10s for [12] sessions", _log(server))
     assert "Traceback" not in _log(server)
 
     server.start()
