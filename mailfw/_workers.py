@@ -271,9 +271,11 @@ class _WorkerProtocol(ProcessProtocol):
 
 class WorkerPool(Service):
     """
-    Starts the workers once the parent listens, and stops them.
+    Starts the workers once the parent listens, passes signals on to them
+    (L{signalWorkers}), and stops them.
 
-    @ivar stopTimeout: seconds between SIGTERM and SIGKILL on stop.
+    @ivar stopTimeout: seconds between SIGTERM and SIGKILL on stop: more
+        than the workers' own grace period for their sessions.
     """
 
     log = Logger()
@@ -360,6 +362,14 @@ class WorkerPool(Service):
             )
         else:
             self.log.info("worker {worker} stopped", worker=protocol.number)
+
+    def signalWorkers(self, name: str) -> None:
+        """
+        Send signal C{name} (C{"HUP"}: reload) to every worker.
+        """
+        for _, transport in list(self.workers.values()):
+            with contextlib.suppress(Exception):  # already gone: processEnded follows
+                transport.signalProcess(name)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

@@ -204,6 +204,7 @@ class ServerConfig:
     scheduler: dict[str, object] = field(default_factory=dict)
     auth: dict[str, object] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    shutdownGrace: float = 30.0
 
     def context(self, reactor: Any) -> ComponentContext:
         return ComponentContext(
@@ -311,6 +312,7 @@ def loadConfig(
     resolvedDir = (baseDir / configuredDir) if dataDir is None else Path(configuredDir)
     name = hostname or server.text("hostname", None) or socket.gethostname()
     workers = server.integer("workers", 1, minimum=1)
+    shutdownGrace = server.number("shutdown_grace", 30.0, minimum=0)
     server.finish()
 
     listenSection = Section("[listen]", raw.get("listen", {}))
@@ -374,4 +376,5 @@ def loadConfig(
         scheduler=dict(raw.get("scheduler", {})),
         auth=dict(raw.get("auth", {})),
         raw=raw,
+        shutdownGrace=shutdownGrace,
     )

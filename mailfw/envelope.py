@@ -95,6 +95,10 @@ class Envelope:
         log events); empty before.
     @ivar requireTLS: the sender asked for REQUIRETLS (RFC 8689): the
         message leaves only over verified TLS to hosts that offer it too.
+    @ivar traceparent: the W3C C{traceparent} of the span this message's
+        work belongs to (L{mailfw.tracing}), stored with the message so
+        that a retry days later joins the same trace; empty when tracing
+        was off.
     """
 
     sender: Address | None
@@ -110,6 +114,7 @@ class Envelope:
     arrival: float = 0.0
     queueID: str = ""
     requireTLS: bool = False
+    traceparent: str = ""
 
     @property
     def senderText(self) -> str:

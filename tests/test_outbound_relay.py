@@ -226,7 +226,7 @@ class PolicyRelayTests(SynchronousTestCase):
         )
         [outcome] = deliver(agent, network, envelope())
         self.assertEqual(outcome.reply.code, 250)
-        warned = [e for e in events if "would be refused under enforce" in e.get("log_format", "")]
+        warned = [e for e in events if "would be refused under enforce" in (e.get("log_format") or "")]
         self.assertEqual([e["host"] for e in warned], ["mx1.example.net"])
         counts = self.successResultOf(Deferred.fromCoroutine(results.counts("1970-01-01", "example.net")))
         self.assertEqual(counts, {("sts", "validation-failure"): 1})

@@ -185,7 +185,7 @@ class DNSBLPolicyTests(SynchronousTestCase):
             self.assertEqual(verdictOf(p), CONTINUE)
             clock.advance(3600)
             self.assertEqual(verdictOf(p), CONTINUE)
-        warnings = [e for e in events if "refused the query" in e.get("log_format", "")]
+        warnings = [e for e in events if "refused the query" in (e.get("log_format") or "")]
         self.assertEqual(len(warnings), 2, "expected one warning per zone and hour")
 
     def test_dnsFailureIsNoListing(self) -> None:

@@ -51,6 +51,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailfw import tracing
 from mailfw.config import ConfigError, Section
 from mailfw.delivery._maildir import ThreadPoolRunner
 from mailfw.envelope import Envelope, RecipientOutcome
@@ -260,7 +261,12 @@ class SMTPRelayAgent:
             self.log.error("Bad next hop {nexthop}: {why}", agent=self.name, nexthop=nexthop, why=str(e))
             return everyone(BAD_NEXTHOP)
         port = parsed.port or self.port
-        resolution: Resolution = yield self.resolver.resolve(nexthop)
+        trace = envelope.traceparent
+        resolution: Resolution = yield tracing.tracedDeferred(
+            tracing.continueSpan(trace, "dns", {"mailfw.nexthop": nexthop}),
+            self.resolver.resolve(nexthop),
+            _resolutionCode,
+        )
         if resolution.failure is not None:
             return everyone(resolution.failure)
 
@@ -293,7 +299,9 @@ class SMTPRelayAgent:
                 cached.client.quit()
                 continue
             try:
-                reused: list[SMTPReply] = yield cached.client.transaction(envelope, body)
+                reused: list[SMTPReply] = yield _traced(
+                    trace, "smtp.transaction", host, port, cached.client.transaction(envelope, body), True
+                )
             except HostFailure as f:
                 cached.client.quit()
                 if f.permanent:
@@ -331,7 +339,7 @@ class SMTPRelayAgent:
                     client.maxTransactions = yield self._gate.connect(domain, host.name)
                 connectedAt = self.clock.seconds()
                 try:
-                    yield self.connect(host, port, client)
+                    yield _traced(trace, "connect", host, port, self.connect(host, port, client))
                 except Exception as e:
                     self.log.info(
                         "Cannot connect to {host}[{address}]:{port} for {nexthop}: {why}",
@@ -349,14 +357,17 @@ class SMTPRelayAgent:
                     break
                 lastHost = host.name
                 try:
-                    yield client.handshake()
+                    # The greeting, EHLO and STARTTLS with its TLS handshake.
+                    yield _traced(trace, "handshake", host, port, client.handshake(), tls=client)
                     if self._requireTLSRefused(envelope, client):
                         client.quit()
                         lastReply = REQUIRETLS_FAILED
                         break
                     if client.tls:
                         self._recordTLS(nexthop, hostTLS, "validation-failure" if testing else None)
-                    replies: list[SMTPReply] = yield client.transaction(envelope, body)
+                    replies: list[SMTPReply] = yield _traced(
+                        trace, "smtp.transaction", host, port, client.transaction(envelope, body)
+                    )
                 except TLSFailure as f:
                     lastReply = f.reply
                     self._recordTLS(nexthop, hostTLS, "validation-failure")
@@ -547,6 +558,51 @@ def tlsNotRequired(body: IMessageBody, limit: int = 64 * 1024) -> bool:
         if sep and name.strip().lower() == b"tls-required" and value.strip().lower() == b"no":
             return True
     return False
+
+
+def _resolutionCode(resolution: Resolution) -> int | None:
+    return None if resolution.failure is None else resolution.failure.code
+
+
+def _traced(
+    traceparent: str,
+    name: str,
+    host: MailHost,
+    port: int,
+    d: Deferred[Any],
+    reused: bool = False,
+    tls: SMTPClient | None = None,
+) -> Deferred[Any]:
+    """
+    C{d}, one step with C{host}, as a span below the delivery attempt
+    (L{mailfw.tracing}): the remote replies of a transaction (the worst
+    one ends the span), the TLS outcome of a handshake.
+    """
+    span = tracing.continueSpan(
+        traceparent,
+        name,
+        {
+            "net.peer.name": host.name,
+            "net.peer.ip": host.address,
+            "net.peer.port": port,
+            "mailfw.reused": reused,
+        },
+    )
+    if span is None:
+        return d
+
+    def ended(result: Any) -> Any:
+        if tls is not None:
+            span.set_attribute("tls.negotiated", tls.tls)
+            if tls.tlsInfo:
+                span.set_attribute("tls.info", tls.tlsInfo)
+        if isinstance(result, list) and result and isinstance(result[0], SMTPReply):
+            span.set_attribute("smtp.replies", [f"{r.code} {r.enhanced}".strip() for r in result])
+            return max(r.code for r in result)
+        return None
+
+    traced: Deferred[Any] = tracing.tracedDeferred(span, d, ended)
+    return traced
 
 
 def tcpConnector(reactor: Any, timeout: float, sourceAddress: str | None = None) -> Connector:

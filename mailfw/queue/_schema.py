@@ -314,6 +314,7 @@ def envelopeToJSON(envelope: Envelope) -> str:
             "authenticated": envelope.authenticated,
             "arrival": envelope.arrival,
             "requireTLS": envelope.requireTLS,
+            "traceparent": envelope.traceparent,
         },
         ensure_ascii=False,
         separators=(",", ":"),
@@ -339,6 +340,7 @@ def envelopeFromJSON(text: str) -> Envelope:
         authenticated=data["authenticated"],
         arrival=data["arrival"],
         requireTLS=data.get("requireTLS", False),
+        traceparent=data.get("traceparent", ""),
     )
 
 

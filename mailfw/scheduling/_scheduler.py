@@ -132,6 +132,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailfw import tracing
 from mailfw.address import Address
 from mailfw.config import Section
 from mailfw.envelope import RecipientOutcome, Route, RouteKind
@@ -314,6 +315,21 @@ class Scheduler(Service):
         queue.notifyDue(self._notified)
         if ILeaseOffers.providedBy(queue):
             ILeaseOffers(queue).offerNew(self._room, self._take)
+
+    def useRouting(
+        self,
+        router: IRouter,
+        agents: Mapping[str, IDeliveryAgent],
+        holdForETRN: Callable[[Address], bool],
+    ) -> None:
+        """
+        A configuration reload: recipients claimed from now on are routed
+        by C{router} and delivered by C{agents}; deliveries under way
+        finish with the agents they have.
+        """
+        self._router = router
+        self.agents = self._agents = agents
+        self._holdForETRN = holdForETRN
 
     # --- the service ----------------------------------------------------------
 
@@ -816,8 +832,32 @@ class Scheduler(Service):
             recipients=tuple(qr.recipient for qr, _ in members),
             queueID=lease.queueID,
         )
-        agent = self._agents[agentName]
+        # Each attempt is a span of the message's trace (stored with it);
+        # the agent's own spans hang below it (Envelope.traceparent).
+        span = (
+            tracing.startSpan(
+                "delivery",
+                traceparent=envelope.traceparent,
+                attributes={
+                    "mailfw.queue_id": lease.queueID,
+                    "mailfw.agent": agentName,
+                    "mailfw.nexthop": nexthop or "",
+                    "mailfw.attempt": 1 + max(qr.attempts for qr, _ in members),
+                    "smtp.recipients": len(members),
+                },
+            )
+            if tracing.enabled()
+            else None
+        )
+        if span is not None:
+            envelope = replace(envelope, traceparent=tracing.traceparentOf(span))
         started = self._clock.seconds()
+        agent = self._agents.get(agentName)
+        if agent is None:
+            # A reload removed it since this lease was routed.
+            outcomes = [RecipientOutcome(qr.recipient, UNKNOWN_AGENT) for qr, _ in members]
+            tracing.endSpan(span, UNKNOWN_AGENT.code, UNKNOWN_AGENT.enhanced)
+            return [(qr, route, o) for (qr, route), o in zip(members, outcomes, strict=True)]
         try:
             d = maybeDeferred(agent.deliver, envelope, body, nexthop)
             d.addTimeout(self.leaseSeconds, self._clock)
@@ -851,6 +891,8 @@ class Scheduler(Service):
             count=len(members),
             duration=self._clock.seconds() - started,
         )
+        if span is not None:
+            _endAttempt(span, outcomes)
         return [(qr, route, outcome) for (qr, route), outcome in zip(members, outcomes, strict=False)]
 
     # --- deciding ------------------------------------------------------------------
@@ -1119,6 +1161,25 @@ def _leaves(route: Route) -> bool:
     Whether a route's mail goes to other hosts (relayed, or to a next hop).
     """
     return route.kind is RouteKind.RELAY or route.nexthop is not None
+
+
+def _endAttempt(span: Any, outcomes: Sequence[RecipientOutcome]) -> None:
+    """
+    End a delivery attempt's span with how its recipients fared; the
+    first reply that was not a success marks it failed.
+    """
+    worst = next((o.reply for o in outcomes if not o.delivered), None)
+    reply = worst if worst is not None else (outcomes[0].reply if outcomes else None)
+    tracing.endSpan(
+        span,
+        None if reply is None else reply.code,
+        "" if reply is None else reply.enhanced,
+        attributes={
+            "mailfw.delivered": sum(o.delivered for o in outcomes),
+            "mailfw.deferred": sum(o.deferred for o in outcomes),
+            "mailfw.failed": sum(o.failed for o in outcomes),
+        },
+    )
 
 
 def _housekeeping(schedule: RetrySchedule, arrival: float, warned: bool) -> float:

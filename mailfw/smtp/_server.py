@@ -79,6 +79,9 @@ _HTTP_REQUEST = re.compile(rb"[!-~]+ [!-~]+ HTTP/[0-9]")
 # full write buffer) before it is aborted.
 CLOSE_GRACE = 10.0
 
+# What a stopping server says once a session has no transaction under way.
+SHUTTING_DOWN = SMTPReply(421, "4.3.2", "Service shutting down, closing transmission channel")
+
 
 @functools.lru_cache(maxsize=512)
 def _wire(reply: SMTPReply, enhanced: bool) -> bytes:
@@ -134,6 +137,7 @@ class SMTPServerProtocol(Protocol):
         self._handedTo: IProtocol | None = None
         self._connectResults: tuple[AuthResult, ...] = ()
         self._heloResults: tuple[AuthResult, ...] = ()
+        self._stopping = False
 
     @property
     def avatar(self) -> Any:
@@ -237,6 +241,28 @@ class SMTPServerProtocol(Protocol):
             # A TLS close waits for the peer, and a peer that never reads
             # keeps our write buffer full: neither may hold the slot.
             self._abortLater = self.settings.clock.callLater(CLOSE_GRACE, self._abortClose)
+
+    def stopWhenIdle(self) -> None:
+        """
+        The server is stopping: say 421 and hang up as soon as no mail
+        transaction is under way and every reply is out (at once if that
+        is now), so that a message being sent is still accepted.  A
+        session handed over (ODMR) is left to the server's grace period.
+        """
+        self._stopping = True
+        self._closeIfStopping()
+
+    def _closeIfStopping(self) -> bool:
+        if (
+            not self._stopping
+            or self.state.closing
+            or self._handedTo is not None
+            or self.transactions.active
+            or self.replies.pending
+        ):
+            return False
+        self.replies.respond(Answer(self.closingReply(SHUTTING_DOWN), True))
+        return True
 
     def _abortClose(self) -> None:
         self._abortLater = None
@@ -384,6 +410,8 @@ class SMTPServerProtocol(Protocol):
         """
         state = self.state
         if state.draining or self._handedTo is not None:
+            return
+        if self._stopping and self._closeIfStopping():
             return
         line, state.stalled = state.stalled, None
         if line is not None:

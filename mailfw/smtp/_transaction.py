@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailfw import tracing
 from mailfw.envelope import Envelope, Recipient, RouteKind, Session
 from mailfw.policy._chain import MessageChecks, Stage
 from mailfw.reply import SMTPReply
@@ -96,6 +97,8 @@ class _Transaction:
     message: MessageSink | None = None
     chunks: ChunkReader | None = None
     checking: int = 0
+    trace: Any = None
+    ending: bool = False
 
     def carry(self, verdicts: list[Verdict]) -> None:
         """
@@ -179,16 +182,20 @@ class MailTransactions:
         being received is thrown away.
         """
         tx, self._current = self._current, None
-        if tx is not None and tx.message is not None:
-            tx.message.abort()
+        if tx is not None:
+            _abandonTrace(tx)
+            if tx.message is not None:
+                tx.message.abort()
 
     def cancel(self) -> None:
         """
         The connection is gone: also stop waiting for the policies.
         """
         tx, self._current = self._current, None
-        if tx is not None and tx.message is not None:
-            tx.message.cancel()
+        if tx is not None:
+            _abandonTrace(tx)
+            if tx.message is not None:
+                tx.message.cancel()
 
     # --- MAIL and RCPT --------------------------------------------------------------
 
@@ -246,12 +253,29 @@ class MailTransactions:
             replies.respond(R.TOO_MANY_TRANSACTIONS)
             return
         mail: MailFrom = parsed
+        # One trace per message, from MAIL on (L{mailfw.tracing}).
+        trace = (
+            tracing.startSpan(
+                "smtp.receive",
+                attributes={
+                    "mailfw.listener": settings.kind,
+                    "mailfw.peer": self._owner.peer,
+                    "smtp.sender": "" if mail.sender is None else str(mail.sender),
+                },
+            )
+            if tracing.enabled()
+            else None
+        )
 
         carried: list[Verdict] = []
 
         def ask() -> Deferred[Answer]:
             return settings.chain.ask(
-                Stage.MAIL, lambda p: p.checkSender(session, mail.sender, mail.parameters), self._owner.peer
+                Stage.MAIL,
+                tracing.tracedCall(
+                    trace, "sender", lambda p: p.checkSender(session, mail.sender, mail.parameters)
+                ),
+                self._owner.peer,
             ).addCallback(self._stageAnswer, Answer(R.MAIL_OK), carried)
 
         def quotaChecked(overQuota: SMTPReply | None) -> Deferred[Answer] | Answer:
@@ -260,9 +284,10 @@ class MailTransactions:
         def then(answer: Answer) -> None:
             if answer.reply.isPositive:
                 self.started += 1
-                tx = self._current = _Transaction(mail, results=list(self._owner.sessionResults))
+                tx = self._current = _Transaction(mail, trace=trace, results=list(self._owner.sessionResults))
                 tx.carry(carried)
             else:
+                tracing.endSpan(trace, answer.reply.code, answer.reply.enhanced)
                 self._logRefusal("MAIL", answer.reply, mail)
 
         quotas, user = settings.quotas, session.authenticated
@@ -340,6 +365,9 @@ class MailTransactions:
         routed: Deferred[Any] = maybeDeferred(settings.router.route, recipient.address, session)
         if not routed.called:
             routed.addTimeout(settings.limits.policyTimeout, settings.clock)
+        if tx.trace is not None:
+            span = tracing.childSpan(tx.trace, "route", {"smtp.recipient": str(recipient.address)})
+            tracing.tracedDeferred(span, routed)
 
         def afterRoute(route: Any) -> Deferred[Answer] | Answer:
             if route.kind is RouteKind.REFUSE:
@@ -350,7 +378,11 @@ class MailTransactions:
             if route.kind is RouteKind.LOCAL and recipient.address.localpart.lower() == "postmaster":
                 return accept
             return settings.chain.ask(
-                Stage.RCPT, lambda p: p.checkRecipient(session, envelope, recipient), peer
+                Stage.RCPT,
+                tracing.tracedCall(
+                    tx.trace, "recipient", lambda p: p.checkRecipient(session, envelope, recipient)
+                ),
+                peer,
             ).addCallback(self._stageAnswer, accept, carried)
 
         def failed(f: Failure) -> Answer:
@@ -386,6 +418,7 @@ class MailTransactions:
             authenticated=session.authenticated,
             arrival=self._settings.clock.seconds(),
             requireTLS=mail.requireTLS,
+            traceparent=tracing.traceparentOf(tx.trace),
         )
 
     # --- the message --------------------------------------------------------------
@@ -484,6 +517,11 @@ class MailTransactions:
         assert message is not None
         clock = self._settings.clock
         ended = clock.seconds()
+        trace = tx.trace
+        if trace is not None:
+            tx.ending = True
+            span = tracing.childSpan(trace, "enqueue", {"mailfw.queue_id": message.queueID})
+            d = tracing.tracedDeferred(span, d, _answerCode)
 
         def logged(answer: Answer) -> Answer:
             # Logged as soon as known, also if the client has gone meanwhile.
@@ -505,6 +543,18 @@ class MailTransactions:
                 )
             else:
                 self._logRefusal("DATA", reply, tx.mail, queueID=message.queueID)
+            if trace is not None:
+                tx.trace = None
+                tracing.endSpan(
+                    trace,
+                    reply.code,
+                    reply.enhanced,
+                    attributes={
+                        "mailfw.queue_id": message.queueID,
+                        "smtp.recipients": len(message.envelope.recipients),
+                        "smtp.size": message.size,
+                    },
+                )
             return answer
 
         def then(answer: Answer) -> None:
@@ -582,6 +632,7 @@ class MailTransactions:
             if not answer.reply.isPositive and self._current is tx:
                 # RFC 3030 2: a refused chunk fails the transaction.
                 self._current = None
+                _abandonTrace(tx)
                 self._logRefusal("BDAT", answer.reply, tx.mail, queueID=message.queueID)
 
         d = message.check(reader.bareLineEnding, reader.lineTooLong).addCallback(checked)
@@ -613,8 +664,15 @@ class MailTransactions:
             # Nothing to ask: no Deferred callbacks on the hot path.
             return succeed(decided(_NO_VERDICT))
         session = self._owner.session
+        tx = self._current
         return settings.chain.ask(
-            Stage.HEADERS, lambda p: p.checkMessage(session, envelope, header), self._owner.peer
+            Stage.HEADERS,
+            tracing.tracedCall(
+                tx.trace if tx is not None else None,
+                "message",
+                lambda p: p.checkMessage(session, envelope, header),
+            ),
+            self._owner.peer,
         ).addCallback(decided)
 
     def openChecks(self, envelope: Envelope, header: bytes) -> MessageChecks | None:
@@ -675,3 +733,20 @@ class MailTransactions:
             recipient="" if recipient is None else str(recipient.address),
             queueID=queueID,
         )
+
+
+def _answerCode(answer: Answer) -> int:
+    return answer.reply.code
+
+
+def _abandonTrace(tx: _Transaction) -> None:
+    """
+    End the trace of a transaction that ends without its end-of-data
+    reply (RSET, a refused chunk, the client gone).  One whose message is
+    being committed is ended by that reply instead: it may still be
+    accepted.
+    """
+    trace = tx.trace
+    if trace is not None and not tx.ending:
+        tx.trace = None
+        tracing.endSpan(trace, error="transaction abandoned")

@@ -97,7 +97,7 @@ async def test_daneMatchDelivers(tmp_path: Path, peerCertificate: tuple[Issued, 
             [outcome] = await deliver(agent, envelope("dana@dane.test"))
         assert (outcome.reply.code, outcome.remoteMTA) == (250, "mx.dane.test"), outcome
         assert [tls for tls, _ in factory.messages] == [True]
-        assert not [e for e in logs.events if "refused" in str(e.get("log_format", ""))]
+        assert not [e for e in logs.events if "refused" in str(e.get("log_format") or "")]
     finally:
         stop()
         await listening.stopListening()
