@@ -106,6 +106,8 @@ REQUIRED_OPTIONS: dict[str, dict[str, object]] = {
     "lmtp": {"endpoint": "unix:/nonexistent/lmtp"},
     "pipe": {"command": ["/bin/sh"]},
     "milter": {"address": "inet:127.0.0.1:8891"},
+    "rspamd": {"url": "http://127.0.0.1:11333"},
+    "clamav": {"address": "inet:127.0.0.1:3310"},
     # Refused after its keys are read and before any connection is made,
     # so that the test never touches a database.
     "postgresql": {"node": ""},

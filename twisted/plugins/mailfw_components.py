@@ -28,3 +28,5 @@ virtualAliasesAgent = LazyComponent(
 spfPolicy = LazyComponent(IPolicyFactory, "spf", "mailfw.policy._spf:fromConfig")
 dmarcPolicy = LazyComponent(IPolicyFactory, "dmarc", "mailfw.policy._dmarc:fromConfig")
 milterPolicy = LazyComponent(IPolicyFactory, "milter", "mailfw.policy._milter:fromConfig")
+rspamdPolicy = LazyComponent(IPolicyFactory, "rspamd", "mailfw.policy._rspamd:fromConfig")
+clamavPolicy = LazyComponent(IPolicyFactory, "clamav", "mailfw.policy._clamav:fromConfig")
