@@ -110,6 +110,7 @@ class RspamdTests(SynchronousTestCase):
         self.assertEqual(headers[b"Rcpt"], [b"<rcpt@example.org>"])
         self.assertEqual(headers[b"Mta-Name"], [HOSTNAME.encode()])
         self.assertEqual(headers[b"Password"], [b"sekrit"])
+        self.assertNotIn(b"Hostname", headers)
         [(_, incoming)] = conn.queue.committed
         self.assertEqual(headers[b"Queue-Id"], [incoming.queueID.encode()])
         self.assertTrue(body.startswith(b"Received: from client.example.net"), body)

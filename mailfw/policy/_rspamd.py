@@ -3,9 +3,9 @@ The C{rspamd} policy: rspamd's HTTP protocol (C{POST /checkv2}), as Haraka,
 maddy and KumoMTA speak it, at the end-of-data stage.
 
 The request starts when the header section is accepted: the envelope and
-the client go in request headers (C{IP}, C{Helo}, C{Hostname}, C{From},
-one C{Rcpt} per recipient, C{Queue-Id}, C{User}, C{TLS-Cipher},
-C{MTA-Name}) and the message is the request body, sent chunked as it
+the client go in request headers (C{IP}, C{Helo}, C{From}, one C{Rcpt}
+per recipient, C{Queue-Id}, C{User}, C{TLS-Cipher}, C{MTA-Name},
+C{Password}) and the message is the request body, sent chunked as it
 streams in (rspamd accepts chunked requests; the real one is tested), so
 the message is never held whole.  Connections are pooled and kept alive
 across messages.  rspamd's answer becomes the verdict: its action
@@ -276,8 +276,9 @@ class RspamdPolicy(Policy):
             b"Rcpt": [value(f"<{r.address}>") for r in envelope.recipients],
             b"Queue-Id": [value(envelope.queueID)],
             b"MTA-Name": [value(self._hostname)],
-            b"Hostname": [b"unknown"],
         }
+        # No Hostname: mailfw does not look up the client's name, and
+        # "unknown" would tell rspamd that its reverse DNS failed.
         if session.peerHost:
             headers[b"IP"] = [value(session.peerHost)]
         if session.helo:

@@ -9,6 +9,7 @@ the result field.
 
 from __future__ import annotations
 
+import os
 import shutil
 import smtplib
 import subprocess
@@ -102,8 +103,9 @@ def rspamd() -> Iterator[int]:
         "LOGDIR": directory,
     }
     args = [program, "-f", "-c", str(directory / "rspamd.conf")]
-    # rspamd refuses to run as root unless told which user to be.
-    args += ["-u", "root", "-g", "root"]
+    if os.getuid() == 0:
+        # rspamd refuses to run as root unless told which user to be.
+        args += ["-u", "root", "-g", "root"]
     for name, value in variables.items():
         args += ["--var", f"{name}={value}"]
     log = (directory / "stderr.log").open("wb")
