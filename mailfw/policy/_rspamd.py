@@ -68,6 +68,7 @@ DEFAULT_MAX_SIZE = 50 << 20
 # A reply lists every symbol with its description; this is far above any.
 MAX_REPLY = 2 << 20
 RESULT_HEADER = "X-Spam-Status"
+MAX_IDLE_CONNECTIONS = 16
 
 _HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
 _FIELD_NAME = re.compile(rb"([^:\s]+)[ \t]*:")
@@ -468,6 +469,9 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
     if not re.fullmatch(r"https?://[^/\s]+/?", url):
         raise ConfigError(f"{section.title} url: expected http://HOST:PORT, got {url!r}")
     pool = HTTPConnectionPool(context.reactor, persistent=True)
+    # Twisted keeps 2 idle connections per host by default; a busy MX has
+    # more messages in flight, each of which would otherwise reconnect.
+    pool.maxPersistentPerHost = MAX_IDLE_CONNECTIONS
     agent = Agent(context.reactor, connectTimeout=scanTimeout, pool=pool)
     return RspamdPolicy(
         instanceName,
