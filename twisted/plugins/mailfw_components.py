@@ -33,3 +33,5 @@ limitsPolicy = LazyComponent(IPolicyFactory, "limits", "mailfw.policy._limits:fr
 dnsblPolicy = LazyComponent(IPolicyFactory, "dnsbl", "mailfw.policy._dnsbl:fromConfig")
 greylistPolicy = LazyComponent(IPolicyFactory, "greylist", "mailfw.policy._greylist:fromConfig")
 basicChecksPolicy = LazyComponent(IPolicyFactory, "basic-checks", "mailfw.policy._basic:fromConfig")
+rspamdPolicy = LazyComponent(IPolicyFactory, "rspamd", "mailfw.policy._rspamd:fromConfig")
+clamavPolicy = LazyComponent(IPolicyFactory, "clamav", "mailfw.policy._clamav:fromConfig")
