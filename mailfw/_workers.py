@@ -65,12 +65,46 @@ __all__ = [
     "InheritedSocket",
     "RecordingEndpoint",
     "WorkerPool",
+    "autoWorkers",
     "logsToStandardOutput",
     "workerArguments",
 ]
 
 # Endpoint types whose listening socket a worker can adopt.
 WORKER_TYPES = ("tcp", "tcp6", "ssl")
+
+# Queue plugins that several processes share (the SQLite file, the
+# PostgreSQL database); each process of another (the in-memory queue)
+# would keep mail of its own.
+SHARED_QUEUES = ("sqlite", "postgresql")
+
+
+def endpointType(description: str) -> str:
+    """
+    The endpoint type of a listener description (that of the wrapped
+    endpoint for C{haproxy:}).
+    """
+    parts = description.split(":")
+    return parts[1] if parts[0] == "haproxy" and len(parts) > 1 else parts[0]
+
+
+def autoWorkers(listen: Mapping[str, Sequence[str]], queuePlugin: object, cores: int | None) -> int:
+    """
+    What C{workers = "auto"} means: one process per core when every
+    listener can be shared with workers and the queue is shared between
+    processes, else one (so "auto" never turns a working configuration
+    into a refused one).
+
+    @param cores: C{os.cpu_count()} (C{None} when unknown: one).
+    """
+    for descriptions in listen.values():
+        for description in descriptions:
+            if endpointType(description) not in WORKER_TYPES or description.startswith("haproxy:"):
+                return 1
+    if queuePlugin not in SHARED_QUEUES:
+        return 1
+    return max(1, cores or 1)
+
 
 _FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6}
 
