@@ -692,14 +692,14 @@ def pySpy(output: str) -> Callable[[Server], Callable[[], None]]:
     return start
 
 
-def messagesFor(sessions: int, given: int | None, size: int = 1024) -> int:
+def messagesFor(sessions: int, given: int | None, size: int = 1024, scale: float = 1.0) -> int:
     if given is not None:
         return given
     table = DEFAULT_MESSAGES if size < 32 * 1024 else DEFAULT_LARGE_MESSAGES
     for limit in sorted(table, reverse=True):
         if sessions >= limit:
-            return table[limit]
-    return table[1]
+            return max(1, round(scale * table[limit]))
+    return max(1, round(scale * table[1]))
 
 
 def _dbColumn(runs: Sequence[Run]) -> str:
@@ -841,6 +841,12 @@ def addArguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="messages per run (default: 3000/6000/10000 for 1/10/100 sessions; "
         "2000/3000/4000 for bodies of 32 KB or more)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply the default messages per run (0.5: half as long a benchmark on a busy machine)",
     )
     parser.add_argument("--size", type=int, default=1024, help="message body octets (default 1024)")
     parser.add_argument(
@@ -1005,7 +1011,7 @@ def runAccept(args: argparse.Namespace) -> AcceptOutcome:
                 for size in sorted({size for size, _ in workloads}):
                     measure(server, maxSessions, 2 * maxSessions, size, args.reuse, args.timeout)
         for size, sessions in workloads:
-            messages = messagesFor(sessions, args.messages, size)
+            messages = messagesFor(sessions, args.messages, size, args.scale)
             for attempt in range(args.repeat):
                 # Alternate which server goes first, so that slow phases
                 # of a noisy machine hit both.

@@ -429,7 +429,9 @@ def runRelay(args: argparse.Namespace) -> RelayOutcome:
             )
             measure(server, max(sessionCounts), 2 * max(sessionCounts), args.size, args.timeout)
         for sessions in sessionCounts:
-            messages = args.relayMessages or DEFAULT_MESSAGES.get(sessions, 3000)
+            messages = args.relayMessages or max(
+                1, round(getattr(args, "scale", 1.0) * DEFAULT_MESSAGES.get(sessions, 3000))
+            )
             for attempt in range(args.repeat):
                 for server in servers if attempt % 2 == 0 else servers[::-1]:
                     run = measure(server, sessions, messages, args.size, args.timeout)
