@@ -73,10 +73,13 @@ __all__ = [
 # Endpoint types whose listening socket a worker can adopt.
 WORKER_TYPES = ("tcp", "tcp6", "ssl")
 
-# Queue plugins that several processes share (the SQLite file, the
-# PostgreSQL database); each process of another (the in-memory queue)
-# would keep mail of its own.
-SHARED_QUEUES = ("sqlite", "postgresql")
+# Queue plugins whose processes "auto" may multiply: the SQLite file is
+# shared and each process leases as its own owner (host and PID), so a
+# dead process's leases come back at once.  Not PostgreSQL: a node's
+# processes would share one lease owner, the node name, so one dying would
+# be noticed only when the whole node stops heartbeating (add nodes
+# instead); not the in-memory queue, which each process would keep apart.
+SHARED_QUEUES = ("sqlite",)
 
 
 def endpointType(description: str) -> str:
@@ -91,8 +94,8 @@ def endpointType(description: str) -> str:
 def autoWorkers(listen: Mapping[str, Sequence[str]], queuePlugin: object, cores: int | None) -> int:
     """
     What C{workers = "auto"} means: one process per core when every
-    listener can be shared with workers and the queue is shared between
-    processes, else one (so "auto" never turns a working configuration
+    listener can be shared with workers and the queue is one of
+    L{SHARED_QUEUES}, else one (so "auto" never turns a working configuration
     into a refused one).
 
     @param cores: C{os.cpu_count()} (C{None} when unknown: one).

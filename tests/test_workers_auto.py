@@ -26,7 +26,7 @@ class AutoWorkersTests(SynchronousTestCase):
         Shareable listeners and a shared queue: one process per core.
         """
         self.assertEqual(autoWorkers(TCP, "sqlite", 4), 4)
-        self.assertEqual(autoWorkers(TCP, "postgresql", 2), 2)
+        self.assertEqual(autoWorkers(TCP, "sqlite", 2), 2)
 
     def test_unshareableListener(self) -> None:
         """
@@ -40,10 +40,12 @@ class AutoWorkersTests(SynchronousTestCase):
 
     def test_unsharedQueue(self) -> None:
         """
-        A queue each process would keep for itself (the in-memory one)
+        A queue each process would keep for itself (the in-memory one), or
+        whose processes would share one lease owner (a PostgreSQL node),
         keeps one process.
         """
         self.assertEqual(autoWorkers(TCP, "memory", 8), 1)
+        self.assertEqual(autoWorkers(TCP, "postgresql", 8), 1)
         self.assertEqual(autoWorkers(TCP, None, 8), 1)
 
     def test_unknownCores(self) -> None:
