@@ -26,6 +26,36 @@ import idle
 import relay
 
 
+def listTables(markdown: str) -> str:
+    """
+    The markdown pipe tables of C{markdown} as reStructuredText
+    C{list-table}s (for the README and docs/performance.rst); other lines
+    as they are.
+    """
+    out: list[str] = []
+    rows: list[list[str]] = []
+
+    def flush() -> None:
+        if rows:
+            out.extend([".. list-table::", "   :header-rows: 1", ""])
+            for row in rows:
+                out.append(f"   * - {row[0]}")
+                out.extend(f"     - {cell}" for cell in row[1:])
+            out.append("")
+            rows.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            if not all(set(cell) <= {"-"} for cell in cells):
+                rows.append(cells)
+        else:
+            flush()
+            out.append(line)
+    flush()
+    return "\n".join(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     accept.addArguments(parser)
@@ -50,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(acceptOutcome.markdown)
     print()
     print(relayOutcome.markdown)
+    print()
+    print(listTables(acceptOutcome.markdown + "\n\n" + relayOutcome.markdown))
     return 0 if acceptOutcome.ok and relayOutcome.ok else 1
 
 
