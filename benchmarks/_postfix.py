@@ -86,6 +86,9 @@ class PostfixInstance:
     """
     One private Postfix instance in a temporary directory.
 
+    With C{relayTo}, the domain is not local but relayed with Postfix's
+    C{smtp} client to that loopback port (the relay benchmark's sink).
+
     Use L{start}, then L{stop} (which also removes the directory) in a
     C{finally:} block; L{stop} is safe to call more than once and after a
     failed L{start}.
@@ -95,9 +98,12 @@ class PostfixInstance:
     @ivar root: the instance's directory.
     """
 
-    def __init__(self, port: int, domain: str = "bench.test", parent: str | None = None) -> None:
+    def __init__(
+        self, port: int, domain: str = "bench.test", parent: str | None = None, relayTo: int | None = None
+    ) -> None:
         self.port = port
         self.domain = domain
+        self.relayTo = relayTo
         self.root = Path(tempfile.mkdtemp(prefix="mailfw-bench-postfix-", dir=parent))
         # Postfix wants the queue directory owned by root and not
         # world-writable along the way; mkdtemp gives 0700 root.
@@ -157,6 +163,19 @@ class PostfixInstance:
             "maillog_file_prefixes": str(self.root),
             "smtputf8_enable": "no",
         }
+        if self.relayTo is not None:
+            # Relay the domain to 127.0.0.1:relayTo with the smtp client
+            # (connection cache, destination concurrency: the defaults).
+            main.update(
+                {
+                    "mydestination": "",
+                    "relay_domains": self.domain,
+                    "relayhost": f"[127.0.0.1]:{self.relayTo}",
+                    "relay_transport": "smtp:",
+                    "default_transport": "smtp:",
+                    "smtp_dns_support_level": "disabled",
+                }
+            )
         text = "".join(f"{key} = {value}\n" for key, value in main.items())
         (self.configDir / "main.cf").write_text(text)
         (self.configDir / "master.cf").write_text(_MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))

@@ -51,7 +51,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _pgcluster import BenchCluster
-from _postfix import PostfixError, PostfixInstance, findProgram, waitForBanner
+from _postfix import PostfixError, PostfixInstance, findProgram
 
 DOMAIN = "bench.test"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -59,6 +59,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Messages per run when --messages is not given, by session count: enough
 # for a run of several seconds on a 2-core machine.
 DEFAULT_MESSAGES = {1: 3000, 10: 6000, 100: 10000}
+# For bodies of 32 KB and more (100 KB: about 4 to 8 seconds per run).
+DEFAULT_LARGE_MESSAGES = {1: 2000, 10: 3000, 100: 4000}
 
 SQLITE_QUEUE = """\
 plugin = "sqlite"
@@ -265,13 +267,26 @@ class MailfwServer(Server):
 
     name = "mailfw"
 
-    def __init__(self, port: int, timeout: float = 60, workers: int = 1, queue: str = SQLITE_QUEUE) -> None:
+    def __init__(
+        self,
+        port: int,
+        timeout: float = 60,
+        workers: int = 1,
+        queue: str = SQLITE_QUEUE,
+        name: str | None = None,
+        config: str | None = None,
+    ) -> None:
         self.port = port
         self.workers = workers
+        if name is not None:
+            self.name = name
         self.root = Path(tempfile.mkdtemp(prefix="mailfw-bench-mailfw-"))
         self.logFile = self.root / "twistd.log"
-        config = self.root / "mailfw.toml"
-        config.write_text(MAILFW_CONFIG.format(domain=DOMAIN, queue=queue))
+        configFile = self.root / "mailfw.toml"
+        configFile.write_text(
+            config if config is not None else MAILFW_CONFIG.format(domain=DOMAIN, queue=queue)
+        )
+        self.started = time.monotonic()
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self._log = open(self.logFile, "wb")  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(
@@ -281,7 +296,7 @@ class MailfwServer(Server):
                 "--pidfile=",
                 "mailfw",
                 "--config",
-                str(config),
+                str(configFile),
                 "--data-dir",
                 str(self.root / "data"),
                 "--hostname",
@@ -304,6 +319,11 @@ class MailfwServer(Server):
         except BaseException:
             self.stop()
             raise
+        # From the fork to the first greeting: the start-up time, and the
+        # CPU the twistd process used for it (less exposed to a busy
+        # machine than the wall time).
+        self.startSeconds = time.monotonic() - self.started
+        self.startCPU = processTicks(self.pid) / CLOCK_TICKS
 
     def cpuTicks(self) -> int:
         # The twistd process and its worker processes (--workers).
@@ -440,12 +460,27 @@ def _waitForServer(
                 f"server {what} exited with {process.returncode}:\n"
                 + (log.read_text(errors="replace")[-2000:] if log else "")
             )
-        try:
-            waitForBanner(port, 1)
+        if _greets(port):
             return
-        except PostfixError:
-            pass
+        # Often: the start-up time is measured with this.
+        time.sleep(0.01)
     raise BenchmarkError(f"server {what} did not greet within {timeout}s")
+
+
+def _greets(port: int) -> bool:
+    """
+    Whether something on 127.0.0.1:C{port} answers with a 220 greeting
+    now (one attempt; L{waitForBanner} sleeps 0.2 s between attempts, too
+    coarse to time a start-up).
+    """
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            if not s.recv(512).startswith(b"220"):
+                return False
+            s.sendall(b"QUIT\r\n")
+            return True
+    except OSError:
+        return False
 
 
 @dataclass
@@ -458,6 +493,7 @@ class Run:
     drainSeconds: float
     attempt: int = 0
     dbCpuSeconds: float | None = None
+    size: int = 1024
 
     @property
     def rate(self) -> float:
@@ -602,7 +638,9 @@ def measure(
     extra = server.delivered() - before - messages
     if server.durable and extra:
         raise BenchmarkError(f"{server.name} delivered {extra} more messages than were sent")
-    return Run(server.name, sessions, messages, seconds, cpu, drained - seconds, dbCpuSeconds=dbCpu)
+    return Run(
+        server.name, sessions, messages, seconds, cpu, drained - seconds, dbCpuSeconds=dbCpu, size=size
+    )
 
 
 def pySpy(output: str) -> Callable[[Server], Callable[[], None]]:
@@ -614,7 +652,7 @@ def pySpy(output: str) -> Callable[[Server], Callable[[], None]]:
     counter = [0]
 
     def start(server: Server) -> Callable[[], None]:
-        if server.name != "mailfw":
+        if not server.name.startswith("mailfw"):
             return lambda: None
         counter[0] += 1
         base, ext = os.path.splitext(output)
@@ -654,13 +692,14 @@ def pySpy(output: str) -> Callable[[Server], Callable[[], None]]:
     return start
 
 
-def messagesFor(sessions: int, given: int | None) -> int:
+def messagesFor(sessions: int, given: int | None, size: int = 1024, scale: float = 1.0) -> int:
     if given is not None:
         return given
-    for limit in sorted(DEFAULT_MESSAGES, reverse=True):
+    table = DEFAULT_MESSAGES if size < 32 * 1024 else DEFAULT_LARGE_MESSAGES
+    for limit in sorted(table, reverse=True):
         if sessions >= limit:
-            return DEFAULT_MESSAGES[limit]
-    return DEFAULT_MESSAGES[1]
+            return max(1, round(scale * table[limit]))
+    return max(1, round(scale * table[1]))
 
 
 def _dbColumn(runs: Sequence[Run]) -> str:
@@ -668,51 +707,131 @@ def _dbColumn(runs: Sequence[Run]) -> str:
     return f" {statistics.median(values):9.2f}" if values else ""
 
 
-def report(runs: Sequence[Run], servers: Sequence[str], sessionCounts: Sequence[int]) -> str:
+Workload = tuple[int, int]  # (body octets, sessions)
+
+
+def sizeName(size: int) -> str:
+    return f"{size // 1024} KB" if size % 1024 == 0 else f"{size} B"
+
+
+def medianRate(runs: Sequence[Run], name: str, workload: Workload) -> float | None:
+    rates = [r.rate for r in runs if r.server == name and (r.size, r.sessions) == workload]
+    return statistics.median(rates) if rates else None
+
+
+def medianCPU(runs: Sequence[Run], name: str, workload: Workload) -> float | None:
+    values = [r.cpuPerMessage for r in runs if r.server == name and (r.size, r.sessions) == workload]
+    return statistics.median(values) if values else None
+
+
+def report(runs: Sequence[Run], servers: Sequence[str], workloads: Sequence[Workload]) -> str:
+    """
+    The plain table (one line per server and workload, medians and ranges)
+    and the ratios of every other server's median rate to Postfix's.
+    """
     lines = [
-        f"{'server':8} {'sessions':>8} {'msgs':>6} {'seconds':>8} {'msgs/s':>8} "
+        f"{'server':9} {'size':>6} {'sessions':>8} {'msgs':>6} {'seconds':>8} {'msgs/s':>8} "
         f"{'(min-max)':>13} {'CPU ms/msg':>10} {'drain s':>7}"
         + (f" {'DB ms/msg':>9}" if any(r.dbCpuSeconds is not None for r in runs) else ""),
     ]
-    medians: dict[tuple[str, int], float] = {}
-    for sessions in sessionCounts:
+    for workload in workloads:
+        size, sessions = workload
         for name in servers:
-            mine = [r for r in runs if r.server == name and r.sessions == sessions]
+            mine = [r for r in runs if r.server == name and (r.size, r.sessions) == workload]
             if not mine:
                 continue
             rates = [r.rate for r in mine]
-            rate = statistics.median(rates)
-            medians[name, sessions] = rate
             lines.append(
-                f"{name:8} {sessions:8d} {mine[0].messages:6d} "
-                f"{statistics.median(r.seconds for r in mine):8.2f} {rate:8.0f} "
+                f"{name:9} {size:6d} {sessions:8d} {mine[0].messages:6d} "
+                f"{statistics.median(r.seconds for r in mine):8.2f} {statistics.median(rates):8.0f} "
                 f"{f'({min(rates):.0f}-{max(rates):.0f})':>13} "
                 f"{statistics.median(r.cpuPerMessage for r in mine):10.2f} "
                 f"{statistics.median(r.drainSeconds for r in mine):7.2f}" + _dbColumn(mine)
             )
-    if "mailfw" in servers and "postfix" in servers:
+    if "postfix" in servers:
         lines.append("")
-        for sessions in sessionCounts:
-            if ("mailfw", sessions) in medians and ("postfix", sessions) in medians:
-                ratio = medians["mailfw", sessions] / medians["postfix", sessions]
-                # Each repetition ran the two back to back: their ratio
-                # is less exposed to the machine's load changing.
-                byAttempt = {(r.server, r.attempt): r.rate for r in runs if r.sessions == sessions}
+        for workload in workloads:
+            size, sessions = workload
+            postfix = medianRate(runs, "postfix", workload)
+            for name in servers:
+                rate = medianRate(runs, name, workload)
+                if name == "postfix" or rate is None or not postfix:
+                    continue
+                # Each repetition ran the servers back to back: their
+                # ratio is less exposed to the machine's load changing.
+                byAttempt = {(r.server, r.attempt): r.rate for r in runs if (r.size, r.sessions) == workload}
                 paired = [
-                    byAttempt["mailfw", a] / byAttempt["postfix", a]
-                    for (name, a) in sorted(byAttempt)
-                    if name == "mailfw" and ("postfix", a) in byAttempt
+                    byAttempt[name, a] / byAttempt["postfix", a]
+                    for (n, a) in sorted(byAttempt)
+                    if n == name and ("postfix", a) in byAttempt
                 ]
-                target = "  (target >= 1.5)" if sessions >= 100 else ""
                 lines.append(
-                    f"ratio mailfw/postfix msgs/s at {sessions:3d} sessions: {ratio:.2f}"
-                    f"  (per repetition: {', '.join(f'{x:.2f}' for x in paired)}){target}"
+                    f"ratio {name}/postfix msgs/s, {sizeName(size)} at {sessions:3d} sessions: "
+                    f"{rate / postfix:.2f}  (per repetition: {', '.join(f'{x:.2f}' for x in paired)})"
                 )
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+def markdown(runs: Sequence[Run], servers: Sequence[str], workloads: Sequence[Workload]) -> str:
+    """
+    Issue 19's table: Postfix's median rate, every other server's as a
+    ratio to it, then the CPU per message of each (the README's table).
+    """
+    others = [name for name in servers if name != "postfix"]
+
+    def title(name: str) -> str:
+        if name.startswith("mailfw-w"):
+            return f"mailfw workers={name[len('mailfw-w') :]}"
+        return "bare Twisted (stores nothing)" if name == "tw-sink" else name
+
+    def label(workload: Workload) -> str:
+        size, sessions = workload
+        return f"{sizeName(size)}, {sessions} session{'s' if sessions != 1 else ''}"
+
+    header = "| workload | Postfix | " + " | ".join(title(n) for n in others) + " |"
+    lines = [header, "|---" * (2 + len(others)) + "|"]
+    for workload in workloads:
+        postfix = medianRate(runs, "postfix", workload)
+        if postfix is None:
+            continue
+        cells = []
+        for name in others:
+            rate = medianRate(runs, name, workload)
+            cells.append("–" if rate is None else f"{rate / postfix:.2f}x")
+        lines.append(f"| {label(workload)} | {postfix:.0f}/s | " + " | ".join(cells) + " |")
+    lines += ["", "CPU per message (ms, whole server, receive to delivery):", ""]
+    lines += [
+        "| workload | " + " | ".join(title(n) for n in servers) + " |",
+        "|---" * (1 + len(servers)) + "|",
+    ]
+    for workload in workloads:
+        cells = []
+        for name in servers:
+            cpu = medianCPU(runs, name, workload)
+            cells.append("–" if cpu is None else f"{cpu:.2f}")
+        lines.append(f"| {label(workload)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# Issue 19's workloads: 1 KB at 1, 10 and 100 sessions, 100 KB at 1 and 100.
+TABLE_WORKLOADS: list[Workload] = [(1024, 1), (1024, 10), (1024, 100), (102400, 1), (102400, 100)]
+
+
+def parseWorkloads(text: str) -> list[Workload]:
+    """
+    C{"1024:1,10,100 102400:1,100"}: body sizes, each with its session counts.
+    """
+    workloads = []
+    for part in text.split():
+        size, _, sessions = part.partition(":")
+        workloads += [(int(size), int(n)) for n in sessions.split(",") if n.strip()]
+    return workloads
+
+
+def addArguments(parser: argparse.ArgumentParser) -> None:
+    """
+    The options of the accept benchmark (also used by C{full.py}).
+    """
     parser.add_argument(
         "--sessions", default="1,10,100", help="comma-separated concurrent session counts (default 1,10,100)"
     )
@@ -720,10 +839,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--messages",
         type=int,
         default=None,
-        help="messages per run (default: 3000/6000/10000 for 1/10/100 sessions)",
+        help="messages per run (default: 3000/6000/10000 for 1/10/100 sessions; "
+        "2000/3000/4000 for bodies of 32 KB or more)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply the default messages per run (0.5: half as long a benchmark on a busy machine)",
     )
     parser.add_argument("--size", type=int, default=1024, help="message body octets (default 1024)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per server and session count")
+    parser.add_argument(
+        "--workloads",
+        default=None,
+        help='several sizes, each with its session counts: "1024:1,10,100 102400:1,100" '
+        "(instead of --size and --sessions)",
+    )
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="issue 19's whole table: --workloads '1024:1,10,100 102400:1,100' --workers 1,2 "
+        "--reference, printed as markdown too",
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="runs per server and workload")
     parser.add_argument("--only", choices=("mailfw", "postfix"), default=None)
     parser.add_argument(
         "--reuse",
@@ -737,7 +875,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(not durable; the ceiling of a plain Twisted server)",
     )
     parser.add_argument(
-        "--workers", type=int, default=2, help="mailfw processes (twistd mailfw --workers; default 2)"
+        "--workers",
+        default="2",
+        help="mailfw processes (twistd mailfw --workers), or several, comma-separated, "
+        "each a server of its own (default 2)",
     )
     parser.add_argument("--timeout", type=float, default=300, help="seconds allowed per run")
     parser.add_argument(
@@ -769,13 +910,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="record mailfw with py-spy during the runs at the largest "
         "session count (FILE.svg, FILE.json or raw FILE.txt)",
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    addArguments(parser)
     args = parser.parse_args(argv)
     if args.nodes < 1 or (args.nodes != 1 and args.queue != "postgresql"):
         parser.error("--nodes N needs N >= 1, and N > 1 needs --queue postgresql")
-    sessionCounts = [int(s) for s in args.sessions.split(",") if s.strip()]
-    names = [args.only] if args.only else ["mailfw", "postfix"]
+    if args.table:
+        args.workloads = args.workloads or "1024:1,10,100 102400:1,100"
+        args.workers = "1,2" if args.workers == "2" else args.workers
+        args.reference = True
+    outcome = runAccept(args)
+    print(outcome.heading)
+    print(outcome.text)
+    if args.table:
+        print()
+        print(outcome.markdown)
+    return 0 if outcome.ok else 1
+
+
+@dataclass
+class AcceptOutcome:
+    heading: str
+    text: str
+    markdown: str
+    ok: bool
+    runs: list[Run]
+
+
+def runAccept(args: argparse.Namespace) -> AcceptOutcome:
+    """
+    Start the servers, run every workload C{args.repeat} times on each,
+    alternating, stop the servers; the tables.
+    """
+    if args.workloads:
+        workloads = parseWorkloads(args.workloads)
+    else:
+        workloads = [(args.size, int(s)) for s in args.sessions.split(",") if s.strip()]
+    workerCounts = [int(w) for w in str(args.workers).split(",") if w.strip()]
+    kinds: list[str] = [args.only] if args.only else ["mailfw", "postfix"]
     if args.reference:
-        names.append("tw-sink")
+        kinds.append("tw-sink")
+    maxSessions = max(sessions for _, sessions in workloads)
 
     servers: list[Server] = []
     clusters: list[BenchCluster] = []
@@ -795,31 +973,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
 
     profile = None
-    if args.pyspy and "mailfw" in names:
+    if args.pyspy and "mailfw" in kinds:
         profile = pySpy(args.pyspy)
 
     runs: list[Run] = []
     measured: set[Server] = set()
+    names: list[str] = []
+    ok = True
     try:
-        if args.queue == "postgresql" and "mailfw" in names:
+        if args.queue == "postgresql" and "mailfw" in kinds:
             clusters.append(BenchCluster())
             print(
                 f"# PostgreSQL on 127.0.0.1:{clusters[0].port} (pid {clusters[0].postmasterPID()})",
                 file=sys.stderr,
             )
-        for name in names:
-            port = freePort()
-            kinds = {"postfix": PostfixServer, "mailfw": MailfwServer, "tw-sink": TwistedSinkServer}
-            server: Server
-            if name == "mailfw" and clusters:
-                server = PostgresMailfwServer(clusters[0], args.nodes, args.poolSize)
-            elif name == "mailfw":
-                server = MailfwServer(port, workers=args.workers)
+        for kind in kinds:
+            if kind == "mailfw" and clusters:
+                servers.append(PostgresMailfwServer(clusters[0], args.nodes, args.poolSize))
+            elif kind == "mailfw":
+                for workers in workerCounts:
+                    servers.append(MailfwServer(freePort(), workers=workers, name=f"mailfw-w{workers}"))
+            elif kind == "postfix":
+                servers.append(PostfixServer(freePort()))
             else:
-                server = kinds[name](port)
-            servers.append(server)
+                servers.append(TwistedSinkServer(freePort()))
+        for server in servers:
+            names.append(server.name)
             print(
-                f"# {name} listening on 127.0.0.1:{','.join(map(str, server.ports))} (pid {server.pid})",
+                f"# {server.name} listening on 127.0.0.1:{','.join(map(str, server.ports))} (pid {server.pid})",
                 file=sys.stderr,
             )
         # Warm up: Postfix forks its smtpd processes, mailfw fills its
@@ -827,11 +1008,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # for every run warms up before each.
         for server in servers:
             if not server.freshPerRun:
-                measure(
-                    server, max(sessionCounts), 2 * max(sessionCounts), args.size, args.reuse, args.timeout
-                )
-        for sessions in sessionCounts:
-            messages = messagesFor(sessions, args.messages)
+                for size in sorted({size for size, _ in workloads}):
+                    measure(server, maxSessions, 2 * maxSessions, size, args.reuse, args.timeout)
+        for size, sessions in workloads:
+            messages = messagesFor(sessions, args.messages, size, args.scale)
             for attempt in range(args.repeat):
                 # Alternate which server goes first, so that slow phases
                 # of a noisy machine hit both.
@@ -841,40 +1021,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                         if server in measured:
                             server.reset()
                         measured.add(server)
-                        measure(
-                            server,
-                            max(sessionCounts),
-                            2 * max(sessionCounts),
-                            args.size,
-                            args.reuse,
-                            args.timeout,
-                        )
+                        measure(server, maxSessions, 2 * maxSessions, size, args.reuse, args.timeout)
                     run = measure(
                         server,
                         sessions,
                         messages,
-                        args.size,
+                        size,
                         args.reuse,
                         args.timeout,
-                        profile if sessions == max(sessionCounts) else None,
+                        profile if sessions == maxSessions else None,
                     )
                     run.attempt = attempt
                     runs.append(run)
                     print(
-                        f"# {run.server:8} {sessions:4d} sessions: {run.messages} msgs in "
+                        f"# {run.server:9} {sizeName(size)} {sessions:4d} sessions: {run.messages} msgs in "
                         f"{run.seconds:.2f}s = {run.rate:.0f}/s, "
                         f"CPU {run.cpuPerMessage:.2f} ms/msg, drained {run.drainSeconds:.2f}s later",
                         file=sys.stderr,
                     )
     except (BenchmarkError, PostfixError) as e:
         print(f"benchmark failed: {e}", file=sys.stderr)
-        if runs:
-            print(report(runs, names, sessionCounts))
-        return 1
+        ok = False
     finally:
         stopAll()
-    print(
-        f"durable accept, {args.size}-octet messages, "
+    heading = (
+        f"durable accept, "
         f"{'one connection per session' if args.reuse else 'one connection per message'}, "
         f"median of {args.repeat}, {os.cpu_count()} CPUs, mailfw "
         + (
@@ -883,8 +1054,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else f"SQLite queue, --workers={args.workers}"
         )
     )
-    print(report(runs, names, sessionCounts))
-    return 0
+    return AcceptOutcome(heading, report(runs, names, workloads), markdown(runs, names, workloads), ok, runs)
 
 
 if __name__ == "__main__":

@@ -74,12 +74,49 @@ __all__ = [
     "InheritedSocket",
     "RecordingEndpoint",
     "WorkerPool",
+    "autoWorkers",
     "logsToStandardOutput",
     "workerArguments",
 ]
 
 # Endpoint types whose listening socket a worker can adopt.
 WORKER_TYPES = ("tcp", "tcp6", "ssl")
+
+# Queue plugins whose processes "auto" may multiply: the SQLite file is
+# shared and each process leases as its own owner (host and PID), so a
+# dead process's leases come back at once.  Not PostgreSQL: a node's
+# processes would share one lease owner, the node name, so one dying would
+# be noticed only when the whole node stops heartbeating (add nodes
+# instead); not the in-memory queue, which each process would keep apart.
+SHARED_QUEUES = ("sqlite",)
+
+
+def endpointType(description: str) -> str:
+    """
+    The endpoint type of a listener description (that of the wrapped
+    endpoint for C{haproxy:}).
+    """
+    parts = description.split(":")
+    return parts[1] if parts[0] == "haproxy" and len(parts) > 1 else parts[0]
+
+
+def autoWorkers(listen: Mapping[str, Sequence[str]], queuePlugin: object, cores: int | None) -> int:
+    """
+    What C{workers = "auto"} means: one process per core when every
+    listener can be shared with workers and the queue is one of
+    L{SHARED_QUEUES}, else one (so "auto" never turns a working configuration
+    into a refused one).
+
+    @param cores: C{os.cpu_count()} (C{None} when unknown: one).
+    """
+    for descriptions in listen.values():
+        for description in descriptions:
+            if endpointType(description) not in WORKER_TYPES or description.startswith("haproxy:"):
+                return 1
+    if queuePlugin not in SHARED_QUEUES:
+        return 1
+    return max(1, cores or 1)
+
 
 _FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6}
 

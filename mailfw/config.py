@@ -34,6 +34,8 @@ DEFAULT_LISTEN = {
     "odmr": [],
 }
 DEFAULT_DATA_DIR = "mailfw-data"
+# [server] workers = "auto": a process per core (see mailfw._workers.autoWorkers).
+AUTO_WORKERS = "auto"
 
 
 class ConfigError(Exception):
@@ -191,7 +193,7 @@ class ServerConfig:
     hostname: str
     dataDir: Path
     listen: dict[str, list[str]]
-    workers: int = 1
+    workers: int | str = 1
     certificate: Path | None = None
     privateKey: Path | None = None
     nameservers: tuple[tuple[str, int], ...] = ()
@@ -311,7 +313,17 @@ def loadConfig(
     configuredDir = dataDir or server.text("data_dir", DEFAULT_DATA_DIR)
     resolvedDir = (baseDir / configuredDir) if dataDir is None else Path(configuredDir)
     name = hostname or server.text("hostname", None) or socket.gethostname()
-    workers = server.integer("workers", 1, minimum=1)
+    # A file of one's own runs a process per core by default; the
+    # embedded default (no file) stays a single process for a first try.
+    workers: int | str
+    if not server.has("workers"):
+        workers = 1 if path is None else AUTO_WORKERS
+    elif isinstance(raw["server"]["workers"], str):
+        workers = server.text("workers")
+        if workers != AUTO_WORKERS:
+            raise ConfigError(f'[server] workers: expected an integer or "{AUTO_WORKERS}"')
+    else:
+        workers = server.integer("workers", minimum=1)
     shutdownGrace = server.number("shutdown_grace", 30.0, minimum=0)
     server.finish()
 

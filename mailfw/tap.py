@@ -31,10 +31,13 @@ from mailfw._workers import (
     InheritedSocket,
     RecordingEndpoint,
     WorkerPool,
+    autoWorkers,
+    endpointType,
     logsToStandardOutput,
 )
 from mailfw.admin._control import CONTROL_SOCKET, ControlFactory
 from mailfw.config import (
+    AUTO_WORKERS,
     LISTENER_KINDS,
     ComponentContext,
     ConfigError,
@@ -92,10 +95,10 @@ class Options(usage.Options):
             "workers",
             None,
             None,
-            "Processes serving the listeners and the queue (default: [server] "
-            "workers, else 1); more use more cores.  Needs tcp:, tcp6: or ssl: "
-            "listeners.",
-            int,
+            "Processes serving the listeners and the queue, or 'auto' (one "
+            "per core; default: [server] workers, which defaults to auto with a "
+            "configuration file and to 1 without).  More than one needs tcp:, "
+            "tcp6: or ssl: listeners.",
         ],
     ]
 
@@ -144,16 +147,15 @@ class Options(usage.Options):
                 _checkEndpoint(kind, description)
         if not any(self.serverConfig.listen.values()):
             raise usage.UsageError("nothing to listen on: give --smtp or [listen]")
-        if self["workers"] is None:
-            self["workers"] = self.serverConfig.workers
-        if self["workers"] < 1:
-            raise usage.UsageError("--workers must be at least 1")
+        self["workers"] = self._workerCount(
+            self.serverConfig.workers if self["workers"] is None else self["workers"]
+        )
         if self["workers"] > 1:
             from mailfw._workers import WORKER_TYPES
 
             for kind, descriptions in self.serverConfig.listen.items():
                 for description in descriptions:
-                    if _endpointType(description) not in WORKER_TYPES or description.startswith("haproxy:"):
+                    if endpointType(description) not in WORKER_TYPES or description.startswith("haproxy:"):
                         raise usage.UsageError(
                             f"--workers={self['workers']} needs tcp:, tcp6: or ssl: listeners,"
                             f" not {kind} {description!r}"
@@ -161,6 +163,25 @@ class Options(usage.Options):
         self.workerArguments = self._workerArguments()
         # twistd's options, when twistd runs us.
         self.workersLogDirectly = logsToStandardOutput(getattr(self, "parent", None))
+
+    def _workerCount(self, given: object) -> int:
+        """
+        The number of processes: C{given} (from C{--workers} or the file) as
+        an integer, or C{"auto"} resolved by L{autoWorkers}.
+        """
+        if given == AUTO_WORKERS:
+            return autoWorkers(
+                self.serverConfig.listen, self.serverConfig.queue.get("plugin"), os.cpu_count()
+            )
+        try:
+            count = int(str(given))
+        except (TypeError, ValueError):
+            raise usage.UsageError(
+                f'--workers must be an integer or "{AUTO_WORKERS}", not {given!r}'
+            ) from None
+        if count < 1:
+            raise usage.UsageError("--workers must be at least 1")
+        return count
 
     def _workerArguments(self) -> list[str]:
         """
@@ -196,11 +217,6 @@ def _checkEndpoint(kind: str, description: str) -> None:
         raise usage.UsageError(f"--{kind}={description}: {e}") from None
 
 
-def _endpointType(description: str) -> str:
-    parts = description.split(":")
-    return parts[1] if parts[0] == "haproxy" and len(parts) > 1 else parts[0]
-
-
 def _serverEndpoint(reactor: Any, description: str) -> Any:
     """
     L{serverFromString} with L{DEFAULT_BACKLOG}, and a clear reason when a
@@ -212,7 +228,7 @@ def _serverEndpoint(reactor: Any, description: str) -> Any:
     try:
         return serverFromString(reactor, _withBacklog(description))
     except (IndexError, KeyError):
-        if _endpointType(description) != "systemd":
+        if endpointType(description) != "systemd":
             raise
         raise ValueError(
             "needs systemd socket activation (no such socket was passed to this process)"
@@ -231,7 +247,7 @@ def _checkListener(kind: str, description: str) -> None:
     try:
         _serverEndpoint(None, description)
     except ValueError as e:
-        if _endpointType(description) != "systemd" or "socket activation" not in str(e):
+        if endpointType(description) != "systemd" or "socket activation" not in str(e):
             raise ConfigError(f"[listen] {kind} = {description!r}: {e}") from None
         for part in description.split(":"):
             key, _, value = part.partition("=")
@@ -248,7 +264,7 @@ def _withBacklog(description: str) -> str:
     Add L{DEFAULT_BACKLOG} to descriptions whose endpoint type takes one and
     that do not set it.
     """
-    if _endpointType(description) in _BACKLOG_TYPES and "backlog=" not in description:
+    if endpointType(description) in _BACKLOG_TYPES and "backlog=" not in description:
         return f"{description}:backlog={DEFAULT_BACKLOG}"
     return description
 
@@ -1057,7 +1073,7 @@ def _adopt(
     if not 0 <= inherited.index < len(descriptions):
         raise ConfigError(f"inherited socket {inherited.encode()} matches no [listen] entry")
     description = descriptions[inherited.index]
-    if _endpointType(description) == "ssl":
+    if endpointType(description) == "ssl":
         endpoint = _serverEndpoint(None, description)
         factory = TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)
     service = AdoptedPortService(reactor, inherited, factory)

@@ -273,6 +273,8 @@ class PostgresNodeTests(SynchronousTestCase):
         a.offerNew(lambda: 10, taken.append)
         a.notifyDue(lambda: notified.append(None))
         queueID = self.enqueue(a, "x@example.com", "y@example.com")
+        # Handed over on a later turn, after the commit's callbacks.
+        self.helpers.waitUntil(lambda: bool(taken), "the lease to be handed over")
         [lease] = taken
         self.assertEqual((lease.queueID, [r.index for r in lease.recipients]), (queueID, [0, 1]))
         self.assertEqual(notified, [])

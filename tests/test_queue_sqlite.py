@@ -736,6 +736,25 @@ class SQLiteOfferTests(SynchronousTestCase):
         [lease] = self.successResultOf(self.queue.claim(self.clock.seconds(), 10))
         self.assertNotEqual(lease.token, self.taken[0].token)
 
+    def test_handedAfterTheCommitIsAnswered(self) -> None:
+        """
+        The lease is handed over on a later turn of the reactor (through
+        C{deliver}), after everything waiting on the commit ran: the
+        session's 250 goes out before the scheduler starts delivering.
+        """
+        calls: list[Callable[[], None]] = []
+        path = Path(self.mktemp()) / "queue.sqlite"
+        path.parent.mkdir()
+        queue = synchronousQueue(path, self.clock, owner="host:1", deliver=calls.append)
+        order: list[str] = []
+        queue.offerNew(lambda: 10, lambda lease: order.append("handed"))
+        incoming = queue.receive(makeEnvelope("a@example.com"))
+        incoming.write(b"Subject: x\r\n\r\nbody\r\n")
+        incoming.commit().addCallback(lambda queueID: order.append("250"))
+        while calls:
+            calls.pop(0)()
+        self.assertEqual(order, ["250", "handed"])
+
     def test_takeFails(self) -> None:
         """
         A scheduler that raises when handed a lease does not fail the

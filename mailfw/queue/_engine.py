@@ -566,9 +566,25 @@ class SQLQueue:
             d.addBoth(closeSpool)
         if lease is not None:
             return d.addCallbacks(
-                self._offers.hand, self._offers.withdraw, callbackArgs=(lease,), errbackArgs=(lease,)
+                self._handLater, self._offers.withdraw, callbackArgs=(lease,), errbackArgs=(lease,)
             )
         return d.addCallback(self._notify) if envelope.recipients else d
+
+    def _handLater(self, queueID: str, lease: Lease) -> str:
+        """
+        Hand a committed message's lease to the scheduler on the reactor's
+        next turn (through C{deliver}, Twisted's C{callFromThread}, which
+        runs what the reactor thread itself queues only after the next
+        poll), not in this callback chain: the session's 250 then goes out
+        before delivery starts, instead of waiting for the scheduler to
+        route, deliver (the discard agent delivers at once) and log.
+        """
+
+        def hand() -> None:
+            self._offers.hand(queueID, lease)
+
+        self._deliver(hand)
+        return queueID
 
     def _insert(self, message: NewMessage, lease: Lease | None, db: Database) -> str:
         """

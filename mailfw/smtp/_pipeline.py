@@ -16,7 +16,6 @@ The pipeline talks to its session only through L{PipelineOwner}.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -97,8 +96,13 @@ class ReplyPipeline:
 
     @ivar errors: how many error replies (5xx) were sent.
     @ivar pending: the waiting replies, oldest first (read it, do not
-        change it: its truthiness is the cheap "is a reply pending?").
+        change it: its truthiness is the cheap "is a reply pending?").  A
+        list, not a deque: it rarely holds more than one reply, and an
+        empty deque costs about 700 octets per idle session against a
+        list's 56.
     """
+
+    __slots__ = ("_clock", "_flushing", "_limits", "_owner", "_penalty", "errors", "pending")
 
     log = Logger()
 
@@ -106,7 +110,7 @@ class ReplyPipeline:
         self._owner = owner
         self._limits = limits
         self._clock = clock
-        self.pending: deque[_Slot] = deque()
+        self.pending: list[_Slot] = []
         self._flushing = False
         self._penalty: IDelayedCall | None = None
         self.errors = 0
@@ -194,7 +198,7 @@ class ReplyPipeline:
                         self._penalty = self._clock.callLater(limits.errorDelay, self._penaltyServed)
                         break
                     self.errors += 1
-                slots.popleft()
+                del slots[0]
                 owner.sendAnswer(answer)
                 if slot.then is not None:
                     slot.then(answer)
@@ -217,7 +221,7 @@ class ReplyPipeline:
         if self._penalty is not None and self._penalty.active():
             self._penalty.cancel()
         self._penalty = None
-        slots, self.pending = list(self.pending), deque()
+        slots, self.pending = self.pending, []
         for slot in slots:
             if slot.deferred is not None and slot.cancellable and not slot.deferred.called:
                 slot.deferred.cancel()
