@@ -4,6 +4,7 @@
 from mailfw.interfaces import (
     IDeliveryAgentFactory,
     IMessageQueueFactory,
+    IPolicyFactory,
     IRouterFactory,
 )
 from mailfw.plugin import LazyComponent
@@ -23,3 +24,6 @@ relayAgent = LazyComponent(IDeliveryAgentFactory, "smtp-relay", "mailfw.delivery
 virtualAliasesAgent = LazyComponent(
     IDeliveryAgentFactory, "virtual-aliases", "mailfw.hosting._agent:fromConfig"
 )
+
+dkimPolicy = LazyComponent(IPolicyFactory, "dkim", "mailfw.policy._dkim:fromConfig")
+dkimSignPolicy = LazyComponent(IPolicyFactory, "dkim-sign", "mailfw.policy._dkimsign:fromConfig")
