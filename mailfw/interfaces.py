@@ -108,9 +108,23 @@ class IIncomingMessage(Interface):
         spooled off the reactor thread.
         """
 
-    def commit() -> Deferred[str]:
+    def rewind() -> None:
+        """
+        Forget everything written so far, to write a replacement body (a
+        filter replaced it).
+        """
+
+    def commit(header: bytes = b"", envelope: Envelope | None = None, hold: bool = False) -> Deferred[str]:
         """
         Make the message and the state of each of its recipients durable.
+
+        @param header: stored above everything written: the session keeps
+            the header section until the end of data, so that the
+            end-of-data policies can still edit it.
+        @param envelope: replaces the envelope given to C{receive} (a
+            filter changed the sender or the recipients).
+        @param hold: store the recipients held for an operator
+            (quarantine) instead of ready.
 
         @return: fires with the queue ID only when the message would survive
             a crash; only then may the server answer 250.  Fails with

@@ -204,7 +204,7 @@ def connectedServer(
     localDomains: Sequence[str] = ("example.org",),
     queue: IMessageQueue | None = None,
     router: IRouter | None = None,
-    policies: Sequence[IPolicy] = (),
+    policies: Sequence[IPolicy | Any] = (),
     limits: Any = None,
     peer: str = "192.0.2.1",
     clock: Clock | None = None,

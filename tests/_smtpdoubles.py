@@ -12,7 +12,7 @@ L{mailfw.routing._static} for the real ones).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from mailfw.address import Address
 from mailfw.envelope import Envelope, Recipient, Route, RouteKind, Session
 from mailfw.interfaces import IIncomingMessage, IMessageIntake, IPolicy, IRouter
 from mailfw.policy import CONTINUE, Policy, Verdict
+from mailfw.policy._chain import ChainLink
 from mailfw.reply import SMTPReply
 from mailfw.smtp import SMTPLimits, SMTPServerProtocol
 from mailfw.smtp._settings import SessionSettings
@@ -49,20 +50,34 @@ class RecordingIncoming:
     def __init__(self, queueID: str, commitResult: Any = None) -> None:
         self.queueID = queueID
         self.chunks: list[bytes] = []
+        self.header = b""
+        self.envelope: Envelope | None = None
+        self.hold = False
         self.committed = False
         self.aborted = False
         self.commitResult = commitResult
 
     @property
     def data(self) -> bytes:
-        return b"".join(self.chunks)
+        """
+        The message as the queue would store it: the header section given
+        to commit, then what was written.
+        """
+        return b"".join([self.header, *self.chunks])
 
     def write(self, data: bytes) -> None:
         assert not self.aborted and not self.committed, "write after end"
         self.chunks.append(data)
 
-    def commit(self) -> Deferred[str]:
+    def rewind(self) -> None:
+        assert not self.aborted and not self.committed, "rewind after end"
+        self.chunks = []
+
+    def commit(
+        self, header: bytes = b"", envelope: Envelope | None = None, hold: bool = False
+    ) -> Deferred[str]:
         assert not self.aborted, "commit after abort"
+        self.header, self.envelope, self.hold = header, envelope, hold
         result = self.commitResult
         if isinstance(result, Deferred):
             return result.addCallback(self._done)
@@ -252,7 +267,7 @@ class Connection:
     clock: Clock
     queue: RecordingQueue
     router: DictRouter
-    policies: tuple[IPolicy, ...] = ()
+    policies: Sequence[IPolicy | ChainLink] = ()
     seen: int = field(default=0)
 
     def send(self, data: bytes) -> None:
@@ -289,7 +304,7 @@ class Connection:
 
 def connect(
     kind: str = "smtp",
-    policies: tuple[IPolicy, ...] = (),
+    policies: Sequence[IPolicy | ChainLink] = (),
     limits: SMTPLimits = SMTPLimits(),
     router: DictRouter | None = None,
     queue: RecordingQueue | None = None,

@@ -653,6 +653,18 @@ class ReferenceTests(SynchronousTestCase):
             odmrFromConfig({})
         self.assertDocumented("[odmr]", asked["[odmr]"])
 
+    def test_policyLinks(self) -> None:
+        """
+        C{[policy]} lists the keys the policy chain reads from every policy
+        section (the plugin reads the others).
+        """
+        from mailfw.policy import Policy
+        from mailfw.policy._chain import linkFromSection
+
+        with recordingKeys() as asked:
+            linkFromSection("[policy.x]", {"plugin": "x"}, lambda options: Policy())
+        self.assertDocumented("[policy]", asked["[policy.x]"])
+
     def test_bundledPlugins(self) -> None:
         """
         Every bundled queue, router and delivery plugin has a key list, and

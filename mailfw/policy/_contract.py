@@ -12,7 +12,8 @@ Combine it with L{twisted.trial.unittest.SynchronousTestCase}; override
 L{resultOf} if the policy's L{Deferred}s fire later.
 
 What the contract pins: every stage answers with a L{Verdict} (or a
-L{Deferred} firing with one) for ordinary input; a reply in a verdict is a
+L{Deferred} firing with one) for ordinary input, the end-of-data stage
+included (a check fed a body, then ended); a reply in a verdict is a
 real SMTP reply (2xx to accept, 4xx or 5xx to refuse); headers are name and
 value pairs that cannot break the header section.
 """
@@ -26,7 +27,7 @@ from zope.interface.verify import verifyObject
 
 from mailfw.address import Address
 from mailfw.envelope import Envelope, Recipient, Session
-from mailfw.interfaces import IPolicy
+from mailfw.interfaces import IMessageCheck, IPolicy
 from mailfw.verdict import Verdict
 
 __all__ = ["PolicyContractTests"]
@@ -72,6 +73,13 @@ class PolicyContractTests(_Base):
             policy.checkRecipient(SESSION, ENVELOPE, RECIPIENT),
             policy.checkMessage(SESSION, ENVELOPE, HEADERS),
         ]
+        check = policy.openMessage(SESSION, ENVELOPE, HEADERS + b"\r\n")
+        if check is not None:
+            wait = check.write(b"A body line.\r\n")
+            if isinstance(wait, Deferred):
+                self.resultOf(wait)
+            answers.append(check.end(()))
+        policy.sessionEnded(SESSION)
         return [self.resultOf(a) if isinstance(a, Deferred) else a for a in answers]
 
     def test_provides(self) -> None:
@@ -81,6 +89,10 @@ class PolicyContractTests(_Base):
         policy = self.makePolicy()
         self.assertTrue(verifyObject(IPolicy, policy))
         self.assertIsInstance(policy.name, str)
+        check = policy.openMessage(SESSION, ENVELOPE, HEADERS + b"\r\n")
+        if check is not None:
+            self.assertTrue(verifyObject(IMessageCheck, check))
+            check.abort()
 
     def test_everyStageAnswers(self) -> None:
         """

@@ -218,6 +218,59 @@ class QueueContractTests(_Base):
                 check.update(piece)
         self.assertEqual(check.hexdigest(), digest.hexdigest())
 
+    def test_commitWithHeader(self) -> None:
+        """
+        The header section given to the commit is stored above what was
+        written, for a small body and for one spilled to disk, and counts
+        in the size.
+        """
+        header = b"Received: by test\r\nSubject: x\r\n\r\n"
+        for body in (b"small\r\n", b"L" * (3 << 20)):
+            incoming = self.queue.receive(makeEnvelope("a@example.com"))
+            incoming.write(body)
+            queueID = self.wait(incoming.commit(header))
+            self.assertEqual(self.readBody(queueID), header + body)
+            [message] = self.wait(self.queue.list(Selector(queueIDs=(queueID,))))
+            self.assertEqual(message.size, len(header) + len(body))
+
+    def test_commitReplacesEnvelope(self) -> None:
+        """
+        An envelope given to the commit (a filter's edit) is the one stored.
+        """
+        incoming = self.queue.receive(makeEnvelope("a@example.com"))
+        incoming.write(b"x\r\n")
+        queueID = self.wait(incoming.commit(b"", makeEnvelope("b@example.com", "c@example.com")))
+        [message] = self.wait(self.queue.list(Selector(queueIDs=(queueID,))))
+        self.assertEqual(
+            [str(r.recipient.address) for r in message.recipients], ["b@example.com", "c@example.com"]
+        )
+
+    def test_commitHeld(self) -> None:
+        """
+        A message committed held (quarantine) is never claimed until an
+        operator releases it.
+        """
+        incoming = self.queue.receive(makeEnvelope("a@example.com"))
+        incoming.write(b"x\r\n")
+        self.wait(incoming.commit(b"", None, True))
+        self.assertEqual(self.claim(), [])
+        self.assertEqual(self.count(Selector(state=RecipientState.HOLD)), 1)
+        self.assertEqual(self.wait(self.queue.release(Selector())), 1)
+        self.claimOne()
+
+    def test_rewind(self) -> None:
+        """
+        After a rewind only what is written next is stored, also when the
+        forgotten part had been spilled to disk.
+        """
+        for first in (b"old\r\n", b"O" * (3 << 20)):
+            incoming = self.queue.receive(makeEnvelope("a@example.com"))
+            incoming.write(first)
+            incoming.rewind()
+            incoming.write(b"new\r\n")
+            queueID = self.wait(incoming.commit(b"H: v\r\n\r\n"))
+            self.assertEqual(self.readBody(queueID), b"H: v\r\n\r\nnew\r\n")
+
     def test_openBodyMissing(self) -> None:
         """
         Opening the body of a message that is not queued fails with

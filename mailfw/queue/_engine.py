@@ -377,9 +377,10 @@ class SQLQueue:
         """
         raise NotImplementedError()
 
-    def _copyBody(self, db: Database, queueID: str, spooled: IO[bytes], size: int) -> None:
+    def _copyBody(self, db: Database, queueID: str, head: bytes, spooled: IO[bytes], size: int) -> None:
         """
-        Store a spilled body of C{size} octets without holding it in memory.
+        Store C{head} and then a spilled body, C{size} octets in all,
+        without holding the body in memory.
         """
         raise NotImplementedError()
 
@@ -537,8 +538,12 @@ class SQLQueue:
     def _insertMessage(self, message: NewMessage) -> Deferred[str]:
         envelope = message.envelope
         expires = message.now + self.leaseSeconds
-        lease = self._offers.leaseFor(
-            message.queueID, envelope, message.now, message.size, self._newToken(), expires
+        lease = (
+            None
+            if message.hold
+            else self._offers.leaseFor(
+                message.queueID, envelope, message.now, message.size, self._newToken(), expires
+            )
         )
         recent = self._recent
 
@@ -578,10 +583,12 @@ class SQLQueue:
                 "INSERT INTO message_bodies (message_id, body) VALUES (?, ?)", (queueID, message.body or b"")
             )
         else:
-            self._copyBody(db, queueID, message.spooled, size)
-        rows = recipientRows(
-            queueID, envelope, message.now, RecipientState.READY if lease is None else RecipientState.LEASED
-        )
+            self._copyBody(db, queueID, message.head, message.spooled, size)
+        if message.hold:
+            state = RecipientState.HOLD
+        else:
+            state = RecipientState.READY if lease is None else RecipientState.LEASED
+        rows = recipientRows(queueID, envelope, message.now, state)
         if lease is None:
             db.executemany(INSERT_RECIPIENT, list(rows))
         else:

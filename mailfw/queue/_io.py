@@ -42,15 +42,20 @@ CHUNK = 1 << 20
 write, a slice read, a buffered reader's buffer."""
 
 
-def copySpooled(queueID: str, spooled: IO[bytes], size: int, write: Callable[[bytes], object]) -> None:
+def copySpooled(
+    queueID: str, head: bytes, spooled: IO[bytes], size: int, write: Callable[[bytes], object]
+) -> None:
     """
-    Feed the C{size} octets of a spilled body to C{write} in pieces of
-    L{CHUNK}, so that the whole body is never in memory.
+    Feed C{head} and then the rest of the C{size} octets from a spilled
+    body to C{write} in pieces of L{CHUNK}, so that the whole body is never
+    in memory.
 
     @raise OSError: if the spool file is shorter than C{size}.
     """
+    if head:
+        write(head)
     spooled.seek(0)
-    copied = 0
+    copied = len(head)
     while copied < size:
         chunk = spooled.read(min(CHUNK, size - copied))
         if not chunk:

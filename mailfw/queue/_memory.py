@@ -92,13 +92,20 @@ class _MemoryIncoming:
             raise ValueError("write after commit or abort")
         self._chunks.append(data)
 
-    def commit(self) -> Deferred[str]:
+    def rewind(self) -> None:
+        if self._finished:
+            raise ValueError("rewind after commit or abort")
+        self._chunks = []
+
+    def commit(
+        self, header: bytes = b"", envelope: Envelope | None = None, hold: bool = False
+    ) -> Deferred[str]:
         if self._finished:
             return fail(ValueError("commit after commit or abort"))
         self._finished = True
-        body = b"".join(self._chunks)
+        body = b"".join([header, *self._chunks])
         self._chunks = []
-        return self._queue._commit(self.queueID, self._envelope, body)
+        return self._queue._commit(self.queueID, envelope or self._envelope, body, hold)
 
     def abort(self) -> None:
         self._finished = True
@@ -146,7 +153,7 @@ class MemoryQueue:
         self.full = False
         self.failure: Exception | None = None
         self.holdCommits = False
-        self._held: list[tuple[str, Envelope, bytes, Deferred[str]]] = []
+        self._held: list[tuple[str, Envelope, bytes, bool, Deferred[str]]] = []
         self.closed = False
 
     # --- receiving --------------------------------------------------------
@@ -154,19 +161,19 @@ class MemoryQueue:
     def receive(self, envelope: Envelope) -> IIncomingMessage:
         return _MemoryIncoming(self, self._ids(), envelope)
 
-    def _commit(self, queueID: str, envelope: Envelope, body: bytes) -> Deferred[str]:
+    def _commit(self, queueID: str, envelope: Envelope, body: bytes, hold: bool = False) -> Deferred[str]:
         if self.holdCommits:
             d: Deferred[str] = Deferred()
-            self._held.append((queueID, envelope, body, d))
+            self._held.append((queueID, envelope, body, hold, d))
             return d
-        return self._store(queueID, envelope, body)
+        return self._store(queueID, envelope, body, hold)
 
-    def _store(self, queueID: str, envelope: Envelope, body: bytes) -> Deferred[str]:
+    def _store(self, queueID: str, envelope: Envelope, body: bytes, hold: bool = False) -> Deferred[str]:
         if self.full:
             return fail(QueueFull("memory queue marked full"))
         if self.failure is not None:
             return fail(self.failure)
-        self._insert(queueID, envelope, body)
+        self._insert(queueID, envelope, body, hold)
         self._notify()
         return succeed(queueID)
 
@@ -175,10 +182,10 @@ class MemoryQueue:
         Complete the commits that waited while L{holdCommits} was set.
         """
         held, self._held = self._held, []
-        for queueID, envelope, body, d in held:
-            self._store(queueID, envelope, body).chainDeferred(d)
+        for queueID, envelope, body, hold, d in held:
+            self._store(queueID, envelope, body, hold).chainDeferred(d)
 
-    def _insert(self, queueID: str, envelope: Envelope, body: bytes) -> None:
+    def _insert(self, queueID: str, envelope: Envelope, body: bytes, hold: bool = False) -> None:
         now = self._clock.seconds()
         if not envelope.arrival:
             envelope = replace(envelope, arrival=now)
@@ -186,7 +193,9 @@ class MemoryQueue:
             envelope = replace(envelope, size=len(body))
         message = _Message(queueID, envelope, body)
         for index, recipient in enumerate(envelope.recipients):
-            message.recipients[index] = _Recipient(index, recipient, RecipientState.READY, now)
+            message.recipients[index] = _Recipient(
+                index, recipient, RecipientState.HOLD if hold else RecipientState.READY, now
+            )
         if message.recipients:
             self._messages[queueID] = message
 

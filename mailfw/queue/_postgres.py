@@ -517,7 +517,7 @@ class PostgresQueue(SQLQueue):
         # Another message drew this ID: fail, and the client tries again.
         raise QueueIDTaken(queueID)
 
-    def _copyBody(self, db: Database, queueID: str, spooled: IO[bytes], size: int) -> None:
+    def _copyBody(self, db: Database, queueID: str, head: bytes, spooled: IO[bytes], size: int) -> None:
         """
         Stream a spooled body into C{message_bodies} with binary C{COPY}.
         """
@@ -525,7 +525,7 @@ class PostgresQueue(SQLQueue):
         key = queueID.encode("utf-8")
         with db.cursor.copy("COPY message_bodies (message_id, body) FROM STDIN (FORMAT BINARY)") as copy:
             copy.write(_COPY_HEADER + struct.pack("!hi", 2, len(key)) + key + struct.pack("!i", size))
-            copySpooled(queueID, spooled, size, copy.write)
+            copySpooled(queueID, head, spooled, size, copy.write)
             copy.write(_COPY_TRAILER)
 
     def _newToken(self) -> str:

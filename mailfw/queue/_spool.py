@@ -93,7 +93,11 @@ class LeaseOffers:
 class NewMessage:
     """
     A received message on its way into an SQL store: its body is in
-    memory (C{body}) or spilled to an unlinked file (C{spooled}).
+    memory (C{body}) or spilled to an unlinked file (C{spooled}, stored
+    after C{head}).
+
+    @ivar size: the whole message's size, C{head} included.
+    @ivar hold: store the recipients held (quarantine).
     """
 
     queueID: str
@@ -102,6 +106,8 @@ class NewMessage:
     body: bytes | None
     spooled: IO[bytes] | None
     size: int
+    head: bytes = b""
+    hold: bool = False
 
 
 class SpoolingQueue(Protocol):
@@ -187,20 +193,38 @@ class SpoolingIncoming:
 
         self._queue._spool.submit(job)
 
-    def commit(self) -> Deferred[str]:
+    def rewind(self) -> None:
+        if self._finished:
+            raise ValueError("rewind after commit or abort")
+        self._chunks, self._buffered, self._size = [], 0, 0
+        if self._spilling:
+            self._spilling = False
+
+            def forget() -> None:
+                self._closeFile()
+                self._error = None
+
+            self._queue._spool.submit(forget)
+
+    def commit(
+        self, header: bytes = b"", envelope: Envelope | None = None, hold: bool = False
+    ) -> Deferred[str]:
         if self._finished:
             return fail(ValueError("commit after commit or abort"))
         self._finished = True
-        envelope = self._envelope
+        envelope = envelope or self._envelope
         now = self._queue._clock.seconds()
+        size = len(header) + self._size
         if not envelope.arrival:
             envelope = replace(envelope, arrival=now)
         if envelope.size is None:
-            envelope = replace(envelope, size=self._size)
+            envelope = replace(envelope, size=size)
         if not self._spilling:
-            body = b"".join(self._chunks)
+            body = b"".join([header, *self._chunks])
             self._chunks = []
-            return self._queue._insertMessage(NewMessage(self.queueID, envelope, now, body, None, len(body)))
+            return self._queue._insertMessage(
+                NewMessage(self.queueID, envelope, now, body, None, size, hold=hold)
+            )
         self._spill()
         ready: Deferred[IO[bytes]] = Deferred()
 
@@ -219,10 +243,9 @@ class SpoolingIncoming:
                 self._queue._deliver(lambda: ready.callback(spooled))
 
         self._queue._spool.submit(handOver)
-        size = self._size
         return ready.addCallback(
             lambda spooled: self._queue._insertMessage(
-                NewMessage(self.queueID, envelope, now, None, spooled, size)
+                NewMessage(self.queueID, envelope, now, None, spooled, size, header, hold)
             )
         )
 

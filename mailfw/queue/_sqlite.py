@@ -470,7 +470,7 @@ class SQLiteQueue(SQLQueue):
             code & 0xFF == sqlite3.SQLITE_FULL or "database or disk is full" in str(error)
         )
 
-    def _copyBody(self, db: Database, queueID: str, spooled: IO[bytes], size: int) -> None:
+    def _copyBody(self, db: Database, queueID: str, head: bytes, spooled: IO[bytes], size: int) -> None:
         """
         Copy a spilled body into its BLOB in pieces (C{zeroblob}, then
         incremental BLOB I/O).
@@ -481,7 +481,7 @@ class SQLiteQueue(SQLQueue):
         ).lastrowid
         assert rowid is not None
         with db.blobopen("message_bodies", "body", rowid) as blob:
-            copySpooled(queueID, spooled, size, blob.write)
+            copySpooled(queueID, head, spooled, size, blob.write)
 
     def _largeBody(self, db: Database, queueID: str, size: int) -> IMessageBody:
         return _BlobBody(self._path, queueID, size, self._inReader)

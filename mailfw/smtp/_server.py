@@ -56,7 +56,7 @@ from mailfw.smtp._replies import Answer
 from mailfw.smtp._settings import SessionSettings
 from mailfw.smtp._state import ConnectionState, Phase
 from mailfw.smtp._transaction import MailTransactions
-from mailfw.verdict import Verdict
+from mailfw.verdict import AuthResult, Verdict
 
 # Session.id: unique among this process's connections.
 _sessionIDs = itertools.count(1)
@@ -132,6 +132,8 @@ class SMTPServerProtocol(Protocol):
         self._connectedAt = 0.0
         self._lastActivity = 0.0
         self._handedTo: IProtocol | None = None
+        self._connectResults: tuple[AuthResult, ...] = ()
+        self._heloResults: tuple[AuthResult, ...] = ()
 
     @property
     def avatar(self) -> Any:
@@ -170,6 +172,7 @@ class SMTPServerProtocol(Protocol):
 
     def _greeting(self, verdict: Verdict) -> Answer:
         refusal = self.refusalFor(verdict)
+        self._connectResults = verdict.results
         if refusal is None:
             self.state.greeted(refused=False)
             return Answer(SMTPReply(220, "", f"{self.settings.hostname} ESMTP"), plain=True)
@@ -388,6 +391,13 @@ class SMTPServerProtocol(Protocol):
 
     # --- what the parts ask -------------------------------------------------------
 
+    @property
+    def sessionResults(self) -> tuple[AuthResult, ...]:
+        """
+        L{TransactionOwner.sessionResults}.
+        """
+        return self._connectResults + self._heloResults
+
     def refusalFor(self, verdict: Verdict) -> Answer | None:
         """
         L{TransactionOwner.refusalFor}: the answer for a refusing verdict,
@@ -492,8 +502,11 @@ class SMTPServerProtocol(Protocol):
         more = tuple(self.extensions()) if esmtp else ()
         accept = Answer(SMTPReply(250, "", self.settings.hostname), more=more, plain=True)
 
+        results: list[AuthResult] = []
+
         def decided(verdict: Verdict) -> Answer:
             refusal = self.refusalFor(verdict)
+            results.extend(verdict.results)
             return accept if refusal is None else replace(refusal, plain=True)
 
         def then(answer: Answer) -> None:
@@ -501,6 +514,7 @@ class SMTPServerProtocol(Protocol):
                 # RFC 5321 4.1.4: EHLO/HELO also ends any transaction.
                 self.transactions.reset()
                 self.session = session
+                self._heloResults = tuple(results)
 
         verdict = self.settings.chain.ask(Stage.HELO, lambda p: p.checkHelo(session, name), self.peer)
         self.replies.respondLater(verdict.addCallback(decided), then)

@@ -2,12 +2,16 @@
 The message sink: decoded message text in, the queued copy out.
 
 It holds the header section (up to L{SMTPLimits.maxHeaderBytes}) for the
-loop check and the policies' C{checkMessage}, then streams the rest into
-the L{IIncomingMessage} as it arrives, so that a large body is never
-buffered.  A refused message is read to its end and thrown away.  The
-session talks to it through L{MessageSink.write}, L{MessageSink.check},
-L{MessageSink.finish}, L{MessageSink.abort} and L{MessageSink.cancel}, and
-it talks back only through the small L{SinkOwner} interface.
+loop check and the policies' C{checkMessage}, then streams the body into
+the L{IIncomingMessage} and to the end-of-data checks as it arrives, so
+that a large body is never buffered.  The header section stays with the
+sink until the end of data: the checks' verdict may still edit it, and it
+is handed to the queue with the commit, above the body, together with one
+C{Authentication-Results:} field.  A refused message is read to its end
+and thrown away.  The session talks to it through L{MessageSink.write},
+L{MessageSink.check}, L{MessageSink.finish}, L{MessageSink.abort} and
+L{MessageSink.cancel}, and it talks back only through the small
+L{SinkOwner} interface.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from twisted.python.failure import Failure
 
 from mailfw.envelope import Envelope
 from mailfw.interfaces import IIncomingMessage
+from mailfw.policy._chain import MessageChecks
 from mailfw.queued import QueueFull
 from mailfw.reply import SMTPReply
 from mailfw.smtp import _replies as R
-from mailfw.smtp._headers import RECEIVED_FIELD
+from mailfw.smtp._headers import RECEIVED_FIELD, MessageDraft
 from mailfw.smtp._limits import SMTPLimits
 from mailfw.smtp._replies import Answer
+from mailfw.verdict import Verdict
 
 __all__ = ["MessageSink", "SinkOwner"]
 
@@ -54,6 +60,19 @@ class SinkOwner(Protocol):
         the header fields to write above C{header}.  Never fails.
         """
 
+    def openChecks(self, envelope: Envelope, header: bytes) -> MessageChecks | None:
+        """
+        The header section (as it will be queued) is accepted: the
+        end-of-data checks that want to see the body, if any.
+        """
+
+    def endChecks(self, checks: MessageChecks | None) -> Deferred[Verdict]:
+        """
+        The message has ended: the checks' verdict (C{checks} may be
+        C{None}), with the transaction's results and edits from every
+        stage.  Never fails.
+        """
+
     def holdInput(self) -> None:
         """
         Stop reading input while the decision waits.
@@ -70,10 +89,9 @@ class MessageSink:
     Takes decoded message text, holds the header section for the loop check
     and C{checkMessage}, and streams the rest into the queue.
 
-    The end-of-data policy stage (ARCHITECTURE.md) plugs in at L{_write}:
-    each chunk handed to the queue goes to the chain's message stream too,
-    and L{finish} waits for the stream's verdict (and applies its edits)
-    before the commit.
+    Each body chunk handed to the queue goes to the end-of-data checks too
+    (L{_write}), and L{finish} waits for their verdict and applies its
+    edits before the commit.
     """
 
     log = Logger()
@@ -85,8 +103,10 @@ class MessageSink:
         envelope: Envelope,
         received: bytes,
         limits: SMTPLimits,
+        authservID: str,
     ) -> None:
         self._owner = owner
+        self._authservID = authservID
         self._incoming = incoming
         self.envelope = envelope
         self._received = received
@@ -103,6 +123,9 @@ class MessageSink:
         self._aborted = False
         self._tail = b""
         self._verdict: Deferred[Answer | bytes] | None = None
+        self._header = b""
+        self._checks: MessageChecks | None = None
+        self._checkWaits = 0
         self.committing = False
         self.size = 0
 
@@ -167,7 +190,17 @@ class MessageSink:
                 self._discard()
             else:
                 self._state = _SinkState.STREAMING
-                self._write(b"".join([self._received, decision, header, *held]))
+                if held and held[0].startswith(b"\r\n"):
+                    # The empty line that ends the header section belongs
+                    # to it: the body is what follows.
+                    header += b"\r\n"
+                    held[0] = held[0][2:]
+                self._header = self._received + decision + header
+                self._tail = self._header[-2:]
+                self._checks = self._owner.openChecks(self.envelope, self._header)
+                body = b"".join(held)
+                if body:
+                    self._write(body)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(None)
@@ -177,8 +210,8 @@ class MessageSink:
 
     def _write(self, data: bytes) -> None:
         """
-        Hand C{data} to the queue; a queue that raises refuses the message
-        (451) instead of breaking the connection.
+        Hand body C{data} to the queue and the checks; a queue that raises
+        refuses the message (451) instead of breaking the connection.
         """
         try:
             self._incoming.write(data)
@@ -188,6 +221,19 @@ class MessageSink:
             self._discard()
             return
         self._tail = data[-2:] if len(data) >= 2 else (self._tail + data)[-2:]
+        checks = self._checks
+        if checks is not None:
+            wait = checks.write(data)
+            if wait is not None:
+                self._checkWaits += 1
+                if self._checkWaits == 1:
+                    self._owner.holdInput()
+                wait.addBoth(self._checkCaughtUp)
+
+    def _checkCaughtUp(self, result: object) -> None:
+        self._checkWaits -= 1
+        if self._checkWaits == 0:
+            self._owner.releaseInput()
 
     def _discard(self) -> None:
         self._state = _SinkState.DISCARDING
@@ -201,6 +247,9 @@ class MessageSink:
         """
         if not self._aborted and not self.committing:
             self._aborted = True
+            checks, self._checks = self._checks, None
+            if checks is not None:
+                checks.abort()
             try:
                 self._incoming.abort()
             except Exception:
@@ -257,8 +306,9 @@ class MessageSink:
 
     def finish(self, bare: bool, longLine: bool) -> Deferred[Answer]:
         """
-        The message has ended: refuse it, or commit it and say 250 once the
-        queue has made it durable.
+        The message has ended: refuse it, or ask the end-of-data checks,
+        apply their edits, and commit it; say 250 once the queue has made
+        it durable.
         """
 
         def settled(_: None) -> Deferred[Answer] | Answer:
@@ -271,10 +321,54 @@ class MessageSink:
                 self._write(b"\r\n")
                 if self._refusal is not None:
                     return self._refusal
-            self.committing = True
-            return maybeDeferred(self._incoming.commit).addCallbacks(self._committed, self._commitFailed)
+            checks, self._checks = self._checks, None
+            return self._owner.endChecks(checks).addCallback(self._judged)
 
         return self._settled(True).addCallback(settled)
+
+    def _judged(self, verdict: Verdict) -> Deferred[Answer] | Answer:
+        """
+        The end-of-data verdict: refuse, or apply its edits and commit.
+        """
+        if self._aborted:
+            return Answer(R.LOCAL_ERROR)
+        reply = verdict.reply
+        if (reply is not None and not reply.isPositive) or verdict.disconnect:
+            self.abort()
+            return Answer(reply or R.LOCAL_ERROR, verdict.disconnect)
+        if not (verdict.edits or verdict.results):
+            # The common case: nothing to change.
+            return self._commit(self._header, None, False)
+        draft = MessageDraft(self._header, self.envelope)
+        draft.apply(verdict.edits)
+        draft.addResults(self._authservID, verdict.results)
+        if draft.replacedBody is not None:
+            self._incoming.rewind()
+            self._incoming.write(draft.replacedBody)
+        if draft.discard is not None or not draft.envelope.recipients:
+            self.log.info(
+                "discarded {queueID} from {peer}: {reason}",
+                queueID=self.queueID,
+                peer=self._owner.peer,
+                reason=draft.discard or "a filter removed every recipient",
+            )
+            self.abort()
+            return self._committed(self.queueID)
+        if draft.quarantine is not None:
+            self.log.info(
+                "quarantined {queueID} from {peer}: {reason}",
+                queueID=self.queueID,
+                peer=self._owner.peer,
+                reason=draft.quarantine,
+            )
+        envelope = draft.envelope if draft.envelope is not self.envelope else None
+        return self._commit(draft.header, envelope, draft.quarantine is not None)
+
+    def _commit(self, header: bytes, envelope: Envelope | None, hold: bool) -> Deferred[Answer]:
+        self.committing = True
+        return maybeDeferred(self._incoming.commit, header, envelope, hold).addCallbacks(
+            self._committed, self._commitFailed
+        )
 
     def _committed(self, queueID: str) -> Answer:
         return Answer(SMTPReply(250, "2.0.0", f"Ok: queued as {queueID}"))

@@ -18,7 +18,7 @@ small L{TransactionOwner} interface.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailfw.envelope import Envelope, Recipient, RouteKind, Session
-from mailfw.policy._chain import Stage
+from mailfw.policy._chain import MessageChecks, Stage
 from mailfw.reply import SMTPReply
 from mailfw.smtp import _auth as A
 from mailfw.smtp import _replies as R
@@ -39,7 +39,7 @@ from mailfw.smtp._replies import Answer
 from mailfw.smtp._settings import SessionSettings
 from mailfw.smtp._sink import MessageSink
 from mailfw.smtp._state import SESSION_LOG_NAMESPACE
-from mailfw.verdict import Verdict
+from mailfw.verdict import AuthResult, MessageEdit, Verdict
 
 # Not a class attribute: as a descriptor, Logger would name the class.
 _log = Logger(namespace=SESSION_LOG_NAMESPACE)
@@ -71,6 +71,10 @@ class TransactionOwner(Protocol):
     def avatar(self) -> Any:
         """The authenticated L{mailfw.interfaces.IMailUser}, or C{None}."""
 
+    @property
+    def sessionResults(self) -> tuple[AuthResult, ...]:
+        """Authentication results of the connection and HELO stages."""
+
     def refusalFor(self, verdict: Verdict) -> Answer | None:
         """
         The answer for a refusing verdict, or C{None} if it accepts.
@@ -85,11 +89,21 @@ class _Transaction:
 
     mail: MailFrom
     recipients: list[Recipient] = field(default_factory=list)
+    results: list[AuthResult] = field(default_factory=list)
+    edits: list[MessageEdit] = field(default_factory=list)
     attempted: int = 0
     bdat: bool = False
     message: MessageSink | None = None
     chunks: ChunkReader | None = None
     checking: int = 0
+
+    def carry(self, verdicts: list[Verdict]) -> None:
+        """
+        Keep the results and edits of the accepting C{verdicts}.
+        """
+        for verdict in verdicts:
+            self.results.extend(verdict.results)
+            self.edits.extend(verdict.edits)
 
 
 @dataclass(eq=False)
@@ -229,10 +243,12 @@ class MailTransactions:
             return
         mail: MailFrom = parsed
 
+        carried: list[Verdict] = []
+
         def ask() -> Deferred[Answer]:
             return settings.chain.ask(
                 Stage.MAIL, lambda p: p.checkSender(session, mail.sender, mail.parameters), self._owner.peer
-            ).addCallback(self._stageAnswer, Answer(R.MAIL_OK))
+            ).addCallback(self._stageAnswer, Answer(R.MAIL_OK), carried)
 
         def quotaChecked(overQuota: SMTPReply | None) -> Deferred[Answer] | Answer:
             return ask() if overQuota is None else Answer(overQuota)
@@ -240,7 +256,8 @@ class MailTransactions:
         def then(answer: Answer) -> None:
             if answer.reply.isPositive:
                 self.started += 1
-                self._current = _Transaction(mail)
+                tx = self._current = _Transaction(mail, results=list(self._owner.sessionResults))
+                tx.carry(carried)
             else:
                 self._logRefusal("MAIL", answer.reply, mail)
 
@@ -274,6 +291,8 @@ class MailTransactions:
             return
         recipient = Recipient(parsed.address, parsed.notify, parsed.orcpt)
 
+        carried: list[Verdict] = []
+
         def then(answer: Answer) -> None:
             tx.checking -= 1
             if self._current is not tx:
@@ -281,6 +300,7 @@ class MailTransactions:
             if answer.reply.isPositive:
                 if all(r.address != recipient.address for r in tx.recipients):
                     tx.recipients.append(recipient)
+                    tx.carry(carried)
             else:
                 self._logRefusal("RCPT", answer.reply, tx.mail, recipient)
 
@@ -290,15 +310,19 @@ class MailTransactions:
             pending = len(tx.recipients) + tx.checking
 
             def quotaChecked(overQuota: SMTPReply | None) -> Deferred[Answer] | Answer:
-                return self._checkRecipient(parsed, recipient, tx) if overQuota is None else Answer(overQuota)
+                if overQuota is None:
+                    return self._checkRecipient(parsed, recipient, tx, carried)
+                return Answer(overQuota)
 
             d: Deferred[Answer] = quotas.checkRecipient(user, pending).addCallback(quotaChecked)
         else:
-            d = self._checkRecipient(parsed, recipient, tx)
+            d = self._checkRecipient(parsed, recipient, tx, carried)
         tx.checking += 1
         replies.respondLater(d, then, overlappable=True)
 
-    def _checkRecipient(self, parsed: RcptTo, recipient: Recipient, tx: _Transaction) -> Deferred[Answer]:
+    def _checkRecipient(
+        self, parsed: RcptTo, recipient: Recipient, tx: _Transaction, carried: list[Verdict]
+    ) -> Deferred[Answer]:
         """
         Route the recipient, then ask the policies.  The bare
         C{<postmaster>} of RFC 5321 4.5.1 is always accepted, and so is
@@ -323,15 +347,24 @@ class MailTransactions:
                 return accept
             return settings.chain.ask(
                 Stage.RCPT, lambda p: p.checkRecipient(session, envelope, recipient), peer
-            ).addCallback(self._stageAnswer, accept)
+            ).addCallback(self._stageAnswer, accept, carried)
 
         def failed(f: Failure) -> Answer:
             return Answer(settings.chain.failureReply(f, "route", peer))
 
         return routed.addCallbacks(afterRoute, failed)
 
-    def _stageAnswer(self, verdict: Verdict, accept: Answer) -> Answer:
-        return self._owner.refusalFor(verdict) or accept
+    def _stageAnswer(self, verdict: Verdict, accept: Answer, carried: list[Verdict]) -> Answer:
+        """
+        The answer for C{verdict}; an accepting one is kept in C{carried}
+        for its results and edits.
+        """
+        refusal = self._owner.refusalFor(verdict)
+        if refusal is not None:
+            return refusal
+        if verdict.results or verdict.edits:
+            carried.append(verdict)
+        return accept
 
     def _envelope(self, tx: _Transaction) -> Envelope:
         mail = tx.mail
@@ -373,7 +406,8 @@ class MailTransactions:
             settings.clock.seconds(),
             identity=auth is not None and auth.receivedIdentity,
         )
-        tx.message = MessageSink(self, incoming, envelope, received, settings.limits)
+        envelope = replace(envelope, queueID=queueID)
+        tx.message = MessageSink(self, incoming, envelope, received, settings.limits, settings.hostname)
         return None
 
     def _missing(self, tx: _Transaction | None) -> SMTPReply | None:
@@ -557,18 +591,46 @@ class MailTransactions:
             refusal = self._owner.refusalFor(verdict)
             if refusal is not None:
                 return refusal
+            if self._current is not None:
+                self._current.carry([verdict])
             added = policyHeaders(verdict.headers) if verdict.headers else b""
             if whole and settings.submission:
                 added += submissionHeaders(settings.hostname, header, settings.clock.seconds())
             return added
 
-        if not settings.chain.policies:
+        if not settings.chain:
             # Nothing to ask: no Deferred callbacks on the hot path.
             return succeed(decided(_NO_VERDICT))
         session = self._owner.session
         return settings.chain.ask(
             Stage.HEADERS, lambda p: p.checkMessage(session, envelope, header), self._owner.peer
         ).addCallback(decided)
+
+    def openChecks(self, envelope: Envelope, header: bytes) -> MessageChecks | None:
+        """
+        L{SinkOwner.openChecks}.
+        """
+        chain = self._settings.chain
+        if not chain:
+            return None
+        return chain.openMessage(self._owner.session, envelope, header, self._owner.peer)
+
+    def endChecks(self, checks: MessageChecks | None) -> Deferred[Verdict]:
+        """
+        L{SinkOwner.endChecks}: the checks' verdict with the results and
+        edits of the transaction's earlier stages (in front of the
+        checks' own).
+        """
+        tx = self._current
+        results = tuple(tx.results) if tx is not None else ()
+        edits = tuple(tx.edits) if tx is not None else ()
+        if checks is None:
+            return succeed(Verdict(results=results, edits=edits) if results or edits else _NO_VERDICT)
+
+        def combined(verdict: Verdict) -> Verdict:
+            return replace(verdict, results=results + verdict.results, edits=edits + verdict.edits)
+
+        return checks.end(results).addCallback(combined)
 
     def holdInput(self) -> None:
         """
