@@ -6,7 +6,9 @@ signs is checked with dkimpy's own verifier.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,7 @@ HEADER = (
 BODY = b"Dear Bob,\r\n\r\n  relaxed   body \t\r\n\r\n\r\n"
 
 SUBMISSION = Session(listener="submission", peerHost="192.0.2.7", authenticated="alice", relayClient=True)
-NETWORK = Session(listener="smtp", peerHost="192.0.2.8", relayClient=True)
+NETWORK = Session(listener="smtp", peerHost="192.0.2.8")
 STRANGER = Session(listener="smtp", peerHost="203.0.113.9")
 ENVELOPE = Envelope(
     sender=Address.parse("alice@example.com"),
@@ -92,7 +94,7 @@ class SignerTests(SynchronousTestCase):
             return succeed(work())
 
         self.keys: dict[str, list[SigningKey]] = {"example.com": [RSA_KEY, ED_KEY]}
-        self.signer = DKIMSigner("sign", self.keys, self.clock, run)
+        self.signer = DKIMSigner("sign", self.keys, self.clock, run, [ipaddress.ip_network("192.0.2.0/24")])
 
     def sign(
         self, header: bytes = HEADER, body: bytes = BODY, session: Session = SUBMISSION, chunk: int = 5
@@ -110,8 +112,10 @@ class SignerTests(SynchronousTestCase):
         for edit in verdict.edits:
             assert isinstance(edit, AddHeader)
             self.assertEqual((edit.name, edit.index), ("DKIM-Signature", 0))
-            self.assertNotIn("\n", edit.value)
-            self.assertLess(len(edit.value), 998 - len("DKIM-Signature: "))
+            # Folded lines, each short.
+            lines = edit.value.split("\r\n")
+            self.assertTrue(all(line[:1] == " " and "\n" not in line for line in lines[1:]), lines)
+            self.assertTrue(all(len(line) <= 78 for line in lines), lines)
         return tuple(e for e in verdict.edits if isinstance(e, AddHeader))
 
     def queued(self, edits: tuple[AddHeader, ...], header: bytes = HEADER, body: bytes = BODY) -> bytes:
@@ -180,9 +184,11 @@ class SignerTests(SynchronousTestCase):
 
     def test_relayNetwork(self) -> None:
         """
-        A client allowed to relay by its network is signed for too.
+        A client from C{relay_networks} is signed for too, without AUTH.
         """
         self.assertIsNotNone(self.sign(session=NETWORK))
+        self.assertIsNone(self.sign(session=replace(NETWORK, peerHost="198.51.100.8")))
+        self.assertIsNotNone(self.sign(session=replace(STRANGER, relayClient=True)))
 
     def test_notRelayClient(self) -> None:
         """
@@ -296,6 +302,17 @@ class ConfigTests(SynchronousTestCase):
         policy = self.build({"domains": {"Example.COM": {"selector": "r2026", "key": "dkim/r.key"}}})
         self.assertIsInstance(policy, DKIMSigner)
         self.assertEqual(policy.keys, {"example.com": (RSA_KEY,)})
+
+    def test_relayNetworks(self) -> None:
+        r = {"selector": "r2026", "key": "dkim/r.key"}
+        policy = self.build(
+            {"domains": {"example.com": r}, "relay_networks": ["10.0.0.0/8", "2001:db8::/32"]}
+        )
+        self.assertEqual([str(n) for n in policy.relayNetworks], ["10.0.0.0/8", "2001:db8::/32"])
+        e = self.assertRaises(
+            ConfigError, self.build, {"domains": {"example.com": r}, "relay_networks": ["ten"]}
+        )
+        self.assertIn("relay_networks: bad network 'ten'", str(e))
 
     def test_twoKeys(self) -> None:
         keys = [{"selector": "r2026", "key": "dkim/r.key"}, {"selector": "e2026", "key": "dkim/e.key"}]

@@ -5,6 +5,9 @@ relay) is signed for the domain of its C{From:} address when a key is
 configured for that domain (or a parent domain), before it is queued: the
 signature is an L{AddHeader} edit, so the queued copy is the signed one.
 
+(C{relay_networks} names those networks: the router's are not the
+session's to know.)
+
 Each domain may have an RSA key (rsa-sha256, 2048 bits recommended) and an
 Ed25519 key (ed25519-sha256, RFC 8463); with both, the message gets both
 signatures, so receivers that do not know Ed25519 still see a signature
@@ -30,11 +33,14 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -254,9 +260,8 @@ def signHeader(
         (b"b", b"0" * 60),
     ]
     value = signer.gen_header(fields, list(include), canonicalization, b"DKIM-Signature", pk)
-    # One line: relaxed header canonicalization unfolds anyway, so the
-    # signature holds, and the edit needs no line breaks.
-    return bytes(value).replace(b"\r\n", b"").strip().decode("ascii")
+    # Folded by dkimpy (CRLF and a space), which header edits keep.
+    return bytes(value).rstrip(b"\r\n").decode("ascii")
 
 
 class DKIMSigner(Policy):
@@ -265,6 +270,8 @@ class DKIMSigner(Policy):
 
     @ivar keys: per domain (lowercase), its keys (at most one per
         algorithm).
+    @ivar relayNetworks: client networks whose mail is signed without
+        AUTH (the networks the router lets relay).
     """
 
     log = Logger()
@@ -275,11 +282,26 @@ class DKIMSigner(Policy):
         keys: Mapping[str, Sequence[SigningKey]],
         clock: IReactorTime,
         runInThread: ThreadRunner,
+        relayNetworks: Sequence[IPNetwork] = (),
     ) -> None:
         self.name = name
         self.keys = {domain.lower(): tuple(ks) for domain, ks in keys.items()}
         self.clock = clock
         self.runInThread = runInThread
+        self.relayNetworks = tuple(relayNetworks)
+
+    def signsFor(self, session: Session) -> bool:
+        """
+        Whether mail of C{session} is ours to sign: an authenticated user's,
+        a relay client's, or from one of L{relayNetworks}.
+        """
+        if session.authenticated or session.relayClient:
+            return True
+        try:
+            address = ipaddress.ip_address(session.peerHost)
+        except ValueError:
+            return False
+        return any(address in network for network in self.relayNetworks)
 
     def keysFor(self, domain: str) -> tuple[SigningKey, ...]:
         """
@@ -293,7 +315,7 @@ class DKIMSigner(Policy):
         return ()
 
     def openMessage(self, session: Session, envelope: Envelope, header: bytes) -> IMessageCheck | None:
-        if not (session.authenticated or session.relayClient):
+        if not self.signsFor(session):
             return None
         import dkim
 
@@ -418,7 +440,8 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
     """
     Build the C{dkim-sign} policy from C{[policy.NAME]}: C{domains}, a
     table of domain to C{{selector, key}} or C{{keys = [{selector, key},
-    ...]}} (key paths relative to the data directory).
+    ...]}} (key paths relative to the data directory), and
+    C{relay_networks}.
     """
     from mailfw.delivery import ThreadPoolRunner
     from mailfw.policy._dkim import _requireDkimpy
@@ -426,10 +449,17 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
     section = Section(f"[policy.{instanceName}]", options)
     _requireDkimpy(section.title)
     keys = _keysFromSection(section, context)
+    networks: list[IPNetwork] = []
+    for text in section.strings("relay_networks", []):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ConfigError(f"{section.title} relay_networks: bad network {text!r}") from None
     section.finish()
     return DKIMSigner(
         instanceName,
         keys,
         context.reactor,
         ThreadPoolRunner(context.reactor, f"mailfw-dkim-sign-{instanceName}", maxThreads=2),
+        networks,
     )
