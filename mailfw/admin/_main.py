@@ -6,7 +6,8 @@ C{mailfw queue ...} talks to the running server over its control socket
 without starting anything; C{mailfw passwd} manages the AUTH password file;
 C{mailfw domain|user|alias|sender} edit the virtual domains' hosting table;
 C{mailfw user quota USER} shows a user's sending-quota counters (from the
-running server).
+running server); C{mailfw dkim keygen|check} makes DKIM keys and checks
+their DNS records.
 """
 
 from __future__ import annotations
@@ -229,6 +230,10 @@ def makeParser() -> argparse.ArgumentParser:
     from mailfw.auth._tool import addPasswdParser
 
     addPasswdParser(commands)
+
+    from mailfw.admin._dkim import addDkimParser
+
+    addDkimParser(commands)
 
     from mailfw.hosting._tool import addHostingParsers
 
