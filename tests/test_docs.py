@@ -79,6 +79,7 @@ from mailfw.interfaces import (
     IRouterFactory,
 )
 from mailfw.plugin import LazyComponent, MissingPlugin, findPlugin
+from mailfw.policy._chain import _LINK_KEYS
 from mailfw.scheduling._scheduler import schedulerFromConfig
 from mailfw.smtp import SMTPLimits
 from mailfw.tap import checkComponents
@@ -330,8 +331,10 @@ def sectionsOf(config: ServerConfig) -> list[tuple[str, str, str, Mapping[str, o
         (f"[delivery.{name}]", name, options, IDeliveryAgentFactory)
         for name, options in config.delivery.items()
     ]
+    # The chain reads listeners, timeout and on_error; the plugin the rest.
     sections += [
-        (f"[policy.{name}]", name, options, IPolicyFactory) for name, options in config.policy.items()
+        (f"[policy.{name}]", name, {k: v for k, v in options.items() if k not in _LINK_KEYS}, IPolicyFactory)
+        for name, options in config.policy.items()
     ]
     return [
         (title, name, str(options.get("plugin")), options, interface)

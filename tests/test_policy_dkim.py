@@ -509,3 +509,14 @@ class ConfigTests(SynchronousTestCase):
             e = self.assertRaises(ConfigError, fromConfig, self.context(), "verify", options)
             self.assertIn("[policy.verify]", str(e))
             self.assertIn(message, str(e))
+
+    def test_documented(self) -> None:
+        """
+        docs/configuration.rst lists exactly the keys C{fromConfig} reads.
+        """
+        from tests.test_docs import ROOT, documentedKeys, recordingKeys
+
+        with recordingKeys() as asked:
+            fromConfig(self.context(), "verify", {"plugin": "dkim"})
+        documented = documentedKeys(ROOT / "docs" / "configuration.rst")
+        self.assertEqual(documented["[policy] dkim"], asked["[policy.verify]"] - {"plugin"})

@@ -341,3 +341,16 @@ class ConfigTests(SynchronousTestCase):
             ConfigError, self.build, {"domains": {"example.com": {"selector": "s", "key": "dkim/bad.key"}}}
         )
         self.assertIn("not a PEM key", str(e))
+
+    def test_documented(self) -> None:
+        """
+        docs/configuration.rst lists exactly the keys C{fromConfig} reads
+        from the section (each domain's keys are described under C{domains}).
+        """
+        from tests.test_docs import ROOT, documentedKeys, recordingKeys
+
+        with recordingKeys() as asked:
+            self.build({"domains": {"example.com": {"selector": "r2026", "key": "dkim/r.key"}}})
+        documented = documentedKeys(ROOT / "docs" / "configuration.rst")
+        self.assertEqual(documented["[policy] dkim-sign"], asked["[policy.sign]"] - {"plugin"})
+        self.assertEqual(asked["[policy.sign] domains.example.com"], {"selector", "key"})

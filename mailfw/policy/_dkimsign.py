@@ -384,11 +384,23 @@ class _Signing:
         pass
 
 
-def _keysFromSection(section: Section, context: ComponentContext) -> dict[str, list[SigningKey]]:
+@dataclass(frozen=True)
+class _KeyEntry:
+    where: str
+    domain: str
+    selector: str
+    path: Path
+
+
+def _keyEntries(section: Section, context: ComponentContext) -> list[_KeyEntry]:
+    """
+    The keys C{domains} configures, checked for unknown options before any
+    key file is read.
+    """
     domains = section.table("domains")
     if not domains:
         raise ConfigError(f"{section.title} domains: configure at least one domain's key")
-    keys: dict[str, list[SigningKey]] = {}
+    found: list[_KeyEntry] = []
     for domain, options in domains.items():
         title = f"{section.title} domains.{domain}"
         if not isinstance(options, dict):
@@ -398,7 +410,6 @@ def _keysFromSection(section: Section, context: ComponentContext) -> dict[str, l
             entries = [options]
         elif set(options) != {"keys"} or not isinstance(entries, list):
             raise ConfigError(f"{title}: give either selector and key, or keys = [...]")
-        loaded: list[SigningKey] = []
         for number, entry in enumerate(entries):
             where = title if len(entries) == 1 else f"{title} keys[{number}]"
             if not isinstance(entry, dict):
@@ -407,19 +418,28 @@ def _keysFromSection(section: Section, context: ComponentContext) -> dict[str, l
             selector = one.text("selector")
             path = context.path(one.text("key"))
             one.finish()
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                raise ConfigError(f"{where} key: cannot read {path}: {e.strerror}") from None
-            try:
-                key = loadKey(data, domain.lower(), selector)
-            except ValueError as e:
-                raise ConfigError(f"{where} key: {path}: {e}") from None
-            if any(k.algorithm == key.algorithm for k in loaded):
-                raise ConfigError(f"{title}: two {key.algorithm.decode()} keys; give at most one of each")
-            _warnIfReadable(path)
-            loaded.append(key)
-        keys[domain.lower()] = loaded
+            found.append(_KeyEntry(where, domain.lower(), selector, path))
+    return found
+
+
+def _loadKeys(entries: Sequence[_KeyEntry], title: str) -> dict[str, list[SigningKey]]:
+    keys: dict[str, list[SigningKey]] = {}
+    for entry in entries:
+        try:
+            data = entry.path.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{entry.where} key: cannot read {entry.path}: {e.strerror}") from None
+        try:
+            key = loadKey(data, entry.domain, entry.selector)
+        except ValueError as e:
+            raise ConfigError(f"{entry.where} key: {entry.path}: {e}") from None
+        loaded = keys.setdefault(entry.domain, [])
+        if any(k.algorithm == key.algorithm for k in loaded):
+            raise ConfigError(
+                f"{title} domains.{entry.domain}: two {key.algorithm.decode()} keys; give at most one of each"
+            )
+        _warnIfReadable(entry.path)
+        loaded.append(key)
     return keys
 
 
@@ -448,7 +468,7 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
 
     section = Section(f"[policy.{instanceName}]", options)
     _requireDkimpy(section.title)
-    keys = _keysFromSection(section, context)
+    entries = _keyEntries(section, context)
     networks: list[IPNetwork] = []
     for text in section.strings("relay_networks", []):
         try:
@@ -458,7 +478,7 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
     section.finish()
     return DKIMSigner(
         instanceName,
-        keys,
+        _loadKeys(entries, section.title),
         context.reactor,
         ThreadPoolRunner(context.reactor, f"mailfw-dkim-sign-{instanceName}", maxThreads=2),
         networks,
