@@ -304,6 +304,9 @@ class VerifierTests(SynchronousTestCase):
             b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; i=example.com; s=rsa1; h=from; bh=AAAA; b=AAAA\r\n",
             b"DKIM-Signature: v=1; a=rsa-sha256; c=odd/simple; d=example.com; s=rsa1; h=from; bh=AAAA; b=AAAA\r\n",
             b"DKIM-Signature: v=1; v=1; a=rsa-sha256\r\n",
+            b"DKIM-Signature: v=1; a=rsa-sha256; d=exa mple.com; s=rsa1; h=from; bh=AAAA; b=AAAA\r\n",
+            b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=../x; h=from; bh=AAAA; b=AAAA\r\n",
+            "DKIM-Signature: v=1; a=rsa-sha256; d=bücher.example; s=s; h=from; bh=AAAA; b=AAAA\r\n".encode(),
         ]:
             (result,) = self.verify(field + HEADER)
             self.assertEqual(result.result, "permerror", field)

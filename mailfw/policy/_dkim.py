@@ -156,11 +156,19 @@ def _checkTags(tags: dict[bytes, bytes], now: float) -> str | None:
         return f"unknown canonicalization {tags.get(b'c', b'').decode('ascii', 'replace')}"
     if b"x" in tags and int(tags[b"x"]) < now:
         return "signature expired"
+    for tag in (b"d", b"s"):
+        # Only names that can be looked up (IDNs in their A-label form).
+        value = tags[tag]
+        if len(value) > 253 or not _DNS_NAME.match(value):
+            return f"malformed {tag.decode()}="
     try:
         base64.b64decode(re.sub(rb"\s+", b"", tags[b"bh"]), validate=True)
     except (binascii.Error, ValueError):
         return "malformed bh="
     return None
+
+
+_DNS_NAME = re.compile(rb"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\Z")
 
 
 def _bodyHashKey(hashes: BodyHashes, tags: dict[bytes, bytes]) -> BodyHashKey:

@@ -17,10 +17,10 @@ C{Subject} (list them once more than present), so that no such field can
 be added later without breaking the signature.
 
 The body hash is computed as the body streams
-(L{mailfw.policy._dkimstream}); the header signature is computed by
-dkimpy in a thread, through C{DomainSigner.gen_header} with the fields
-built here (dkimpy's own C{DKIM.sign} would hash the body it holds, and it
-holds none).
+(L{mailfw.policy._dkimstream}); the header signature is computed in a
+thread by L{signHeader}: dkimpy's steps and helpers, OpenSSL's signature
+(dkimpy's own C{DKIM.sign} would hash the body it holds, and it holds
+none).
 
 Keys: an RSA key in PEM (PKCS#1 C{BEGIN RSA PRIVATE KEY}, as C{mailfw dkim
 keygen} and dkimpy's C{dknewkey} write, or PKCS#8 C{BEGIN PRIVATE KEY} as
@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import hashlib
 import ipaddress
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,7 @@ class SigningKey:
         base64 seed for Ed25519.
     @ivar public: the public key as the C{p=} tag of the DNS record has it
         (base64).
+    @ivar signer: the private key as a C{cryptography} key, which signs.
     """
 
     domain: str
@@ -124,6 +126,7 @@ class SigningKey:
     algorithm: bytes
     private: bytes
     public: str
+    signer: Any = field(default=None, compare=False, repr=False)
 
     @property
     def record(self) -> str:
@@ -176,14 +179,14 @@ def loadKey(data: bytes, domain: str, selector: str) -> SigningKey:
         public = key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        return SigningKey(domain, selector, RSA, private, base64.b64encode(public).decode("ascii"))
+        return SigningKey(domain, selector, RSA, private, base64.b64encode(public).decode("ascii"), key)
     if isinstance(key, ed25519.Ed25519PrivateKey):
         seed = key.private_bytes(
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
         )
         public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         return SigningKey(
-            domain, selector, ED25519, base64.b64encode(seed), base64.b64encode(public).decode("ascii")
+            domain, selector, ED25519, base64.b64encode(seed), base64.b64encode(public).decode("ascii"), key
         )
     raise ValueError(f"unsupported key type {type(key).__name__}; use RSA or Ed25519")
 
@@ -231,21 +234,19 @@ def signHeader(
     The value of a C{DKIM-Signature:} field over C{header} (the header
     section to be queued) and the body with C{bodyHash}.  Blocking (RSA
     arithmetic): runs in a thread.
+
+    The steps of dkimpy's C{DomainSigner.gen_header}, with its own helpers
+    (C{fold}, C{RE_BTAG}, C{hash_headers}: the fields chosen, canonicalized
+    and hashed exactly as dkimpy does), except the signature itself, made
+    by C{cryptography} (OpenSSL): dkimpy's pure-Python RSA took 87 ms per
+    signature on the test machine, OpenSSL 1 to 5 ms.
     """
     import dkim  # type: ignore[import-untyped]
-    import nacl.encoding
-    import nacl.signing
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, utils
     from dkim.canonicalization import CanonicalizationPolicy  # type: ignore[import-untyped]
-    from dkim.crypto import HASH_ALGORITHMS, parse_pem_private_key  # type: ignore[import-untyped]
 
-    signer = dkim.DKIM(header, signature_algorithm=key.algorithm)
-    signer.hasher = HASH_ALGORITHMS[key.algorithm]
-    pk: Any
-    if key.algorithm == RSA:
-        pk = parse_pem_private_key(key.private)
-    else:
-        pk = nacl.signing.SigningKey(key.private, encoder=nacl.encoding.Base64Encoder)
-    canonicalization = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+    name = b"DKIM-Signature"
     fields = [
         (b"v", b"1"),
         (b"a", key.algorithm),
@@ -259,8 +260,27 @@ def signHeader(
         # tags before it fold the same way before and after signing.
         (b"b", b"0" * 60),
     ]
-    value = signer.gen_header(fields, list(include), canonicalization, b"DKIM-Signature", pk)
-    # Folded by dkimpy (CRLF and a space), which header edits keep.
+    unsigned = dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=len(name), linesep=b"\r\n")
+    unsigned = dkim.RE_BTAG.sub(b"\\1", unsigned)
+    canonicalization = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+    parsed, _ = dkim.rfc822_parse(header)
+    hasher = hashlib.sha256()
+    dkim.hash_headers(
+        hasher,
+        canonicalization,
+        canonicalization.canonicalize_headers(parsed),
+        list(include),
+        (name, b" " + unsigned),
+        dict(fields),
+    )
+    if key.algorithm == RSA:
+        signature = key.signer.sign(hasher.digest(), padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+    else:
+        # RFC 8463: Ed25519 signs the SHA-256 hash of the header data.
+        signature = key.signer.sign(hasher.digest())
+    fields[-1] = (b"b", base64.b64encode(signature))
+    value = dkim.fold(b"; ".join(b"=".join(f) for f in fields) + b"\r\n", namelen=len(name), linesep=b"\r\n")
+    # Folded (CRLF and a space), which header edits keep.
     return bytes(value).rstrip(b"\r\n").decode("ascii")
 
 
