@@ -491,6 +491,36 @@ class IDeliveryAgent(Interface):
         """
 
 
+class IConnectionGate(Interface):
+    """
+    The connection limits of traffic shaping (C{[scheduler.destinations]}):
+    how often a delivery agent may open a connection for a destination,
+    and how many messages each connection may carry.
+    """
+
+    def connect(domain: str, host: str) -> Deferred[int | None]:
+        """
+        Wait for the turn to open a new connection to the mail host C{host}
+        for mail to C{domain}.
+
+        @return: fires when the connection may be opened, with the most
+            transactions it may carry (C{None}: no limit); never fails.
+        """
+
+
+class IConnectionShaping(Interface):
+    """
+    Optional for a delivery agent that opens connections itself (the SMTP
+    relay): the scheduler hands it the destinations' connection limits.
+    """
+
+    def shapeConnections(gate: IConnectionGate) -> None:
+        """
+        From now on ask C{gate} before each new connection, and send no
+        more transactions over one connection than it allows.
+        """
+
+
 class IDeliveryAgentFactory(INamedPlugin):
     """
     A plugin that builds L{IDeliveryAgent}s from C{[delivery.NAME]}.

@@ -554,6 +554,7 @@ def buildService(
             agents,
             config.hostname,
             holdForETRN=lambda address: etrnSettings.holds(address) or odmrSettings.holds(address),
+            resolver=context.resolver,
         )
         lease = queue.leaseSeconds
         if lease is not None and scheduler.leaseSeconds >= lease:

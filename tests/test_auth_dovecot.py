@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from mailfw._sockets import socketEndpoint
 from mailfw.auth import IMailUser, MailRealm
 from mailfw.auth._checker import SessionCredentials, TemporaryAuthFailure
 from mailfw.auth._config import authFromConfig
@@ -38,7 +39,6 @@ from mailfw.auth._dovecot import (
     DovecotReply,
     DovecotTimeout,
     DovecotUnavailable,
-    dovecotEndpoint,
     escape,
     unescape,
 )
@@ -740,7 +740,7 @@ class EndpointTests(SynchronousTestCase):
             ("unix:/x/auth", "/x/auth"),
             ("auth", "/data/auth"),
         ]:
-            endpoint = dovecotEndpoint(reactor, text, lambda p: Path("/data") / p)
+            endpoint = socketEndpoint(reactor, text, lambda p: Path("/data") / p)
             assert isinstance(endpoint, UNIXClientEndpoint)
             self.assertEqual(endpoint._path, expected)
 
@@ -750,7 +750,7 @@ class EndpointTests(SynchronousTestCase):
         """
         reactor = MemoryReactorClock()
         for text, host, port in [("inet:127.0.0.1:12345", b"127.0.0.1", 12345), ("inet:[::1]:1", b"::1", 1)]:
-            endpoint = dovecotEndpoint(reactor, text, Path)
+            endpoint = socketEndpoint(reactor, text, Path)
             assert isinstance(endpoint, HostnameEndpoint)
             self.assertEqual((endpoint._hostBytes, endpoint._port), (host, port))
 
@@ -759,7 +759,7 @@ class EndpointTests(SynchronousTestCase):
         Malformed values raise L{ValueError}.
         """
         for text in ["inet:127.0.0.1", "inet::25", "inet:host:0", "inet:host:x", "unix:", ""]:
-            self.assertRaises(ValueError, dovecotEndpoint, MemoryReactorClock(), text, Path)
+            self.assertRaises(ValueError, socketEndpoint, MemoryReactorClock(), text, Path)
 
 
 class ConfigTests(SynchronousTestCase):

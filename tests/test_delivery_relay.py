@@ -26,8 +26,9 @@ from mailfw.config import ComponentContext, ConfigError
 from mailfw.delivery._contract import SAMPLE, DeliveryAgentContractTests, TrackingBody
 from mailfw.delivery._relay import SMTPRelayAgent, fromConfig
 from mailfw.envelope import Envelope, Recipient, RecipientOutcome
-from mailfw.interfaces import IDeliveryAgent
+from mailfw.interfaces import IConnectionShaping, IDeliveryAgent
 from mailfw.routing._mx import MailHost, MXResolver
+from mailfw.scheduling._shaping import ConnectionGate, Shape, ShapingTable
 from mailfw.smtp._client import ClientOptions, SMTPClient, Timeouts
 
 
@@ -551,3 +552,97 @@ class ConfigTests(SynchronousTestCase):
             e = self.assertRaises(ConfigError, fromConfig, self.context(), "outbound", options)
             self.assertIn("[delivery.outbound]", str(e))
             self.assertIn(fragment, str(e))
+
+
+class ConnectionShapingTests(SynchronousTestCase):
+    """
+    The relay agent keeps within traffic shaping's connection limits
+    (L{IConnectionShaping}).
+    """
+
+    def gated(self, **shape: Any) -> tuple[SMTPRelayAgent, FakeNetwork]:
+        agent, network = makeAgent({"192.0.2.1": {}})
+        table = ShapingTable(network.clock, [Shape("*.example.net", **shape)])
+        agent.shapeConnections(ConnectionGate(network.clock, table))
+        return agent, network
+
+    def test_verify(self) -> None:
+        """
+        L{SMTPRelayAgent} provides L{IConnectionShaping}.
+        """
+        agent, _ = makeAgent({})
+        self.assertTrue(verifyObject(IConnectionShaping, agent))
+
+    def test_messagesPerConnection(self) -> None:
+        """
+        With C{max_messages_per_connection = 1} a connection says QUIT after
+        its transaction instead of waiting for the next message, which
+        gets a new connection.
+        """
+        agent, network = self.gated(maxMessagesPerConnection=1)
+        deliver(agent, network, envelope("a@example.net"))
+        network.settle()
+        self.assertEqual(network.quits, [1])
+        deliver(agent, network, envelope("b@example.net"))
+        self.assertEqual(len(network.attempts), 2)
+
+    def test_connectionsPerMinute(self) -> None:
+        """
+        With C{max_connections_per_minute = 2} the second new connection
+        waits half a minute after the first; a cached connection is reused
+        without waiting.
+        """
+        agent, network = self.gated(maxConnectionsPerMinute=2, maxMessagesPerConnection=2)
+        deliver(agent, network, envelope("a@example.net"))
+        deliver(agent, network, envelope("b@example.net"))
+        self.assertEqual((len(network.attempts), network.clock.seconds()), (1, 0))
+        d = agent.deliver(envelope("c@example.net"), TrackingBody(), None)
+        network.clock.advance(29)
+        network.settle()
+        self.assertEqual(len(network.attempts), 1)
+        network.clock.advance(1)
+        network.run(d)
+        self.assertEqual(
+            summary(self.successResultOf(d)), [("c@example.net", 250, "2.0.0", "mx1.example.net")]
+        )
+        self.assertEqual(len(network.attempts), 2)
+
+    def test_otherDestinationsUnaffected(self) -> None:
+        """
+        Mail whose domain and hosts match no section connects at once.
+        """
+        agent, network = makeAgent({"192.0.2.3": {}})
+        table = ShapingTable(network.clock, [Shape("*.example.net", maxConnectionsPerMinute=1)])
+        agent.shapeConnections(ConnectionGate(network.clock, table))
+        agent.cacheTime = 0
+        for to in ("a@example.com", "b@example.com"):
+            deliver(agent, network, envelope(to))
+        self.assertEqual((len(network.attempts), network.clock.seconds()), (2, 0))
+
+
+class ServerLimitsTests(SynchronousTestCase):
+    """
+    The relay agent keeps within the limits a server announces (RFC 9422).
+    """
+
+    def test_serverLimitsSplit(self) -> None:
+        """
+        A host announcing C{LIMITS RCPTMAX=2} gets a 5-recipient message in
+        three transactions over one connection, and each recipient the
+        reply of its own transaction.
+        """
+        agent, network = makeAgent(
+            {
+                "192.0.2.1": {
+                    "ehlo": ["250-fake", "250-PIPELINING", "250 LIMITS RCPTMAX=2"],
+                    "rcpt": {"r3@example.net": "550 5.1.1 no such user"},
+                }
+            }
+        )
+        outcomes = deliver(agent, network, envelope(*[f"r{n}@example.net" for n in range(5)]))
+        self.assertEqual(
+            [m["rcpts"] for m in network.messages["192.0.2.1"]],
+            [["r0@example.net", "r1@example.net"], ["r2@example.net"], ["r4@example.net"]],
+        )
+        self.assertEqual([o.reply.code for o in outcomes], [250, 250, 250, 550, 250])
+        self.assertEqual(network.attempts, [("192.0.2.1", 25)])

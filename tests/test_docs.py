@@ -79,7 +79,7 @@ from mailfw.interfaces import (
     IRouterFactory,
 )
 from mailfw.plugin import LazyComponent, MissingPlugin, findPlugin
-from mailfw.policy._chain import _LINK_KEYS
+from mailfw.policy._chain import LINK_OPTIONS
 from mailfw.scheduling._scheduler import schedulerFromConfig
 from mailfw.smtp import SMTPLimits
 from mailfw.tap import checkComponents
@@ -105,6 +105,8 @@ HOST_FILE_ERRORS = re.compile(
 REQUIRED_OPTIONS: dict[str, dict[str, object]] = {
     "lmtp": {"endpoint": "unix:/nonexistent/lmtp"},
     "pipe": {"command": ["/bin/sh"]},
+    "milter": {"address": "inet:127.0.0.1:8891"},
+    "policy-server": {"address": "inet:127.0.0.1:10023"},
     # Refused after its keys are read and before any connection is made,
     # so that the test never touches a database.
     "postgresql": {"node": ""},
@@ -331,9 +333,14 @@ def sectionsOf(config: ServerConfig) -> list[tuple[str, str, str, Mapping[str, o
         (f"[delivery.{name}]", name, options, IDeliveryAgentFactory)
         for name, options in config.delivery.items()
     ]
-    # The chain reads listeners, timeout and on_error; the plugin the rest.
+    # The policy chain reads listeners, timeout and on_error; the plugin the rest.
     sections += [
-        (f"[policy.{name}]", name, {k: v for k, v in options.items() if k not in _LINK_KEYS}, IPolicyFactory)
+        (
+            f"[policy.{name}]",
+            name,
+            {k: v for k, v in options.items() if k not in LINK_OPTIONS},
+            IPolicyFactory,
+        )
         for name, options in config.policy.items()
     ]
     return [
@@ -410,6 +417,7 @@ class DocsTestCase(SynchronousTestCase):
                     router,
                     {name: MemoryDeliveryAgent(name) for name in config.delivery},
                     config.hostname,
+                    resolver=context.resolver,
                 )
             except ConfigError as e:
                 self.fail(f"{block}: {e}")
@@ -620,6 +628,22 @@ class ReferenceTests(SynchronousTestCase):
         self.assertTrue(perDomain)
         self.assertLessEqual(perDomain, self.documented["[scheduler]"])
 
+    def test_schedulerDestinations(self) -> None:
+        """
+        C{[scheduler.destinations]} lists every key a destination table
+        takes.
+        """
+        with recordingKeys() as asked:
+            schedulerFromConfig(
+                Section("[scheduler]", {"destinations": {"gmail.com": {}}}),
+                MemoryReactorClock(),
+                MemoryQueue(),
+                None,  # type: ignore[arg-type]
+                {},
+                "mx.example.org",
+            )
+        self.assertDocumented("[scheduler.destinations]", asked['[scheduler.destinations."gmail.com"]'])
+
     def test_auth(self) -> None:
         """
         C{[auth]} lists every key L{authFromConfig} reads.
@@ -677,6 +701,7 @@ class ReferenceTests(SynchronousTestCase):
             ("[queue]", IMessageQueueFactory, "queue"),
             ("[routing]", IRouterFactory, "routing"),
             ("[delivery]", IDeliveryAgentFactory, "instance"),
+            ("[policy]", IPolicyFactory, "instance"),
         ]
         checked = []
         for kind, interface, instanceName in kinds:
@@ -709,5 +734,7 @@ class ReferenceTests(SynchronousTestCase):
                 self.assertLessEqual(len(titles), 1, f"{label}: {dict(asked)}")
                 self.assertDocumented(label, set().union(*(asked[t] for t in titles)))
         kindNames = {kind for kind, _, _ in kinds}
-        documentedPlugins = [label for label in self.documented if label.split()[0] in kindNames]
+        documentedPlugins = [
+            label for label in self.documented if label.split()[0] in kindNames and len(label.split()) == 2
+        ]
         self.assertEqual(sorted(documentedPlugins), sorted(checked))

@@ -899,3 +899,154 @@ class STARTTLSLossTests(SynchronousTestCase):
         serve(proto, "220 hi", "250-hi", "250 STARTTLS")
         proto.connectionLost(Failure(ConnectionLost()))
         self.failureResultOf(d, TLSFailure)
+
+
+EHLO_LIMITS = ("250-mx.example.net hello", "250-PIPELINING", "250 LIMITS RCPTMAX=2 MAILMAX=3")
+
+
+def answerAll(proto: SMTPClient, transport: TLSStringTransport) -> list[list[bytes]]:
+    """
+    Play a server that accepts everything, until the client stops sending;
+    return the commands of each transaction, one list per C{MAIL}.
+    """
+    transactions: list[list[bytes]] = []
+    for _ in range(100):
+        lines = sent(transport)
+        if not lines:
+            return transactions
+        if lines[0].startswith(b"MAIL"):
+            transactions.append(lines)
+        serve(proto, *(["250 2.1.5 ok"] * (len(lines) - 1) + ["354 go"]))
+        drain(transport)
+        transport.clear()
+        serve(proto, "250 2.0.0 queued")
+    raise AssertionError("the client never stopped sending")
+
+
+class LimitsTests(SynchronousTestCase):
+    """
+    The client honours the server's C{LIMITS} keyword (RFC 9422).
+    """
+
+    def test_parse(self) -> None:
+        """
+        C{RCPTMAX} and C{MAILMAX} are read from C{LIMITS}; malformed, zero
+        or over-long values are ignored, and a missing keyword means no
+        limit.
+        """
+        for line, expected in (
+            ("250 LIMITS RCPTMAX=2 MAILMAX=3", (2, 3)),
+            ("250 LIMITS MAILMAX=10", (None, 10)),
+            ("250 LIMITS RCPTMAX=0 MAILMAX=x1", (None, None)),
+            ("250 LIMITS RCPTMAX=1234567 FOO=2", (None, None)),
+            ("250 LIMITS rcptmax=5", (5, None)),
+            ("250 PIPELINING", (None, None)),
+        ):
+            caps = Capabilities.fromEHLO(Response(250, ("hello", line[4:])))
+            self.assertEqual(caps.limits, expected, line)
+
+    def test_rcptMaxSplits(self) -> None:
+        """
+        A server announcing C{RCPTMAX=2} gets a 5-recipient message in three
+        transactions of 2, 2 and 1 recipients, and every recipient its own
+        reply in envelope order.
+        """
+        proto, transport, _ = ready(EHLO_LIMITS)
+        rcpts = [f"r{n}@example.net" for n in range(5)]
+        d = proto.transaction(envelope(*rcpts), TrackingBody())
+        transactions = answerAll(proto, transport)
+        self.assertEqual(
+            [[line for line in t if line.startswith(b"RCPT")] for t in transactions],
+            [
+                [b"RCPT TO:<r0@example.net>", b"RCPT TO:<r1@example.net>"],
+                [b"RCPT TO:<r2@example.net>", b"RCPT TO:<r3@example.net>"],
+                [b"RCPT TO:<r4@example.net>"],
+            ],
+        )
+        self.assertEqual(codes(self.successResultOf(d)), [(250, "2.0.0")] * 5)
+        self.assertEqual((proto.transactions, proto.transactionsLeft), (3, 0))
+
+    def test_repliesPerTransaction(self) -> None:
+        """
+        Each transaction's own replies go to its recipients: a refused MAIL
+        in the second transaction defers only its recipients, after the
+        first ones were delivered.
+        """
+        proto, transport, _ = ready(EHLO_LIMITS)
+        d = proto.transaction(envelope("a@example.net", "b@example.net", "c@example.net"), TrackingBody())
+        sent(transport)
+        serve(proto, "250 ok", "250 ok", "250 ok", "354 go")
+        drain(transport)
+        transport.clear()
+        serve(proto, "250 2.0.0 queued")
+        self.assertEqual(
+            sent(transport), [b"MAIL FROM:<sender@example.org>", b"RCPT TO:<c@example.net>", b"DATA"]
+        )
+        serve(proto, "451 4.3.0 busy", "503 5.5.1 no MAIL", "503 5.5.1 no MAIL")
+        self.assertEqual(codes(self.successResultOf(d)), [(250, "2.0.0"), (250, "2.0.0"), (451, "4.3.0")])
+
+    def test_firstTransactionFailsHost(self) -> None:
+        """
+        A refused MAIL in the first transaction is still a host failure
+        (nothing was decided, so another host may be tried).
+        """
+        proto, transport, _ = ready(EHLO_LIMITS)
+        d = proto.transaction(envelope("a@example.net", "b@example.net", "c@example.net"), TrackingBody())
+        sent(transport)
+        serve(proto, "421 4.3.2 shutting down", "503 no", "503 no", "503 no")
+        failure = self.failureResultOf(d, HostFailure)
+        self.assertEqual(failure.value.reply.code, 421)
+
+    def test_mailMaxDefersTheRest(self) -> None:
+        """
+        On a fresh connection, recipients beyond C{MAILMAX} transactions of
+        C{RCPTMAX} get C{452 4.5.3} (retried later) and are never sent.
+        """
+        proto, transport, _ = ready(("250-hi", "250-PIPELINING", "250 LIMITS RCPTMAX=1 MAILMAX=2"))
+        d = proto.transaction(envelope("a@example.net", "b@example.net", "c@example.net"), TrackingBody())
+        transactions = answerAll(proto, transport)
+        self.assertEqual(len(transactions), 2)
+        self.assertEqual(codes(self.successResultOf(d)), [(250, "2.0.0"), (250, "2.0.0"), (452, "4.5.3")])
+
+    def test_usedConnectionTooFull(self) -> None:
+        """
+        A connection used before, with fewer transactions left than the
+        message needs, sends nothing and fails as a host, so that the
+        caller uses a new connection.
+        """
+        proto, transport, _ = ready(("250-hi", "250-PIPELINING", "250 LIMITS RCPTMAX=1 MAILMAX=2"))
+        d = proto.transaction(envelope("a@example.net"), TrackingBody())
+        answerAll(proto, transport)
+        self.successResultOf(d)
+        self.assertEqual(proto.transactionsLeft, 1)
+        d = proto.transaction(envelope("a@example.net", "b@example.net"), TrackingBody())
+        failure = self.failureResultOf(d, HostFailure)
+        self.assertEqual((failure.value.reply.code, failure.value.reply.enhanced), (452, "4.5.3"))
+        self.assertEqual(transport.value(), b"")
+
+    def test_noLimitsOneTransaction(self) -> None:
+        """
+        Without C{LIMITS}, every recipient goes in one transaction.
+        """
+        proto, transport, _ = ready(EHLO_FULL)
+        d = proto.transaction(envelope(*[f"r{n}@example.net" for n in range(5)]), TrackingBody())
+        self.assertEqual(len(answerAll(proto, transport)), 1)
+        self.assertEqual(codes(self.successResultOf(d)), [(250, "2.0.0")] * 5)
+
+    def test_ownTransactionLimit(self) -> None:
+        """
+        Our own C{maxTransactions} (traffic shaping's messages per
+        connection) caps the connection like C{MAILMAX}, whichever is lower.
+        """
+        proto, transport, _ = ready(EHLO_LIMITS)
+        self.assertEqual(proto.transactionsLeft, 3)
+        proto.maxTransactions = 1
+        self.assertEqual(proto.transactionsLeft, 1)
+        d = proto.transaction(envelope("a@example.net"), TrackingBody())
+        answerAll(proto, transport)
+        self.successResultOf(d)
+        self.assertEqual(proto.transactionsLeft, 0)
+        proto, _, _ = ready(EHLO_FULL)
+        self.assertIsNone(proto.transactionsLeft)
+        proto.maxTransactions = 5
+        self.assertEqual(proto.transactionsLeft, 5)

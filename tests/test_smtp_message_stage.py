@@ -16,6 +16,7 @@ from mailfw.address import Address
 from mailfw.envelope import Envelope, Session
 from mailfw.interfaces import IMessageCheck
 from mailfw.policy import (
+    CONTINUE,
     AddHeader,
     AddRecipient,
     AuthResult,
@@ -85,7 +86,7 @@ class MessagePolicy(Policy):
         self.ended: list[Session] = []
 
     def checkSender(self, session: Session, sender: Address | None, parameters: Any) -> Verdict:
-        return self.sender or super().checkSender(session, sender, parameters)
+        return self.sender or CONTINUE
 
     def openMessage(self, session: Session, envelope: Envelope, header: bytes) -> RecordingCheck | None:
         self.headers.append(header)

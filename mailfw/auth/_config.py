@@ -56,8 +56,9 @@ from twisted.cred.portal import Portal
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from mailfw._sockets import socketEndpoint
 from mailfw.auth._checker import PasswordFileChecker, RunInThread
-from mailfw.auth._dovecot import DEFAULT_SOCKET, DovecotAuthClient, DovecotChecker, dovecotEndpoint
+from mailfw.auth._dovecot import DEFAULT_SOCKET, DovecotAuthClient, DovecotChecker
 from mailfw.auth._lockout import AuthLockout, LockoutSettings
 from mailfw.auth._passwd import PasswordFileError, normaliseETRNDomain, normaliseSenderPattern
 from mailfw.auth._quota import SendingQuotas, quotasFromSection
@@ -219,7 +220,7 @@ def authFromConfig(
     checker: Any
     if backend == "dovecot":
         try:
-            endpoint = dovecotEndpoint(context.reactor, dovecotSocket or DEFAULT_SOCKET, context.path)
+            endpoint = socketEndpoint(context.reactor, dovecotSocket or DEFAULT_SOCKET, context.path)
         except ValueError as e:
             raise ConfigError(f"{section.title} socket: {e}") from None
         client = DovecotAuthClient(

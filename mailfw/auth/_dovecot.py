@@ -23,9 +23,8 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
@@ -33,7 +32,6 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, TimeoutError, fail
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
@@ -53,7 +51,6 @@ __all__ = [
     "DovecotReply",
     "DovecotTimeout",
     "DovecotUnavailable",
-    "dovecotEndpoint",
     "escape",
     "unescape",
 ]
@@ -579,27 +576,6 @@ class DovecotAuthClient(Service):
             self._handshaking = None
             self._cancelHandshakeTimer()
             self._unreachable(reason)
-
-
-def dovecotEndpoint(clock: Any, text: str, resolve: Callable[[str], Path]) -> IStreamClientEndpoint:
-    """
-    The endpoint for C{[auth] socket}: a unix socket path (C{"unix:PATH"}
-    or just C{"PATH"}, relative paths through C{resolve}) or
-    C{"inet:HOST:PORT"} (an IPv6 address in brackets).
-
-    @raise ValueError: for a malformed value.
-    """
-    if text.startswith("inet:"):
-        host, sep, portText = text[len("inet:") :].rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        if not sep or not host or not portText.isdigit() or not 0 < int(portText) < 65536:
-            raise ValueError(f"expected inet:HOST:PORT, got {text!r}")
-        return HostnameEndpoint(clock, host, int(portText))
-    path = text[len("unix:") :] if text.startswith("unix:") else text
-    if not path:
-        raise ValueError("empty socket path")
-    return UNIXClientEndpoint(clock, str(resolve(path)))
 
 
 @implementer(ICredentialsChecker)

@@ -41,20 +41,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Formatter
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailfw.address import Address
 from mailfw.config import ConfigError, Section
 from mailfw.envelope import Envelope, Recipient, RecipientOutcome
 from mailfw.interfaces import IDeliveryAgent, IDescribed, IMessageBody
-from mailfw.queue._produce import ThreadRunner
+from mailfw.queue._produce import ThreadPoolRunner, ThreadRunner
 from mailfw.reply import SMTPReply
 
 if TYPE_CHECKING:
@@ -107,25 +105,6 @@ def safeName(text: str) -> str:
 def _encodeHostname(hostname: str) -> str:
     # The specification's own encoding: "/" and ":" would break the name.
     return hostname.replace("/", "\\057").replace(":", "\\072")
-
-
-class ThreadPoolRunner:
-    """
-    A L{ThreadRunner} over a thread pool of its own, started on first use
-    and stopped when the reactor shuts down.
-    """
-
-    def __init__(self, reactor: Any, name: str, maxThreads: int = 4) -> None:
-        self._reactor = reactor
-        self._pool = ThreadPool(minthreads=0, maxthreads=maxThreads, name=name)
-        self._started = False
-
-    def __call__(self, work: Callable[[], _T]) -> Deferred[_T]:
-        if not self._started:
-            self._started = True
-            self._pool.start()
-            self._reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
-        return deferToThreadPool(self._reactor, self._pool, work)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from zope.interface import implementer
 
 from mailfw.config import ConfigError, Section
 from mailfw.envelope import Envelope, RecipientOutcome
-from mailfw.interfaces import IDeliveryAgent, IMessageBody
+from mailfw.interfaces import IConnectionGate, IConnectionShaping, IDeliveryAgent, IMessageBody
 from mailfw.reply import SMTPReply
 from mailfw.routing._mx import MailHost, MXResolver, Resolution
 from mailfw.routing._nexthop import NexthopError, parseNexthop
@@ -83,7 +83,7 @@ class _Idle:
     expiry: IDelayedCall
 
 
-@implementer(IDeliveryAgent)
+@implementer(IDeliveryAgent, IConnectionShaping)
 class SMTPRelayAgent:
     """
     Delivers over SMTP to the next hop's mail hosts.
@@ -120,6 +120,14 @@ class SMTPRelayAgent:
         self.port = port
         self.cacheTime = cacheTime
         self._idle: dict[tuple[str, int], list[_Idle]] = {}
+        self._gate: IConnectionGate | None = None
+
+    def shapeConnections(self, gate: IConnectionGate) -> None:
+        """
+        Traffic shaping: wait for C{gate} before each new connection, and
+        close a connection after the transactions it allows.
+        """
+        self._gate = gate
 
     def _takeIdle(self, address: str, port: int) -> _Idle | None:
         """
@@ -149,6 +157,7 @@ class SMTPRelayAgent:
             or not client.connected
             or self.clock.seconds() - connectedAt >= self.reuseLimit
             or len(self._idle.get(key, ())) >= self.maxIdle
+            or client.transactionsLeft == 0
         ):
             client.quit()
             return
@@ -240,6 +249,9 @@ class SMTPRelayAgent:
             useTLS = True
             for _attempt in range(2):
                 client = SMTPClient(self.options, self.clock, host.name, host.address, useTLS)
+                if self._gate is not None:
+                    domain = envelope.recipients[0].address.domain if envelope.recipients else nexthop
+                    client.maxTransactions = yield self._gate.connect(domain, host.name)
                 connectedAt = self.clock.seconds()
                 try:
                     yield self.connect(host, port, client)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from mailfw.address import Address
@@ -53,21 +54,25 @@ class Policy:
 
     name = "policy"
 
-    def checkConnection(self, session: Session) -> Verdict:
+    def checkConnection(self, session: Session) -> Verdict | Deferred[Verdict]:
         return CONTINUE
 
-    def checkHelo(self, session: Session, name: str) -> Verdict:
+    def checkHelo(self, session: Session, name: str) -> Verdict | Deferred[Verdict]:
         return CONTINUE
 
     def checkSender(
         self, session: Session, sender: Address | None, parameters: Mapping[str, str | None]
-    ) -> Verdict:
+    ) -> Verdict | Deferred[Verdict]:
         return CONTINUE
 
-    def checkRecipient(self, session: Session, envelope: Envelope, recipient: Recipient) -> Verdict:
+    def checkRecipient(
+        self, session: Session, envelope: Envelope, recipient: Recipient
+    ) -> Verdict | Deferred[Verdict]:
         return CONTINUE
 
-    def checkMessage(self, session: Session, envelope: Envelope, headers: bytes) -> Verdict:
+    def checkMessage(
+        self, session: Session, envelope: Envelope, headers: bytes
+    ) -> Verdict | Deferred[Verdict]:
         return CONTINUE
 
     def openMessage(self, session: Session, envelope: Envelope, header: bytes) -> IMessageCheck | None:

@@ -41,6 +41,7 @@ from mailfw.reply import SMTPReply
 from mailfw.verdict import AuthResult, MessageEdit, Verdict
 
 __all__ = [
+    "LINK_OPTIONS",
     "POLICY_FAILED",
     "POLICY_TIMEOUT",
     "ChainLink",
@@ -111,7 +112,7 @@ def linkFromSection(
 
     @raise ConfigError: naming the bad option.
     """
-    section = Section(title, {key: value for key, value in options.items() if key in _LINK_KEYS})
+    section = Section(title, {key: value for key, value in options.items() if key in LINK_OPTIONS})
     listeners = section.strings("listeners", ["smtp"])
     unknown = sorted(set(listeners) - set(LISTENER_KINDS))
     if unknown:
@@ -120,11 +121,11 @@ def linkFromSection(
         )
     timeout = section.number("timeout", None, minimum=0.001)
     onError = section.choice("on_error", ON_ERROR, "defer")
-    policy = build({key: value for key, value in options.items() if key not in _LINK_KEYS})
+    policy = build({key: value for key, value in options.items() if key not in LINK_OPTIONS})
     return ChainLink(policy, frozenset(listeners), timeout, onError)
 
 
-_LINK_KEYS = frozenset({"listeners", "timeout", "on_error"})
+LINK_OPTIONS = frozenset({"listeners", "timeout", "on_error"})
 
 
 class PolicyChain:

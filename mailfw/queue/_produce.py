@@ -17,17 +17,20 @@ thread.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import BinaryIO, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IProducer, IPushProducer
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 __all__ = [
     "CHUNK_SIZE",
     "ProducerStopped",
+    "ThreadPoolRunner",
     "ThreadRunner",
     "collect",
     "produceBytes",
@@ -55,6 +58,25 @@ class ThreadRunner(Protocol):
     """
 
     def __call__(self, work: Callable[[], _T]) -> Deferred[_T]: ...
+
+
+class ThreadPoolRunner:
+    """
+    A L{ThreadRunner} over a thread pool of its own, started on first use
+    and stopped when the reactor shuts down.
+    """
+
+    def __init__(self, reactor: Any, name: str, maxThreads: int = 4) -> None:
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=0, maxthreads=maxThreads, name=name)
+        self._started = False
+
+    def __call__(self, work: Callable[[], _T]) -> Deferred[_T]:
+        if not self._started:
+            self._started = True
+            self._pool.start()
+            self._reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
+        return deferToThreadPool(self._reactor, self._pool, work)
 
 
 @implementer(IPushProducer)

@@ -39,6 +39,16 @@ connection failure (Postfix's feedback, simplified).  The scheduler leases
 at most C{claimAhead} recipients beyond those it has finished, so a large
 queue is not leased all at once.
 
+Traffic shaping
+===============
+
+Destinations configured in C{[scheduler.destinations]} are shaped beside
+the window: a group's recipients are split to the destination's
+recipients per message, and each piece waits for its turn in the
+destination's pace, in memory when it is near, else in the queue
+(recorded uncounted, without a delay notice, due at its turn).  See
+L{mailfw.scheduling._shaping}.
+
 Unreachable destinations
 ========================
 
@@ -126,6 +136,7 @@ from mailfw.address import Address
 from mailfw.config import Section
 from mailfw.envelope import RecipientOutcome, Route, RouteKind
 from mailfw.interfaces import (
+    IConnectionShaping,
     IDeliveryAgent,
     IDestinationSlots,
     ILeaseOffers,
@@ -135,8 +146,17 @@ from mailfw.interfaces import (
 )
 from mailfw.queued import Disposition, Lease, LeaseLost, Notice, QueuedRecipient
 from mailfw.reply import SMTPReply
+from mailfw.routing._mx import MXResolver, Resolution
 from mailfw.scheduling._dsn import NoticeWriter, RecipientReport, readReturned
 from mailfw.scheduling._retry import RetrySchedule
+from mailfw.scheduling._shaping import (
+    ConnectionGate,
+    HostLookup,
+    Pace,
+    Shape,
+    ShapingTable,
+    shapingFromConfig,
+)
 
 __all__ = ["Scheduler", "schedulerFromConfig"]
 
@@ -159,6 +179,9 @@ UNKNOWN_AGENT = SMTPReply(451, "4.3.5", "delivery configuration error; will retr
 EXPIRED = SMTPReply(554, "4.4.7", "delivery time expired")
 BOUNCED = SMTPReply(554, "5.0.0", "Message returned by the mail system administrator")
 """The failure of a recipient an operator returned (C{mailfw queue bounce})."""
+THROTTLED = SMTPReply(451, "4.4.5", "waiting for the destination's rate limit")
+"""The last reply of a recipient put back by traffic shaping before it was
+ever tried."""
 HELD = SMTPReply(450, "4.4.0", "held until the destination asks with ETRN")
 """The last reply of a held-for-ETRN recipient that was never tried: what
 C{mailfw queue list} and a delay notice show."""
@@ -222,6 +245,7 @@ class Scheduler(Service):
         notices: NoticeWriter | None = None,
         runInThread: Callable[..., Deferred[Any]] | None = None,
         holdForETRN: Callable[[Address], bool] = lambda address: False,
+        shaping: ShapingTable | None = None,
     ) -> None:
         """
         @param agents: delivery agents by instance name (L{Route.agent}).
@@ -234,6 +258,8 @@ class Scheduler(Service):
             (tests).
         @param holdForETRN: whether a recipient is in a hold-for-ETRN
             domain (see I{Hold for ETRN} in the module docstring).
+        @param shaping: the destinations with traffic shaping (see
+            L{mailfw.scheduling._shaping}).
         """
         self._clock = clock
         self._queue = queue
@@ -260,6 +286,12 @@ class Scheduler(Service):
                 runInThread = _inline
         self._runInThread: Callable[..., Deferred[Any]] = runInThread
         self._holdForETRN = holdForETRN
+        self._shaping = shaping
+        if shaping is not None and shaping.limitsConnections:
+            gate = ConnectionGate(clock, shaping)
+            for agent in agents.values():
+                if IConnectionShaping.providedBy(agent):
+                    IConnectionShaping(agent).shapeConnections(gate)
         self._destinations: dict[tuple[str, str | None], _Destination] = {}
         self.deliveries = 0
         self._outstanding = 0
@@ -493,7 +525,7 @@ class Scheduler(Service):
         routed = await _settle(
             [maybeDeferred(self._router.route, r.recipient.address, None) for r in toRoute]
         )
-        groups: dict[tuple[str, str | None], list[tuple[QueuedRecipient, Route]]] = {}
+        deliverable: list[tuple[QueuedRecipient, Route]] = []
         for qr, (ok, result) in zip(toRoute, routed, strict=False):
             if not ok:
                 self.log.failure(
@@ -517,7 +549,8 @@ class Scheduler(Service):
             elif not qr.released and self._holdForETRN(qr.recipient.address):
                 self._hold(lease, qr, result, now, decided)
             else:
-                groups.setdefault((result.agent, result.nexthop), []).append((qr, result))
+                deliverable.append((qr, result))
+        groups = await self._group(deliverable)
         body: IMessageBody | None = None
         if groups:
             try:
@@ -534,10 +567,13 @@ class Scheduler(Service):
                 groups = {}
         if groups:
             assert body is not None
+            throttled: dict[int, float] = {}
             results = await _settle(
                 [
-                    Deferred.fromCoroutine(self._deliverGroup(lease, key, members, body))
-                    for key, members in groups.items()
+                    Deferred.fromCoroutine(
+                        self._deliverGroup(lease, (agent, nexthop), members, body, shape, throttled)
+                    )
+                    for (agent, nexthop, shape), members in groups.items()
                 ]
             )
             finished = self._clock.seconds()
@@ -545,7 +581,10 @@ class Scheduler(Service):
                 if not ok:
                     outcomes.raiseException()
                 for qr, route, outcome in outcomes:
-                    self._decide(lease, qr, route, outcome, finished, decided)
+                    if qr.index in throttled:
+                        self._throttled(lease, qr, route, throttled[qr.index], finished, decided)
+                    else:
+                        self._decide(lease, qr, route, outcome, finished, decided)
         try:
             notices = await self._makeNotices(lease, body, decided)
         except Exception:
@@ -612,13 +651,85 @@ class Scheduler(Service):
 
         return Deferred.fromCoroutine(settle())
 
+    async def _group(
+        self, deliverable: list[tuple[QueuedRecipient, Route]]
+    ) -> dict[tuple[str, str | None, Shape | None], list[tuple[QueuedRecipient, Route]]]:
+        """
+        Group routed recipients by (agent, next hop) and, with traffic
+        shaping, by the destination section that applies to each.
+        """
+        shapes: dict[tuple[str, str | None, bool], Shape | None] = {}
+        if self._shaping is not None:
+            # Mail hosts matter only where mail leaves over the network:
+            # not for a local mailbox (no next hop).
+            wanted = list(
+                {(qr.recipient.address.domain, route.nexthop, _leaves(route)) for qr, route in deliverable}
+            )
+            found = await _settle([self._shaping.shapeFor(*where) for where in wanted])
+            for where, (ok, shape) in zip(wanted, found, strict=True):
+                shapes[where] = shape if ok else None
+        groups: dict[tuple[str, str | None, Shape | None], list[tuple[QueuedRecipient, Route]]] = {}
+        for qr, route in deliverable:
+            shape = shapes.get((qr.recipient.address.domain, route.nexthop, _leaves(route)))
+            groups.setdefault((route.agent, route.nexthop, shape), []).append((qr, route))
+        return groups
+
     async def _deliverGroup(
         self,
         lease: Lease,
         key: tuple[str, str | None],
         members: list[tuple[QueuedRecipient, Route]],
         body: IMessageBody,
+        shape: Shape | None,
+        throttled: dict[int, float],
     ) -> list[tuple[QueuedRecipient, Route, RecipientOutcome]]:
+        """
+        Deliver C{members} within their destination's shape: in pieces of
+        at most its recipients per message, each waiting for its turn in
+        the destination's pace.  A piece whose turn is too far off is put
+        back: its recipients get L{THROTTLED} and their turn in
+        C{throttled} (by recipient index).
+        """
+        if shape is None:
+            return await self._deliverWindowed(lease, key, members, body, None)
+        assert self._shaping is not None
+        pace = self._shaping.pace(shape)
+        results: list[tuple[QueuedRecipient, Route, RecipientOutcome]] = []
+        for piece in shape.split(members):
+            if pace is not None:
+                now = self._clock.seconds()
+                when, inMemory = pace.turn(now)
+                if inMemory and when > now:
+                    await task.deferLater(self._clock, when - now)
+                if not self.running:
+                    # Stopped while waiting: due again at the next start.
+                    when, inMemory = self._clock.seconds(), False
+                if not inMemory:
+                    self.log.debug(
+                        "{queueID}: {shape} is paced; waiting in the queue until {when}",
+                        queueID=lease.queueID,
+                        shape=shape.name,
+                        when=when,
+                    )
+                    for qr, route in piece:
+                        throttled[qr.index] = when
+                        results.append((qr, route, RecipientOutcome(qr.recipient, THROTTLED)))
+                    continue
+            results.extend(await self._deliverWindowed(lease, key, list(piece), body, pace))
+        return results
+
+    async def _deliverWindowed(
+        self,
+        lease: Lease,
+        key: tuple[str, str | None],
+        members: list[tuple[QueuedRecipient, Route]],
+        body: IMessageBody,
+        pace: Pace | None,
+    ) -> list[tuple[QueuedRecipient, Route, RecipientOutcome]]:
+        """
+        Deliver C{members} within the (agent, next hop) window, and at
+        least C{pace.interval} after the pace's last start.
+        """
         agentName, nexthop = key
         destination = self._destination(key)
         if destination.deadUntil and any(qr.released for qr, _ in members):
@@ -634,6 +745,11 @@ class Scheduler(Service):
         if destination.deadUntil <= self._clock.seconds():
             await self._acquire(destination)
             try:
+                if pace is not None:
+                    delay = pace.untilFree(self._clock.seconds())
+                    if delay > 0:
+                        await task.deferLater(self._clock, delay)
+                    pace.started(self._clock.seconds())
                 if not IDestinationSlots.providedBy(self._queue):
                     return await self._deliverNow(lease, key, members, body, destination)
                 shared = IDestinationSlots(self._queue)
@@ -785,6 +901,33 @@ class Scheduler(Service):
             )
             return
         decided.dispositions.append(Disposition(qr.index, outcome, nextAttempt, warn, route=routeName))
+
+    def _throttled(
+        self, lease: Lease, qr: QueuedRecipient, route: Route, until: float, now: float, decided: _Decided
+    ) -> None:
+        """
+        Put a recipient whose destination's pace has no turn for it soon
+        back into the queue until its turn, without counting an attempt and
+        without a delay notice; at the end of its lifetime it bounces like
+        any deferred recipient.
+        """
+        recipient = qr.recipient
+        schedule = self._schedule.forDomain(recipient.address.domain)
+        expires = schedule.expires(lease.envelope.arrival)
+        last = qr.lastReply or THROTTLED
+        if now >= expires:
+            decided.dispositions.append(Disposition(qr.index, RecipientOutcome(recipient, EXPIRED)))
+            decided.failed.append(RecipientReport(recipient, "failed", "4.4.7", last, None, now))
+            return
+        decided.dispositions.append(
+            Disposition(
+                qr.index,
+                RecipientOutcome(recipient, last),
+                min(until, expires),
+                route=route.name or route.agent or None,
+                counted=False,
+            )
+        )
 
     def _hold(self, lease: Lease, qr: QueuedRecipient, route: Route, now: float, decided: _Decided) -> None:
         """
@@ -941,6 +1084,13 @@ class Scheduler(Service):
             destination.window = min(destination.window + 1, self.maxPerDestination)
 
 
+def _leaves(route: Route) -> bool:
+    """
+    Whether a route's mail goes to other hosts (relayed, or to a next hop).
+    """
+    return route.kind is RouteKind.RELAY or route.nexthop is not None
+
+
 def _housekeeping(schedule: RetrySchedule, arrival: float, warned: bool) -> float:
     """
     When a held-for-ETRN recipient needs the scheduler again without a
@@ -975,19 +1125,31 @@ def schedulerFromConfig(
     agents: Mapping[str, IDeliveryAgent],
     hostname: str,
     holdForETRN: Callable[[Address], bool] = lambda address: False,
+    resolver: Callable[[], Any] | None = None,
 ) -> Scheduler:
     """
     Build the scheduler from C{[scheduler]}: the retry keys of
     L{RetrySchedule.fromSection} plus C{max_concurrent} (50),
     C{per_destination} (5), C{max_per_destination} (20),
-    C{delivery_timeout} (600 seconds) and C{dead_time} (60 seconds).
+    C{delivery_timeout} (600 seconds), C{dead_time} (60 seconds),
+    C{shaping_wait} (10 seconds, see L{mailfw.scheduling._shaping.Pace})
+    and the C{[scheduler.destinations."NAME"]} tables of traffic shaping.
 
     @param holdForETRN: whether a recipient's domain is held until ETRN
         (from C{[etrn] hold}, which the caller reads).
+    @param resolver: returns the shared DNS resolver, for destinations
+        given as host patterns; called only if there are some.
 
     @raise mailfw.config.ConfigError: naming the bad key.
     """
     schedule = RetrySchedule.fromSection(section)
+    lookup = None if resolver is None else _hostNames(resolver)
+    shaping = shapingFromConfig(
+        clock,
+        section.table("destinations", {}),
+        lookup,
+        section.number("shaping_wait", 10.0, minimum=0),
+    )
     scheduler = Scheduler(
         clock,
         queue,
@@ -1001,6 +1163,28 @@ def schedulerFromConfig(
         maxPerDestination=section.integer("max_per_destination", 20, minimum=1),
         deadTime=section.number("dead_time", 60.0, minimum=0),
         holdForETRN=holdForETRN,
+        shaping=shaping,
     )
     section.finish()
     return scheduler
+
+
+def _hostNames(resolver: Callable[[], Any]) -> HostLookup:
+    """
+    Look up a next hop's mail host names, in preference order, with the
+    resolver the relay agents use.
+    """
+    mx: list[MXResolver] = []
+
+    def lookup(nexthop: str) -> Deferred[Sequence[str]]:
+        if not mx:
+            mx.append(MXResolver(resolver()))
+
+        def names(resolution: Resolution) -> Sequence[str]:
+            if resolution.failure is not None:
+                raise ValueError(f"{resolution.failure.code} {resolution.failure.text}")
+            return list(dict.fromkeys(host.name for host in resolution.hosts))
+
+        return maybeDeferred(mx[0].resolve, nexthop).addCallback(names)
+
+    return lookup

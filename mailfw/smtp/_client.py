@@ -10,7 +10,9 @@ L{inlineCallbacks}: L{SMTPClient.handshake} (greeting, EHLO or HELO,
 STARTTLS, AUTH), L{SMTPClient.transaction} (MAIL, RCPT for each
 recipient, DATA, the body), L{SMTPClient.quit}.  With PIPELINING, MAIL,
 every RCPT and DATA go out in one write and their replies are read in
-order (RFC 2920).
+order (RFC 2920).  A server announcing C{LIMITS} (RFC 9422) gets a
+message's recipients in transactions of at most C{RCPTMAX}, and at most
+C{MAILMAX} transactions on one connection.
 
 Failures that are about the host rather than a recipient raise
 L{HostFailure} (the caller may try the next host); failures of a
@@ -23,7 +25,7 @@ import contextlib
 from base64 import b64encode
 from collections import deque
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -173,6 +175,22 @@ class Capabilities:
     def authMechanisms(self) -> tuple[str, ...]:
         return self.keywords.get("AUTH", ())
 
+    @property
+    def limits(self) -> tuple[int | None, int | None]:
+        """
+        The C{RCPTMAX} and C{MAILMAX} values of the server's C{LIMITS}
+        keyword (RFC 9422): recipients per transaction and transactions
+        per session, C{None} when not announced.  A value that is not 1 to
+        6 digits, or is 0, is ignored, as the RFC asks of unknown or
+        malformed limits.
+        """
+        found: dict[str, int] = {}
+        for param in self.keywords.get("LIMITS", ()):
+            name, _, value = param.partition("=")
+            if value.isascii() and value.isdigit() and len(value) <= 6 and int(value) > 0:
+                found[name.upper()] = int(value)
+        return found.get("RCPTMAX"), found.get("MAILMAX")
+
 
 class HostFailure(Exception):
     """
@@ -249,6 +267,10 @@ class SMTPClient(LineReceiver):
     @ivar capabilities: the latest EHLO answer.
     @ivar tls: whether the connection is encrypted now.
     @ivar tlsInfo: the TLS version and cipher, once encrypted.
+    @ivar transactions: how many transactions were started on this
+        connection.
+    @ivar maxTransactions: the most transactions this connection may
+        carry by our own choice (the caller sets it), or C{None}.
     """
 
     delimiter = b"\r\n"
@@ -287,6 +309,8 @@ class SMTPClient(LineReceiver):
         self._lostReason: Failure | None = None
         self._closeWaiters: list[Deferred[None]] = []
         self._transferTimer: IDelayedCall | None = None
+        self.transactions = 0
+        self.maxTransactions: int | None = None
 
     # --- transport events ------------------------------------------------
 
@@ -555,14 +579,83 @@ class SMTPClient(LineReceiver):
                 "auth",
             )
 
+    # --- the server's LIMITS (RFC 9422) --------------------------------------
+
+    @property
+    def transactionsLeft(self) -> int | None:
+        """
+        How many more transactions this connection may carry: within the
+        server's C{MAILMAX} and our own C{maxTransactions} (traffic
+        shaping's C{max_messages_per_connection}), or C{None} for no limit.
+        """
+        limits = [n for n in (self.capabilities.limits[1], self.maxTransactions) if n is not None]
+        return max(0, min(limits) - self.transactions) if limits else None
+
+    def transaction(self, envelope: Envelope, body: IMessageBody) -> Deferred[list[SMTPReply]]:
+        """
+        Send one message to all of C{envelope}'s recipients, in as many
+        transactions as the server's C{LIMITS} ask (RFC 9422): at most
+        C{RCPTMAX} recipients in each, at most C{MAILMAX} on this
+        connection.  Recipients that did not fit into the connection's
+        remaining transactions get C{452 4.5.3} (retried later).
+
+        @return: one reply per recipient, in order: 2xx delivered, 4xx
+            retry later, 5xx failed.
+        @raise HostFailure: (in the L{Deferred}) as for one transaction,
+            only while no recipient is decided; also, without sending
+            anything, when a connection used before has too few
+            transactions left for the whole message (the caller then opens
+            a new one).
+        """
+        return Deferred.fromCoroutine(self._split(envelope, body))
+
+    async def _split(self, envelope: Envelope, body: IMessageBody) -> list[SMTPReply]:
+        rcptMax = self.capabilities.limits[0]
+        count = len(envelope.recipients)
+        size = rcptMax or count or 1
+        chunks = [range(start, min(start + size, count)) for start in range(0, count, size)] or [range(0)]
+        left = self.transactionsLeft
+        if left is not None and left < len(chunks) and self.transactions:
+            raise HostFailure(SESSION_FULL, "mail")
+        if len(chunks) == 1:
+            self.transactions += 1
+            replies: list[SMTPReply] = await self._transactionOnce(envelope, body)
+            return replies
+        self.log.info(
+            "Sending {count} recipients to {host} in {transactions} transactions (RCPTMAX {rcptMax})",
+            host=self.hostname,
+            count=count,
+            transactions=len(chunks),
+            rcptMax=rcptMax,
+        )
+        decided: list[SMTPReply] = []
+        for n, chunk in enumerate(chunks):
+            if left is not None and n >= left:
+                decided.extend(SESSION_FULL for _ in chunk)
+                continue
+            if not self.connected:
+                decided.extend(_lostReply("MAIL") for _ in chunk)
+                continue
+            part = replace(envelope, recipients=tuple(envelope.recipients[i] for i in chunk))
+            self.transactions += 1
+            try:
+                decided.extend(await self._transactionOnce(part, body))
+            except HostFailure as f:
+                if n == 0:
+                    # Nothing decided yet: another host may do better.
+                    raise
+                decided.extend(f.reply for _ in chunk)
+        return decided
+
     # --- one transaction ---------------------------------------------------
 
     @inlineCallbacks
-    def transaction(
+    def _transactionOnce(
         self, envelope: Envelope, body: IMessageBody
     ) -> Generator[Deferred[Any], Any, list[SMTPReply]]:
         """
-        Send one message to all of C{envelope}'s recipients.
+        Send one message to all of C{envelope}'s recipients in one
+        transaction.
 
         @return: one reply per recipient, in order: 2xx delivered, 4xx
             retry later, 5xx failed.
@@ -782,6 +875,8 @@ class SMTPClient(LineReceiver):
 class _BodyUnreadable(Exception):
     pass
 
+
+SESSION_FULL = SMTPReply(452, "4.5.3", "Too many transactions for one session")
 
 _NEEDS_UTF8 = SMTPReply(553, "5.6.7", "The recipient's server does not support SMTPUTF8 (non-ASCII address)")
 

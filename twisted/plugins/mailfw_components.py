@@ -27,3 +27,7 @@ virtualAliasesAgent = LazyComponent(
 
 dkimPolicy = LazyComponent(IPolicyFactory, "dkim", "mailfw.policy._dkim:fromConfig")
 dkimSignPolicy = LazyComponent(IPolicyFactory, "dkim-sign", "mailfw.policy._dkimsign:fromConfig")
+spfPolicy = LazyComponent(IPolicyFactory, "spf", "mailfw.policy._spf:fromConfig")
+dmarcPolicy = LazyComponent(IPolicyFactory, "dmarc", "mailfw.policy._dmarc:fromConfig")
+milterPolicy = LazyComponent(IPolicyFactory, "milter", "mailfw.policy._milter:fromConfig")
+policyServerPolicy = LazyComponent(IPolicyFactory, "policy-server", "mailfw.policy._policyserver:fromConfig")
