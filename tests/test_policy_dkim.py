@@ -16,8 +16,8 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
-import dkim  # type: ignore[import-untyped]
-from dkim.canonicalization import Relaxed, Simple  # type: ignore[import-untyped]
+import dkim
+from dkim.canonicalization import Relaxed, Simple
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.names import dns, error
@@ -216,13 +216,14 @@ class VerifierTests(SynchronousTestCase):
         """
         An rsa-sha256 signature passes, with the properties DMARC reads.
         """
-        (result,) = self.verify(signed())
+        header = signed()
+        (result,) = self.verify(header)
         self.assertEqual(result.result, "pass")
         self.assertEqual(result.property("header.d"), "example.com")
         self.assertEqual(result.property("header.i"), "@example.com")
         self.assertEqual(result.property("header.s"), "rsa1")
         self.assertEqual(result.property("header.a"), "rsa-sha256")
-        b = dkim.util.parse_tag_value(signed().split(b"\r\n\r\n")[0].split(b":", 1)[1])[b"b"]
+        b = dkim.util.parse_tag_value(header.split(b"\r\n\r\n")[0].split(b":", 1)[1])[b"b"]
         self.assertEqual(result.property("header.b"), b"".join(b.split())[:8].decode())
         self.assertEqual(self.threadCalls, [1])
 

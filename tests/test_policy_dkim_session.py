@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-import dkim  # type: ignore[import-untyped]
+import dkim
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.names import dns

@@ -37,7 +37,7 @@ def checkRecord(records: list[bytes], public: str, algorithm: bytes) -> tuple[bo
 
     @return: the verdict and one line saying why.
     """
-    from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[import-untyped]
+    from dkim.util import InvalidTagValueList, parse_tag_value
 
     if not records:
         return False, "no TXT record found"

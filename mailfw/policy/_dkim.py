@@ -114,8 +114,8 @@ def parseSignatures(header: bytes, now: float) -> list[Signature]:
     @param now: the time, for C{t=} and C{x=}.
     @raise dkim.MessageFormatError: if the header section does not parse.
     """
-    import dkim  # type: ignore[import-untyped]
-    from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[import-untyped]
+    import dkim
+    from dkim.util import InvalidTagValueList, parse_tag_value
 
     fields, _ = dkim.rfc822_parse(header)
     signatures: list[Signature] = []

@@ -241,10 +241,10 @@ def signHeader(
     by C{cryptography} (OpenSSL): dkimpy's pure-Python RSA took 87 ms per
     signature on the test machine, OpenSSL 1 to 5 ms.
     """
-    import dkim  # type: ignore[import-untyped]
+    import dkim
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import padding, utils
-    from dkim.canonicalization import CanonicalizationPolicy  # type: ignore[import-untyped]
+    from dkim.canonicalization import CanonicalizationPolicy
 
     name = b"DKIM-Signature"
     fields = [
@@ -488,13 +488,13 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
 
     section = Section(f"[policy.{instanceName}]", options)
     _requireDkimpy(section.title)
-    entries = _keyEntries(section, context)
     networks: list[IPNetwork] = []
     for text in section.strings("relay_networks", []):
         try:
             networks.append(ipaddress.ip_network(text, strict=False))
         except ValueError:
             raise ConfigError(f"{section.title} relay_networks: bad network {text!r}") from None
+    entries = _keyEntries(section, context)
     section.finish()
     return DKIMSigner(
         instanceName,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 
-import dkim  # type: ignore[import-untyped]
+import dkim
 import pytest
 
 from mailfw.policy._dkimsign import generateKey
