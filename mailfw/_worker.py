@@ -40,7 +40,10 @@ def main(argv: Sequence[str]) -> int:
     options = Options()
     try:
         options.parseOptions(rest)
-        service = buildService(options.serverConfig, reactor, worker=sockets)
+        if isinstance(observer, LineObserver) and "metrics" in options.serverConfig.raw:
+            # The parent's metrics and status page need the named events.
+            observer.eventsFD = sys.stderr.fileno()
+        service = buildService(options.serverConfig, reactor, worker=sockets, reloadArguments=rest)
     except (usage.UsageError, ConfigError) as e:
         sys.stderr.write(f"mailfw worker {number}: {e}\n")
         return 1

@@ -20,7 +20,14 @@ writes its lines there itself, in twistd's format, one C{write} per line;
 formatting every event once more in the parent would cost it about a
 tenth of its CPU at full load.  Otherwise (a C{--logfile} that twistd
 rotates, C{--syslog}, C{--logger}) the worker writes its events as JSON
-lines to a pipe and the parent re-logs them.  A worker
+lines to a pipe and the parent re-logs them.  Named events (those with an
+C{event} field, see L{mailfw.ops}) carry their fields across, so that the
+parent's metrics, status page and JSON log see the workers' events as
+their own; with the log on standard output and C{[metrics]} configured, a
+worker sends its named events' fields (no text: it wrote that line
+itself) on its standard error, each line marked with an ASCII record
+separator, and the parent re-emits them without a format, which text logs
+skip.  A worker
 whose standard input closes (the parent died, even by SIGKILL) stops.  The
 parent stops its workers with SIGTERM when it stops, and SIGKILL after
 L{WorkerPool.stopTimeout} seconds.  A worker that dies while the parent
@@ -58,6 +65,8 @@ from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, formatTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from mailfw.ops._events import eventFields
 
 __all__ = [
     "WORKER_TYPES",
@@ -166,6 +175,10 @@ def workerArguments(
 
 
 LOG_DIRECT = "log=stdout"
+# Marks a line of a worker's standard error that carries a named event.
+EVENT_MARK = b"\x1e"
+# Logger.emit's own parameters, which no forwarded field may shadow.
+_EMIT = frozenset({"level", "format", "workerLine"})
 _LOG_RELAY = "log=relay"
 
 
@@ -199,6 +212,7 @@ class _WorkerProtocol(ProcessProtocol):
         self.number = number
         self.ended: Deferred[None] = Deferred()
         self._buffer = b""
+        self._errors = b""
 
     def outReceived(self, data: bytes) -> None:
         lines = (self._buffer + data).split(b"\n")
@@ -207,40 +221,61 @@ class _WorkerProtocol(ProcessProtocol):
             self.relog(line)
 
     def errReceived(self, data: bytes) -> None:
-        # Only what escapes the logging system: interpreter errors.
-        for line in data.decode("utf-8", "replace").splitlines():
-            self.log.error("worker {worker} stderr: {line}", worker=self.number, line=line)
+        lines = (self._errors + data).split(b"\n")
+        self._errors = lines.pop()
+        for line in lines:
+            self._errorLine(line)
 
-    def relog(self, line: bytes) -> None:
+    def _errorLine(self, line: bytes) -> None:
+        if line.startswith(EVENT_MARK):
+            # A named event's fields (see L{LineObserver}).
+            self.relog(line[len(EVENT_MARK) :], withText=False)
+            return
+        # Only what escapes the logging system: interpreter errors.
+        self.log.error(
+            "worker {worker} stderr: {line}", worker=self.number, line=line.decode("utf-8", "replace")
+        )
+
+    def relog(self, line: bytes, withText: bool = True) -> None:
         """
-        Log one event the worker wrote (see L{JSONLineObserver}).
+        Log one event the worker wrote (see L{JSONLineObserver}), with the
+        fields of a named event; without a format unless C{withText}.
         """
+        fields: dict[str, Any] = {}
         try:
-            level, namespace, text = json.loads(line)
+            level, namespace, text, *rest = json.loads(line)
             logLevel = LogLevel.levelWithName(level)
+            if rest and isinstance(rest[0], dict):
+                fields = {k: v for k, v in rest[0].items() if not k.startswith("log_") and k not in _EMIT}
         except (ValueError, TypeError, KeyError, LookupError):
             logLevel, namespace, text = LogLevel.info, "mailfw.worker", line.decode("utf-8", "replace")
+        fields["worker"] = self.number
         self.log.emit(
             logLevel,
-            "{text}",
-            text=text,
-            worker=self.number,
+            "{workerLine}" if withText else None,
+            workerLine=text,
             log_system=_system(namespace, logLevel, self.number),
+            **fields,
         )
 
     def processEnded(self, reason: Failure) -> None:
         if self._buffer:
             self.relog(self._buffer)
             self._buffer = b""
+        if self._errors:
+            self._errorLine(self._errors)
+            self._errors = b""
         self.pool.workerEnded(self, reason)
         self.ended.callback(None)
 
 
 class WorkerPool(Service):
     """
-    Starts the workers once the parent listens, and stops them.
+    Starts the workers once the parent listens, passes signals on to them
+    (L{signalWorkers}), and stops them.
 
-    @ivar stopTimeout: seconds between SIGTERM and SIGKILL on stop.
+    @ivar stopTimeout: seconds between SIGTERM and SIGKILL on stop: more
+        than the workers' own grace period for their sessions.
     """
 
     log = Logger()
@@ -328,6 +363,14 @@ class WorkerPool(Service):
         else:
             self.log.info("worker {worker} stopped", worker=protocol.number)
 
+    def signalWorkers(self, name: str) -> None:
+        """
+        Send signal C{name} (C{"HUP"}: reload) to every worker.
+        """
+        for _, transport in list(self.workers.values()):
+            with contextlib.suppress(Exception):  # already gone: processEnded follows
+                transport.signalProcess(name)
+
     def stopService(self) -> Deferred[None]:
         super().stopService()
         if not self.workers:
@@ -390,8 +433,9 @@ class AdoptedPortService(Service):
 @implementer(ILogObserver)
 class JSONLineObserver:
     """
-    A worker's log: one JSON line C{[level, namespace, text]} per event on
-    standard output, for the parent to re-log.
+    A worker's log: one JSON line C{[level, namespace, text, fields]} per
+    event on standard output, for the parent to re-log; C{fields} are a
+    named event's (L{eventFields}), else empty.
     """
 
     def __init__(self, write: Callable[[str], object], flush: Callable[[], object]) -> None:
@@ -401,8 +445,11 @@ class JSONLineObserver:
     def __call__(self, event: dict[str, Any]) -> None:
         text = _eventText(event)
         level = event.get("log_level", LogLevel.info)
+        fields = eventFields(event) if "event" in event else {}
         self._write(
-            json.dumps([str(getattr(level, "name", "info")), str(event.get("log_namespace", "-")), text])
+            json.dumps(
+                [str(getattr(level, "name", "info")), str(event.get("log_namespace", "-")), text, fields]
+            )
             + "\n"
         )
         self._flush()
@@ -421,23 +468,30 @@ class LineObserver:
     time stamp, which has a resolution of seconds, is made once a second.
     """
 
-    def __init__(self, fd: int, number: int) -> None:
+    def __init__(self, fd: int, number: int, eventsFD: int | None = None) -> None:
+        """
+        @param eventsFD: where to send named events' fields for the
+            parent's observers (see the module docstring), or C{None}.
+        """
         self._fd = fd
         self._number = number
+        self.eventsFD = eventsFD
         # One tuple, so that a thread logging at the same time never pairs
         # one second with another's stamp.
         self._stamp: tuple[int, str] = (-1, "")
 
     def __call__(self, event: dict[str, Any]) -> None:
+        if self.eventsFD is not None and "event" in event:
+            level = event.get("log_level", LogLevel.info)
+            fields = [str(getattr(level, "name", "info")), str(event.get("log_namespace", "-")), ""]
+            _write(
+                self.eventsFD,
+                EVENT_MARK + json.dumps([*fields, eventFields(event)]).encode("utf-8") + b"\n",
+            )
         line = self.format(event)
         if line is None:
             return
-        data = line.encode("utf-8", "replace")
-        try:
-            while data:
-                data = data[os.write(self._fd, data) :]
-        except OSError:
-            pass  # nowhere left to say it
+        _write(self._fd, line.encode("utf-8", "replace"))
 
     def format(self, event: dict[str, Any]) -> str | None:
         """
@@ -456,6 +510,14 @@ class LineObserver:
                 self._stamp = (int(when), stamp)
         system = _system(event.get("log_namespace", "-"), event.get("log_level"), self._number)
         return f"{stamp} [{system}] {text}".replace("\n", "\n\t") + "\n"
+
+
+def _write(fd: int, data: bytes) -> None:
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+    except OSError:
+        pass  # nowhere left to say it
 
 
 def _eventText(event: dict[str, Any]) -> str:

@@ -138,6 +138,9 @@ class ComponentContext:
         can check the names it refers to.
     @ivar nameservers: C{(host, port)} pairs from C{[dns]}, or empty for the
         system resolver.
+    @ivar dnssec: C{[dns] dnssec}: C{"trust-ad"} to trust the AD bit of
+        the C{nameservers} (a local validating resolver), for DANE; else
+        C{"off"}.
     @ivar queue: the server's L{mailfw.interfaces.IMessageQueue}, for
         components that put new mail into it (alias expansion); set before
         delivery agents and routers are built, C{None} while the queue
@@ -150,6 +153,7 @@ class ComponentContext:
     agentNames: frozenset[str] = frozenset()
     nameservers: tuple[tuple[str, int], ...] = ()
     queue: Any = None
+    dnssec: str = "off"
     _resolver: Any = field(default=None, repr=False)
 
     def path(self, value: str) -> Path:
@@ -191,6 +195,7 @@ class ServerConfig:
     certificate: Path | None = None
     privateKey: Path | None = None
     nameservers: tuple[tuple[str, int], ...] = ()
+    dnssec: str = "off"
     queue: dict[str, object] = field(default_factory=dict)
     routing: dict[str, object] = field(default_factory=dict)
     delivery: dict[str, dict[str, object]] = field(default_factory=dict)
@@ -199,6 +204,7 @@ class ServerConfig:
     scheduler: dict[str, object] = field(default_factory=dict)
     auth: dict[str, object] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    shutdownGrace: float = 30.0
 
     def context(self, reactor: Any) -> ComponentContext:
         return ComponentContext(
@@ -207,6 +213,7 @@ class ServerConfig:
             dataDir=self.dataDir,
             agentNames=frozenset(self.delivery),
             nameservers=self.nameservers,
+            dnssec=self.dnssec,
         )
 
 
@@ -232,6 +239,7 @@ _KNOWN_SECTIONS = {
     "auth",
     "etrn",
     "odmr",
+    "metrics",
 }
 
 
@@ -304,6 +312,7 @@ def loadConfig(
     resolvedDir = (baseDir / configuredDir) if dataDir is None else Path(configuredDir)
     name = hostname or server.text("hostname", None) or socket.gethostname()
     workers = server.integer("workers", 1, minimum=1)
+    shutdownGrace = server.number("shutdown_grace", 30.0, minimum=0)
     server.finish()
 
     listenSection = Section("[listen]", raw.get("listen", {}))
@@ -327,7 +336,12 @@ def loadConfig(
 
     dns = Section("[dns]", raw.get("dns", {}))
     nameservers = tuple(_nameserver(s) for s in dns.strings("nameservers", []))
+    dnssec = dns.choice("dnssec", ("off", "trust-ad"), "off")
     dns.finish()
+    if dnssec == "trust-ad" and not nameservers:
+        raise ConfigError(
+            '[dns] dnssec = "trust-ad" needs nameservers: the local validating resolver (e.g. ["127.0.0.1"])'
+        )
 
     defaults = _defaultComponents(resolvedDir)
     hasComponents = any(k in raw for k in ("queue", "routing", "delivery"))
@@ -353,6 +367,7 @@ def loadConfig(
         certificate=relative(certificate),
         privateKey=relative(key),
         nameservers=nameservers,
+        dnssec=dnssec,
         queue=dict(queue),
         routing=dict(routing),
         delivery={k: dict(v) for k, v in delivery.items()},
@@ -361,4 +376,5 @@ def loadConfig(
         scheduler=dict(raw.get("scheduler", {})),
         auth=dict(raw.get("auth", {})),
         raw=raw,
+        shutdownGrace=shutdownGrace,
     )

@@ -93,6 +93,12 @@ class Envelope:
     @ivar arrival: POSIX time the message was accepted.
     @ivar queueID: the queue's ID for the message once it is queued (for
         log events); empty before.
+    @ivar requireTLS: the sender asked for REQUIRETLS (RFC 8689): the
+        message leaves only over verified TLS to hosts that offer it too.
+    @ivar traceparent: the W3C C{traceparent} of the span this message's
+        work belongs to (L{mailfw.tracing}), stored with the message so
+        that a retry days later joins the same trace; empty when tracing
+        was off.
     """
 
     sender: Address | None
@@ -107,6 +113,8 @@ class Envelope:
     authenticated: str | None = None
     arrival: float = 0.0
     queueID: str = ""
+    requireTLS: bool = False
+    traceparent: str = ""
 
     @property
     def senderText(self) -> str:

@@ -10,11 +10,13 @@ L{twisted.internet.testing.MemoryReactorClock}.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
@@ -52,6 +54,9 @@ from mailfw.interfaces import (
     IRouterFactory,
 )
 from mailfw.plugin import DuplicatePlugin, MissingPlugin, findPlugin
+
+if TYPE_CHECKING:
+    from mailfw.policy._chain import ChainLink
 
 __all__ = ["Options", "buildService", "makeService"]
 
@@ -263,6 +268,7 @@ def makeService(options: Options) -> IService:
             workers=options["workers"],
             workerArguments=options.workerArguments,
             workersLogDirectly=options.workersLogDirectly,
+            reloadArguments=options.workerArguments,
         )
     except ConfigError as e:
         sys.stderr.write(f"mailfw: configuration error: {e}\n")
@@ -295,11 +301,15 @@ class MailfwService(MultiService):
     The whole server: every service that uses the queue is a child, and the
     queue is closed only after all of them have stopped (the scheduler
     waits for deliveries in flight to be recorded, listeners for commits).
+
+    @ivar afterClose: called, in order, once the queue is closed (the last
+        spans are exported then, when every span has ended).
     """
 
     def __init__(self, queue: IMessageQueue) -> None:
         super().__init__()
         self.queue = queue
+        self.afterClose: list[Callable[[], object]] = []
 
     def stopService(self) -> Deferred[None]:
         d: Deferred[None] = maybeDeferred(super().stopService)
@@ -307,7 +317,15 @@ class MailfwService(MultiService):
         def close(result: object) -> Deferred[None]:
             return self.queue.close()
 
-        return d.addBoth(close)
+        d.addBoth(close)
+
+        def then(result: object, call: Callable[[], object]) -> Deferred[object]:
+            # A failure to close stays the result.
+            return maybeDeferred(call).addBoth(lambda _: result)
+
+        for call in self.afterClose:
+            d.addBoth(then, call)
+        return d
 
 
 def _targetOwner(options: usage.Options) -> tuple[int, int] | None:
@@ -479,6 +497,367 @@ def _describe(component: object, plugin: object) -> str:
     return f"plugin {plugin}"
 
 
+@dataclass
+class _Components:
+    """
+    What L{buildService} builds from the configuration around the queue,
+    the scheduler and the listeners: what a reload builds anew and swaps in
+    (L{Lifecycle.reload}).
+    """
+
+    agents: dict[str, IDeliveryAgent]
+    router: IRouter
+    policies: list[ChainLink]
+    limits: Any
+    tlsOptions: Any
+    authSetup: Any
+    etrnSettings: Any
+    odmrSettings: Any
+
+    def holdForETRN(self, address: Any) -> bool:
+        return bool(self.etrnSettings.holds(address) or self.odmrSettings.holds(address))
+
+
+def _buildComponents(config: ServerConfig, context: ComponentContext, plugins: Any = None) -> _Components:
+    """
+    Build the delivery instances, the router, the policies, the SMTP
+    limits, the TLS options, AUTH and the ETRN and ODMR settings of
+    C{config}, in C{context} (whose queue is set).  At start-up and on
+    every reload alike.
+
+    @raise ConfigError: naming the section that is wrong.
+    """
+    from mailfw.auth._config import authFromConfig
+    from mailfw.auth._quota import useHostedQuotas
+    from mailfw.auth._realm import useHostedSenders
+    from mailfw.etrn import settingsFromConfig
+    from mailfw.policy._chain import linkFromSection
+    from mailfw.smtp import SMTPLimits
+    from mailfw.smtp._odmr import settingsFromConfig as odmrFromConfig
+    from mailfw.tls import serverTLSOptions
+
+    agents: dict[str, IDeliveryAgent] = {
+        name: _build(IDeliveryAgentFactory, f"[delivery.{name}]", context, name, section, plugins)
+        for name, section in config.delivery.items()
+    }
+    router: IRouter = _build(IRouterFactory, "[routing]", context, "routing", config.routing, plugins)
+    policies = [
+        linkFromSection(
+            f"[policy.{name}]",
+            section,
+            lambda options, name=name: _build(  # type: ignore[misc]
+                IPolicyFactory, f"[policy.{name}]", context, name, options, plugins
+            ),
+        )
+        for name, section in config.policy.items()
+    ]
+    limits = SMTPLimits.fromSection(Section("[smtp]", config.smtp))
+    tlsOptions = serverTLSOptions(config)
+    authSetup = authFromConfig(Section("[auth]", config.auth), context)
+    if authSetup is not None:
+        useHostedSenders(authSetup.auth.portal, router)
+        if authSetup.quotas is not None:
+            useHostedQuotas(authSetup.quotas, router)
+    etrnSettings = settingsFromConfig(config.raw.get("etrn", {}))
+    odmrSettings = odmrFromConfig(config.raw.get("odmr", {}))
+    return _Components(agents, router, policies, limits, tlsOptions, authSetup, etrnSettings, odmrSettings)
+
+
+def _restartOnly(running: ServerConfig, new: ServerConfig) -> list[str]:
+    """
+    The sections whose changes a reload does not apply: they are bound when
+    the server starts (listening sockets, the queue's store, the data
+    directory, the worker processes, the scheduler's own timers).
+    """
+    changed = []
+    if running.listen != new.listen:
+        changed.append("[listen]")
+    if running.queue != new.queue:
+        changed.append("[queue]")
+    server = ("hostname", "dataDir", "workers", "shutdownGrace")
+    if any(getattr(running, key) != getattr(new, key) for key in server):
+        changed.append("[server]")
+    if running.scheduler != new.scheduler:
+        changed.append("[scheduler]")
+    return changed
+
+
+class Lifecycle(Service):
+    """
+    Reload (C{SIGHUP}) and graceful stop (C{SIGTERM}) of the server; see
+    C{docs/operations.rst}.
+
+    B{Reload}: L{reload} reads the configuration again, builds every
+    component a reload applies with the same code as start-up
+    (L{_buildComponents}), and only when all of them built, swaps them in:
+    each listener's factory gets new L{SessionSettings} (sessions already
+    connected keep theirs, so none is dropped), the scheduler the new
+    router and delivery instances.  A bad file changes nothing.
+
+    B{Stop}: L{stopService} runs beside the listeners' (which stop
+    accepting at once) and the scheduler's: it asks every open session to
+    close with 421 once its transaction is over
+    (L{SMTPServerProtocol.stopWhenIdle}), and cuts off those still open
+    after C{[server] shutdown_grace} seconds.  The queue is closed only
+    after that (L{MailfwService}).
+
+    @ivar factories: the listeners' protocol factories by kind.
+    @ivar workers: the L{WorkerPool}, in a parent with workers.
+    @ivar control: the control socket's factory (its sending quotas).
+    """
+
+    log = Logger()
+    name = "lifecycle"
+    pollInterval = 0.1
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: ServerConfig,
+        queue: IMessageQueue,
+        scheduler: Any,
+        components: _Components,
+        reloadArguments: Sequence[str] | None = None,
+        plugins: Any = None,
+    ) -> None:
+        self._reactor = reactor
+        self.config = config
+        self.queue = queue
+        self.scheduler = scheduler
+        self.components = components
+        self._reloadArguments = None if reloadArguments is None else list(reloadArguments)
+        self._plugins = plugins
+        self.factories: dict[str, Any] = {}
+        self.workers: WorkerPool | None = None
+        self.control: Any = None
+        self._retired: list[tuple[IService, list[Any]]] = []
+        self._retireLater: Any = None
+        self._previousHandler: Any = None
+        self._handling = False
+
+    # --- the listeners' factories ---------------------------------------------
+
+    def listenerFactory(self, kind: str, components: _Components) -> Any:
+        """
+        A new protocol factory for listeners of C{kind} with C{components};
+        a reload keeps the old factory and takes its C{settings}.
+        """
+        from mailfw.etrn import ETRNHandler
+        from mailfw.smtp import SMTPFactory
+        from mailfw.smtp._odmr import ODMRHandler
+
+        config, queue, reactor, scheduler = self.config, self.queue, self._reactor, self.scheduler
+        authSetup = components.authSetup
+        etrn = (
+            ETRNHandler(components.etrnSettings, queue, reactor) if components.etrnSettings.enabled else None
+        )
+        odmr = (
+            ODMRHandler(
+                components.odmrSettings,
+                queue,
+                scheduler.settle,
+                reactor,
+                config.hostname,
+                scheduler.leaseSeconds,
+            )
+            if components.odmrSettings.enabled
+            else None
+        )
+        return SMTPFactory(
+            kind,
+            config.hostname,
+            queue,
+            components.router,
+            reactor,
+            policies=[
+                link for link in components.policies if link.listeners is None or kind in link.listeners
+            ],
+            limits=components.limits,
+            tlsOptions=components.tlsOptions,
+            auth=(
+                authSetup.auth
+                if authSetup is not None and (kind != "smtp" or authSetup.offerOnSMTP)
+                else None
+            ),
+            etrn=etrn,
+            quotas=authSetup.quotas if authSetup is not None else None,
+            odmr=odmr,
+        )
+
+    # --- reload -----------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self._reloadArguments is not None and hasattr(signal, "SIGHUP"):
+            self._previousHandler = signal.signal(signal.SIGHUP, self._hangUpReceived)
+            self._handling = True
+
+    def _hangUpReceived(self, number: int, frame: Any) -> None:
+        # A signal handler runs between two bytecodes of whatever the
+        # reactor was doing: do the work in the reactor's own time.
+        self._reactor.callFromThread(self.reloadFromFile)
+
+    def reloadFromFile(self) -> None:
+        """
+        C{SIGHUP}: read the configuration as at start-up (the same file and
+        command-line options) and L{reload} it; pass the signal on to the
+        workers, which reload themselves.
+        """
+        from twisted.python import usage
+
+        path = self._configPath()
+        try:
+            options = Options()
+            options.parseOptions(self._reloadArguments or [])
+            config = options.serverConfig
+        except Exception as e:
+            reason = str(e) if isinstance(e, usage.UsageError) else f"{type(e).__name__}: {e}"
+            self.log.error(
+                "configuration reload from {path} failed, keeping the running configuration: {reason}",
+                path=path,
+                reason=reason,
+            )
+        else:
+            self.reload(config, path)
+        if self.workers is not None:
+            self.workers.signalWorkers("HUP")
+
+    def _configPath(self) -> str:
+        for argument in self._reloadArguments or []:
+            if argument.startswith("--config="):
+                return argument.partition("=")[2]
+        return "(no file)"
+
+    def reload(self, config: ServerConfig, path: str = "(no file)") -> bool:
+        """
+        Apply C{config}: build its components and swap them in, or, if any
+        of them cannot be built, log one line saying why and change
+        nothing.
+
+        @return: whether C{config} was applied.
+        """
+        restart = _restartOnly(self.config, config)
+        # What needs a restart stays as it runs.
+        config = replace(
+            config,
+            hostname=self.config.hostname,
+            dataDir=self.config.dataDir,
+            listen=self.config.listen,
+            queue=self.config.queue,
+            workers=self.config.workers,
+            shutdownGrace=self.config.shutdownGrace,
+            scheduler=self.config.scheduler,
+        )
+        context = config.context(self._reactor)
+        context.queue = self.queue
+        try:
+            components = _buildComponents(config, context, self._plugins)
+        except Exception as e:
+            reason = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+            self.log.error(
+                "configuration reload from {path} failed, keeping the running configuration: {reason}",
+                path=path,
+                reason=reason,
+            )
+            return False
+        self._swap(config, components)
+        self.log.info(
+            "configuration reloaded from {path}{restart}",
+            path=path,
+            restart=f"; not applied until a restart: {', '.join(restart)}" if restart else "",
+        )
+        return True
+
+    def _swap(self, config: ServerConfig, components: _Components) -> None:
+        """
+        Put C{components} in service; see the class docstring.
+        """
+        old = self.components
+        self.config, self.components = config, components
+        openSessions: list[Any] = []
+        for kind, factory in self.factories.items():
+            openSessions.extend(getattr(factory, "sessions", ()))
+            fresh = self.listenerFactory(kind, components)
+            factory.settings = fresh.settings
+            factory.odmr = fresh.odmr
+        self.scheduler.useRouting(components.router, components.agents, components.holdForETRN)
+        if self.control is not None:
+            self.control.quotas = components.authSetup.quotas if components.authSetup is not None else None
+        parent = self.parent
+        if old.authSetup is not None:
+            # Sessions connected before the reload may still ask the old
+            # password checker: its threads stop once they are all gone.
+            self._retired.append((old.authSetup.service, openSessions))
+        if components.authSetup is not None and parent is not None:
+            components.authSetup.service.setServiceParent(parent)
+        self._retire()
+
+    def _retire(self) -> None:
+        """
+        Stop the replaced services that no session uses any more; look
+        again in a minute for the others.
+        """
+        still = []
+        for service, sessions in self._retired:
+            if any(not session.state.closed for session in sessions):
+                still.append((service, sessions))
+            elif service.parent is not None:
+                service.disownServiceParent()
+        self._retired = still
+        if still and self.running and self._retireLater is None:
+            self._retireLater = self._reactor.callLater(60, self._retireAgain)
+
+    def _retireAgain(self) -> None:
+        self._retireLater = None
+        self._retire()
+
+    # --- stop ---------------------------------------------------------------------
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Let the open sessions finish their transactions, for at most
+        C{[server] shutdown_grace} seconds.
+        """
+        super().stopService()
+        if self._retireLater is not None and self._retireLater.active():
+            self._retireLater.cancel()
+        self._retireLater = None
+        if self._handling:
+            signal.signal(signal.SIGHUP, self._previousHandler or signal.SIG_DFL)
+            self._handling = False
+        sessions = [s for factory in self.factories.values() for s in getattr(factory, "sessions", ())]
+        if not sessions:
+            return succeed(None)
+        grace = self.config.shutdownGrace
+        self.log.info(
+            "stopping: waiting up to {grace:g}s for {count} sessions to finish their transactions",
+            grace=grace,
+            count=len(sessions),
+        )
+        for session in sessions:
+            session.stopWhenIdle()
+        done: Deferred[None] = Deferred()
+        deadline = self._reactor.seconds() + grace
+
+        def poll() -> None:
+            left = [s for s in sessions if not s.state.closed]
+            if not left:
+                done.callback(None)
+                return
+            if self._reactor.seconds() < deadline:
+                self._reactor.callLater(self.pollInterval, poll)
+                return
+            self.log.warn("{count} sessions still open after the grace period: closing them", count=len(left))
+            for session in left:
+                session.state.hangUp()
+                if session.transport is not None:
+                    session.transport.abortConnection()
+            done.callback(None)
+
+        poll()
+        return done
+
+
 def buildService(
     config: ServerConfig,
     reactor: Any,
@@ -488,6 +867,7 @@ def buildService(
     workerArguments: Sequence[str] = (),
     worker: Sequence[InheritedSocket] | None = None,
     workersLogDirectly: bool = False,
+    reloadArguments: Sequence[str] | None = None,
 ) -> MailfwService:
     """
     Build every configured component and the listeners around them.
@@ -503,49 +883,22 @@ def buildService(
         output they share with this process.
     @param worker: in a worker process, the sockets it inherited: they are
         adopted instead of listening, and there is no control socket.
+    @param reloadArguments: the C{mailfw} options to read the configuration
+        again with on C{SIGHUP} (see L{Lifecycle}); without them (tests,
+        embedding) no signal handler is installed.
     @raise ConfigError: naming the section that is wrong.
     """
-    from mailfw.auth._config import authFromConfig
-    from mailfw.auth._quota import useHostedQuotas
-    from mailfw.auth._realm import useHostedSenders
-    from mailfw.etrn import ETRNHandler, settingsFromConfig
-    from mailfw.policy._chain import linkFromSection
     from mailfw.scheduling._scheduler import schedulerFromConfig
-    from mailfw.smtp import SMTPFactory, SMTPLimits
-    from mailfw.smtp._odmr import ODMRHandler
-    from mailfw.smtp._odmr import settingsFromConfig as odmrFromConfig
-    from mailfw.tls import serverTLSOptions
 
     config.dataDir.mkdir(parents=True, exist_ok=True)
+    exportLastSpans = _startTracing(reactor)
     context = config.context(reactor)
 
     queue: IMessageQueue = _build(IMessageQueueFactory, "[queue]", context, "queue", config.queue, plugins)
     context.queue = queue
     try:
-        agents: dict[str, IDeliveryAgent] = {
-            name: _build(IDeliveryAgentFactory, f"[delivery.{name}]", context, name, section, plugins)
-            for name, section in config.delivery.items()
-        }
-        router: IRouter = _build(IRouterFactory, "[routing]", context, "routing", config.routing, plugins)
-        links = [
-            linkFromSection(
-                f"[policy.{name}]",
-                section,
-                lambda options, name=name: _build(  # type: ignore[misc]
-                    IPolicyFactory, f"[policy.{name}]", context, name, options, plugins
-                ),
-            )
-            for name, section in config.policy.items()
-        ]
-        limits = SMTPLimits.fromSection(Section("[smtp]", config.smtp))
-        tlsOptions = serverTLSOptions(config)
-        authSetup = authFromConfig(Section("[auth]", config.auth), context)
-        if authSetup is not None:
-            useHostedSenders(authSetup.auth.portal, router)
-            if authSetup.quotas is not None:
-                useHostedQuotas(authSetup.quotas, router)
-        etrnSettings = settingsFromConfig(config.raw.get("etrn", {}))
-        odmrSettings = odmrFromConfig(config.raw.get("odmr", {}))
+        components = _buildComponents(config, context, plugins)
+        agents, router, authSetup = components.agents, components.router, components.authSetup
         scheduler = schedulerFromConfig(
             Section("[scheduler]", config.scheduler),
             reactor,
@@ -553,7 +906,7 @@ def buildService(
             router,
             agents,
             config.hostname,
-            holdForETRN=lambda address: etrnSettings.holds(address) or odmrSettings.holds(address),
+            holdForETRN=components.holdForETRN,
             resolver=context.resolver,
         )
         lease = queue.leaseSeconds
@@ -564,6 +917,13 @@ def buildService(
                 f"[scheduler] delivery_timeout ({scheduler.leaseSeconds:g}) must be shorter"
                 f" than [queue] lease_seconds ({lease:g})"
             )
+        # [metrics]: the operations endpoint, in the parent process only
+        # (workers forward their events to it); see mailfw.ops.
+        ops = None
+        if worker is None and "metrics" in config.raw:
+            from mailfw.ops import OpsService, OpsSettings
+
+            ops = OpsService(OpsSettings.fromSection(config.raw["metrics"]), reactor, queue, scheduler)
     except BaseException as e:
         closing = queue.close()
         closing.addErrback(lambda f: log.failure("closing the queue failed", f))
@@ -571,40 +931,23 @@ def buildService(
             e.released = closing
         raise
 
-    etrn = ETRNHandler(etrnSettings, queue, reactor) if etrnSettings.enabled else None
-    odmr = (
-        ODMRHandler(odmrSettings, queue, scheduler.settle, reactor, config.hostname, scheduler.leaseSeconds)
-        if odmrSettings.enabled
-        else None
-    )
     top = MailfwService(queue)
+    if exportLastSpans is not None:
+        top.afterClose.append(exportLastSpans)
     scheduler.setServiceParent(top)
+    if ops is not None:
+        ops.setServiceParent(top)
     if authSetup is not None:
         authSetup.service.setName("auth-threads")
         authSetup.service.setServiceParent(top)
 
+    lifecycle = Lifecycle(reactor, config, queue, scheduler, components, reloadArguments, plugins)
+    lifecycle.setServiceParent(top)
     recording: list[RecordingEndpoint] = []
     for kind in LISTENER_KINDS:
         if not config.listen[kind]:
             continue
-        factory = SMTPFactory(
-            kind,
-            config.hostname,
-            queue,
-            router,
-            reactor,
-            policies=[link for link in links if link.listeners is None or kind in link.listeners],
-            limits=limits,
-            tlsOptions=tlsOptions,
-            auth=(
-                authSetup.auth
-                if authSetup is not None and (kind != "smtp" or authSetup.offerOnSMTP)
-                else None
-            ),
-            etrn=etrn,
-            quotas=authSetup.quotas if authSetup is not None else None,
-            odmr=odmr,
-        )
+        factory = lifecycle.factories[kind] = lifecycle.listenerFactory(kind, components)
         if worker is not None:
             for inherited in worker:
                 if inherited.kind == kind:
@@ -626,14 +969,20 @@ def buildService(
         return top
     if workers > 1:
         pool = WorkerPool(reactor, workers - 1, recording, workerArguments, logDirectly=workersLogDirectly)
+        # Each worker has the grace period for its own sessions.
+        pool.stopTimeout = config.shutdownGrace + WorkerPool.stopTimeout
         pool.setName("workers")
         pool.setServiceParent(top)
+        lifecycle.workers = pool
     controlPath = config.dataDir / CONTROL_SOCKET
     # A second server on the same data directory must not start: the
     # control socket's lock file stops it.
+    lifecycle.control = ControlFactory(
+        queue, reactor, quotas=authSetup.quotas if authSetup is not None else None
+    )
     control = ListeningService(
         serverFromString(reactor, f"unix:{quoteStringArgument(str(controlPath))}:mode=600:lockfile=1"),
-        ControlFactory(queue, reactor, quotas=authSetup.quotas if authSetup is not None else None),
+        lifecycle.control,
     )
     control.setName("control")
     control.setServiceParent(top)
@@ -658,6 +1007,38 @@ def buildService(
         queue=_describe(queue, config.queue.get("plugin")),
     )
     return top
+
+
+def _startTracing(reactor: Any) -> Callable[[], Deferred[None]] | None:
+    """
+    Turn tracing on if the C{OTEL_*} environment asks for it (see
+    L{mailfw.tracing}).
+
+    @return: what exports the last spans when the server has stopped (the
+        exporter may wait for its collector, so that runs in a thread), or
+        C{None} when tracing is off.
+    @raise ConfigError: if traces are asked for but cannot be made.
+    """
+    from twisted.internet.interfaces import IReactorThreads
+    from twisted.internet.threads import deferToThreadPool
+
+    from mailfw import tracing
+
+    try:
+        if not tracing.configureFromEnvironment():
+            return None
+    except tracing.TracingUnavailable as e:
+        raise ConfigError(f"tracing: {e}") from None
+    log.info("tracing: spans exported as OTEL_TRACES_EXPORTER says")
+
+    def exportLastSpans() -> Deferred[None]:
+        if IReactorThreads.providedBy(reactor):
+            d: Deferred[None] = deferToThreadPool(reactor, reactor.getThreadPool(), tracing.shutdown)
+        else:
+            d = maybeDeferred(tracing.shutdown)
+        return d.addErrback(lambda f: log.failure("exporting the last spans failed", f))
+
+    return exportLastSpans
 
 
 def _adopt(

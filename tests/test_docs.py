@@ -107,6 +107,8 @@ REQUIRED_OPTIONS: dict[str, dict[str, object]] = {
     "pipe": {"command": ["/bin/sh"]},
     "milter": {"address": "inet:127.0.0.1:8891"},
     "policy-server": {"address": "inet:127.0.0.1:10023"},
+    "rspamd": {"url": "http://127.0.0.1:11333"},
+    "clamav": {"address": "inet:127.0.0.1:3310"},
     # Refused after its keys are read and before any connection is made,
     # so that the test never touches a database.
     "postgresql": {"node": ""},
@@ -210,10 +212,14 @@ def documentedKeys(path: Path) -> dict[str, set[str]]:
         label = marker.group(2)[len("keys ") :]
         indent = len(marker.group(1))
         keys: set[str] = set()
-        for following in lines[i + 1 :]:
+        for j, following in enumerate(lines[i + 1 :], i + 1):
             if not following.strip() or _indentation(following) > indent:
                 continue
             if _indentation(following) < indent or not following.lstrip().startswith("``"):
+                break
+            underline = lines[j + 1].strip() if j + 1 < len(lines) else ""
+            if underline and set(underline) <= set("=-~^"):
+                # The next section's title, not a key.
                 break
             term = following.strip().split(" (", 1)[0]
             keys.update(re.findall(r"``(\w+)``", term))

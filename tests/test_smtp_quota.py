@@ -64,7 +64,7 @@ class QuotaSessionTests(SynchronousTestCase):
         with capturedLogs() as events:
             alice.send(b"MAIL FROM:<alice@example.org>\r\n")
         self.assertEqual(alice.replies(), [b"450 4.7.1 Sending quota exceeded, try again later"])
-        named = [e for e in events if e.get("user") == ALICE and "quota" in e.get("log_format", "")]
+        named = [e for e in events if e.get("user") == ALICE and "quota" in (e.get("log_format") or "")]
         self.assertEqual(len(named), 1)
         self.assertEqual(named[0]["limit"], 5)
 

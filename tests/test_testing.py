@@ -4,6 +4,7 @@ Tests for the public helpers in L{mailfw.testing}.
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailfw.envelope import Envelope, Recipient, Session
@@ -18,7 +19,9 @@ class RejectNet(Policy):
     one.
     """
 
-    def checkRecipient(self, session: Session, envelope: Envelope, recipient: Recipient) -> Verdict:
+    def checkRecipient(
+        self, session: Session, envelope: Envelope, recipient: Recipient
+    ) -> Verdict | Deferred[Verdict]:
         if recipient.address.domain == "example.net":
             return Verdict.reject(550, "5.7.1", "not here")
         return CONTINUE

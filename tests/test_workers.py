@@ -279,11 +279,11 @@ class RelogTests(SynchronousTestCase):
             protocol.outReceived(line[:5])
             protocol.outReceived(line[5:] + b"not json\n")
         self.assertEqual(len(events), 2)
-        self.assertEqual(events[0]["text"], "hello 1")
+        self.assertEqual(events[0]["workerLine"], "hello 1")
         self.assertEqual(events[0]["log_level"], LogLevel.warn)
         self.assertEqual(events[0]["worker"], 3)
         self.assertIn("worker 3", events[0]["log_system"])
-        self.assertEqual(events[1]["text"], "not json")
+        self.assertEqual(events[1]["workerLine"], "not json")
         self.assertEqual(json.loads(written[0])[1], "n")
 
 

@@ -6,14 +6,17 @@ C{mailfw queue ...} talks to the running server over its control socket
 without starting anything; C{mailfw passwd} manages the AUTH password file;
 C{mailfw domain|user|alias|sender} edit the virtual domains' hosting table;
 C{mailfw user quota USER} shows a user's sending-quota counters (from the
-running server); C{mailfw dkim keygen|check} makes DKIM keys and checks
-their DNS records.
+running server); C{mailfw route DOMAIN} shows where relayed mail for a
+domain goes and with which TLS, and why; C{mailfw log QUEUEID} prints one
+message's history from the JSON log; C{mailfw dkim keygen|check} makes
+DKIM keys and checks their DNS records.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import time
@@ -192,6 +195,199 @@ def configCommand(args: argparse.Namespace) -> int:
     return 0
 
 
+def routeFor(config: Any, domain: str, agentName: str | None) -> tuple[str, str]:
+    """
+    The C{smtp-relay} instance and next hop for relayed mail to C{domain}:
+    C{agentName}, else the static router's C{transport} entry or smart
+    host, else the C{outbound} (or only) C{smtp-relay} instance and the
+    domain itself.
+
+    @raise CommandError: if no C{smtp-relay} instance fits.
+    """
+    from mailfw.routing._static import Transport, _lookupTransport
+
+    relays = [name for name, section in config.delivery.items() if section.get("plugin") == "smtp-relay"]
+    transport: Transport | None = None
+    routing = config.routing
+    if routing.get("plugin", "static") == "static":
+        table = {str(k).lower(): str(v) for k, v in dict(routing.get("transport", {})).items()}
+        entries = {}
+        for key, value in table.items():
+            agent, sep, hop = value.partition(":")
+            entries[key] = Transport(agent, hop if sep else None)
+        transport = _lookupTransport(entries, domain)
+        smarthost = routing.get("smarthost")
+        if transport is None and isinstance(smarthost, str):
+            if not smarthost.startswith("[") and ":" in smarthost:
+                agent, _, hop = smarthost.partition(":")
+                transport = Transport(agent, hop)
+            else:
+                transport = Transport(str(routing.get("relay_agent", "outbound")), smarthost)
+    name = agentName or (transport.agent if transport else None)
+    if name is None:
+        name = "outbound" if "outbound" in relays else (relays[0] if len(relays) == 1 else None)
+    if name is None or name not in relays:
+        known = ", ".join(relays) or "none"
+        raise CommandError(
+            f"no smtp-relay instance {name or ''} for {domain} (smtp-relay instances: {known})"
+        )
+    nexthop = transport.nexthop if transport and transport.agent == name and transport.nexthop else domain
+    return name, nexthop
+
+
+async def describeRoute(agent: Any, nexthop: str) -> dict[str, Any]:
+    """
+    Resolve C{nexthop} as the agent would and ask its TLS policy: the hosts
+    in order with their addresses and TLS requirement, and why.
+    """
+    from mailfw.routing._nexthop import parseNexthop
+
+    port = parseNexthop(nexthop).port or agent.port
+    resolution = await agent.resolver.resolve(nexthop)
+    result: dict[str, Any] = {"agent": agent.name, "nexthop": nexthop, "port": port, "hosts": []}
+    if resolution.failure is not None:
+        failure = resolution.failure
+        result["failure"] = f"{failure.code} {failure.enhanced} {failure.text}"
+        return result
+    if agent.tlsPolicy is None:
+        from mailfw.outbound._policy import TLSPolicy
+
+        policy = TLSPolicy("table", f"{agent.options.tls} (the agent's tls setting)", agent.options.tls)
+    else:
+        policy = await agent.tlsPolicy.policyFor(nexthop, resolution.hosts, port)
+    result["tls"] = {"source": policy.source, "why": policy.why}
+    if policy.failure is not None:
+        result["tls"]["failure"] = f"{policy.failure.code} {policy.failure.enhanced} {policy.failure.text}"
+    for host in resolution.hosts:
+        tls = policy.forHost(host.name)
+        entry: dict[str, Any] = {
+            "name": host.name,
+            "address": host.address,
+            "preference": host.preference,
+            "tls": tls.level,
+        }
+        if tls.tlsa:
+            entry["tlsa"] = [str(r) for r in tls.tlsa]
+        if tls.refusal is not None:
+            entry["refused"] = f"{tls.refusal.code} {tls.refusal.enhanced} {tls.refusal.text}"
+        result["hosts"].append(entry)
+    return result
+
+
+def formatRoute(route: dict[str, Any]) -> str:
+    """
+    The text form of C{mailfw route}.
+    """
+    lines = [f"next hop {route['nexthop']} via smtp-relay instance {route['agent']!r}, port {route['port']}"]
+    if "failure" in route:
+        lines.append(f"no hosts: {route['failure']}")
+        return "\n".join(lines)
+    tls = route["tls"]
+    lines.append(f"TLS policy: {tls['why']}")
+    if "failure" in tls:
+        lines.append(f"  nothing is sent: {tls['failure']}")
+    lines.append("hosts, in order:")
+    for host in route["hosts"]:
+        lines.append(f"  {host['preference']:>5} {host['name']} [{host['address']}]  tls: {host['tls']}")
+        for record in host.get("tlsa", []):
+            lines.append(f"        TLSA {record}")
+        if "refused" in host:
+            lines.append(f"        not used: {host['refused']}")
+    return "\n".join(lines)
+
+
+def routeCommand(args: argparse.Namespace) -> int:
+    """
+    C{mailfw route DOMAIN}: MX hosts, addresses, TLS policy and why, looked
+    up now the way the configured C{smtp-relay} agent would.
+    """
+    try:
+        config = loadConfig(args.config, dataDir=args.data_dir)
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
+    from mailfw.address import AddressError, normaliseDomain
+
+    try:
+        domain = normaliseDomain(args.domain.rstrip("."))
+    except AddressError as e:
+        raise CommandError(f"bad domain {args.domain!r}: {e}") from None
+    name, nexthop = routeFor(config, domain, args.agent)
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import react
+
+    from mailfw.delivery._relay import fromConfig
+
+    found: list[dict[str, Any]] = []
+
+    def run(reactor: Any) -> Deferred[None]:
+        try:
+            agent = fromConfig(config.context(reactor), name, config.delivery[name])
+        except ConfigError as e:
+            raise CommandError(str(e)) from None
+
+        async def go() -> None:
+            found.append(await describeRoute(agent, nexthop))
+
+        return Deferred.fromCoroutine(go())
+
+    try:
+        react(run)
+    except SystemExit as e:
+        if e.code:
+            raise CommandError("looking up the route failed; see the messages above") from None
+    print(json.dumps(found[0], indent=2) if args.json else formatRoute(found[0]))
+    return 0
+
+
+def formatHistory(queueID: str, lines: Any) -> list[str]:
+    """
+    The events of the JSON log C{lines} about C{queueID}, one line each:
+    time, event name, then the event's text (or, for events without a
+    format, its fields).
+    """
+    from twisted.logger import formatEvent
+
+    from mailfw.ops import readEvents
+
+    history = []
+    # Most lines are about other messages: skip them before parsing.
+    for event in readEvents(line for line in lines if queueID in line):
+        if event.get("queueID") != queueID or "event" not in event:
+            continue
+        when = event.get("log_time")
+        stamp = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if isinstance(when, int | float) else "-"
+        )
+        text = formatEvent(event) if event.get("log_format") else ""
+        if not text:
+            # An event without a format (or a worker's, relayed without one).
+            text = " ".join(
+                f"{k}={v}"
+                for k, v in sorted(event.items())
+                if not k.startswith("log_") and k not in ("event", "queueID", "worker", "workerLine")
+            )
+        worker = f" [worker {event['worker']}]" if event.get("worker") else ""
+        history.append(f"{stamp} {event['event']}{worker}: {text}")
+    return history
+
+
+def logCommand(args: argparse.Namespace) -> int:
+    path = args.log or os.environ.get("MAILFW_JSON_LOG") or "-"
+    try:
+        if path == "-":
+            history = formatHistory(args.id, sys.stdin)
+        else:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                history = formatHistory(args.id, f)
+    except OSError as e:
+        raise CommandError(f"cannot read {path}: {e.strerror}") from None
+    if not history:
+        raise CommandError(f"no events about {args.id} in {'standard input' if path == '-' else path}")
+    for line in history:
+        print(line)
+    return 0
+
+
 def makeParser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailfw", description=__doc__.strip().splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -227,6 +423,14 @@ def makeParser() -> argparse.ArgumentParser:
     check.add_argument("config", nargs="?", help="the file (default: the embedded default)")
     config.set_defaults(run=configCommand)
 
+    route = commands.add_parser("route", help="show a domain's mail hosts and outbound TLS policy, and why")
+    route.add_argument("domain", help="the recipient domain")
+    route.add_argument("-c", "--config", help="the server's configuration file")
+    route.add_argument("-d", "--data-dir", help="the server's data directory")
+    route.add_argument("--agent", help="the smtp-relay instance (default: as the router would choose)")
+    route.add_argument("--json", action="store_true", help="print JSON")
+    route.set_defaults(run=routeCommand)
+
     from mailfw.auth._tool import addPasswdParser
 
     addPasswdParser(commands)
@@ -248,6 +452,16 @@ def makeParser() -> argparse.ArgumentParser:
     quota.add_argument("user", help="the AUTH user name")
     quota.add_argument("--json", action="store_true", help="print JSON")
     quota.set_defaults(run=quotaCommand)
+
+    history = commands.add_parser(
+        "log", help="print one message's history (received, attempts, replies, outcome) from the JSON log"
+    )
+    history.add_argument("id", metavar="QUEUE_ID")
+    history.add_argument(
+        "--log",
+        help="the JSON log (twistd --logger=mailfw.ops.jsonLogger); default $MAILFW_JSON_LOG, else stdin",
+    )
+    history.set_defaults(run=logCommand)
     return parser
 
 

@@ -31,8 +31,13 @@ C{QUIT}.  A cached connection that turns out stale (the host closed it, or
 answers MAIL with a 4xx) is dropped and a new one made, without counting
 as a failure of the host.
 
-A domain that needs TLS (or a verified certificate) gets its own instance
-with C{tls = "verify"} and a transport entry in C{[routing]} pointing to it.
+Which TLS each host must have is the answer of the agent's
+L{TLSPolicyResolver} (DANE, then MTA-STS, then the C{tls} level and the
+per-destination C{tls_policy} table, then REQUIRETLS): a host the policy
+refuses is not contacted, a certificate that fails DANE or MTA-STS
+verification moves on to the next host, and when no host is left the
+recipients are deferred (4.7.x), never bounced at once; only a
+REQUIRETLS message that no verified host can take bounces (5.7.30).
 """
 
 from __future__ import annotations
@@ -46,12 +51,20 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailfw import tracing
 from mailfw.config import ConfigError, Section
+from mailfw.delivery._maildir import ThreadPoolRunner
 from mailfw.envelope import Envelope, RecipientOutcome
 from mailfw.interfaces import IConnectionGate, IConnectionShaping, IDeliveryAgent, IMessageBody
+from mailfw.outbound._dane import verifyDANE
+from mailfw.outbound._mtasts import loadTrustStore, pkixProblem
+from mailfw.outbound._policy import POLICY_LEVELS, REQUIRETLS_FAILED, HostTLS, TLSPolicy, TLSPolicyResolver
+from mailfw.outbound._tlsrpt import DailyReports, TLSReporter, TLSResults
+from mailfw.queue._produce import ThreadRunner
 from mailfw.reply import SMTPReply
 from mailfw.routing._mx import MailHost, MXResolver, Resolution
 from mailfw.routing._nexthop import NexthopError, parseNexthop
+from mailfw.sharedstate import sharedStateFor
 from mailfw.smtp._client import (
     TLS_LEVELS,
     ClientOptions,
@@ -81,6 +94,7 @@ class _Idle:
     client: SMTPClient
     connectedAt: float
     expiry: IDelayedCall
+    tls: HostTLS | None = None
 
 
 @implementer(IDeliveryAgent, IConnectionShaping)
@@ -96,6 +110,17 @@ class SMTPRelayAgent:
     @ivar reuseLimit: seconds after which a connection is not used again
         (like Postfix's C{smtp_connection_reuse_time_limit}).
     @ivar maxIdle: idle connections kept per host and port at most.
+    @ivar tlsPolicy: decides the TLS of each next hop; C{None}: every host
+        gets C{options.tls}.
+    @ivar runInThread: reads a message's header section (for
+        C{TLS-Required: No}) off the reactor thread.
+    @ivar tlsResults: where TLS successes and failures are counted for
+        TLS reporting (RFC 8460), or C{None}.
+    @ivar tlsReports: mails the daily reports (started by the first
+        count), or C{None}.
+    @ivar pkixStore: CA certificates (a C{cryptography} C{Store}) to check
+        peers under MTA-STS C{testing} policies, only to log; C{None}: no
+        such check.
     """
 
     log = Logger()
@@ -111,8 +136,18 @@ class SMTPRelayAgent:
         options: ClientOptions,
         port: int = 25,
         cacheTime: float = 2.0,
+        tlsPolicy: TLSPolicyResolver | None = None,
+        runInThread: ThreadRunner | None = None,
+        tlsResults: TLSResults | None = None,
+        tlsReports: DailyReports | None = None,
+        pkixStore: Any = None,
     ) -> None:
         self.name = name
+        self.pkixStore = pkixStore
+        self.tlsReports = tlsReports
+        self.tlsPolicy = tlsPolicy
+        self.runInThread = runInThread
+        self.tlsResults = tlsResults
         self.clock = clock
         self.resolver = resolver
         self.connect = connect
@@ -129,24 +164,28 @@ class SMTPRelayAgent:
         """
         self._gate = gate
 
-    def _takeIdle(self, address: str, port: int) -> _Idle | None:
+    def _takeIdle(self, address: str, port: int, tls: HostTLS | None = None) -> _Idle | None:
         """
-        A cached connection to C{address} and C{port} that is still open.
+        A cached connection to C{address} and C{port} that is still open
+        and was made under the same TLS requirement C{tls}.
         """
         key = (address, port)
         idle = self._idle.get(key, [])
         found = None
-        while idle and found is None:
-            entry = idle.pop()
+        for entry in reversed([e for e in idle if e.tls == tls]):
+            idle.remove(entry)
             entry.expiry.cancel()
             if entry.client.connected:
                 found = entry
+                break
         if not idle:
             # Hosts come and go: no empty entry is kept for each one seen.
             self._idle.pop(key, None)
         return found
 
-    def _release(self, client: SMTPClient, address: str, port: int, connectedAt: float) -> None:
+    def _release(
+        self, client: SMTPClient, address: str, port: int, connectedAt: float, tls: HostTLS | None = None
+    ) -> None:
         """
         A transaction on C{client} is over: keep the connection for the
         next one to this host, or say C{QUIT}.
@@ -170,7 +209,7 @@ class SMTPRelayAgent:
                 self._idle.pop(key, None)
             client.quit()
 
-        entry = _Idle(client, connectedAt, self.clock.callLater(self.cacheTime, expire))
+        entry = _Idle(client, connectedAt, self.clock.callLater(self.cacheTime, expire), tls)
         self._idle.setdefault(key, []).append(entry)
 
     def deliver(
@@ -222,17 +261,47 @@ class SMTPRelayAgent:
             self.log.error("Bad next hop {nexthop}: {why}", agent=self.name, nexthop=nexthop, why=str(e))
             return everyone(BAD_NEXTHOP)
         port = parsed.port or self.port
-        resolution: Resolution = yield self.resolver.resolve(nexthop)
+        trace = envelope.traceparent
+        resolution: Resolution = yield tracing.tracedDeferred(
+            tracing.continueSpan(trace, "dns", {"mailfw.nexthop": nexthop}),
+            self.resolver.resolve(nexthop),
+            _resolutionCode,
+        )
         if resolution.failure is not None:
             return everyone(resolution.failure)
 
+        policy: TLSPolicy = yield Deferred.fromCoroutine(
+            self._tlsPolicy(envelope, body, nexthop, resolution, port)
+        )
+        if policy.failure is not None:
+            self.log.warn(
+                "Not relaying via {nexthop}: {why}",
+                agent=self.name,
+                nexthop=nexthop,
+                why=policy.why,
+                code=policy.failure.code,
+                enhanced=policy.failure.enhanced,
+            )
+            self._recordTLS(
+                nexthop, policy.forHost(""), "validation-failure" if policy.source != "table" else None
+            )
+            return everyone(policy.failure)
+
         # A cached connection to any of the next hop's hosts comes first.
         for host in resolution.hosts:
-            cached = self._takeIdle(host.address, port)
+            hostTLS = policy.forHost(host.name)
+            if hostTLS.refusal is not None:
+                continue
+            cached = self._takeIdle(host.address, port, hostTLS)
             if cached is None:
                 continue
+            if self._requireTLSRefused(envelope, cached.client):
+                cached.client.quit()
+                continue
             try:
-                reused: list[SMTPReply] = yield cached.client.transaction(envelope, body)
+                reused: list[SMTPReply] = yield _traced(
+                    trace, "smtp.transaction", host, port, cached.client.transaction(envelope, body), True
+                )
             except HostFailure as f:
                 cached.client.quit()
                 if f.permanent:
@@ -240,21 +309,37 @@ class SMTPRelayAgent:
                 # Stale (closed by the host, or it wants a new connection):
                 # connect afresh below.
                 break
-            self._release(cached.client, host.address, port, cached.connectedAt)
+            self._release(cached.client, host.address, port, cached.connectedAt, hostTLS)
             return self._relayed(envelope, reused, cached.client, host, port, nexthop)
 
         lastReply: SMTPReply | None = None
         lastHost: str | None = None
         for host in resolution.hosts:
+            hostTLS = policy.forHost(host.name)
+            if hostTLS.refusal is not None:
+                self.log.warn(
+                    "Not using {host}[{address}] for {nexthop}: {text}",
+                    agent=self.name,
+                    host=host.name,
+                    address=host.address,
+                    nexthop=nexthop,
+                    text=hostTLS.refusal.text,
+                )
+                if hostTLS.refusal is not REQUIRETLS_FAILED:
+                    self._recordTLS(nexthop, hostTLS, "validation-failure")
+                lastReply, lastHost = hostTLS.refusal, host.name
+                continue
+            testing: list[str] = []
+            options = self._optionsFor(hostTLS, testing)
             useTLS = True
             for _attempt in range(2):
-                client = SMTPClient(self.options, self.clock, host.name, host.address, useTLS)
+                client = SMTPClient(options, self.clock, host.name, host.address, useTLS)
                 if self._gate is not None:
                     domain = envelope.recipients[0].address.domain if envelope.recipients else nexthop
                     client.maxTransactions = yield self._gate.connect(domain, host.name)
                 connectedAt = self.clock.seconds()
                 try:
-                    yield self.connect(host, port, client)
+                    yield _traced(trace, "connect", host, port, self.connect(host, port, client))
                 except Exception as e:
                     self.log.info(
                         "Cannot connect to {host}[{address}]:{port} for {nexthop}: {why}",
@@ -272,11 +357,21 @@ class SMTPRelayAgent:
                     break
                 lastHost = host.name
                 try:
-                    yield client.handshake()
-                    replies: list[SMTPReply] = yield client.transaction(envelope, body)
+                    # The greeting, EHLO and STARTTLS with its TLS handshake.
+                    yield _traced(trace, "handshake", host, port, client.handshake(), tls=client)
+                    if self._requireTLSRefused(envelope, client):
+                        client.quit()
+                        lastReply = REQUIRETLS_FAILED
+                        break
+                    if client.tls:
+                        self._recordTLS(nexthop, hostTLS, "validation-failure" if testing else None)
+                    replies: list[SMTPReply] = yield _traced(
+                        trace, "smtp.transaction", host, port, client.transaction(envelope, body)
+                    )
                 except TLSFailure as f:
                     lastReply = f.reply
-                    if self.options.tls == "may" and useTLS:
+                    self._recordTLS(nexthop, hostTLS, "validation-failure")
+                    if options.tls == "may" and useTLS:
                         self.log.warn(
                             "TLS with {host}[{address}] failed; retrying in plaintext",
                             agent=self.name,
@@ -293,12 +388,15 @@ class SMTPRelayAgent:
                         address=host.address,
                         nexthop=nexthop,
                         text=f.reply.text,
+                        tlsPolicy=policy.why,
                     )
                     break
                 except HostFailure as f:
                     client.quit()
                     if f.permanent:
                         return everyone(f.reply, host.name)
+                    if f.stage == "starttls" and options.tlsRequired:
+                        self._recordTLS(nexthop, hostTLS, "starttls-not-supported")
                     self.log.info(
                         "{host}[{address}] failed at {stage}: {code} {enhanced} {text}",
                         agent=self.name,
@@ -312,15 +410,107 @@ class SMTPRelayAgent:
                     )
                     lastReply = f.reply
                     break
-                self._release(client, host.address, port, connectedAt)
+                self._release(client, host.address, port, connectedAt, hostTLS)
                 return self._relayed(envelope, replies, client, host, port, nexthop)
 
+        if lastReply is REQUIRETLS_FAILED:
+            # RFC 8689 5: rather than leave without verified TLS, bounce.
+            return everyone(lastReply, lastHost)
         if lastReply is None or not lastReply.isTransient or lastReply.enhanced == "4.4.1":
             text = "No mail host for the next hop could be reached"
             if lastReply is not None:
                 text += f"; last error: {lastReply.code} {lastReply.enhanced} {lastReply.text}"
             lastReply = SMTPReply(451, "4.4.1", text[:500])
         return everyone(lastReply, lastHost)
+
+    async def _tlsPolicy(
+        self, envelope: Envelope, body: IMessageBody, nexthop: str, resolution: Resolution, port: int
+    ) -> TLSPolicy:
+        """
+        Ask the resolver; a message whose policy is DANE or MTA-STS has
+        its header read for C{TLS-Required: No} (only then, to keep the
+        common case free of disk reads).
+        """
+        if self.tlsPolicy is None:
+            return TLSPolicy("table", f"{self.options.tls} (the agent's tls setting)", self.options.tls)
+        policy = await self.tlsPolicy.policyFor(nexthop, resolution.hosts, port, envelope.requireTLS)
+        if policy.source in ("dane", "mta-sts") and not envelope.requireTLS and self.runInThread is not None:
+            try:
+                optOut = await self.runInThread(lambda: tlsNotRequired(body))
+            except Exception as e:
+                self.log.info("Cannot read the header of the message: {why}", why=str(e))
+                optOut = False
+            if optOut:
+                self.log.info(
+                    "TLS-Required: No: not enforcing {why} for {nexthop}",
+                    agent=self.name,
+                    nexthop=nexthop,
+                    why=policy.why,
+                )
+                policy = await self.tlsPolicy.policyFor(nexthop, resolution.hosts, port, False, True)
+        return policy
+
+    def _optionsFor(self, host: HostTLS, testing: list[str]) -> ClientOptions:
+        """
+        The client options for one host under its TLS requirement.
+
+        @param testing: under an MTA-STS C{testing} policy, what C{enforce}
+            would have refused about the peer's certificate is appended
+            here (and logged), and the delivery goes on.
+        """
+        if host.level == self.options.tls and not host.tlsa and host.policyType != "sts":
+            return self.options
+        peerCheck: Callable[[list[Any]], str | None] | None = None
+        clock = self.clock
+        if host.level == "dane":
+            records, names = host.tlsa, host.names
+
+            def peerCheck(chain: list[Any]) -> str | None:
+                return verifyDANE(records, chain, names, clock.seconds())
+
+        elif host.policyType == "sts" and not host.verified and self.pkixStore is not None:
+            store, name = self.pkixStore, host.names[0]
+
+            def peerCheck(chain: list[Any]) -> str | None:
+                problem = pkixProblem(chain, name, clock.seconds(), store)
+                if problem is not None:
+                    self.log.warn(
+                        "MTA-STS (testing): {host} would be refused under enforce: {why}",
+                        agent=self.name,
+                        host=name,
+                        why=problem,
+                    )
+                    testing.append(problem)
+                return None
+
+        return replace(self.options, tls=host.level, peerCheck=peerCheck)
+
+    def _requireTLSRefused(self, envelope: Envelope, client: SMTPClient) -> bool:
+        """
+        Whether a REQUIRETLS message may not go over C{client}: the host
+        does not offer REQUIRETLS after TLS (RFC 8689 4.2.2).
+        """
+        if not envelope.requireTLS:
+            return False
+        if client.tls and client.capabilities.has("REQUIRETLS"):
+            return False
+        self.log.warn(
+            "{host} does not offer REQUIRETLS over TLS; not sending a REQUIRETLS message",
+            agent=self.name,
+            host=client.hostname,
+            address=client.address,
+        )
+        return True
+
+    def _recordTLS(self, nexthop: str, host: HostTLS, failure: str | None) -> None:
+        """
+        Count one TLS session (or failed attempt) for TLS reporting.
+        """
+        if self.tlsResults is None or nexthop.startswith("["):
+            return
+        self.tlsResults.record(nexthop, host.policyType, failure)
+        if self.tlsReports is not None:
+            self.tlsReports.ensureStarted()
 
     def _relayed(
         self,
@@ -351,6 +541,68 @@ class SMTPRelayAgent:
             )
             outcomes.append(RecipientOutcome(recipient, reply, host.name))
         return outcomes
+
+
+def tlsNotRequired(body: IMessageBody, limit: int = 64 * 1024) -> bool:
+    """
+    Whether the message's header section has C{TLS-Required: No} (RFC
+    8689 5).  Reads at most C{limit} octets; blocking, so run in a thread.
+    """
+    with body.open() as f:
+        head = f.read(limit)
+    end = head.find(b"\r\n\r\n")
+    header = head if end < 0 else head[: end + 2]
+    unfolded = header.replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ")
+    for line in unfolded.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"tls-required" and value.strip().lower() == b"no":
+            return True
+    return False
+
+
+def _resolutionCode(resolution: Resolution) -> int | None:
+    return None if resolution.failure is None else resolution.failure.code
+
+
+def _traced(
+    traceparent: str,
+    name: str,
+    host: MailHost,
+    port: int,
+    d: Deferred[Any],
+    reused: bool = False,
+    tls: SMTPClient | None = None,
+) -> Deferred[Any]:
+    """
+    C{d}, one step with C{host}, as a span below the delivery attempt
+    (L{mailfw.tracing}): the remote replies of a transaction (the worst
+    one ends the span), the TLS outcome of a handshake.
+    """
+    span = tracing.continueSpan(
+        traceparent,
+        name,
+        {
+            "net.peer.name": host.name,
+            "net.peer.ip": host.address,
+            "net.peer.port": port,
+            "mailfw.reused": reused,
+        },
+    )
+    if span is None:
+        return d
+
+    def ended(result: Any) -> Any:
+        if tls is not None:
+            span.set_attribute("tls.negotiated", tls.tls)
+            if tls.tlsInfo:
+                span.set_attribute("tls.info", tls.tlsInfo)
+        if isinstance(result, list) and result and isinstance(result[0], SMTPReply):
+            span.set_attribute("smtp.replies", [f"{r.code} {r.enhanced}".strip() for r in result])
+            return max(r.code for r in result)
+        return None
+
+    traced: Deferred[Any] = tracing.tracedDeferred(span, d, ended)
+    return traced
 
 
 def tcpConnector(reactor: Any, timeout: float, sourceAddress: str | None = None) -> Connector:
@@ -418,7 +670,12 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
     Build an L{SMTPRelayAgent} from C{[delivery.NAME]}.
 
     Options: C{port} (default 25; a next hop's own port wins), C{tls}
-    (C{none}, C{may} (default), C{encrypt}, C{verify}), C{ca_file} (PEM
+    (C{auto} (default: DANE if published, else MTA-STS if published, else
+    C{may}), C{none}, C{may}, C{encrypt}, C{verify}, C{dane}, C{mta-sts}),
+    C{tls_policy} (a table of next hop to one of those levels),
+    C{mta_sts} (default true), C{mta_sts_cache} (default C{"mta-sts"},
+    under the data directory), C{tls_reports} (default true: mail daily
+    RFC 8460 reports to domains that ask for them), C{ca_file} (PEM
     bundle for C{verify}; default the platform's), C{helo} (default the
     server's host name), C{auth_user} and C{auth_password} (for a smart
     host; sent only over TLS), C{source_address}, C{max_addresses}
@@ -437,7 +694,21 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
     port = section.integer("port", 25, minimum=1)
     if port > 65535:
         raise ConfigError(f"{section.title} port: must be at most 65535")
-    level = section.choice("tls", TLS_LEVELS, "may")
+    level = section.choice("tls", POLICY_LEVELS, "auto")
+    table: dict[str, str] = {}
+    for key, value in section.table("tls_policy", {}).items():
+        try:
+            hop = str(parseNexthop(str(key).lower()))
+        except NexthopError as e:
+            raise ConfigError(f"{section.title} tls_policy: bad next hop {key!r}: {e}") from None
+        if value not in POLICY_LEVELS:
+            raise ConfigError(
+                f"{section.title} tls_policy {key!r}: must be one of {', '.join(map(repr, POLICY_LEVELS))}"
+            )
+        table[hop] = value
+    useSTS = section.flag("mta_sts", True)
+    stsCache = section.text("mta_sts_cache", "mta-sts")
+    tlsReports = section.flag("tls_reports", True)
     caFile = section.text("ca_file", None)
     helo = section.text("helo", context.hostname)
     if not helo or not helo.isascii() or any(c.isspace() for c in helo):
@@ -468,17 +739,25 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
     if caFile is not None:
         caFile = str(context.path(caFile))
     try:
-        tlsContext = tlsContextFactory(caFile) if level != "none" else None
+        tlsContext = tlsContextFactory(caFile)
     except ConfigError as e:
         raise ConfigError(f"{section.title} ca_file: {e}") from None
     clientOptions = ClientOptions(
         helo=helo,
-        tls=level,
+        tls=level if level in TLS_LEVELS else "may",
         tlsContext=tlsContext,
         credentials=None if user is None else (user, password),
         timeouts=timeouts,
     )
     resolver = MXResolver(context.resolver(), families=families, maxAddresses=maxAddresses)
+    runInThread = ThreadPoolRunner(context.reactor, f"mailfw-relay-{instanceName}", 2)
+    results = TLSResults(sharedStateFor(context.queue), context.reactor)
+    reports = None
+    if tlsReports and context.queue is not None:
+        from mailfw.outbound._mtasts import txtLookup
+
+        reporter = TLSReporter(results, context.queue, txtLookup(context.resolver()), context.hostname)
+        reports = DailyReports(reporter, context.reactor)
     return SMTPRelayAgent(
         instanceName,
         context.reactor,
@@ -487,4 +766,41 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
         clientOptions,
         port,
         cacheTime,
+        tlsPolicy=policyResolver(context, level, table, useSTS, stsCache, runInThread),
+        runInThread=runInThread,
+        tlsResults=results,
+        tlsReports=reports,
+        pkixStore=loadTrustStore(caFile) if useSTS else None,
     )
+
+
+def policyResolver(
+    context: ComponentContext,
+    level: str,
+    table: Mapping[str, str],
+    useSTS: bool = True,
+    stsCache: str = "mta-sts",
+    runInThread: ThreadRunner | None = None,
+) -> TLSPolicyResolver:
+    """
+    The L{TLSPolicyResolver} of an agent: DANE through C{[dns]}'s
+    resolvers when C{[dns] dnssec = "trust-ad"}, MTA-STS with C{treq} and
+    a disk cache under the data directory.
+    """
+    from mailfw.outbound._dane import DNSSECResolver
+    from mailfw.outbound._mtasts import STSPolicies, treqFetcher, txtLookup
+
+    dnssec = None
+    if context.dnssec == "trust-ad":
+        dnssec = DNSSECResolver(context.reactor, context.nameservers, trustAD=True)
+    sts = None
+    if useSTS:
+        runner = runInThread or ThreadPoolRunner(context.reactor, "mailfw-mta-sts", 2)
+        sts = STSPolicies(
+            context.reactor,
+            txtLookup(context.resolver()),
+            treqFetcher(context.reactor),
+            runner,
+            context.path(stsCache),
+        )
+    return TLSPolicyResolver(context.reactor, level, table, dnssec, sts)

@@ -229,15 +229,21 @@ class PolicyChain:
             # Logged already: the failure is the story, not the 451.
             return None if replacement is None else collected.add(replacement)
         decided = collected.add(result)
-        if decided is not None and decided.reply is not None and not decided.reply.isPositive:
+        if decided is not None:
+            # One event per deciding verdict (the metrics count them by
+            # policy); a refusal also gets a line in text logs.
+            reply = decided.reply
+            refused = reply is not None and not reply.isPositive
             self.log.info(
-                "policy {policy} refused {stage} from {peer}: {code} {enhanced} {text}",
+                "policy {policy} refused {stage} from {peer}: {code} {enhanced} {text}" if refused else None,
+                event="policy.verdict",
                 policy=link.name,
                 stage=stage.value,
                 peer=peer,
-                code=decided.reply.code,
-                enhanced=decided.reply.enhanced,
-                text=decided.reply.text,
+                verdict=_verdictName(decided),
+                code=0 if reply is None else reply.code,
+                enhanced="" if reply is None else reply.enhanced,
+                text="" if reply is None else reply.text,
             )
         return decided
 
@@ -423,3 +429,16 @@ class _Collected:
     ) -> tuple[tuple[tuple[str, str], ...], tuple[AuthResult, ...], tuple[MessageEdit, ...]]:
         # Results given to end() are the caller's already: only new ones.
         return tuple(self.headers), tuple(self.results[self._first :]), tuple(self.edits)
+
+
+def _verdictName(verdict: Verdict) -> str:
+    """
+    The C{verdict} field of a C{policy.verdict} event: C{accept},
+    C{reject}, C{defer} or C{disconnect}.
+    """
+    reply = verdict.reply
+    if reply is None:
+        return "disconnect"
+    if reply.isPositive:
+        return "accept"
+    return "reject" if reply.isPermanent else "defer"

@@ -313,6 +313,8 @@ def envelopeToJSON(envelope: Envelope) -> str:
             "peerHost": envelope.peerHost,
             "authenticated": envelope.authenticated,
             "arrival": envelope.arrival,
+            "requireTLS": envelope.requireTLS,
+            "traceparent": envelope.traceparent,
         },
         ensure_ascii=False,
         separators=(",", ":"),
@@ -337,6 +339,8 @@ def envelopeFromJSON(text: str) -> Envelope:
         peerHost=data["peerHost"],
         authenticated=data["authenticated"],
         arrival=data["arrival"],
+        requireTLS=data.get("requireTLS", False),
+        traceparent=data.get("traceparent", ""),
     )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import random as _random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -177,13 +178,25 @@ class MXResolver:
         original = name
         aliased = False
         for _ in range(MAX_CNAME_CHAIN):
+            started, outcome = time.monotonic(), "error"
             try:
                 result = yield lookups[kind](name, self.timeout)
                 answers, _authority, _additional = result
+                outcome = "ok"
             except error.DNSNameError:
+                outcome = "nxdomain"
                 raise _NoSuchName(name) from None
             except Exception as e:
                 raise _Transient(f"{dns.QUERY_TYPES.get(kind, kind)} {name}: {e!r}") from None
+            finally:
+                # No format: for the DNS latency and error metrics only.
+                self.log.debug(
+                    event="dns.lookup",
+                    kind=dns.QUERY_TYPES.get(kind, str(kind)),
+                    name=name,
+                    outcome=outcome,
+                    duration=time.monotonic() - started,
+                )
             canonical, followed = _follow(answers, name)
             aliased = aliased or followed
             records = [rr for rr in answers if rr.type == kind and _text(rr.name) == canonical]

@@ -208,6 +208,7 @@ class NoticeWriter:
         data = out.getvalue()
         self.log.info(
             "{action} notice for {queueID} to {sender} about {count} recipients",
+            event="notice.created",
             action=action,
             queueID=queueID,
             sender=str(sender),

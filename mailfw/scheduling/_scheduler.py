@@ -132,6 +132,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailfw import tracing
 from mailfw.address import Address
 from mailfw.config import Section
 from mailfw.envelope import RecipientOutcome, Route, RouteKind
@@ -220,6 +221,9 @@ class Scheduler(Service):
 
     @ivar agents: the delivery agents by instance name.
     @ivar deliveries: how many agent deliveries run now.
+    @ivar lastClaimed: when a claim from the queue last succeeded (C{None}
+        before the first): C{/healthz} fails when mail is overdue and this
+        is older than a minute.
     """
 
     log = Logger()
@@ -294,6 +298,7 @@ class Scheduler(Service):
                     IConnectionShaping(agent).shapeConnections(gate)
         self._destinations: dict[tuple[str, str | None], _Destination] = {}
         self.deliveries = 0
+        self.lastClaimed: float | None = None
         self._outstanding = 0
         self._backlog = False
         self._claiming = False
@@ -310,6 +315,21 @@ class Scheduler(Service):
         queue.notifyDue(self._notified)
         if ILeaseOffers.providedBy(queue):
             ILeaseOffers(queue).offerNew(self._room, self._take)
+
+    def useRouting(
+        self,
+        router: IRouter,
+        agents: Mapping[str, IDeliveryAgent],
+        holdForETRN: Callable[[Address], bool],
+    ) -> None:
+        """
+        A configuration reload: recipients claimed from now on are routed
+        by C{router} and delivered by C{agents}; deliveries under way
+        finish with the agents they have.
+        """
+        self._router = router
+        self.agents = self._agents = agents
+        self._holdForETRN = holdForETRN
 
     # --- the service ----------------------------------------------------------
 
@@ -457,6 +477,7 @@ class Scheduler(Service):
 
     def _claimed(self, leases: Sequence[Lease], room: int) -> None:
         self._claiming = False
+        self.lastClaimed = self._clock.seconds()
         self._claimRoom = 0
         count = sum(len(lease.recipients) for lease in leases)
         self._backlog = count >= room
@@ -769,6 +790,8 @@ class Scheduler(Service):
         reply = destination.deadReply or AGENT_TIMEOUT
         self.log.info(
             "{queueID}: not trying {agent} {nexthop} again yet: {code} {enhanced}",
+            event="delivery.postponed",
+            until=destination.deadUntil,
             queueID=lease.queueID,
             agent=agentName,
             nexthop=nexthop or "",
@@ -809,7 +832,32 @@ class Scheduler(Service):
             recipients=tuple(qr.recipient for qr, _ in members),
             queueID=lease.queueID,
         )
-        agent = self._agents[agentName]
+        # Each attempt is a span of the message's trace (stored with it);
+        # the agent's own spans hang below it (Envelope.traceparent).
+        span = (
+            tracing.startSpan(
+                "delivery",
+                traceparent=envelope.traceparent,
+                attributes={
+                    "mailfw.queue_id": lease.queueID,
+                    "mailfw.agent": agentName,
+                    "mailfw.nexthop": nexthop or "",
+                    "mailfw.attempt": 1 + max(qr.attempts for qr, _ in members),
+                    "smtp.recipients": len(members),
+                },
+            )
+            if tracing.enabled()
+            else None
+        )
+        if span is not None:
+            envelope = replace(envelope, traceparent=tracing.traceparentOf(span))
+        started = self._clock.seconds()
+        agent = self._agents.get(agentName)
+        if agent is None:
+            # A reload removed it since this lease was routed.
+            outcomes = [RecipientOutcome(qr.recipient, UNKNOWN_AGENT) for qr, _ in members]
+            tracing.endSpan(span, UNKNOWN_AGENT.code, UNKNOWN_AGENT.enhanced)
+            return [(qr, route, o) for (qr, route), o in zip(members, outcomes, strict=True)]
         try:
             d = maybeDeferred(agent.deliver, envelope, body, nexthop)
             d.addTimeout(self.leaseSeconds, self._clock)
@@ -834,6 +882,17 @@ class Scheduler(Service):
             outcomes = [RecipientOutcome(qr.recipient, AGENT_FAILED) for qr, _ in members]
         else:
             self._feedback(key, destination, outcomes)
+        # No format: the outcomes are logged one per recipient (_decide).
+        self.log.info(
+            event="delivery.attempt",
+            queueID=lease.queueID,
+            agent=agentName,
+            nexthop=nexthop or "",
+            count=len(members),
+            duration=self._clock.seconds() - started,
+        )
+        if span is not None:
+            _endAttempt(span, outcomes)
         return [(qr, route, outcome) for (qr, route), outcome in zip(members, outcomes, strict=False)]
 
     # --- deciding ------------------------------------------------------------------
@@ -849,18 +908,25 @@ class Scheduler(Service):
     ) -> None:
         recipient = qr.recipient
         reply = outcome.reply
-        self.log.info(
-            "{queueID} to {recipient} via {agent}: {code} {enhanced} {text}",
-            queueID=lease.queueID,
-            recipient=str(recipient.address),
-            code=reply.code,
-            enhanced=reply.enhanced,
-            text=reply.text,
-            agent=route.agent if route else "",
-            nexthop=(route.nexthop or "") if route else "",
-        )
+
+        def logged(event: str) -> None:
+            self.log.info(
+                "{queueID} to {recipient} via {agent}: {code} {enhanced} {text}",
+                event=event,
+                queueID=lease.queueID,
+                recipient=str(recipient.address),
+                code=reply.code,
+                enhanced=reply.enhanced,
+                text=reply.text,
+                agent=route.agent if route else "",
+                nexthop=(route.nexthop or "") if route else "",
+                attempts=qr.attempts + 1,
+                arrival=lease.envelope.arrival,
+            )
+
         routeName = (route.name or route.agent or None) if route is not None else None
         if outcome.delivered:
+            logged("delivery.delivered")
             decided.dispositions.append(Disposition(qr.index, outcome))
             if route is not None and route.kind is RouteKind.LOCAL and "SUCCESS" in recipient.notify:
                 decided.delivered.append(
@@ -868,6 +934,7 @@ class Scheduler(Service):
                 )
             return
         if outcome.failed:
+            logged("delivery.bounced")
             decided.dispositions.append(Disposition(qr.index, outcome))
             decided.failed.append(self._notices.failureReport(recipient, reply, outcome.remoteMTA, now))
             return
@@ -875,12 +942,14 @@ class Scheduler(Service):
         arrival = lease.envelope.arrival
         nextAttempt = schedule.nextAttempt(now, arrival, qr.attempts + 1)
         if nextAttempt is None:
+            logged("delivery.expired")
             expired = RecipientOutcome(recipient, EXPIRED, outcome.remoteMTA)
             decided.dispositions.append(Disposition(qr.index, expired))
             decided.failed.append(
                 RecipientReport(recipient, "failed", "4.4.7", reply, outcome.remoteMTA, now)
             )
             return
+        logged("delivery.deferred")
         warn = not qr.warned and schedule.shouldWarn(now, arrival)
         if warn:
             decided.delayed.append(
@@ -943,6 +1012,7 @@ class Scheduler(Service):
         if now >= expires:
             self.log.info(
                 "{queueID} to {recipient}: held for ETRN until it expired",
+                event="delivery.expired",
                 queueID=lease.queueID,
                 recipient=str(recipient.address),
                 code=EXPIRED.code,
@@ -1071,6 +1141,8 @@ class Scheduler(Service):
             destination.successes = 0
             self.log.warn(
                 "{agent} cannot reach {nexthop}: {code} {enhanced}; not trying again for {seconds} seconds",
+                event="destination.backoff",
+                until=destination.deadUntil,
                 agent=key[0],
                 nexthop=key[1] or "",
                 code=outcomes[0].reply.code,
@@ -1089,6 +1161,25 @@ def _leaves(route: Route) -> bool:
     Whether a route's mail goes to other hosts (relayed, or to a next hop).
     """
     return route.kind is RouteKind.RELAY or route.nexthop is not None
+
+
+def _endAttempt(span: Any, outcomes: Sequence[RecipientOutcome]) -> None:
+    """
+    End a delivery attempt's span with how its recipients fared; the
+    first reply that was not a success marks it failed.
+    """
+    worst = next((o.reply for o in outcomes if not o.delivered), None)
+    reply = worst if worst is not None else (outcomes[0].reply if outcomes else None)
+    tracing.endSpan(
+        span,
+        None if reply is None else reply.code,
+        "" if reply is None else reply.enhanced,
+        attributes={
+            "mailfw.delivered": sum(o.delivered for o in outcomes),
+            "mailfw.deferred": sum(o.deferred for o in outcomes),
+            "mailfw.failed": sum(o.failed for o in outcomes),
+        },
+    )
 
 
 def _housekeeping(schedule: RetrySchedule, arrival: float, warned: bool) -> float:

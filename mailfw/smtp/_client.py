@@ -55,7 +55,7 @@ __all__ = [
     "xtext",
 ]
 
-TLS_LEVELS = ("none", "may", "encrypt", "verify")
+TLS_LEVELS = ("none", "may", "encrypt", "verify", "dane")
 
 MAX_REPLY_LINES = 200
 
@@ -97,6 +97,11 @@ class ClientOptions:
         required level then fails).
     @ivar credentials: C{(user, password)} for AUTH PLAIN or LOGIN, sent
         only over TLS.
+    @ivar peerCheck: checks the peer's certificate chain (its own
+        certificate first) after the TLS handshake and before anything
+        else is said: C{None} if it passes, else why not (the host is
+        then not used).  DANE (level C{"dane"}) checks this way, since
+        OpenSSL knows nothing of TLSA records.
     """
 
     helo: str
@@ -104,10 +109,11 @@ class ClientOptions:
     tlsContext: Callable[[str, str], Any] | None = None
     credentials: tuple[str, str] | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
+    peerCheck: Callable[[list[Any]], str | None] | None = None
 
     @property
     def tlsRequired(self) -> bool:
-        return self.tls in ("encrypt", "verify")
+        return self.tls in ("encrypt", "verify", "dane")
 
 
 @dataclass(frozen=True)
@@ -316,6 +322,8 @@ class SMTPClient(LineReceiver):
 
     def connectionMade(self) -> None:
         self.connected = True
+        # No format: counts outbound sessions (the TLS share's denominator).
+        self.log.info(event="client.connected", host=self.hostname)
         setNoDelay(self.transport)
         self.greeting = self._expect(self.options.timeouts.command)
 
@@ -540,7 +548,31 @@ class SMTPClient(LineReceiver):
             raise HostFailure(_asFailure(response, "EHLO after STARTTLS"), "ehlo")
         self.capabilities = Capabilities.fromEHLO(response)
         self.tlsInfo = _describeTLS(self.transport)
-        self.log.info("TLS with {host}: {tlsInfo}", host=self.hostname, tlsInfo=self.tlsInfo)
+        self.log.info(
+            "TLS with {host}: {tlsInfo}", event="client.tls", host=self.hostname, tlsInfo=self.tlsInfo
+        )
+        self._checkPeer()
+
+    def _checkPeer(self) -> None:
+        """
+        Apply L{ClientOptions.peerCheck} to the peer's certificate chain.
+
+        @raise TLSFailure: (4.7.5) if the check fails; the connection is
+            closed without another command.
+        """
+        check = self.options.peerCheck
+        if check is None:
+            return
+        why = check(_peerChain(self.transport))
+        if why is None:
+            return
+        self.log.warn(
+            "Certificate of {host} refused: {why}", host=self.hostname, address=self.address, why=why
+        )
+        self._abort()
+        raise TLSFailure(
+            SMTPReply(451, "4.7.5", f"Certificate of {self.hostname} not accepted: {why}"[:400]), "tls"
+        )
 
     @inlineCallbacks
     def _authenticate(self) -> Generator[Deferred[Any], Any, None]:
@@ -799,6 +831,8 @@ class SMTPClient(LineReceiver):
                 )
         if caps.has("SMTPUTF8") and (envelope.smtputf8 or _needsUTF8(envelope)):
             params.append("SMTPUTF8")
+        if envelope.requireTLS and caps.has("REQUIRETLS"):
+            params.append("REQUIRETLS")
         if caps.has("DSN"):
             if envelope.ret:
                 params.append(f"RET={envelope.ret}")
@@ -917,6 +951,25 @@ def _describeTLSError(reason: Failure) -> str:
     value = reason.value
     text = str(value) or type(value).__name__
     return f"{type(value).__name__}: {text}"[:300].replace("\r", " ").replace("\n", " ")
+
+
+def _peerChain(transport: Any) -> list[Any]:
+    """
+    The peer's certificates as C{cryptography} objects, its own first
+    (empty if there are none or the transport is not TLS).
+    """
+    try:
+        connection = transport.getHandle()
+        chain = connection.get_peer_cert_chain() or []
+        leaf = connection.get_peer_certificate()
+    except Exception:
+        return []
+    certificates = [c.to_cryptography() for c in chain]
+    if leaf is not None:
+        first = leaf.to_cryptography()
+        if not certificates or certificates[0] != first:
+            certificates.insert(0, first)
+    return certificates
 
 
 def _describeTLS(transport: Any) -> str | None:

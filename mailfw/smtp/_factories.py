@@ -92,6 +92,8 @@ class SMTPFactory(Factory):
     @ivar kind: C{"smtp"}, C{"submission"}, C{"submissions"} or C{"odmr"}.
     @ivar odmr: the L{ODMRHandler} of an C{odmr} listener.
     @ivar connections: how many connections are open now.
+    @ivar sessions: the sessions open now (a stopping server asks each to
+        finish, L{SMTPServerProtocol.stopWhenIdle}).
     """
 
     log = Logger()
@@ -125,6 +127,7 @@ class SMTPFactory(Factory):
         if kind == "odmr" and odmr is None:
             self.log.warn("no [odmr] domains configured: odmr listeners refuse ATRN")
         self.connections = 0
+        self.sessions: set[SMTPServerProtocol] = set()
         self._perClient: dict[str, int] = {}
 
     @property
@@ -171,10 +174,12 @@ class SMTPFactory(Factory):
 
         def opened(protocol: SMTPServerProtocol) -> None:
             self.connections += 1
+            self.sessions.add(protocol)
             self._perClient[key] = self._perClient.get(key, 0) + 1
 
         def closed(protocol: SMTPServerProtocol) -> None:
             self.connections -= 1
+            self.sessions.discard(protocol)
             left = self._perClient.get(key, 1) - 1
             if left > 0:
                 self._perClient[key] = left

@@ -364,6 +364,7 @@ class MailFrom:
     ret: str | None = None
     envid: str | None = None
     route: tuple[str, ...] = ()
+    requireTLS: bool = False
 
 
 def parseMailFrom(
@@ -420,10 +421,14 @@ def _parseMail(argument: str, esmtp: bool, extra: frozenset[str]) -> MailFrom:
                 envid = decodeXtext(value)
             except ValueError:
                 raise SMTPReplyError(_syntax("Syntax: ENVID=xtext")) from None
+        elif keyword == "REQUIRETLS" and keyword in extra:
+            # RFC 8689 4: offered (and so in extra) only over TLS.
+            if value is not None:
+                raise SMTPReplyError(_syntax("REQUIRETLS takes no value"))
         elif keyword not in extra:
             raise _unknown(keyword)
     sender = _mailbox(path.mailbox, smtputf8, True) if path.mailbox else None
-    return MailFrom(sender, params, size, body, smtputf8, ret, envid, path.route)
+    return MailFrom(sender, params, size, body, smtputf8, ret, envid, path.route, "REQUIRETLS" in params)
 
 
 # --- RCPT ------------------------------------------------------------------

@@ -293,6 +293,7 @@ class SASLExchange:
         """
         self.log.info(
             "AUTH {mechanism} failed for {peer} (user {user}): {reason}",
+            event="session.authFailed",
             mechanism=mechanism,
             peer=self._peer,
             user=user,
@@ -369,6 +370,7 @@ class SASLExchange:
         identity = str(avatar.identity)
         self.log.info(
             "AUTH {mechanism} succeeded for {peer}: authenticated as {user}",
+            event="session.auth",
             mechanism=mechanism,
             peer=self._peer,
             user=identity,

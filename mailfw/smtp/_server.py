@@ -79,6 +79,9 @@ _HTTP_REQUEST = re.compile(rb"[!-~]+ [!-~]+ HTTP/[0-9]")
 # full write buffer) before it is aborted.
 CLOSE_GRACE = 10.0
 
+# What a stopping server says once a session has no transaction under way.
+SHUTTING_DOWN = SMTPReply(421, "4.3.2", "Service shutting down, closing transmission channel")
+
 
 @functools.lru_cache(maxsize=512)
 def _wire(reply: SMTPReply, enhanced: bool) -> bytes:
@@ -134,6 +137,7 @@ class SMTPServerProtocol(Protocol):
         self._handedTo: IProtocol | None = None
         self._connectResults: tuple[AuthResult, ...] = ()
         self._heloResults: tuple[AuthResult, ...] = ()
+        self._stopping = False
 
     @property
     def avatar(self) -> Any:
@@ -154,6 +158,9 @@ class SMTPServerProtocol(Protocol):
         self.session = Session(
             listener=self.settings.kind, peerHost=host, peerPort=port, tls=tls, id=f"{next(_sessionIDs):x}"
         )
+        # No format: a structured event for the operations observers (the
+        # status page, metrics), which text logs skip (see docs/logging.rst).
+        self.log.info(event="connection.opened", peer=self.peer, listener=self.settings.kind, tls=tls)
         # The connection is logged once, when it ends (with what happened):
         # twistd writes every event, debug ones too, and a line per event is
         # a measurable share of the cost of a message.
@@ -179,7 +186,12 @@ class SMTPServerProtocol(Protocol):
         reply = refusal.reply
         code, enhanced = reply.code, reply.enhanced
         self.log.info(
-            "connection from {peer} refused: {code} {enhanced}", peer=self.peer, code=code, enhanced=enhanced
+            "connection from {peer} refused: {code} {enhanced}",
+            event="connection.refused",
+            peer=self.peer,
+            listener=self.settings.kind,
+            code=code,
+            enhanced=enhanced,
         )
         if reply.isPermanent and not refusal.close:
             # RFC 5321 3.1: 554 instead of the greeting, then only QUIT.
@@ -201,9 +213,11 @@ class SMTPServerProtocol(Protocol):
         self.log.info(
             "connection from {peer} on {listener} closed after {duration:.1f}s:"
             " {accepted} messages accepted, {errors} errors",
+            event="connection.closed",
             peer=self.peer,
             listener=self.settings.kind,
             helo=self.session.helo or "",
+            tls=self.session.tls,
             duration=self.settings.clock.seconds() - self._connectedAt,
             accepted=self.transactions.accepted,
             errors=self.replies.errors,
@@ -227,6 +241,28 @@ class SMTPServerProtocol(Protocol):
             # A TLS close waits for the peer, and a peer that never reads
             # keeps our write buffer full: neither may hold the slot.
             self._abortLater = self.settings.clock.callLater(CLOSE_GRACE, self._abortClose)
+
+    def stopWhenIdle(self) -> None:
+        """
+        The server is stopping: say 421 and hang up as soon as no mail
+        transaction is under way and every reply is out (at once if that
+        is now), so that a message being sent is still accepted.  A
+        session handed over (ODMR) is left to the server's grace period.
+        """
+        self._stopping = True
+        self._closeIfStopping()
+
+    def _closeIfStopping(self) -> bool:
+        if (
+            not self._stopping
+            or self.state.closing
+            or self._handedTo is not None
+            or self.transactions.active
+            or self.replies.pending
+        ):
+            return False
+        self.replies.respond(Answer(self.closingReply(SHUTTING_DOWN), True))
+        return True
 
     def _abortClose(self) -> None:
         self._abortLater = None
@@ -375,6 +411,8 @@ class SMTPServerProtocol(Protocol):
         state = self.state
         if state.draining or self._handedTo is not None:
             return
+        if self._stopping and self._closeIfStopping():
+            return
         line, state.stalled = state.stalled, None
         if line is not None:
             # The command answers through the pipeline, which must not call
@@ -487,6 +525,9 @@ class SMTPServerProtocol(Protocol):
             and ITLSTransport.providedBy(self.transport)
         ):
             keywords.append("STARTTLS")
+        if self.session.tls:
+            # RFC 8689: only over TLS, on every listener.
+            keywords.append("REQUIRETLS")
         if settings.auth is not None and self.session.tls:
             keywords.append("AUTH " + " ".join(settings.auth.offered(channelBindingFor(self.transport))))
         if settings.etrn is not None:
@@ -515,6 +556,7 @@ class SMTPServerProtocol(Protocol):
                 self.transactions.reset()
                 self.session = session
                 self._heloResults = tuple(results)
+                self.log.info(event="session.helo", peer=self.peer, helo=name)
 
         verdict = self.settings.chain.ask(Stage.HELO, lambda p: p.checkHelo(session, name), self.peer)
         self.replies.respondLater(verdict.addCallback(decided), then)
@@ -603,7 +645,7 @@ class SMTPServerProtocol(Protocol):
             self._login.end()
             self.transactions.reset()
             tls.startTLS(cast(Any, self.settings.tlsOptions))
-            self.log.info("TLS started for {peer}", peer=self.peer)
+            self.log.info("TLS started for {peer}", event="session.tls", peer=self.peer)
 
         self.replies.respond(R.TLS_READY, then)
 

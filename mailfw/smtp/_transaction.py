@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailfw import tracing
 from mailfw.envelope import Envelope, Recipient, RouteKind, Session
 from mailfw.policy._chain import MessageChecks, Stage
 from mailfw.reply import SMTPReply
@@ -96,6 +97,8 @@ class _Transaction:
     message: MessageSink | None = None
     chunks: ChunkReader | None = None
     checking: int = 0
+    trace: Any = None
+    ending: bool = False
 
     def carry(self, verdicts: list[Verdict]) -> None:
         """
@@ -179,16 +182,20 @@ class MailTransactions:
         being received is thrown away.
         """
         tx, self._current = self._current, None
-        if tx is not None and tx.message is not None:
-            tx.message.abort()
+        if tx is not None:
+            _abandonTrace(tx)
+            if tx.message is not None:
+                tx.message.abort()
 
     def cancel(self) -> None:
         """
         The connection is gone: also stop waiting for the policies.
         """
         tx, self._current = self._current, None
-        if tx is not None and tx.message is not None:
-            tx.message.cancel()
+        if tx is not None:
+            _abandonTrace(tx)
+            if tx.message is not None:
+                tx.message.cancel()
 
     # --- MAIL and RCPT --------------------------------------------------------------
 
@@ -209,6 +216,8 @@ class MailTransactions:
         extra = self._owner.mailParameters
         if settings.auth is not None:
             extra = extra | {"AUTH"}
+        if session.tls:
+            extra = extra | {"REQUIRETLS"}
         parsed = parseMailFrom(argument, esmtp=session.esmtp, extraParameters=extra)
         if isinstance(parsed, SMTPReply):
             replies.respond(parsed)
@@ -227,6 +236,8 @@ class MailTransactions:
         if avatar is not None and not avatar.maySend(parsed.sender):
             _log.info(
                 "refused MAIL from {peer}: {sender} not allowed for {user}",
+                event="transaction.refused",
+                stage="MAIL",
                 peer=self._owner.peer,
                 sender="" if parsed.sender is None else str(parsed.sender),
                 user=session.authenticated,
@@ -242,12 +253,29 @@ class MailTransactions:
             replies.respond(R.TOO_MANY_TRANSACTIONS)
             return
         mail: MailFrom = parsed
+        # One trace per message, from MAIL on (L{mailfw.tracing}).
+        trace = (
+            tracing.startSpan(
+                "smtp.receive",
+                attributes={
+                    "mailfw.listener": settings.kind,
+                    "mailfw.peer": self._owner.peer,
+                    "smtp.sender": "" if mail.sender is None else str(mail.sender),
+                },
+            )
+            if tracing.enabled()
+            else None
+        )
 
         carried: list[Verdict] = []
 
         def ask() -> Deferred[Answer]:
             return settings.chain.ask(
-                Stage.MAIL, lambda p: p.checkSender(session, mail.sender, mail.parameters), self._owner.peer
+                Stage.MAIL,
+                tracing.tracedCall(
+                    trace, "sender", lambda p: p.checkSender(session, mail.sender, mail.parameters)
+                ),
+                self._owner.peer,
             ).addCallback(self._stageAnswer, Answer(R.MAIL_OK), carried)
 
         def quotaChecked(overQuota: SMTPReply | None) -> Deferred[Answer] | Answer:
@@ -256,9 +284,10 @@ class MailTransactions:
         def then(answer: Answer) -> None:
             if answer.reply.isPositive:
                 self.started += 1
-                tx = self._current = _Transaction(mail, results=list(self._owner.sessionResults))
+                tx = self._current = _Transaction(mail, trace=trace, results=list(self._owner.sessionResults))
                 tx.carry(carried)
             else:
+                tracing.endSpan(trace, answer.reply.code, answer.reply.enhanced)
                 self._logRefusal("MAIL", answer.reply, mail)
 
         quotas, user = settings.quotas, session.authenticated
@@ -336,6 +365,9 @@ class MailTransactions:
         routed: Deferred[Any] = maybeDeferred(settings.router.route, recipient.address, session)
         if not routed.called:
             routed.addTimeout(settings.limits.policyTimeout, settings.clock)
+        if tx.trace is not None:
+            span = tracing.childSpan(tx.trace, "route", {"smtp.recipient": str(recipient.address)})
+            tracing.tracedDeferred(span, routed)
 
         def afterRoute(route: Any) -> Deferred[Answer] | Answer:
             if route.kind is RouteKind.REFUSE:
@@ -346,7 +378,11 @@ class MailTransactions:
             if route.kind is RouteKind.LOCAL and recipient.address.localpart.lower() == "postmaster":
                 return accept
             return settings.chain.ask(
-                Stage.RCPT, lambda p: p.checkRecipient(session, envelope, recipient), peer
+                Stage.RCPT,
+                tracing.tracedCall(
+                    tx.trace, "recipient", lambda p: p.checkRecipient(session, envelope, recipient)
+                ),
+                peer,
             ).addCallback(self._stageAnswer, accept, carried)
 
         def failed(f: Failure) -> Answer:
@@ -381,6 +417,8 @@ class MailTransactions:
             peerHost=session.peerHost,
             authenticated=session.authenticated,
             arrival=self._settings.clock.seconds(),
+            requireTLS=mail.requireTLS,
+            traceparent=tracing.traceparentOf(tx.trace),
         )
 
     # --- the message --------------------------------------------------------------
@@ -477,6 +515,13 @@ class MailTransactions:
     def _endMessage(self, tx: _Transaction, d: Deferred[Answer]) -> None:
         message = tx.message
         assert message is not None
+        clock = self._settings.clock
+        ended = clock.seconds()
+        trace = tx.trace
+        if trace is not None:
+            tx.ending = True
+            span = tracing.childSpan(trace, "enqueue", {"mailfw.queue_id": message.queueID})
+            d = tracing.tracedDeferred(span, d, _answerCode)
 
         def logged(answer: Answer) -> Answer:
             # Logged as soon as known, also if the client has gone meanwhile.
@@ -486,14 +531,30 @@ class MailTransactions:
                 self._charge(message.envelope)
                 _log.info(
                     "accepted {queueID} from {sender} for {count} recipients ({size} octets) from {peer}",
+                    event="message.received",
                     queueID=message.queueID,
                     sender="" if tx.mail.sender is None else str(tx.mail.sender),
                     count=len(message.envelope.recipients),
                     size=message.size,
                     peer=self._owner.peer,
+                    listener=self._owner.session.listener,
+                    # End of data to the 250: the queue's commit.
+                    latency=clock.seconds() - ended,
                 )
             else:
                 self._logRefusal("DATA", reply, tx.mail, queueID=message.queueID)
+            if trace is not None:
+                tx.trace = None
+                tracing.endSpan(
+                    trace,
+                    reply.code,
+                    reply.enhanced,
+                    attributes={
+                        "mailfw.queue_id": message.queueID,
+                        "smtp.recipients": len(message.envelope.recipients),
+                        "smtp.size": message.size,
+                    },
+                )
             return answer
 
         def then(answer: Answer) -> None:
@@ -571,6 +632,7 @@ class MailTransactions:
             if not answer.reply.isPositive and self._current is tx:
                 # RFC 3030 2: a refused chunk fails the transaction.
                 self._current = None
+                _abandonTrace(tx)
                 self._logRefusal("BDAT", answer.reply, tx.mail, queueID=message.queueID)
 
         d = message.check(reader.bareLineEnding, reader.lineTooLong).addCallback(checked)
@@ -602,8 +664,15 @@ class MailTransactions:
             # Nothing to ask: no Deferred callbacks on the hot path.
             return succeed(decided(_NO_VERDICT))
         session = self._owner.session
+        tx = self._current
         return settings.chain.ask(
-            Stage.HEADERS, lambda p: p.checkMessage(session, envelope, header), self._owner.peer
+            Stage.HEADERS,
+            tracing.tracedCall(
+                tx.trace if tx is not None else None,
+                "message",
+                lambda p: p.checkMessage(session, envelope, header),
+            ),
+            self._owner.peer,
         ).addCallback(decided)
 
     def openChecks(self, envelope: Envelope, header: bytes) -> MessageChecks | None:
@@ -655,6 +724,7 @@ class MailTransactions:
         _log.info(
             "refused {stage} from {peer}: {code} {enhanced} "
             "sender=<{sender}> recipient=<{recipient}> queueID={queueID}",
+            event="transaction.refused",
             stage=stage,
             peer=self._owner.peer,
             code=reply.code,
@@ -663,3 +733,20 @@ class MailTransactions:
             recipient="" if recipient is None else str(recipient.address),
             queueID=queueID,
         )
+
+
+def _answerCode(answer: Answer) -> int:
+    return answer.reply.code
+
+
+def _abandonTrace(tx: _Transaction) -> None:
+    """
+    End the trace of a transaction that ends without its end-of-data
+    reply (RSET, a refused chunk, the client gone).  One whose message is
+    being committed is ended by that reply instead: it may still be
+    accepted.
+    """
+    trace = tx.trace
+    if trace is not None and not tx.ending:
+        tx.trace = None
+        tracing.endSpan(trace, error="transaction abandoned")

@@ -82,6 +82,9 @@ class MailfwProcess:
     # False: no --logfile; twistd logs to its standard output, which is
     # then logPath.
     logfile: bool = True
+    # twistd's own options (before "mailfw") and extra environment.
+    twistdArgs: tuple[str, ...] = ()
+    env: dict[str, str] | None = None
     process: subprocess.Popen[bytes] | None = None
     logPath: Path | None = None
 
@@ -93,6 +96,7 @@ class MailfwProcess:
             "-n",
             "--pidfile=",
             *([f"--logfile={self.logPath}"] if self.logfile else []),
+            *self.twistdArgs,
             "mailfw",
             f"--data-dir={self.dataDir}",
             "--hostname=mx.test",
@@ -102,14 +106,15 @@ class MailfwProcess:
         ]
         if self.config is not None:
             args.append(f"--config={self.config}")
+        env = None if self.env is None else {**os.environ, **self.env}
         if self.logfile:
             self.process = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
             )
         else:
             with open(self.logPath, "wb") as out:
                 self.process = subprocess.Popen(
-                    args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                    args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
                 )
         try:
             waitFor(self.ready, what=f"mailfw on port {self.smtpPort}")

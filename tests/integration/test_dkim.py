@@ -29,7 +29,7 @@ import pytest
 
 from mailfw.policy._dkimsign import generateKey
 from mailfw.tls import makeSelfSigned
-from tests.integration._dnszone import DNSZone, dnsZone
+from tests.integration._dns import dnsServer
 from tests.integration._peers import PEER, Sink, startSink, stopSink
 from tests.integration._server import MailfwProcess, waitFor
 
@@ -77,7 +77,7 @@ keys = [
 class Setup:
     server: MailfwProcess
     sink: Sink
-    zone: DNSZone
+    dnsPort: int
     config: Path
 
 
@@ -109,9 +109,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         [keygen(data, "rsa2026", "rsa"), keygen(data, "ed2026", "ed25519")],
     )
     assert set(published) == {"rsa2026._domainkey.example.net", "ed2026._domainkey.example.net"}
-    zone = {name: [text] for name, text in published.items()}
+    zone = {name: [["TXT", text]] for name, text in published.items()}
     for key in (THEIR_RSA, THEIR_ED):
-        zone[f"{key.selector}._domainkey.{key.domain}"] = [key.record]
+        zone[f"{key.selector}._domainkey.{key.domain}"] = [["TXT", key.record]]
     cert, certKey = tmp / "cert.pem", tmp / "key.pem"
     makeSelfSigned("mx.test", cert, certKey)
     made = subprocess.run(
@@ -124,14 +124,16 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     assert made.returncode == 0, made.stderr
     sink = startSink(tmp)
     try:
-        with dnsZone(tmp, zone) as dns:
+        with dnsServer(zone, tmp / "dns") as dnsPort:
             config = tmp / "mailfw.toml"
             config.write_text(
-                CONFIG.format(nameserver=dns.nameserver, cert=cert, key=certKey, peer=PEER, sink=sink.port)
+                CONFIG.format(
+                    nameserver=f"127.0.0.1:{dnsPort}", cert=cert, key=certKey, peer=PEER, sink=sink.port
+                )
             )
             server = MailfwProcess(data, config=config).start()
             try:
-                yield Setup(server, sink, dns, config)
+                yield Setup(server, sink, dnsPort, config)
             finally:
                 server.stop()
     finally:
@@ -210,7 +212,7 @@ def dkimverify(setup: Setup, message: bytes, index: int) -> subprocess.Completed
     loopback DNS server instead of /etc/resolv.conf.
     """
     return subprocess.run(
-        [sys.executable, "-c", DKIMVERIFY, str(setup.zone.port), "--index", str(index)],
+        [sys.executable, "-c", DKIMVERIFY, str(setup.dnsPort), "--index", str(index)],
         input=message.decode("utf-8"),
         capture_output=True,
         text=True,
@@ -280,7 +282,7 @@ def test_keyCheck(setup: Setup, tmp_path: Path) -> None:
             "--key",
             str(other),
             "--nameserver",
-            setup.zone.nameserver,
+            f"127.0.0.1:{setup.dnsPort}",
         ],
         capture_output=True,
         text=True,
@@ -298,7 +300,7 @@ def test_keyCheck(setup: Setup, tmp_path: Path) -> None:
             "--key",
             str(other),
             "--nameserver",
-            setup.zone.nameserver,
+            f"127.0.0.1:{setup.dnsPort}",
         ],
         capture_output=True,
         text=True,

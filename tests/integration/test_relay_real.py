@@ -426,7 +426,7 @@ async def test_verifyFailsSelfSigned(tmp_path: Path, dnsPort: int, certificate: 
             [outcome] = await deliver(agent, envelope("hank@tls.test"))
         assert (outcome.reply.code, outcome.reply.enhanced, outcome.deferred) == (451, "4.7.5", True)
         assert factory.messages == []
-        texts = [e.get("text", "") for e in logs.events if "TLS with" in e.get("log_format", "")]
+        texts = [e.get("text", "") for e in logs.events if "TLS with" in (e.get("log_format") or "")]
         assert any("certificate verify failed" in t or "VerificationError" in t for t in texts), texts
     finally:
         await port.stopListening()

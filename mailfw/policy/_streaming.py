@@ -1,0 +1,125 @@
+"""
+A message streamed to an external filter at the pace the filter reads it:
+shared by the C{rspamd} policy (the body of an HTTP request) and the
+C{clamav} policy (clamd's C{INSTREAM} on a socket).
+
+The end-of-data stage hands a check the message in chunks as the client
+sends them; L{BodyStream} passes each on to its consumer (the HTTP client,
+a transport) while the consumer keeps up, and otherwise keeps it and
+answers with a L{Deferred} that asks the session to stop reading from the
+client.  So at most about one chunk waits in memory whatever the size of
+the message, and a slow filter slows the client instead of filling memory.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+__all__ = ["BodyStream"]
+
+
+@implementer(IBodyProducer, IPushProducer)
+class BodyStream:
+    """
+    Bytes written by a message check, produced into a consumer that may
+    pause it.  It is the L{IBodyProducer} of an HTTP request of unknown
+    length (sent chunked) or, registered as a transport's streaming
+    producer and started with L{startProducing}, a paced writer to a
+    socket.
+
+    @ivar stopped: the consumer gave up (the connection is gone): later
+        writes are dropped.
+    """
+
+    length = UNKNOWN_LENGTH
+
+    def __init__(self) -> None:
+        self._consumer: IConsumer | None = None
+        self._pending: list[bytes] = []
+        self._paused = False
+        self._finished = False
+        self._waiters: list[Deferred[None]] = []
+        self._done: Deferred[None] | None = None
+        self.stopped = False
+
+    @property
+    def waiting(self) -> bool:
+        """
+        Whether a writer is being held back (the consumer is not there yet,
+        or paused): a filter that stays so has stopped reading.
+        """
+        return bool(self._waiters)
+
+    def write(self, data: bytes) -> Deferred[None] | None:
+        """
+        Queue C{data} for the consumer; a L{Deferred} (that never fails)
+        when the writer should wait for it to be taken.
+        """
+        if self.stopped or self._finished:
+            return None
+        if data:
+            self._pending.append(data)
+        self._flush()
+        if not self._pending and not self._paused and self._consumer is not None:
+            return None
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def finish(self) -> None:
+        """
+        Nothing more will be written: end the request once the rest is out.
+        """
+        self._finished = True
+        self._flush()
+
+    def stop(self) -> None:
+        """
+        The check gave up on the filter: drop what is queued and release
+        the writers.
+        """
+        self.stopProducing()
+
+    def _flush(self) -> None:
+        consumer = self._consumer
+        if consumer is None or self.stopped:
+            return
+        while self._pending and not self._paused:
+            consumer.write(self._pending.pop(0))
+        if self._pending or self._paused:
+            return
+        self._release()
+        if self._finished and self._done is not None and not self._done.called:
+            self._done.callback(None)
+
+    def _release(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    # --- IBodyProducer / IPushProducer ---------------------------------------------
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self._consumer = consumer
+        self._done = Deferred()
+        if self.stopped:
+            return succeed(None)
+        self._flush()
+        return self._done
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._flush()
+
+    def stopProducing(self) -> None:
+        # The Deferred of startProducing is left unfired, as IBodyProducer
+        # asks of a stopped producer.
+        self.stopped = True
+        self._pending = []
+        self._release()
