@@ -8,7 +8,8 @@ C{mailfw domain|user|alias|sender} edit the virtual domains' hosting table;
 C{mailfw user quota USER} shows a user's sending-quota counters (from the
 running server); C{mailfw route DOMAIN} shows where relayed mail for a
 domain goes and with which TLS, and why; C{mailfw log QUEUEID} prints one
-message's history from the JSON log.
+message's history from the JSON log; C{mailfw dkim keygen|check} makes
+DKIM keys and checks their DNS records.
 """
 
 from __future__ import annotations
@@ -433,6 +434,10 @@ def makeParser() -> argparse.ArgumentParser:
     from mailfw.auth._tool import addPasswdParser
 
     addPasswdParser(commands)
+
+    from mailfw.admin._dkim import addDkimParser
+
+    addDkimParser(commands)
 
     from mailfw.hosting._tool import addHostingParsers
 

@@ -25,6 +25,8 @@ virtualAliasesAgent = LazyComponent(
     IDeliveryAgentFactory, "virtual-aliases", "mailfw.hosting._agent:fromConfig"
 )
 
+dkimPolicy = LazyComponent(IPolicyFactory, "dkim", "mailfw.policy._dkim:fromConfig")
+dkimSignPolicy = LazyComponent(IPolicyFactory, "dkim-sign", "mailfw.policy._dkimsign:fromConfig")
 spfPolicy = LazyComponent(IPolicyFactory, "spf", "mailfw.policy._spf:fromConfig")
 dmarcPolicy = LazyComponent(IPolicyFactory, "dmarc", "mailfw.policy._dmarc:fromConfig")
 milterPolicy = LazyComponent(IPolicyFactory, "milter", "mailfw.policy._milter:fromConfig")
