@@ -1,7 +1,7 @@
 """
-SPF and DMARC end to end: a real C{twistd mailfw} asks a DNS server on
-loopback (a child process serving SPF and DMARC records), and its
-verdicts show on the wire and in the delivered copy's
+SPF, DKIM and DMARC end to end: a real C{twistd mailfw} asks a DNS server
+on loopback (a child process serving SPF, DKIM key and DMARC records), and
+its verdicts show on the wire and in the delivered copy's one
 C{Authentication-Results:} field.
 """
 
@@ -10,12 +10,18 @@ from __future__ import annotations
 from email import message_from_bytes
 from pathlib import Path
 
+import dkim
 import pytest
 
+from mailfw.policy._dkimsign import generateKey
 from tests.integration._dns import dnsServer
 from tests.integration._server import MailfwProcess, waitFor
 
+# good.example signs its mail.
+PRIVATE, KEY = generateKey("rsa", "good.example", "sel")
+
 ZONE = {
+    "sel._domainkey.good.example": [["TXT", KEY.record]],
     # Mail from 127.0.0.1 passes SPF for good.example.
     "good.example": [["TXT", "v=spf1 ip4:127.0.0.1 -all"]],
     "_dmarc.good.example": [["TXT", "v=DMARC1; p=reject"]],
@@ -34,6 +40,8 @@ local_domains = ["localhost"]
 plugin = "maildir"
 [policy.spf]
 plugin = "spf"
+[policy.dkim]
+plugin = "dkim"
 [policy.dmarc]
 plugin = "dmarc"
 enforce = {enforce}
@@ -52,13 +60,18 @@ def start(tmp_path: Path, port: int, enforce: bool) -> MailfwProcess:
     return MailfwProcess(tmp_path / "data", config=config).start()
 
 
-def send(server: MailfwProcess, sender: str, subject: str) -> tuple[int, bytes]:
-    message = f"From: <{sender}>\r\nTo: <alice@localhost>\r\nSubject: {subject}\r\n\r\nhello\r\n"
+def send(server: MailfwProcess, sender: str, subject: str, sign: bool = False) -> tuple[int, bytes]:
+    message = f"From: <{sender}>\r\nTo: <alice@localhost>\r\nSubject: {subject}\r\n\r\nhello\r\n".encode()
+    if sign:
+        message = (
+            dkim.sign(message, b"sel", b"good.example", PRIVATE, include_headers=[b"from", b"to", b"subject"])
+            + message
+        )
     with server.smtp() as client:
         client.ehlo()
         assert client.mail(sender)[0] == 250
         assert client.rcpt("alice@localhost")[0] == 250
-        return client.data(message.encode())
+        return client.data(message)
 
 
 def delivered(server: MailfwProcess, count: int) -> list[bytes]:
@@ -68,19 +81,20 @@ def delivered(server: MailfwProcess, count: int) -> list[bytes]:
 
 def test_passingMessageMarked(tmp_path: Path, dnsPort: int) -> None:
     """
-    A message whose sender passes SPF (and so aligns for DMARC) is
-    delivered with spf=pass and dmarc=pass in one Authentication-Results
-    field naming this server.
+    A message signed by dkimpy whose sender passes SPF is delivered with
+    spf=pass, dkim=pass and dmarc=pass in one Authentication-Results field
+    naming this server.
     """
     server = start(tmp_path, dnsPort, enforce=True)
     try:
-        code, _ = send(server, "bob@good.example", "good")
+        code, _ = send(server, "bob@good.example", "good", sign=True)
         assert code == 250
         [copy] = delivered(server, 1)
         [results] = message_from_bytes(copy).get_all("Authentication-Results", [])
         text = " ".join(results.split())
         assert text.startswith("mx.test;"), text
         assert "spf=pass smtp.mailfrom=bob@good.example" in text, text
+        assert "dkim=pass header.d=good.example" in text, text
         assert "dmarc=pass" in text and "header.from=good.example" in text, text
     finally:
         server.stop()
