@@ -6,6 +6,7 @@ also over TLS where the client never answers our close_notify.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -13,13 +14,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import TLSVersion
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailfw.config import ConfigError, Section
+from mailfw.config import ConfigError, Section, ServerConfig
 from mailfw.smtp._limits import SMTPLimits
 from mailfw.smtp._server import CLOSE_GRACE, SESSION_END_RETRY, SMTPServerProtocol
 from mailfw.smtp._settings import SessionSettings
+from mailfw.tls import serverTLSOptions
 from tests._smtpdoubles import HOSTNAME, DictRouter, RecordingQueue, connect
 from tests._tlspair import tlsPair
 
@@ -187,3 +190,60 @@ class CloseAfterGoodbyeTests(SynchronousTestCase):
         self.assertTrue(conn.closed)
         conn.clock.advance(CLOSE_GRACE)
         self.assertTrue(conn.transport.disconnected or conn.transport.disconnecting)
+
+
+class SelfSignedAfterDiskErrorTests(SynchronousTestCase):
+    """
+    The embedded default's self-signed certificate survives a disk error
+    during its first start (found by the read-only disk test: ext4 left an
+    empty certificate file, and mailfw refused to start again).
+    """
+
+    def config(self) -> ServerConfig:
+        return ServerConfig(hostname="mx.example", dataDir=Path(self.mktemp()), listen={})
+
+    def test_emptyPairRemade(self) -> None:
+        """
+        An empty self-signed certificate (or key) is made again, with a
+        warning, instead of failing the start.
+        """
+        config = self.config()
+        serverTLSOptions(config)
+        certPath = config.dataDir / "tls" / "selfsigned-cert.pem"
+        certPath.write_bytes(b"")
+        with capturedLogs() as events:
+            options = serverTLSOptions(config)
+        self.assertIsNotNone(options.getContext())
+        self.assertIn(b"BEGIN CERTIFICATE", certPath.read_bytes())
+        self.assertTrue(any("remade" in e.get("log_format", "") for e in events), events)
+
+    def test_configuredCertificateStillFails(self) -> None:
+        """
+        A certificate the operator configured is never replaced: a broken
+        one stops the start with a L{ConfigError} naming it.
+        """
+        base = Path(self.mktemp())
+        base.mkdir()
+        (base / "cert.pem").write_bytes(b"")
+        (base / "key.pem").write_bytes(b"")
+        config = ServerConfig(
+            hostname="mx.example",
+            dataDir=base,
+            listen={},
+            certificate=base / "cert.pem",
+            privateKey=base / "key.pem",
+        )
+        error = self.assertRaises(ConfigError, serverTLSOptions, config)
+        self.assertIn("cert.pem", str(error))
+        self.assertEqual((base / "cert.pem").read_bytes(), b"")
+
+    def test_writtenDurably(self) -> None:
+        """
+        The pair is written through a temporary file renamed into place:
+        no temporary file is left, and the key is private.
+        """
+        config = self.config()
+        serverTLSOptions(config)
+        names = sorted(p.name for p in (config.dataDir / "tls").iterdir())
+        self.assertEqual(names, ["selfsigned-cert.pem", "selfsigned-key.pem"])
+        self.assertEqual((config.dataDir / "tls" / "selfsigned-key.pem").stat().st_mode & 0o777, 0o600)
