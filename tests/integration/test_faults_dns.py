@@ -19,6 +19,7 @@ the default concurrency (50) with 30 remote domains.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -107,10 +108,8 @@ class ThreadDNS:
 
     @staticmethod
     def _send(sock: socket.socket, answer: bytes, peer: tuple[str, int]) -> None:
-        try:
+        with contextlib.suppress(OSError):
             sock.sendto(answer, peer)
-        except OSError:
-            pass
 
     @staticmethod
     def _answer(data: bytes) -> bytes | None:
@@ -119,12 +118,14 @@ class ThreadDNS:
             message.fromStr(data)
         except Exception:
             return None
-        reply = dns.Message(id=message.id, answer=1, auth=1, rCode=dns.OK)
+        reply = dns.Message(id=message.id, answer=True, auth=True, rCode=dns.OK)
         reply.queries = message.queries
         for query in message.queries:
             name = query.name.name.decode().lower()
             if query.type == dns.MX and name.endswith(".test") and name != "mx.test":
-                reply.answers.append(dns.RRHeader(name, dns.MX, payload=dns.Record_MX(10, b"mx.test"), ttl=60))
+                reply.answers.append(
+                    dns.RRHeader(name, dns.MX, payload=dns.Record_MX(10, b"mx.test"), ttl=60)
+                )
             elif query.type == dns.A and name == "mx.test":
                 reply.answers.append(dns.RRHeader(name, dns.A, payload=dns.Record_A(PEER), ttl=60))
             elif not name.endswith(".test"):
