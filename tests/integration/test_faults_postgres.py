@@ -40,7 +40,7 @@ plugin = "postgresql"
 dsn = "{dsn}"
 node = "{node}"
 heartbeat_seconds = 1
-lease_seconds = 120
+lease_seconds = 60
 pool_size = 4
 
 [routing]
@@ -57,7 +57,7 @@ first_retry = 1
 backoff = 1
 max_retry = 2
 jitter = 0
-delivery_timeout = 60
+delivery_timeout = 30
 """
 
 
@@ -146,11 +146,15 @@ def test_restartsMidStream(cluster: Cluster, tmp_path: Path) -> None:
         def delivered() -> Counter[str]:
             return Counter(records.read_text().split()) if records.exists() else Counter()
 
-        waitFor(
-            lambda: acknowledged <= set(delivered()),
-            timeout=90,
-            what="every acknowledged message delivered",
-        )
+        # A delivery whose outcome could not be recorded during an outage
+        # keeps its lease until it expires (60 s): then it runs again.
+        try:
+            waitFor(lambda: acknowledged <= set(delivered()), timeout=150, what="acknowledged mail delivered")
+        except AssertionError:
+            missing = sorted(acknowledged - set(delivered()))
+            raise AssertionError(
+                f"{len(missing)} acknowledged messages not delivered: {missing[:10]}"
+            ) from None
     finally:
         stop.set()
         for node in nodes:
