@@ -48,6 +48,26 @@ def serverTLSOptions(config: ServerConfig) -> CertificateOptions:
                 hostname=config.hostname,
                 path=str(certPath),
             )
+        else:
+            try:
+                return _load(certPath, keyPath)
+            except ConfigError as e:
+                # Our own pair, broken (a disk error or a crash before an
+                # older mailfw had written it out): nobody else relies on
+                # it, so make a new one rather than refuse to start.
+                makeSelfSigned(config.hostname, certPath, keyPath)
+                log.warn(
+                    "remade the self-signed certificate in {path}: {problem}", path=str(certPath), problem=e
+                )
+    return _load(certPath, keyPath)
+
+
+def _load(certPath: Path, keyPath: Path) -> CertificateOptions:
+    """
+    The options for the chain in C{certPath} and the key in C{keyPath}.
+
+    @raise ConfigError: if the files cannot be read or do not match.
+    """
     try:
         chain = _PEM_CERT.findall(certPath.read_bytes())
         keyPEM = keyPath.read_bytes()
@@ -110,7 +130,25 @@ def makeSelfSigned(hostname: str, certPath: Path, keyPath: Path) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(keyPath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    _writeDurably(keyPath, keyBytes, 0o600)
+    _writeDurably(certPath, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _writeDurably(path: Path, data: bytes, mode: int) -> None:
+    """
+    Replace C{path} with C{data} so that a crash or a disk error leaves the
+    old file or the whole new one, never an empty one: write a temporary
+    file, flush it to the disk, rename it over C{path}, flush the directory.
+    """
+    temporary = path.with_name(path.name + ".new")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
-        f.write(keyBytes)
-    certPath.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -56,6 +56,13 @@ class SMTPLimits:
         C{smtp_accept_max_per_connection} is 1000 too.
     @ivar idleTimeout: seconds of client silence before 421 4.4.2 and close
         (RFC 5321 4.5.3.2.7 suggests 5 minutes).
+    @ivar maxSessionTime: seconds a whole session may last before 421
+        4.4.2 and close, however busy the client (0: no limit).  The idle
+        timeout alone lets a client that sends a byte every few seconds
+        hold a connection slot for ever; chasquid ends every connection
+        after 20 minutes, Postfix under stress makes its timeout a deadline
+        per command.  An hour fits a large message on a slow line, and the
+        MAILMAX transactions of a busy relay.
     @ivar softErrorLimit: after this many error replies (5xx), each further
         error reply is delayed by C{errorDelay}.
     @ivar hardErrorLimit: at this many error replies the server says 421
@@ -87,6 +94,7 @@ class SMTPLimits:
     maxRecipients: int = 1000
     maxTransactions: int = 1000
     idleTimeout: float = 300.0
+    maxSessionTime: float = 3600.0
     softErrorLimit: int = 10
     hardErrorLimit: int = 20
     errorDelay: float = 1.0

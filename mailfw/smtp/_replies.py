@@ -135,6 +135,7 @@ TOO_MANY_RECIPIENTS = SMTPReply(452, "4.5.3", "Too many recipients")
 TOO_MANY_TRANSACTIONS = SMTPReply(452, "4.5.3", "Too many transactions in this session, start a new one")
 TOO_MANY_ERRORS = SMTPReply(421, "4.7.0", "Too many errors, closing connection")
 TIMEOUT = SMTPReply(421, "4.4.2", "Timeout exceeded, closing connection")
+SESSION_TOO_LONG = SMTPReply(421, "4.4.2", "Session time limit exceeded, closing connection")
 CLOSING = SMTPReply(421, "4.3.2", "Service shutting down, closing connection")
 TOO_MANY_CONNECTIONS = SMTPReply(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_CONNECTIONS_FROM_CLIENT = SMTPReply(

@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, ClassVar, cast
 
+from OpenSSL import SSL
 from twisted.internet.interfaces import IDelayedCall, IProtocol, ISSLTransport, ITLSTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -75,9 +76,13 @@ FORBIDDEN = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELE
 # Any line shaped like an HTTP request line ("M-SEARCH * HTTP/1.1").
 _HTTP_REQUEST = re.compile(rb"[!-~]+ [!-~]+ HTTP/[0-9]")
 
-# Seconds a closing connection may wait for the peer (TLS close_notify, a
+# Seconds a closing connection may wait for a peer that does not read (a
 # full write buffer) before it is aborted.
 CLOSE_GRACE = 10.0
+# Seconds between looks at a session past its total time limit whose own
+# reply is still pending (a message being committed): it ends once the
+# reply is out, so an accepted message is never cut off from its 250.
+SESSION_END_RETRY = 1.0
 
 # What a stopping server says once a session has no transaction under way.
 SHUTTING_DOWN = SMTPReply(421, "4.3.2", "Service shutting down, closing transmission channel")
@@ -131,6 +136,7 @@ class SMTPServerProtocol(Protocol):
         self.transactions = MailTransactions(self, settings, self.replies, self._input)
         self._login = Login(self, settings, self.replies, self._input)
         self._idle: IDelayedCall | None = None
+        self._sessionEnd: IDelayedCall | None = None
         self._abortLater: IDelayedCall | None = None
         self._connectedAt = 0.0
         self._lastActivity = 0.0
@@ -172,7 +178,10 @@ class SMTPServerProtocol(Protocol):
         # reading the replies cannot make the server buffer them all.
         transport.registerProducer(self._input, True)  # type: ignore[attr-defined]
         self._input.attach(transport)
-        self._idle = self.settings.clock.callLater(self.settings.limits.idleTimeout, self._idleTimedOut)
+        limits = self.settings.limits
+        self._idle = self.settings.clock.callLater(limits.idleTimeout, self._idleTimedOut)
+        if limits.maxSessionTime:
+            self._sessionEnd = self.settings.clock.callLater(limits.maxSessionTime, self._sessionTimedOut)
         session = self.session
         verdict = self.settings.chain.ask(Stage.CONNECT, lambda p: p.checkConnection(session), self.peer)
         self.replies.respondLater(verdict.addCallback(self._greeting), cancellable=True)
@@ -201,10 +210,10 @@ class SMTPServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.state.lost()
-        for call in (self._idle, self._abortLater):
+        for call in (self._idle, self._sessionEnd, self._abortLater):
             if call is not None and call.active():
                 call.cancel()
-        self._idle = self._abortLater = None
+        self._idle = self._sessionEnd = self._abortLater = None
         self.replies.stop()
         self.transactions.cancel()
         self._login.end()
@@ -237,9 +246,9 @@ class SMTPServerProtocol(Protocol):
         self._input.stop()
         self.transactions.reset()
         if self.transport is not None:
-            self.transport.loseConnection()
-            # A TLS close waits for the peer, and a peer that never reads
-            # keeps our write buffer full: neither may hold the slot.
+            self._closeAtOnce()
+            # A peer that never reads keeps our write buffer full: it may
+            # not hold the slot either.
             self._abortLater = self.settings.clock.callLater(CLOSE_GRACE, self._abortClose)
 
     def stopWhenIdle(self) -> None:
@@ -264,11 +273,49 @@ class SMTPServerProtocol(Protocol):
         self.replies.respond(Answer(self.closingReply(SHUTTING_DOWN), True))
         return True
 
+    def _closeAtOnce(self) -> None:
+        """
+        Close the connection once what is written is sent, without waiting
+        for the client.  Twisted's TLS close sends our close_notify only
+        when no producer is registered, and then closes the TCP connection
+        only after the client's close_notify: a client that does not answer
+        it (many do not) would hold the slot until L{CLOSE_GRACE}.  The
+        side that closes need not wait for that answer (RFC 8446 6.1, RFC
+        5246 7.2.1), so the TLS connection is told it has had it.
+        """
+        transport = self.transport
+        assert transport is not None
+        handle = getattr(transport, "getHandle", None)
+        connection = handle() if handle is not None else None
+        if isinstance(connection, SSL.Connection):
+            connection.set_shutdown(connection.get_shutdown() | SSL.RECEIVED_SHUTDOWN)
+        if self._handedTo is None:
+            transport.unregisterProducer()  # type: ignore[attr-defined]
+        transport.loseConnection()
+
     def _abortClose(self) -> None:
         self._abortLater = None
         if not self.state.closed and self.transport is not None:
             self.log.info("{peer} did not close; aborting", peer=self.peer)
             self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _sessionTimedOut(self) -> None:
+        """
+        The session has lasted C{maxSessionTime}: 421 and close, also for a
+        client that is never idle long enough for the idle timeout (one
+        byte every few seconds, slowloris).
+        """
+        self._sessionEnd = None
+        if self.state.closing or self._handedTo is not None:
+            return
+        if self.replies.pending:
+            # Our own answer is under way (the queue commits a message):
+            # let it out first.
+            self._sessionEnd = self.settings.clock.callLater(SESSION_END_RETRY, self._sessionTimedOut)
+            return
+        self.log.info("session time limit for {peer}", peer=self.peer)
+        self.sendAnswer(Answer(self.closingReply(R.SESSION_TOO_LONG)))
+        self.hangUp()
 
     def closingReply(self, reply: SMTPReply) -> SMTPReply:
         """
