@@ -17,8 +17,8 @@ one question"):
      it published the mail waits), used when neither is published;
   4. B{REQUIRETLS} (RFC 8689): a message that asks for it may only leave
      for a host whose certificate is verified (DANE, MTA-STS or
-     C{verify}) and that offers REQUIRETLS itself, else it bounces with
-     5.7.30.
+     C{verify}) and that offers REQUIRETLS itself, else it bounces (with
+     the enhanced code 5.7.30).
 
 A C{TLS-Required: No} header (RFC 8689 5) switches 1 and 2 off for that
 message: the table's level, at most opportunistic.
