@@ -18,9 +18,13 @@ from mailfw.smtp._framing import InputFramer
 from mailfw.smtp._pipeline import ReplyPipeline
 from tests._smtpdoubles import connect
 
-# Octets per idle session, the test doubles included: about 2,830 now,
-# 3,840 when the reply queue was a deque and the pause reasons a set.
-BUDGET = 3200
+# Octets per idle session, the test doubles included: about 3,600 under
+# pytest (3,400 alone), of
+# which about 390 are the "connection.opened" log event that the test
+# process's log beginner keeps (a running server observes and drops it);
+# 3,840 plus that when the reply queue was a deque, the pause reasons a set
+# and the session time limit a second timer.
+BUDGET = 3800
 
 
 class IdleSessionFootprintTests(SynchronousTestCase):

@@ -102,6 +102,11 @@ class MailfwProcess:
             "--hostname=mx.test",
             f"--smtp=tcp:{self.smtpPort}:interface=127.0.0.1",
             f"--submission=tcp:{self.submissionPort}:interface=127.0.0.1",
+            # One process unless a test asks for workers: with a
+            # configuration file the default is a process per core, which
+            # would make every test's start-up and logs depend on the
+            # machine (the workers tests ask for theirs).
+            *(() if "--workers" in self.extraArgs else ("--workers", "1")),
             *self.extraArgs,
         ]
         if self.config is not None:
