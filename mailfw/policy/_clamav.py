@@ -29,7 +29,7 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -40,14 +40,11 @@ from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.envelope import Envelope, Session
 from mailfw.interfaces import IMessageCheck
 from mailfw.policy import CONTINUE, AuthResult, Policy, Verdict
-from mailfw.policy._streaming import BodyStream
+from mailfw.policy._streaming import DEFAULT_ACTIONS, BodyStream, StallTimer, defaultVerdict
 from mailfw.reply import SMTPReply
 
 __all__ = ["ClamavPolicy", "fromConfig", "verdictOf"]
 
-DEFAULT_ACTIONS = ("tempfail", "accept", "reject")
-TEMPFAIL_REPLY = SMTPReply(451, "4.7.1", "Service unavailable - try again later")
-REJECT_REPLY = SMTPReply(550, "5.7.1", "Command rejected")
 
 # clamd's StreamMaxLength by default.
 DEFAULT_MAX_SIZE = 25 << 20
@@ -142,11 +139,7 @@ class ClamavPolicy(Policy):
         self.maxSize = maxSize
 
     def default(self) -> Verdict:
-        if self.defaultAction == "accept":
-            return CONTINUE
-        if self.defaultAction == "reject":
-            return Verdict(REJECT_REPLY)
-        return Verdict(TEMPFAIL_REPLY)
+        return defaultVerdict(self.defaultAction)
 
     def failed(self, session: Session, reason: str) -> Verdict:
         """
@@ -188,7 +181,9 @@ class _ClamdScan:
         self._envelope = envelope
         self._verdict: Verdict | None = None
         self._ending: Deferred[Verdict] | None = None
-        self._timer: IDelayedCall | None = None
+        self._timer = StallTimer(
+            clock, policy.scanTimeout, lambda: self.fail(f"no progress within {policy.scanTimeout:g}s")
+        )
         self._protocol: _ClamdProtocol | None = None
         self._sent = 0
         self._stream = BodyStream()
@@ -239,7 +234,7 @@ class _ClamdScan:
         """
         if self._verdict is None:
             self._verdict = verdict
-        self._stopTimer()
+        self._timer.stop()
         self._stream.stop()
         if self._connecting is not None:
             self._connecting.cancel()
@@ -252,24 +247,6 @@ class _ClamdScan:
         ending, self._ending = self._ending, None
         if ending is not None:
             ending.callback(self._verdict)
-
-    # --- the stall timer ------------------------------------------------------------
-
-    def _arm(self) -> None:
-        if self._timer is None:
-            self._timer = self._clock.callLater(self._policy.scanTimeout, self._timedOut)
-
-    def _stopTimer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _timedOut(self) -> None:
-        self._timer = None
-        self.fail(f"no progress within {self._policy.scanTimeout:g}s")
-
-    def _progress(self, _: object) -> None:
-        self._stopTimer()
 
     # --- IMessageCheck --------------------------------------------------------------
 
@@ -301,8 +278,8 @@ class _ClamdScan:
         wait = self._frame(data)
         if wait is None:
             return None
-        self._arm()
-        return wait.addCallback(self._progress)
+        self._timer.arm()
+        return wait.addCallback(self._timer.progress)
 
     def end(self, results: tuple[AuthResult, ...]) -> Verdict | Deferred[Verdict]:
         if self._verdict is not None:
@@ -316,8 +293,8 @@ class _ClamdScan:
         ending = self._ending
         self._stream.write(END)
         self._stream.finish()
-        self._stopTimer()
-        self._arm()
+        self._timer.stop()
+        self._timer.arm()
         return ending
 
     def abort(self) -> None:

@@ -55,6 +55,7 @@ from mailfw.policy import (
     ReplaceBody,
     Verdict,
 )
+from mailfw.policy._streaming import DEFAULT_ACTIONS, REJECT_REPLY, TEMPFAIL_REPLY, defaultVerdict
 from mailfw.reply import SMTPReply, replyFromPeer
 
 __all__ = ["MilterError", "MilterPolicy", "fromConfig", "packet", "parsePackets"]
@@ -132,10 +133,6 @@ DEFAULT_MACROS = {
 CHUNK = 65535
 MAX_PACKET = 1 << 20
 MAX_REPLACED_BODY = 64 << 20
-
-DEFAULT_ACTIONS = ("tempfail", "accept", "reject")
-TEMPFAIL_REPLY = SMTPReply(451, "4.7.1", "Service unavailable - try again later")
-REJECT_REPLY = SMTPReply(550, "5.7.1", "Command rejected")
 
 
 class MilterError(Exception):
@@ -364,11 +361,7 @@ class MilterPolicy(Policy):
     # --- failures ---------------------------------------------------------------
 
     def _default(self) -> Verdict:
-        if self.defaultAction == "accept":
-            return CONTINUE
-        if self.defaultAction == "reject":
-            return Verdict(REJECT_REPLY)
-        return Verdict(TEMPFAIL_REPLY)
+        return defaultVerdict(self.defaultAction)
 
     def _fail(self, state: _Session, session: Session, reason: str) -> Verdict:
         """

@@ -34,12 +34,12 @@ from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.envelope import Envelope, Recipient, Session
 from mailfw.interfaces import IMessageCheck
 from mailfw.policy import CONTINUE, AddHeader, AuthResult, Discard, Policy, Quarantine, Verdict
+from mailfw.policy._streaming import DEFAULT_ACTIONS, defaultVerdict
 from mailfw.reply import SMTPReply, replyFromPeer
 
 __all__ = ["PolicyServerPolicy", "fromConfig", "verdictFor"]
 
 STATES = ("RCPT", "END-OF-MESSAGE")
-DEFAULT_ACTIONS = ("tempfail", "accept", "reject")
 MAX_REPLY = 4096
 _ACTION = re.compile(r"([A-Za-z_]+|[45]\d\d)(?:\s+(.*))?\Z", re.DOTALL)
 _HEADER = re.compile(r"([\x21-\x39\x3b-\x7e]+):\s*(.*)\Z", re.DOTALL)
@@ -237,11 +237,8 @@ class PolicyServerPolicy(Policy):
                 reason=f.getErrorMessage() or repr(f.value),
                 action=self.defaultAction,
             )
-            if self.defaultAction == "accept":
-                return CONTINUE
-            if self.defaultAction == "reject":
-                return Verdict(SMTPReply(550, "5.7.1", "Access denied"))
-            return Verdict(SMTPReply(451, "4.3.5", "Server configuration problem"))
+            # Postfix's own answer when its policy server fails.
+            return defaultVerdict(self.defaultAction, SMTPReply(451, "4.3.5", "Server configuration problem"))
 
         d = self._connect().addCallback(send).addCallback(verdictFor)
         return d.addErrback(failed)

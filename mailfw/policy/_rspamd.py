@@ -29,7 +29,7 @@ from typing import Any
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -51,13 +51,11 @@ from mailfw.policy import (
     Quarantine,
     Verdict,
 )
-from mailfw.policy._streaming import BodyStream
+from mailfw.policy._streaming import DEFAULT_ACTIONS, BodyStream, StallTimer, defaultVerdict
 from mailfw.reply import SMTPReply, replyFromPeer
 
 __all__ = ["RspamdError", "RspamdPolicy", "fromConfig", "verdictOf"]
 
-DEFAULT_ACTIONS = ("tempfail", "accept", "reject")
-TEMPFAIL_REPLY = SMTPReply(451, "4.7.1", "Service unavailable - try again later")
 REJECT_REPLY = SMTPReply(550, "5.7.1", "Spam message rejected")
 SOFT_REJECT_REPLY = SMTPReply(451, "4.7.1", "Try again later")
 GREYLIST_REPLY = SMTPReply(451, "4.7.1", "Greylisted, please try again later")
@@ -234,11 +232,7 @@ class RspamdPolicy(Policy):
         self.maxSize = maxSize
 
     def default(self) -> Verdict:
-        if self.defaultAction == "accept":
-            return CONTINUE
-        if self.defaultAction == "reject":
-            return Verdict(SMTPReply(550, "5.7.1", "Command rejected"))
-        return Verdict(TEMPFAIL_REPLY)
+        return defaultVerdict(self.defaultAction)
 
     def failed(self, session: Session, reason: str) -> Verdict:
         """
@@ -325,7 +319,9 @@ class _RspamdScan:
         self._size = len(header)
         self._verdict: Verdict | None = None
         self._ending: Deferred[Verdict] | None = None
-        self._timer: IDelayedCall | None = None
+        self._timer = StallTimer(
+            clock, policy.scanTimeout, lambda: self._fail(f"no progress within {policy.scanTimeout:g}s")
+        )
         self._body = BodyStream()
         self._body.write(header)
         self._request = client.request(
@@ -367,7 +363,7 @@ class _RspamdScan:
     def _settle(self, verdict: Verdict) -> None:
         if self._verdict is None:
             self._verdict = verdict
-        self._stopTimer()
+        self._timer.stop()
         self._body.stop()
         ending, self._ending = self._ending, None
         if ending is not None:
@@ -402,24 +398,6 @@ class _RspamdScan:
             self._request.cancel()
         self._settle(self._verdict or CONTINUE)
 
-    # --- the stall timer ------------------------------------------------------------
-
-    def _arm(self) -> None:
-        if self._timer is None:
-            self._timer = self._clock.callLater(self._policy.scanTimeout, self._timedOut)
-
-    def _stopTimer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _timedOut(self) -> None:
-        self._timer = None
-        self._fail(f"no progress within {self._policy.scanTimeout:g}s")
-
-    def _progress(self, _: object) -> None:
-        self._stopTimer()
-
     # --- IMessageCheck --------------------------------------------------------------
 
     def write(self, data: bytes) -> Deferred[None] | None:
@@ -434,8 +412,8 @@ class _RspamdScan:
         wait = self._body.write(data)
         if wait is None:
             return None
-        self._arm()
-        return wait.addCallback(self._progress)
+        self._timer.arm()
+        return wait.addCallback(self._timer.progress)
 
     def end(self, results: tuple[AuthResult, ...]) -> Verdict | Deferred[Verdict]:
         if self._verdict is not None:
@@ -448,8 +426,8 @@ class _RspamdScan:
         self._ending = Deferred(cancel)
         ending = self._ending
         self._body.finish()
-        self._stopTimer()
-        self._arm()
+        self._timer.stop()
+        self._timer.arm()
         return ending
 
     def abort(self) -> None:

@@ -1,7 +1,10 @@
 """
-A message streamed to an external filter at the pace the filter reads it:
-shared by the C{rspamd} policy (the body of an HTTP request) and the
-C{clamav} policy (clamd's C{INSTREAM} on a socket).
+What the clients of external filters share: a message streamed to the
+filter at the pace it reads (L{BodyStream}, used by the C{rspamd} policy
+for the body of an HTTP request and the C{clamav} policy for clamd's
+C{INSTREAM}), the watchdog of a filter that stops making progress
+(L{StallTimer}), and what C{default_action} means (L{defaultVerdict}, for
+those two, C{milter} and C{policy-server}).
 
 The end-of-data stage hands a check the message in chunks as the client
 sends them; L{BodyStream} passes each on to its consumer (the HTTP client,
@@ -13,12 +16,70 @@ the message, and a slow filter slows the client instead of filling memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-__all__ = ["BodyStream"]
+from mailfw.reply import SMTPReply
+from mailfw.verdict import CONTINUE, Verdict
+
+__all__ = ["DEFAULT_ACTIONS", "REJECT_REPLY", "TEMPFAIL_REPLY", "BodyStream", "StallTimer", "defaultVerdict"]
+
+_T = TypeVar("_T")
+
+DEFAULT_ACTIONS = ("tempfail", "accept", "reject")
+TEMPFAIL_REPLY = SMTPReply(451, "4.7.1", "Service unavailable - try again later")
+REJECT_REPLY = SMTPReply(550, "5.7.1", "Command rejected")
+
+
+def defaultVerdict(action: str, tempfail: SMTPReply = TEMPFAIL_REPLY) -> Verdict:
+    """
+    What a filter that is down or misbehaves means under C{default_action
+    = action}: C{tempfail} (C{tempfail}, 451 by default), C{accept} (go
+    on without it) or C{reject} (550 5.7.1).
+    """
+    if action == "accept":
+        return CONTINUE
+    if action == "reject":
+        return Verdict(REJECT_REPLY)
+    return Verdict(tempfail)
+
+
+class StallTimer:
+    """
+    Calls C{onStall} when C{seconds} pass without progress: armed while
+    the filter owes us something, stopped when it delivers.
+    """
+
+    def __init__(self, clock: IReactorTime, seconds: float, onStall: Callable[[], object]) -> None:
+        self._clock = clock
+        self._seconds = seconds
+        self._onStall = onStall
+        self._call: IDelayedCall | None = None
+
+    def arm(self) -> None:
+        if self._call is None:
+            self._call = self._clock.callLater(self._seconds, self._stalled)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def progress(self, result: _T) -> _T:
+        """
+        A callback: progress was made; passes C{result} on.
+        """
+        self.stop()
+        return result
+
+    def _stalled(self) -> None:
+        self._call = None
+        self._onStall()
 
 
 @implementer(IBodyProducer, IPushProducer)
