@@ -4,11 +4,17 @@ Client sockets named the way Postfix, Dovecot and milters name them.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    UNIXClientEndpoint,
+)
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 __all__ = ["socketEndpoint"]
@@ -29,7 +35,15 @@ def socketEndpoint(clock: Any, text: str, resolve: Callable[[str], Path]) -> ISt
             host = host[1:-1]
         if not sep or not host or not portText.isdigit() or not 0 < int(portText) < 65536:
             raise ValueError(f"expected inet:HOST:PORT, got {text!r}")
-        return HostnameEndpoint(clock, host, int(portText))
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return HostnameEndpoint(clock, host, int(portText))
+        # An address needs no lookup (HostnameEndpoint's getaddrinfo runs
+        # in a thread, once per connection: a milter connects per session).
+        if address.version == 6:
+            return TCP6ClientEndpoint(clock, host, int(portText))
+        return TCP4ClientEndpoint(clock, host, int(portText))
     path = text[len("unix:") :] if text.startswith("unix:") else text
     if not path:
         raise ValueError("empty socket path")

@@ -15,7 +15,12 @@ from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    UNIXClientEndpoint,
+)
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.task import Clock
@@ -746,13 +751,19 @@ class EndpointTests(SynchronousTestCase):
 
     def test_inet(self) -> None:
         """
-        C{inet:HOST:PORT} is a TCP endpoint; IPv6 addresses in brackets.
+        C{inet:HOST:PORT} is a TCP endpoint; IPv6 addresses in brackets; an
+        address is connected to without a lookup, a name is looked up.
         """
         reactor = MemoryReactorClock()
-        for text, host, port in [("inet:127.0.0.1:12345", b"127.0.0.1", 12345), ("inet:[::1]:1", b"::1", 1)]:
-            endpoint = socketEndpoint(reactor, text, Path)
-            assert isinstance(endpoint, HostnameEndpoint)
-            self.assertEqual((endpoint._hostBytes, endpoint._port), (host, port))
+        endpoint = socketEndpoint(reactor, "inet:127.0.0.1:12345", Path)
+        assert isinstance(endpoint, TCP4ClientEndpoint)
+        self.assertEqual((endpoint._host, endpoint._port), ("127.0.0.1", 12345))
+        endpoint = socketEndpoint(reactor, "inet:[::1]:1", Path)
+        assert isinstance(endpoint, TCP6ClientEndpoint)
+        self.assertEqual((endpoint._host, endpoint._port), ("::1", 1))
+        endpoint = socketEndpoint(reactor, "inet:dovecot.example:12345", Path)
+        assert isinstance(endpoint, HostnameEndpoint)
+        self.assertEqual((endpoint._hostBytes, endpoint._port), (b"dovecot.example", 12345))
 
     def test_bad(self) -> None:
         """
@@ -783,7 +794,7 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(cast(Any, checker.client.endpoint)._path, "/run/dovecot/auth-client")
         setup = self.build(backend="dovecot", socket="inet:192.0.2.5:9999")
         [checker] = setup.auth.portal.checkers.values()
-        self.assertIsInstance(checker.client.endpoint, HostnameEndpoint)
+        self.assertIsInstance(checker.client.endpoint, TCP4ClientEndpoint)
 
     def test_errors(self) -> None:
         """
