@@ -112,7 +112,10 @@ def test_forgedRefusedWhenEnforcing(tmp_path: Path, dnsPort: int) -> None:
         assert (code, text[:5]) == (550, b"5.7.1"), (code, text)
         log = server.output()
         assert "policy dmarc refused end-of-data" in log, log
-        history = (server.dataDir / "dmarc-history.jsonl").read_text()
+        path = server.dataDir / "dmarc-history.jsonl"
+        # Appended by a thread of the policy's, after the reply.
+        waitFor(lambda: path.exists() and "forged.example" in path.read_text(), what="the DMARC history")
+        history = path.read_text()
         assert '"headerFrom":"forged.example"' in history and '"disposition":"reject"' in history, history
     finally:
         server.stop()

@@ -147,6 +147,8 @@ def test_countersMoveByWhatWasSent(server: tuple[MailfwProcess, int]) -> None:
             moved(after, "mailfw_deliveries_total", agent="local", outcome="delivered") == MESSAGES
             and moved(after, "mailfw_deliveries_total", agent="outbound", outcome="deferred") >= 1
             and moved(after, "mailfw_connections_total", listener="smtp") == MESSAGES + 2
+            # The queue figures are a snapshot taken every queue_interval.
+            and after.value("mailfw_queue_recipients", state="ready") == 1
         )
 
     waitFor(settled, timeout=60, interval=0.3, what="the counters to settle")
