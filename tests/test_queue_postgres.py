@@ -659,6 +659,25 @@ class PostgresNodeTests(SynchronousTestCase):
         self.clock.advance(61)
         self.assertTrue(self.wait(b.acquireDestination(dest, 1)))
 
+    def test_heartbeatExtendsOnlyHeldSlots(self) -> None:
+        """
+        The heartbeat extends the slots its node knows it holds, not a slot
+        row that only carries its name (an acquire whose commit succeeded
+        while its reply was lost): that one expires, or the destination
+        would stay busy for ever.
+        """
+        a = self.node("a", leaseSeconds=60)
+        b = self.node("b", leaseSeconds=60)
+        b._reaper.stop()
+        self.assertTrue(self.wait(a.acquireDestination("relay:held.example", 1)))
+        self.assertTrue(self.wait(a.acquireDestination("relay:lost.example", 1)))
+        a._slots.pop("relay:lost.example")  # as if the reply had been lost
+        for _ in range(7):
+            self.clock.advance(10)
+            self.wait(a._beat())
+        self.assertFalse(self.wait(b.acquireDestination("relay:held.example", 1)))
+        self.assertTrue(self.wait(b.acquireDestination("relay:lost.example", 1)))
+
     def test_closeHandsBackLeases(self) -> None:
         """
         Closing a node returns its leases and slots to the cluster at once.

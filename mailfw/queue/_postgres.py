@@ -361,15 +361,25 @@ class PostgresQueue(SQLQueue):
 
     def _beat(self) -> Deferred[None]:
         """
-        Record that this node lives, extend its destination slots, and
-        return the leases and slots of nodes that stopped beating.
+        Record that this node lives, extend the destination slots it holds,
+        and return the leases and slots of nodes that stopped beating.
+
+        Only the slots this node knows it holds are extended: a slot whose
+        commit succeeded while its reply was lost (the server restarted
+        under it) has this node's name too, and extending it would keep
+        the destination busy for ever; it expires instead.
         """
         now = self._clock.seconds()
         node, lease = self.node, self.leaseSeconds
+        held = [(destination, slot) for destination, slots in self._slots.items() for slot in slots]
 
         def beat(cursor: _Cursor) -> tuple[int, int]:
             self._touch(cursor, now)
-            cursor.execute("UPDATE destination_leases SET expires = %s WHERE node = %s", (now + lease, node))
+            cursor.execute(
+                "UPDATE destination_leases SET expires = %s WHERE node = %s"
+                " AND (destination, slot) IN (SELECT * FROM unnest(%s::text[], %s::int[]))",
+                (now + lease, node, [d for d, _ in held], [s for _, s in held]),
+            )
             reaped, dead = self._deadNodes(cursor, now, " FOR UPDATE SKIP LOCKED")
             cursor.execute(
                 "DELETE FROM destination_leases WHERE node = ANY(%s) OR expires <= %s", (dead, now)

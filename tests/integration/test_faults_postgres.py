@@ -87,6 +87,27 @@ def restart(cluster: Cluster, mode: str) -> float:
     return time.monotonic() - started
 
 
+def queueRows(dsn: str) -> list[tuple[object, ...]]:
+    """
+    Each recipient row still queued: its state, lease owner, attempts and
+    last reply (what a failure needs to tell lost mail from late mail).
+    """
+    import psycopg
+
+    with psycopg.connect(dsn) as connection:
+        return connection.execute(
+            "SELECT message_id, state, lease_owner, lease_expires, attempts, next_attempt_at, reply_code, reply_text, EXTRACT(EPOCH FROM now()) FROM recipients"
+        ).fetchall()
+
+
+def problems(node: MailfwProcess) -> str:
+    """
+    The node's log lines that report errors, last 40.
+    """
+    lines = [line for line in node.output().splitlines() if "rror" in line or "Traceback" in line]
+    return "\n".join(lines[-40:])
+
+
 def test_restartsMidStream(cluster: Cluster, tmp_path: Path) -> None:
     """
     Fast and immediate restarts of PostgreSQL while two nodes take mail:
@@ -153,7 +174,9 @@ def test_restartsMidStream(cluster: Cluster, tmp_path: Path) -> None:
         except AssertionError:
             missing = sorted(acknowledged - set(delivered()))
             raise AssertionError(
-                f"{len(missing)} acknowledged messages not delivered: {missing[:10]}"
+                f"{len(missing)} acknowledged messages not delivered: {missing[:10]}\n"
+                f"the queue holds: {queueRows(dsn)}\n"
+                + "\n".join(f"node {node.dataDir.name}: {problems(node)}" for node in nodes)
             ) from None
     finally:
         stop.set()
