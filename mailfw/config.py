@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -156,6 +156,10 @@ class ComponentContext:
     nameservers: tuple[tuple[str, int], ...] = ()
     queue: Any = None
     dnssec: str = "off"
+    cacheAnswers: Callable[[Any], Any] | None = field(default=None, repr=False)
+    """Wraps the shared twisted.names client in an answer cache (the server
+    passes L{mailfw._dnscache.CachingResolver}); without it every question
+    goes to the name server."""
     _resolver: Any = field(default=None, repr=False)
 
     def path(self, value: str) -> Path:
@@ -172,9 +176,10 @@ class ComponentContext:
             from twisted.names import client
 
             if self.nameservers:
-                self._resolver = client.Resolver(servers=list(self.nameservers), reactor=self.reactor)
+                resolver = client.Resolver(servers=list(self.nameservers), reactor=self.reactor)
             else:
-                self._resolver = client.Resolver(resolv="/etc/resolv.conf", reactor=self.reactor)
+                resolver = client.Resolver(resolv="/etc/resolv.conf", reactor=self.reactor)
+            self._resolver = resolver if self.cacheAnswers is None else self.cacheAnswers(resolver)
         return self._resolver
 
 
@@ -208,7 +213,7 @@ class ServerConfig:
     raw: dict[str, Any] = field(default_factory=dict)
     shutdownGrace: float = 30.0
 
-    def context(self, reactor: Any) -> ComponentContext:
+    def context(self, reactor: Any, cacheAnswers: Callable[[Any], Any] | None = None) -> ComponentContext:
         return ComponentContext(
             reactor=reactor,
             hostname=self.hostname,
@@ -216,6 +221,7 @@ class ServerConfig:
             agentNames=frozenset(self.delivery),
             nameservers=self.nameservers,
             dnssec=self.dnssec,
+            cacheAnswers=cacheAnswers,
         )
 
 

@@ -269,6 +269,20 @@ def _withBacklog(description: str) -> str:
     return description
 
 
+def _answerCache(reactor: Any) -> Callable[[Any], Any]:
+    """
+    What puts the shared resolver behind the server's answer cache
+    (L{mailfw._dnscache}), imported only when a component asks for DNS.
+    """
+
+    def wrap(resolver: Any) -> Any:
+        from mailfw._dnscache import CachingResolver
+
+        return CachingResolver(resolver, reactor)
+
+    return wrap
+
+
 def makeService(options: Options) -> IService:
     """
     twistd calls this after installing the reactor the user chose.  A
@@ -764,7 +778,7 @@ class Lifecycle(Service):
             shutdownGrace=self.config.shutdownGrace,
             scheduler=self.config.scheduler,
         )
-        context = config.context(self._reactor)
+        context = config.context(self._reactor, _answerCache(self._reactor))
         context.queue = self.queue
         try:
             components = _buildComponents(config, context, self._plugins)
@@ -908,7 +922,7 @@ def buildService(
 
     config.dataDir.mkdir(parents=True, exist_ok=True)
     exportLastSpans = _startTracing(reactor)
-    context = config.context(reactor)
+    context = config.context(reactor, _answerCache(reactor))
 
     queue: IMessageQueue = _build(IMessageQueueFactory, "[queue]", context, "queue", config.queue, plugins)
     context.queue = queue
