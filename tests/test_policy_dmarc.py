@@ -6,6 +6,7 @@ the domain's policy, and the history for aggregate reports.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from twisted.names import dns, error
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailfw.envelope import Envelope, Session
-from mailfw.policy import AuthResult, Quarantine, Verdict
+from mailfw.policy import AuthResult, Quarantine, Verdict, _dmarc
 from mailfw.policy._dmarc import DMARCPolicy, fromDomain, parseRecord
 from mailfw.testing import FakeResolver, PolicyContractTests
 
@@ -216,6 +217,37 @@ class DMARCTests(SynchronousTestCase):
                 {"method": "dkim", "result": "fail", "domain": "other.example"},
             ],
         )
+
+    def test_historyBatched(self) -> None:
+        """
+        Evaluations that arrive while a write is under way are written
+        together by the next one, in order; while the disk does not keep up
+        at most L{MAX_UNWRITTEN} wait, the oldest dropped first.
+        """
+        path = Path(self.mktemp())
+        zone = {"_dmarc.example.net": [TXT("v=DMARC1; p=none")]}
+        writes: list[Deferred[None]] = []
+
+        def runInThread(work: Callable[[], None]) -> Deferred[None]:
+            d: Deferred[None] = Deferred()
+            writes.append(d)
+            d.addCallback(lambda _: work())
+            return d
+
+        policy = self.policy(zone, history=path, runInThread=runInThread, clock=Clock())
+        for _ in range(3):
+            self.judge(policy, spf("example.net"))
+        self.assertEqual(len(writes), 1, "one write at a time")
+        writes[0].callback(None)
+        self.assertEqual(len(writes), 2, "the two that waited go in one write")
+        writes[1].callback(None)
+        self.assertEqual(len(path.read_text().splitlines()), 3)
+        self.patch(_dmarc, "MAX_UNWRITTEN", 2)
+        for _ in range(4):
+            self.judge(policy, spf("example.net"))
+        writes[2].callback(None)
+        writes[3].callback(None)
+        self.assertEqual(len(path.read_text().splitlines()), 6)
 
 
 class DMARCContractTests(PolicyContractTests, SynchronousTestCase):

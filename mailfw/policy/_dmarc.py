@@ -177,6 +177,8 @@ class DMARCPolicy(Policy):
         self._sample = sample
         self._clock = clock
         self._psl = _publicSuffixList()
+        self._unwritten: list[str] = []
+        self._writing = False
 
     def organizationalDomain(self, domain: str) -> str:
         """
@@ -353,13 +355,41 @@ class DMARCPolicy(Policy):
             separators=(",", ":"),
         )
 
+        if len(self._unwritten) >= MAX_UNWRITTEN:
+            # The disk stalls: the oldest evaluations go, not the memory.
+            del self._unwritten[0]
+            self.log.warn(
+                "dmarc {policy}: the history falls behind; an evaluation was dropped", policy=self.name
+            )
+        self._unwritten.append(line + "\n")
+        if not self._writing:
+            self._writeHistory(history, runInThread)
+
+    def _writeHistory(self, history: Path, runInThread: ThreadRunner) -> None:
+        """
+        Append every evaluation not yet written, in one thread call; those
+        that arrive meanwhile go in the next (one file write per batch, not
+        a thread hop per message).
+        """
+        lines, self._unwritten = "".join(self._unwritten), []
+        self._writing = True
+
         def append() -> None:
             with history.open("a", encoding="utf-8") as f:
-                f.write(line + "\n")
+                f.write(lines)
+
+        def written(_: object) -> None:
+            self._writing = False
+            if self._unwritten:
+                self._writeHistory(history, runInThread)
 
         runInThread(append).addErrback(
             lambda f: self.log.failure("dmarc {policy}: writing the history failed", f, policy=self.name)
-        )
+        ).addCallback(written)
+
+
+MAX_UNWRITTEN = 10000
+"""Evaluations kept for the history while the disk does not keep up."""
 
 
 def _identity(result: AuthResult) -> str:
