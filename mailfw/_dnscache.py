@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 
 from mailfw.policy._cache import TTLCache
 
-__all__ = ["MAX_NEGATIVE_TTL", "MAX_TTL", "CachingResolver"]
+__all__ = ["MAX_NEGATIVE_TTL", "MAX_TTL", "CachingResolver", "answerTTL", "missingTTL"]
 
 MAX_TTL = 86400
 """The longest an answer is kept (unbound's C{cache-max-ttl})."""
@@ -74,18 +74,25 @@ class CachingResolver(ResolverBase):
 
     def _keep(self, answer: _Answer, key: str) -> _Answer:
         answers, authority, _additional = answer
-        ttl = min(record.ttl for record in answers) if answers else _negativeTTL(authority)
-        self._cache.put(key, (self._clock.seconds(), answer), min(ttl, MAX_TTL))
+        self._cache.put(key, (self._clock.seconds(), answer), answerTTL(answers, authority))
         return answer
 
     def _keepMissing(self, failure: Failure, key: str) -> Failure:
         missing = failure.value
         if isinstance(missing, error.DNSNameError):
             # twisted.names' client raises it with the response message.
-            message = missing.args[0] if missing.args else None
-            authority = getattr(message, "authority", [])
-            self._cache.put(key, (self._clock.seconds(), missing), _negativeTTL(authority))
+            self._cache.put(key, (self._clock.seconds(), missing), missingTTL(missing))
         return failure
+
+
+def answerTTL(answers: list[dns.RRHeader], authority: list[dns.RRHeader]) -> int:
+    """
+    How long an answer may be kept: its smallest TTL, or for an empty one
+    the negative TTL, at most L{MAX_TTL}.
+    """
+    if answers:
+        return min(min(int(record.ttl) for record in answers), MAX_TTL)
+    return _negativeTTL(authority)
 
 
 def _negativeTTL(authority: list[dns.RRHeader]) -> int:
@@ -98,6 +105,15 @@ def _negativeTTL(authority: list[dns.RRHeader]) -> int:
         if isinstance(soa, dns.Record_SOA):
             return min(int(record.ttl), int(soa.minimum), MAX_NEGATIVE_TTL)
     return 0
+
+
+def missingTTL(missing: error.DNSNameError) -> int:
+    """
+    How long a "no such name" may be kept (twisted.names' client raises it
+    with the response, whose authority section has the SOA).
+    """
+    message = missing.args[0] if missing.args else None
+    return _negativeTTL(getattr(message, "authority", []))
 
 
 def _aged(record: dns.RRHeader, age: int) -> dns.RRHeader:

@@ -150,7 +150,7 @@ class FakeResolver(ResolverBase):
             matching = [r for r in records if type == r.TYPE]
             cnames = [r for r in records if r.TYPE == dns.CNAME]
             for r in matching:
-                answers.append(dns.RRHeader(current.encode("ascii"), type, payload=r))
+                answers.append(dns.RRHeader(current.encode("ascii"), type, ttl=r.ttl or 0, payload=r))
             if matching or not cnames:
                 break
             answers.append(dns.RRHeader(current.encode("ascii"), dns.CNAME, payload=cnames[0]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
 from twisted.names import dns, error
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -179,6 +180,48 @@ class SPFTests(SynchronousTestCase):
             Session(listener="smtp", peerHost="192.0.2.1", helo="x", relayClient=True),
         ):
             self.assertEqual(self.check(policy, session), Verdict())
+
+    def test_resultKeptForTheAnswersTTL(self) -> None:
+        """
+        The same client, sender and HELO get the kept result, without a
+        DNS question, until the shortest TTL of the answers it came from
+        ends; another sender is evaluated.
+        """
+        clock = Clock()
+        zone = {
+            "example.net": [dns.Record_TXT(b"v=spf1 include:_spf.example.net -all", ttl=600)],
+            "_spf.example.net": [dns.Record_TXT(b"v=spf1 ip4:192.0.2.0/24 -all", ttl=60)],
+        }
+        policy = makePolicy(zone, clock=clock)
+        resolver = policy._resolver
+        self.assertEqual(self.result(self.check(policy)).result, "pass")
+        asked = len(resolver.queries)
+        clock.advance(59)
+        answer = policy.checkSender(SESSION, SENDER, {})
+        assert isinstance(answer, Verdict), "a kept result is answered at once"
+        self.assertEqual(self.result(answer).result, "pass")
+        self.assertEqual(len(resolver.queries), asked)
+        self.check(policy, sender=Address.parse("bob@example.net"))
+        self.assertEqual(len(resolver.queries), 2 * asked)
+        clock.advance(1)
+        self.check(policy)
+        self.assertEqual(len(resolver.queries), 3 * asked)
+
+    def test_temporaryResultNotKept(self) -> None:
+        """
+        C{temperror} is evaluated again; an answer without a TTL (a name
+        that does not exist, without an SOA) keeps nothing.
+        """
+        clock = Clock()
+        errors = {("example.net", dns.TXT): error.DNSServerError("servfail")}
+        policy = makePolicy({}, errors, clock=clock)
+        for _ in range(2):
+            self.assertEqual(self.result(self.check(policy)).result, "temperror")
+        self.assertEqual(len(policy._resolver.queries), 2)
+        policy = makePolicy({}, clock=clock)
+        for _ in range(2):
+            self.assertEqual(self.result(self.check(policy)).result, "none")
+        self.assertEqual(len(policy._resolver.queries), 2)
 
     def test_config(self) -> None:
         """

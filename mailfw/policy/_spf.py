@@ -8,6 +8,13 @@ nameservers, cache and time limits as everything else.  pyspf enforces
 the RFC's limits itself: 10 lookups that cause DNS queries, 2 void
 lookups, and the per-check time limit given here.
 
+A result is kept, for the same client address, sender and HELO name, as
+long as the shortest time to live of the DNS answers it was computed from
+(L{mailfw._dnscache.answerTTL}): evaluating again within that time would
+ask the same questions and get the same answers, so a busy sender costs
+one evaluation per TTL instead of a thread hop and a pyspf run per message.
+C{temperror} is never kept.
+
 The result is recorded as an L{AuthResult} for C{Authentication-Results:}
 (and for the C{dmarc} policy); by default nothing is refused, since DMARC
 decides with DKIM's results too.  C{fail = "reject"} refuses an SPF
@@ -29,10 +36,12 @@ from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 from twisted.names import dns, error
 
+from mailfw._dnscache import MAX_TTL, answerTTL, missingTTL
 from mailfw.address import Address
 from mailfw.config import ComponentContext, Section
 from mailfw.envelope import Session
 from mailfw.policy import CONTINUE, AuthResult, Policy, Verdict
+from mailfw.policy._cache import TTLCache
 from mailfw.queue._produce import ThreadPoolRunner, ThreadRunner
 
 __all__ = ["SPFPolicy", "fromConfig"]
@@ -107,6 +116,8 @@ class SPFPolicy(Policy):
         fail: str = "mark",
         temperror: str = "mark",
         timeout: float = 20.0,
+        clock: Any = None,
+        cacheSize: int = 10000,
     ) -> None:
         self.name = name
         self._resolver = resolver
@@ -116,6 +127,11 @@ class SPFPolicy(Policy):
         self.fail = fail
         self.temperror = temperror
         self._timeout = timeout
+        # (client, sender, HELO) -> (result, explanation), for the TTL of
+        # the answers it came from.
+        self._results: TTLCache[tuple[str, str]] | None = (
+            None if clock is None else TTLCache(clock, cacheSize)
+        )
 
     def checkSender(
         self, session: Session, sender: Address | None, parameters: Mapping[str, str | None]
@@ -127,9 +143,11 @@ class SPFPolicy(Policy):
         mailfrom = "" if sender is None else str(sender)
         identity = ("smtp.mailfrom", mailfrom) if mailfrom else ("smtp.helo", helo)
         host = session.peerHost
+        key = f"{host} {mailfrom} {helo}"
 
-        def evaluate() -> tuple[str, str]:
+        def evaluate() -> tuple[str, str, int]:
             _lookups.lookup = self._lookupFromThread
+            _lookups.ttl = MAX_TTL
             try:
                 query = spf.query(
                     host,
@@ -140,9 +158,15 @@ class SPFPolicy(Policy):
                     querytime=self._timeout,
                 )
                 result, _code, explanation = query.check()
+                return str(result), str(explanation), _lookups.ttl
             finally:
-                del _lookups.lookup
-            return str(result), str(explanation)
+                del _lookups.lookup, _lookups.ttl
+
+        def keep(outcome: tuple[str, str, int]) -> tuple[str, str]:
+            result, explanation, ttl = outcome
+            if self._results is not None and result != "temperror":
+                self._results.put(key, (result, explanation), ttl)
+            return result, explanation
 
         def decided(outcome: tuple[str, str]) -> Verdict:
             result, explanation = outcome
@@ -164,7 +188,10 @@ class SPFPolicy(Policy):
                 return Verdict(SPF_TEMPERROR.reply, results=(found,))
             return Verdict(results=(found,))
 
-        return self._runInThread(evaluate).addCallback(decided)
+        known = self._results.get(key) if self._results is not None else None
+        if known is not None:
+            return decided(known)
+        return self._runInThread(evaluate).addCallback(keep).addCallback(decided)
 
     def _lookupFromThread(self, name: str, qtype: str) -> list[Any]:
         """
@@ -181,15 +208,18 @@ class SPFPolicy(Policy):
             return d
 
         try:
-            answers, _authority, _additional = self._callFromThread(ask)
-        except error.DNSNameError:
+            answers, authority, _additional = self._callFromThread(ask)
+        except error.DNSNameError as e:
+            _lookups.ttl = min(_lookups.ttl, missingTTL(e))
             return []
         except (error.DNSServerError, error.DNSQueryRefusedError, error.DNSUnknownError, TwistedTimeout) as e:
             raise spf.TempError(f"DNS {type(e).__name__} for {name} {qtype}") from None
         except error.DomainError:
+            _lookups.ttl = 0
             return []
         except Exception as e:
             raise spf.TempError(f"DNS error for {name} {qtype}: {e}") from None
+        _lookups.ttl = min(_lookups.ttl, answerTTL(answers, authority))
         return _records(answers, qtype)
 
 
@@ -210,4 +240,5 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
         fail,
         temperror,
         timeout,
+        clock=reactor,
     )
