@@ -39,6 +39,15 @@ class Session:
     @ivar id: names the connection among all of this process's, for a
         policy that keeps state per session (a milter connection) and for
         log events; forgotten at L{mailfw.interfaces.IPolicy.sessionEnded}.
+    @ivar stressed: the listener was in stress mode when the connection
+        began (L{mailfw.smtp.SMTPLimits.stressThreshold}): the session has
+        the shorter stress timeouts, and a policy may tighten its own limits.
+    @ivar errors: error replies (5xx) sent so far; set only at
+        L{mailfw.interfaces.IPolicy.sessionEnded}, so that a policy can
+        count a client's errors across its sessions.
+    @ivar authFailures: AUTH exchanges that failed (wrong credentials, a
+        lockout's refusal, a malformed response); set, like C{errors}, only
+        at C{sessionEnded}.
     """
 
     listener: str
@@ -50,6 +59,9 @@ class Session:
     authenticated: str | None = None
     relayClient: bool = False
     id: str = ""
+    stressed: bool = False
+    errors: int = 0
+    authFailures: int = 0
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 Tests for the per-client connection limit's exceptions
 (L{mailfw.smtp.SMTPLimits.connectionLimitExceptions}, honoured by
 L{mailfw.smtp.SMTPFactory}), for the HELP reply
-(L{mailfw.smtp._replies.helpReply}), and for the session limits every
-listener kind keeps alike (foreign requests, error limits).
+(L{mailfw.smtp._replies.helpReply}), for the session limits every
+listener kind keeps alike (foreign requests, error limits), and for stress
+mode (the shorter limits of sessions that begin while a listener is
+nearly full).
 """
 
 from __future__ import annotations
@@ -11,18 +13,31 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from twisted.cred.credentials import IUsernamePassword
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailfw.config import ConfigError, Section
-from mailfw.smtp import SMTPFactory, SMTPLimits
+from mailfw.envelope import Session
+from mailfw.smtp import SMTPFactory, SMTPLimits, SMTPServerProtocol
 from mailfw.smtp import _replies as R
-from tests._smtpdoubles import HOSTNAME, Connection, DictRouter, RecordingQueue, connect
-from tests.test_smtp_auth import login, makeAuth, secure
+from tests._smtpdoubles import (
+    HOSTNAME,
+    Connection,
+    DictRouter,
+    RecordingQueue,
+    StagePolicy,
+    TLSStringTransport,
+    connect,
+)
+from tests.test_smtp_auth import login, makeAuth, plain, secure
 
 TURNED_AWAY = b"421 mx.example.org Too many connections from your address, try again later\r\n"
 
@@ -304,3 +319,222 @@ class ErrorLimitTests(SynchronousTestCase):
             self.assertEqual(len(conn.codes()), SMTPLimits().softErrorLimit, kind)
             conn.clock.advance(0.01)
             self.assertEqual(conn.codes()[-1], b"500", kind)
+
+
+def stressFactory(clock: Clock, policies: Any = (), **limits: Any) -> SMTPFactory:
+    """
+    A listener of 10 connections whose stress mode begins at 4, unless
+    C{limits} say otherwise.
+    """
+    limits.setdefault("stressThreshold", 4)
+    return SMTPFactory(
+        "smtp",
+        HOSTNAME,
+        RecordingQueue(),  # type: ignore[arg-type]
+        DictRouter(),
+        clock,
+        policies,
+        limits=SMTPLimits(maxConnections=10, **limits),
+    )
+
+
+def openSession(f: SMTPFactory, port: int) -> tuple[SMTPServerProtocol, StringTransport]:
+    """
+    Connect to C{f} from its own port of 192.0.2.1; drop the greeting.
+    """
+    address = IPv4Address("TCP", "192.0.2.1", port)
+    proto = f.buildProtocol(address)
+    assert isinstance(proto, SMTPServerProtocol)
+    transport = StringTransport(peerAddress=address)
+    proto.makeConnection(transport)
+    assert transport.value() == b"220 mx.example.org ESMTP\r\n", transport.value()
+    transport.clear()
+    return proto, transport
+
+
+class EndedPolicy(StagePolicy):
+    """
+    Records the sessions it is told have ended.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ended: list[Session] = []
+
+    def sessionEnded(self, session: Session) -> None:
+        self.ended.append(session)
+
+
+class StressTests(SynchronousTestCase):
+    """
+    Stress mode (L{SMTPLimits.stressAt}): the listener factory decides it
+    per connection; a session that begins under stress has the shorter
+    idle timeout and the lower hard error limit, and says so in
+    C{Session.stressed}.
+    """
+
+    def test_threshold(self) -> None:
+        """
+        By default stress begins at four fifths of C{maxConnections}; 0
+        turns it off; C{underStress} only ever tightens, and 0 keeps a
+        limit as it is.
+        """
+        self.assertEqual(SMTPLimits().stressAt, 800)
+        self.assertEqual(SMTPLimits(maxConnections=10).stressAt, 8)
+        self.assertEqual(SMTPLimits(stressThreshold=0).stressAt, 0)
+        self.assertEqual(SMTPLimits(stressThreshold=5).stressAt, 5)
+        stressed = SMTPLimits().underStress()
+        self.assertEqual((stressed.idleTimeout, stressed.hardErrorLimit), (10.0, 1))
+        self.assertEqual(stressed.softErrorLimit, SMTPLimits().softErrorLimit)
+        loose = SMTPLimits(idleTimeout=5, hardErrorLimit=3, stressIdleTimeout=60, stressHardErrorLimit=0)
+        self.assertEqual(loose.underStress(), loose)
+
+    def test_fromSection(self) -> None:
+        """
+        The stress options are read from C{[smtp]} like the others;
+        negative values are refused.
+        """
+        limits = SMTPLimits.fromSection(
+            Section(
+                "[smtp]",
+                {"stress_threshold": 50, "stress_idle_timeout": 5, "stress_hard_error_limit": 2},
+            )
+        )
+        self.assertEqual(
+            (limits.stressAt, limits.stressIdleTimeout, limits.stressHardErrorLimit), (50, 5.0, 2)
+        )
+        self.assertIsNone(SMTPLimits.fromSection(Section("[smtp]", {})).stressThreshold)
+        for key in ("stress_threshold", "stress_idle_timeout", "stress_hard_error_limit"):
+            e = self.assertRaises(ConfigError, SMTPLimits.fromSection, Section("[smtp]", {key: -1}))
+            self.assertIn(f"[smtp] {key}", str(e))
+
+    def test_stressedIdleTimeout(self) -> None:
+        """
+        A session that begins at the threshold times out after the stress
+        idle timeout; those that began before keep the normal one.
+        """
+        clock = Clock()
+        f = stressFactory(clock, stressIdleTimeout=10)
+        calm = [openSession(f, 1000 + i) for i in range(3)]
+        self.assertFalse(f.stressed)
+        proto, transport = openSession(f, 2000)
+        self.assertTrue(f.stressed)
+        self.assertTrue(proto.session.stressed)
+        self.assertFalse(any(p.session.stressed for p, _ in calm))
+        clock.advance(9.9)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.1)
+        self.assertEqual(transport.value(), b"421 mx.example.org Timeout exceeded, closing connection\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(any(t.disconnecting for _, t in calm))
+        clock.advance(SMTPLimits().idleTimeout - 10)
+        self.assertTrue(all(t.disconnecting for _, t in calm), "calm sessions kept the normal timeout")
+
+    def test_stressedHardErrorLimit(self) -> None:
+        """
+        A session that begins under stress is closed at its first error
+        reply (C{stressHardErrorLimit} 1: 421 4.7.0 instead of the error);
+        one that began before gets the error and goes on.
+        """
+        f = stressFactory(Clock())
+        calm = [openSession(f, 1000 + i) for i in range(3)]
+        proto, transport = openSession(f, 2000)
+        proto.dataReceived(b"XYZZY\r\n")
+        self.assertEqual(transport.value()[:4], b"421 ")
+        self.assertIn(b"Too many errors", transport.value())
+        self.assertTrue(transport.disconnecting)
+        calmProto, calmTransport = calm[0]
+        calmProto.dataReceived(b"XYZZY\r\nNOOP\r\n")
+        self.assertEqual([line[:3] for line in calmTransport.value().splitlines()], [b"500", b"250"])
+        self.assertFalse(calmTransport.disconnecting)
+
+    def test_enterAndLeaveLoggedOnce(self) -> None:
+        """
+        Entering stress mode is logged once, at the threshold, however many
+        sessions begin under it; leaving once, below three quarters of the
+        threshold (not at every connection around it); then new sessions
+        are calm again.
+        """
+        f = stressFactory(Clock(), stressThreshold=8)
+        with capturedLogs() as events:
+            sessions = [openSession(f, 1000 + i) for i in range(10)]
+            for proto, _ in sessions[:3]:
+                proto.connectionLost(Failure(ConnectionDone()))
+            self.assertTrue(f.stressed, "left stress mode too early")
+            self.assertTrue(openSession(f, 3000)[0].session.stressed)
+            for proto, _ in sessions[3:6]:
+                proto.connectionLost(Failure(ConnectionDone()))
+        lines = [e["log_format"] for e in events if "stress mode" in (e.get("log_format") or "")]
+        self.assertEqual(
+            lines,
+            [
+                "{kind} listener: stress mode on at {connections} connections",
+                "{kind} listener: stress mode off at {connections} connections",
+            ],
+        )
+        on, off = (e for e in events if "stress mode" in (e.get("log_format") or ""))
+        self.assertEqual((on["connections"], off["connections"]), (8, 5))
+        self.assertEqual([p.session.stressed for p, _ in sessions], [False] * 7 + [True] * 3)
+        self.assertFalse(f.stressed)
+        self.assertFalse(openSession(f, 4000)[0].session.stressed)
+
+    def test_thresholdOff(self) -> None:
+        """
+        With C{stressThreshold} 0 no session is ever stressed.
+        """
+        f = stressFactory(Clock(), stressThreshold=0)
+        sessions = [openSession(f, 1000 + i) for i in range(10)]
+        self.assertFalse(f.stressed)
+        self.assertFalse(any(p.session.stressed for p, _ in sessions))
+
+    def test_policiesSeeErrorsAtEnd(self) -> None:
+        """
+        The session a policy is told has ended carries its error replies
+        and failed AUTH exchanges (not its server's temporary failures),
+        for a policy that counts them across sessions.
+        """
+        clock = Clock()
+        policy = EndedPolicy()
+        conn = connect(
+            "submissions",
+            [policy],
+            auth=makeAuth(clock, maxFailures=100),
+            clock=clock,
+            transportFactory=TLSStringTransport,
+        )
+        conn.send(b"EHLO client.example.net\r\nXYZZY\r\n")
+        conn.send(b"AUTH PLAIN " + plain(password="wrong") + b"\r\n")
+        conn.send(b"AUTH PLAIN " + plain(password="wrong") + b"\r\n")
+        login(conn)
+        self.assertEqual(policy.ended, [])
+        conn.proto.connectionLost(Failure(ConnectionDone()))
+        [ended] = policy.ended
+        self.assertEqual((ended.errors, ended.authFailures), (3, 2))
+        self.assertEqual(ended.authenticated, "alice@example.org")
+
+    def test_temporaryAuthFailureNotCounted(self) -> None:
+        """
+        An AUTH exchange that fails on the server's side (454 4.7.0) is not
+        the client's failure.
+        """
+        clock = Clock()
+        policy = EndedPolicy()
+
+        class Broken:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials: object) -> Deferred[bytes]:
+                return fail(OSError("directory down"))
+
+        conn = connect(
+            "submissions",
+            [policy],
+            auth=makeAuth(clock, credentialsChecker=Broken()),
+            clock=clock,
+            transportFactory=TLSStringTransport,
+        )
+        conn.send(b"EHLO client.example.net\r\nAUTH PLAIN " + plain() + b"\r\n")
+        self.assertEqual(conn.codes()[-1], b"454")
+        conn.proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(policy.ended[0].authFailures, 0)
+        self.flushLoggedErrors(OSError)

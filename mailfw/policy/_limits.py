@@ -14,23 +14,32 @@ server, in the spirit of Postfix's anvil and stress mode.
     in-memory store (at most C{max_clients} clients, least recently seen
     forgotten first), or in the queue's shared state with
     C{shared_rates = true}, so that every node counts together.
-  - Stress mode: while this process holds at least C{stress_threshold}
-    connections, the tighter C{stress_connections_per_client} and
-    C{stress_connections_per_network} apply, as Postfix shortens its limits
-    under stress; entering and leaving it is logged.
+  - Error replies (5xx) and failed AUTH exchanges per client per
+    C{rate_window}, added up across its sessions as each one ends
+    (C{Session.errors}, C{Session.authFailures}): at C{errors_per_client}
+    errors or C{auth_failures_per_client} failures the client's next
+    connection gets 421 4.7.0, until the window ends (as Postfix's anvil
+    limits AUTH requests per client).  This protects the server from a
+    client; the per-session C{[smtp] hard_error_limit} still ends one
+    session, and the AUTH lockout still protects one account.  A client
+    that never disconnects is bounded by the per-session limit.
+  - Stress mode: a session that began while its listener was under stress
+    (C{Session.stressed}, decided by the listener factory at C{[smtp]
+    stress_threshold}) is held to the tighter
+    C{stress_connections_per_client} and C{stress_connections_per_network},
+    as Postfix shortens its limits under stress.
 
-Clients in C{exempt_networks} (loopback by default) are held to no limit
-but count towards the total that decides stress; authenticated clients
-and clients with relay rights are not held to the message and recipient
-rates (C{[auth.quotas]} limits authenticated senders).  Per-session error
-limits and AUTH failures are not counted here: C{[smtp]
-soft_error_limit}/C{hard_error_limit} and the AUTH lockout handle those.
+Clients in C{exempt_networks} (loopback by default) are held to no limit;
+authenticated clients and clients with relay rights are not held to the
+message and recipient rates (C{[auth.quotas]} limits authenticated
+senders), and their errors are not counted; their AUTH failures are (a
+client that guessed a password after nine tries made nine tries).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -46,7 +55,9 @@ from mailfw.reply import SMTPReply
 from mailfw.sharedstate import MemorySharedState, sharedStateFor
 
 __all__ = [
+    "AUTH_FAILURES",
     "CLIENT_BUSY",
+    "CLIENT_ERRORS",
     "CONNECTION_RATE",
     "MESSAGE_RATE",
     "NETWORK_BUSY",
@@ -63,6 +74,8 @@ CONNECTION_RATE = SMTPReply(
 )
 MESSAGE_RATE = SMTPReply(450, "4.7.1", "Too much mail from your address, try again later")
 RECIPIENT_RATE = SMTPReply(450, "4.7.1", "Too many recipients from your address, try again later")
+CLIENT_ERRORS = SMTPReply(421, "4.7.0", "Too many errors from your address, try again later")
+AUTH_FAILURES = SMTPReply(421, "4.7.0", "Too many failed logins from your address, try again later")
 
 
 @dataclass(frozen=True)
@@ -76,8 +89,19 @@ class LimitSettings:
     @ivar messageRate: MAIL commands per client per C{rateWindow}.
     @ivar recipientRate: RCPT commands per client per C{rateWindow}.
     @ivar rateWindow: seconds.
-    @ivar stressThreshold: connections of this process at which stress
-        mode starts.
+    @ivar stressConnectionsPerClient: C{connectionsPerClient} for a session
+        that began under stress (C{Session.stressed}), if tighter.
+    @ivar stressConnectionsPerNetwork: the same for C{connectionsPerNetwork}.
+    @ivar errorsPerClient: error replies per client per C{rateWindow}, over
+        its sessions, at which its next connection is refused.  The default
+        is five sessions' worth at the default C{[smtp] hard_error_limit}:
+        a sender with many bad addresses gets by, an address harvester
+        does not.
+    @ivar authFailuresPerClient: failed AUTH exchanges per client per
+        C{rateWindow} at which its next connection is refused.  A user with
+        a stale password in a few devices stays well below 10 a minute; a
+        password guesser spreading its tries over many accounts (which the
+        per-account lockout does not see) does not.
     """
 
     connectionsPerClient: int = 10
@@ -86,17 +110,18 @@ class LimitSettings:
     messageRate: int = 120
     recipientRate: int = 1000
     rateWindow: float = 60.0
-    stressThreshold: int = 500
     stressConnectionsPerClient: int = 2
     stressConnectionsPerNetwork: int = 10
+    errorsPerClient: int = 100
+    authFailuresPerClient: int = 10
 
 
 class LimitsPolicy(Policy):
     """
     Connection counts, rates and stress mode; see the module's description.
 
-    @ivar connections: this process's live connections (all clients).
-    @ivar stressed: whether stress mode is on.
+    @ivar connections: the live connections this policy was asked about
+        (all clients).
     """
 
     log = Logger()
@@ -119,7 +144,19 @@ class LimitsPolicy(Policy):
         self.prefixV4 = prefixV4
         self.prefixV6 = prefixV6
         self.connections = 0
-        self.stressed = False
+        # What a connection is checked against, in order: the counters that
+        # only refuse are read (amount 0) before the connection rate counts
+        # one more.  Each: key, amount, the highest count let in, reply.
+        checks: list[tuple[str, int, int, SMTPReply, str]] = []
+        if settings.errorsPerClient:
+            checks.append(("err", 0, settings.errorsPerClient - 1, CLIENT_ERRORS, "error count"))
+        if settings.authFailuresPerClient:
+            checks.append(
+                ("auth", 0, settings.authFailuresPerClient - 1, AUTH_FAILURES, "AUTH failure count")
+            )
+        if settings.connectionRate:
+            checks.append(("conn", 1, settings.connectionRate, CONNECTION_RATE, "connection rate"))
+        self._clientChecks = tuple(checks)
         # Live sessions only: session id -> (client, network) or None for
         # an exempt client.
         self._sessions: dict[str, tuple[str, str] | None] = {}
@@ -141,7 +178,7 @@ class LimitsPolicy(Policy):
         client = self._client(session.peerHost)
         network = networkOf(session.peerHost, self.prefixV4, self.prefixV6)
         perClient, perNetwork = settings.connectionsPerClient, settings.connectionsPerNetwork
-        if self.stressed:
+        if session.stressed:
             perClient = _tighter(perClient, settings.stressConnectionsPerClient)
             perNetwork = _tighter(perNetwork, settings.stressConnectionsPerNetwork)
         if perClient and self._perClient.get(client, 0) >= perClient:
@@ -149,15 +186,26 @@ class LimitsPolicy(Policy):
         if perNetwork and self._perNetwork.get(network, 0) >= perNetwork:
             return self._refuse(NETWORK_BUSY, session, "connections per network")
         self._admit(key, (client, network))
-        if not settings.connectionRate:
-            return CONTINUE
-        return self._count(f"limits:conn:{client}", lambda count: self._connectionRate(count, key, session))
+        return self._checkClient(0, client, key, session)
 
-    def _connectionRate(self, count: int, key: str, session: Session) -> Verdict:
-        if count <= self.settings.connectionRate:
+    def _checkClient(
+        self, index: int, client: str, key: str, session: Session
+    ) -> Verdict | Deferred[Verdict]:
+        """
+        The client's counters from C{index} on (see C{_clientChecks}): the
+        first over its limit releases the connection and refuses it.
+        """
+        if index == len(self._clientChecks):
             return CONTINUE
-        self._release(key)
-        return self._refuse(CONNECTION_RATE, session, "connection rate")
+        kind, amount, limit, reply, what = self._clientChecks[index]
+
+        def decide(count: int) -> Verdict | Deferred[Verdict]:
+            if count <= limit:
+                return self._checkClient(index + 1, client, key, session)
+            self._release(key)
+            return self._refuse(reply, session, what)
+
+        return self._count(f"limits:{kind}:{client}", decide, amount)
 
     def checkSender(
         self, session: Session, sender: Address | None, parameters: Mapping[str, str | None]
@@ -182,19 +230,51 @@ class LimitsPolicy(Policy):
             lambda count: CONTINUE if count <= limit else self._refuse(reply, session, what),
         )
 
-    def _count(self, key: str, decide: Callable[[int], Verdict]) -> Verdict | Deferred[Verdict]:
+    def _count(
+        self, key: str, decide: Callable[[int], Verdict | Deferred[Verdict]], amount: int = 1
+    ) -> Verdict | Deferred[Verdict]:
         """
-        Count one more for C{key} and C{decide} on the new count: at once
-        with the in-memory store, so that a message does not pay for
-        Deferreds it does not need; else when the shared store answers.
+        Count C{amount} more (0: only read) for C{key} and C{decide} on the
+        new count: at once with the in-memory store, so that a message does
+        not pay for Deferreds it does not need; else when the shared store
+        answers.
         """
         rates, window, now = self.rates, self.settings.rateWindow, self.clock.seconds()
         if isinstance(rates, MemorySharedState):
-            return decide(rates.countNow(key, 1, window, now))
-        return rates.count(key, 1, window, now).addCallback(decide)
+            return decide(rates.countNow(key, amount, window, now))
+        return rates.count(key, amount, window, now).addCallback(decide)
 
     def sessionEnded(self, session: Session) -> None:
         self._release(_sessionKey(session))
+        if session.errors or session.authFailures:
+            self._addFailures(session)
+
+    def _addFailures(self, session: Session) -> None:
+        """
+        Add an ended session's errors and AUTH failures to its client's
+        counters, which its next connections are checked against.
+        """
+        settings = self.settings
+        if inNetworks(session.peerHost, self.exempt):
+            return
+        client = self._client(session.peerHost)
+        trusted = session.relayClient or session.authenticated is not None
+        if settings.errorsPerClient and session.errors and not trusted:
+            self._add(f"limits:err:{client}", session.errors)
+        if settings.authFailuresPerClient and session.authFailures:
+            self._add(f"limits:auth:{client}", session.authFailures)
+
+    def _add(self, key: str, amount: int) -> None:
+        rates, window, now = self.rates, self.settings.rateWindow, self.clock.seconds()
+        if isinstance(rates, MemorySharedState):
+            rates.countNow(key, amount, window, now)
+            return
+        # Nobody waits for this: a store that fails loses a count, and says so.
+        rates.count(key, amount, window, now).addErrback(
+            lambda failure: self.log.failure(
+                "limits {policy}: counting {key} failed", failure, policy=self.name, key=key
+            )
+        )
 
     # --- bookkeeping --------------------------------------------------------
 
@@ -205,14 +285,6 @@ class LimitsPolicy(Policy):
             self._perClient[client] = self._perClient.get(client, 0) + 1
             self._perNetwork[network] = self._perNetwork.get(network, 0) + 1
         self.connections += 1
-        threshold = self.settings.stressThreshold
-        if threshold and not self.stressed and self.connections >= threshold:
-            self.stressed = True
-            self.log.warn(
-                "limits {policy}: stress mode on at {connections} connections",
-                policy=self.name,
-                connections=self.connections,
-            )
 
     def _release(self, key: str) -> None:
         if key not in self._sessions:
@@ -223,15 +295,6 @@ class LimitsPolicy(Policy):
             _decrement(self._perClient, client)
             _decrement(self._perNetwork, network)
         self.connections -= 1
-        # Hysteresis: leave stress mode well below the threshold, so that
-        # the mode does not flap with every connection.
-        if self.stressed and self.connections < self.settings.stressThreshold * 3 // 4:
-            self.stressed = False
-            self.log.info(
-                "limits {policy}: stress mode off at {connections} connections",
-                policy=self.name,
-                connections=self.connections,
-            )
 
     def _refuse(self, reply: SMTPReply, session: Session, what: str) -> Verdict:
         self.log.info(
@@ -239,7 +302,7 @@ class LimitsPolicy(Policy):
             policy=self.name,
             peer=session.peerHost,
             what=what,
-            stress=" (stress mode)" if self.stressed else "",
+            stress=" (stress mode)" if session.stressed else "",
         )
         return Verdict(reply, disconnect=reply.code == 421)
 
@@ -282,14 +345,29 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
         messageRate=section.integer("message_rate", defaults.messageRate, minimum=0),
         recipientRate=section.integer("recipient_rate", defaults.recipientRate, minimum=0),
         rateWindow=section.number("rate_window", defaults.rateWindow, minimum=1),
-        stressThreshold=section.integer("stress_threshold", defaults.stressThreshold, minimum=0),
         stressConnectionsPerClient=section.integer(
             "stress_connections_per_client", defaults.stressConnectionsPerClient, minimum=0
         ),
         stressConnectionsPerNetwork=section.integer(
             "stress_connections_per_network", defaults.stressConnectionsPerNetwork, minimum=0
         ),
+        errorsPerClient=section.integer("errors_per_client", defaults.errorsPerClient, minimum=0),
+        authFailuresPerClient=section.integer(
+            "auth_failures_per_client", defaults.authFailuresPerClient, minimum=0
+        ),
     )
+    # Stress mode is the listener's now ([smtp] stress_threshold).  The old
+    # "0: never" keeps its meaning here; a threshold cannot, so it is an
+    # error rather than a setting that silently does nothing.
+    oldThreshold = section.integer("stress_threshold", None, minimum=0)
+    if oldThreshold == 0:
+        settings = replace(settings, stressConnectionsPerClient=0, stressConnectionsPerNetwork=0)
+    elif oldThreshold is not None:
+        raise ConfigError(
+            f"{section.title} stress_threshold: stress mode is decided by each listener now;"
+            " set [smtp] stress_threshold instead (0 here still means: no tighter limits"
+            " under stress)"
+        )
     prefixV4, prefixV6 = prefixes(section)
     exempt = networks(section, "exempt_networks", LOOPBACK)
     maxClients = section.integer("max_clients", 50_000, minimum=1)

@@ -9,6 +9,13 @@ Clients in L{SMTPLimits.connectionLimitExceptions} (loopback by default,
 like Postfix's C{smtpd_client_connection_limit_exceptions}) are held only
 to the total limit.
 
+The factory also decides stress mode (L{SMTPLimits.stressAt}): a session
+that begins while it is on gets L{SMTPLimits.underStress} and a
+C{Session.stressed} that policies read (the C{limits} policy tightens its
+connection limits), so there is one notion of stress per listener.  It
+ends below three quarters of the threshold, so that it does not flap
+with every connection; entering and leaving are logged, once each.
+
 With an L{SMTPAuth} the factory's sessions offer AUTH once they are
 encrypted; the submission kinds need it before MAIL, so without one they
 accept no mail at all.
@@ -92,6 +99,7 @@ class SMTPFactory(Factory):
     @ivar kind: C{"smtp"}, C{"submission"}, C{"submissions"} or C{"odmr"}.
     @ivar odmr: the L{ODMRHandler} of an C{odmr} listener.
     @ivar connections: how many connections are open now.
+    @ivar stressed: whether stress mode is on.
     @ivar sessions: the sessions open now (a stopping server asks each to
         finish, L{SMTPServerProtocol.stopWhenIdle}).
     """
@@ -127,6 +135,8 @@ class SMTPFactory(Factory):
         if kind == "odmr" and odmr is None:
             self.log.warn("no [odmr] domains configured: odmr listeners refuse ATRN")
         self.connections = 0
+        self.stressed = False
+        self._stressedLimits = limits.underStress()
         self.sessions: set[SMTPServerProtocol] = set()
         self._perClient: dict[str, int] = {}
 
@@ -172,6 +182,16 @@ class SMTPFactory(Factory):
             self.log.warn("too many connections from {peer}", peer=key)
             return _TurnAway(self.hostname, R.TOO_MANY_CONNECTIONS_FROM_CLIENT)
 
+        stressAt = self.limits.stressAt
+        if stressAt and not self.stressed and self.connections + 1 >= stressAt:
+            self.stressed = True
+            self.log.warn(
+                "{kind} listener: stress mode on at {connections} connections",
+                kind=self.kind,
+                connections=self.connections + 1,
+            )
+        limits = self._stressedLimits if self.stressed else None
+
         def opened(protocol: SMTPServerProtocol) -> None:
             self.connections += 1
             self.sessions.add(protocol)
@@ -185,13 +205,20 @@ class SMTPFactory(Factory):
                 self._perClient[key] = left
             else:
                 self._perClient.pop(key, None)
+            if self.stressed and self.connections < self.limits.stressAt * 3 // 4:
+                self.stressed = False
+                self.log.info(
+                    "{kind} listener: stress mode off at {connections} connections",
+                    kind=self.kind,
+                    connections=self.connections,
+                )
 
         protocol: SMTPServerProtocol
         if self.kind == "odmr":
-            odmrProtocol = ODMRServerProtocol(self.settings, onOpen=opened, onClose=closed)
+            odmrProtocol = ODMRServerProtocol(self.settings, onOpen=opened, onClose=closed, limits=limits)
             odmrProtocol.odmr = self.odmr
             protocol = odmrProtocol
         else:
-            protocol = SMTPServerProtocol(self.settings, onOpen=opened, onClose=closed)
+            protocol = SMTPServerProtocol(self.settings, onOpen=opened, onClose=closed, limits=limits)
         protocol.factory = self
         return protocol

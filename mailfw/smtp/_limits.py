@@ -1,11 +1,20 @@
 """
-Limits on everything an SMTP client controls.
+Limits on everything an SMTP client controls, and the stress mode that
+tightens some of them while a listener is nearly full.
+
+Stress mode follows Postfix's (C{STRESS_README}): when most connection
+slots are taken, the clients that hold them are more likely abusers
+than senders, so new sessions get a short idle timeout and are closed at
+their first error, which frees slots for the mail that matters.  The
+listener factory decides it once per connection (L{SMTPLimits.stressAt});
+a session keeps the limits it started with, as a Postfix smtpd process
+keeps the settings it was spawned with.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from mailfw.config import ConfigError, Section
 
@@ -85,6 +94,16 @@ class SMTPLimits:
     @ivar maxHeaderBytes: how much of a message's header section is held in
         memory for the policies and the loop check; a longer header section
         is passed on, and checked, only up to this size.
+    @ivar stressThreshold: connections of one listener at which stress mode
+        begins; C{None} (the default) for four fifths of C{maxConnections}
+        (Postfix's stress begins when every slot is taken; a little earlier
+        leaves room for the mail stress mode is for), 0 for never.
+    @ivar stressIdleTimeout: C{idleTimeout} of a session that begins under
+        stress (Postfix: 10 s instead of 300); 0 keeps C{idleTimeout}.
+    @ivar stressHardErrorLimit: C{hardErrorLimit} of a session that begins
+        under stress (Postfix: 1): its first error reply is 421 4.7.0 and
+        the close, so a client probing for addresses gets one try per
+        connection slot; 0 keeps C{hardErrorLimit}.
     """
 
     maxLineLength: int = 512
@@ -104,6 +123,9 @@ class SMTPLimits:
     policyTimeout: float = 60.0
     maxPendingChecks: int = 100
     maxHeaderBytes: int = 256 * 1024
+    stressThreshold: int | None = None
+    stressIdleTimeout: float = 10.0
+    stressHardErrorLimit: int = 1
     connectionLimitExceptions: tuple[_Network, ...] = DEFAULT_CONNECTION_LIMIT_EXCEPTIONS
 
     def __post_init__(self) -> None:
@@ -120,6 +142,27 @@ class SMTPLimits:
             value = getattr(self, f.name)
             if isinstance(value, (int, float)) and value < 0:
                 raise ValueError(f"{f.name} must not be negative")
+
+    @property
+    def stressAt(self) -> int:
+        """
+        C{stressThreshold} resolved: connections at which stress mode
+        begins, 0 for never.
+        """
+        if self.stressThreshold is None:
+            return self.maxConnections * 4 // 5
+        return self.stressThreshold
+
+    def underStress(self) -> SMTPLimits:
+        """
+        These limits as a session that begins under stress has them: the
+        stress values where they are tighter, every other limit unchanged.
+        """
+        return replace(
+            self,
+            idleTimeout=_tighter(self.idleTimeout, self.stressIdleTimeout),
+            hardErrorLimit=int(_tighter(self.hardErrorLimit, self.stressHardErrorLimit)),
+        )
 
     @property
     def maxCommandLine(self) -> int:
@@ -171,6 +214,13 @@ class SMTPLimits:
             return cls(**values)  # type: ignore[arg-type]
         except ValueError as e:
             raise ConfigError(f"{section.title}: {e}") from None
+
+
+def _tighter(normal: float, stressed: float) -> float:
+    """
+    The stress value if it is set (not 0) and tighter than the normal one.
+    """
+    return min(normal, stressed) if stressed else normal
 
 
 def _networks(section: Section, key: str) -> tuple[_Network, ...]:

@@ -67,6 +67,10 @@ class Login:
         AUTH, else C{None}.
     @ivar exchange: the L{SASLExchange} waiting for a client response, if
         any: the next input line is that response, not a command (read only).
+    @ivar failures: how many exchanges the server decided against (wrong
+        credentials, the lockout's refusal, a malformed response; not its
+        own temporary failures), for the
+        policies at the session's end (C{Session.authFailures}).
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class Login:
         self.exchange: SASLExchange | None = None
         self._logout: Callable[[], None] | None = None
         self.avatar: Any = None
+        self.failures = 0
 
     def command(self, argument: str, inTransaction: bool, channelBinding: ChannelBinding | None) -> None:
         """
@@ -158,7 +163,12 @@ class Login:
             self._setExchange(exchange)
             return Answer(outcome.reply, plain=True)
         logout = outcome.logout
-        if logout is not None:
+        if logout is None:
+            # The server's own trouble (454 temporary failure) is not the
+            # client's failure.
+            if outcome.reply != A.AUTH_TEMPORARY:
+                self.failures += 1
+        else:
             if self._owner.state.closed:
                 logout()
             else:

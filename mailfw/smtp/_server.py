@@ -50,6 +50,7 @@ from mailfw.reply import SMTPReply
 from mailfw.smtp import _replies as R
 from mailfw.smtp._etrn import etrnCommand
 from mailfw.smtp._framing import InputFramer
+from mailfw.smtp._limits import SMTPLimits
 from mailfw.smtp._login import Login
 from mailfw.smtp._parser import parseCommandLine, parseDomainArgument
 from mailfw.smtp._pipeline import ReplyPipeline
@@ -113,6 +114,9 @@ class SMTPServerProtocol(Protocol):
     @ivar transactions: the L{MailTransactions} (MAIL, RCPT, DATA, BDAT).
     @ivar peer: the client as C{"host:port"} text, for log events.
     @ivar session: what the server knows about the client now (read only).
+    @ivar limits: the limits this session is held to: the listener's, or,
+        for a session that began under stress, L{SMTPLimits.underStress}
+        (a shorter idle timeout and hard error limit).
     """
 
     log = Logger()
@@ -124,15 +128,17 @@ class SMTPServerProtocol(Protocol):
         settings: SessionSettings,
         onOpen: Callable[[SMTPServerProtocol], None] | None = None,
         onClose: Callable[[SMTPServerProtocol], None] | None = None,
+        limits: SMTPLimits | None = None,
     ) -> None:
         self.settings = settings
+        self.limits = settings.limits if limits is None else limits
         self._onOpen = onOpen
         self._onClose = onClose
         self.peer = ""
         self.session = Session(listener=settings.kind, peerHost="")
         self.state = ConnectionState()
         self._input = InputFramer(self, settings.limits.maxCommandLine)
-        self.replies = ReplyPipeline(self, settings.limits, settings.clock)
+        self.replies = ReplyPipeline(self, self.limits, settings.clock)
         self.transactions = MailTransactions(self, settings, self.replies, self._input)
         self._login = Login(self, settings, self.replies, self._input)
         self._idle: IDelayedCall | None = None
@@ -161,7 +167,12 @@ class SMTPServerProtocol(Protocol):
         self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         tls = self.settings.kind == "submissions" or ISSLTransport.providedBy(transport)
         self.session = Session(
-            listener=self.settings.kind, peerHost=host, peerPort=port, tls=tls, id=f"{next(_sessionIDs):x}"
+            listener=self.settings.kind,
+            peerHost=host,
+            peerPort=port,
+            tls=tls,
+            id=f"{next(_sessionIDs):x}",
+            stressed=self.limits is not self.settings.limits,
         )
         # No format: a structured event for the operations observers (the
         # status page, metrics), which text logs skip (see docs/logging.rst).
@@ -181,7 +192,7 @@ class SMTPServerProtocol(Protocol):
         # limit (a timer is a few hundred octets, and 10,000 idle sessions
         # are a benchmark).
         self._idle = self.settings.clock.callLater(
-            self._capped(self.settings.limits.idleTimeout, self._connectedAt), self._idleTimedOut
+            self._capped(self.limits.idleTimeout, self._connectedAt), self._idleTimedOut
         )
         session = self.session
         verdict = self.settings.chain.ask(Stage.CONNECT, lambda p: p.checkConnection(session), self.peer)
@@ -219,6 +230,11 @@ class SMTPServerProtocol(Protocol):
         self.transactions.cancel()
         self._login.end()
         if self.settings.chain and self.session.id:
+            errors, authFailures = self.replies.errors, self._login.failures
+            if errors or authFailures:
+                # For a policy that counts a client's errors across its
+                # sessions (the limits policy).
+                self.session = replace(self.session, errors=errors, authFailures=authFailures)
             self.settings.chain.sessionEnded(self.session)
         self.log.info(
             "connection from {peer} on {listener} closed after {duration:.1f}s:"
@@ -304,7 +320,7 @@ class SMTPServerProtocol(Protocol):
         """
         C{delay}, or less if the session time limit comes first.
         """
-        limit = self.settings.limits.maxSessionTime
+        limit = self.limits.maxSessionTime
         if not limit:
             return delay
         return max(0.0, min(delay, self._connectedAt + limit - now))
@@ -334,7 +350,7 @@ class SMTPServerProtocol(Protocol):
         self._idle = None
         if self.state.closing:
             return
-        clock, limits = self.settings.clock, self.settings.limits
+        clock, limits = self.settings.clock, self.limits
         now, timeout = clock.seconds(), limits.idleTimeout
         if (
             limits.maxSessionTime
@@ -440,7 +456,7 @@ class SMTPServerProtocol(Protocol):
         """
         if line[:4].upper() != b"RCPT" or line[4:5] not in (b" ", b""):
             return False
-        replies, limits = self.replies, self.settings.limits
+        replies, limits = self.replies, self.limits
         pending = len(replies.pending)
         return (
             replies.errors < limits.softErrorLimit
