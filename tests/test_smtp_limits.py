@@ -474,6 +474,10 @@ class StressTests(SynchronousTestCase):
         )
         on, off = (e for e in events if "stress mode" in (e.get("log_format") or ""))
         self.assertEqual((on["connections"], off["connections"]), (8, 5))
+        self.assertEqual(
+            [(e["event"], e["listener"], e["stressed"]) for e in (on, off)],
+            [("listener.stress", "smtp", True), ("listener.stress", "smtp", False)],
+        )
         self.assertEqual([p.session.stressed for p, _ in sessions], [False] * 7 + [True] * 3)
         self.assertFalse(f.stressed)
         self.assertFalse(openSession(f, 4000)[0].session.stressed)

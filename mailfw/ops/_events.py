@@ -29,6 +29,7 @@ EVENTS: dict[str, str] = {
     "connection.opened": "a client connected to a listener",
     "connection.refused": "a connect-stage policy refused the client",
     "connection.closed": "a client connection ended",
+    "listener.stress": "a listener entered or left stress mode",
     "session.helo": "a client's HELO or EHLO was accepted",
     "session.tls": "a client started TLS",
     "session.auth": "a client authenticated",

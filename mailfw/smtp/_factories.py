@@ -187,6 +187,9 @@ class SMTPFactory(Factory):
             self.stressed = True
             self.log.warn(
                 "{kind} listener: stress mode on at {connections} connections",
+                event="listener.stress",
+                listener=self.kind,
+                stressed=True,
                 kind=self.kind,
                 connections=self.connections + 1,
             )
@@ -209,6 +212,9 @@ class SMTPFactory(Factory):
                 self.stressed = False
                 self.log.info(
                     "{kind} listener: stress mode off at {connections} connections",
+                    event="listener.stress",
+                    listener=self.kind,
+                    stressed=False,
                     kind=self.kind,
                     connections=self.connections,
                 )
