@@ -15,6 +15,17 @@ Notices go from the null sender C{<>} to the original envelope sender,
 honour each recipient's NOTIFY, and are never sent for a message that
 itself had the null sender (a bounce is never bounced: that is logged and
 dropped).
+
+A notice about a REQUIRETLS message (RFC 8689) returns only the original
+header section, whatever C{RET} asked for (section 5: the server MUST
+behave as if C{RET=HDRS} was given and disregard C{RET=FULL}), because
+the return path may lack the protection the forward path had.  It is
+queued with REQUIRETLS too, so even that header section (subject,
+correspondents) leaves only over verified TLS to a host that offers
+REQUIRETLS: the relay refuses any other next hop, and a refused notice is
+logged and dropped like any undeliverable bounce.  Section 5 says the
+REQUIRETLS of a bounce SHOULD NOT cause it to be discarded; mailfw keeps
+the sender's request for confidentiality instead (docs/delivery-trust.rst).
 """
 
 from __future__ import annotations
@@ -119,7 +130,14 @@ def readReturned(body: IMessageBody, full: bool, headerLimit: int = 64 * 1024) -
     with body.open() as f:
         if full:
             return f.read()
-        data = f.read(headerLimit)
+        return _headerSection(f.read(headerLimit))
+
+
+def _headerSection(data: bytes) -> bytes:
+    """
+    The header section at the start of C{data} (without the blank line
+    that ends it), or as much of it as ends with a whole line.
+    """
     end = data.find(b"\r\n\r\n")
     if end >= 0:
         return data[: end + 2]
@@ -154,8 +172,13 @@ class NoticeWriter:
         """
         Whether a notice about a message of C{size} octets returns all of it
         (C{RET=FULL} or no RET, and small enough) or only its header.
+
+        Never for a REQUIRETLS message: RFC 8689 section 5 says a bounce of
+        one MUST be made as if C{RET=HDRS} was given, C{RET=FULL}
+        disregarded, because the return path may not be the protected
+        forward path.
         """
-        return envelope.ret != "HDRS" and size <= self.maxReturned
+        return envelope.ret != "HDRS" and not envelope.requireTLS and size <= self.maxReturned
 
     def wanted(self, reports: Sequence[RecipientReport]) -> list[RecipientReport]:
         """
@@ -180,7 +203,12 @@ class NoticeWriter:
 
         @param returned: the original message, or its header section when
             not C{full} (see L{readReturned}).
+        @param full: whether C{returned} is the whole message; ignored for
+            a REQUIRETLS message, which only ever gets its header section
+            back (see L{returnsFull}), so a caller cannot leak its body.
         """
+        if full and envelope.requireTLS:
+            returned, full = _headerSection(returned), False
         reports = self.wanted(reports)
         if not reports:
             return None
@@ -221,6 +249,9 @@ class NoticeWriter:
                 smtputf8=utf8 and not sender.isASCII,
                 body="8BITMIME" if not data.isascii() else None,
                 size=len(data),
+                # The notice keeps the message's REQUIRETLS (see the
+                # module docstring).
+                requireTLS=envelope.requireTLS,
             ),
             data,
         )

@@ -6,7 +6,11 @@ and relays it: to C{b.test}, whose MX host is mailfw B with a DANE-EE
 TLSA record (served with the AD bit by a loopback DNS server that A trusts
 with C{[dns] dnssec = "trust-ad"}), it goes with REQUIRETLS passed on and
 B queues it with the flag; to C{plain.test}, an C{smtp-sink} without any
-verified TLS, it never goes at all and the sender gets a 5.7.30 bounce.
+verified TLS, it never goes at all and the sender gets a 5.7.30 bounce
+that returns only the original header (RFC 8689 section 5).  A bounce
+whose own way back leads to a host without verified TLS and REQUIRETLS
+(C{return.test}, the same C{smtp-sink}) is refused there and dropped: the
+notice keeps the message's REQUIRETLS and never leaves in the clear.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ dnssec = "trust-ad"
 plugin = "static"
 local_domains = ["localhost"]
 relay_networks = ["127.0.0.0/8"]
-transport = {{ "plain.test" = "outbound:[{peer}]:{sinkPort}" }}
+transport = {{ "plain.test" = "outbound:[{peer}]:{sinkPort}", "return.test" = "outbound:[{peer}]:{sinkPort}" }}
 [delivery.local]
 plugin = "maildir"
 [delivery.outbound]
@@ -95,7 +99,7 @@ def startDNS(tmp: Path, zone: dict[str, list[list[object]]]) -> tuple[subprocess
     return process, int(portFile.read_text())
 
 
-def submit(server: MailfwProcess, recipient: str) -> None:
+def submit(server: MailfwProcess, recipient: str, sender: str = "alice@localhost") -> None:
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -104,7 +108,7 @@ def submit(server: MailfwProcess, recipient: str) -> None:
         client.ehlo("client.test")
         assert client.has_extn("requiretls"), client.esmtp_features
         client.sendmail(
-            "alice@localhost",
+            sender,
             [recipient],
             b"Subject: secret\r\nMessage-ID: <rt@test>\r\n\r\nfor your eyes only\r\n",
             mail_options=["REQUIRETLS"],
@@ -115,7 +119,8 @@ def test_requireTLSEndToEnd(tmp_path: Path, sink: Sink) -> None:
     """
     With REQUIRETLS, the DANE-verified second mailfw gets the message and
     stores the flag; the sink without verified TLS gets nothing, and the
-    sender a 5.7.30 bounce.
+    sender a 5.7.30 bounce with the original header but not its body.  The
+    bounce to a sender behind the sink is refused and logged, not sent.
     """
     issued = selfSigned("mx.b.test")
     cert, key = issued.write(tmp_path, "receiver")
@@ -163,7 +168,25 @@ def test_requireTLSEndToEnd(tmp_path: Path, sink: Sink) -> None:
         text = bounce.read_bytes()
         assert b"5.7.30" in text, text[:2000]
         assert b"carol@plain.test" in text
-        assert sink.messages() == [], "a REQUIRETLS message reached the peer without verified TLS"
+        assert b"text/rfc822-headers" in text, text[:4000]
+        assert b"Subject: secret" in text, text[:4000]
+        assert b"for your eyes only" not in text, "the bounce of a REQUIRETLS message returned its body"
+
+        submit(sender, "carol@plain.test", sender="dave@return.test")
+        assert sender.logPath is not None
+        logPath = sender.logPath
+        # The notice is from <> with NOTIFY=NEVER: refused, it is dropped
+        # after this line, never retried in the clear.
+        refused = "to dave@return.test via outbound: 550 5.7.30"
+        try:
+            waitFor(lambda: refused in logPath.read_text("utf-8", "replace"), timeout=60, what=refused)
+        except AssertionError:
+            raise AssertionError(
+                f"the bounce to dave@return.test was not refused for want of REQUIRETLS:\n{sender.output()}"
+            ) from None
+        assert sink.messages() == [], (
+            "a REQUIRETLS message or its bounce reached the peer without verified TLS"
+        )
     finally:
         if sender is not None:
             sender.stop()
