@@ -1,6 +1,7 @@
 """
 Tests for the notices about REQUIRETLS messages (RFC 8689 section 5): they
-return the original header section only and keep REQUIRETLS, both as
+return the original header section only and, redacted so, are queued
+without REQUIRETLS (as Postfix's C{requiretls_redact_dsn}), both as
 L{NoticeWriter} builds them and as the L{Scheduler} queues them.
 """
 
@@ -37,8 +38,8 @@ def returnedPart(body: bytes) -> Message:
 
 class NoticeWriterRequireTLSTests(SynchronousTestCase):
     """
-    L{NoticeWriter} returns only the header of a REQUIRETLS message and
-    queues the notice with REQUIRETLS.
+    L{NoticeWriter} returns only the header of a REQUIRETLS message, and
+    the notice so redacted goes back without REQUIRETLS.
     """
 
     def setUp(self) -> None:
@@ -47,8 +48,8 @@ class NoticeWriterRequireTLSTests(SynchronousTestCase):
     def test_failureReturnsHeadersOnly(self) -> None:
         """
         RET=FULL on a small REQUIRETLS message still returns only its
-        header section, as text/rfc822-headers, and the bounce carries
-        REQUIRETLS.
+        header section, as text/rfc822-headers, and the bounce (nothing
+        confidential left in it) does not require TLS back.
         """
         envelope = makeEnvelope("a@example.com", ret="FULL", requireTLS=True)
         self.assertFalse(self.writer.returnsFull(envelope, len(ORIGINAL)))
@@ -56,7 +57,7 @@ class NoticeWriterRequireTLSTests(SynchronousTestCase):
         returned = readReturned(MemoryBody(ORIGINAL), False)
         notice = self.writer.build("Q1", envelope, [report], returned, False, 2000.0)
         assert notice is not None
-        self.assertTrue(notice.envelope.requireTLS, "the bounce of a REQUIRETLS message lost REQUIRETLS")
+        self.assertFalse(notice.envelope.requireTLS, "a redacted bounce would be dropped without a REQUIRETLS path")
         self.assertIsNone(notice.envelope.sender)
         part = returnedPart(notice.body)
         self.assertEqual(part.get_content_type(), "text/rfc822-headers")
@@ -80,14 +81,14 @@ class NoticeWriterRequireTLSTests(SynchronousTestCase):
 
     def test_delayKeepsRequireTLS(self) -> None:
         """
-        A delay notice about a REQUIRETLS message is queued with
-        REQUIRETLS and returns the header section only.
+        A delay notice about a REQUIRETLS message returns the header
+        section only and is queued without REQUIRETLS.
         """
         envelope = makeEnvelope("a@example.com", requireTLS=True)
         report = self.writer.delayReport(envelope.recipients[0], GREYLISTED, None, 2000.0, 5000.0)
         notice = self.writer.build("Q1", envelope, [report], HEADER, False, 2000.0)
         assert notice is not None
-        self.assertTrue(notice.envelope.requireTLS, "the delay notice of a REQUIRETLS message lost it")
+        self.assertFalse(notice.envelope.requireTLS)
         self.assertEqual(returnedPart(notice.body).get_content_type(), "text/rfc822-headers")
 
     def test_utf8HeadersOnly(self) -> None:
@@ -99,7 +100,7 @@ class NoticeWriterRequireTLSTests(SynchronousTestCase):
         report = self.writer.failureReport(envelope.recipients[0], UNKNOWN, None, 2000.0)
         notice = self.writer.build("Q1", envelope, [report], ORIGINAL, True, 2000.0)
         assert notice is not None
-        self.assertTrue(notice.envelope.requireTLS)
+        self.assertFalse(notice.envelope.requireTLS)
         self.assertEqual(returnedPart(notice.body).get_content_type(), "message/global-headers")
         self.assertNotIn(b"for your eyes only", notice.body)
 
@@ -120,8 +121,8 @@ class NoticeWriterRequireTLSTests(SynchronousTestCase):
 
 class SchedulerRequireTLSNoticeTests(SchedulerTestsMixin):
     """
-    The scheduler queues the notices of a REQUIRETLS message with
-    REQUIRETLS and the header section only.
+    The scheduler queues the notices of a REQUIRETLS message with the
+    header section only, without REQUIRETLS.
     """
 
     def queuedNotices(self, agent: FakeAgent) -> list[tuple[bool, Message, bytes]]:
@@ -134,14 +135,15 @@ class SchedulerRequireTLSNoticeTests(SchedulerTestsMixin):
     def test_bounce(self) -> None:
         """
         A refused recipient of a REQUIRETLS message sent with RET=FULL
-        gets a bounce queued with REQUIRETLS that holds only the header.
+        gets a bounce that holds only the header, queued without
+        REQUIRETLS.
         """
         agent = FakeAgent(self.clock, reply=lambda a: UNKNOWN if a == "bad@example.com" else OK)
         self.makeScheduler(agent)
         self.enqueue(makeEnvelope("bad@example.com", ret="FULL", requireTLS=True), ORIGINAL)
         self.clock.advance(0)
         [(requireTLS, bounce, body)] = self.queuedNotices(agent)
-        self.assertTrue(requireTLS, "the bounce was queued without REQUIRETLS")
+        self.assertFalse(requireTLS, "the redacted bounce was queued with REQUIRETLS")
         self.assertEqual(bounce["Subject"], "Undelivered Mail Returned to Sender")
         self.assertEqual(subpart(bounce, 2).get_content_type(), "text/rfc822-headers")
         self.assertIn(b"Subject: secret", body)
@@ -150,7 +152,7 @@ class SchedulerRequireTLSNoticeTests(SchedulerTestsMixin):
     def test_delayAndBounce(self) -> None:
         """
         A REQUIRETLS message deferred for days gets a delay notice and then
-        a bounce, both with REQUIRETLS and neither with the body.
+        a bounce, neither with the body nor with REQUIRETLS.
         """
         agent = FakeAgent(self.clock, reply=lambda a: GREYLISTED if a == "a@example.com" else OK)
         self.makeScheduler(agent)
@@ -159,7 +161,7 @@ class SchedulerRequireTLSNoticeTests(SchedulerTestsMixin):
         [(delayTLS, delay, delayBody), (bounceTLS, bounce, bounceBody)] = self.queuedNotices(agent)
         self.assertEqual(delay["Subject"], "Delayed Mail (still being retried)")
         self.assertEqual(bounce["Subject"], "Undelivered Mail Returned to Sender")
-        self.assertEqual((delayTLS, bounceTLS), (True, True))
+        self.assertEqual((delayTLS, bounceTLS), (False, False))
         for message, body in ((delay, delayBody), (bounce, bounceBody)):
             self.assertEqual(subpart(message, 2).get_content_type(), "text/rfc822-headers")
             self.assertNotIn(b"for your eyes only", body)

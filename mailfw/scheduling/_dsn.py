@@ -19,13 +19,12 @@ dropped).
 A notice about a REQUIRETLS message (RFC 8689) returns only the original
 header section, whatever C{RET} asked for (section 5: the server MUST
 behave as if C{RET=HDRS} was given and disregard C{RET=FULL}), because
-the return path may lack the protection the forward path had.  It is
-queued with REQUIRETLS too, so even that header section (subject,
-correspondents) leaves only over verified TLS to a host that offers
-REQUIRETLS: the relay refuses any other next hop, and a refused notice is
-logged and dropped like any undeliverable bounce.  Section 5 says the
-REQUIRETLS of a bounce SHOULD NOT cause it to be discarded; mailfw keeps
-the sender's request for confidentiality instead (docs/delivery-trust.rst).
+the return path may lack the protection the forward path had.  The notice
+itself is queued without REQUIRETLS, as Postfix does by default
+(C{requiretls_redact_dsn}): the body is what REQUIRETLS protected, and a
+notice that needed a REQUIRETLS path back would be dropped wherever the
+sender's own server lacks one, which section 5 says the REQUIRETLS of a
+message SHOULD NOT cause.
 """
 
 from __future__ import annotations
@@ -249,9 +248,6 @@ class NoticeWriter:
                 smtputf8=utf8 and not sender.isASCII,
                 body="8BITMIME" if not data.isascii() else None,
                 size=len(data),
-                # The notice keeps the message's REQUIRETLS (see the
-                # module docstring).
-                requireTLS=envelope.requireTLS,
             ),
             data,
         )
