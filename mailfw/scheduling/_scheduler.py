@@ -308,10 +308,6 @@ class Scheduler(Service):
     ) -> None:
         """
         @param agents: delivery agents by instance name (L{Route.agent}).
-        @param maxPerAgent: how many deliveries one agent instance may run
-            at once (default: L{defaultPerAgent}C{(maxConcurrent)}).
-        @param agentLimits: the limits of particular agents, by instance
-            name, instead of C{maxPerAgent}.
         @param hostname: this host's name, for the DSN C{Reporting-MTA}.
         @param claimAhead: how many recipients may be leased and not yet
             recorded (default: four times C{maxConcurrent}).
@@ -323,6 +319,10 @@ class Scheduler(Service):
             domain (see I{Hold for ETRN} in the module docstring).
         @param shaping: the destinations with traffic shaping (see
             L{mailfw.scheduling._shaping}).
+        @param maxPerAgent: how many deliveries one agent instance may run
+            at once (default: L{defaultPerAgent}C{(maxConcurrent)}).
+        @param agentLimits: the limits of particular agents, by instance
+            name, instead of C{maxPerAgent}.
         """
         self._clock = clock
         self._queue = queue
