@@ -28,7 +28,14 @@ from mailfw.queued import QueueFull, RecipientState, Selector
 from mailfw.reply import SMTPReply
 from mailfw.scheduling._dsn import NoticeWriter
 from mailfw.scheduling._retry import RetrySchedule
-from mailfw.scheduling._scheduler import Scheduler, schedulerFromConfig
+from mailfw.scheduling._scheduler import (
+    AGENT_BUSY,
+    BUSY_PAUSE,
+    BUSY_RETRY,
+    Scheduler,
+    defaultPerAgent,
+    schedulerFromConfig,
+)
 
 OK = SMTPReply(250, "2.0.0", "ok")
 GREYLISTED = SMTPReply(451, "4.7.1", "greylisted")
@@ -599,14 +606,17 @@ class SchedulerLimitTests(SchedulerTestsMixin):
     def test_concurrencyLimits(self) -> None:
         """
         No more than C{maxConcurrent} deliveries run at once, nor more than
-        C{perDestination} to one destination; all complete eventually.
+        C{perDestination} to one destination; all complete eventually (some
+        after waiting in the queue, put back for the busy agent).
         """
         self.router.table = {
             "a.example": Route(RouteKind.RELAY, agent="relay", nexthop="a.example"),
             "b.example": Route(RouteKind.RELAY, agent="relay", nexthop="b.example"),
         }
         agent = FakeAgent(self.clock, "relay", manual=True)
-        scheduler = self.makeScheduler(agent, maxConcurrent=3, perDestination=2, maxPerDestination=2)
+        scheduler = self.makeScheduler(
+            agent, maxConcurrent=3, perDestination=2, maxPerDestination=2, maxPerAgent=3
+        )
         for n in range(10):
             self.enqueue(makeEnvelope(f"u{n}@a.example"))
             self.enqueue(makeEnvelope(f"u{n}@b.example"))
@@ -614,8 +624,13 @@ class SchedulerLimitTests(SchedulerTestsMixin):
         perDestination: dict[str | None, int] = {}
         worst: dict[str | None, int] = {}
         answered = 0
-        while answered < 20:
+        for _ in range(100):
+            if answered == 20:
+                break
             pending = [d for d in agent.deliveries if not d.deferred.called]
+            if not pending:
+                runUntilIdle(self.clock, self.clock.seconds() + BUSY_RETRY)
+                continue
             self.assertLessEqual(len(pending), 3)
             for d in pending:
                 perDestination[d.nexthop] = perDestination.get(d.nexthop, 0) + 1
@@ -736,6 +751,168 @@ class SchedulerLimitTests(SchedulerTestsMixin):
         for _ in range(5):
             agent.answer(next(d for d in agent.deliveries if not d.deferred.called))
         self.assertEqual(self.queue.queueIDs(), [])
+
+
+class SchedulerAgentLimitTests(SchedulerTestsMixin):
+    """
+    Each delivery agent instance has its own share of the deliveries, so
+    one stuck on its next hops (a relay waiting for a dead resolver) does
+    not hold up the others.
+    """
+
+    def stuckRelay(self) -> FakeAgent:
+        """
+        Route C{dN.test} through a C{relay} agent that never answers, one
+        next hop per domain (so that no destination window is the limit).
+        """
+        self.router.table = {
+            f"d{n}.test": Route(RouteKind.RELAY, agent="relay", nexthop=f"d{n}.test") for n in range(100)
+        }
+        return FakeAgent(self.clock, "relay", manual=True)
+
+    def test_defaultPerAgent(self) -> None:
+        """
+        By default an agent may take four fifths of C{maxConcurrent},
+        leaving at least one slot to the others when there are two.
+        """
+        self.assertEqual(
+            [defaultPerAgent(n) for n in (1, 2, 3, 5, 10, 50)],
+            [1, 1, 2, 4, 8, 40],
+        )
+        scheduler = self.makeScheduler(FakeAgent(self.clock), maxConcurrent=5)
+        self.assertEqual((scheduler.agentLimit("local"), scheduler.agentLimit("relay")), (4, 4))
+
+    def test_localWhileRemoteStuck(self) -> None:
+        """
+        With C{maxConcurrent} reached by remote deliveries that never
+        finish (and more remote mail leased and waiting than C{claimAhead}),
+        a local message queued afterwards is still claimed and delivered
+        at once.
+        """
+        relay = self.stuckRelay()
+        local = FakeAgent(self.clock)
+        scheduler = self.makeScheduler(relay, local, maxConcurrent=5, claimAhead=8)
+        for n in range(12):
+            self.enqueue(makeEnvelope(f"user@d{n}.test"))
+        self.clock.advance(0)
+        self.assertEqual((relay.active, scheduler.deliveries), (4, 4))
+        queueID = self.enqueue(makeEnvelope("someone@localhost.example"))
+        self.clock.advance(0)
+        self.assertEqual([d.addresses for d in local.deliveries], [["someone@localhost.example"]])
+        self.assertNotIn(queueID, self.queue.queueIDs())
+        self.assertEqual((relay.active, scheduler.deliveries), (4, 4))
+
+    def test_stuckAgentPutsBack(self) -> None:
+        """
+        Beyond C{AGENT_AHEAD} recipients per slot waiting for a stuck
+        agent, further recipients go back to the queue uncounted, with
+        L{AGENT_BUSY} and due C{BUSY_RETRY} later, and claims pause for
+        C{BUSY_PAUSE}: local mail queued behind them is still delivered,
+        the leases held stay bounded, and the put-back mail is tried again
+        once the agent answers.
+        """
+        relay = self.stuckRelay()
+        local = FakeAgent(self.clock)
+        self.makeScheduler(relay, local, maxConcurrent=3, claimAhead=4, agentLimits={"relay": 2})
+        remote = [self.enqueue(makeEnvelope(f"user@d{n}.test")) for n in range(40)]
+        self.clock.advance(0)
+        runUntilIdle(self.clock, START + 5)
+        states = [(r.state, r.lastReply) for q in remote for r in self.queue.recipients(q)]
+        # Claims pause BUSY_PAUSE after each put-back: two more a second
+        # (claimAhead less the two delivering), not the whole queue at once.
+        self.assertEqual(states.count((RecipientState.READY, AGENT_BUSY)), 2 * (5 / BUSY_PAUSE + 1))
+        runUntilIdle(self.clock, START + 20)
+        self.assertEqual(relay.active, 2)
+        leased = self.successResultOf(self.queue.list(Selector(state=RecipientState.LEASED)))
+        # 2 delivering, 8 (AGENT_AHEAD * 2) waiting.
+        self.assertEqual(len(leased), 10)
+        putBack = [r for q in remote for r in self.queue.recipients(q) if r.state is RecipientState.READY]
+        self.assertEqual(len(putBack), 30)
+        self.assertEqual(
+            {(r.attempts, r.lastReply, r.nextAttempt is not None and r.nextAttempt > START) for r in putBack},
+            {(0, AGENT_BUSY, True)},
+        )
+        queueID = self.enqueue(makeEnvelope("someone@localhost.example"))
+        self.clock.advance(0)
+        self.assertEqual([d.addresses for d in local.deliveries], [["someone@localhost.example"]])
+        self.assertNotIn(queueID, self.queue.queueIDs())
+        for _ in range(200):
+            pending = [d for d in relay.deliveries if not d.deferred.called]
+            if pending:
+                relay.answer(pending[0])
+                self.clock.advance(0)
+            elif self.queue.queueIDs():
+                runUntilIdle(self.clock, self.clock.seconds() + BUSY_RETRY)
+            else:
+                break
+        self.assertEqual(self.queue.queueIDs(), [])
+        self.assertEqual(len(relay.deliveries), 40)
+        self.assertEqual(relay.mostActive, 2)
+
+    def test_agentLimit(self) -> None:
+        """
+        An agent runs no more deliveries at once than its own limit, even
+        with C{maxConcurrent} to spare.
+        """
+        relay = self.stuckRelay()
+        scheduler = self.makeScheduler(relay, maxConcurrent=10, agentLimits={"relay": 3})
+        for n in range(6):
+            self.enqueue(makeEnvelope(f"user@d{n}.test"))
+        self.clock.advance(0)
+        self.assertEqual((relay.active, scheduler.deliveries), (3, 3))
+        relay.answer(relay.deliveries[0])
+        self.clock.advance(0)
+        self.assertEqual((relay.active, len(relay.deliveries)), (3, 4))
+
+    def test_wholeProcessLimit(self) -> None:
+        """
+        All agents together run no more than C{maxConcurrent} deliveries,
+        whatever their own limits.
+        """
+        relay = self.stuckRelay()
+        local = FakeAgent(self.clock, manual=True)
+        scheduler = self.makeScheduler(relay, local, maxConcurrent=4, maxPerAgent=3)
+        for n in range(5):
+            self.enqueue(makeEnvelope(f"user@d{n}.test"))
+        for n in range(5):
+            self.enqueue(makeEnvelope(f"user{n}@localhost.example"))
+        self.clock.advance(0)
+        self.assertEqual((relay.active, local.active, scheduler.deliveries), (3, 1, 4))
+        relay.answer(relay.deliveries[0])
+        self.clock.advance(0)
+        self.assertEqual((relay.active, local.active, scheduler.deliveries), (3, 1, 4))
+        local.answer(local.deliveries[0])
+        self.clock.advance(0)
+        self.assertEqual((relay.active, local.active, scheduler.deliveries), (3, 1, 4))
+
+
+class SchedulerAgentLimitSQLiteTests(SchedulerTestsMixin):
+    """
+    New mail offered by the SQLite queue (L{ILeaseOffers}) is not refused
+    while another agent's leases wait.
+    """
+
+    def test_offeredWhileRemoteWaits(self) -> None:
+        """
+        With more remote recipients leased and waiting for a stuck agent
+        than C{claimAhead}, new local mail is still offered to the
+        scheduler and delivered.
+        """
+        self.queue = SchedulerWithSQLiteTests.sqliteQueue(self)  # type: ignore[arg-type]
+        relay = SchedulerAgentLimitTests.stuckRelay(self)  # type: ignore[arg-type]
+        local = FakeAgent(self.clock)
+        scheduler = self.makeScheduler(relay, local, maxConcurrent=5, claimAhead=6)
+        for n in range(12):
+            self.enqueue(makeEnvelope(f"user@d{n}.test"))
+        self.clock.advance(0)
+        self.assertEqual((relay.active, scheduler.deliveries), (4, 4))
+        self.assertGreater(scheduler._room(), 0)
+        before = self.queue.transactions  # type: ignore[attr-defined]
+        self.enqueue(makeEnvelope("someone@localhost.example"))
+        self.clock.advance(0)
+        self.assertEqual([d.addresses for d in local.deliveries], [["someone@localhost.example"]])
+        # Stored leased and recorded: no claim transaction in between.
+        self.assertEqual(self.queue.transactions - before, 2)  # type: ignore[attr-defined]
 
 
 def customerOnly(address: Address) -> bool:
@@ -904,6 +1081,7 @@ class SchedulerConfigTests(SynchronousTestCase):
         scheduler = schedulerFromConfig(section, clock, queue, FakeRouter(), {}, "mx.example")
         self.assertEqual((scheduler.maxConcurrent, scheduler.perDestination, scheduler.deadTime), (7, 2, 10))
         self.assertEqual(scheduler._schedule.firstRetry, 60)
+        self.assertEqual(scheduler.maxPerAgent, defaultPerAgent(7))
         self.assertRaises(
             ConfigError,
             schedulerFromConfig,
@@ -914,6 +1092,40 @@ class SchedulerConfigTests(SynchronousTestCase):
             {},
             "mx.example",
         )
+
+    def test_agentLimitsFromConfig(self) -> None:
+        """
+        C{max_per_agent} replaces the default limit of every agent, and a
+        C{[scheduler.agents."NAME"]} table sets one agent's; a table for an
+        agent that is not configured, or with another key, is refused.
+        """
+        clock = Clock()
+        queue = MemoryQueue(clock)
+        agents = {"local": FakeAgent(clock), "relay": FakeAgent(clock, "relay")}
+        section = Section(
+            "[scheduler]",
+            {"max_concurrent": 20, "max_per_agent": 12, "agents": {"relay": {"max_concurrent": 5}}},
+        )
+        scheduler = schedulerFromConfig(section, clock, queue, FakeRouter(), agents, "mx.example")
+        self.assertEqual((scheduler.agentLimit("local"), scheduler.agentLimit("relay")), (12, 5))
+        wrongs: list[tuple[dict[str, object], str]] = [
+            ({"agents": {"outbound": {"max_concurrent": 5}}}, "no [delivery.outbound]"),
+            ({"agents": {"relay": {"max_concurent": 5}}}, "needs 'max_concurrent'"),
+            ({"agents": {"relay": {"max_concurrent": 0}}}, "at least 1"),
+            ({"agents": {"relay": 5}}, "must be a table"),
+        ]
+        for wrong, message in wrongs:
+            error = self.assertRaises(
+                ConfigError,
+                schedulerFromConfig,
+                Section("[scheduler]", wrong),
+                clock,
+                queue,
+                FakeRouter(),
+                agents,
+                "mx.example",
+            )
+            self.assertIn(message, str(error))
 
 
 class SchedulerBounceTests(SchedulerTestsMixin):

@@ -31,13 +31,31 @@ its 250 first), which saves a write transaction per message.
 Limits
 ======
 
-At most C{maxConcurrent} deliveries run at once, and at most a
-destination's window to one (agent, next hop).  The window starts at
-C{perDestination}, grows by one after as many successful deliveries as the
-window is wide (up to C{maxPerDestination}), and shrinks by one on a
-connection failure (Postfix's feedback, simplified).  The scheduler leases
-at most C{claimAhead} recipients beyond those it has finished, so a large
-queue is not leased all at once.
+At most C{maxConcurrent} deliveries run at once, at most an agent's own
+limit through one delivery agent instance, and at most a destination's
+window to one (agent, next hop).  The window starts at C{perDestination},
+grows by one after as many successful deliveries as the window is wide (up
+to C{maxPerDestination}), and shrinks by one on a connection failure
+(Postfix's feedback, simplified).  The scheduler leases at most
+C{claimAhead} recipients beyond those it has finished, so a large queue is
+not leased all at once.
+
+The agent limit is Postfix's per-transport process limit: an agent stuck on
+its next hops (C{smtp-relay} waiting for a dead resolver) can fill only its
+own share, so local delivery goes on.  By default each agent may take four
+fifths of C{maxConcurrent} (L{defaultPerAgent}): one stuck agent always
+leaves a fifth to the others, and a host with one busy agent loses little.
+An agent's slots are counted in one place, L{_AgentSlots}; the total
+(L{Scheduler.deliveries}) is their sum.
+
+Recipients whose group waits for a slot do not count against
+C{claimAhead}, so leases parked behind a stuck agent never stop the
+scheduler from claiming (and being offered) mail for the others.  They are
+bounded per agent instead: when C{AGENT_AHEAD} times the agent's limit are
+already waiting, a further group goes back to the queue uncounted, due
+C{BUSY_RETRY} seconds later (like a paced destination's, see I{Traffic
+shaping}), and claims pause for C{BUSY_PAUSE} so that walking a deep queue
+behind a busy agent costs at most one claim a second.
 
 Traffic shaping
 ===============
@@ -134,7 +152,7 @@ from twisted.python.failure import Failure
 
 from mailfw import tracing
 from mailfw.address import Address
-from mailfw.config import Section
+from mailfw.config import ConfigError, Section
 from mailfw.envelope import RecipientOutcome, Route, RouteKind
 from mailfw.interfaces import (
     IConnectionShaping,
@@ -159,7 +177,7 @@ from mailfw.scheduling._shaping import (
     shapingFromConfig,
 )
 
-__all__ = ["Scheduler", "schedulerFromConfig"]
+__all__ = ["Scheduler", "defaultPerAgent", "schedulerFromConfig"]
 
 _T = TypeVar("_T")
 
@@ -183,9 +201,44 @@ BOUNCED = SMTPReply(554, "5.0.0", "Message returned by the mail system administr
 THROTTLED = SMTPReply(451, "4.4.5", "waiting for the destination's rate limit")
 """The last reply of a recipient put back by traffic shaping before it was
 ever tried."""
+AGENT_BUSY = SMTPReply(451, "4.4.5", "delivery agent busy; will retry")
+"""The last reply of a recipient put back, never tried, because too many
+others already wait for its delivery agent."""
+AGENT_AHEAD = 4
+"""How many recipients per slot of its limit may wait for an agent."""
+BUSY_RETRY = 30.0
+"""How long a recipient put back for a busy agent waits in the queue."""
+BUSY_PAUSE = 1.0
+"""How long claims pause after a recipient was put back for a busy agent."""
 HELD = SMTPReply(450, "4.4.0", "held until the destination asks with ETRN")
 """The last reply of a held-for-ETRN recipient that was never tried: what
 C{mailfw queue list} and a delay notice show."""
+
+
+def defaultPerAgent(maxConcurrent: int) -> int:
+    """
+    An agent's concurrency limit when none is configured: four fifths of
+    C{maxConcurrent}, leaving at least one slot to the other agents (none
+    when C{maxConcurrent} is 1).
+    """
+    return max(1, maxConcurrent - max(1, maxConcurrent // 5))
+
+
+@dataclass
+class _AgentSlots:
+    """
+    One delivery agent instance's share of the deliveries (Postfix's
+    per-transport process limit).
+
+    @ivar limit: how many of its deliveries may run at once.
+    @ivar active: how many run now.
+    @ivar waiting: how many recipients wait for a slot of it (see
+        I{Limits} in the module docstring).
+    """
+
+    limit: int
+    active: int = 0
+    waiting: int = 0
 
 
 @dataclass
@@ -195,6 +248,7 @@ class _Destination:
     """
 
     window: int
+    slots: _AgentSlots
     active: int = 0
     successes: int = 0
     deadUntil: float = 0.0
@@ -220,7 +274,6 @@ class Scheduler(Service):
     Its service name is C{"scheduler"}.
 
     @ivar agents: the delivery agents by instance name.
-    @ivar deliveries: how many agent deliveries run now.
     @ivar lastClaimed: when a claim from the queue last succeeded (C{None}
         before the first): C{/healthz} fails when mail is overdue and this
         is older than a minute.
@@ -250,6 +303,8 @@ class Scheduler(Service):
         runInThread: Callable[..., Deferred[Any]] | None = None,
         holdForETRN: Callable[[Address], bool] = lambda address: False,
         shaping: ShapingTable | None = None,
+        maxPerAgent: int | None = None,
+        agentLimits: Mapping[str, int] | None = None,
     ) -> None:
         """
         @param agents: delivery agents by instance name (L{Route.agent}).
@@ -264,6 +319,10 @@ class Scheduler(Service):
             domain (see I{Hold for ETRN} in the module docstring).
         @param shaping: the destinations with traffic shaping (see
             L{mailfw.scheduling._shaping}).
+        @param maxPerAgent: how many deliveries one agent instance may run
+            at once (default: L{defaultPerAgent}C{(maxConcurrent)}).
+        @param agentLimits: the limits of particular agents, by instance
+            name, instead of C{maxPerAgent}.
         """
         self._clock = clock
         self._queue = queue
@@ -271,6 +330,8 @@ class Scheduler(Service):
         self.agents = self._agents = agents
         self._schedule = schedule
         self.maxConcurrent = maxConcurrent
+        self.maxPerAgent = maxPerAgent if maxPerAgent is not None else defaultPerAgent(maxConcurrent)
+        self._agentLimits = dict(agentLimits or {})
         self.perDestination = perDestination
         self.maxPerDestination = max(maxPerDestination, perDestination)
         self.leaseSeconds = leaseSeconds
@@ -297,7 +358,8 @@ class Scheduler(Service):
                 if IConnectionShaping.providedBy(agent):
                     IConnectionShaping(agent).shapeConnections(gate)
         self._destinations: dict[tuple[str, str | None], _Destination] = {}
-        self.deliveries = 0
+        self._agentSlots: dict[str, _AgentSlots] = {}
+        self._busyUntil = 0.0
         self.lastClaimed: float | None = None
         self._outstanding = 0
         self._backlog = False
@@ -315,6 +377,19 @@ class Scheduler(Service):
         queue.notifyDue(self._notified)
         if ILeaseOffers.providedBy(queue):
             ILeaseOffers(queue).offerNew(self._room, self._take)
+
+    @property
+    def deliveries(self) -> int:
+        """
+        How many agent deliveries run now, all agents together.
+        """
+        return sum(slots.active for slots in self._agentSlots.values())
+
+    def agentLimit(self, agent: str) -> int:
+        """
+        How many deliveries the agent instance named C{agent} may run at once.
+        """
+        return self._agentLimits.get(agent, self.maxPerAgent)
 
     def useRouting(
         self,
@@ -404,7 +479,15 @@ class Scheduler(Service):
         """
         if not self._accepting:
             return 0
-        return self._claimAhead - self._outstanding - self._claimRoom
+        return self._claimAhead - self._ahead() - self._claimRoom
+
+    def _ahead(self) -> int:
+        """
+        How many leased recipients count against C{claimAhead}: all those
+        not yet recorded but the ones waiting for a delivery slot (see
+        I{Limits}).
+        """
+        return self._outstanding - sum(slots.waiting for slots in self._agentSlots.values())
 
     def _take(self, lease: Lease) -> None:
         """
@@ -466,9 +549,14 @@ class Scheduler(Service):
     def _claim(self) -> None:
         if self._claiming or not self.running:
             return
-        room = self._claimAhead - self._outstanding
+        room = self._claimAhead - self._ahead()
         if room <= 0:
             self._backlog = True
+            return
+        if self._clock.seconds() < self._busyUntil:
+            # Groups were just put back for a busy agent: walk on slowly.
+            self._backlog = True
+            self._wakeBy(self._busyUntil)
             return
         self._claiming = True
         self._claimRoom = room
@@ -588,7 +676,7 @@ class Scheduler(Service):
                 groups = {}
         if groups:
             assert body is not None
-            throttled: dict[int, float] = {}
+            throttled: dict[int, tuple[float, SMTPReply]] = {}
             results = await _settle(
                 [
                     Deferred.fromCoroutine(
@@ -603,7 +691,8 @@ class Scheduler(Service):
                     outcomes.raiseException()
                 for qr, route, outcome in outcomes:
                     if qr.index in throttled:
-                        self._throttled(lease, qr, route, throttled[qr.index], finished, decided)
+                        until, placeholder = throttled[qr.index]
+                        self._throttled(lease, qr, route, until, placeholder, finished, decided)
                     else:
                         self._decide(lease, qr, route, outcome, finished, decided)
         try:
@@ -702,17 +791,17 @@ class Scheduler(Service):
         members: list[tuple[QueuedRecipient, Route]],
         body: IMessageBody,
         shape: Shape | None,
-        throttled: dict[int, float],
+        throttled: dict[int, tuple[float, SMTPReply]],
     ) -> list[tuple[QueuedRecipient, Route, RecipientOutcome]]:
         """
         Deliver C{members} within their destination's shape: in pieces of
         at most its recipients per message, each waiting for its turn in
         the destination's pace.  A piece whose turn is too far off is put
-        back: its recipients get L{THROTTLED} and their turn in
-        C{throttled} (by recipient index).
+        back: its recipients get L{THROTTLED}, and their turn and that
+        reply go in C{throttled} (by recipient index).
         """
         if shape is None:
-            return await self._deliverWindowed(lease, key, members, body, None)
+            return await self._deliverWindowed(lease, key, members, body, None, throttled)
         assert self._shaping is not None
         pace = self._shaping.pace(shape)
         results: list[tuple[QueuedRecipient, Route, RecipientOutcome]] = []
@@ -733,10 +822,10 @@ class Scheduler(Service):
                         when=when,
                     )
                     for qr, route in piece:
-                        throttled[qr.index] = when
+                        throttled[qr.index] = (when, THROTTLED)
                         results.append((qr, route, RecipientOutcome(qr.recipient, THROTTLED)))
                     continue
-            results.extend(await self._deliverWindowed(lease, key, list(piece), body, pace))
+            results.extend(await self._deliverWindowed(lease, key, list(piece), body, pace, throttled))
         return results
 
     async def _deliverWindowed(
@@ -746,10 +835,13 @@ class Scheduler(Service):
         members: list[tuple[QueuedRecipient, Route]],
         body: IMessageBody,
         pace: Pace | None,
+        throttled: dict[int, tuple[float, SMTPReply]],
     ) -> list[tuple[QueuedRecipient, Route, RecipientOutcome]]:
         """
-        Deliver C{members} within the (agent, next hop) window, and at
-        least C{pace.interval} after the pace's last start.
+        Deliver C{members} within the (agent, next hop) window and the
+        agent's limit, and at least C{pace.interval} after the pace's last
+        start.  If too many recipients wait for the agent already, put
+        them back (L{AGENT_BUSY}, in C{throttled}) instead.
         """
         agentName, nexthop = key
         destination = self._destination(key)
@@ -764,7 +856,14 @@ class Scheduler(Service):
             destination.deadUntil = 0.0
             destination.deadReply = None
         if destination.deadUntil <= self._clock.seconds():
-            await self._acquire(destination)
+            slots = destination.slots
+            if (
+                slots.waiting
+                and slots.waiting + len(members) > AGENT_AHEAD * slots.limit
+                and not self._free(destination)
+            ):
+                return self._putBack(lease, agentName, members, throttled)
+            await self._acquire(destination, len(members))
             try:
                 if pace is not None:
                     delay = pace.untilFree(self._clock.seconds())
@@ -799,6 +898,30 @@ class Scheduler(Service):
             enhanced=reply.enhanced,
         )
         return [(qr, route, RecipientOutcome(qr.recipient, reply)) for qr, route in members]
+
+    def _putBack(
+        self,
+        lease: Lease,
+        agentName: str,
+        members: list[tuple[QueuedRecipient, Route]],
+        throttled: dict[int, tuple[float, SMTPReply]],
+    ) -> list[tuple[QueuedRecipient, Route, RecipientOutcome]]:
+        """
+        Send C{members} back to the queue for L{BUSY_RETRY} seconds,
+        uncounted, and slow the claims down (see I{Limits}).
+        """
+        now = self._clock.seconds()
+        self._busyUntil = now + BUSY_PAUSE
+        self.log.debug(
+            "{queueID}: {agent} has {waiting} recipients waiting; back to the queue for {seconds}s",
+            queueID=lease.queueID,
+            agent=agentName,
+            waiting=self._agentSlots[agentName].waiting,
+            seconds=BUSY_RETRY,
+        )
+        for qr, _ in members:
+            throttled[qr.index] = (now + BUSY_RETRY, AGENT_BUSY)
+        return [(qr, route, RecipientOutcome(qr.recipient, AGENT_BUSY)) for qr, route in members]
 
     async def _acquireShared(self, shared: IDestinationSlots, slot: str, limit: int) -> bool:
         """
@@ -972,18 +1095,26 @@ class Scheduler(Service):
         decided.dispositions.append(Disposition(qr.index, outcome, nextAttempt, warn, route=routeName))
 
     def _throttled(
-        self, lease: Lease, qr: QueuedRecipient, route: Route, until: float, now: float, decided: _Decided
+        self,
+        lease: Lease,
+        qr: QueuedRecipient,
+        route: Route,
+        until: float,
+        placeholder: SMTPReply,
+        now: float,
+        decided: _Decided,
     ) -> None:
         """
         Put a recipient whose destination's pace has no turn for it soon
-        back into the queue until its turn, without counting an attempt and
-        without a delay notice; at the end of its lifetime it bounces like
-        any deferred recipient.
+        (or whose agent is too busy) back into the queue until C{until},
+        without counting an attempt and without a delay notice; at the end
+        of its lifetime it bounces like any deferred recipient.  Its last
+        reply stays, or becomes C{placeholder} if it was never tried.
         """
         recipient = qr.recipient
         schedule = self._schedule.forDomain(recipient.address.domain)
         expires = schedule.expires(lease.envelope.arrival)
-        last = qr.lastReply or THROTTLED
+        last = qr.lastReply or placeholder
         if now >= expires:
             decided.dispositions.append(Disposition(qr.index, RecipientOutcome(recipient, EXPIRED)))
             decided.failed.append(RecipientReport(recipient, "failed", "4.4.7", last, None, now))
@@ -1080,21 +1211,53 @@ class Scheduler(Service):
     def _destination(self, key: tuple[str, str | None]) -> _Destination:
         destination = self._destinations.get(key)
         if destination is None:
-            destination = self._destinations[key] = _Destination(self.perDestination)
+            slots = self._agentSlots.get(key[0])
+            if slots is None:
+                slots = self._agentSlots[key[0]] = _AgentSlots(self.agentLimit(key[0]))
+            destination = self._destinations[key] = _Destination(self.perDestination, slots)
         return destination
 
-    def _acquire(self, destination: _Destination) -> Deferred[None]:
-        if destination.active < destination.window and self.deliveries < self.maxConcurrent:
-            destination.active += 1
-            self.deliveries += 1
+    def _free(self, destination: _Destination) -> bool:
+        """
+        Whether C{destination} may start a delivery now: within its window,
+        its agent's limit and C{maxConcurrent}.
+        """
+        return (
+            destination.active < destination.window
+            and destination.slots.active < destination.slots.limit
+            and self.deliveries < self.maxConcurrent
+        )
+
+    def _occupy(self, destination: _Destination) -> None:
+        destination.active += 1
+        destination.slots.active += 1
+
+    def _acquire(self, destination: _Destination, count: int) -> Deferred[None]:
+        """
+        A delivery slot for a group of C{count} recipients to
+        C{destination}: at once if one is free, else when L{_dispatch}
+        gives it one.  Meanwhile its recipients are waiting (see I{Limits}),
+        which makes room for claiming mail for other agents.
+        """
+        if self._free(destination):
+            self._occupy(destination)
             return succeed(None)
+        slots = destination.slots
+        slots.waiting += count
+
+        def granted(result: None) -> None:
+            slots.waiting -= count
+            return result
+
         d: Deferred[None] = Deferred()
         destination.waiters.append(d)
-        return d
+        if self._backlog:
+            self._wake()
+        return d.addCallback(granted)
 
     def _release(self, key: tuple[str, str | None], destination: _Destination) -> None:
         destination.active -= 1
-        self.deliveries -= 1
+        destination.slots.active -= 1
         if (
             destination.active == 0
             and not destination.waiters
@@ -1116,13 +1279,8 @@ class Scheduler(Service):
             while progress and self.deliveries < self.maxConcurrent:
                 progress = False
                 for destination in list(self._destinations.values()):
-                    if (
-                        destination.waiters
-                        and destination.active < destination.window
-                        and self.deliveries < self.maxConcurrent
-                    ):
-                        destination.active += 1
-                        self.deliveries += 1
+                    if destination.waiters and self._free(destination):
+                        self._occupy(destination)
                         destination.waiters.popleft().callback(None)
                         progress = True
         finally:
@@ -1221,6 +1379,8 @@ def schedulerFromConfig(
     """
     Build the scheduler from C{[scheduler]}: the retry keys of
     L{RetrySchedule.fromSection} plus C{max_concurrent} (50),
+    C{max_per_agent} (L{defaultPerAgent}), the C{[scheduler.agents."NAME"]}
+    tables with one key, C{max_concurrent}, for the agent instance NAME,
     C{per_destination} (5), C{max_per_destination} (20),
     C{delivery_timeout} (600 seconds), C{dead_time} (60 seconds),
     C{shaping_wait} (10 seconds, see L{mailfw.scheduling._shaping.Pace})
@@ -1234,6 +1394,18 @@ def schedulerFromConfig(
     @raise mailfw.config.ConfigError: naming the bad key.
     """
     schedule = RetrySchedule.fromSection(section)
+    maxConcurrent = section.integer("max_concurrent", 50, minimum=1)
+    maxPerAgent = section.integer("max_per_agent", defaultPerAgent(maxConcurrent), minimum=1)
+    agentLimits: dict[str, int] = {}
+    for name, table in section.table("agents", {}).items():
+        title = f'[scheduler.agents."{name}"]'
+        if not isinstance(table, dict):
+            raise ConfigError(f"{title} must be a table")
+        if name not in agents:
+            raise ConfigError(f"{title}: there is no [delivery.{name}]")
+        agent = Section(title, table)
+        agentLimits[name] = agent.integer("max_concurrent", minimum=1)
+        agent.finish()
     lookup = None if resolver is None else _hostNames(resolver)
     shaping = shapingFromConfig(
         clock,
@@ -1248,13 +1420,15 @@ def schedulerFromConfig(
         agents,
         hostname,
         schedule,
-        maxConcurrent=section.integer("max_concurrent", 50, minimum=1),
+        maxConcurrent=maxConcurrent,
         perDestination=section.integer("per_destination", 5, minimum=1),
         leaseSeconds=section.number("delivery_timeout", 3600.0, minimum=1),
         maxPerDestination=section.integer("max_per_destination", 20, minimum=1),
         deadTime=section.number("dead_time", 60.0, minimum=0),
         holdForETRN=holdForETRN,
         shaping=shaping,
+        maxPerAgent=maxPerAgent,
+        agentLimits=agentLimits,
     )
     section.finish()
     return scheduler

@@ -11,10 +11,12 @@ UDP socket each) stay bounded by the scheduler's concurrency.  (That a
 lookup nobody answers ends in 4.4.3 after the resolver's timeouts, a
 minute, is shown faster by C{test_relay_real.test_dnsFailures}.)
 
-Local and remote deliveries share C{[scheduler] max_concurrent}: with at
-least that many remote deliveries waiting on a dead resolver, local mail
-waits too, up to the lookup timeout (docs/reliability.rst).  The tests use
-the default concurrency (50) with 30 remote domains.
+The first two tests use the default concurrency (50) with 30 remote
+domains.  L{test_resolverDownFewSlots} runs with C{max_concurrent = 5}:
+the relay agent may then take only 4 deliveries (its own share, see
+C{[scheduler] max_per_agent}), and the mail waiting behind it does not stop
+the scheduler from taking local mail, so local mail is delivered within a
+few seconds while all 30 remote messages wait on the dead resolver.
 """
 
 from __future__ import annotations
@@ -159,9 +161,9 @@ def sink(tmp_path: Path) -> Iterator[Sink]:
     stopSink(s)
 
 
-def startServer(tmp_path: Path, dnsPort: int, sink: Sink) -> MailfwProcess:
+def startServer(tmp_path: Path, dnsPort: int, sink: Sink, concurrency: int = CONCURRENCY) -> MailfwProcess:
     config = tmp_path / "mailfw.toml"
-    config.write_text(CONFIG.format(dnsPort=dnsPort, sinkPort=sink.port, concurrency=CONCURRENCY))
+    config.write_text(CONFIG.format(dnsPort=dnsPort, sinkPort=sink.port, concurrency=concurrency))
     return MailfwProcess(tmp_path / "data", config=config).start()
 
 
@@ -274,3 +276,63 @@ def test_resolverSlow(tmp_path: Path, sink: Sink) -> None:
         f" {len(remote)} remote messages delivered {recovered:.1f} s after sending, lost 0"
     )
     assert peak <= CONCURRENCY, f"{peak} lookups in flight with {CONCURRENCY} deliveries at a time"
+
+
+def test_resolverDownFewSlots(tmp_path: Path, sink: Sink) -> None:
+    """
+    Nothing answers DNS and C{max_concurrent} is 5, far fewer than the 30
+    remote messages waiting on lookups: local mail sent after them is
+    still delivered within a few seconds (the relay agent holds at most
+    its own 4 slots), exactly once; when the resolver comes back all the
+    remote mail is delivered, none lost.
+    """
+    concurrency = 5
+    dnsPort = freePort()
+    server = startServer(tmp_path, dnsPort, sink, concurrency)
+    assert server.process is not None
+    try:
+        started = time.monotonic()
+        remote = set()
+        for n in range(DOMAINS):
+            ident = f"few-remote-{n}"
+            assert attempt(server.smtpPort, ident, recipient=f"user@d{n}.test") == 250
+            remote.add(ident)
+        localStarted = time.monotonic()
+        local = set()
+        for n in range(5):
+            ident = f"few-local-{n}"
+            assert attempt(server.smtpPort, ident) == 250
+            local.add(ident)
+        waitFor(
+            lambda: set(deliveredCounts(server.maildir("user"))) >= local,
+            timeout=5,
+            what=f"local mail delivered while DNS is down and {DOMAINS} remote messages wait",
+        )
+        localSeconds = time.monotonic() - localStarted
+        peak = 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            peak = max(peak, udpSockets(server.process.pid))
+            time.sleep(0.2)
+        assert not remoteDelivered(sink)
+
+        resolver = ThreadDNS(dnsPort).start()
+        try:
+            waitFor(
+                lambda: remoteDelivered(sink) >= remote,
+                timeout=150,
+                what="remote mail delivered once the resolver is back",
+            )
+        finally:
+            resolver.stop()
+        recovered = time.monotonic() - started
+        counts = deliveredCounts(server.maildir("user"))
+    finally:
+        server.stop()
+    print(
+        f"\nresolver down, max_concurrent {concurrency}: {len(local)} local messages delivered"
+        f" {localSeconds:.1f} s after sending them, peak DNS sockets {peak},"
+        f" {len(remote)} remote messages delivered {recovered:.1f} s after sending, lost 0"
+    )
+    assert {ident: counts[ident] for ident in local} == dict.fromkeys(local, 1), counts
+    assert peak <= concurrency - 1, f"{peak} lookups in flight with the relay agent limited to 4 deliveries"
