@@ -195,8 +195,10 @@ class DMARCTests(SynchronousTestCase):
         """
         path = Path(self.mktemp())
         zone = {"_dmarc.example.net": [TXT("v=DMARC1; p=reject; rua=mailto:agg@example.net")]}
-        policy = self.policy(zone, history=path, runInThread=lambda work: maybeDeferred(work), clock=Clock())
+        clock = Clock()
+        policy = self.policy(zone, history=path, runInThread=lambda work: maybeDeferred(work), clock=clock)
         self.judge(policy, spf("example.net"), dkim("other.example", "fail"))
+        clock.advance(_dmarc.HISTORY_INTERVAL)
         [line] = path.read_text().splitlines()
         entry = json.loads(line)
         self.assertEqual(
@@ -220,9 +222,10 @@ class DMARCTests(SynchronousTestCase):
 
     def test_historyBatched(self) -> None:
         """
-        Evaluations that arrive while a write is under way are written
-        together by the next one, in order; while the disk does not keep up
-        at most L{MAX_UNWRITTEN} wait, the oldest dropped first.
+        Evaluations are appended at most once a L{HISTORY_INTERVAL}, those
+        of the interval in one write, in order; while a write is under way
+        the next waits for it; while the disk does not keep up at most
+        L{MAX_UNWRITTEN} wait, the oldest dropped first.
         """
         path = Path(self.mktemp())
         zone = {"_dmarc.example.net": [TXT("v=DMARC1; p=none")]}
@@ -234,20 +237,41 @@ class DMARCTests(SynchronousTestCase):
             d.addCallback(lambda _: work())
             return d
 
-        policy = self.policy(zone, history=path, runInThread=runInThread, clock=Clock())
+        clock = Clock()
+        policy = self.policy(zone, history=path, runInThread=runInThread, clock=clock)
         for _ in range(3):
             self.judge(policy, spf("example.net"))
-        self.assertEqual(len(writes), 1, "one write at a time")
+        self.assertEqual(writes, [], "written before the interval ended")
+        clock.advance(_dmarc.HISTORY_INTERVAL)
+        self.assertEqual(len(writes), 1, "the interval's evaluations go in one write")
+        self.judge(policy, spf("example.net"))
+        clock.advance(_dmarc.HISTORY_INTERVAL)
+        self.assertEqual(len(writes), 1, "a second write while the first is under way")
         writes[0].callback(None)
-        self.assertEqual(len(writes), 2, "the two that waited go in one write")
-        writes[1].callback(None)
         self.assertEqual(len(path.read_text().splitlines()), 3)
+        clock.advance(_dmarc.HISTORY_INTERVAL)
+        writes[1].callback(None)
+        self.assertEqual(len(path.read_text().splitlines()), 4)
         self.patch(_dmarc, "MAX_UNWRITTEN", 2)
         for _ in range(4):
             self.judge(policy, spf("example.net"))
+        clock.advance(_dmarc.HISTORY_INTERVAL)
         writes[2].callback(None)
-        writes[3].callback(None)
         self.assertEqual(len(path.read_text().splitlines()), 6)
+
+    def test_historyFlushedAtStop(self) -> None:
+        """
+        C{flush} writes what waits at once (the server calls it before it
+        stops), and the timer does not write it again.
+        """
+        path = Path(self.mktemp())
+        zone = {"_dmarc.example.net": [TXT("v=DMARC1; p=none")]}
+        clock = Clock()
+        policy = self.policy(zone, history=path, runInThread=lambda work: maybeDeferred(work), clock=clock)
+        self.judge(policy, spf("example.net"))
+        self.successResultOf(policy.flush())
+        self.assertEqual(len(path.read_text().splitlines()), 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class DMARCContractTests(PolicyContractTests, SynchronousTestCase):

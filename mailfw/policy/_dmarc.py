@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from publicsuffixlist import PublicSuffixList
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.names import error
 from zope.interface import implementer
@@ -179,6 +180,7 @@ class DMARCPolicy(Policy):
         self._psl = _publicSuffixList()
         self._unwritten: list[str] = []
         self._writing = False
+        self._timer: IDelayedCall | None = None
 
     def organizationalDomain(self, domain: str) -> str:
         """
@@ -362,15 +364,33 @@ class DMARCPolicy(Policy):
                 "dmarc {policy}: the history falls behind; an evaluation was dropped", policy=self.name
             )
         self._unwritten.append(line + "\n")
-        if not self._writing:
-            self._writeHistory(history, runInThread)
+        self._writeSoon()
 
-    def _writeHistory(self, history: Path, runInThread: ThreadRunner) -> None:
+    def _writeSoon(self) -> None:
         """
-        Append every evaluation not yet written, in one thread call; those
-        that arrive meanwhile go in the next (one file write per batch, not
-        a thread hop per message).
+        Have what waits written within L{HISTORY_INTERVAL} (at once without
+        a clock), unless a write is under way: it schedules the next.
         """
+        if self._writing or self._timer is not None or not self._unwritten:
+            return
+        if self._clock is None:
+            self.flush()
+        else:
+            self._timer = self._clock.callLater(HISTORY_INTERVAL, self.flush)
+
+    def flush(self) -> Deferred[None]:
+        """
+        Append every evaluation not yet written, in one thread call of the
+        policy's one-thread pool (so appends keep their order).  Called at
+        most once a L{HISTORY_INTERVAL} while mail arrives, not once a
+        message, and by the server before it stops.
+        """
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        history, runInThread = self._history, self._runInThread
+        if not self._unwritten or history is None or runInThread is None:
+            return succeed(None)
         lines, self._unwritten = "".join(self._unwritten), []
         self._writing = True
 
@@ -380,13 +400,19 @@ class DMARCPolicy(Policy):
 
         def written(_: object) -> None:
             self._writing = False
-            if self._unwritten:
-                self._writeHistory(history, runInThread)
+            self._writeSoon()
 
-        runInThread(append).addErrback(
-            lambda f: self.log.failure("dmarc {policy}: writing the history failed", f, policy=self.name)
-        ).addCallback(written)
+        return (
+            runInThread(append)
+            .addErrback(
+                lambda f: self.log.failure("dmarc {policy}: writing the history failed", f, policy=self.name)
+            )
+            .addCallback(written)
+        )
 
+
+HISTORY_INTERVAL = 1.0
+"""Seconds between appends to the history while mail arrives."""
 
 MAX_UNWRITTEN = 10000
 """Evaluations kept for the history while the disk does not keep up."""
@@ -404,7 +430,7 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
     history = section.text("history", "dmarc-history.jsonl")
     section.finish()
     reactor = context.reactor
-    return DMARCPolicy(
+    policy = DMARCPolicy(
         instanceName,
         context.resolver(),
         enforce,
@@ -413,3 +439,7 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
         ThreadPoolRunner(reactor, f"mailfw-dmarc-{instanceName}", 1) if history else None,
         clock=reactor,
     )
+    if history:
+        # What waits for the next append is written before the server stops.
+        reactor.addSystemEventTrigger("before", "shutdown", policy.flush)
+    return policy
