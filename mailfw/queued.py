@@ -111,6 +111,17 @@ class Disposition:
     hold: bool = False
     counted: bool = True
 
+    @property
+    def keepsRelease(self) -> bool:
+        """
+        Whether the recipient stays released by an ETRN or a flush: only
+        when it is put back untried (an uncounted deferral: traffic
+        shaping had no turn for it, its agent was busy), so that the
+        client's ETRN still holds when its turn comes.  Any attempt or
+        hold clears the mark.
+        """
+        return not self.counted and not self.hold
+
 
 @dataclass(frozen=True)
 class Notice:

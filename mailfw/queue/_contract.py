@@ -764,6 +764,27 @@ class QueueContractTests(_Base):
             [(0, RecipientState.READY, False), (1, RecipientState.READY, True)],
         )
 
+    def test_putBackKeepsReleased(self) -> None:
+        """
+        A released recipient put back untried (an uncounted deferral:
+        traffic shaping, a busy agent) stays released, so the ETRN that
+        released it still holds when its turn comes; its attempts do not
+        move.
+        """
+        self.enqueue(makeEnvelope("a@example.com"))
+        lease = self.claimOne()
+        self.wait(self.queue.record(lease, [Disposition(0, self.outcome(lease, 0, LATER), START + 600)]))
+        self.assertEqual(self.wait(self.queue.flush(Selector())), 1)
+        lease = self.claimOne()
+        self.wait(
+            self.queue.record(
+                lease, [Disposition(0, self.outcome(lease, 0, LATER), START + 30, counted=False)]
+            )
+        )
+        [message] = self.wait(self.queue.list(Selector()))
+        [r] = message.recipients
+        self.assertEqual((r.state, r.released, r.attempts), (RecipientState.READY, True, 1))
+
     def test_flushSelectsHeld(self) -> None:
         """
         C{ETRN example.com}, C{ETRN @example.com} and C{ETRN #name} select

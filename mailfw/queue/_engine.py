@@ -728,8 +728,8 @@ class SQLQueue:
                         " next_attempt_at = COALESCE(?, next_attempt_at),"
                         " warned = CASE WHEN ? = 1 THEN 1 ELSE warned END,"
                         " reply_code = ?, reply_enhanced = ?, reply_text = ?,"
-                        f" route = COALESCE(?, route), released = 0, {CLEAR_LEASE}"
-                        " WHERE message_id = ? AND idx = ?",
+                        " route = COALESCE(?, route), released = CASE WHEN ? = 1 THEN released ELSE 0 END,"
+                        f" {CLEAR_LEASE} WHERE message_id = ? AND idx = ?",
                         (
                             ETRN if disposition.hold else READY,
                             int(disposition.counted),
@@ -737,6 +737,7 @@ class SQLQueue:
                             int(disposition.warned),
                             *replyColumns(disposition.outcome.reply),
                             disposition.route,
+                            int(disposition.keepsRelease),
                             queueID,
                             index,
                         ),

@@ -304,7 +304,7 @@ class MemoryQueue:
                 r.state = RecipientState.READY
                 continue
             outcome = disposition.outcome
-            r.released = False
+            r.released = r.released and disposition.keepsRelease
             if disposition.hold or outcome.deferred:
                 r.state = RecipientState.ETRN if disposition.hold else RecipientState.READY
                 r.attempts += int(disposition.counted)
