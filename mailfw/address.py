@@ -73,10 +73,17 @@ def normaliseDomain(domain: str, utf8: bool = True) -> str:
     return domain
 
 
+_IPV6_CHARACTERS = re.compile(r"[0-9A-Fa-f:.]+")
+
+
 def _addressLiteral(text: str) -> str:
     inner = text[1:-1]
     try:
         if inner[:5].lower() == "ipv6:":
+            # RFC 5321 4.1.3: hex digits, colons and dots only; Python would
+            # also take a scope ("%eth0"), which names no host on the Internet.
+            if not _IPV6_CHARACTERS.fullmatch(inner[5:]):
+                raise ValueError(inner)
             return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"
         return f"[{ipaddress.IPv4Address(inner)}]"
     except ValueError:

@@ -87,6 +87,9 @@ class DomainArgumentTests(SynchronousTestCase):
             "semi;colon",
             "[192.0.2.300]",
             "[IPv6:zz::1]",
+            # A scope names no host on the Internet (found by the fuzzer).
+            "[IPv6:fe80::1%eth0]",
+            "[IPv6:::%\xb6]",
             "[]",
             "x" * 256,
             "a@b",

@@ -14,7 +14,6 @@ local domain cannot make a remote mailbox look local.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -110,17 +109,13 @@ def parseCommandLine(line: bytes) -> Command | SMTPReply:
 
 
 def _addressLiteralOK(literal: str) -> bool:
-    inner = literal[1:-1]
-    if inner[:5].lower() == "ipv6:":
-        try:
-            ipaddress.IPv6Address(inner[5:])
-        except ValueError:
-            return False
-        return True
     try:
-        ipaddress.IPv4Address(inner)
-    except ValueError:
-        return bool(_GENERAL_LITERAL.match(inner))
+        # The IPv4 and IPv6 literals, checked as in a mailbox's domain.
+        normaliseDomain(literal)
+    except AddressError:
+        # Else RFC 5321 4.1.3's General-address-literal, which "IPv6:" is not.
+        inner = literal[1:-1]
+        return inner[:5].lower() != "ipv6:" and bool(_GENERAL_LITERAL.match(inner))
     return True
 
 
