@@ -189,6 +189,36 @@ def sendBoth(server: MailfwProcess, prefix: str) -> tuple[set[str], set[str]]:
     return remote, local
 
 
+def peakLookups(server: MailfwProcess, seconds: float) -> int:
+    """
+    The most DNS sockets the server held at once over C{seconds}: its
+    lookups in flight.
+    """
+    assert server.process is not None
+    peak = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        peak = max(peak, udpSockets(server.process.pid))
+        time.sleep(0.2)
+    return peak
+
+
+def deliveredOnceBack(dnsPort: int, sink: Sink, remote: set[str], timeout: float) -> None:
+    """
+    Start the resolver on C{dnsPort} and wait until the sink has every
+    C{remote} message.
+    """
+    resolver = ThreadDNS(dnsPort).start()
+    try:
+        waitFor(
+            lambda: remoteDelivered(sink) >= remote,
+            timeout=timeout,
+            what="remote mail delivered once the resolver is back",
+        )
+    finally:
+        resolver.stop()
+
+
 def test_resolverDown(tmp_path: Path, sink: Sink) -> None:
     """
     Nothing answers DNS: local mail is delivered at once, remote mail
@@ -207,22 +237,9 @@ def test_resolverDown(tmp_path: Path, sink: Sink) -> None:
             what="local mail delivered while DNS is down",
         )
         localSeconds = time.monotonic() - started
-        peak = 0
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            peak = max(peak, udpSockets(server.process.pid))
-            time.sleep(0.2)
+        peak = peakLookups(server, 10)
         assert not remoteDelivered(sink)
-
-        resolver = ThreadDNS(dnsPort).start()
-        try:
-            waitFor(
-                lambda: remoteDelivered(sink) >= remote,
-                timeout=90,
-                what="remote mail delivered once the resolver is back",
-            )
-        finally:
-            resolver.stop()
+        deliveredOnceBack(dnsPort, sink, remote, timeout=90)
         recovered = time.monotonic() - started
         deferrals = logOf(server).count("4.4.3")
     finally:
@@ -309,22 +326,9 @@ def test_resolverDownFewSlots(tmp_path: Path, sink: Sink) -> None:
             what=f"local mail delivered while DNS is down and {DOMAINS} remote messages wait",
         )
         localSeconds = time.monotonic() - localStarted
-        peak = 0
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            peak = max(peak, udpSockets(server.process.pid))
-            time.sleep(0.2)
+        peak = peakLookups(server, 5)
         assert not remoteDelivered(sink)
-
-        resolver = ThreadDNS(dnsPort).start()
-        try:
-            waitFor(
-                lambda: remoteDelivered(sink) >= remote,
-                timeout=150,
-                what="remote mail delivered once the resolver is back",
-            )
-        finally:
-            resolver.stop()
+        deliveredOnceBack(dnsPort, sink, remote, timeout=150)
         recovered = time.monotonic() - started
         counts = deliveredCounts(server.maildir("user"))
     finally:
