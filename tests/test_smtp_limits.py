@@ -20,7 +20,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -464,15 +464,15 @@ class StressTests(SynchronousTestCase):
             self.assertTrue(openSession(f, 3000)[0].session.stressed)
             for proto, _ in sessions[3:6]:
                 proto.connectionLost(Failure(ConnectionDone()))
-        lines = [e["log_format"] for e in events if "stress mode" in (e.get("log_format") or "")]
+        on, off = (e for e in events if e.get("event") == "listener.stress")
         self.assertEqual(
-            lines,
+            [formatEvent(e) for e in (on, off)],
             [
-                "{kind} listener: stress mode on at {connections} connections",
-                "{kind} listener: stress mode off at {connections} connections",
+                "smtp listener: stress mode on at 8 connections",
+                "smtp listener: stress mode off at 5 connections",
             ],
         )
-        on, off = (e for e in events if "stress mode" in (e.get("log_format") or ""))
+        self.assertEqual((on["log_level"], off["log_level"]), (LogLevel.warn, LogLevel.info))
         self.assertEqual((on["connections"], off["connections"]), (8, 5))
         self.assertEqual(
             [(e["event"], e["listener"], e["stressed"]) for e in (on, off)],

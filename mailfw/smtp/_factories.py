@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from mailfw.auth._quota import SendingQuotas
 from mailfw.etrn import ETRNHandler
@@ -184,15 +184,7 @@ class SMTPFactory(Factory):
 
         stressAt = self.limits.stressAt
         if stressAt and not self.stressed and self.connections + 1 >= stressAt:
-            self.stressed = True
-            self.log.warn(
-                "{kind} listener: stress mode on at {connections} connections",
-                event="listener.stress",
-                listener=self.kind,
-                stressed=True,
-                kind=self.kind,
-                connections=self.connections + 1,
-            )
+            self._stress(True, self.connections + 1)
         limits = self._stressedLimits if self.stressed else None
 
         def opened(protocol: SMTPServerProtocol) -> None:
@@ -209,15 +201,7 @@ class SMTPFactory(Factory):
             else:
                 self._perClient.pop(key, None)
             if self.stressed and self.connections < self.limits.stressAt * 3 // 4:
-                self.stressed = False
-                self.log.info(
-                    "{kind} listener: stress mode off at {connections} connections",
-                    event="listener.stress",
-                    listener=self.kind,
-                    stressed=False,
-                    kind=self.kind,
-                    connections=self.connections,
-                )
+                self._stress(False, self.connections)
 
         protocol: SMTPServerProtocol
         if self.kind == "odmr":
@@ -228,3 +212,19 @@ class SMTPFactory(Factory):
             protocol = SMTPServerProtocol(self.settings, onOpen=opened, onClose=closed, limits=limits)
         protocol.factory = self
         return protocol
+
+    def _stress(self, on: bool, connections: int) -> None:
+        """
+        Enter or leave stress mode, with one C{listener.stress} event.
+        """
+        self.stressed = on
+        self.log.emit(
+            LogLevel.warn if on else LogLevel.info,
+            "{kind} listener: stress mode {state} at {connections} connections",
+            event="listener.stress",
+            listener=self.kind,
+            stressed=on,
+            state="on" if on else "off",
+            kind=self.kind,
+            connections=connections,
+        )
