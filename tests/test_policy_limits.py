@@ -80,6 +80,32 @@ def openSession(factory: SMTPFactory, host: str = "192.0.2.1") -> tuple[SMTPServ
     return proto, transport
 
 
+@implementer(ISharedState)
+class LaterCounts:
+    """
+    A shared store whose counts answer later, as the queue's database does:
+    each C{count} is recorded in C{calls} and waits in C{pending} for the
+    test to fire it.  Marks are kept at once.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.pending: list[Deferred[int]] = []
+        self._marks = MemorySharedState(100)
+
+    def count(self, key: str, amount: int, window: float, now: float) -> Deferred[int]:
+        self.calls.append((key, amount))
+        d: Deferred[int] = Deferred()
+        self.pending.append(d)
+        return d
+
+    def mark(self, key: str, lifetime: float, now: float) -> Deferred[float]:
+        return self._marks.mark(key, lifetime, now)
+
+    def forget(self, key: str) -> Deferred[None]:
+        return self._marks.forget(key)
+
+
 class LimitsTests(SynchronousTestCase):
     def make(self, exempt: object = (), **settings: object) -> LimitsPolicy:
         self.clock = Clock()
@@ -326,25 +352,10 @@ class LimitsTests(SynchronousTestCase):
         which a refused connection does not count); ended sessions add to
         it, and a store that fails to count is logged.
         """
-        calls: list[tuple[str, int]] = []
-        pending: list[Deferred[int]] = []
-
-        @implementer(ISharedState)
-        class Later:
-            def count(self, key: str, amount: int, window: float, now: float) -> Deferred[int]:
-                calls.append((key, amount))
-                d: Deferred[int] = Deferred()
-                pending.append(d)
-                return d
-
-            def mark(self, key: str, lifetime: float, now: float) -> Deferred[float]:
-                raise NotImplementedError()
-
-            def forget(self, key: str) -> Deferred[None]:
-                raise NotImplementedError()
-
+        later = LaterCounts()
+        calls, pending = later.calls, later.pending
         policy = self.make(errorsPerClient=5, authFailuresPerClient=3, connectionRate=10)
-        policy.rates = Later()
+        policy.rates = later
         s = session()
         verdict = policy.checkConnection(s)
         assert isinstance(verdict, Deferred)
@@ -391,23 +402,10 @@ class LimitsTests(SynchronousTestCase):
         waits for the count; a store that fails fails the call, for the
         link's C{on_error}.
         """
-        pending: list[Deferred[int]] = []
-
-        @implementer(ISharedState)
-        class Later:
-            def count(self, key: str, amount: int, window: float, now: float) -> Deferred[int]:
-                d: Deferred[int] = Deferred()
-                pending.append(d)
-                return d
-
-            def mark(self, key: str, lifetime: float, now: float) -> Deferred[float]:
-                raise NotImplementedError()
-
-            def forget(self, key: str) -> Deferred[None]:
-                raise NotImplementedError()
-
+        later = LaterCounts()
+        pending = later.pending
         policy = self.make(messageRate=1)
-        policy.rates = Later()
+        policy.rates = later
         s = session()
         first = policy.checkSender(s, None, {})
         assert isinstance(first, Deferred)
