@@ -57,7 +57,9 @@ class NoticeWriterRequireTLSTests(SynchronousTestCase):
         returned = readReturned(MemoryBody(ORIGINAL), False)
         notice = self.writer.build("Q1", envelope, [report], returned, False, 2000.0)
         assert notice is not None
-        self.assertFalse(notice.envelope.requireTLS, "a redacted bounce would be dropped without a REQUIRETLS path")
+        self.assertFalse(
+            notice.envelope.requireTLS, "a redacted bounce would be dropped without a REQUIRETLS path"
+        )
         self.assertIsNone(notice.envelope.sender)
         part = returnedPart(notice.body)
         self.assertEqual(part.get_content_type(), "text/rfc822-headers")
