@@ -39,8 +39,8 @@ from mailfw._sockets import socketEndpoint
 from mailfw.config import ComponentContext, ConfigError, Section
 from mailfw.envelope import Envelope, Session
 from mailfw.interfaces import IMessageCheck
-from mailfw.policy import CONTINUE, AuthResult, Policy, Verdict
-from mailfw.policy._streaming import DEFAULT_ACTIONS, BodyStream, StallTimer, defaultVerdict
+from mailfw.policy import CONTINUE, AuthResult, Verdict
+from mailfw.policy._streaming import DEFAULT_ACTIONS, BodyStream, FilterPolicy, StallTimer
 from mailfw.reply import SMTPReply
 
 __all__ = ["ClamavPolicy", "fromConfig", "verdictOf"]
@@ -110,7 +110,7 @@ class _ClamdProtocol(Protocol):
             self._scan.fail("clamd closed the connection before answering")
 
 
-class ClamavPolicy(Policy):
+class ClamavPolicy(FilterPolicy):
     """
     clamd, asked about each message at the end of data.
 
@@ -119,6 +119,7 @@ class ClamavPolicy(Policy):
     """
 
     log = Logger()
+    filterKind = "clamav"
 
     def __init__(
         self,
@@ -137,23 +138,6 @@ class ClamavPolicy(Policy):
         self.scanTimeout = scanTimeout
         self.defaultAction = defaultAction
         self.maxSize = maxSize
-
-    def default(self) -> Verdict:
-        return defaultVerdict(self.defaultAction)
-
-    def failed(self, session: Session, reason: str) -> Verdict:
-        """
-        clamd failed for one message: one log line, and the default action.
-        """
-        self.log.warn(
-            "clamav {policy} ({filter}) failed for {peer}: {reason}; default action {action}",
-            policy=self.name,
-            filter=self.description,
-            peer=session.peerHost,
-            reason=reason,
-            action=self.defaultAction,
-        )
-        return self.default()
 
     def openMessage(self, session: Session, envelope: Envelope, header: bytes) -> IMessageCheck | None:
         return _ClamdScan(self, self._endpoint, self._clock, session, envelope, header)

@@ -47,11 +47,10 @@ from mailfw.policy import (
     ChangeHeader,
     Discard,
     MessageEdit,
-    Policy,
     Quarantine,
     Verdict,
 )
-from mailfw.policy._streaming import DEFAULT_ACTIONS, BodyStream, StallTimer, defaultVerdict
+from mailfw.policy._streaming import DEFAULT_ACTIONS, BodyStream, FilterPolicy, StallTimer
 from mailfw.reply import SMTPReply, replyFromPeer
 
 __all__ = ["RspamdError", "RspamdPolicy", "fromConfig", "verdictOf"]
@@ -199,7 +198,7 @@ def verdictOf(reply: object, header: bytes) -> Verdict:
     return Verdict(edits=tuple(edits))
 
 
-class RspamdPolicy(Policy):
+class RspamdPolicy(FilterPolicy):
     """
     rspamd, asked about each message at the end of data.
 
@@ -208,6 +207,7 @@ class RspamdPolicy(Policy):
     """
 
     log = Logger()
+    filterKind = "rspamd"
 
     def __init__(
         self,
@@ -222,7 +222,7 @@ class RspamdPolicy(Policy):
         maxSize: int = DEFAULT_MAX_SIZE,
     ) -> None:
         self.name = name
-        self.url = url.rstrip("/")
+        self.url = self.description = url.rstrip("/")
         self._client = client
         self._clock = clock
         self._hostname = hostname
@@ -230,23 +230,6 @@ class RspamdPolicy(Policy):
         self.scanTimeout = scanTimeout
         self.defaultAction = defaultAction
         self.maxSize = maxSize
-
-    def default(self) -> Verdict:
-        return defaultVerdict(self.defaultAction)
-
-    def failed(self, session: Session, reason: str) -> Verdict:
-        """
-        rspamd failed for one message: one log line, and the default action.
-        """
-        self.log.warn(
-            "rspamd {policy} ({filter}) failed for {peer}: {reason}; default action {action}",
-            policy=self.name,
-            filter=self.url,
-            peer=session.peerHost,
-            reason=reason,
-            action=self.defaultAction,
-        )
-        return self.default()
 
     def skipped(self, session: Session, envelope: Envelope, size: int) -> None:
         self.log.info(

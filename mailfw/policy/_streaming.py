@@ -3,8 +3,9 @@ What the clients of external filters share: a message streamed to the
 filter at the pace it reads (L{BodyStream}, used by the C{rspamd} policy
 for the body of an HTTP request and the C{clamav} policy for clamd's
 C{INSTREAM}), the watchdog of a filter that stops making progress
-(L{StallTimer}), and what C{default_action} means (L{defaultVerdict}, for
-those two, C{milter} and C{policy-server}).
+(L{StallTimer}), what C{default_action} means (L{defaultVerdict}, for
+those two, C{milter} and C{policy-server}), and how the two stream-fed
+policies answer when their filter fails (L{FilterPolicy}).
 
 The end-of-data stage hands a check the message in chunks as the client
 sends them; L{BodyStream} passes each on to its consumer (the HTTP client,
@@ -17,17 +18,28 @@ the message, and a slow filter slows the client instead of filling memory.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
+from mailfw.envelope import Session
+from mailfw.policy import Policy
 from mailfw.reply import SMTPReply
 from mailfw.verdict import CONTINUE, Verdict
 
-__all__ = ["DEFAULT_ACTIONS", "REJECT_REPLY", "TEMPFAIL_REPLY", "BodyStream", "StallTimer", "defaultVerdict"]
+__all__ = [
+    "DEFAULT_ACTIONS",
+    "REJECT_REPLY",
+    "TEMPFAIL_REPLY",
+    "BodyStream",
+    "FilterPolicy",
+    "StallTimer",
+    "defaultVerdict",
+]
 
 _T = TypeVar("_T")
 
@@ -47,6 +59,44 @@ def defaultVerdict(action: str, tempfail: SMTPReply = TEMPFAIL_REPLY) -> Verdict
     if action == "reject":
         return Verdict(REJECT_REPLY)
     return Verdict(tempfail)
+
+
+class FilterPolicy(Policy):
+    """
+    A policy that hands each message to an external filter: its
+    C{default_action} when the filter is down or misbehaves, and the one
+    log line that says so.
+
+    @cvar filterKind: the filter's name in log lines (C{"rspamd"}).
+    @ivar name: the policy instance's name.
+    @ivar description: where the filter is (its URL or address).
+    @ivar defaultAction: one of L{DEFAULT_ACTIONS}.
+    """
+
+    log = Logger()
+    filterKind: ClassVar[str]
+    name: str
+    description: str
+    defaultAction: str
+
+    def default(self) -> Verdict:
+        return defaultVerdict(self.defaultAction)
+
+    def failed(self, session: Session, reason: str) -> Verdict:
+        """
+        The filter failed for one message: one log line, and the default
+        action.
+        """
+        self.log.warn(
+            "{kind} {policy} ({filter}) failed for {peer}: {reason}; default action {action}",
+            kind=self.filterKind,
+            policy=self.name,
+            filter=self.description,
+            peer=session.peerHost,
+            reason=reason,
+            action=self.defaultAction,
+        )
+        return self.default()
 
 
 class StallTimer:
