@@ -186,11 +186,14 @@ class PostfixRelay(RelayServer):
 
 
 class MailfwRelay(RelayServer):
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, extra: str = "") -> None:
+        """
+        @param extra: more configuration (policies) after the relay's own.
+        """
         self.name = f"mailfw-w{workers}"
         self.sink = Sink()
         self.port = freePort()
-        config = MAILFW_RELAY_CONFIG.format(domain=RELAY_DOMAIN, sinkPort=self.sink.port)
+        config = MAILFW_RELAY_CONFIG.format(domain=RELAY_DOMAIN, sinkPort=self.sink.port) + extra
         try:
             self.server = MailfwServer(self.port, workers=workers, name=self.name, config=config)
         except BaseException:
