@@ -187,31 +187,43 @@ class SMTPFactory(Factory):
             self._stress(True, self.connections + 1)
         limits = self._stressedLimits if self.stressed else None
 
-        def opened(protocol: SMTPServerProtocol) -> None:
-            self.connections += 1
-            self.sessions.add(protocol)
-            self._perClient[key] = self._perClient.get(key, 0) + 1
-
-        def closed(protocol: SMTPServerProtocol) -> None:
-            self.connections -= 1
-            self.sessions.discard(protocol)
-            left = self._perClient.get(key, 1) - 1
-            if left > 0:
-                self._perClient[key] = left
-            else:
-                self._perClient.pop(key, None)
-            if self.stressed and self.connections < self.limits.stressAt * 3 // 4:
-                self._stress(False, self.connections)
-
         protocol: SMTPServerProtocol
         if self.kind == "odmr":
-            odmrProtocol = ODMRServerProtocol(self.settings, onOpen=opened, onClose=closed, limits=limits)
+            odmrProtocol = ODMRServerProtocol(self.settings, tracker=self, limits=limits)
             odmrProtocol.odmr = self.odmr
             protocol = odmrProtocol
         else:
-            protocol = SMTPServerProtocol(self.settings, onOpen=opened, onClose=closed, limits=limits)
+            protocol = SMTPServerProtocol(self.settings, tracker=self, limits=limits)
         protocol.factory = self
+        protocol.clientKey = key
         return protocol
+
+    # Called by each session, instead of a pair of closures per connection
+    # (about 400 octets of each idle connection's memory).
+
+    def sessionOpened(self, protocol: SMTPServerProtocol) -> None:
+        """
+        Count C{protocol}'s connection, open now.
+        """
+        self.connections += 1
+        self.sessions.add(protocol)
+        key = protocol.clientKey
+        self._perClient[key] = self._perClient.get(key, 0) + 1
+
+    def sessionClosed(self, protocol: SMTPServerProtocol) -> None:
+        """
+        Forget C{protocol}'s connection, closed now.
+        """
+        self.connections -= 1
+        self.sessions.discard(protocol)
+        key = protocol.clientKey
+        left = self._perClient.get(key, 1) - 1
+        if left > 0:
+            self._perClient[key] = left
+        else:
+            self._perClient.pop(key, None)
+        if self.stressed and self.connections < self.limits.stressAt * 3 // 4:
+            self._stress(False, self.connections)
 
     def _stress(self, on: bool, connections: int) -> None:
         """

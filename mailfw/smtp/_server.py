@@ -36,6 +36,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, ClassVar, cast
+from typing import Protocol as TypingProtocol
 
 from OpenSSL import SSL
 from twisted.internet.interfaces import IDelayedCall, IProtocol, ISSLTransport, ITLSTransport
@@ -89,6 +90,16 @@ SESSION_END_RETRY = 1.0
 SHUTTING_DOWN = SMTPReply(421, "4.3.2", "Service shutting down, closing transmission channel")
 
 
+class SessionTracker(TypingProtocol):
+    """
+    Counts a listener's open sessions (its L{mailfw.smtp.SMTPFactory}).
+    """
+
+    def sessionOpened(self, protocol: SMTPServerProtocol) -> None: ...
+
+    def sessionClosed(self, protocol: SMTPServerProtocol) -> None: ...
+
+
 @functools.lru_cache(maxsize=512)
 def _wire(reply: SMTPReply, enhanced: bool) -> bytes:
     """
@@ -113,6 +124,7 @@ class SMTPServerProtocol(Protocol):
     @ivar replies: the L{ReplyPipeline} that orders this session's replies.
     @ivar transactions: the L{MailTransactions} (MAIL, RCPT, DATA, BDAT).
     @ivar peer: the client as C{"host:port"} text, for log events.
+    @ivar clientKey: the client as its listener's per-client limit counts it.
     @ivar session: what the server knows about the client now (read only).
     @ivar limits: the limits this session is held to: the listener's, or,
         for a session that began under stress, L{SMTPLimits.underStress}
@@ -126,21 +138,20 @@ class SMTPServerProtocol(Protocol):
     def __init__(
         self,
         settings: SessionSettings,
-        onOpen: Callable[[SMTPServerProtocol], None] | None = None,
-        onClose: Callable[[SMTPServerProtocol], None] | None = None,
+        tracker: SessionTracker | None = None,
         limits: SMTPLimits | None = None,
     ) -> None:
         self.settings = settings
         self.limits = settings.limits if limits is None else limits
-        self._onOpen = onOpen
-        self._onClose = onClose
+        self._tracker = tracker
+        self.clientKey = ""
         self.peer = ""
         self.session = Session(listener=settings.kind, peerHost="")
         self.state = ConnectionState()
         self._input = InputFramer(self, settings.limits.maxCommandLine)
         self.replies = ReplyPipeline(self, self.limits, settings.clock)
-        self.transactions = MailTransactions(self, settings, self.replies, self._input)
-        self._login = Login(self, settings, self.replies, self._input)
+        # Built at AUTH: most sessions never authenticate.
+        self._login: Login | None = None
         self._idle: IDelayedCall | None = None
         self._abortLater: IDelayedCall | None = None
         self._connectedAt = 0.0
@@ -153,7 +164,15 @@ class SMTPServerProtocol(Protocol):
     @property
     def avatar(self) -> Any:
         """The L{mailfw.interfaces.IMailUser} after a successful AUTH, else C{None}."""
-        return self._login.avatar
+        return None if self._login is None else self._login.avatar
+
+    @functools.cached_property
+    def transactions(self) -> MailTransactions:
+        """
+        Built at first use: an idle connection (10,000 of them are a
+        benchmark) does without.
+        """
+        return MailTransactions(self, self.settings, self.replies, self._input)
 
     # --- connection ---------------------------------------------------------
 
@@ -181,8 +200,8 @@ class SMTPServerProtocol(Protocol):
         # twistd writes every event, debug ones too, and a line per event is
         # a measurable share of the cost of a message.
         self._connectedAt = self._lastActivity = self.settings.clock.seconds()
-        if self._onOpen is not None:
-            self._onOpen(self)
+        if self._tracker is not None:
+            self._tracker.sessionOpened(self)
         # As a streaming producer the framer stops reading while the
         # transport's write buffer is full: a client that pipelines without
         # reading the replies cannot make the server buffer them all.
@@ -228,9 +247,12 @@ class SMTPServerProtocol(Protocol):
         self._idle = self._abortLater = None
         self.replies.stop()
         self.transactions.cancel()
-        self._login.end()
+        authFailures = 0
+        if self._login is not None:
+            self._login.end()
+            authFailures = self._login.failures
         if self.settings.chain and self.session.id:
-            errors, authFailures = self.replies.errors, self._login.failures
+            errors = self.replies.errors
             if errors or authFailures:
                 # For a policy that counts a client's errors across its
                 # sessions (the limits policy).
@@ -248,9 +270,9 @@ class SMTPServerProtocol(Protocol):
             accepted=self.transactions.accepted,
             errors=self.replies.errors,
         )
-        if self._onClose is not None:
-            onClose, self._onClose = self._onClose, None
-            onClose(self)
+        if self._tracker is not None:
+            tracker, self._tracker = self._tracker, None
+            tracker.sessionClosed(self)
         if self._handedTo is not None:
             self._handedTo.connectionLost(reason)
 
@@ -433,7 +455,7 @@ class SMTPServerProtocol(Protocol):
         """
         L{FramingOwner.lineTooLong}: 500, and a SASL exchange ends.
         """
-        if self._login.exchange is not None:
+        if self._login is not None and self._login.exchange is not None:
             self._login.lineTooLong()
         else:
             self.replies.respond(R.LINE_TOO_LONG)
@@ -535,7 +557,7 @@ class SMTPServerProtocol(Protocol):
     # --- commands -------------------------------------------------------------------
 
     def _dispatch(self, line: bytes) -> None:
-        if self._login.exchange is not None:
+        if self._login is not None and self._login.exchange is not None:
             if b" " in line and (
                 _HTTP_REQUEST.match(line) or line.partition(b" ")[0].upper().decode("latin-1") in FORBIDDEN
             ):
@@ -658,6 +680,8 @@ class SMTPServerProtocol(Protocol):
         self.transactions.bdat(argument)
 
     def smtp_AUTH(self, argument: str) -> None:
+        if self._login is None:
+            self._login = Login(self, self.settings, self.replies, self._input)
         self._login.command(argument, self.transactions.active, channelBindingFor(self.transport))
 
     def smtp_RSET(self, argument: str) -> None:
@@ -720,7 +744,8 @@ class SMTPServerProtocol(Protocol):
             self.session = replace(
                 self.session, helo=None, esmtp=False, tls=True, authenticated=None, relayClient=False
             )
-            self._login.end()
+            if self._login is not None:
+                self._login.end()
             self.transactions.reset()
             tls.startTLS(cast(Any, self.settings.tlsOptions))
             self.log.info("TLS started for {peer}", event="session.tls", peer=self.peer)
