@@ -10,8 +10,10 @@ import time
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from twisted.internet.task import Clock
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.names import dns
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailfw.outbound._dane import (
@@ -163,10 +165,10 @@ class _UDPPort:
         self.open = False
 
 
-class FakeUDPReactor(Clock):
+class FakeUDPReactor(MemoryReactorClock):
     """
-    A clock that can also "listen" on UDP: what is written is kept, and
-    the test answers by calling the protocol.
+    A memory reactor that can also "listen" on UDP: what is written is
+    kept, and the test answers by calling the protocol.
     """
 
     def __init__(self) -> None:
@@ -182,11 +184,18 @@ class FakeUDPReactor(Clock):
 
 
 def answer(
-    query: bytes, rCode: int = dns.OK, ad: bool = True, records: Any = (), trunc: bool = False
+    query: bytes,
+    rCode: int = dns.OK,
+    ad: bool = True,
+    records: Any = (),
+    trunc: bool = False,
+    maxSize: int = 512,
 ) -> bytes:
     request = dns.Message()
     request.fromStr(query)
-    response = dns.Message(request.id, answer=1, rCode=rCode, trunc=trunc, authenticData=int(ad))
+    response = dns.Message(
+        request.id, answer=1, rCode=rCode, trunc=trunc, authenticData=int(ad), maxSize=maxSize
+    )
     response.queries = request.queries
     response.answers = [
         dns.RRHeader(request.queries[0].name.name, TLSA_TYPE, payload=dns.UnknownRecord(r)) for r in records
@@ -239,9 +248,76 @@ class DNSSECResolverTests(SynchronousTestCase):
         d = self.ask()
         self.reply(rCode=dns.ESERVER)
         self.assertIn("rcode 2", str(self.failureResultOf(d, DNSFailure).value))
+
+    def overTCP(self) -> tuple[Any, StringTransport, bytes]:
+        """
+        The TCP query made after a truncated answer: its protocol,
+        transport and the question it sent (without the length prefix).
+        """
+        host, port, factory, _, _ = self.reactor.tcpClients[-1]
+        self.assertEqual((host, port), ("127.0.0.1", 53))
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        sent = transport.value()
+        self.assertEqual(int.from_bytes(sent[:2], "big"), len(sent) - 2)
+        return protocol, transport, sent[2:]
+
+    def test_truncatedAskedOverTCP(self) -> None:
+        """
+        A truncated answer (TLSA records with whole certificates do not fit
+        in 512 octets) is asked again over TCP, with the AD bit, and that
+        answer counts; the connection is closed after it.
+        """
         d = self.ask()
         self.reply(trunc=True)
-        self.failureResultOf(d, DNSFailure)
+        self.assertNoResult(d)
+        protocol, transport, question = self.overTCP()
+        query = dns.Message()
+        query.fromStr(question)
+        self.assertTrue(query.authenticData)
+        digests = [bytes([i]) * 32 for i in range(20)]
+        full = answer(question, records=[b"\x03\x01\x01" + digest for digest in digests], maxSize=65535)
+        self.assertGreater(len(full), 512)
+        protocol.dataReceived(len(full).to_bytes(2, "big") + full)
+        result = self.successResultOf(d)
+        self.assertTrue(result.authenticated)
+        self.assertEqual(tlsaRecords(result)[0], [TLSA(3, 1, 1, digest) for digest in digests])
+        self.assertTrue(transport.disconnecting)
+
+    def test_truncatedTCPFailures(self) -> None:
+        """
+        Over TCP, a connection that fails or closes before the answer, an
+        answer to another question, and no answer within the timeout are
+        failures that name the cause.
+        """
+        d = self.ask()
+        self.reply(trunc=True)
+        _, _, factory, _, _ = self.reactor.tcpClients[-1]
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertIn("no answer over TCP", str(self.failureResultOf(d, DNSFailure).value))
+
+        d = self.ask()
+        self.reply(trunc=True)
+        protocol, _, _ = self.overTCP()
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertIn("ConnectionDone", str(self.failureResultOf(d, DNSFailure).value))
+
+        d = self.ask()
+        self.reply(trunc=True)
+        protocol, _, question = self.overTCP()
+        other = dns.Message()
+        other.fromStr(question)
+        other.queries = [dns.Query("other.example", TLSA_TYPE, dns.IN)]
+        foreign = answer(other.toStr())
+        protocol.dataReceived(len(foreign).to_bytes(2, "big") + foreign)
+        self.assertIn("does not match", str(self.failureResultOf(d, DNSFailure).value))
+
+        d = self.ask()
+        self.reply(trunc=True)
+        self.overTCP()
+        self.reactor.advance(11)
+        self.assertIn("CancelledError", str(self.failureResultOf(d, DNSFailure).value))
 
     def test_timeoutsAndNextServer(self) -> None:
         """
@@ -264,6 +340,9 @@ class DNSSECResolverTests(SynchronousTestCase):
         request.fromStr(data)
         protocol.datagramReceived(dns.Message((request.id + 1) % 65536, answer=1).toStr(), ("127.0.0.9", 53))
         protocol.datagramReceived(b"garbage", ("127.0.0.9", 53))
+        # The right ID and question from another address or port (RFC 5452).
+        protocol.datagramReceived(answer(data), ("127.0.0.9", 53))
+        protocol.datagramReceived(answer(data), ("127.0.0.1", 5353))
         self.assertNoResult(d)
         self.reply()
         self.assertEqual(self.successResultOf(d).records, ())

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import ipaddress
 import random as _random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,10 +31,12 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime, IReactorUDP
-from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.interfaces import IReactorTCP, IReactorTime, IReactorUDP
+from twisted.internet.protocol import ClientFactory, DatagramProtocol, connectionDone
 from twisted.logger import Logger
 from twisted.names import dns
+from twisted.protocols.basic import Int16StringReceiver
+from twisted.python.failure import Failure
 
 __all__ = [
     "TLSA",
@@ -199,6 +202,32 @@ class DNSFailure(Exception):
     """
 
 
+def _answerTo(question: dns.Message, data: bytes) -> dns.Message | None:
+    """
+    C{data} parsed, if it is an answer to C{question}: the same ID and the
+    same question (RFC 5452 9.1), else C{None}.
+    """
+    answer = dns.Message()
+    try:
+        answer.fromStr(data)
+    except Exception:
+        return None
+    if answer.id != question.id or not answer.answer:
+        return None
+    if [(q.name.name.lower(), q.type, q.cls) for q in answer.queries] != [
+        (q.name.name.lower(), q.type, q.cls) for q in question.queries
+    ]:
+        return None
+    return answer
+
+
+def _sameHost(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a == b
+
+
 class _OneQuery(DatagramProtocol):
     def __init__(self, message: dns.Message, server: tuple[str, int]) -> None:
         self.message = message
@@ -212,19 +241,57 @@ class _OneQuery(DatagramProtocol):
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         if self.result.called:
             return
-        answer = dns.Message()
-        try:
-            answer.fromStr(datagram)
-        except Exception:
+        # Only from the server asked (RFC 5452 9.1).
+        if addr[1] != self.server[1] or not _sameHost(addr[0], self.server[0]):
             return
-        if answer.id != self.message.id or not answer.answer:
-            return
-        self.result.callback(answer)
+        answer = _answerTo(self.message, datagram)
+        if answer is not None:
+            self.result.callback(answer)
+
+
+class _OneTCPQuery(Int16StringReceiver):
+    """
+    The question again over TCP (RFC 7766), for an answer that did not fit
+    in a datagram.
+    """
+
+    def __init__(self, message: dns.Message) -> None:
+        self.message = message
+        self.result: Deferred[dns.Message] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.sendString(self.message.toStr())
+
+    def stringReceived(self, data: bytes) -> None:
+        answer = _answerTo(self.message, data)
+        if not self.result.called:
+            if answer is None:
+                self.result.errback(DNSFailure("the answer over TCP does not match the question"))
+            else:
+                self.result.callback(answer)
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.result.called:
+            self.result.errback(reason)
+
+
+class _OneTCPQueryFactory(ClientFactory):
+    def __init__(self, query: _OneTCPQuery) -> None:
+        self.query = query
+
+    def buildProtocol(self, addr: Any) -> _OneTCPQuery:
+        return self.query
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        if not self.query.result.called:
+            self.query.result.errback(reason)
 
 
 class DNSSECResolver:
     """
-    Asks a validating resolver, over UDP, and reports its AD bit.
+    Asks a validating resolver, over UDP (and TCP when the answer is
+    truncated), and reports its AD bit.
 
     @ivar servers: C{(address, port)} of the validating resolvers, tried
         in turn on each retransmission.
@@ -272,11 +339,30 @@ class DNSSECResolver:
                     timer.cancel()
                 port.stopListening()
             if answer.trunc:
-                raise DNSFailure(f"truncated answer for {name}")
+                # TLSA records with full certificates do not fit in 512
+                # octets: the same answer would be truncated on every retry.
+                answer = await self._askTCP(server, message, self.timeouts[-1])
             if answer.rCode not in (dns.OK, dns.ENAME):
                 raise DNSFailure(f"rcode {answer.rCode} for {name} (SERVFAIL means bogus or unreachable)")
             return answer
         raise DNSFailure(last)
+
+    async def _askTCP(self, server: tuple[str, int], message: dns.Message, timeout: float) -> dns.Message:
+        reactor: IReactorTCP = self.reactor
+        clock: IReactorTime = self.reactor
+        query = _OneTCPQuery(message)
+        connector = reactor.connectTCP(server[0], server[1], _OneTCPQueryFactory(query), timeout=timeout)
+        timer = clock.callLater(timeout, query.result.cancel)
+        try:
+            return await query.result
+        except DNSFailure:
+            raise
+        except Exception as e:
+            raise DNSFailure(f"no answer over TCP from {server[0]}:{server[1]} ({type(e).__name__})") from e
+        finally:
+            if timer.active():
+                timer.cancel()
+            connector.disconnect()
 
     def query(self, name: str, kind: int) -> Deferred[SecureAnswer]:
         """

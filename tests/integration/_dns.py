@@ -78,6 +78,14 @@ class ADServerFactory(server.DNSServerFactory):
         response.authenticData = self.authenticated
         return response
 
+    def sendReply(self, protocol: Any, message: Any, address: Any) -> None:
+        # Over UDP an answer to a query without EDNS gets at most 512 octets
+        # and the TC bit, as from a real resolver (RFC 1035 4.2.1);
+        # twisted.names would send it whole.
+        if address is not None and getattr(message, "ednsVersion", None) is None:
+            message.maxSize = 512
+        super().sendReply(protocol, message, address)
+
 
 def startDNS(reactor: Any, records: dict[str, list[Any]], authenticated: bool = True) -> tuple[int, Any, Any]:
     """

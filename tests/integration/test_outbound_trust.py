@@ -104,6 +104,37 @@ async def test_daneMatchDelivers(tmp_path: Path, peerCertificate: tuple[Issued, 
 
 
 @pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_daneLargeRecordSetOverTCP(
+    tmp_path: Path, peerCertificate: tuple[Issued, tuple[Path, Path]]
+) -> None:
+    """
+    A TLSA record set too large for a 512-octet datagram (here twenty
+    records, the matching one last) comes truncated over UDP; asked again
+    over TCP it is used, and the message is delivered.
+    """
+    issued, paths = peerCertificate
+    factory, listening = startTLSPeer(paths)
+    port = listening.getHost().port
+    others: list[list[Any]] = [["TLSA", 3, 1, 1, f"{i:02x}" * 32] for i in range(19)]
+    zone = zoneFromJSON(
+        {
+            "dane.test": [["MX", 10, "mx.dane.test"]],
+            "mx.dane.test": [["A", PEER]],
+            f"_{port}._tcp.mx.dane.test": [*others, ["TLSA", 3, 1, 1, spkiSHA256(issued)]],
+        }
+    )
+    dnsPort, _dns, stop = startDNS(reactor, zone)
+    try:
+        agent = makeAgent(tmp_path, dnsPort, port)
+        [outcome] = await deliver(agent, envelope("dana@dane.test"))
+        assert (outcome.reply.code, outcome.remoteMTA) == (250, "mx.dane.test"), outcome
+        assert [tls for tls, _ in factory.messages] == [True]
+    finally:
+        stop()
+        await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
 async def test_daneMismatchDefers(tmp_path: Path, peerCertificate: tuple[Issued, tuple[Path, Path]]) -> None:
     """
     A DANE-EE record that does not match: the message is not sent, the
