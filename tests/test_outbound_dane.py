@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IConnector
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.names import dns
 from twisted.python.failure import Failure
@@ -257,6 +258,7 @@ class DNSSECResolverTests(SynchronousTestCase):
         host, port, factory, _, _ = self.reactor.tcpClients[-1]
         self.assertEqual((host, port), ("127.0.0.1", 53))
         protocol = factory.buildProtocol(None)
+        assert protocol is not None
         transport = StringTransport()
         protocol.makeConnection(transport)
         sent = transport.value()
@@ -294,7 +296,7 @@ class DNSSECResolverTests(SynchronousTestCase):
         d = self.ask()
         self.reply(trunc=True)
         _, _, factory, _, _ = self.reactor.tcpClients[-1]
-        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        factory.clientConnectionFailed(cast(IConnector, None), Failure(ConnectionRefusedError()))
         self.assertIn("no answer over TCP", str(self.failureResultOf(d, DNSFailure).value))
 
         d = self.ask()
