@@ -84,6 +84,13 @@ class _Failures:
         if event.get("log_failure") is not None or event.get("isError"):
             self.events.append(event)
 
+    def forget(self) -> None:
+        """
+        Drop what was logged before a target ran (under pytest, this
+        observer sees every test of the process from its import on).
+        """
+        self.events.clear()
+
     def check(self) -> None:
         if self.events:
             events, self.events = self.events, []
@@ -469,5 +476,6 @@ def runOne(name: str, data: bytes) -> None:
     failure only logged.
     """
     prepare()
+    _failures.forget()
     TARGETS[name](data)
     _failures.check()
