@@ -52,6 +52,7 @@ OPTIONAL = {
     "auth": ["mailfw.auth._config", "mailfw.auth._dovecot"],
     "other agents": ["mailfw.delivery._maildir", "mailfw.delivery._lmtp", "mailfw.delivery._pipe"],
     "contract tests": ["mailfw.delivery._contract"],
+    "the memory queue": ["mailfw.queue._memory"],
 }
 
 _BUILD = textwrap.dedent(
@@ -176,6 +177,17 @@ class LazyPackagesTests(SynchronousTestCase):
 
         self.assertIs(exported, DeliveryAgentContractTests)
 
+    def test_queue(self) -> None:
+        """
+        L{mailfw.queue} exports the memory queue.
+        """
+        from mailfw.queue._memory import MemoryQueue
+
+        self.assertExportsAll("mailfw.queue")
+        from mailfw.queue import MemoryQueue as exported
+
+        self.assertIs(exported, MemoryQueue)
+
 
 class StartupImportsTests(SynchronousTestCase):
     """
@@ -186,8 +198,8 @@ class StartupImportsTests(SynchronousTestCase):
     def test_benchmarkConfiguration(self) -> None:
         """
         The accept benchmark's configuration (SQLite queue, static routing,
-        discard delivery) imports neither metrics, AUTH, other agents nor
-        the contract tests.
+        discard delivery) imports neither metrics, AUTH, other agents, the
+        contract tests nor the memory queue.
         """
         modules = modulesAfterBuild(self, BENCH_CONFIG)
         self.assertIn("mailfw.delivery._discard", modules)
