@@ -557,9 +557,6 @@ def _buildComponents(config: ServerConfig, context: ComponentContext, plugins: A
 
     @raise ConfigError: naming the section that is wrong.
     """
-    from mailfw.auth._config import authFromConfig
-    from mailfw.auth._quota import useHostedQuotas
-    from mailfw.auth._realm import useHostedSenders
     from mailfw.etrn import settingsFromConfig
     from mailfw.policy._chain import linkFromSection
     from mailfw.smtp import SMTPLimits
@@ -583,11 +580,19 @@ def _buildComponents(config: ServerConfig, context: ComponentContext, plugins: A
     ]
     limits = SMTPLimits.fromSection(Section("[smtp]", config.smtp))
     tlsOptions = serverTLSOptions(config)
-    authSetup = authFromConfig(Section("[auth]", config.auth), context)
-    if authSetup is not None:
-        useHostedSenders(authSetup.auth.portal, router)
-        if authSetup.quotas is not None:
-            useHostedQuotas(authSetup.quotas, router)
+    authSetup = None
+    if config.auth:
+        # Only with [auth]: the password file, SCRAM and Dovecot code is
+        # not imported otherwise (an empty section builds no AUTH either).
+        from mailfw.auth._config import authFromConfig
+        from mailfw.auth._quota import useHostedQuotas
+        from mailfw.auth._realm import useHostedSenders
+
+        authSetup = authFromConfig(Section("[auth]", config.auth), context)
+        if authSetup is not None:
+            useHostedSenders(authSetup.auth.portal, router)
+            if authSetup.quotas is not None:
+                useHostedQuotas(authSetup.quotas, router)
     etrnSettings = settingsFromConfig(config.raw.get("etrn", {}))
     odmrSettings = odmrFromConfig(config.raw.get("odmr", {}))
     return _Components(agents, router, policies, limits, tlsOptions, authSetup, etrnSettings, odmrSettings)
