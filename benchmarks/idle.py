@@ -12,9 +12,9 @@ resident set size (C{VmRSS}) once it greets, open the connections one
 after the other and read each one's greeting (so the server has built the
 session), wait a second, read the resident set again; the difference
 divided by the connections is the cost of one idle connection.  The
-start-up time is measured C{--starts} times (median): from starting
-C{twistd} until the first C{220} on its port, with the accept benchmark's
-configuration (SQLite queue, discard delivery), for one and two workers.
+start-up time is measured C{--starts} times by L{startup.measure} (the
+accept benchmark's configuration, for one and two workers; C{startup.py}
+alone measures more).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import argparse
 import os
 import resource
 import socket
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import startup
 from accept import (
     DOMAIN,
     MAILFW_CONFIG,
@@ -109,21 +109,6 @@ def measureIdle(server: MailfwServer | TwistedSinkServer, connections: int) -> I
     return IdleResult(server.name, connections, before, after)
 
 
-def measureStart(workers: int, starts: int) -> tuple[list[float], list[float]]:
-    """
-    Start-up times and the CPU seconds the twistd process used for them.
-    """
-    times, cpu = [], []
-    for _ in range(starts):
-        server = MailfwServer(freePort(), workers=workers, name=f"mailfw-w{workers}")
-        try:
-            times.append(server.startSeconds)
-            cpu.append(server.startCPU)
-        finally:
-            server.stop()
-    return times, cpu
-
-
 def addArguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, default=10000, help="idle connections (default 10000)")
     parser.add_argument("--starts", type=int, default=5, help="start-ups timed per worker count (default 5)")
@@ -149,12 +134,7 @@ def runIdle(args: argparse.Namespace) -> str:
             f"{(r.after - r.before) / 2**20:5.1f} MB more, {r.perConnection / 1024:.2f} KB per connection"
         )
     for workers in (1, 2):
-        times, cpu = measureStart(workers, args.starts)
-        lines.append(
-            f"start-up, --workers={workers}, twistd to first greeting: median {statistics.median(times):.2f} s "
-            f"(min {min(times):.2f}, max {max(times):.2f}, {len(times)} starts), "
-            f"CPU of the twistd process {statistics.median(cpu):.2f} s"
-        )
+        lines.append("start-up: " + startup.measure("bench", workers, args.starts))
     return "\n".join(lines)
 
 
