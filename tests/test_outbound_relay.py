@@ -15,8 +15,9 @@ from typing import Any, cast
 
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailfw.address import Address
@@ -25,7 +26,13 @@ from mailfw.envelope import Envelope, Recipient
 from mailfw.outbound._dane import TLSA, verifyDANE
 from mailfw.outbound._mtasts import STSPolicy
 from mailfw.outbound._policy import TLSPolicyResolver
-from mailfw.outbound._tlsrpt import TLSReporter, TLSResults, parseTLSRPTRecord, reportJSON
+from mailfw.outbound._tlsrpt import (
+    ReportDestinations,
+    TLSReporter,
+    TLSResults,
+    parseTLSRPTRecord,
+    reportJSON,
+)
 from mailfw.queue._io import MemoryBody as MemoryMessageBody
 from mailfw.queue._schema import envelopeFromJSON, envelopeToJSON
 from mailfw.routing._mx import MXResolver
@@ -380,10 +387,82 @@ class TLSReportTests(SynchronousTestCase):
         )
 
     def test_record(self) -> None:
-        self.assertEqual(parseTLSRPTRecord(["v=TLSRPTv1; rua=mailto:a@b.example?subject=x"]), ["a@b.example"])
-        self.assertEqual(parseTLSRPTRecord(["v=spf1"]), [])
+        """
+        The record's C{mailto:} and C{https:} destinations; none unless
+        exactly one record starts C{v=TLSRPTv1} (RFC 8460 3).
+        """
+        self.assertEqual(
+            parseTLSRPTRecord(
+                ["v=spf1 -all", "v=TLSRPTv1; rua=mailto:a@b.example?subject=x, https://r.example/tls,ftp://x"]
+            ),
+            ReportDestinations(("a@b.example",), ("https://r.example/tls",)),
+        )
+        self.assertEqual(parseTLSRPTRecord(["v=spf1"]), ReportDestinations())
+        two = ["v=TLSRPTv1; rua=mailto:a@b.example", "v=TLSRPTv1; rua=mailto:c@b.example"]
+        self.assertEqual(parseTLSRPTRecord(two), ReportDestinations())
         report = reportJSON("2026-01-01", "example.net", {("tlsa", "success"): 3}, "mx.example.org", "pm")
         self.assertEqual(report["date-range"]["start-datetime"], "2026-01-01T00:00:00Z")
+
+    def test_postedOverHTTPS(self) -> None:
+        """
+        An C{https:} destination gets the same gzipped JSON by POST (and a
+        C{mailto:} one by mail); a destination that answers other than 2xx
+        or fails is logged and does not count, and without a poster
+        C{https:} destinations are skipped.
+        """
+        import gzip
+
+        from mailfw.queue._memory import MemoryQueue
+
+        clock = Clock()
+        clock.advance(86400 * 3 + 10)
+        results = TLSResults(MemorySharedState(), clock)
+        for domain in ("ok.example", "broken.example", "down.example", "both.example"):
+            results.record(domain, "sts", None)
+        txt = {
+            "_smtp._tls.ok.example": ["v=TLSRPTv1; rua=https://r.ok.example/tls"],
+            "_smtp._tls.broken.example": ["v=TLSRPTv1; rua=https://r.broken.example/"],
+            "_smtp._tls.down.example": ["v=TLSRPTv1; rua=https://r.down.example/"],
+            "_smtp._tls.both.example": ["v=TLSRPTv1; rua=mailto:t@both.example,https://r.both.example/"],
+        }
+        answers = {"r.ok.example": 201, "r.broken.example": 500, "r.both.example": 200}
+        posted: list[tuple[str, bytes]] = []
+
+        def post(url: str, data: bytes) -> Deferred[int]:
+            posted.append((url, data))
+            host = url.split("/")[2]
+            if host not in answers:
+                return fail(ConnectionRefusedError(f"{host} refused"))
+            return succeed(answers[host])
+
+        queue = MemoryQueue(clock)
+        reporter = TLSReporter(results, queue, lambda name: succeed(txt[name]), "mx.example.org", post=post)
+        with capturedLogs() as events:
+            sent = self.successResultOf(Deferred.fromCoroutine(reporter.sendReports("1970-01-04")))
+        self.assertEqual(sent, 2)
+        self.assertEqual(
+            sorted(url for url, _ in posted),
+            [
+                "https://r.both.example/",
+                "https://r.broken.example/",
+                "https://r.down.example/",
+                "https://r.ok.example/tls",
+            ],
+        )
+        for url, data in posted:
+            report = json.loads(gzip.decompress(data))
+            self.assertEqual(
+                report["policies"][0]["policy"]["policy-domain"], url.split(".", 1)[1].split("/")[0]
+            )
+        [queueID] = queue.queueIDs()
+        self.assertEqual([str(r.address) for r in queue.envelope(queueID).recipients], ["t@both.example"])
+        text = " ".join(formatEvent(event) for event in events)
+        self.assertIn("to https://r.broken.example/: HTTP 500", text)
+        self.assertIn("to https://r.down.example/ failed: ConnectionRefusedError", text)
+
+        results.record("ok.example", "sts", None)
+        unposted = TLSReporter(results, queue, lambda name: succeed(txt[name]), "mx.example.org")
+        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(unposted.sendReports("1970-01-05"))), 0)
 
     def test_daily(self) -> None:
         """

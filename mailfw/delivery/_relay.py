@@ -755,8 +755,15 @@ def fromConfig(context: ComponentContext, instanceName: str, options: Mapping[st
     reports = None
     if tlsReports and context.queue is not None:
         from mailfw.outbound._mtasts import txtLookup
+        from mailfw.outbound._tlsrpt import httpsPoster
 
-        reporter = TLSReporter(results, context.queue, txtLookup(context.resolver()), context.hostname)
+        reporter = TLSReporter(
+            results,
+            context.queue,
+            txtLookup(context.resolver()),
+            context.hostname,
+            post=httpsPoster(context.reactor),
+        )
         reports = DailyReports(reporter, context.reactor)
     return SMTPRelayAgent(
         instanceName,

@@ -177,6 +177,41 @@ class HTTPSFetcher(Protocol):
         """
 
 
+def httpsClient(
+    reactor: Any, trustRoot: Any = None, addressFor: Callable[[str], str] | None = None, timeout: float = 60
+) -> Any:
+    """
+    A C{treq} client that speaks only HTTPS and verifies the server's
+    certificate for the URL's host against C{trustRoot} (default the
+    platform's): what MTA-STS and TLS reporting ask for.
+
+    @param addressFor: maps a host name to the address to connect to
+        (tests point it at 127.0.0.1); default a normal name lookup.
+    """
+    from treq.client import HTTPClient
+    from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, wrapClientTLS
+    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+    from twisted.web.iweb import IAgentEndpointFactory
+    from zope.interface import implementer
+
+    policy = BrowserLikePolicyForHTTPS(trustRoot)
+
+    @implementer(IAgentEndpointFactory)
+    class Endpoints:
+        def endpointForURI(self, uri: Any) -> Any:
+            if uri.scheme != b"https":
+                raise ValueError(f"not an https URL: {uri.toBytes()!r}")
+            host = uri.host.decode("ascii")
+            tcp: Any
+            if addressFor is None:
+                tcp = HostnameEndpoint(reactor, host, uri.port, timeout=timeout)
+            else:
+                tcp = TCP4ClientEndpoint(reactor, addressFor(host), uri.port, timeout=timeout)
+            return wrapClientTLS(policy.creatorForNetloc(uri.host, uri.port), tcp)
+
+    return HTTPClient(Agent.usingEndpointFactory(reactor, Endpoints()))
+
+
 def treqFetcher(
     reactor: Any,
     trustRoot: Any = None,
@@ -195,26 +230,8 @@ def treqFetcher(
         (tests point it at 127.0.0.1); default a normal name lookup.
     """
     import treq
-    from treq.client import HTTPClient
-    from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, wrapClientTLS
-    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
-    from twisted.web.iweb import IAgentEndpointFactory
-    from zope.interface import implementer
 
-    policy = BrowserLikePolicyForHTTPS(trustRoot)
-
-    @implementer(IAgentEndpointFactory)
-    class Endpoints:
-        def endpointForURI(self, uri: Any) -> Any:
-            host = uri.host.decode("ascii")
-            tcp: Any
-            if addressFor is None:
-                tcp = HostnameEndpoint(reactor, host, uri.port, timeout=timeout)
-            else:
-                tcp = TCP4ClientEndpoint(reactor, addressFor(host), uri.port, timeout=timeout)
-            return wrapClientTLS(policy.creatorForNetloc(uri.host, uri.port), tcp)
-
-    client = HTTPClient(Agent.usingEndpointFactory(reactor, Endpoints()))
+    client = httpsClient(reactor, trustRoot, addressFor, timeout)
 
     async def fetch(domain: str) -> str:
         url = f"https://mta-sts.{domain}:{port}/.well-known/mta-sts.txt"

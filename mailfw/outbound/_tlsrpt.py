@@ -1,7 +1,7 @@
 """
 SMTP TLS reporting (RFC 8460): count each day's TLS sessions per
-recipient domain, and once a day mail a report to the domains that ask
-for one in their C{_smtp._tls} TXT record.
+recipient domain, and once a day send a report to the domains that ask
+for one in their C{_smtp._tls} TXT record, by mail or HTTPS POST.
 
 The counts are shared state (L{mailfw.interfaces.ISharedState}), so every
 process and node of a server adds to the same numbers.  ISharedState
@@ -19,10 +19,11 @@ import datetime
 import gzip
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -31,9 +32,19 @@ from twisted.logger import Logger
 from mailfw.address import Address, AddressError
 from mailfw.envelope import Envelope, Recipient
 from mailfw.interfaces import IMessageQueue, ISharedState
-from mailfw.outbound._mtasts import TXTLookup
+from mailfw.outbound._mtasts import TXTLookup, _describe, _discard, httpsClient
 
-__all__ = ["DailyReports", "TLSReporter", "TLSResults", "parseTLSRPTRecord"]
+__all__ = [
+    "DailyReports",
+    "ReportDestinations",
+    "TLSReporter",
+    "TLSResults",
+    "httpsPoster",
+    "parseTLSRPTRecord",
+]
+
+# Seconds for one report's HTTPS POST, connection included.
+POST_TIMEOUT = 60.0
 
 _WINDOW = 3 * 86400.0
 
@@ -93,21 +104,71 @@ class TLSResults:
         return out
 
 
-def parseTLSRPTRecord(texts: list[str]) -> list[str]:
+@dataclass(frozen=True)
+class ReportDestinations:
     """
-    The C{mailto:} addresses of a C{v=TLSRPTv1} record (RFC 8460 3);
-    C{https:} reporting is not supported.
+    Where a domain asks for its TLS reports (the C{rua} of its record).
+
+    @ivar mailto: addresses to mail the report to.
+    @ivar https: URLs to POST it to (RFC 8460 5.3.2).
     """
-    for text in texts:
-        fields = dict(p.strip().partition("=")[::2] for p in text.split(";") if p.strip())
-        if fields.get("v") != "TLSRPTv1":
-            continue
-        return [
-            u.strip()[7:].split("?", 1)[0]
-            for u in fields.get("rua", "").split(",")
-            if u.strip().lower().startswith("mailto:")
-        ]
-    return []
+
+    mailto: tuple[str, ...] = ()
+    https: tuple[str, ...] = ()
+
+
+def parseTLSRPTRecord(texts: list[str]) -> ReportDestinations:
+    """
+    The destinations of a domain's C{_smtp._tls} TXT records: of the
+    records that start C{v=TLSRPTv1}, there must be exactly one, or the
+    domain has none (RFC 8460 3); other URI schemes are ignored.
+    """
+    records = [text for text in texts if text.replace(" ", "").startswith("v=TLSRPTv1;")]
+    if len(records) != 1:
+        return ReportDestinations()
+    fields = dict(p.strip().partition("=")[::2] for p in records[0].split(";") if p.strip())
+    mailto: list[str] = []
+    https: list[str] = []
+    for uri in (u.strip() for u in fields.get("rua", "").split(",")):
+        scheme = uri[:8].lower()
+        if scheme.startswith("mailto:"):
+            mailto.append(uri[7:].split("?", 1)[0])
+        elif scheme == "https://":
+            https.append(uri)
+    return ReportDestinations(tuple(mailto), tuple(https))
+
+
+class ReportPoster(Protocol):
+    def __call__(self, url: str, data: bytes) -> Deferred[int]:
+        """
+        POST a gzipped report to C{url}; the HTTP status it answered.
+        """
+
+
+def httpsPoster(
+    reactor: Any,
+    trustRoot: Any = None,
+    addressFor: Callable[[str], str] | None = None,
+    timeout: float = POST_TIMEOUT,
+) -> ReportPoster:
+    """
+    The real poster, with C{treq}: the server's certificate verified
+    (L{httpsClient}), redirects not followed, C{timeout} seconds for it all.
+    """
+    client = httpsClient(reactor, trustRoot, addressFor, timeout)
+
+    async def post(url: str, data: bytes) -> int:
+        response = await client.post(
+            url,
+            data=data,
+            headers={b"Content-Type": [b"application/tlsrpt+gzip"]},
+            allow_redirects=False,
+            timeout=timeout,
+        )
+        await _discard(response, reactor)
+        return int(response.code)
+
+    return lambda url, data: Deferred.fromCoroutine(post(url, data))
 
 
 def reportJSON(
@@ -146,6 +207,8 @@ class TLSReporter:
 
     @ivar sender: the envelope sender; C{None} (the default) for the null
         reverse-path, so that an undeliverable report does not bounce.
+    @ivar post: sends a report to an C{https:} destination; C{None}: such
+        destinations are skipped.
     """
 
     log = Logger()
@@ -157,18 +220,22 @@ class TLSReporter:
         lookupTXT: TXTLookup,
         hostname: str,
         sender: Address | None = None,
+        post: ReportPoster | None = None,
     ) -> None:
         self.results = results
         self.queue = queue
         self.lookupTXT = lookupTXT
         self.hostname = hostname
         self.sender = sender
+        self.post = post
 
     async def sendReports(self, day: str) -> int:
         """
-        Mail C{day}'s report to each domain counted that publishes a
-        TLSRPT record; returns how many were queued.  Failures are logged
-        with the domain and the reason.
+        Send C{day}'s report to each domain counted that publishes a
+        TLSRPT record, by mail and by HTTPS as the record asks; returns
+        for how many domains at least one destination took it.  Failures
+        are logged with the domain and the reason (a report is sent once:
+        RFC 8460 5.3 allows, and does not require, retrying).
         """
         sent = 0
         for domain in self.results.domains(day):
@@ -178,29 +245,67 @@ class TLSReporter:
             if claims != 1:
                 continue  # another process sent it
             try:
-                addresses = parseTLSRPTRecord(await self.lookupTXT(f"_smtp._tls.{domain}"))
+                destinations = parseTLSRPTRecord(await self.lookupTXT(f"_smtp._tls.{domain}"))
             except Exception as e:
                 self.log.info("No TLSRPT record for {nexthop}: {why}", nexthop=domain, why=str(e)[:200])
                 continue
             recipients = []
-            for text in addresses:
+            for text in destinations.mailto:
                 try:
                     recipients.append(Recipient(Address.parse(text)))
                 except AddressError:
                     self.log.info("Bad TLSRPT address {address} of {nexthop}", address=text, nexthop=domain)
-            if not recipients:
+            urls = destinations.https if self.post is not None else ()
+            if not recipients and not urls:
                 continue
             counts = await self.results.counts(day, domain)
             report = reportJSON(day, domain, counts, self.hostname, f"postmaster@{self.hostname}")
-            body = self._message(day, domain, report, recipients)
-            message = self.queue.receive(Envelope(self.sender, tuple(recipients), size=len(body)))
-            message.write(body)
-            queueID = await message.commit()
-            self.log.info("Queued the TLS report for {nexthop} as {queueID}", nexthop=domain, queueID=queueID)
-            sent += 1
+            data = gzip.compress(json.dumps(report).encode("utf-8"))
+            taken = False
+            if recipients:
+                body = self._message(day, domain, report, data, recipients)
+                message = self.queue.receive(Envelope(self.sender, tuple(recipients), size=len(body)))
+                message.write(body)
+                queueID = await message.commit()
+                self.log.info(
+                    "Queued the TLS report for {nexthop} as {queueID}", nexthop=domain, queueID=queueID
+                )
+                taken = True
+            for url in urls:
+                taken = await self._postTo(url, domain, data) or taken
+            if taken:
+                sent += 1
         return sent
 
-    def _message(self, day: str, domain: str, report: dict[str, Any], recipients: list[Recipient]) -> bytes:
+    async def _postTo(self, url: str, domain: str, data: bytes) -> bool:
+        """
+        POST the report to C{url}; whether it answered 2xx (RFC 8460 5.3.2).
+        """
+        assert self.post is not None
+        try:
+            code = await self.post(url, data)
+        except Exception as e:
+            self.log.warn(
+                "Posting the TLS report for {nexthop} to {url} failed: {why}",
+                nexthop=domain,
+                url=url,
+                why=_describe(e),
+            )
+            return False
+        if not 200 <= code < 300:
+            self.log.warn(
+                "Posting the TLS report for {nexthop} to {url}: HTTP {code}",
+                nexthop=domain,
+                url=url,
+                code=code,
+            )
+            return False
+        self.log.info("Posted the TLS report for {nexthop} to {url}", nexthop=domain, url=url)
+        return True
+
+    def _message(
+        self, day: str, domain: str, report: dict[str, Any], data: bytes, recipients: list[Recipient]
+    ) -> bytes:
         message = EmailMessage()
         message["From"] = f"TLS reports <postmaster@{self.hostname}>"
         message["To"] = ", ".join(str(r.address) for r in recipients)
@@ -211,7 +316,6 @@ class TLSReporter:
         message["TLS-Report-Domain"] = domain
         message["TLS-Report-Submitter"] = self.hostname
         message.set_content(f"TLS report for {domain} on {day} from {self.hostname}.\n")
-        data = gzip.compress(json.dumps(report).encode("utf-8"))
         message.add_attachment(
             data,
             maintype="application",

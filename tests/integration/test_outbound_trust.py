@@ -10,6 +10,7 @@ STARTTLS peer on 127.0.0.2 presenting real certificates.
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ import pytest_twisted  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor as _reactor
 from twisted.internet import ssl
+from twisted.internet.defer import succeed
+from twisted.logger import formatEvent
 from twisted.web import resource, server
 
 from mailfw.config import ComponentContext
@@ -386,3 +389,88 @@ async def test_fetchLimits(ca: Issued) -> None:
             assert "mta-sts.bad.test" in str(raised.value)
         finally:
             await https.stopListening()
+
+
+class ReportCollector(resource.Resource):
+    """
+    An RFC 8460 HTTPS report collector: keeps what is POSTed.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[tuple[bytes, bytes, bytes]] = []
+
+    def render_POST(self, request: Any) -> bytes:
+        kind = request.getHeader(b"content-type") or b""
+        self.received.append((request.path, kind, request.content.read()))
+        request.setResponseCode(201)
+        return b""
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_tlsReportPostedOverHTTPS(ca: Issued) -> None:
+    """
+    A domain whose TLSRPT record names an C{https:} collector gets the
+    day's report by POST over verified TLS, gzipped JSON with the RFC 8460
+    media type; a collector whose certificate the trust root does not
+    vouch for gets nothing, and the log says why.
+    """
+    import gzip
+    import json
+
+    from mailfw.outbound._tlsrpt import TLSReporter, TLSResults, httpsPoster
+    from mailfw.queue._memory import MemoryQueue
+    from mailfw.sharedstate import MemorySharedState
+
+    collector = ReportCollector()
+    web = issue(ca, "reports.rpt.test")
+    options = ssl.CertificateOptions(privateKey=web.key, certificate=web.certificate)  # type: ignore[arg-type]
+    https = reactor.listenSSL(0, server.Site(collector), options, interface="127.0.0.1")
+    port = https.getHost().port
+    try:
+        results = TLSResults(MemorySharedState(), reactor)
+        results.record("rpt.test", "sts", None)
+        results.record("rpt.test", "sts", "certificate-host-mismatch")
+        results.record("other.test", "sts", None)
+        txt = {
+            "_smtp._tls.rpt.test": [f"v=TLSRPTv1; rua=https://reports.rpt.test:{port}/v1/tlsrpt"],
+            "_smtp._tls.other.test": [f"v=TLSRPTv1; rua=https://reports.rpt.test:{port}/other"],
+        }
+        trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(ca.certPEM())])
+        post = httpsPoster(reactor, trust, lambda host: "127.0.0.1", timeout=10)
+        reporter = TLSReporter(
+            results, MemoryQueue(reactor), lambda name: succeed(txt[name]), "mx.test", post=post
+        )
+        day = time.strftime("%Y-%m-%d", time.gmtime(reactor.seconds()))
+        with LogCapture() as logs:
+            sent = await reporter.sendReports(day)
+        assert sent == 2, [formatEvent(e) for e in logs.events]
+        paths = sorted(path for path, _, _ in collector.received)
+        assert paths == [b"/other", b"/v1/tlsrpt"], collector.received
+        for path, kind, body in collector.received:
+            assert kind == b"application/tlsrpt+gzip"
+            report = json.loads(gzip.decompress(body))
+            domain = "rpt.test" if path == b"/v1/tlsrpt" else "other.test"
+            assert report["policies"][0]["policy"]["policy-domain"] == domain
+
+        # Another CA's root: the collector's certificate is not trusted.
+        results = TLSResults(MemorySharedState(), reactor)
+        results.record("rpt.test", "sts", None)
+        stranger = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(makeCA().certPEM())])
+        untrusting = TLSReporter(
+            results,
+            MemoryQueue(reactor),
+            lambda name: succeed(txt[name]),
+            "mx.test",
+            post=httpsPoster(reactor, stranger, lambda host: "127.0.0.1", timeout=10),
+        )
+        received = len(collector.received)
+        with LogCapture() as logs:
+            assert await untrusting.sendReports(day) == 0
+        assert len(collector.received) == received
+        texts = [formatEvent(e) for e in logs.events]
+        assert any("Posting the TLS report for rpt.test" in t and "failed" in t for t in texts), texts
+    finally:
+        await https.stopListening()
