@@ -333,13 +333,7 @@ class MailfwServer(Server):
         return self._delivered()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stopProcess(self.process)
         self._log.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -441,13 +435,21 @@ class TwistedSinkServer(Server):
         return 0
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stopProcess(self.process)
+
+
+def stopProcess(process: subprocess.Popen[bytes], grace: float = 20) -> None:
+    """
+    Stop a server: SIGTERM, then SIGKILL if it has not exited within
+    C{grace} seconds.
+    """
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 def _waitForServer(

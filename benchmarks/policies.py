@@ -56,6 +56,7 @@ from accept import (
     freePort,
     measure,
     messagesFor,
+    stopProcess,
     treeTicks,
 )
 
@@ -246,13 +247,7 @@ class ConfiguredMailfw(Server):
         return self._refused()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stopProcess(self.process)
         self._log.close()
         shutil.rmtree(self.root, ignore_errors=True)
 

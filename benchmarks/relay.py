@@ -49,7 +49,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _postfix import PostfixError, PostfixInstance, findProgram
-from accept import BenchmarkError, MailfwServer, freePort, sizeName, treeTicks
+from accept import BenchmarkError, MailfwServer, freePort, sizeName, stopProcess, treeTicks
 
 # The domain the servers relay (not local to either: mailfw's own host
 # name is always local, Postfix's mydestination is empty).
@@ -141,13 +141,7 @@ class Sink:
             return self.arrivals[count - 1]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stopProcess(self.process, 10)
 
 
 class RelayServer:

@@ -62,6 +62,7 @@ from accept import (
     _waitForServer,
     freePort,
     processTicks,
+    stopProcess,
 )
 
 CONFIGURATIONS = ("bench", "default")
@@ -121,13 +122,7 @@ class DefaultServer:
         self.startCPU = processTicks(self.process.pid) / CLOCK_TICKS
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stopProcess(self.process)
         self._log.close()
         self._errors.close()
         shutil.rmtree(self.root, ignore_errors=True)
